@@ -1,0 +1,463 @@
+"""The Backend protocol: the one seam between the doors (REST, gRPC) and the engine.
+
+REST and gRPC take a :class:`Backend` and never know whether the engine runs in the same
+process (:class:`LocalBackend`, in-process mode) or in the embedding node across DDS
+(:class:`RosBackend`, sidecar mode). Both raise only :class:`EngineError`, so every door maps
+failures through the one error table.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import Future, TimeoutError as FutureTimeout
+from typing import Any, Dict, List, Optional, Protocol, runtime_checkable
+
+import numpy as np
+
+from akidb_ros.engine.errors import EngineError, ErrorCode, error_from_code
+from akidb_ros.engine.types import (EmbedRequest, EmbedResult, HealthInfo, ModelInfo,
+                                    ModelStatus)
+from akidb_ros.observability import metrics as m
+
+log = logging.getLogger('akidb_ros.backends')
+
+# Extra seconds a door waits past the request's own timeout before it gives up on a future
+# (the engine / node answer TIMEOUT themselves; this only guards against a lost answer).
+_WAIT_MARGIN_S = 2.0
+DEFAULT_TIMEOUT_S = 5.0
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every door needs. All methods are thread-safe; failures raise EngineError."""
+
+    name: str           # 'inprocess' | 'sidecar' (metrics label, /health)
+
+    def submit(self, req: EmbedRequest) -> 'Future[EmbedResult]':
+        """Start an embedding; the future resolves to EmbedResult or raises EngineError."""
+
+    def embed(self, req: EmbedRequest) -> EmbedResult:
+        """Blocking embed (honours ``req.timeout_s``)."""
+
+    def list_models(self) -> List[ModelInfo]:
+        ...
+
+    def load_model(self, model_id: str) -> ModelInfo:
+        ...
+
+    def unload_model(self, model_id: str) -> ModelInfo:
+        ...
+
+    def health(self) -> HealthInfo:
+        ...
+
+    def default_model(self) -> str:
+        ...
+
+    def ready(self) -> bool:
+        """True when the default model is loaded and requests can be served."""
+
+    def close(self) -> None:
+        ...
+
+
+def wait_result(fut: 'Future[EmbedResult]', timeout_s: Optional[float]) -> EmbedResult:
+    """Wait for a backend future, turning a lost answer into TIMEOUT and stray errors INTERNAL."""
+    limit = (timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S) + _WAIT_MARGIN_S
+    try:
+        return fut.result(timeout=limit)
+    except EngineError:
+        raise
+    except FutureTimeout:
+        fut.cancel()
+        raise EngineError(ErrorCode.TIMEOUT, f'no answer within {limit:.1f} s') from None
+    except Exception as exc:  # a bug below the seam must still map through the table
+        log.exception('backend failed unexpectedly')
+        raise EngineError(ErrorCode.INTERNAL, f'internal error: {type(exc).__name__}') from exc
+
+
+def normalise_checks(checks: Dict[str, str], provider: str, note: str = '') -> Dict[str, str]:
+    """Make sure the PRD's three checks are present; say plainly when no GPU is used."""
+    out = dict(checks or {})
+    out.setdefault('embedding_provider', 'ok' if provider else 'unknown')
+    out.setdefault('model_cache', 'ok')
+    if 'gpu' not in out:
+        if provider and provider not in ('CPUExecutionProvider', ''):
+            out['gpu'] = 'ok'
+        else:
+            out['gpu'] = 'unavailable: ' + (note or provider or 'CPUExecutionProvider')
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process
+# ---------------------------------------------------------------------------------------------
+
+class LocalBackend:
+    """The engine in this process (in-process mode). Shared by the node, REST and gRPC."""
+
+    name = 'inprocess'
+
+    def __init__(self, engine, own_engine: bool = False):
+        self.engine = engine
+        self._own = own_engine
+        # Does the engine accept an explicit W3C carrier (``trace_context=``)? If not, it can
+        # still read the caller's OpenTelemetry context at submit time (same thread).
+        try:
+            self._submit_takes_trace = 'trace_context' in inspect.signature(
+                engine.submit).parameters
+        except (TypeError, ValueError):
+            self._submit_takes_trace = False
+
+    def submit(self, req: EmbedRequest, trace_context: Optional[Dict[str, str]] = None) -> Future:
+        t0 = time.perf_counter()
+        try:
+            if self._submit_takes_trace:
+                fut = self.engine.submit(req, trace_context=trace_context)
+            else:
+                fut = self.engine.submit(req)
+        except EngineError:
+            raise
+        except Exception as exc:
+            log.exception('engine.submit failed unexpectedly')
+            raise EngineError(ErrorCode.INTERNAL, f'internal error: {type(exc).__name__}') from exc
+        fut.add_done_callback(
+            lambda _f: m.BACKEND_LATENCY.labels(self.name).observe(time.perf_counter() - t0))
+        return fut
+
+    def embed(self, req: EmbedRequest) -> EmbedResult:
+        return wait_result(self.submit(req), req.timeout_s)
+
+    def list_models(self) -> List[ModelInfo]:
+        return list(self.engine.list_models())
+
+    def load_model(self, model_id: str) -> ModelInfo:
+        return self.engine.load_model(model_id)
+
+    def unload_model(self, model_id: str) -> ModelInfo:
+        return self.engine.unload_model(model_id)
+
+    def health(self) -> HealthInfo:
+        h = self.engine.health()
+        h.checks = normalise_checks(h.checks, h.provider, h.provider_note)
+        m.BACKEND_UP.labels(self.name).set(1 if h.status != 'unhealthy' else 0)
+        return h
+
+    def default_model(self) -> str:
+        return self.engine.default_model
+
+    def ready(self) -> bool:
+        default = self.engine.default_model
+        try:
+            return any(mi.id == default and _status(mi) == ModelStatus.LOADED.value
+                       for mi in self.engine.list_models())
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        if self._own:
+            self.engine.close()
+
+
+def _status(mi: ModelInfo) -> str:
+    s = mi.status
+    return s.value if isinstance(s, ModelStatus) else str(s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sidecar: forward to the embedding node over DDS
+# ---------------------------------------------------------------------------------------------
+
+class RosBackend:
+    """Forwards to the embedding node's services over DDS (sidecar mode).
+
+    * node down (no server for the service): UNAVAILABLE at once, retryable;
+    * node slow (no answer within the request's timeout): TIMEOUT, the pending request dropped;
+    * the node coming back is picked up by DDS discovery: no restart of the bridge needed.
+
+    W3C trace context is injected into the request's ``traceparent`` field when the Embed
+    service defines one (and the request id into ``request_id``), so the node continues the
+    trace across the DDS hop.
+    """
+
+    name = 'sidecar'
+
+    def __init__(self, prefix: str = '', node_name: str = '', timeout_s: float = DEFAULT_TIMEOUT_S,
+                 discovery_timeout_s: float = 0.0, qos_depth: int = 1000):
+        import rclpy
+        from rclpy.context import Context
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import QoSProfile
+        from akidb_ros.srv import Embed, ListModels, LoadModel, UnloadModel
+
+        self._srv = {'Embed': Embed, 'ListModels': ListModels, 'LoadModel': LoadModel,
+                     'UnloadModel': UnloadModel}
+        self.timeout_s = timeout_s
+        self._ctx = Context()
+        rclpy.init(context=self._ctx, args=[])
+        name = node_name or f'akidb_bridge_{os.getpid()}_{uuid.uuid4().hex[:6]}'
+        self._node = rclpy.create_node(name, context=self._ctx)
+        qos = QoSProfile(depth=qos_depth)
+        base = prefix.rstrip('/')
+        self._clients = {
+            'embed': self._node.create_client(Embed, f'{base}/embed', qos_profile=qos),
+            'list_models': self._node.create_client(ListModels, f'{base}/list_models',
+                                                    qos_profile=qos),
+            'load_model': self._node.create_client(LoadModel, f'{base}/load_model',
+                                                   qos_profile=qos),
+            'unload_model': self._node.create_client(UnloadModel, f'{base}/unload_model',
+                                                     qos_profile=qos),
+        }
+        fields = Embed.Request.get_fields_and_field_types()
+        self._has_traceparent = 'traceparent' in fields
+        self._has_request_id = 'request_id' in fields
+        self._has_timeout = 'timeout_s' in fields
+        self._executor = SingleThreadedExecutor(context=self._ctx)
+        self._executor.add_node(self._node)
+        self._running = True
+        self._spin_thread = threading.Thread(target=self._spin, name='akidb-ros-bridge',
+                                             daemon=True)
+        self._spin_thread.start()
+        self._health_cache = (0.0, None)
+        self._health_lock = threading.Lock()
+        self._default = ''
+        if discovery_timeout_s > 0:
+            self._clients['embed'].wait_for_service(timeout_sec=discovery_timeout_s)
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _spin(self) -> None:
+        while self._running and self._ctx.ok():
+            try:
+                self._executor.spin_once(timeout_sec=0.1)
+            except Exception:  # keep serving; an executor hiccup must not kill the bridge
+                if self._running:
+                    log.exception('ROS executor error')
+                    time.sleep(0.05)
+
+    def _up(self, service: str) -> bool:
+        up = self._clients[service].service_is_ready()
+        if service == 'embed':
+            m.BACKEND_UP.labels(self.name).set(1 if up else 0)
+        return up
+
+    def _call(self, service: str, request, timeout_s: float) -> Future:
+        """call_async → concurrent Future with a deadline. UNAVAILABLE when no server."""
+        if not self._running:
+            raise EngineError(ErrorCode.UNAVAILABLE, 'bridge is shutting down')
+        client = self._clients[service]
+        if not self._up(service):
+            raise EngineError(ErrorCode.UNAVAILABLE,
+                              f'embedding node not reachable over DDS ({client.srv_name} '
+                              f'has no server)', retry_after_s=1.0)
+        out: Future = Future()
+        ros_future = client.call_async(request)
+
+        def on_done(f):
+            if out.done():
+                return
+            try:
+                exc = f.exception()
+                if exc is not None:
+                    out.set_exception(EngineError(ErrorCode.UNAVAILABLE, f'DDS call failed: {exc}'))
+                elif f.cancelled():
+                    out.set_exception(EngineError(ErrorCode.UNAVAILABLE, 'DDS call cancelled'))
+                else:
+                    out.set_result(f.result())
+            except Exception as e:  # pragma: no cover - defensive
+                if not out.done():
+                    out.set_exception(EngineError(ErrorCode.INTERNAL, str(e)))
+
+        ros_future.add_done_callback(on_done)
+
+        def on_timeout():
+            if not out.done():
+                try:
+                    client.remove_pending_request(ros_future)
+                except Exception:
+                    pass
+                try:
+                    out.set_exception(EngineError(
+                        ErrorCode.TIMEOUT,
+                        f'embedding node did not answer {client.srv_name} within {timeout_s:.2f} s',
+                        retry_after_s=1.0))
+                except Exception:
+                    pass  # answered in between
+
+        timer = threading.Timer(timeout_s, on_timeout)
+        timer.daemon = True
+        timer.start()
+        out.add_done_callback(lambda _f: timer.cancel())
+        return out
+
+    def _call_sync(self, service: str, request, timeout_s: Optional[float] = None):
+        t = timeout_s or self.timeout_s
+        return wait_result(self._call(service, request, t), t)
+
+    # -- Backend ------------------------------------------------------------------------------
+    def submit(self, req: EmbedRequest, trace_context: Optional[Dict[str, str]] = None) -> Future:
+        from akidb_ros.observability.tracing import inject_carrier, tracer
+        from opentelemetry import trace
+
+        Embed = self._srv['Embed']
+        r = Embed.Request()
+        r.model = req.model or ''
+        r.inputs = list(req.inputs)
+        r.normalize = True if req.normalize is None else bool(req.normalize)
+        r.truncate = bool(req.truncate)
+        timeout_s = req.timeout_s if req.timeout_s is not None else self.timeout_s
+        if self._has_request_id:
+            r.request_id = req.request_id or ''
+        if self._has_timeout:
+            r.timeout_s = float(timeout_s)
+        span = tracer().start_span('ros /embed', kind=trace.SpanKind.CLIENT, attributes={
+            'rpc.system': 'ros2', 'rpc.service': 'akidb_ros/srv/Embed',
+            'akidb.model': req.model or '', 'akidb.inputs': len(req.inputs)})
+        if self._has_traceparent:
+            carrier = inject_carrier(trace.set_span_in_context(span))
+            r.traceparent = carrier.get('traceparent', '')
+        t0 = time.perf_counter()
+        try:
+            raw = self._call('embed', r, timeout_s)
+        except EngineError as e:
+            span.set_attribute('akidb.error_code', e.code.name)
+            span.set_status(trace.StatusCode.ERROR, e.code.name)
+            span.end()
+            raise
+        out: Future = Future()
+
+        def convert(f):
+            try:
+                try:
+                    resp = f.result()
+                except EngineError as e:
+                    raise e
+                if not resp.success:
+                    raise error_from_code(resp.error_code or 'INTERNAL', resp.message or
+                                          'embedding node reported a failure')
+                dim = int(resp.dimension)
+                vecs = [np.frombuffer(memoryview(e.values).cast('B'), dtype=np.float32)
+                        if len(e.values) else np.zeros(0, np.float32) for e in resp.embeddings]
+                emb = (np.stack(vecs) if vecs else np.zeros((0, dim), np.float32))
+                out.set_result(EmbedResult(
+                    embeddings=emb, model=resp.model, dimension=dim or emb.shape[1],
+                    total_tokens=int(resp.total_tokens),
+                    truncated_inputs=int(resp.truncated_inputs),
+                    duration_ms=float(resp.duration_ms), provider=''))
+            except EngineError as e:
+                span.set_attribute('akidb.error_code', e.code.name)
+                span.set_status(trace.StatusCode.ERROR, e.code.name)
+                out.set_exception(e)
+            except Exception as e:
+                log.exception('bad response from the embedding node')
+                out.set_exception(EngineError(ErrorCode.INTERNAL, f'bad node response: {e}'))
+            finally:
+                m.BACKEND_LATENCY.labels(self.name).observe(time.perf_counter() - t0)
+                span.end()
+
+        raw.add_done_callback(convert)
+        return out
+
+    def embed(self, req: EmbedRequest) -> EmbedResult:
+        return wait_result(self.submit(req), req.timeout_s or self.timeout_s)
+
+    def _list(self, timeout_s: Optional[float] = None):
+        resp = self._call_sync('list_models', self._srv['ListModels'].Request(), timeout_s)
+        self._default = resp.default_model or self._default
+        return resp
+
+    def list_models(self) -> List[ModelInfo]:
+        return [_model_from_msg(mi) for mi in self._list().models]
+
+    def _admin(self, service: str, srv: str, model_id: str) -> ModelInfo:
+        r = self._srv[srv].Request()
+        r.model = model_id
+        # a cold load can take long: use the engine's model-load budget, not the embed timeout
+        resp = self._call_sync(service, r, timeout_s=max(60.0, self.timeout_s))
+        if not resp.success:
+            raise error_from_code(resp.error_code or 'INTERNAL', resp.message)
+        return _model_from_msg(resp.model_info)
+
+    def load_model(self, model_id: str) -> ModelInfo:
+        return self._admin('load_model', 'LoadModel', model_id)
+
+    def unload_model(self, model_id: str) -> ModelInfo:
+        return self._admin('unload_model', 'UnloadModel', model_id)
+
+    def health(self) -> HealthInfo:
+        with self._health_lock:
+            ts, cached = self._health_cache
+            if cached is not None and time.monotonic() - ts < 1.0:
+                return cached
+            h = self._health_uncached()
+            self._health_cache = (time.monotonic(), h)
+            return h
+
+    def _health_uncached(self) -> HealthInfo:
+        try:
+            resp = self._list(timeout_s=2.0)
+        except EngineError as e:
+            return HealthInfo(status='unhealthy', checks={
+                'embedding_provider': f'unreachable: {e.message}', 'model_cache': 'unknown',
+                'gpu': 'unknown', 'node': f'{e.code.name}: {e.message}'},
+                version=_version(), default_model=self._default)
+        models = [_model_from_msg(mi) for mi in resp.models]
+        default = next((mi for mi in models if mi.id == resp.default_model), None)
+        provider = default.provider if default else ''
+        loaded = default is not None and _status(default) == ModelStatus.LOADED.value
+        checks = normalise_checks({
+            'embedding_provider': 'ok' if loaded else 'default model not loaded',
+            'model_cache': f'ok ({sum(_status(x) == "loaded" for x in models)} loaded)',
+            'node': 'ok'}, provider)
+        return HealthInfo(status='healthy' if loaded else 'degraded', checks=checks,
+                          version=_version(), provider=provider, default_model=resp.default_model)
+
+    def default_model(self) -> str:
+        if not self._default:
+            try:
+                self._list(timeout_s=2.0)
+            except EngineError:
+                pass
+        return self._default
+
+    def ready(self) -> bool:
+        if not self._up('embed'):
+            return False
+        return self.health().status == 'healthy'
+
+    def close(self) -> None:
+        if not self._running:
+            return
+        self._running = False
+        self._spin_thread.join(timeout=5)
+        try:
+            self._executor.shutdown(timeout_sec=1)
+        except Exception:
+            pass
+        try:
+            self._node.destroy_node()
+        except Exception:
+            pass
+        import rclpy
+        rclpy.try_shutdown(context=self._ctx)
+
+
+def _model_from_msg(mi) -> ModelInfo:
+    try:
+        status = ModelStatus(mi.status)
+    except ValueError:
+        status = ModelStatus.AVAILABLE
+    return ModelInfo(
+        id=mi.id, name=mi.name, dimension=int(mi.dimension), params=int(mi.params),
+        memory_mb=int(mi.memory_mb), max_tokens=int(mi.max_tokens),
+        latency_p95_ms=float(mi.latency_p95_ms), throughput_qps=float(mi.throughput_qps),
+        status=status, provider=mi.provider, pooling=mi.pooling, is_default=bool(mi.is_default),
+        error=mi.error, in_flight=int(mi.in_flight))
+
+
+def _version() -> str:
+    from akidb_ros import __version__
+    return __version__

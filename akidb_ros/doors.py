@@ -1,0 +1,128 @@
+"""What the REST and gRPC doors share: request ids, the guard seam, metrics and access logs.
+
+The guard seam
+--------------
+``guard`` is any callable ``guard(call: DoorCall) -> None | Callable[[Optional[EngineError]], None]``
+run by every door *before* the backend is called (after parsing and schema validation, so the
+guard sees the model and input count). It may
+
+* raise :class:`EngineError` (``UNAUTHENTICATED``, ``PERMISSION_DENIED``, ``RATE_LIMITED``,
+  ``CIRCUIT_OPEN`` ...) — the door answers with that code's status and never calls the backend;
+* set ``call.principal`` (the authenticated identity) for logs;
+* return a completion callback, called once with the backend's error (or ``None``) when the
+  call ends — for concurrency permits and circuit-breaker outcome accounting.
+
+``akidb_ros.guard`` (auth → RBAC → rate limit → breaker) plugs in here; the doors import none
+of it.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Set
+
+from akidb_ros.engine.errors import EngineError, ErrorCode
+from akidb_ros.observability import metrics as m
+from akidb_ros.observability.logs import log_request
+
+GuardHook = Callable[['DoorCall'], Optional[Callable[[Optional[EngineError]], None]]]
+
+_REQUEST_ID_RE = re.compile(r'^[A-Za-z0-9._:/+=-]{1,128}$')
+REQUEST_ID_HEADER = 'X-Request-ID'
+LOG_LEVELS = {'info': logging.INFO, 'warning': logging.WARNING, 'error': logging.ERROR}
+
+
+def request_id_from(value: Optional[str]) -> str:
+    """The caller's request id when it is sane, else a fresh one."""
+    if value and _REQUEST_ID_RE.match(value):
+        return value
+    return uuid.uuid4().hex
+
+
+@dataclass
+class DoorCall:
+    """One request as the guard sees it."""
+
+    transport: str                    # 'rest' | 'grpc'
+    operation: str                    # 'embed' | 'list_models' | 'load_model' | 'unload_model' |
+                                      # 'health' | 'metrics'
+    request_id: str
+    headers: Dict[str, str] = field(default_factory=dict)   # lower-case names (HTTP / metadata)
+    peer: str = ''
+    model: str = ''
+    n_inputs: int = 0
+    n_bytes: int = 0
+    principal: Optional[object] = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+def run_guard(guard: Optional[GuardHook], call: DoorCall):
+    """Run the guard chain; returns the completion callback (or None)."""
+    if guard is None:
+        return None
+    try:
+        return guard(call)
+    except EngineError:
+        raise
+    except Exception as exc:  # a guard bug must not become a caller's 500 with a traceback
+        logging.getLogger('akidb_ros.doors').exception('guard failed')
+        raise EngineError(ErrorCode.INTERNAL, f'guard error: {type(exc).__name__}') from exc
+
+
+class ModelLabels:
+    """Bounded metric labels: only model ids the backend knows become label values."""
+
+    def __init__(self, backend, refresh_s: float = 30.0):
+        self._backend = backend
+        self._known: Set[str] = set()
+        self._names: Dict[str, str] = {}
+        self._ts = 0.0
+        self._refresh_s = refresh_s
+
+    def refresh(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._ts < self._refresh_s:
+            return
+        self._ts = time.monotonic()
+        try:
+            models = self._backend.list_models()
+        except Exception:
+            return
+        self._known = {mi.id for mi in models}
+        self._names = {mi.name: mi.id for mi in models}
+
+    def resolve(self, model: str) -> str:
+        """Accept a model's display name (``sentence-transformers/all-MiniLM-L6-v2``) too."""
+        if not model:
+            return model
+        self.refresh()
+        if model in self._known:
+            return model
+        return self._names.get(model, model)
+
+    def label(self, model: str) -> str:
+        if not model:
+            return 'default'
+        self.refresh()
+        return model if model in self._known else 'unknown'
+
+
+def record(call: DoorCall, model_label: str, error: Optional[EngineError],
+           **log_fields) -> float:
+    """Metrics + one access-log line for a finished embed call; returns latency in ms."""
+    elapsed = time.perf_counter() - call.started
+    status = 'success' if error is None else 'error'
+    m.EMBED_REQUESTS.labels(model_label, call.transport, status).inc()
+    m.EMBED_LATENCY.labels(model_label, call.transport).observe(elapsed)
+    if error is not None:
+        m.REQUEST_ERRORS.labels(call.transport, error.code.name).inc()
+        level = LOG_LEVELS.get(error.code.value.log_level, logging.WARNING)
+        log_request(call.transport, call.request_id, model_label, elapsed * 1000, 'error',
+                    code=error.code.name, level=level, error=error.message,
+                    n_inputs=call.n_inputs, **log_fields)
+    else:
+        log_request(call.transport, call.request_id, model_label, elapsed * 1000, 'success',
+                    n_inputs=call.n_inputs, **log_fields)
+    return elapsed * 1000

@@ -1,0 +1,334 @@
+"""Admission, deadlines and the per-model dynamic batcher.
+
+Work flows: ``Admission.admit`` (bounded queue, shedding at 95 %) -> ``Job`` (one request, its
+future) -> ``Batcher`` (one thread per model: gathers sentences from concurrent jobs, sorts them by
+length, cuts batches by size, token budget and padding, runs them, scatters vectors back).
+``DeadlineWatcher`` fails a job with TIMEOUT at its deadline. A job's future is resolved exactly
+once: whichever of batcher, watcher or shutdown gets there first wins; the others are no-ops.
+"""
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import threading
+import time
+from concurrent.futures import Future, InvalidStateError
+from typing import Callable, List, Optional
+
+import numpy as np
+
+from ..observability import metrics
+from .errors import EngineError, ErrorCode
+from .text import Encoded, l2_normalize, pad_batch, pool
+from .types import EmbedResult, Priority
+
+log = logging.getLogger('akidb_ros.engine.batcher')
+
+
+class Admission:
+    """Engine-wide bounded queue: counts accepted, unanswered requests."""
+
+    def __init__(self, capacity: int, shed_threshold: float):
+        self.capacity = capacity
+        self.shed_at = int(capacity * shed_threshold)
+        self._pending = 0
+        self._lock = threading.Lock()
+        metrics.QUEUE_CAPACITY.set(capacity)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def admit(self, priority: Priority) -> None:
+        with self._lock:
+            if self._pending >= self.capacity:
+                reason = 'full'
+            elif self._pending >= self.shed_at and priority < Priority.ADMIN:
+                reason = 'shed'
+            else:
+                self._pending += 1
+                metrics.QUEUE_SIZE.set(self._pending)
+                return
+        metrics.LOAD_SHED.labels(reason=reason).inc()
+        raise EngineError(ErrorCode.OVERLOADED,
+                          f'engine queue is {"full" if reason == "full" else "over 95% full"} '
+                          f'({self._pending}/{self.capacity}); retry later', retry_after_s=1.0)
+
+    def release(self) -> None:
+        with self._lock:
+            self._pending -= 1
+            metrics.QUEUE_SIZE.set(self._pending)
+
+
+class Job:
+    """One accepted request: its sentences, its partial results and its one future."""
+
+    def __init__(self, encoded: List[Encoded], model_id: str, dimension: int, normalize: bool,
+                 deadline: float, priority: Priority, provider: str,
+                 on_done: Callable[['Job'], None]):
+        self.encoded = encoded
+        self.model_id = model_id
+        self.normalize = normalize
+        self.deadline = deadline
+        self.priority = priority
+        self.provider = provider
+        self.future: Future = Future()
+        self.vectors = np.empty((len(encoded), dimension), dtype=np.float32)
+        self.remaining = len(encoded)
+        self.total_tokens = sum(e.length for e in encoded)
+        self.truncated = sum(1 for e in encoded if e.truncated)
+        self.created = time.monotonic()
+        self.started: Optional[float] = None
+        self._on_done = on_done
+        self._settled = threading.Lock()
+        self._is_settled = False
+
+    @property
+    def done(self) -> bool:
+        return self._is_settled
+
+    def _settle(self) -> bool:
+        with self._settled:
+            if self._is_settled:
+                return False
+            self._is_settled = True
+            return True
+
+    def fail(self, error: EngineError) -> bool:
+        if not self._settle():
+            return False
+        self._on_done(self)
+        try:
+            self.future.set_exception(error)
+        except InvalidStateError:  # a caller cancelled the future; the answer is still counted
+            pass
+        return True
+
+    def complete(self) -> bool:
+        if not self._settle():
+            return False
+        self._on_done(self)
+        result = EmbedResult(
+            embeddings=self.vectors, model=self.model_id, dimension=self.vectors.shape[1],
+            total_tokens=self.total_tokens, truncated_inputs=self.truncated,
+            duration_ms=(time.monotonic() - self.created) * 1000.0, provider=self.provider)
+        try:
+            self.future.set_result(result)
+        except InvalidStateError:
+            pass
+        return True
+
+
+class DeadlineWatcher:
+    """One thread, one heap: fails each job still unanswered at its deadline with TIMEOUT."""
+
+    def __init__(self):
+        self._heap: list = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name='akidb-deadlines', daemon=True)
+        self._thread.start()
+
+    def watch(self, job: Job) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (job.deadline, next(self._seq), job))
+            if self._heap[0][2] is job:
+                self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=2)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped:
+                    # Drop answered jobs from the top so the heap does not hold them till expiry.
+                    while self._heap and self._heap[0][2].done:
+                        heapq.heappop(self._heap)
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    wait = self._heap[0][0] - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._cond.wait(timeout=min(wait, 0.5))
+                if self._stopped:
+                    return
+                _, _, job = heapq.heappop(self._heap)
+            if not job.done:
+                waited = time.monotonic() - job.created
+                job.fail(EngineError(ErrorCode.TIMEOUT,
+                                     f'request not answered within its deadline ({waited:.2f} s)',
+                                     retry_after_s=1.0))
+
+
+class _Item:
+    __slots__ = ('job', 'index', 'enc')
+
+    def __init__(self, job: Job, index: int, enc: Encoded):
+        self.job, self.index, self.enc = job, index, enc
+
+
+class Batcher:
+    """Dynamic batching for one loaded model, on its own thread."""
+
+    def __init__(self, model_id: str, run: Callable, pad_id: int, uses_type_ids: bool,
+                 pooling: str, max_batch_size: int, max_batch_tokens: int, max_wait_ms: float,
+                 max_padding_ratio: float, on_batch: Optional[Callable[[int, int, float], None]]
+                 = None):
+        self.model_id = model_id
+        self._run = run
+        self._pad_id = pad_id
+        self._uses_type_ids = uses_type_ids
+        self._pooling = pooling
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_padding_ratio = max_padding_ratio
+        self._on_batch = on_batch
+        self._lanes = {Priority.ADMIN: collections.deque(), Priority.NORMAL: collections.deque()}
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._last_batch_jobs = 1   # how many callers the last batch served: our wait hint
+        self._thread = threading.Thread(target=self._loop, name=f'akidb-batcher-{model_id}',
+                                        daemon=True)
+        self._thread.start()
+
+    # --- producer side -------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        items = [_Item(job, i, e) for i, e in enumerate(job.encoded)]
+        with self._cond:
+            if self._stopping:
+                raise EngineError(ErrorCode.UNAVAILABLE,
+                                  f'model {self.model_id} is being unloaded; retry',
+                                  retry_after_s=0.5)
+            lane = self._lanes[Priority.ADMIN if job.priority >= Priority.ADMIN
+                               else Priority.NORMAL]
+            lane.extend(items)
+            self._cond.notify()
+
+    def queued(self) -> int:
+        return sum(len(q) for q in self._lanes.values())
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking work, finish everything queued, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=timeout)
+        # Anything left (thread stuck past timeout) is answered, never dropped.
+        with self._cond:
+            leftovers = [it for q in self._lanes.values() for it in q]
+            for q in self._lanes.values():
+                q.clear()
+        for it in leftovers:
+            it.job.fail(EngineError(ErrorCode.UNAVAILABLE,
+                                    f'model {self.model_id} stopped before this request ran'))
+
+    # --- consumer side -------------------------------------------------------------------
+    def _take(self) -> List[_Item]:
+        """Wait for work, then take up to one batch: admin lane first, then FIFO."""
+        with self._cond:
+            while not self.queued():
+                if self._stopping:
+                    return []
+                self._cond.wait()
+            # Hold the batch open briefly only when recent traffic had several callers: a lone
+            # caller never waits, concurrent callers land in one batch.
+            if self.max_wait_s > 0 and self._last_batch_jobs > 1:
+                deadline = time.monotonic() + self.max_wait_s
+                want = min(self.max_batch_size, self._last_batch_jobs)
+                while self.queued() < want and not self._stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(timeout=left)
+            taken: List[_Item] = []
+            longest = 0
+            for lane in (self._lanes[Priority.ADMIN], self._lanes[Priority.NORMAL]):
+                while lane and len(taken) < self.max_batch_size:
+                    nxt = lane[0]
+                    if nxt.job.done:          # timed out while queued: nothing to compute
+                        lane.popleft()
+                        continue
+                    width = max(longest, nxt.enc.length)
+                    if taken and width * (len(taken) + 1) > self.max_batch_tokens:
+                        break
+                    taken.append(lane.popleft())
+                    longest = width
+            return taken
+
+    def _chunks(self, items: List[_Item]) -> List[List[_Item]]:
+        """Sort by length and cut where padding would exceed max_padding_ratio."""
+        items.sort(key=lambda it: it.enc.length)
+        chunks, cur, real = [], [], 0
+        for it in items:
+            n = it.enc.length
+            if cur and n * (len(cur) + 1) > self.max_padding_ratio * (real + n):
+                chunks.append(cur)
+                cur, real = [], 0
+            cur.append(it)
+            real += n
+        if cur:
+            chunks.append(cur)
+        return chunks
+
+    def _loop(self) -> None:
+        while True:
+            items = self._take()
+            if not items:
+                if self._stopping:
+                    return
+                continue
+            now = time.monotonic()
+            jobs = {id(it.job): it.job for it in items}
+            for job in jobs.values():
+                if job.started is None:
+                    job.started = now
+                    metrics.QUEUE_WAIT_SECONDS.labels(model=self.model_id).observe(
+                        now - job.created)
+            self._last_batch_jobs = len(jobs)
+            for chunk in self._chunks(items):
+                live = [it for it in chunk if not it.job.done]
+                if live:
+                    self._run_chunk(live)
+
+    def _run_chunk(self, chunk: List[_Item]) -> None:
+        t0 = time.perf_counter()
+        try:
+            ids, mask, types = pad_batch([it.enc for it in chunk], self._pad_id,
+                                         self._uses_type_ids)
+            hidden = self._run(ids, mask, types)
+            vectors = pool(hidden, mask, self._pooling)
+        except EngineError as exc:
+            self._fail_chunk(chunk, exc)
+            return
+        except Exception as exc:  # a runtime failure must reach every caller, not kill the thread
+            log.exception('inference failed for model %s', self.model_id)
+            self._fail_chunk(chunk, EngineError(ErrorCode.INTERNAL,
+                                                f'inference failed: {type(exc).__name__}'))
+            return
+        elapsed = time.perf_counter() - t0
+        if self._on_batch:
+            self._on_batch(len(chunk), int(mask.sum()), elapsed)
+        normed = l2_normalize(vectors) if any(it.job.normalize for it in chunk) else vectors
+        finished = []
+        for row, it in enumerate(chunk):
+            job = it.job
+            job.vectors[it.index] = normed[row] if job.normalize else vectors[row]
+            job.remaining -= 1
+            if job.remaining == 0:
+                finished.append(job)
+        for job in finished:
+            job.complete()
+
+    @staticmethod
+    def _fail_chunk(chunk: List[_Item], exc: EngineError) -> None:
+        for job in {id(it.job): it.job for it in chunk}.values():
+            job.fail(exc)

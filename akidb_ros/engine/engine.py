@@ -1,0 +1,204 @@
+"""EmbeddingEngine: the one core service every door (ROS, REST, gRPC) calls."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import List, Optional
+
+from .. import __version__
+from .batcher import Admission, DeadlineWatcher, Job
+from .config import EngineConfig, LimitsConfig
+from .errors import EngineError, ErrorCode
+from .manager import ModelManager
+from .runtime import CPU
+from .types import EmbedRequest, EmbedResult, HealthInfo, InputType, ModelInfo, ModelStatus
+
+log = logging.getLogger('akidb_ros.engine')
+
+
+def check_limits(request: EmbedRequest, limits: LimitsConfig) -> None:
+    """Reject bad input before it costs anything; every rejection names the offending input."""
+    inputs = request.inputs
+    if not isinstance(inputs, (list, tuple)):
+        raise EngineError(ErrorCode.INVALID_INPUT, 'inputs must be a list of strings')
+    if not inputs:
+        raise EngineError(ErrorCode.INVALID_INPUT, 'inputs must not be empty')
+    if len(inputs) > limits.max_inputs:
+        raise EngineError(ErrorCode.INPUT_TOO_LARGE,
+                          f'{len(inputs)} inputs exceed the limit of {limits.max_inputs}')
+    total = 0
+    for i, text in enumerate(inputs):
+        if not isinstance(text, str):
+            raise EngineError(ErrorCode.INVALID_INPUT, f'inputs[{i}] is not a string')
+        if not text.strip():
+            raise EngineError(ErrorCode.INVALID_INPUT, f'inputs[{i}] is empty')
+        if len(text) > limits.max_input_chars:
+            raise EngineError(ErrorCode.INPUT_TOO_LARGE,
+                              f'inputs[{i}] has {len(text)} characters, over the limit of '
+                              f'{limits.max_input_chars}')
+        try:
+            total += len(text.encode('utf-8'))
+        except UnicodeEncodeError:
+            raise EngineError(ErrorCode.INVALID_INPUT,
+                              f'inputs[{i}] is not valid Unicode (lone surrogate)') from None
+        if total > limits.max_total_bytes:
+            raise EngineError(ErrorCode.INPUT_TOO_LARGE,
+                              f'inputs exceed {limits.max_total_bytes} bytes in total')
+    if not isinstance(request.input_type, InputType):
+        raise EngineError(ErrorCode.INVALID_INPUT, 'input_type must be none, query or passage')
+    if request.timeout_s is not None and not request.timeout_s > 0:
+        raise EngineError(ErrorCode.INVALID_INPUT, 'timeout_s must be positive')
+
+
+class EmbeddingEngine:
+    """Thread-safe. ``submit`` never blocks on inference; ``embed`` waits for the answer."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.manager = ModelManager(config)
+        self.admission = Admission(config.engine.queue.capacity, config.engine.queue.shed_threshold)
+        self._deadlines = DeadlineWatcher()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._idle = threading.Condition()
+        self.started_at = time.monotonic()
+
+    # --- lifecycle -----------------------------------------------------------------------
+    @property
+    def default_model(self) -> str:
+        return self.config.default_model
+
+    def start(self, preload: Optional[List[str]] = None) -> None:
+        """Load and warm the default model (and any others named) before serving."""
+        for model in preload if preload is not None else [self.default_model]:
+            self.manager.load(model)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop taking work, answer everything accepted (finish it, or fail it cleanly)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self.admission.pending > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._idle.wait(timeout=min(left, 0.1))
+        self.manager.close()   # batchers drain; anything still queued is failed UNAVAILABLE
+        self._deadlines.stop()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # --- requests ------------------------------------------------------------------------
+    def submit(self, request: EmbedRequest) -> 'Future[EmbedResult]':
+        """Validate, admit and enqueue; the future resolves exactly once (result or EngineError).
+
+        Caller mistakes and admission failures raise EngineError right away (nothing was
+        accepted); after acceptance, every outcome arrives through the future.
+        """
+        if self._closed:
+            raise EngineError(ErrorCode.UNAVAILABLE, 'engine is shutting down', retry_after_s=1.0)
+        limits = self.config.engine.limits
+        check_limits(request, limits)
+        model_cfg = self.manager.resolve(request.model)   # MODEL_NOT_FOUND before admission
+        self.admission.admit(request.priority)
+        try:
+            return self._enqueue(request, model_cfg)
+        except BaseException:
+            self._release_slot()
+            raise
+
+    def _enqueue(self, request: EmbedRequest, model_cfg) -> 'Future[EmbedResult]':
+        """Pin the model, tokenise in the caller's thread, hand the job to the batcher."""
+        for attempt in range(2):
+            lm = self.manager.acquire(model_cfg.id)
+            try:
+                encoded = lm.encoder.encode(request.inputs, request.input_type)
+                if not request.truncate:
+                    over = [i for i, e in enumerate(encoded) if e.truncated]
+                    if over:
+                        raise EngineError(
+                            ErrorCode.INPUT_TOO_LONG,
+                            f'inputs{over[:8]} exceed the model max length of '
+                            f'{model_cfg.max_tokens} tokens (truncate=false)')
+            except BaseException:
+                self.manager.release(lm)
+                raise
+            normalize = model_cfg.normalize if request.normalize is None else request.normalize
+            timeout = request.timeout_s or self.config.engine.timeouts.inference_s
+            t0 = time.monotonic()
+
+            def on_done(job: Job, lm=lm, t0=t0) -> None:
+                self.manager.release(lm, time.monotonic() - t0)
+                self._release_slot()
+
+            job = Job(encoded, model_cfg.id, model_cfg.dimension, normalize,
+                      deadline=t0 + timeout, priority=request.priority,
+                      provider=lm.onnx.provider, on_done=on_done)
+            try:
+                lm.batcher.submit(job)
+            except EngineError:
+                # The model was unloaded between pin and enqueue: retry once on a fresh load.
+                self.manager.release(lm)
+                if attempt:
+                    raise
+                continue
+            self._deadlines.watch(job)
+            return job.future
+        raise AssertionError('unreachable')
+
+    def embed(self, request: EmbedRequest) -> EmbedResult:
+        return self.submit(request).result()
+
+    def _release_slot(self) -> None:
+        self.admission.release()
+        if self._closed:
+            with self._idle:
+                self._idle.notify_all()
+
+    # --- models and health ---------------------------------------------------------------
+    def list_models(self) -> List[ModelInfo]:
+        return self.manager.list()
+
+    def load_model(self, model: str) -> ModelInfo:
+        if self._closed:
+            raise EngineError(ErrorCode.UNAVAILABLE, 'engine is shutting down')
+        return self.manager.load(model)
+
+    def unload_model(self, model: str) -> ModelInfo:
+        return self.manager.unload(model)
+
+    def health(self) -> HealthInfo:
+        default = self.manager.info(self.manager.config.model(self.default_model))
+        lm = self.manager.loaded(self.default_model)
+        provider = lm.onnx.provider if lm else ''
+        note = lm.onnx.provider_note if lm else ''
+        on_gpu = bool(provider) and provider != CPU
+        checks = {
+            'embedding_provider': 'ok' if lm else f'default model {default.status.value}',
+            'model_cache': 'ok' if default.status is not ModelStatus.FAILED else 'failed',
+            'gpu': 'ok' if on_gpu else (f'unavailable: {note}' if note else
+                                        f'not used: {provider or CPU}'),
+        }
+        if self._closed:
+            status = 'unhealthy'
+        elif lm is None:
+            status = 'unhealthy' if default.status is ModelStatus.FAILED else 'degraded'
+        else:
+            status = 'healthy'
+        return HealthInfo(status=status, checks=checks, version=__version__, provider=provider,
+                          provider_note=note, queue_size=self.admission.pending,
+                          queue_capacity=self.admission.capacity,
+                          default_model=self.default_model)
+
+    def __enter__(self) -> 'EmbeddingEngine':
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,273 @@
+"""Model manager: lazy loads, LRU by count and memory, in-flight pinning, hot load/unload."""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import Deque, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ..observability import metrics
+from .batcher import Batcher
+from .config import EngineConfig, ModelConfig
+from .errors import EngineError, ErrorCode
+from .runtime import OnnxModel
+from .text import TextEncoder
+from .types import ModelInfo, ModelStatus
+
+log = logging.getLogger('akidb_ros.engine.manager')
+
+STATS_WINDOW_S = 60.0
+
+
+class LoadedModel:
+    """A model ready to serve: session, tokenizer, batcher and its live statistics."""
+
+    def __init__(self, cfg: ModelConfig, onnx: OnnxModel, encoder: TextEncoder,
+                 batcher: Batcher, load_seconds: float):
+        self.cfg = cfg
+        self.onnx = onnx
+        self.encoder = encoder
+        self.batcher = batcher
+        self.load_seconds = load_seconds
+        self.in_flight = 0
+        self.last_used = time.monotonic()
+        self._done: Deque[Tuple[float, float]] = collections.deque(maxlen=4096)
+        self._lock = threading.Lock()
+
+    def record(self, latency_s: float) -> None:
+        with self._lock:
+            self._done.append((time.monotonic(), latency_s))
+
+    def stats(self) -> Tuple[float, float]:
+        """(p95 latency ms, requests/s) over the last minute."""
+        now = time.monotonic()
+        with self._lock:
+            recent = [lat for t, lat in self._done if now - t <= STATS_WINDOW_S]
+            first = next((t for t, _ in self._done if now - t <= STATS_WINDOW_S), now)
+        if not recent:
+            return 0.0, 0.0
+        p95 = float(np.percentile(np.array(recent), 95)) * 1000.0
+        span = max(now - first, 1.0)
+        return p95, len(recent) / span
+
+
+class ModelManager:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.settings = config.engine
+        self._lock = threading.RLock()
+        self._loaded: 'collections.OrderedDict[str, LoadedModel]' = collections.OrderedDict()
+        self._loading: Dict[str, Future] = {}
+        self._failed: Dict[str, str] = {}
+
+    # --- lookup --------------------------------------------------------------------------
+    def resolve(self, model: str) -> ModelConfig:
+        """Map a requested id or HF name ('' = default) to its config, or raise."""
+        wanted = model or self.config.default_model
+        for m in self.config.models:
+            if wanted in (m.id, m.name):
+                if not m.installed:
+                    raise EngineError(ErrorCode.MODEL_UNAVAILABLE,
+                                      f'model {m.id} is in the catalogue but its files are not '
+                                      f'installed ({m.path})')
+                return m
+        raise EngineError(ErrorCode.MODEL_NOT_FOUND, f'Model not found: {wanted}')
+
+    # --- acquire / release (the request path) ---------------------------------------------
+    def acquire(self, model: str) -> LoadedModel:
+        """Return the loaded model pinned against eviction; loads it if needed (deduplicated)."""
+        cfg = self.resolve(model)
+        with self._lock:
+            lm = self._loaded.get(cfg.id)
+            if lm is not None:
+                self._loaded.move_to_end(cfg.id)
+                lm.in_flight += 1
+                lm.last_used = time.monotonic()
+                metrics.MODEL_CACHE_HITS.labels(model=cfg.id).inc()
+                return lm
+            metrics.MODEL_CACHE_MISSES.labels(model=cfg.id).inc()
+            fut = self._start_load(cfg)
+        lm = self._await_load(cfg, fut)
+        with self._lock:
+            current = self._loaded.get(cfg.id)
+            if current is None:   # unloaded between load and now: load again
+                return self.acquire(cfg.id)
+            current.in_flight += 1
+            current.last_used = time.monotonic()
+            return current
+
+    def release(self, lm: LoadedModel, latency_s: Optional[float] = None) -> None:
+        with self._lock:
+            lm.in_flight -= 1
+            if latency_s is not None:
+                lm.record(latency_s)
+            if lm.in_flight == 0:
+                self._enforce_limits()
+
+    # --- load ----------------------------------------------------------------------------
+    def _start_load(self, cfg: ModelConfig) -> Future:
+        fut = self._loading.get(cfg.id)
+        if fut is None:
+            fut = Future()
+            self._loading[cfg.id] = fut
+            threading.Thread(target=self._load_worker, args=(cfg, fut),
+                             name=f'akidb-load-{cfg.id}', daemon=True).start()
+        return fut
+
+    def _await_load(self, cfg: ModelConfig, fut: Future) -> LoadedModel:
+        timeout = self.settings.timeouts.model_load_s
+        try:
+            return fut.result(timeout=timeout)
+        except EngineError:
+            raise
+        except TimeoutError:
+            raise EngineError(ErrorCode.MODEL_LOAD_FAILED,
+                              f'model {cfg.id} did not load within {timeout:.0f} s',
+                              retry_after_s=5.0) from None
+
+    def _load_worker(self, cfg: ModelConfig, fut: Future) -> None:
+        t0 = time.perf_counter()
+        try:
+            lm = self._build(cfg, t0)
+        except EngineError as exc:
+            self._finish_load(cfg, fut, exc=exc)
+        except Exception as exc:  # any loader bug becomes a clean MODEL_LOAD_FAILED
+            log.exception('loading %s failed', cfg.id)
+            self._finish_load(cfg, fut, exc=EngineError(
+                ErrorCode.MODEL_LOAD_FAILED, f'model {cfg.id} failed to load: {exc}'))
+        else:
+            self._finish_load(cfg, fut, lm=lm)
+
+    def _build(self, cfg: ModelConfig, t0: float) -> LoadedModel:
+        try:
+            encoder = TextEncoder(cfg)
+        except Exception as exc:
+            raise EngineError(ErrorCode.MODEL_LOAD_FAILED,
+                              f'model {cfg.id}: cannot read tokenizer {cfg.tokenizer}: {exc}'
+                              ) from exc
+        onnx = OnnxModel(cfg, self.settings)
+        b = self.settings.batching
+
+        def on_batch(n: int, tokens: int, seconds: float) -> None:
+            metrics.BATCH_SIZE.labels(model=cfg.id).observe(n)
+            metrics.TOKENS_PROCESSED.labels(model=cfg.id).inc(tokens)
+            metrics.INFERENCE_SECONDS.labels(model=cfg.id).observe(seconds)
+
+        # Warm-up: the first runs pay for allocations and kernel selection; not the caller.
+        for length in (8, min(64, cfg.max_tokens)):
+            ids = np.full((2, length), encoder.pad_id, dtype=np.int64)
+            onnx.run(ids, np.ones_like(ids), np.zeros_like(ids))
+        batcher = Batcher(cfg.id, onnx.run, encoder.pad_id, onnx.uses_type_ids, cfg.pooling,
+                          b.max_batch_size, b.max_batch_tokens, b.max_wait_ms,
+                          b.max_padding_ratio, on_batch)
+        seconds = time.perf_counter() - t0
+        metrics.MODEL_LOAD_SECONDS.labels(model=cfg.id).observe(seconds)
+        if onnx.trt_engine_built is True:
+            metrics.TENSORRT_ENGINE_BUILDS.labels(model=cfg.id).inc()
+        elif onnx.trt_engine_built is False:
+            metrics.TENSORRT_ENGINE_CACHE_HITS.labels(model=cfg.id).inc()
+        log.info('loaded %s on %s in %.0f ms', cfg.id, onnx.provider, seconds * 1000)
+        return LoadedModel(cfg, onnx, encoder, batcher, seconds)
+
+    def _finish_load(self, cfg: ModelConfig, fut: Future, lm: Optional[LoadedModel] = None,
+                     exc: Optional[EngineError] = None) -> None:
+        with self._lock:
+            self._loading.pop(cfg.id, None)
+            if lm is not None:
+                self._loaded[cfg.id] = lm
+                self._failed.pop(cfg.id, None)
+                self._enforce_limits(keep=cfg.id)
+                metrics.MODEL_CACHE_SIZE.set(len(self._loaded))
+            else:
+                self._failed[cfg.id] = exc.message
+        if lm is not None:
+            fut.set_result(lm)
+        else:
+            log.error('%s', exc.message)
+            fut.set_exception(exc)
+
+    def load(self, model: str) -> ModelInfo:
+        """Hot load (idempotent): returns once the model serves."""
+        lm = self.acquire(model)
+        self.release(lm)
+        return self.info(lm.cfg)
+
+    # --- unload / eviction ---------------------------------------------------------------
+    def unload(self, model: str) -> ModelInfo:
+        """Hot unload: new requests lazily reload; queued and running work finishes first."""
+        cfg = self.resolve(model)
+        with self._lock:
+            lm = self._loaded.pop(cfg.id, None)
+            metrics.MODEL_CACHE_SIZE.set(len(self._loaded))
+        if lm is not None:
+            self._retire(lm)
+        return self.info(cfg)
+
+    def _retire(self, lm: LoadedModel) -> None:
+        # Batcher.stop drains the queue, so every accepted request is still answered.
+        threading.Thread(target=lm.batcher.stop, name=f'akidb-retire-{lm.cfg.id}',
+                         daemon=True).start()
+
+    def _enforce_limits(self, keep: Optional[str] = None) -> None:
+        """Evict least-recently-used idle models until count and memory budgets hold."""
+        cache = self.settings.cache
+
+        def over() -> bool:
+            mem = sum(m.cfg.memory_estimate_mb() for m in self._loaded.values())
+            return len(self._loaded) > cache.max_loaded_models or mem > cache.max_memory_mb
+
+        for model_id in list(self._loaded):
+            if not over():
+                break
+            lm = self._loaded[model_id]
+            if model_id == keep or lm.in_flight > 0:
+                continue   # never evict a model with work in flight
+            del self._loaded[model_id]
+            metrics.MODEL_EVICTIONS.labels(model=model_id).inc()
+            log.info('evicted %s (LRU)', model_id)
+            self._retire(lm)
+        metrics.MODEL_CACHE_SIZE.set(len(self._loaded))
+
+    # --- status --------------------------------------------------------------------------
+    def loaded(self, model_id: str) -> Optional[LoadedModel]:
+        with self._lock:
+            return self._loaded.get(model_id)
+
+    def info(self, cfg: ModelConfig) -> ModelInfo:
+        with self._lock:
+            lm = self._loaded.get(cfg.id)
+            loading = cfg.id in self._loading
+            failed = self._failed.get(cfg.id, '')
+        p95, qps = lm.stats() if lm else (0.0, 0.0)
+        if lm is not None:
+            status = ModelStatus.LOADED
+        elif loading:
+            status = ModelStatus.LOADING
+        elif not cfg.installed:
+            status = ModelStatus.UNAVAILABLE
+        elif failed:
+            status = ModelStatus.FAILED
+        else:
+            status = ModelStatus.AVAILABLE
+        return ModelInfo(
+            id=cfg.id, name=cfg.name, dimension=cfg.dimension, params=cfg.params,
+            memory_mb=cfg.memory_estimate_mb(), max_tokens=cfg.max_tokens,
+            latency_p95_ms=round(p95, 3), throughput_qps=round(qps, 3), status=status,
+            provider=lm.onnx.provider if lm else '', pooling=cfg.pooling,
+            is_default=cfg.id == self.config.default_model, error=failed,
+            in_flight=lm.in_flight if lm else 0)
+
+    def list(self) -> List[ModelInfo]:
+        return [self.info(m) for m in self.config.models]
+
+    def close(self) -> None:
+        with self._lock:
+            models = list(self._loaded.values())
+            self._loaded.clear()
+            metrics.MODEL_CACHE_SIZE.set(0)
+        for lm in models:
+            lm.batcher.stop()

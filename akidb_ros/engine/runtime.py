@@ -1,0 +1,136 @@
+"""ONNX Runtime sessions: execution provider order TensorRT -> CUDA -> CPU, with a clean fallback."""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import onnxruntime as ort
+
+from . import errors
+from .config import EngineSettings, ModelConfig
+
+log = logging.getLogger('akidb_ros.engine.runtime')
+
+TRT = 'TensorrtExecutionProvider'
+CUDA = 'CUDAExecutionProvider'
+CPU = 'CPUExecutionProvider'
+
+_warned_lock = threading.Lock()
+_warned = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    log.warning(message)
+
+
+def _shape_spec(names: List[str], batch: int, seq: int) -> str:
+    return ','.join(f'{n}:{batch}x{seq}' for n in names)
+
+
+def plan_providers(device: str, available: List[str], model: ModelConfig,
+                   settings: EngineSettings, input_names: List[str]) -> Tuple[list, str]:
+    """Return (providers for InferenceSession, note explaining any degradation)."""
+    wanted = {'auto': [TRT, CUDA], 'tensorrt': [TRT, CUDA], 'cuda': [CUDA], 'cpu': []}[device]
+    chosen, note = [], ''
+    for name in wanted:
+        if name not in available:
+            continue
+        if name == TRT:
+            cache = Path(settings.tensorrt_cache) / model.id
+            cache.mkdir(parents=True, exist_ok=True)
+            max_batch = settings.batching.max_batch_size
+            chosen.append((TRT, {
+                'trt_fp16_enable': settings.tensorrt_fp16,
+                'trt_engine_cache_enable': True,
+                'trt_engine_cache_path': str(cache),
+                'trt_timing_cache_enable': True,
+                'trt_timing_cache_path': str(cache),
+                # Optimisation profiles span the batcher's limits, so no shape triggers a rebuild.
+                'trt_profile_min_shapes': _shape_spec(input_names, 1, 1),
+                'trt_profile_opt_shapes': _shape_spec(input_names, max_batch, min(
+                    128, model.max_tokens)),
+                'trt_profile_max_shapes': _shape_spec(input_names, max_batch, model.max_tokens),
+            }))
+        else:
+            chosen.append((CUDA, {'device_id': 0}))
+    gpu_wanted = bool(wanted)
+    if gpu_wanted and not chosen:
+        note = (f'device={device} asked for a GPU but this onnxruntime offers only '
+                f'{", ".join(available)}; running on CPU')
+    chosen.append(CPU)
+    return chosen, note
+
+
+class OnnxModel:
+    """One InferenceSession plus what the batcher needs to feed it."""
+
+    def __init__(self, model: ModelConfig, settings: EngineSettings):
+        self.cfg = model
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if settings.intra_op_threads:
+            opts.intra_op_num_threads = settings.intra_op_threads
+        if settings.inter_op_threads:
+            opts.inter_op_num_threads = settings.inter_op_threads
+        opts.log_severity_level = 3
+        available = ort.get_available_providers()
+        probe_names = ['input_ids', 'attention_mask']
+        if TRT in available and settings.device in ('auto', 'tensorrt'):
+            # TensorRT profiles must name the graph's real inputs: read them off an
+            # unoptimised CPU session (cheap, and only on hosts that have TensorRT).
+            probe = ort.SessionOptions()
+            probe.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            try:
+                probe_names = [i.name for i in ort.InferenceSession(
+                    str(model.path), probe, providers=[CPU]).get_inputs()]
+            except Exception as exc:
+                raise errors.EngineError(errors.ErrorCode.MODEL_LOAD_FAILED,
+                                         f'model {model.id}: cannot read graph: {exc}') from exc
+        providers, note = plan_providers(settings.device, available, model, settings, probe_names)
+        trt_cache = Path(settings.tensorrt_cache) / model.id
+        engines_before = set(trt_cache.glob('*.engine')) if trt_cache.is_dir() else set()
+        try:
+            self.session = ort.InferenceSession(str(model.path), sess_options=opts,
+                                                providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
+            raise errors.EngineError(errors.ErrorCode.MODEL_LOAD_FAILED,
+                                     f'model {model.id}: cannot create session: {exc}') from exc
+        active = self.session.get_providers()
+        self.provider = active[0]
+        requested = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+        if requested != self.provider and not note:
+            note = f'{requested} failed to initialise; running on {self.provider}'
+        if note:
+            _warn_once(note, note)
+        self.provider_note = note
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        missing = {'input_ids', 'attention_mask'} - set(self.input_names)
+        if missing:
+            raise errors.EngineError(errors.ErrorCode.MODEL_LOAD_FAILED,
+                                     f'model {model.id}: graph lacks inputs {sorted(missing)}')
+        self.uses_type_ids = 'token_type_ids' in self.input_names
+        out = self.session.get_outputs()[0]
+        hidden = out.shape[-1]
+        if isinstance(hidden, int) and hidden != model.dimension:
+            raise errors.EngineError(
+                errors.ErrorCode.MODEL_LOAD_FAILED,
+                f'model {model.id}: graph output has dimension {hidden}, config says '
+                f'{model.dimension}')
+        self.trt_engine_built: Optional[bool] = None
+        if self.provider == TRT:
+            after = set(trt_cache.glob('*.engine'))
+            self.trt_engine_built = bool(after - engines_before)
+
+    def run(self, ids: np.ndarray, mask: np.ndarray,
+            types: Optional[np.ndarray]) -> np.ndarray:
+        feeds: Dict[str, np.ndarray] = {'input_ids': ids, 'attention_mask': mask}
+        if self.uses_type_ids:
+            feeds['token_type_ids'] = types if types is not None else np.zeros_like(ids)
+        return self.session.run(None, feeds)[0]

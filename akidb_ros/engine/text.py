@@ -1,0 +1,86 @@
+"""Tokenisation (HF ``tokenizers``), prompt prefixes, pooling and normalisation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .config import ModelConfig
+from .types import InputType
+
+
+@dataclass
+class Encoded:
+    """One tokenised input: ids ready to pad into a batch."""
+
+    ids: List[int]
+    type_ids: List[int]
+    truncated: bool
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+class TextEncoder:
+    """Applies the model's prefixes, then tokenises with truncation to ``max_tokens``."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self._tok = Tokenizer.from_file(str(cfg.tokenizer))
+        self._tok.no_padding()   # the batcher pads, after sorting by length
+        self._tok.enable_truncation(max_length=cfg.max_tokens)
+        self.pad_id = self._tok.padding['pad_id'] if self._tok.padding else (
+            self._tok.token_to_id('<pad>') or self._tok.token_to_id('[PAD]') or 0)
+
+    def prefix(self, input_type: InputType) -> str:
+        if input_type is InputType.QUERY:
+            return self.cfg.query_prefix
+        if input_type is InputType.PASSAGE:
+            return self.cfg.passage_prefix
+        return ''
+
+    def encode(self, texts: Sequence[str], input_type: InputType = InputType.NONE) -> List[Encoded]:
+        prefix = self.prefix(input_type)
+        if prefix:
+            texts = [prefix + t for t in texts]
+        # One text: encode() avoids the thread-pool hop of encode_batch (the common robot call).
+        encs = [self._tok.encode(texts[0])] if len(texts) == 1 else self._tok.encode_batch(
+            list(texts))
+        return [Encoded(e.ids, e.type_ids, bool(e.overflowing)) for e in encs]
+
+
+def pad_batch(items: Sequence[Encoded], pad_id: int, with_type_ids: bool):
+    """Right-pad a (length-sorted) batch into int64 arrays."""
+    width = max(e.length for e in items)
+    n = len(items)
+    ids = np.full((n, width), pad_id, dtype=np.int64)
+    mask = np.zeros((n, width), dtype=np.int64)
+    types = np.zeros((n, width), dtype=np.int64) if with_type_ids else None
+    for row, e in enumerate(items):
+        ids[row, :e.length] = e.ids
+        mask[row, :e.length] = 1
+        if types is not None:
+            types[row, :e.length] = e.type_ids
+    return ids, mask, types
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
+    """Pool token embeddings [B, L, H] to sentence embeddings [B, H] (float32)."""
+    if mode == 'cls':
+        return hidden[:, 0, :].astype(np.float32, copy=True)
+    if mode == 'last_token':
+        # Right padding: the last real token sits at length - 1.
+        last = mask.sum(axis=1) - 1
+        return hidden[np.arange(hidden.shape[0]), last, :].astype(np.float32, copy=True)
+    m = mask[:, :, None].astype(hidden.dtype)
+    summed = (hidden * m).sum(axis=1)
+    counts = np.clip(m.sum(axis=1), 1e-9, None)
+    return (summed / counts).astype(np.float32, copy=False)
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.clip(norms, 1e-12, None)

@@ -1,0 +1,71 @@
+"""Structured JSON logs: one JSON object per line, with request id, model, latency, outcome.
+
+``configure_logging()`` installs a JSON formatter on the root logger (``AKIDB_LOG_FORMAT=text``
+keeps plain text, ``AKIDB_LOG_LEVEL`` sets the level). Anything passed in ``extra=`` lands as
+top-level keys, and the current trace/span ids are added when a span is active.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Optional
+
+_STD_ATTRS = set(vars(logging.LogRecord('', 0, '', 0, '', (), None))) | {'message', 'asctime'}
+
+ACCESS_LOGGER = 'akidb_ros.access'
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            'ts': time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(record.created))
+            + f'.{int(record.msecs):03d}Z',
+            'level': record.levelname.lower(),
+            'logger': record.name,
+            'msg': record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STD_ATTRS and not key.startswith('_'):
+                out[key] = value
+        if 'trace_id' not in out:
+            try:
+                from akidb_ros.observability.tracing import current_trace_ids
+                trace_id, span_id = current_trace_ids()
+                if trace_id:
+                    out['trace_id'], out['span_id'] = trace_id, span_id
+            except Exception:  # pragma: no cover - logging must never fail
+                pass
+        if record.exc_info:
+            out['exc'] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def configure_logging(level: Optional[str] = None, fmt: Optional[str] = None, stream=None) -> None:
+    """Install the JSON (or text) handler on the root logger; idempotent."""
+    level = (level or os.environ.get('AKIDB_LOG_LEVEL') or 'INFO').upper()
+    fmt = (fmt or os.environ.get('AKIDB_LOG_FORMAT') or 'json').lower()
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, '_akidb', False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler._akidb = True
+    handler.setFormatter(JsonFormatter() if fmt == 'json' else logging.Formatter(
+        '%(asctime)s %(levelname)s %(name)s: %(message)s'))
+    root.addHandler(handler)
+    root.setLevel(level)
+    # waitress logs every queue-depth warning at WARNING; keep it, but not its INFO chatter
+    logging.getLogger('waitress').setLevel(max(logging.WARNING, root.level))
+
+
+def log_request(transport: str, request_id: str, model: str, latency_ms: float, outcome: str,
+                code: str = '', level: int = logging.INFO, **fields) -> None:
+    """The one access-log line every door writes per request."""
+    logger = logging.getLogger(ACCESS_LOGGER)
+    if logger.isEnabledFor(level):
+        logger.log(level, 'request', extra={
+            'transport': transport, 'request_id': request_id, 'model': model,
+            'latency_ms': round(latency_ms, 3), 'outcome': outcome, 'code': code, **fields})

@@ -1,0 +1,63 @@
+"""Prometheus metric families (names from the Week 5/6 PRDs), created once per process.
+
+The engine records where the work happens (queue, batch, runtime, model cache); doors record
+requests and latency. All families live in the default registry so one ``/metrics`` shows all.
+"""
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# --- requests (doors) ---
+EMBED_REQUESTS = Counter(
+    'akidb_embed_requests_total', 'Total embedding requests',
+    ['model', 'transport', 'status'])
+EMBED_LATENCY = Histogram(
+    'akidb_embed_latency_seconds', 'Embedding latency (request in to response out)',
+    ['model', 'transport'], buckets=LATENCY_BUCKETS)
+
+# --- model cache (engine) ---
+MODEL_CACHE_HITS = Counter('akidb_model_cache_hits_total', 'Model cache hits', ['model'])
+MODEL_CACHE_MISSES = Counter('akidb_model_cache_misses_total', 'Model cache misses', ['model'])
+MODEL_CACHE_SIZE = Gauge('akidb_model_cache_size', 'Models currently loaded')
+MODEL_LOAD_SECONDS = Histogram(
+    'akidb_model_load_seconds', 'Time to load and warm a model', ['model'],
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0))
+MODEL_EVICTIONS = Counter('akidb_model_evictions_total', 'Models evicted by the LRU', ['model'])
+
+# --- batching and runtime (engine) ---
+BATCH_SIZE = Histogram(
+    'akidb_batch_size', 'Sentences per inference batch', ['model'],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+TOKENS_PROCESSED = Counter('akidb_tokens_processed_total', 'Tokens embedded', ['model'])
+INFERENCE_SECONDS = Histogram(
+    'akidb_inference_seconds', 'ONNX Runtime time per batch', ['model'], buckets=LATENCY_BUCKETS)
+QUEUE_WAIT_SECONDS = Histogram(
+    'akidb_queue_wait_seconds', 'Time a request waited in the queue', ['model'],
+    buckets=LATENCY_BUCKETS)
+
+# --- admission (engine) ---
+QUEUE_SIZE = Gauge('akidb_queue_size', 'Requests waiting in the engine queue')
+QUEUE_CAPACITY = Gauge('akidb_queue_capacity', 'Engine queue capacity')
+LOAD_SHED = Counter('akidb_load_shed_total', 'Requests shed by admission control', ['reason'])
+
+# --- accelerators ---
+GPU_MEMORY_USED = Gauge('akidb_gpu_memory_used_bytes', 'GPU memory used', ['device'])
+GPU_UTILIZATION = Gauge('akidb_gpu_utilization_percent', 'GPU utilisation', ['device'])
+TENSORRT_ENGINE_BUILDS = Counter(
+    'akidb_tensorrt_engine_builds_total', 'TensorRT engines built', ['model'])
+TENSORRT_ENGINE_CACHE_HITS = Counter(
+    'akidb_tensorrt_engine_cache_hits_total', 'TensorRT engines loaded from the cache', ['model'])
+
+# --- bridges (REST / gRPC doors, sidecar hop) ---
+REQUEST_ERRORS = Counter(
+    'akidb_request_errors_total', 'Failed requests by error-table code',
+    ['transport', 'code'])
+INFLIGHT_REQUESTS = Gauge(
+    'akidb_inflight_requests', 'Requests being served by a door', ['transport'])
+BACKEND_LATENCY = Histogram(
+    'akidb_backend_latency_seconds', 'Time spent in the backend call (engine or DDS hop)',
+    ['backend'], buckets=LATENCY_BUCKETS)
+BACKEND_UP = Gauge(
+    'akidb_backend_up', '1 when the backend (engine, or the node over DDS) answers', ['backend'])
+CIRCUIT_STATE = Gauge(
+    'akidb_circuit_state', 'Circuit breaker state (0 closed, 1 half-open, 2 open)', ['name'])

@@ -1,0 +1,172 @@
+"""OpenTelemetry tracing: configured from the standard ``OTEL_*`` variables, exported over OTLP.
+
+Spans (one trace per request):
+
+    transport   ``POST /api/v1/embed`` (REST, SERVER) / ``akidb.embedding.v1.EmbeddingService/Embed``
+                (gRPC, SERVER) / ``ros /embed`` (sidecar DDS hop, CLIENT)
+      └ queue wait → batch → inference   (created by the engine from the propagated context)
+
+W3C ``traceparent``/``tracestate`` are taken from HTTP headers and gRPC metadata, and injected
+into the DDS request in sidecar mode (see ``akidb_ros.backends.RosBackend``).
+
+Configuration (read once by :func:`setup_tracing`; all standard OpenTelemetry variables):
+
+``OTEL_SDK_DISABLED=true``            tracing off (no-op tracer)
+``OTEL_TRACES_EXPORTER``              ``otlp`` | ``console`` | ``none``; default ``otlp`` when an
+                                      OTLP endpoint is set, otherwise ``none`` (spans are still
+                                      created so trace ids propagate and appear in the logs)
+``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``
+``OTEL_EXPORTER_OTLP_PROTOCOL`` / ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL``  ``grpc`` (default) |
+                                      ``http/protobuf``
+``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER(_ARG)``,
+``OTEL_BSP_*`` (batch processor), ``OTEL_EXPORTER_OTLP_HEADERS``/``_TIMEOUT``/``_INSECURE``
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.propagators.textmap import Getter
+
+log = logging.getLogger('akidb_ros.tracing')
+
+TRACER_NAME = 'akidb_ros'
+_lock = threading.Lock()
+_provider = None  # the SDK TracerProvider this module installed, if any
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, '').strip().lower() in ('1', 'true', 'yes', 'on')
+
+
+def _exporters_from_env() -> List[Any]:
+    names = os.environ.get('OTEL_TRACES_EXPORTER', '').strip().lower()
+    has_endpoint = bool(os.environ.get('OTEL_EXPORTER_OTLP_ENDPOINT')
+                        or os.environ.get('OTEL_EXPORTER_OTLP_TRACES_ENDPOINT'))
+    if not names:
+        names = 'otlp' if has_endpoint else 'none'
+    exporters = []
+    for name in [n.strip() for n in names.split(',') if n.strip()]:
+        if name == 'none':
+            continue
+        if name == 'console':
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+            exporters.append(ConsoleSpanExporter())
+        elif name == 'otlp':
+            protocol = (os.environ.get('OTEL_EXPORTER_OTLP_TRACES_PROTOCOL')
+                        or os.environ.get('OTEL_EXPORTER_OTLP_PROTOCOL') or 'grpc').strip()
+            if protocol == 'grpc':
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            elif protocol in ('http/protobuf', 'http'):
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            else:
+                raise ValueError(f'OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or '
+                                 f'http/protobuf')
+            exporters.append(OTLPSpanExporter())
+        else:
+            raise ValueError(f'OTEL_TRACES_EXPORTER={name!r}: use otlp, console or none')
+    return exporters
+
+
+def setup_tracing(service_name: str = 'akidb-ros', exporters: Optional[Iterable[Any]] = None,
+                  simple: bool = False):
+    """Install a global SDK TracerProvider once (idempotent); returns it (None when disabled).
+
+    ``exporters`` overrides the environment (tests pass an InMemorySpanExporter); ``simple``
+    uses a SimpleSpanProcessor (synchronous export) instead of the batch processor.
+    """
+    global _provider
+    with _lock:
+        if _provider is not None:
+            if exporters:
+                _add_exporters(_provider, exporters, simple)
+            return _provider
+        if _env_true('OTEL_SDK_DISABLED'):
+            log.info('tracing disabled (OTEL_SDK_DISABLED)')
+            return None
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+
+        if not os.environ.get('OTEL_SERVICE_NAME'):
+            resource = Resource.create({'service.name': service_name})
+        else:
+            resource = Resource.create()
+        provider = TracerProvider(resource=resource)   # sampler from OTEL_TRACES_SAMPLER
+        chosen = list(exporters) if exporters is not None else _exporters_from_env()
+        _add_exporters(provider, chosen, simple)
+        trace.set_tracer_provider(provider)
+        _provider = provider
+        log.info('tracing on', extra={'exporters': [type(e).__name__ for e in chosen]})
+        return provider
+
+
+def _add_exporters(provider, exporters: Iterable[Any], simple: bool) -> None:
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    for exp in exporters:
+        provider.add_span_processor(SimpleSpanProcessor(exp) if simple else BatchSpanProcessor(exp))
+
+
+def shutdown_tracing() -> None:
+    """Flush and stop exporters (call at process exit)."""
+    with _lock:
+        if _provider is not None:
+            try:
+                _provider.force_flush(5000)
+                _provider.shutdown()
+            except Exception:  # pragma: no cover - best effort at exit
+                log.exception('tracing shutdown failed')
+
+
+def force_flush(timeout_ms: int = 5000) -> bool:
+    return bool(_provider.force_flush(timeout_ms)) if _provider is not None else True
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer(TRACER_NAME)
+
+
+# --- propagation helpers -------------------------------------------------------------------
+
+class _MetadataGetter(Getter):
+    """gRPC invocation metadata (a sequence of (key, value)) as a carrier."""
+
+    def get(self, carrier, key):
+        values = [v for k, v in carrier if k.lower() == key.lower()]
+        return [v if isinstance(v, str) else v.decode('latin-1') for v in values] or None
+
+    def keys(self, carrier):
+        return [k for k, _ in carrier]
+
+
+_METADATA_GETTER = _MetadataGetter()
+
+
+def extract_from_headers(headers: Mapping[str, str]) -> otel_context.Context:
+    """Context from W3C headers (``traceparent``/``tracestate``) of an HTTP request."""
+    carrier = {k.lower(): v for k, v in headers.items()
+               if k.lower() in ('traceparent', 'tracestate', 'baggage')}
+    return propagate.extract(carrier)
+
+
+def extract_from_metadata(metadata: Iterable[Tuple[str, Any]]) -> otel_context.Context:
+    """Context from gRPC invocation metadata."""
+    return propagate.extract(list(metadata or ()), getter=_METADATA_GETTER)
+
+
+def inject_carrier(ctx: Optional[otel_context.Context] = None) -> Dict[str, str]:
+    """The current (or given) context as a W3C carrier dict, e.g. ``{'traceparent': ...}``."""
+    carrier: Dict[str, str] = {}
+    propagate.inject(carrier, context=ctx)
+    return carrier
+
+
+def current_trace_ids() -> Tuple[str, str]:
+    """(trace_id, span_id) hex of the current span, or ('', '')."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return '', ''
+    return format(ctx.trace_id, '032x'), format(ctx.span_id, '016x')

@@ -1,0 +1,115 @@
+"""The OpenAPI 3.1 document served at ``/openapi.json``, built from ``schemas.py``."""
+from __future__ import annotations
+
+import copy
+
+from akidb_ros import __version__
+from akidb_ros.rest import schemas as s
+
+_COMMON_ERRORS = {
+    '400': 'Malformed JSON, schema violation or invalid input (INVALID_INPUT, INPUT_TOO_LONG)',
+    '401': 'UNAUTHENTICATED (when a guard is configured)',
+    '403': 'PERMISSION_DENIED (when a guard is configured)',
+    '404': 'MODEL_NOT_FOUND / MODEL_UNAVAILABLE',
+    '409': 'MODEL_IN_USE',
+    '413': 'Body or input too large (INPUT_TOO_LARGE)',
+    '429': 'RATE_LIMITED (Retry-After set)',
+    '500': 'INTERNAL (a server bug; never a caller mistake)',
+    '503': 'OVERLOADED / UNAVAILABLE / CIRCUIT_OPEN / MODEL_LOAD_FAILED (Retry-After set)',
+    '504': 'TIMEOUT',
+}
+
+_REQUEST_ID = {
+    'name': 'X-Request-ID', 'in': 'header', 'required': False,
+    'schema': {'type': 'string'},
+    'description': 'Echoed in the response (generated when absent or not [A-Za-z0-9._:/+=-]{1,128})',
+}
+
+
+def _json(schema_ref: str) -> dict:
+    return {'application/json': {'schema': {'$ref': f'#/components/schemas/{schema_ref}'}}}
+
+
+def _responses(ok_ref: str, ok_desc: str, errors=None, error_ref: str = 'Error') -> dict:
+    out = {'200': {'description': ok_desc, 'content': _json(ok_ref),
+                   'headers': {'X-Request-ID': {'schema': {'type': 'string'}}}}}
+    for code in (errors or _COMMON_ERRORS):
+        out[code] = {'description': _COMMON_ERRORS[code], 'content': _json(error_ref)}
+    return out
+
+
+def build_openapi(server_url: str = '') -> dict:
+    embed_errors = list(_COMMON_ERRORS)
+    admin_errors = list(_COMMON_ERRORS)
+    doc = {
+        'openapi': '3.1.0',
+        'info': {
+            'title': 'akidb_ros REST bridge',
+            'version': __version__,
+            'description': 'Text embeddings for robots and non-ROS clients. Errors are '
+                           '`{error, code}` with the status from the one error table.',
+        },
+        'paths': {
+            '/api/v1/embed': {'post': {
+                'operationId': 'embed', 'summary': 'Embed texts',
+                'parameters': [_REQUEST_ID],
+                'requestBody': {'required': True, 'content': _json('EmbedRequest')},
+                'responses': _responses('EmbedResponse', 'Embeddings, in input order',
+                                        embed_errors),
+            }},
+            '/v1/embeddings': {'post': {
+                'operationId': 'openai_embeddings', 'summary': 'OpenAI-compatible embeddings',
+                'parameters': [_REQUEST_ID],
+                'requestBody': {'required': True, 'content': _json('OpenAIEmbeddingRequest')},
+                'responses': _responses('OpenAIEmbeddingResponse', 'OpenAI embedding list',
+                                        embed_errors, error_ref='OpenAIError'),
+            }},
+            '/models': {'get': {
+                'operationId': 'list_models', 'summary': 'Every model the engine knows',
+                'responses': _responses('ModelsResponse', 'Model list',
+                                        ['401', '403', '429', '503', '504']),
+            }},
+            '/admin/models/load': {'post': {
+                'operationId': 'load_model', 'summary': 'Load (and warm) a model',
+                'requestBody': {'required': True, 'content': _json('AdminModelRequest')},
+                'responses': _responses('AdminResponse', 'The loaded model', admin_errors),
+            }},
+            '/admin/models/unload': {'post': {
+                'operationId': 'unload_model', 'summary': 'Unload a model (waits for its work)',
+                'requestBody': {'required': True, 'content': _json('AdminModelRequest')},
+                'responses': _responses('AdminResponse', 'The unloaded model', admin_errors),
+            }},
+            '/health': {'get': {
+                'operationId': 'health', 'summary': 'PRD health (503 when unhealthy)',
+                'responses': {
+                    '200': {'description': 'healthy or degraded', 'content': _json('Health')},
+                    '503': {'description': 'unhealthy', 'content': _json('Health')},
+                },
+            }},
+            '/health/live': {'get': {
+                'operationId': 'live', 'summary': 'Liveness probe',
+                'responses': {'200': {'description': 'alive', 'content': _json('Probe')}},
+            }},
+            '/health/ready': {'get': {
+                'operationId': 'ready', 'summary': 'Readiness: the default model is loaded',
+                'responses': {'200': {'description': 'ready', 'content': _json('Probe')},
+                              '503': {'description': 'not ready', 'content': _json('Probe')}},
+            }},
+            '/metrics': {'get': {
+                'operationId': 'metrics', 'summary': 'Prometheus metrics (text format)',
+                'responses': {'200': {'description': 'metrics', 'content': {
+                    'text/plain': {'schema': {'type': 'string'}}}}},
+            }},
+        },
+        'components': {'schemas': {
+            'EmbedRequest': s.EMBED_REQUEST, 'EmbedResponse': s.EMBED_RESPONSE,
+            'OpenAIEmbeddingRequest': s.OPENAI_REQUEST,
+            'OpenAIEmbeddingResponse': s.OPENAI_RESPONSE,
+            'AdminModelRequest': s.ADMIN_MODEL_REQUEST, 'AdminResponse': s.ADMIN_RESPONSE,
+            'ModelsResponse': s.MODELS_RESPONSE, 'Health': s.HEALTH_RESPONSE,
+            'Probe': s.PROBE_RESPONSE, 'Error': s.ERROR, 'OpenAIError': s.OPENAI_ERROR,
+        }},
+    }
+    if server_url:
+        doc['servers'] = [{'url': server_url}]
+    return copy.deepcopy(doc)
