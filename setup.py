@@ -1,4 +1,6 @@
 """Python half of the akidb_ros package (the interfaces are built by CMakeLists.txt)."""
+from glob import glob
+
 from setuptools import find_packages, setup
 
 package_name = 'akidb_ros'
@@ -10,6 +12,13 @@ setup(
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
         ('share/' + package_name, ['package.xml']),
+        # ROS installs (ros2 launch / ros2 interface): launch files, node params, interfaces
+        ('share/' + package_name + '/launch', glob('launch/*.launch.py') +
+         glob('launch/*.launch.xml')),
+        ('share/' + package_name + '/config', ['config/params.yaml', 'config/models.yaml',
+                                               'config/fastdds_loopback.xml']),
+        ('share/' + package_name + '/msg', glob('msg/*.msg')),
+        ('share/' + package_name + '/srv', glob('srv/*.srv')),
     ],
     install_requires=['setuptools'],
     zip_safe=False,

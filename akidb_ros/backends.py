@@ -37,8 +37,12 @@ class Backend(Protocol):
 
     name: str           # 'inprocess' | 'sidecar' (metrics label, /health)
 
-    def submit(self, req: EmbedRequest) -> 'Future[EmbedResult]':
-        """Start an embedding; the future resolves to EmbedResult or raises EngineError."""
+    def submit(self, req: EmbedRequest,
+               trace_context: Optional[Dict[str, str]] = None) -> 'Future[EmbedResult]':
+        """Start an embedding; the future resolves to EmbedResult or raises EngineError.
+
+        ``trace_context`` is a W3C carrier (``{'traceparent': ...}``) of the door's span.
+        """
 
     def embed(self, req: EmbedRequest) -> EmbedResult:
         """Blocking embed (honours ``req.timeout_s``)."""
@@ -216,6 +220,7 @@ class RosBackend:
         self._has_traceparent = 'traceparent' in fields
         self._has_request_id = 'request_id' in fields
         self._has_timeout = 'timeout_s' in fields
+        self._has_input_type = 'input_type' in fields
         self._executor = SingleThreadedExecutor(context=self._ctx)
         self._executor.add_node(self._node)
         self._running = True
@@ -287,7 +292,8 @@ class RosBackend:
                 except Exception:
                     pass  # answered in between
 
-        timer = threading.Timer(timeout_s, on_timeout)
+        # a little past the node's own deadline, so that its TIMEOUT answer (if any) wins
+        timer = threading.Timer(timeout_s + 0.25, on_timeout)
         timer.daemon = True
         timer.start()
         out.add_done_callback(lambda _f: timer.cancel())
@@ -313,6 +319,9 @@ class RosBackend:
             r.request_id = req.request_id or ''
         if self._has_timeout:
             r.timeout_s = float(timeout_s)
+        if self._has_input_type:
+            it = req.input_type
+            r.input_type = it.value if hasattr(it, 'value') else str(it or '')
         span = tracer().start_span('ros /embed', kind=trace.SpanKind.CLIENT, attributes={
             'rpc.system': 'ros2', 'rpc.service': 'akidb_ros/srv/Embed',
             'akidb.model': req.model or '', 'akidb.inputs': len(req.inputs)})
@@ -390,7 +399,8 @@ class RosBackend:
     def health(self) -> HealthInfo:
         with self._health_lock:
             ts, cached = self._health_cache
-            if cached is not None and time.monotonic() - ts < 1.0:
+            # cached for 1 s (probes hit it often), but a node that left the graph shows at once
+            if cached is not None and time.monotonic() - ts < 1.0 and self._up('list_models'):
                 return cached
             h = self._health_uncached()
             self._health_cache = (time.monotonic(), h)

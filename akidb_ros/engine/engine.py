@@ -58,7 +58,8 @@ class EmbeddingEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.manager = ModelManager(config)
-        self.admission = Admission(config.engine.queue.capacity, config.engine.queue.shed_threshold)
+        queue = config.engine.queue
+        self.admission = Admission(queue.capacity, queue.shed_threshold)
         self._deadlines = DeadlineWatcher()
         self._closed = False
         self._close_lock = threading.Lock()

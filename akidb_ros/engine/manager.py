@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -21,6 +21,8 @@ from .types import ModelInfo, ModelStatus
 log = logging.getLogger('akidb_ros.engine.manager')
 
 STATS_WINDOW_S = 60.0
+# A load still running at close is waited for: a thread left inside ONNX Runtime at exit aborts.
+LOAD_JOIN_S = 60.0
 
 
 class LoadedModel:
@@ -63,6 +65,7 @@ class ModelManager:
         self._loaded: 'collections.OrderedDict[str, LoadedModel]' = collections.OrderedDict()
         self._loading: Dict[str, Future] = {}
         self._failed: Dict[str, str] = {}
+        self._loaders: Set[threading.Thread] = set()
 
     # --- lookup --------------------------------------------------------------------------
     def resolve(self, model: str) -> ModelConfig:
@@ -114,8 +117,10 @@ class ModelManager:
         if fut is None:
             fut = Future()
             self._loading[cfg.id] = fut
-            threading.Thread(target=self._load_worker, args=(cfg, fut),
-                             name=f'akidb-load-{cfg.id}', daemon=True).start()
+            thread = threading.Thread(target=self._load_worker, args=(cfg, fut),
+                                      name=f'akidb-load-{cfg.id}', daemon=True)
+            self._loaders.add(thread)
+            thread.start()
         return fut
 
     def _await_load(self, cfg: ModelConfig, fut: Future) -> LoadedModel:
@@ -126,10 +131,17 @@ class ModelManager:
             raise
         except TimeoutError:
             raise EngineError(ErrorCode.MODEL_LOAD_FAILED,
-                              f'model {cfg.id} did not load within {timeout:.0f} s',
+                              f'model {cfg.id} did not load within {timeout:g} s',
                               retry_after_s=5.0) from None
 
     def _load_worker(self, cfg: ModelConfig, fut: Future) -> None:
+        try:
+            self._load_into(cfg, fut)
+        finally:
+            with self._lock:
+                self._loaders.discard(threading.current_thread())
+
+    def _load_into(self, cfg: ModelConfig, fut: Future) -> None:
         t0 = time.perf_counter()
         try:
             lm = self._build(cfg, t0)
@@ -180,7 +192,7 @@ class ModelManager:
             if lm is not None:
                 self._loaded[cfg.id] = lm
                 self._failed.pop(cfg.id, None)
-                self._enforce_limits(keep=cfg.id)
+                self._enforce_limits()
                 metrics.MODEL_CACHE_SIZE.set(len(self._loaded))
             else:
                 self._failed[cfg.id] = exc.message
@@ -212,19 +224,24 @@ class ModelManager:
         threading.Thread(target=lm.batcher.stop, name=f'akidb-retire-{lm.cfg.id}',
                          daemon=True).start()
 
-    def _enforce_limits(self, keep: Optional[str] = None) -> None:
-        """Evict least-recently-used idle models until count and memory budgets hold."""
+    def _enforce_limits(self) -> None:
+        """Evict least-recently-used idle models until count and memory budgets hold.
+
+        The most recently used model always stays (it was just loaded or asked for), and a
+        model with work in flight is never evicted: the cache may run over its budget until
+        that work is answered, and is trimmed on the release that ends it.
+        """
         cache = self.settings.cache
 
         def over() -> bool:
             mem = sum(m.cfg.memory_estimate_mb() for m in self._loaded.values())
             return len(self._loaded) > cache.max_loaded_models or mem > cache.max_memory_mb
 
-        for model_id in list(self._loaded):
+        for model_id in list(self._loaded)[:-1]:   # [-1] is the most recently used
             if not over():
                 break
             lm = self._loaded[model_id]
-            if model_id == keep or lm.in_flight > 0:
+            if lm.in_flight > 0:
                 continue   # never evict a model with work in flight
             del self._loaded[model_id]
             metrics.MODEL_EVICTIONS.labels(model=model_id).inc()
@@ -265,6 +282,12 @@ class ModelManager:
         return [self.info(m) for m in self.config.models]
 
     def close(self) -> None:
+        """Wait for loads in progress (a thread inside ONNX Runtime must not outlive us), then
+        stop every batcher; each drains its queue first."""
+        with self._lock:
+            loaders = list(self._loaders)
+        for thread in loaders:
+            thread.join(timeout=max(self.settings.timeouts.model_load_s, LOAD_JOIN_S))
         with self._lock:
             models = list(self._loaded.values())
             self._loaded.clear()

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions: execution provider order TensorRT -> CUDA -> CPU, with a clean fallback."""
+"""ONNX Runtime sessions: execution providers TensorRT -> CUDA -> CPU, with a clean fallback."""
 from __future__ import annotations
 
 import logging

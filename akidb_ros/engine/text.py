@@ -42,7 +42,8 @@ class TextEncoder:
             return self.cfg.passage_prefix
         return ''
 
-    def encode(self, texts: Sequence[str], input_type: InputType = InputType.NONE) -> List[Encoded]:
+    def encode(self, texts: Sequence[str],
+               input_type: InputType = InputType.NONE) -> List[Encoded]:
         prefix = self.prefix(input_type)
         if prefix:
             texts = [prefix + t for t in texts]

@@ -24,6 +24,7 @@ The store checks the file's (mtime, size, inode) at most every ``reload_interval
 reloads when it changed, so ``akidb-keys revoke`` takes effect without a restart. A file that
 fails to parse on reload is ignored (the previous set stays) and reported once.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -111,8 +112,15 @@ class ApiKeyRecord:
         return 'active'
 
     def to_dict(self) -> dict:
-        d = {'id': self.id, 'sha256': self.sha256, 'role': self.role.value, 'client': self.client,
-             'created': _fmt(self.created), 'expires': _fmt(self.expires), 'revoked': self.revoked}
+        d = {
+            'id': self.id,
+            'sha256': self.sha256,
+            'role': self.role.value,
+            'client': self.client,
+            'created': _fmt(self.created),
+            'expires': _fmt(self.expires),
+            'revoked': self.revoked,
+        }
         if self.note:
             d['note'] = self.note
         return d
@@ -134,9 +142,16 @@ class ApiKeyRecord:
             created, expires = _parse_ts(d.get('created')), _parse_ts(d.get('expires'))
         except ValueError as exc:
             raise KeyFileError(f'key {d["id"]!r}: bad timestamp: {exc}') from None
-        return cls(id=str(d['id']), sha256=digest, role=role, client=str(d['client']),
-                   created=created, expires=expires, revoked=bool(d.get('revoked', False)),
-                   note=str(d.get('note', '') or ''))
+        return cls(
+            id=str(d['id']),
+            sha256=digest,
+            role=role,
+            client=str(d['client']),
+            created=created,
+            expires=expires,
+            revoked=bool(d.get('revoked', False)),
+            note=str(d.get('note', '') or ''),
+        )
 
 
 class VerifyResult:
@@ -177,8 +192,11 @@ def write_key_file(path: str, records: Dict[str, ApiKeyRecord]) -> None:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, 'w', encoding='utf-8') as fh:
             fh.write('# akidb API keys: SHA-256 hashes only. Manage with `akidb-keys`.\n')
-            yaml.safe_dump({'version': 1, 'keys': [r.to_dict() for r in records.values()]},
-                           fh, sort_keys=False)
+            yaml.safe_dump(
+                {'version': 1, 'keys': [r.to_dict() for r in records.values()]},
+                fh,
+                sort_keys=False,
+            )
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -191,9 +209,13 @@ def write_key_file(path: str, records: Dict[str, ApiKeyRecord]) -> None:
 class ApiKeyStore:
     """Thread-safe, file-backed key set that follows the file without a restart."""
 
-    def __init__(self, path: str, reload_interval_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic,
-                 now: Callable[[], _dt.datetime] = utcnow):
+    def __init__(
+        self,
+        path: str,
+        reload_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], _dt.datetime] = utcnow,
+    ):
         self.path = path
         self.reload_interval_s = reload_interval_s
         self._clock, self._now = clock, now
@@ -221,8 +243,12 @@ class ApiKeyStore:
                 records = read_key_file(self.path)
             except (OSError, yaml.YAMLError, KeyFileError) as exc:
                 if self.last_error != str(exc):
-                    log.error('API key file %s not reloaded (keeping %d keys): %s',
-                              self.path, len(self._records), exc)
+                    log.error(
+                        'API key file %s not reloaded (keeping %d keys): %s',
+                        self.path,
+                        len(self._records),
+                        exc,
+                    )
                 self.last_error = str(exc)
                 if force and self._sig is None and not self._records:
                     raise KeyFileError(str(exc)) from exc
@@ -266,18 +292,32 @@ class ApiKeyStore:
 
 # ---- management (used by akidb-keys; always read-modify-write of the file) ----
 
-def create_key(path: str, role: Role, client: str, expires_days: Optional[float] = None,
-               note: str = '', now: Optional[_dt.datetime] = None) -> tuple:
+
+def create_key(
+    path: str,
+    role: Role,
+    client: str,
+    expires_days: Optional[float] = None,
+    note: str = '',
+    now: Optional[_dt.datetime] = None,
+) -> tuple:
     """Add a key; returns (record, full key). The full key is not stored anywhere."""
     now = now or utcnow()
     records = read_key_file(path)
     key_id, key = generate_key()
-    while key_id in records:                         # 48-bit id: collision is theoretical
+    while key_id in records:  # 48-bit id: collision is theoretical
         key_id, key = generate_key()
     expires = now + _dt.timedelta(days=expires_days) if expires_days else None
-    rec = ApiKeyRecord(id=key_id, sha256=hash_key(key), role=role, client=client,
-                       created=now.replace(microsecond=0), expires=expires and expires.replace(microsecond=0),
-                       revoked=False, note=note)
+    rec = ApiKeyRecord(
+        id=key_id,
+        sha256=hash_key(key),
+        role=role,
+        client=client,
+        created=now.replace(microsecond=0),
+        expires=expires and expires.replace(microsecond=0),
+        revoked=False,
+        note=note,
+    )
     records[key_id] = rec
     write_key_file(path, records)
     return rec, key
@@ -292,16 +332,27 @@ def revoke_key(path: str, key_id: str) -> ApiKeyRecord:
     return records[key_id]
 
 
-def rotate_key(path: str, key_id: str, grace_s: float = 0.0, expires_days: Optional[float] = None,
-               now: Optional[_dt.datetime] = None) -> tuple:
+def rotate_key(
+    path: str,
+    key_id: str,
+    grace_s: float = 0.0,
+    expires_days: Optional[float] = None,
+    now: Optional[_dt.datetime] = None,
+) -> tuple:
     """New key for the same role/client; the old one is revoked now, or expires after grace_s."""
     now = now or utcnow()
     records = read_key_file(path)
     if key_id not in records:
         raise KeyError(key_id)
     old = records[key_id]
-    new, key = create_key(path, old.role, old.client, expires_days=expires_days,
-                          note=f'rotated from {key_id}', now=now)
+    new, key = create_key(
+        path,
+        old.role,
+        old.client,
+        expires_days=expires_days,
+        note=f'rotated from {key_id}',
+        now=now,
+    )
     records = read_key_file(path)
     if grace_s > 0:
         until = now + _dt.timedelta(seconds=grace_s)

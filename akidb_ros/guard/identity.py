@@ -6,6 +6,7 @@ metadata, and the peer certificate the TLS layer verified) and passes it to the 
 The parsers below are total: any header value, however malformed, yields either a
 credential or ``None`` and never raises.
 """
+
 from __future__ import annotations
 
 import enum
@@ -17,10 +18,10 @@ from typing import Any, Iterable, Mapping, Optional, Tuple, Union
 class Role(str, enum.Enum):
     """The PRD's four application roles (least to most privileged)."""
 
-    VIEWER = 'viewer'        # read-only: models, health, API description
-    OPERATOR = 'operator'    # health checks + metrics
+    VIEWER = 'viewer'  # read-only: models, health, API description
+    OPERATOR = 'operator'  # health checks + metrics
     DEVELOPER = 'developer'  # read + embeddings
-    ADMIN = 'admin'          # everything, incl. model load/unload
+    ADMIN = 'admin'  # everything, incl. model load/unload
 
     @classmethod
     def parse(cls, value: Any) -> Optional['Role']:
@@ -39,19 +40,19 @@ class AuthMethod(str, enum.Enum):
     API_KEY = 'api_key'
     JWT = 'jwt'
     MTLS = 'mtls'
-    ANONYMOUS = 'anonymous'      # no credential presented
-    DISABLED = 'auth_disabled'   # development profile: authentication switched off
+    ANONYMOUS = 'anonymous'  # no credential presented
+    DISABLED = 'auth_disabled'  # development profile: authentication switched off
 
 
 @dataclass(frozen=True)
 class Identity:
     """An authenticated (or explicitly anonymous) caller."""
 
-    subject: str                      # stable id: key id, JWT sub, certificate CN, 'anonymous'
-    role: Optional[Role]              # None: authenticated but no role (every permission -> 403)
+    subject: str  # stable id: key id, JWT sub, certificate CN, 'anonymous'
+    role: Optional[Role]  # None: authenticated but no role (every permission -> 403)
     method: AuthMethod
-    client: str = ''                  # rate-limit bucket key; defaults to the subject
-    key_id: str = ''                  # API key id (never the key itself)
+    client: str = ''  # rate-limit bucket key; defaults to the subject
+    key_id: str = ''  # API key id (never the key itself)
     claims: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -64,9 +65,13 @@ class Identity:
 
     def describe(self) -> dict:
         """A log/audit-safe description (no secrets: ids only)."""
-        return {'subject': self.subject, 'role': self.role.value if self.role else None,
-                'method': self.method.value, 'client': self.client_id,
-                **({'key_id': self.key_id} if self.key_id else {})}
+        return {
+            'subject': self.subject,
+            'role': self.role.value if self.role else None,
+            'method': self.method.value,
+            'client': self.client_id,
+            **({'key_id': self.key_id} if self.key_id else {}),
+        }
 
 
 ANONYMOUS = Identity(subject='anonymous', role=None, method=AuthMethod.ANONYMOUS)
@@ -87,17 +92,19 @@ class Credentials:
     bearer: Optional[str] = None
     peer_cert: PeerCert = None
     peer: str = ''
-    malformed: Tuple[str, ...] = ()   # credentials that were present but unparseable
+    malformed: Tuple[str, ...] = ()  # credentials that were present but unparseable
 
     @property
     def present(self) -> bool:
         return bool(self.api_key or self.bearer or self.malformed)
 
     def __repr__(self) -> str:  # never print a secret
-        return (f'Credentials(api_key={"<set>" if self.api_key else None}, '
-                f'bearer={"<set>" if self.bearer else None}, '
-                f'peer_cert={"<set>" if self.peer_cert else None}, peer={self.peer!r}, '
-                f'malformed={self.malformed!r})')
+        return (
+            f'Credentials(api_key={"<set>" if self.api_key else None}, '
+            f'bearer={"<set>" if self.bearer else None}, '
+            f'peer_cert={"<set>" if self.peer_cert else None}, peer={self.peer!r}, '
+            f'malformed={self.malformed!r})'
+        )
 
 
 # RFC 7235 token68 (the syntax of a bearer credential); JWTs and our API keys fit it.
@@ -147,9 +154,12 @@ def _lookup(items: Iterable[Tuple[Any, Any]], name: str) -> Tuple[bool, Any]:
     return False, None
 
 
-def credentials_from_headers(headers: Union[Mapping[str, Any], Iterable[Tuple[Any, Any]]],
-                             peer: str = '', peer_cert: PeerCert = None,
-                             api_key_header: str = 'x-api-key') -> Credentials:
+def credentials_from_headers(
+    headers: Union[Mapping[str, Any], Iterable[Tuple[Any, Any]]],
+    peer: str = '',
+    peer_cert: PeerCert = None,
+    api_key_header: str = 'x-api-key',
+) -> Credentials:
     """Credentials from HTTP headers or gRPC metadata (any mapping or (key, value) pairs).
 
     Header names are matched case-insensitively. A header that is present but malformed is
@@ -168,11 +178,14 @@ def credentials_from_headers(headers: Union[Mapping[str, Any], Iterable[Tuple[An
         bearer = parse_bearer(raw)
         if bearer is None:
             malformed.append('authorization')
-    return Credentials(api_key=api_key, bearer=bearer, peer_cert=peer_cert, peer=peer,
-                       malformed=tuple(malformed))
+    return Credentials(
+        api_key=api_key, bearer=bearer, peer_cert=peer_cert, peer=peer, malformed=tuple(malformed)
+    )
 
 
-def credentials_from_wsgi(environ: Mapping[str, Any], api_key_header: str = 'X-API-Key') -> Credentials:
+def credentials_from_wsgi(
+    environ: Mapping[str, Any], api_key_header: str = 'X-API-Key'
+) -> Credentials:
     """Credentials from a WSGI environ (Flask: ``request.environ``).
 
     The peer certificate is taken from ``SSL_CLIENT_CERT`` which Werkzeug's TLS server sets
@@ -184,8 +197,11 @@ def credentials_from_wsgi(environ: Mapping[str, Any], api_key_header: str = 'X-A
         headers.append(('x-api-key', environ[want_key]))
     if 'HTTP_AUTHORIZATION' in environ:
         headers.append(('authorization', environ['HTTP_AUTHORIZATION']))
-    return credentials_from_headers(headers, peer=str(environ.get('REMOTE_ADDR', '')),
-                                    peer_cert=environ.get('SSL_CLIENT_CERT') or None)
+    return credentials_from_headers(
+        headers,
+        peer=str(environ.get('REMOTE_ADDR', '')),
+        peer_cert=environ.get('SSL_CLIENT_CERT') or None,
+    )
 
 
 def credentials_from_grpc(context: Any) -> Credentials:
@@ -198,6 +214,12 @@ def credentials_from_grpc(context: Any) -> Credentials:
         auth = {}
     pem = auth.get('x509_pem_cert')
     cert = pem[0] if pem else None
-    return credentials_from_headers([(m.key, m.value) for m in metadata] if metadata and
-                                    hasattr(metadata[0], 'key') else metadata,
-                                    peer=str(context.peer() or ''), peer_cert=cert)
+    return credentials_from_headers(
+        (
+            [(m.key, m.value) for m in metadata]
+            if metadata and hasattr(metadata[0], 'key')
+            else metadata
+        ),
+        peer=str(context.peer() or ''),
+        peer_cert=cert,
+    )

@@ -6,6 +6,7 @@ key - and every other algorithm are refused before any key is used), ``exp`` (re
 PRD), and the role claim (one of the four roles). The key file reloads when it changes, so
 signing keys rotate without a restart (publish the new key in the JWKS before signing with it).
 """
+
 from __future__ import annotations
 
 import json
@@ -40,14 +41,16 @@ class TokenError(Exception):
 class JwtSettings:
     issuer: str
     audience: str
-    public_key_file: Optional[str] = None    # PEM (a public key or a certificate)
-    jwks_file: Optional[str] = None          # {"keys": [{"kty": "RSA", "kid": ..., "n", "e"}]}
+    public_key_file: Optional[str] = None  # PEM (a public key or a certificate)
+    jwks_file: Optional[str] = None  # {"keys": [{"kty": "RSA", "kid": ..., "n", "e"}]}
     role_claim: str = 'role'
     client_claim: str = 'sub'
     leeway_s: float = 30.0
     max_lifetime_s: Optional[float] = 3600.0
     reload_interval_s: float = 1.0
-    required_claims: Sequence[str] = field(default_factory=lambda: ('exp', 'iat', 'iss', 'aud', 'sub'))
+    required_claims: Sequence[str] = field(
+        default_factory=lambda: ('exp', 'iat', 'iss', 'aud', 'sub')
+    )
 
 
 def _check_rsa(key: Any, where: str) -> rsa.RSAPublicKey:
@@ -63,6 +66,7 @@ def load_pem_keys(path: str) -> Dict[Optional[str], rsa.RSAPublicKey]:
         data = fh.read()
     if b'BEGIN CERTIFICATE' in data:
         from cryptography import x509
+
         key = x509.load_pem_x509_certificate(data).public_key()
     else:
         key = serialization.load_pem_public_key(data)
@@ -114,8 +118,11 @@ class JwtVerifier:
         if not force and sig == self._sig:
             return False
         try:
-            keys = (load_jwks_keys(self._path) if self.settings.jwks_file
-                    else load_pem_keys(self._path))
+            keys = (
+                load_jwks_keys(self._path)
+                if self.settings.jwks_file
+                else load_pem_keys(self._path)
+            )
         except (OSError, ValueError) as exc:
             if force and not self._keys:
                 raise
@@ -146,17 +153,30 @@ class JwtVerifier:
         except pyjwt.PyJWTError:
             raise TokenError('malformed', 'malformed token') from None
         if header.get('alg') != ALGORITHM:
-            raise TokenError('bad_algorithm', f'algorithm {str(header.get("alg"))[:16]!r} not accepted')
+            raise TokenError(
+                'bad_algorithm', f'algorithm {str(header.get("alg"))[:16]!r} not accepted'
+            )
         if 'jku' in header or 'jwk' in header or 'x5u' in header:
             raise TokenError('bad_header', 'embedded or remote keys are not accepted')
         key = self._key_for(header.get('kid'))
         try:
             claims = pyjwt.decode(
-                token, key=key, algorithms=[ALGORITHM], audience=s.audience, issuer=s.issuer,
+                token,
+                key=key,
+                algorithms=[ALGORITHM],
+                audience=s.audience,
+                issuer=s.issuer,
                 leeway=s.leeway_s,
-                options={'require': list(s.required_claims), 'verify_signature': True,
-                         'verify_exp': True, 'verify_nbf': True, 'verify_iat': True,
-                         'verify_aud': True, 'verify_iss': True})
+                options={
+                    'require': list(s.required_claims),
+                    'verify_signature': True,
+                    'verify_exp': True,
+                    'verify_nbf': True,
+                    'verify_iat': True,
+                    'verify_aud': True,
+                    'verify_iss': True,
+                },
+            )
         except pyjwt.ExpiredSignatureError:
             raise TokenError('expired', 'token expired') from None
         except pyjwt.ImmatureSignatureError:
@@ -191,11 +211,17 @@ class JwtVerifier:
         if not isinstance(subject, str) or not subject:
             raise TokenError('missing_claim', 'sub must be a non-empty string')
         client = claims.get(s.client_claim, subject)
-        return Identity(subject=subject, role=role, method=AuthMethod.JWT,
-                        client=f'jwt:{client}', claims=claims)
+        return Identity(
+            subject=subject,
+            role=role,
+            method=AuthMethod.JWT,
+            client=f'jwt:{client}',
+            claims=claims,
+        )
 
 
 # ---- helpers for issuing tokens (development, tests, tooling; not used by the server) ----
+
 
 def public_jwk(public_key: rsa.RSAPublicKey, kid: str) -> dict:
     jwk = json.loads(pyjwt.algorithms.RSAAlgorithm.to_jwk(public_key))
@@ -211,12 +237,28 @@ def write_jwks(path: str, public_keys: Dict[str, rsa.RSAPublicKey]) -> None:
     os.replace(tmp, path)
 
 
-def issue_token(private_key: Any, *, subject: str, role: str, issuer: str, audience: str,
-                lifetime_s: float = 3600, kid: Optional[str] = None, now: Optional[float] = None,
-                extra: Optional[Dict[str, Any]] = None) -> str:
+def issue_token(
+    private_key: Any,
+    *,
+    subject: str,
+    role: str,
+    issuer: str,
+    audience: str,
+    lifetime_s: float = 3600,
+    kid: Optional[str] = None,
+    now: Optional[float] = None,
+    extra: Optional[Dict[str, Any]] = None,
+) -> str:
     now = int(time.time() if now is None else now)
-    claims: Dict[str, Any] = {'sub': subject, 'role': role, 'iss': issuer, 'aud': audience,
-                              'iat': now, 'nbf': now, 'exp': now + int(lifetime_s)}
+    claims: Dict[str, Any] = {
+        'sub': subject,
+        'role': role,
+        'iss': issuer,
+        'aud': audience,
+        'iat': now,
+        'nbf': now,
+        'exp': now + int(lifetime_s),
+    }
     claims.update(extra or {})
     headers: Dict[str, Any] = {'kid': kid} if kid else {}
     return pyjwt.encode(claims, private_key, algorithm=ALGORITHM, headers=headers)

@@ -20,6 +20,7 @@ so every TLS 1.2 ClientHello fails with "no shared cipher" while TLS 1.3 is unaf
 it once when it is imported: call :func:`prepare_grpc_tls13` before ``import grpc`` (the server
 entry point does), or export it in the environment.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 class TLSSettings:
     cert_file: str
     key_file: str
-    ca_file: Optional[str] = None           # CA that signs client certificates (mTLS)
+    ca_file: Optional[str] = None  # CA that signs client certificates (mTLS)
     require_client_cert: bool = True
     reload_interval_s: float = 5.0
 
@@ -62,9 +63,12 @@ def build_server_context(s: TLSSettings) -> ssl.SSLContext:
     return ctx
 
 
-def build_client_context(ca_file: str, cert_file: Optional[str] = None,
-                         key_file: Optional[str] = None,
-                         tls_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3) -> ssl.SSLContext:
+def build_client_context(
+    ca_file: str,
+    cert_file: Optional[str] = None,
+    key_file: Optional[str] = None,
+    tls_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
+) -> ssl.SSLContext:
     """A client context (tools, tests, the REST client): verifies the server against ca_file."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ctx.maximum_version = tls_version
@@ -88,11 +92,15 @@ def _file_sig(paths) -> Tuple:
 class ReloadingTLSContext:
     """One stable server ``SSLContext`` whose certificate follows the files on disk."""
 
-    def __init__(self, settings: TLSSettings, clock: Callable[[], float] = time.monotonic,
-                 on_reload: Optional[Callable[[str, str], None]] = None):
+    def __init__(
+        self,
+        settings: TLSSettings,
+        clock: Callable[[], float] = time.monotonic,
+        on_reload: Optional[Callable[[str, str], None]] = None,
+    ):
         self.settings = settings
         self._clock = clock
-        self._on_reload = on_reload        # (outcome, detail) -> None, e.g. audit
+        self._on_reload = on_reload  # (outcome, detail) -> None, e.g. audit
         self._lock = threading.Lock()
         self._paths = [p for p in (settings.cert_file, settings.key_file, settings.ca_file) if p]
         self._sig = _file_sig(self._paths)
@@ -123,7 +131,9 @@ class ReloadingTLSContext:
         try:
             ctx = build_server_context(self.settings)
         except (OSError, ssl.SSLError, ValueError) as exc:
-            log.error('TLS files changed but do not load (keeping the previous certificate): %s', exc)
+            log.error(
+                'TLS files changed but do not load (keeping the previous certificate): %s', exc
+            )
             if self._on_reload:
                 self._on_reload('failure', type(exc).__name__)
             return False
@@ -139,18 +149,21 @@ class ReloadingTLSContext:
         try:
             self.maybe_reload()
             sslobj.context = self.current()
-        except Exception:   # noqa: BLE001 - a callback exception would abort the handshake obscurely
+        except (
+            Exception
+        ):  # noqa: BLE001 - a callback exception would abort the handshake obscurely
             log.exception('TLS context switch failed; serving the previous certificate')
         return None
 
 
 # ---------------- identity from a verified client certificate ----------------
 
+
 @dataclass
 class CertIdentitySettings:
-    role_from_ou: bool = True                         # OU=<role> in the subject (CA decides roles)
-    role_map: Dict[str, str] = field(default_factory=dict)   # CN -> role (wins over OU)
-    default_role: Optional[str] = None                # role for a valid cert with no mapping
+    role_from_ou: bool = True  # OU=<role> in the subject (CA decides roles)
+    role_map: Dict[str, str] = field(default_factory=dict)  # CN -> role (wins over OU)
+    default_role: Optional[str] = None  # role for a valid cert with no mapping
 
 
 def _subject_from_dict(cert: Mapping[str, Any]) -> Dict[str, str]:
@@ -158,22 +171,33 @@ def _subject_from_dict(cert: Mapping[str, Any]) -> Dict[str, str]:
     for rdn in cert.get('subject', ()):
         for name, value in rdn:
             out.setdefault(name, value)
-    return {'CN': out.get('commonName', ''), 'OU': out.get('organizationalUnitName', ''),
-            'O': out.get('organizationName', '')}
+    return {
+        'CN': out.get('commonName', ''),
+        'OU': out.get('organizationalUnitName', ''),
+        'O': out.get('organizationName', ''),
+    }
 
 
 def _subject_from_x509(data: PeerCert) -> Dict[str, str]:
     from cryptography import x509
     from cryptography.x509.oid import NameOID
+
     raw = data.encode('ascii') if isinstance(data, str) else bytes(data)
-    cert = (x509.load_pem_x509_certificate(raw) if b'-----BEGIN' in raw
-            else x509.load_der_x509_certificate(raw))
+    cert = (
+        x509.load_pem_x509_certificate(raw)
+        if b'-----BEGIN' in raw
+        else x509.load_der_x509_certificate(raw)
+    )
 
     def attr(oid):
         vals = cert.subject.get_attributes_for_oid(oid)
         return str(vals[0].value) if vals else ''
-    return {'CN': attr(NameOID.COMMON_NAME), 'OU': attr(NameOID.ORGANIZATIONAL_UNIT_NAME),
-            'O': attr(NameOID.ORGANIZATION_NAME)}
+
+    return {
+        'CN': attr(NameOID.COMMON_NAME),
+        'OU': attr(NameOID.ORGANIZATIONAL_UNIT_NAME),
+        'O': attr(NameOID.ORGANIZATION_NAME),
+    }
 
 
 def cert_subject(peer_cert: PeerCert) -> Dict[str, str]:
@@ -205,7 +229,9 @@ def identity_from_cert(peer_cert: PeerCert, settings: CertIdentitySettings) -> I
 
 # ---------------- gRPC ----------------
 
-GRPC_TLS13_ONLY_SUITES = 'ECDHE-PSK-CHACHA20-POLY1305'   # TLS<=1.2 suite needing a PSK: never agreed
+GRPC_TLS13_ONLY_SUITES = (
+    'ECDHE-PSK-CHACHA20-POLY1305'  # TLS<=1.2 suite needing a PSK: never agreed
+)
 
 
 def prepare_grpc_tls13() -> bool:
@@ -229,6 +255,7 @@ class GrpcCredentialsReloader:
 
     def __init__(self, settings: TLSSettings, clock: Callable[[], float] = time.monotonic):
         import grpc
+
         self._grpc = grpc
         self.settings = settings
         self._clock = clock
@@ -241,7 +268,8 @@ class GrpcCredentialsReloader:
     def _config(self):
         return self._grpc.ssl_server_certificate_configuration(
             [(_read(self.settings.key_file), _read(self.settings.cert_file))],
-            root_certificates=_read(self.settings.ca_file))
+            root_certificates=_read(self.settings.ca_file),
+        )
 
     def fetch(self):
         """Called by gRPC per handshake; None keeps the current configuration."""
@@ -265,8 +293,10 @@ class GrpcCredentialsReloader:
 
     def credentials(self):
         return self._grpc.dynamic_ssl_server_credentials(
-            self.initial, self.fetch,
-            require_client_authentication=bool(self.settings.require_client_cert))
+            self.initial,
+            self.fetch,
+            require_client_authentication=bool(self.settings.require_client_cert),
+        )
 
 
 def _check_pair(s: TLSSettings) -> None:
@@ -281,9 +311,10 @@ def grpc_server_credentials(settings: TLSSettings, require_tls13: bool = True):
     took effect (i.e. ran before grpc was imported), so TLS 1.2 can never be served silently.
     """
     if require_tls13 and not prepare_grpc_tls13():
-        raise RuntimeError('gRPC would accept TLS 1.2: call akidb_ros.guard.mtls.prepare_grpc_tls13() '
-                           'before importing grpc, or export GRPC_SSL_CIPHER_SUITES='
-                           + GRPC_TLS13_ONLY_SUITES)
+        raise RuntimeError(
+            'gRPC would accept TLS 1.2: call akidb_ros.guard.mtls.prepare_grpc_tls13() '
+            'before importing grpc, or export GRPC_SSL_CIPHER_SUITES=' + GRPC_TLS13_ONLY_SUITES
+        )
     if settings.require_client_cert and not settings.ca_file:
         raise ValueError('tls.require_client_cert needs tls.ca_file (the client CA)')
     _check_pair(settings)

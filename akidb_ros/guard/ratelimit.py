@@ -13,6 +13,7 @@ Headers (all integers, seconds):
 Buckets of idle clients are dropped (bounded memory, ``max_clients``); a dropped bucket would
 have been full anyway once idle for burst/rate seconds.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,8 @@ from akidb_ros.engine.errors import EngineError, ErrorCode
 
 @dataclass(frozen=True)
 class BucketSpec:
-    rate: float      # tokens per second
-    burst: int       # bucket capacity
+    rate: float  # tokens per second
+    burst: int  # bucket capacity
 
     def __post_init__(self):
         if self.rate <= 0 or self.burst < 1:
@@ -45,12 +46,15 @@ class TokenBucket:
 
     def refill(self, now: float) -> None:
         if now > self.stamp:
-            self.tokens = min(float(self.spec.burst), self.tokens + (now - self.stamp) * self.spec.rate)
+            self.tokens = min(
+                float(self.spec.burst), self.tokens + (now - self.stamp) * self.spec.rate
+            )
             self.stamp = now
 
     def wait_for(self, n: float = 1.0) -> float:
         """Seconds until n tokens are available (0 when they are)."""
-        return 0.0 if self.tokens >= n else (n - self.tokens) / self.spec.rate
+        short = n - self.tokens
+        return 0.0 if short <= 1e-9 else short / self.spec.rate  # tolerate float dust
 
     def time_to_full(self) -> float:
         return (self.spec.burst - self.tokens) / self.spec.rate
@@ -59,7 +63,7 @@ class TokenBucket:
 @dataclass(frozen=True)
 class RateLimitDecision:
     allowed: bool
-    scope: str                 # 'client' | 'global' | 'none' (limits off)
+    scope: str  # 'client' | 'global' | 'none' (limits off)
     limit: float
     remaining: int
     reset_s: float
@@ -68,9 +72,13 @@ class RateLimitDecision:
     def headers(self) -> Dict[str, str]:
         if self.scope == 'none':
             return {}
-        h = {'X-RateLimit-Limit': str(int(self.limit) if float(self.limit).is_integer() else self.limit),
-             'X-RateLimit-Remaining': str(self.remaining),
-             'X-RateLimit-Reset': str(max(0, math.ceil(self.reset_s)))}
+        h = {
+            'X-RateLimit-Limit': str(
+                int(self.limit) if float(self.limit).is_integer() else self.limit
+            ),
+            'X-RateLimit-Remaining': str(self.remaining),
+            'X-RateLimit-Reset': str(max(0, math.ceil(self.reset_s))),
+        }
         if not self.allowed:
             h['Retry-After'] = str(max(1, math.ceil(self.retry_after_s)))
         return h
@@ -80,10 +88,12 @@ class RateLimitedError(EngineError):
     """EngineError(RATE_LIMITED) that also carries the headers to send."""
 
     def __init__(self, decision: RateLimitDecision):
-        super().__init__(ErrorCode.RATE_LIMITED,
-                         f'rate limit exceeded ({decision.scope}); retry after '
-                         f'{max(1, math.ceil(decision.retry_after_s))} s',
-                         retry_after_s=decision.retry_after_s)
+        super().__init__(
+            ErrorCode.RATE_LIMITED,
+            f'rate limit exceeded ({decision.scope}); retry after '
+            f'{max(1, math.ceil(decision.retry_after_s))} s',
+            retry_after_s=decision.retry_after_s,
+        )
         self.decision = decision
         self.headers = decision.headers()
 
@@ -93,13 +103,16 @@ class RateLimitSettings:
     enabled: bool = True
     per_client: BucketSpec = field(default_factory=lambda: BucketSpec(100.0, 20))
     global_: BucketSpec = field(default_factory=lambda: BucketSpec(1000.0, 200))
-    roles: Dict[str, BucketSpec] = field(default_factory=dict)   # role name -> per-client spec
+    roles: Dict[str, BucketSpec] = field(default_factory=dict)  # role name -> per-client spec
     max_clients: int = 10000
 
 
 class RateLimiter:
-    def __init__(self, settings: Optional[RateLimitSettings] = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        settings: Optional[RateLimitSettings] = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.settings = settings or RateLimitSettings()
         self._clock = clock
         self._lock = threading.Lock()
@@ -109,7 +122,9 @@ class RateLimiter:
     def spec_for(self, role: Optional[str]) -> BucketSpec:
         return self.settings.roles.get(role or '', self.settings.per_client)
 
-    def check(self, client: str, role: Optional[str] = None, cost: float = 1.0) -> RateLimitDecision:
+    def check(
+        self, client: str, role: Optional[str] = None, cost: float = 1.0
+    ) -> RateLimitDecision:
         s = self.settings
         if not s.enabled:
             return RateLimitDecision(True, 'none', 0, 0, 0.0)
@@ -127,13 +142,20 @@ class RateLimiter:
             self._global.refill(now)
             wait_client, wait_global = bucket.wait_for(cost), self._global.wait_for(cost)
             if wait_client == 0.0 and wait_global == 0.0:
-                bucket.tokens -= cost
-                self._global.tokens -= cost
-                return RateLimitDecision(True, 'client', spec.rate, int(bucket.tokens),
-                                         bucket.time_to_full())
+                bucket.tokens = max(0.0, bucket.tokens - cost)
+                self._global.tokens = max(0.0, self._global.tokens - cost)
+                return RateLimitDecision(
+                    True, 'client', spec.rate, int(bucket.tokens + 1e-9), bucket.time_to_full()
+                )
             scope = 'client' if wait_client >= wait_global else 'global'
-            return RateLimitDecision(False, scope, spec.rate, int(bucket.tokens),
-                                     bucket.time_to_full(), max(wait_client, wait_global))
+            return RateLimitDecision(
+                False,
+                scope,
+                spec.rate,
+                int(bucket.tokens + 1e-9),
+                bucket.time_to_full(),
+                max(wait_client, wait_global),
+            )
 
     def acquire(self, client: str, role: Optional[str] = None) -> RateLimitDecision:
         """Take a token or raise :class:`RateLimitedError`."""

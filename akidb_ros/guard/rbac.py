@@ -10,6 +10,7 @@ Outcomes (exact codes asserted by test/guard/test_rbac_matrix.py):
   * anonymous caller, any other permission -> UNAUTHENTICATED (HTTP 401 / gRPC UNAUTHENTICATED)
   * authenticated, role lacks permission  -> PERMISSION_DENIED (HTTP 403 / gRPC PERMISSION_DENIED)
 """
+
 from __future__ import annotations
 
 import enum
@@ -22,20 +23,23 @@ from .identity import Identity, Role
 
 
 class Permission(str, enum.Enum):
-    PUBLIC = 'public'                # no credential needed (liveness only)
-    HEALTH_READ = 'health:read'      # detailed health, readiness
-    METRICS_READ = 'metrics:read'    # Prometheus exposition
-    MODELS_READ = 'models:read'      # list / describe models
-    API_DOCS = 'api:docs'            # OpenAPI document, gRPC reflection
-    EMBED = 'embed'                  # create embeddings
-    MODELS_ADMIN = 'models:admin'    # load / unload models
+    PUBLIC = 'public'  # no credential needed (liveness only)
+    HEALTH_READ = 'health:read'  # detailed health, readiness
+    METRICS_READ = 'metrics:read'  # Prometheus exposition
+    MODELS_READ = 'models:read'  # list / describe models
+    API_DOCS = 'api:docs'  # OpenAPI document, gRPC reflection
+    EMBED = 'embed'  # create embeddings
+    MODELS_ADMIN = 'models:admin'  # load / unload models
 
 
 ROLE_PERMISSIONS: Dict[Role, FrozenSet[Permission]] = {
     Role.VIEWER: frozenset({Permission.HEALTH_READ, Permission.MODELS_READ, Permission.API_DOCS}),
-    Role.OPERATOR: frozenset({Permission.HEALTH_READ, Permission.METRICS_READ, Permission.API_DOCS}),
-    Role.DEVELOPER: frozenset({Permission.HEALTH_READ, Permission.MODELS_READ, Permission.API_DOCS,
-                               Permission.EMBED}),
+    Role.OPERATOR: frozenset(
+        {Permission.HEALTH_READ, Permission.METRICS_READ, Permission.API_DOCS}
+    ),
+    Role.DEVELOPER: frozenset(
+        {Permission.HEALTH_READ, Permission.MODELS_READ, Permission.API_DOCS, Permission.EMBED}
+    ),
     Role.ADMIN: frozenset(Permission),
 }
 
@@ -43,54 +47,52 @@ _EMBED_SVC = '/akidb.embedding.v1.EmbeddingService/'
 
 # The one permission table. Keys: REST 'METHOD /path' (HEAD follows GET), gRPC '/pkg.Svc/Method'.
 PERMISSION_TABLE: Dict[str, Permission] = {
-    # --- REST: health ---
-    'GET /health/live': Permission.PUBLIC,
+    # --- REST (akidb_ros/rest/app.py) ---
+    'GET /health/live': Permission.PUBLIC,  # liveness probe: always open
     'GET /health/ready': Permission.HEALTH_READ,
     'GET /health': Permission.HEALTH_READ,
-    'GET /api/v1/health': Permission.HEALTH_READ,
-    # --- REST: embeddings ---
     'POST /api/v1/embed': Permission.EMBED,
-    'POST /v1/embeddings': Permission.EMBED,                  # OpenAI-compatible
-    # --- REST: models ---
+    'POST /v1/embeddings': Permission.EMBED,  # OpenAI-compatible
     'GET /models': Permission.MODELS_READ,
-    'GET /api/v1/models': Permission.MODELS_READ,
-    'GET /api/v1/models/<model>': Permission.MODELS_READ,
-    'GET /v1/models': Permission.MODELS_READ,                  # OpenAI-compatible
-    'GET /v1/models/<model>': Permission.MODELS_READ,
-    'POST /api/v1/models/<model>/load': Permission.MODELS_ADMIN,
-    'POST /api/v1/models/<model>/unload': Permission.MODELS_ADMIN,
-    'DELETE /api/v1/models/<model>': Permission.MODELS_ADMIN,
-    'POST /admin/models/<model>/load': Permission.MODELS_ADMIN,
-    'POST /admin/models/<model>/unload': Permission.MODELS_ADMIN,
-    'POST /api/v1/admin/models/<model>/load': Permission.MODELS_ADMIN,
-    'POST /api/v1/admin/models/<model>/unload': Permission.MODELS_ADMIN,
-    # --- REST: operations / description ---
+    'POST /admin/models/load': Permission.MODELS_ADMIN,
+    'POST /admin/models/unload': Permission.MODELS_ADMIN,
     'GET /metrics': Permission.METRICS_READ,
     'GET /openapi.json': Permission.API_DOCS,
-    'GET /api/v1/openapi.json': Permission.API_DOCS,
-    'GET /docs': Permission.API_DOCS,
-    # --- gRPC: akidb.embedding.v1.EmbeddingService ---
+    # --- gRPC: akidb.embedding.v1.EmbeddingService (proto/akidb/embedding/v1/embedding.proto) ---
     _EMBED_SVC + 'Embed': Permission.EMBED,
     _EMBED_SVC + 'EmbedStream': Permission.EMBED,
     _EMBED_SVC + 'Health': Permission.HEALTH_READ,
     _EMBED_SVC + 'ListModels': Permission.MODELS_READ,
-    _EMBED_SVC + 'LoadModel': Permission.MODELS_ADMIN,
-    _EMBED_SVC + 'UnloadModel': Permission.MODELS_ADMIN,
     # --- gRPC: standard services ---
-    '/grpc.health.v1.Health/Check': Permission.PUBLIC,         # kubelet gRPC probes send no metadata
+    '/grpc.health.v1.Health/Check': Permission.PUBLIC,  # kubelet gRPC probes send no metadata
     '/grpc.health.v1.Health/Watch': Permission.HEALTH_READ,
     '/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo': Permission.API_DOCS,
     '/grpc.reflection.v1.ServerReflection/ServerReflectionInfo': Permission.API_DOCS,
 }
 
-DEFAULT_PERMISSION = Permission.MODELS_ADMIN   # undeclared route/method: admin only
+# The same permissions by door operation (``akidb_ros.doors.DoorCall.operation``); every
+# route/method above maps to one of these (checked by the tests).
+OPERATION_PERMISSIONS: Dict[str, Permission] = {
+    'live': Permission.PUBLIC,
+    'health': Permission.HEALTH_READ,
+    'ready': Permission.HEALTH_READ,
+    'embed': Permission.EMBED,
+    'list_models': Permission.MODELS_READ,
+    'load_model': Permission.MODELS_ADMIN,
+    'unload_model': Permission.MODELS_ADMIN,
+    'metrics': Permission.METRICS_READ,
+    'openapi': Permission.API_DOCS,
+    'reflection': Permission.API_DOCS,
+}
+
+DEFAULT_PERMISSION = Permission.MODELS_ADMIN  # undeclared route/method: admin only
 
 _PARAM = re.compile(r'<[^<>]*>')
 
 
 def _normalise(key: str) -> str:
     key = key.strip()
-    if key.startswith('/'):             # gRPC full method name: exact
+    if key.startswith('/'):  # gRPC full method name: exact
         return key
     method, _, path = key.partition(' ')
     method = method.upper()
@@ -105,7 +107,9 @@ def _normalise(key: str) -> str:
 _NORMALISED: Dict[str, Permission] = {_normalise(k): v for k, v in PERMISSION_TABLE.items()}
 _PATTERNS: Tuple[Tuple[str, Tuple[str, ...], Permission], ...] = tuple(
     (k.split(' ', 1)[0], tuple(k.split(' ', 1)[1].split('/')), v)
-    for k, v in _NORMALISED.items() if not k.startswith('/') and '<>' in k)
+    for k, v in _NORMALISED.items()
+    if not k.startswith('/') and '<>' in k
+)
 
 
 def route_key(method: str, path: str) -> str:
@@ -126,11 +130,14 @@ def lookup(key: str) -> Optional[Permission]:
         return None
     method, _, path = norm.partition(' ')
     if method == 'OPTIONS':
-        return Permission.PUBLIC        # CORS preflight / allowed-methods: no data
+        return Permission.PUBLIC  # CORS preflight / allowed-methods: no data
     segs = tuple(path.split('/'))
     for p_method, p_segs, perm in _PATTERNS:
-        if p_method == method and len(p_segs) == len(segs) and all(
-                p == '<>' or p == s for p, s in zip(p_segs, segs)):
+        if (
+            p_method == method
+            and len(p_segs) == len(segs)
+            and all(p == '<>' or p == s for p, s in zip(p_segs, segs))
+        ):
             if all(s and '/' not in s for p, s in zip(p_segs, segs) if p == '<>'):
                 return perm
     return None
@@ -140,6 +147,11 @@ def permission_for(key: str) -> Permission:
     """Declared permission, or the default-deny permission for undeclared routes."""
     perm = lookup(key)
     return DEFAULT_PERMISSION if perm is None else perm
+
+
+def operation_permission(operation: str) -> Permission:
+    """Permission of a door operation; undeclared operations are admin-only."""
+    return OPERATION_PERMISSIONS.get(operation, DEFAULT_PERMISSION)
 
 
 def role_allows(role: Optional[Role], permission: Permission) -> bool:
@@ -155,9 +167,11 @@ def check(identity: Identity, permission: Permission) -> None:
     if not identity.authenticated:
         raise EngineError(ErrorCode.UNAUTHENTICATED, 'authentication required')
     if not role_allows(identity.role, permission):
-        raise EngineError(ErrorCode.PERMISSION_DENIED,
-                          f'role {identity.role.value if identity.role else "none"!s} '
-                          f'may not {permission.value}')
+        raise EngineError(
+            ErrorCode.PERMISSION_DENIED,
+            f'role {identity.role.value if identity.role else "none"!s} '
+            f'may not {permission.value}',
+        )
 
 
 def iter_table() -> Iterator[Tuple[str, Permission]]:

@@ -46,7 +46,8 @@ GPU_UTILIZATION = Gauge('akidb_gpu_utilization_percent', 'GPU utilisation', ['de
 TENSORRT_ENGINE_BUILDS = Counter(
     'akidb_tensorrt_engine_builds_total', 'TensorRT engines built', ['model'])
 TENSORRT_ENGINE_CACHE_HITS = Counter(
-    'akidb_tensorrt_engine_cache_hits_total', 'TensorRT engines loaded from the cache', ['model'])
+    'akidb_tensorrt_engine_cache_hits_total', 'TensorRT engines loaded from the cache',
+    ['model'])
 
 # --- bridges (REST / gRPC doors, sidecar hop) ---
 REQUEST_ERRORS = Counter(
@@ -59,5 +60,15 @@ BACKEND_LATENCY = Histogram(
     ['backend'], buckets=LATENCY_BUCKETS)
 BACKEND_UP = Gauge(
     'akidb_backend_up', '1 when the backend (engine, or the node over DDS) answers', ['backend'])
-CIRCUIT_STATE = Gauge(
-    'akidb_circuit_state', 'Circuit breaker state (0 closed, 1 half-open, 2 open)', ['name'])
+
+# --- guard chain (akidb_ros/guard) ---
+CIRCUIT_BREAKER_STATE = Gauge(
+    'akidb_circuit_breaker_state', 'Circuit breaker state per model: 0 closed, 1 half-open, 2 open',
+    ['model'])
+CIRCUIT_BREAKER_TRANSITIONS = Counter(
+    'akidb_circuit_breaker_transitions_total', 'Circuit breaker state changes', ['model', 'to'])
+RATE_LIMITED = Counter(
+    'akidb_rate_limited_total', 'Requests refused by a rate limit', ['scope', 'transport'])
+AUTH_FAILURES = Counter(
+    'akidb_auth_failures_total', 'Refused credentials (401) and permission denials (403)',
+    ['method', 'reason', 'transport'])

@@ -170,3 +170,42 @@ def current_trace_ids() -> Tuple[str, str]:
     if not ctx.is_valid:
         return '', ''
     return format(ctx.trace_id, '032x'), format(ctx.span_id, '016x')
+
+
+# --- engine-side spans -----------------------------------------------------------------------
+# The engine runs a request's work on its batcher thread, so it cannot rely on the implicit
+# "current span". It captures ``capture_context()`` in ``submit()`` (the door's thread, where the
+# transport span is current) and, once the batch ran, calls ``record_engine_spans`` with the
+# time.monotonic() stamps it already keeps. The spans are created after the fact with explicit
+# start/end times, so the batcher's hot loop pays nothing while no tracer is installed.
+
+def capture_context() -> Optional[otel_context.Context]:
+    """The caller's context when a real (sampled or not) span is current, else None."""
+    ctx = otel_context.get_current()
+    return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
+
+
+def _mono_to_ns(mono: float, now_mono: float, now_ns: int) -> int:
+    return now_ns - int((now_mono - mono) * 1e9)
+
+
+def record_engine_spans(parent: Optional[otel_context.Context], model: str, enqueued: float,
+                        batch_start: float, infer_start: float, infer_end: float,
+                        batch_size: int, tokens: int = 0, provider: str = '') -> None:
+    """queue wait → batch → inference spans under ``parent`` (monotonic-clock seconds)."""
+    if parent is None:
+        return
+    import time as _time
+    now_mono, now_ns = _time.monotonic(), _time.time_ns()
+    t = tracer()
+    attrs = {'akidb.model': model, 'akidb.batch_size': batch_size}
+    q = t.start_span('queue wait', context=parent, attributes=attrs,
+                     start_time=_mono_to_ns(enqueued, now_mono, now_ns))
+    q.end(end_time=_mono_to_ns(batch_start, now_mono, now_ns))
+    b = t.start_span('batch', context=parent, attributes={**attrs, 'akidb.tokens': tokens},
+                     start_time=_mono_to_ns(batch_start, now_mono, now_ns))
+    i = t.start_span('inference', context=trace.set_span_in_context(b, parent),
+                     attributes={**attrs, 'akidb.provider': provider},
+                     start_time=_mono_to_ns(infer_start, now_mono, now_ns))
+    i.end(end_time=_mono_to_ns(infer_end, now_mono, now_ns))
+    b.end(end_time=_mono_to_ns(infer_end, now_mono, now_ns))

@@ -1,0 +1,110 @@
+"""Typed client errors, one class per family of the server's error table."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Type
+
+
+class AkidbError(Exception):
+    """Base of every client error.
+
+    ``code``: the error-table name (``INVALID_INPUT``, ``RATE_LIMITED`` ...; transport failures
+    are ``UNAVAILABLE``/``TIMEOUT``), ``status``: HTTP status or gRPC status name,
+    ``retryable``: whether the call may be retried, ``retry_after_s``: the server's hint,
+    ``request_id``: the id to quote in a bug report.
+    """
+
+    def __init__(self, message: str, code: str = 'INTERNAL', status=None,
+                 retryable: bool = False, retry_after_s: Optional[float] = None,
+                 request_id: str = ''):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = status
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+        self.request_id = request_id
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}({self.code}, {self.message!r}, status={self.status})'
+
+
+class InvalidRequestError(AkidbError):
+    """400/413 — the caller's mistake (INVALID_INPUT, INPUT_TOO_LONG, INPUT_TOO_LARGE)."""
+
+
+class ModelNotFoundError(AkidbError):
+    """404 — MODEL_NOT_FOUND / MODEL_UNAVAILABLE."""
+
+
+class ConflictError(AkidbError):
+    """409 — MODEL_IN_USE."""
+
+
+class AuthenticationError(AkidbError):
+    """401 — UNAUTHENTICATED."""
+
+
+class PermissionDeniedError(AkidbError):
+    """403 — PERMISSION_DENIED."""
+
+
+class RateLimitedError(AkidbError):
+    """429 — RATE_LIMITED (retryable, honours Retry-After)."""
+
+
+class OverloadedError(AkidbError):
+    """503 — OVERLOADED (load shed) / CIRCUIT_OPEN (retryable)."""
+
+
+class ServiceUnavailableError(AkidbError):
+    """503 — UNAVAILABLE / MODEL_LOAD_FAILED, or the server cannot be reached (retryable)."""
+
+
+class DeadlineExceededError(AkidbError):
+    """504 / DEADLINE_EXCEEDED — TIMEOUT, server- or client-side (retryable)."""
+
+
+class ServerError(AkidbError):
+    """500 — INTERNAL or an unexpected answer."""
+
+
+_BY_CODE: Dict[str, Type[AkidbError]] = {
+    'INVALID_INPUT': InvalidRequestError, 'INPUT_TOO_LONG': InvalidRequestError,
+    'INPUT_TOO_LARGE': InvalidRequestError, 'MODEL_NOT_FOUND': ModelNotFoundError,
+    'MODEL_UNAVAILABLE': ModelNotFoundError, 'MODEL_IN_USE': ConflictError,
+    'UNAUTHENTICATED': AuthenticationError, 'PERMISSION_DENIED': PermissionDeniedError,
+    'RATE_LIMITED': RateLimitedError, 'OVERLOADED': OverloadedError,
+    'CIRCUIT_OPEN': OverloadedError, 'UNAVAILABLE': ServiceUnavailableError,
+    'MODEL_LOAD_FAILED': ServiceUnavailableError, 'TIMEOUT': DeadlineExceededError,
+    'INTERNAL': ServerError,
+}
+
+# Which codes a client retries: the server's table says (ErrorCode.retryable); kept here as
+# names so that the client has no engine import.
+RETRYABLE_CODES = frozenset({'MODEL_LOAD_FAILED', 'MODEL_IN_USE', 'RATE_LIMITED', 'OVERLOADED',
+                             'CIRCUIT_OPEN', 'TIMEOUT', 'UNAVAILABLE'})
+
+_BY_HTTP = {400: 'INVALID_INPUT', 401: 'UNAUTHENTICATED', 403: 'PERMISSION_DENIED',
+            404: 'MODEL_NOT_FOUND', 409: 'MODEL_IN_USE', 413: 'INPUT_TOO_LARGE',
+            429: 'RATE_LIMITED', 503: 'UNAVAILABLE', 504: 'TIMEOUT'}
+
+_BY_GRPC = {'INVALID_ARGUMENT': 'INVALID_INPUT', 'NOT_FOUND': 'MODEL_NOT_FOUND',
+            'FAILED_PRECONDITION': 'MODEL_UNAVAILABLE', 'UNAUTHENTICATED': 'UNAUTHENTICATED',
+            'PERMISSION_DENIED': 'PERMISSION_DENIED', 'RESOURCE_EXHAUSTED': 'OVERLOADED',
+            'UNAVAILABLE': 'UNAVAILABLE', 'DEADLINE_EXCEEDED': 'TIMEOUT',
+            'CANCELLED': 'UNAVAILABLE', 'INTERNAL': 'INTERNAL', 'UNKNOWN': 'INTERNAL'}
+
+
+def make_error(message: str, code: str, status=None, retry_after_s: Optional[float] = None,
+               request_id: str = '') -> AkidbError:
+    cls = _BY_CODE.get(code, ServerError)
+    return cls(message, code=code, status=status, retryable=code in RETRYABLE_CODES,
+               retry_after_s=retry_after_s, request_id=request_id)
+
+
+def code_from_http(status: int) -> str:
+    return _BY_HTTP.get(status, 'INTERNAL' if status >= 500 else 'INVALID_INPUT')
+
+
+def code_from_grpc(status_name: str) -> str:
+    return _BY_GRPC.get(status_name, 'INTERNAL')

@@ -1,0 +1,216 @@
+"""Transport-level enforcement of the one permission table, for every route and method.
+
+REST (Flask)::
+
+    app = create_app(backend, guard=guard.door_hook)
+    install_flask(app, guard, front=tls_front)        # before_request on EVERY route
+
+gRPC::
+
+    server = grpc.server(pool, interceptors=[GuardInterceptor(guard)])
+
+Both run authenticate -> authorise (by the route rule / full method name) -> rate limit before
+any handler, so routes that the door code does not guard by itself (health, metrics, OpenAPI,
+reflection, grpc.health Watch) are covered too, and an undeclared route is admin-only. The
+decision is kept in a context variable for the rest of the request: ``Guard.door_hook`` then
+reuses it (no second token taken, same identity) and only adds the per-operation check, the
+circuit breaker and the admin audit.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import math
+from typing import Any, Optional
+
+from akidb_ros.engine.errors import EngineError
+
+from .chain import Decision, Guard
+from .identity import credentials_from_grpc, credentials_from_wsgi
+
+_CURRENT: contextvars.ContextVar[Optional[Decision]] = contextvars.ContextVar(
+    'akidb_guard_decision', default=None
+)
+
+SECURITY_HEADERS = {
+    'X-Content-Type-Options': 'nosniff',
+    'X-Frame-Options': 'DENY',
+    'Content-Security-Policy': "default-src 'none'; frame-ancestors 'none'",
+    'Referrer-Policy': 'no-referrer',
+    'Cache-Control': 'no-store',
+}
+
+
+def current_decision() -> Optional[Decision]:
+    """The decision of the request being served in this context (None outside one)."""
+    return _CURRENT.get()
+
+
+def error_headers(exc: EngineError) -> dict:
+    h = dict(getattr(exc, 'headers', {}) or {})
+    if exc.retry_after_s is not None and 'Retry-After' not in h:
+        h['Retry-After'] = str(max(1, math.ceil(exc.retry_after_s)))
+    return h
+
+
+# ------------------------------------------------------------------------------------ Flask
+def install_flask(
+    app: Any,
+    guard: Guard,
+    front: Any = None,
+    security_headers: bool = True,
+    hsts: Optional[bool] = None,
+) -> None:
+    """Guard every Flask route by ``'<METHOD> <url_rule>'`` (register after the app's own hooks).
+
+    ``front``: the :class:`~akidb_ros.guard.tls_front.TLSFront` when REST is served over TLS
+    (the peer certificate and the real client address come from it; requests that did not
+    pass through it are refused). Unmatched URLs are left to Flask (404/405).
+    """
+    from flask import Response, g, request
+
+    if hsts is None:
+        hsts = front is not None
+
+    @app.before_request
+    def _akidb_guard():
+        rule = request.url_rule
+        if rule is None:
+            return None
+        key = f'{request.method} {rule.rule}'
+        try:
+            if front is not None:
+                creds = front.credentials(request.environ, api_key_header=guard.api_key_header)
+            else:
+                creds = credentials_from_wsgi(
+                    {k: v for k, v in request.environ.items() if k != 'SSL_CLIENT_CERT'},
+                    api_key_header=guard.api_key_header,
+                )
+            d = guard.check(
+                key, creds, transport='rest', request_id=getattr(g, 'request_id', '') or ''
+            )
+        except EngineError as exc:
+            resp = Response(
+                json.dumps(exc.to_dict()), status=exc.code.http_status, mimetype='application/json'
+            )
+            resp.headers.update(error_headers(exc))
+            if exc.code.http_status == 401:
+                resp.headers['WWW-Authenticate'] = (
+                    'Bearer realm="akidb", ApiKey header="X-API-Key"'
+                )
+            return resp
+        g.akidb_guard_token = _CURRENT.set(d)
+        g.akidb_guard = d
+        return None
+
+    @app.after_request
+    def _akidb_headers(resp):
+        d = g.get('akidb_guard')
+        if d is not None:
+            for k, v in d.headers.items():
+                resp.headers.setdefault(k, v)
+        if security_headers:
+            for k, v in SECURITY_HEADERS.items():
+                resp.headers.setdefault(k, v)
+            if hsts:
+                resp.headers.setdefault('Strict-Transport-Security', 'max-age=31536000')
+        return resp
+
+    @app.teardown_request
+    def _akidb_reset(_exc):
+        token = g.pop('akidb_guard_token', None)
+        if token is not None:
+            try:
+                _CURRENT.reset(token)
+            except ValueError:  # reset from another context: clear instead
+                _CURRENT.set(None)
+
+
+# ------------------------------------------------------------------------------------ gRPC
+def _grpc_abort(context: Any, exc: EngineError) -> None:
+    import grpc
+
+    md = [('akidb-error-code', exc.code.name)]
+    md += [(k.lower(), v) for k, v in error_headers(exc).items()]
+    context.set_trailing_metadata(tuple(md))
+    context.abort(getattr(grpc.StatusCode, exc.code.grpc_status), exc.message)
+
+
+def _make_interceptor_class():
+    import grpc
+
+    class GuardInterceptor(grpc.ServerInterceptor):
+        """Checks every RPC (by its full method name) before the servicer runs."""
+
+        def __init__(self, guard: Guard):
+            self.guard = guard
+
+        def _check(self, method: str, context: Any) -> Decision:
+            creds = credentials_from_grpc(context)
+            rid = ''
+            for m in context.invocation_metadata() or ():
+                if m.key == 'x-request-id' and isinstance(m.value, str):
+                    rid = m.value[:128]
+            try:
+                return self.guard.check(method, creds, transport='grpc', request_id=rid)
+            except EngineError as exc:
+                _grpc_abort(context, exc)
+                raise  # abort raises; keeps linters calm
+
+        def intercept_service(self, continuation, details):
+            handler = continuation(details)
+            if handler is None:
+                return None
+            method = details.method
+            check = self._check
+
+            def unary_response(behavior):
+                def run(request, context):
+                    token = _CURRENT.set(check(method, context))
+                    try:
+                        return behavior(request, context)
+                    finally:
+                        _CURRENT.reset(token)
+
+                return run
+
+            def stream_response(behavior):
+                def run(request, context):
+                    token = _CURRENT.set(check(method, context))
+                    try:
+                        yield from behavior(request, context)
+                    finally:
+                        try:
+                            _CURRENT.reset(token)
+                        except ValueError:
+                            _CURRENT.set(None)
+
+                return run
+
+            kw = dict(
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+            if handler.unary_unary:
+                return grpc.unary_unary_rpc_method_handler(
+                    unary_response(handler.unary_unary), **kw
+                )
+            if handler.unary_stream:
+                return grpc.unary_stream_rpc_method_handler(
+                    stream_response(handler.unary_stream), **kw
+                )
+            if handler.stream_unary:
+                return grpc.stream_unary_rpc_method_handler(
+                    unary_response(handler.stream_unary), **kw
+                )
+            return grpc.stream_stream_rpc_method_handler(
+                stream_response(handler.stream_stream), **kw
+            )
+
+    return GuardInterceptor
+
+
+def GuardInterceptor(guard: Guard):  # noqa: N802 - reads like the class it builds
+    """A ``grpc.ServerInterceptor`` enforcing the guard chain on every method."""
+    return _make_interceptor_class()(guard)

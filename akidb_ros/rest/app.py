@@ -1,0 +1,365 @@
+"""The Flask REST bridge: parse → validate (JSON Schema) → guard → backend → render.
+
+Thin by design: every answer and every error comes from the backend and the one error table.
+Served by waitress (see ``akidb_ros.rest.server``), never by the Flask development server.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import jsonschema
+from flask import Flask, Response, g, request
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from akidb_ros.backends import Backend, wait_result
+from akidb_ros.doors import (REQUEST_ID_HEADER, DoorCall, GuardHook, ModelLabels, record,
+                             request_id_from, run_guard)
+from akidb_ros.engine.errors import EngineError, ErrorCode
+from akidb_ros.engine.types import EmbedRequest, InputType, ModelInfo, ModelStatus
+from akidb_ros.observability import metrics as m
+from akidb_ros.observability.tracing import extract_from_headers, inject_carrier, tracer
+from akidb_ros.rest import schemas
+from akidb_ros.rest.openapi import build_openapi
+
+log = logging.getLogger('akidb_ros.rest')
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+TRANSPORT = 'rest'
+_HTTP_CODES = {404: 'NOT_FOUND', 405: 'METHOD_NOT_ALLOWED', 413: ErrorCode.INPUT_TOO_LARGE.name,
+               415: 'UNSUPPORTED_MEDIA_TYPE'}
+
+
+def _validator(schema: dict):
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+_VALIDATORS = {
+    'embed': _validator(schemas.EMBED_REQUEST),
+    'openai': _validator(schemas.OPENAI_REQUEST),
+    'admin': _validator(schemas.ADMIN_MODEL_REQUEST),
+}
+
+
+def _schema_error(err: jsonschema.ValidationError) -> str:
+    path = '.'.join(str(p) if not isinstance(p, int) else f'[{p}]' for p in err.absolute_path)
+    path = path.replace('.[', '[')
+    msg = err.message
+    if len(msg) > 300:
+        msg = msg[:300] + '…'
+    return f'{path or "body"}: {msg}'
+
+
+def _model_json(mi: ModelInfo) -> Dict[str, Any]:
+    status = mi.status.value if isinstance(mi.status, ModelStatus) else str(mi.status)
+    return {
+        'id': mi.id, 'name': mi.name, 'dimension': int(mi.dimension), 'params': int(mi.params),
+        'memory_mb': int(mi.memory_mb), 'latency_p95_ms': int(round(mi.latency_p95_ms or 0)),
+        'throughput_qps': int(round(mi.throughput_qps or 0)), 'status': status,
+        'max_tokens': int(mi.max_tokens), 'provider': mi.provider or '',
+        'pooling': mi.pooling or '', 'is_default': bool(mi.is_default), 'error': mi.error or '',
+    }
+
+
+def create_app(backend: Backend, guard: Optional[GuardHook] = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               default_timeout_s: Optional[float] = None) -> Flask:
+    """Build the Flask app around a backend (LocalBackend or RosBackend)."""
+    app = Flask('akidb_ros.rest')
+    app.config['MAX_CONTENT_LENGTH'] = max_body_bytes
+    app.json.sort_keys = False
+    labels = ModelLabels(backend)
+    openapi_doc = json.dumps(build_openapi())
+
+    # -- helpers ------------------------------------------------------------------------------
+    def error_response(err: EngineError, openai: bool = False) -> Response:
+        if openai:
+            body = {'error': {'message': err.message, 'type': _openai_type(err.code),
+                              'param': None, 'code': err.code.name}, 'code': err.code.name}
+        else:
+            body = {'error': err.message, 'code': err.code.name}
+        resp = Response(json.dumps(body), status=err.code.http_status,
+                        mimetype='application/json')
+        if err.retry_after_s is not None or err.code.retryable and err.code.http_status in (429, 503):
+            resp.headers['Retry-After'] = str(max(1, int(round(err.retry_after_s or 1))))
+        return resp
+
+    def http_error(status: int, message: str, code: str) -> Response:
+        return Response(json.dumps({'error': message, 'code': code}), status=status,
+                        mimetype='application/json')
+
+    def parse_body(kind: str) -> dict:
+        try:
+            raw = request.get_data(cache=False)
+        except RequestEntityTooLarge:
+            raise EngineError(ErrorCode.INPUT_TOO_LARGE,
+                              f'request body larger than {max_body_bytes} bytes') from None
+        if not raw:
+            raise EngineError(ErrorCode.INVALID_INPUT, 'request body is empty (JSON expected)')
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise EngineError(ErrorCode.INVALID_INPUT, f'malformed JSON: {exc}') from None
+        except RecursionError:
+            raise EngineError(ErrorCode.INVALID_INPUT, 'malformed JSON: nested too deeply') from None
+        err = jsonschema.exceptions.best_match(_VALIDATORS[kind].iter_errors(body))
+        if err is not None:
+            raise EngineError(ErrorCode.INVALID_INPUT, _schema_error(err))
+        return body
+
+    def check_texts(texts) -> int:
+        total = 0
+        for i, t in enumerate(texts):
+            try:
+                total += len(t.encode('utf-8'))
+            except UnicodeEncodeError:
+                raise EngineError(ErrorCode.INVALID_INPUT,
+                                  f'inputs[{i}]: not valid Unicode (lone surrogate)') from None
+        return total
+
+    def timeout_from_header() -> Optional[float]:
+        raw = request.headers.get('X-Request-Timeout-Ms')
+        if raw is None:
+            return default_timeout_s
+        try:
+            ms = float(raw)
+        except ValueError:
+            raise EngineError(ErrorCode.INVALID_INPUT,
+                              'X-Request-Timeout-Ms must be a number of milliseconds') from None
+        if not 0 < ms <= 600_000:
+            raise EngineError(ErrorCode.INVALID_INPUT, 'X-Request-Timeout-Ms must be in (0, 600000]')
+        # the caller may ask for less time than the server's per-request budget, never more
+        return ms / 1000.0 if default_timeout_s is None else min(ms / 1000.0, default_timeout_s)
+
+    def do_embed(call: DoorCall, req: EmbedRequest):
+        """guard → backend, inside the transport span. Returns (result, model label)."""
+        done = run_guard(guard, call)
+        err: Optional[EngineError] = None
+        try:
+            carrier = inject_carrier()
+            fut = backend.submit(req, trace_context=carrier)
+            return wait_result(fut, req.timeout_s)
+        except EngineError as e:
+            err = e
+            raise
+        finally:
+            if callable(done):
+                done(err)
+
+    def embed_common(kind: str) -> Tuple[Response, Optional[EngineError]]:
+        openai = kind == 'openai'
+        call = DoorCall(transport=TRANSPORT, operation='embed', request_id=g.request_id,
+                        headers={k.lower(): v for k, v in request.headers.items()},
+                        peer=request.remote_addr or '')
+        span = trace.get_current_span()
+        model_label = 'default'
+        try:
+            body = parse_body(kind)
+            if openai:
+                texts = body['input'] if isinstance(body['input'], list) else [body['input']]
+                model = body['model']
+                normalize, truncate, input_type = None, True, InputType.NONE
+            else:
+                texts = body['inputs']
+                model = body.get('model', '') or ''
+                normalize = body.get('normalize', True)
+                truncate = body.get('truncate', True)
+                input_type = InputType(body.get('input_type', 'none'))
+            call.n_bytes = check_texts(texts)
+            call.n_inputs = len(texts)
+            model = labels.resolve(model)
+            call.model = model
+            model_label = labels.label(model)
+            span.set_attribute('akidb.model', model or 'default')
+            span.set_attribute('akidb.inputs', len(texts))
+            req = EmbedRequest(inputs=texts, model=model, normalize=normalize, truncate=truncate,
+                               input_type=input_type, timeout_s=timeout_from_header(),
+                               request_id=g.request_id, transport=TRANSPORT)
+            res = do_embed(call, req)
+            model_label = labels.label(res.model)
+            if openai and body.get('dimensions') not in (None, res.dimension):
+                raise EngineError(ErrorCode.INVALID_INPUT,
+                                  f"dimensions={body['dimensions']}: model {res.model} has "
+                                  f'{res.dimension} (reduction is not supported)')
+        except EngineError as e:
+            span.set_attribute('akidb.error_code', e.code.name)
+            span.set_status(trace.StatusCode.ERROR, e.code.name)
+            record(call, model_label, e)
+            return error_response(e, openai=openai), e
+        if openai:
+            fmt = body.get('encoding_format', 'float')
+            if fmt == 'base64':
+                data = [{'object': 'embedding', 'index': i,
+                         'embedding': base64.b64encode(v.astype('<f4').tobytes()).decode('ascii')}
+                        for i, v in enumerate(res.embeddings)]
+            else:
+                data = [{'object': 'embedding', 'index': i, 'embedding': v}
+                        for i, v in enumerate(res.embeddings.tolist())]
+            out = {'object': 'list', 'data': data, 'model': res.model,
+                   'usage': {'prompt_tokens': int(res.total_tokens),
+                             'total_tokens': int(res.total_tokens)}}
+        else:
+            out = {'embeddings': res.embeddings.tolist(), 'model': res.model,
+                   'usage': {'total_tokens': int(res.total_tokens),
+                             'duration_ms': round(float(res.duration_ms), 3),
+                             'truncated_inputs': int(res.truncated_inputs)}}
+        record(call, model_label, None, tokens=int(res.total_tokens))
+        return Response(json.dumps(out), status=200, mimetype='application/json'), None
+
+    def traced(name: str, fn):
+        """Run ``fn`` inside the transport span, parented on the caller's W3C context."""
+        ctx = extract_from_headers(request.headers)
+        token = otel_context.attach(ctx)
+        try:
+            with tracer().start_as_current_span(
+                    name, kind=trace.SpanKind.SERVER, attributes={
+                        'http.request.method': request.method, 'url.path': request.path,
+                        'akidb.transport': TRANSPORT, 'akidb.request_id': g.request_id,
+                    }) as span:
+                resp = fn()
+                span.set_attribute('http.response.status_code', resp.status_code)
+                return resp
+        finally:
+            otel_context.detach(token)
+
+    def simple_guard(operation: str, model: str = '') -> None:
+        if guard is None:
+            return
+        call = DoorCall(transport=TRANSPORT, operation=operation, request_id=g.request_id,
+                        headers={k.lower(): v for k, v in request.headers.items()},
+                        peer=request.remote_addr or '', model=model)
+        done = run_guard(guard, call)
+        if callable(done):
+            done(None)
+
+    # -- hooks --------------------------------------------------------------------------------
+    @app.before_request
+    def _start():
+        g.request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        g.t0 = time.perf_counter()
+        m.INFLIGHT_REQUESTS.labels(TRANSPORT).inc()
+
+    @app.after_request
+    def _finish(resp: Response):
+        resp.headers[REQUEST_ID_HEADER] = getattr(g, 'request_id', '')
+        return resp
+
+    @app.teardown_request
+    def _teardown(_exc):
+        if hasattr(g, 't0'):
+            m.INFLIGHT_REQUESTS.labels(TRANSPORT).dec()
+
+    @app.errorhandler(HTTPException)
+    def _http_exc(exc: HTTPException):
+        code = _HTTP_CODES.get(exc.code, 'INVALID_INPUT' if 400 <= (exc.code or 0) < 500
+                               else ErrorCode.INTERNAL.name)
+        return http_error(exc.code or 500, exc.description or exc.name, code)
+
+    @app.errorhandler(EngineError)
+    def _engine_exc(exc: EngineError):
+        return error_response(exc)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception('unhandled error', extra={'request_id': getattr(g, 'request_id', '')})
+        return http_error(500, f'internal error ({type(exc).__name__}); request id '
+                               f'{getattr(g, "request_id", "")}', ErrorCode.INTERNAL.name)
+
+    # -- routes -------------------------------------------------------------------------------
+    @app.post('/api/v1/embed')
+    def embed():
+        return traced('POST /api/v1/embed', lambda: embed_common('embed')[0])
+
+    @app.post('/v1/embeddings')
+    def openai_embeddings():
+        return traced('POST /v1/embeddings', lambda: embed_common('openai')[0])
+
+    @app.get('/health')
+    def health():
+        try:
+            h = backend.health()
+        except EngineError as e:
+            body = {'status': 'unhealthy', 'checks': {
+                'embedding_provider': f'error: {e.message}', 'model_cache': 'unknown',
+                'gpu': 'unknown'}, 'version': _version(), 'mode': backend.name}
+            return Response(json.dumps(body), status=503, mimetype='application/json')
+        body = {'status': h.status, 'checks': dict(h.checks), 'version': h.version or _version(),
+                'mode': backend.name, 'provider': h.provider or '',
+                'default_model': h.default_model or ''}
+        return Response(json.dumps(body), status=503 if h.status == 'unhealthy' else 200,
+                        mimetype='application/json')
+
+    @app.get('/health/live')
+    def live():
+        return {'status': 'alive'}
+
+    @app.get('/health/ready')
+    def ready():
+        if backend.ready():
+            return {'status': 'ready'}
+        return Response(json.dumps({'status': 'not_ready', 'code': ErrorCode.UNAVAILABLE.name,
+                                    'error': 'default model not loaded or backend unreachable'}),
+                        status=503, mimetype='application/json')
+
+    @app.get('/models')
+    def models():
+        simple_guard('list_models')
+        infos = backend.list_models()
+        labels.refresh(force=True)
+        default = next((mi.id for mi in infos if mi.is_default), '') or backend.default_model()
+        return {'models': [_model_json(mi) for mi in infos], 'default_model': default}
+
+    def admin(op: str):
+        body = parse_body('admin')
+        model = labels.resolve(body['model'])
+        simple_guard(op, model)
+        with tracer().start_as_current_span(f'admin {op}', attributes={'akidb.model': model}):
+            mi = backend.load_model(model) if op == 'load_model' else backend.unload_model(model)
+        labels.refresh(force=True)
+        logging.getLogger('akidb_ros.access').info(
+            'admin', extra={'transport': TRANSPORT, 'request_id': g.request_id, 'op': op,
+                            'model': model, 'outcome': 'success'})
+        return {'model': _model_json(mi)}
+
+    @app.post('/admin/models/load')
+    def load_model():
+        return admin('load_model')
+
+    @app.post('/admin/models/unload')
+    def unload_model():
+        return admin('unload_model')
+
+    @app.get('/metrics')
+    def metrics():
+        return Response(generate_latest(REGISTRY), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.get('/openapi.json')
+    def openapi():
+        return Response(openapi_doc, mimetype='application/json')
+
+    return app
+
+
+def _openai_type(code: ErrorCode) -> str:
+    status = code.http_status
+    if status == 429:
+        return 'rate_limit_error'
+    if status in (401,):
+        return 'authentication_error'
+    if status in (403,):
+        return 'permission_error'
+    if status < 500:
+        return 'invalid_request_error'
+    return 'server_error'
+
+
+def _version() -> str:
+    from akidb_ros import __version__
+    return __version__

@@ -1,0 +1,94 @@
+"""Translations between the akidb_ros ROS interfaces and the engine's plain types.
+
+The node is a thin door: it turns an ``Embed`` request into an :class:`EmbedRequest`, and an
+:class:`EmbedResult` or :class:`EngineError` back into the response. No logic lives here.
+"""
+from __future__ import annotations
+
+import array
+from typing import List
+
+import numpy as np
+
+from akidb_ros.engine.errors import EngineError, ErrorCode
+from akidb_ros.engine.types import EmbedRequest, EmbedResult, InputType, ModelInfo, ModelStatus
+from akidb_ros.msg import Embedding
+from akidb_ros.msg import ModelInfo as ModelInfoMsg
+
+_INPUT_TYPES = {'': InputType.NONE, 'none': InputType.NONE, 'query': InputType.QUERY,
+                'passage': InputType.PASSAGE}
+
+
+def embed_request_from_msg(msg, transport: str = 'ros') -> EmbedRequest:
+    """Build the engine request. ROS has no 'unset' bool: ``normalize`` is sent explicitly."""
+    try:
+        input_type = _INPUT_TYPES[msg.input_type.strip().lower()]
+    except KeyError:
+        raise EngineError(ErrorCode.INVALID_INPUT,
+                          f"input_type must be '', none, query or passage "
+                          f'(got {msg.input_type!r})') from None
+    timeout = float(msg.timeout_s)
+    return EmbedRequest(
+        inputs=list(msg.inputs),
+        model=msg.model.strip(),
+        normalize=bool(msg.normalize),
+        truncate=bool(msg.truncate),
+        input_type=input_type,
+        # 0 = engine default; anything else (negative, NaN) is passed on for the engine to refuse
+        timeout_s=None if timeout == 0.0 else timeout,
+        request_id=msg.request_id,
+        transport=transport,
+    )
+
+
+def vectors_to_msgs(embeddings: np.ndarray) -> List[Embedding]:
+    """One ``Embedding`` per row; ``array('f')`` is assigned without per-element checks."""
+    rows = np.ascontiguousarray(embeddings, dtype=np.float32)
+    out = []
+    for row in rows:
+        values = array.array('f')
+        values.frombytes(row.tobytes())
+        out.append(Embedding(values=values))
+    return out
+
+
+def fill_embed_response(resp, result: EmbedResult):
+    """Fill a successful ``Embed.Response`` from an engine result."""
+    resp.embeddings = vectors_to_msgs(result.embeddings)
+    resp.model = result.model
+    resp.dimension = int(result.dimension)
+    resp.total_tokens = int(result.total_tokens)
+    resp.truncated_inputs = int(result.truncated_inputs)
+    resp.success = True
+    resp.error_code = ''
+    resp.message = ''
+    return resp
+
+
+def fill_error(resp, err: EngineError):
+    """Fill the error fields of any akidb_ros response (Embed, LoadModel, UnloadModel)."""
+    resp.success = False
+    resp.error_code = err.code.name
+    resp.message = err.message
+    if hasattr(resp, 'embeddings'):
+        resp.embeddings = []
+    return resp
+
+
+def model_info_to_msg(info: ModelInfo) -> ModelInfoMsg:
+    """Engine ModelInfo -> akidb_ros/msg/ModelInfo."""
+    status = info.status.value if isinstance(info.status, ModelStatus) else str(info.status)
+    return ModelInfoMsg(
+        id=info.id, name=info.name, dimension=int(info.dimension), params=int(info.params),
+        memory_mb=int(info.memory_mb), max_tokens=int(info.max_tokens),
+        latency_p95_ms=float(info.latency_p95_ms), throughput_qps=float(info.throughput_qps),
+        status=status, provider=info.provider or '', pooling=info.pooling or '',
+        is_default=bool(info.is_default), in_flight=int(info.in_flight or 0),
+        error=info.error or '')
+
+
+def embeddings_from_response(resp) -> np.ndarray:
+    """Client side: ``Embed.Response`` -> float32 array ``[n, dimension]``."""
+    if not resp.embeddings:
+        return np.zeros((0, int(resp.dimension)), np.float32)
+    return np.stack([np.asarray(e.values, dtype=np.float32) for e in resp.embeddings])

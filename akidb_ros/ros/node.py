@@ -1,0 +1,674 @@
+"""The akidb_ros embedding node: a managed (lifecycle) ROS 2 node serving the engine.
+
+Services (relative names, so namespaces and remaps apply): ``embed``, ``list_models``,
+``load_model``, ``unload_model``. Diagnostics on ``/diagnostics``.
+
+Lifecycle: ``configure`` builds the :class:`EmbeddingEngine` and loads (and warms) the default
+model; ``activate`` creates the services and serves; ``deactivate`` answers new calls with
+``UNAVAILABLE`` (services stay, so no caller hangs); ``cleanup``/``shutdown`` wait for the calls
+in flight, destroy the services and close the engine. Run directly, the node configures and
+activates itself (parameter ``autostart``, default true).
+
+Callbacks never block the executor: an ``Embed`` call is validated and submitted to the engine
+(``engine.submit`` returns a ``concurrent.futures.Future``) and the callback returns at once. The
+response is sent when the future resolves, from a responder thread (see
+:class:`_DeferringService`). So concurrent calls reach the engine together and are batched,
+with no executor thread parked per call and no polling.
+
+SIGINT/SIGTERM: stop accepting (new calls get ``UNAVAILABLE``), answer every call in flight,
+close the engine, exit 0.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Optional
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import QoSProfile
+from rclpy.service import Service
+from rclpy.signals import SignalHandlerOptions
+
+from akidb_ros.engine import EmbeddingEngine, load_config
+from akidb_ros.engine.errors import EngineError, ErrorCode
+from akidb_ros.observability import metrics as M
+from akidb_ros.ros import conversions as conv
+from akidb_ros.ros import params as P
+from akidb_ros.srv import Embed, ListModels, LoadModel, UnloadModel
+
+NODE_NAME = 'embedding_node'
+
+
+def process_uptime_s() -> float:
+    """Seconds since this process started (the kernel's start time, so imports count)."""
+    try:
+        with open('/proc/self/stat') as f:
+            start_ticks = int(f.read().rsplit(')', 1)[1].split()[19])
+        with open('/proc/uptime') as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf('SC_CLK_TCK'))
+    except (OSError, ValueError, IndexError):
+        return float('nan')
+
+
+class Deferred:
+    """What a service callback returns when its answer is not ready yet.
+
+    ``future`` resolves to the engine's answer; ``build(future)`` turns it into the filled
+    ``Response`` (it must not raise).
+    """
+
+    __slots__ = ('future', 'build')
+
+    def __init__(self, future: Future, build: Callable[[Future], object]):
+        self.future = future
+        self.build = build
+
+
+class _Responder:
+    """Sends deferred responses from one thread, in completion order.
+
+    The engine resolves futures in its batcher threads; building and sending the ROS response
+    here keeps that work off both the batcher and the executor.
+    """
+
+    def __init__(self, logger):
+        self._q: 'queue.SimpleQueue' = queue.SimpleQueue()
+        self._logger = logger
+        self._lock = threading.Condition()
+        self._outstanding = 0
+        self._thread = threading.Thread(target=self._run, name='akidb-ros-responder',
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def outstanding(self) -> int:
+        """Accepted calls whose response has not been sent yet."""
+        return self._outstanding
+
+    def defer(self, deferred: Deferred, header, send: Callable) -> None:
+        with self._lock:
+            self._outstanding += 1
+        deferred.future.add_done_callback(lambda _f: self._q.put((deferred, header, send)))
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every deferred response has been sent."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._outstanding > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(left)
+        return True
+
+    def stop(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=5.0)
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            deferred, header, send = item
+            try:
+                send(deferred.build(deferred.future), header)
+            except Exception as exc:  # a vanished client or a destroyed service
+                self._logger.warning(f'could not send a response: {exc!r}')
+            finally:
+                with self._lock:
+                    self._outstanding -= 1
+                    self._lock.notify_all()
+
+
+class _DeferringService(Service):
+    """A Service whose callback may return a :class:`Deferred` instead of a Response.
+
+    rclpy's executor takes the request, calls the callback, then calls
+    ``send_response(response, header)``; for a Deferred the response is sent later by the
+    node's responder, with the same header.
+    """
+
+    responder: Optional[_Responder] = None
+
+    def send_response(self, response, header) -> None:
+        if isinstance(response, Deferred):
+            self.responder.defer(response, header, super().send_response)
+        else:
+            super().send_response(response, header)
+
+
+class EmbeddingNode(LifecycleNode):
+    """Managed node exposing the embedding engine over ROS 2 services."""
+
+    def __init__(self, node_name: str = NODE_NAME, engine: Optional[EmbeddingEngine] = None,
+                 **kwargs):
+        """Create the node; ``engine``: serve a started engine owned by the caller."""
+        super().__init__(node_name, **kwargs)
+        self.engine: Optional[EmbeddingEngine] = None
+        self._diag_timer = None
+        # registered first, so values from params files and -p go through the same checks
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        P.declare_all(self)
+        self._external_engine = engine
+        self._ak_services = []
+        self._serving = False          # active and accepting calls
+        self._shutting_down = False
+        self._cb = ReentrantCallbackGroup()
+        self._diag_cb = MutuallyExclusiveCallbackGroup()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix='akidb-ros-admin')
+        self.responder = _Responder(self.get_logger())
+        self._stats_lock = threading.Lock()
+        self.calls_ok = 0
+        self.calls_failed = 0
+        self.ready_s: Optional[float] = None
+        self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        self._reset_diagnostics_timer(self.get_parameter('diagnostics_period_s').value)
+        self._metrics_server = None
+        port = self.get_parameter('metrics_port').value
+        if port:
+            self._start_metrics(port, self.get_parameter('metrics_address').value)
+
+    # --- parameters ------------------------------------------------------------------------
+    def _on_set_parameters(self, parameters) -> SetParametersResult:
+        # Ranges and read-only flags are enforced by the descriptors before this runs.
+        for p in parameters:
+            reason = P.validate_value(p.name, p.value)
+            if reason:
+                return SetParametersResult(successful=False, reason=reason)
+        for p in parameters:
+            if p.name == 'diagnostics_period_s' and hasattr(self, '_diag_pub'):
+                self._reset_diagnostics_timer(p.value)
+            elif P.PARAMS_BY_NAME.get(p.name) and P.PARAMS_BY_NAME[p.name].engine_key \
+                    and self.engine is not None:
+                self.get_logger().info(
+                    f'{p.name}={p.value!r} takes effect at the next configure')
+        return SetParametersResult(successful=True)
+
+    def _reset_diagnostics_timer(self, period: float) -> None:
+        if self._diag_timer is not None:
+            self.destroy_timer(self._diag_timer)
+            self._diag_timer = None
+        if period and period > 0:
+            self._diag_timer = self.create_timer(period, self.publish_diagnostics,
+                                                 callback_group=self._diag_cb)
+
+    def _start_metrics(self, port: int, address: str) -> None:
+        try:
+            from prometheus_client import start_http_server
+            self._metrics_server = start_http_server(port, addr=address)
+            self.get_logger().info(f'metrics on http://{address}:{port}/metrics')
+        except Exception as exc:
+            self.get_logger().error(f'metrics server not started on {address}:{port}: {exc}')
+
+    def engine_config(self):
+        """Engine config: the YAML file, AKIDB_* env, then the node's parameter overrides."""
+        path = self.get_parameter('config_path').value or _installed_config()
+        overrides = P.engine_overrides(lambda n: self.get_parameter(n).value)
+        return load_config(path, overrides)
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        t0 = time.monotonic()
+        if self._external_engine is not None:
+            self.engine = self._external_engine
+            self.get_logger().info(
+                f'serving a shared engine (default model {self.engine.default_model}); '
+                'engine parameters of this node do not apply')
+            return TransitionCallbackReturn.SUCCESS
+        try:
+            cfg = self.engine_config()
+            engine = EmbeddingEngine(cfg)
+            extra = [m.strip() for m in self.get_parameter('preload_models').value.split(',')
+                     if m.strip()]
+            preload = [cfg.default_model] + [m for m in extra if m != cfg.default_model]
+            try:
+                engine.start(preload=preload)
+            except BaseException:
+                engine.close(timeout=1.0)
+                raise
+        except Exception as exc:
+            self.get_logger().error(f'configure failed: {exc}')
+            return TransitionCallbackReturn.FAILURE
+        self.engine = engine
+        health = engine.health()
+        self.get_logger().info(
+            f'engine ready: default model {engine.default_model} on {health.provider}'
+            f'{" (" + health.provider_note + ")" if health.provider_note else ""}'
+            f', loaded {", ".join(preload)} in {time.monotonic() - t0:.2f} s')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if not self._ak_services:
+            qos = QoSProfile(depth=self.get_parameter('qos_depth').value)
+            for srv_type, name, cb in ((Embed, 'embed', self._on_embed),
+                                       (ListModels, 'list_models', self._on_list_models),
+                                       (LoadModel, 'load_model', self._on_load_model),
+                                       (UnloadModel, 'unload_model', self._on_unload_model)):
+                srv = self.create_service(srv_type, name, cb, qos_profile=qos,
+                                          callback_group=self._cb)
+                srv.__class__ = _DeferringService
+                srv.responder = self.responder
+                self._ak_services.append(srv)
+        self._serving = True
+        self.ready_s = process_uptime_s()
+        self.get_logger().info(
+            f'serving {", ".join(s.srv_name for s in self._ak_services)} '
+            f'({self.ready_s:.2f} s after start)')
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._serving = False
+        self.get_logger().info('inactive: new calls are answered UNAVAILABLE')
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._teardown()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._teardown()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._teardown()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _teardown(self) -> None:
+        """Stop serving, answer what is in flight, destroy services, close the engine."""
+        self._serving = False
+        timeout = self.get_parameter('shutdown_timeout_s').value
+        if self.engine is not None and self.engine is not self._external_engine:
+            self.engine.close(timeout=timeout)      # finishes (or fails) everything accepted
+        if not self.responder.wait_idle(timeout=max(1.0, timeout)):
+            self.get_logger().warning(f'{self.responder.outstanding} responses still pending')
+        for srv in self._ak_services:
+            self.destroy_service(srv)
+        self._ak_services = []
+        self.engine = None
+
+    def begin_shutdown(self) -> None:
+        """First step of a signal shutdown: refuse new calls (UNAVAILABLE) from now on."""
+        self._shutting_down = True
+        self._serving = False
+
+    # --- services --------------------------------------------------------------------------
+    def _refusal(self) -> Optional[EngineError]:
+        if self._shutting_down:
+            return EngineError(ErrorCode.UNAVAILABLE, 'embedding node is shutting down',
+                               retry_after_s=1.0)
+        if not self._serving or self.engine is None:
+            return EngineError(ErrorCode.UNAVAILABLE, 'embedding node is not active',
+                               retry_after_s=1.0)
+        return None
+
+    def _submit(self, engine: EmbeddingEngine, req) -> Future:
+        """engine.submit without blocking the executor on a (lazy) model load."""
+        manager = engine.manager
+        try:
+            loaded = manager.loaded(manager.resolve(req.model).id) is not None
+        except EngineError:
+            loaded = True       # unknown model: engine.submit reports it, in its own order
+        if loaded:
+            return engine.submit(req)             # validates + tokenises: sub-millisecond
+        outer: Future = Future()
+
+        def cold():
+            try:
+                inner = engine.submit(req)
+            except BaseException as exc:
+                outer.set_exception(exc)
+                return
+            inner.add_done_callback(lambda f: _chain(f, outer))
+        self._pool.submit(cold)
+        return outer
+
+    def _on_embed(self, request, response):
+        t0 = time.perf_counter()
+        try:
+            refusal = self._refusal()
+            if refusal:
+                raise refusal
+            engine = self.engine
+            req = conv.embed_request_from_msg(request)
+            fut = self._submit(engine, req)
+        except Exception as exc:
+            return self._embed_failed(response, exc, t0)
+
+        def build(f: Future):
+            try:
+                conv.fill_embed_response(response, f.result())
+            except Exception as exc:
+                return self._embed_failed(response, exc, t0)
+            response.duration_ms = (time.perf_counter() - t0) * 1000.0
+            self._record(response.model, None, t0)
+            return response
+        return Deferred(fut, build)
+
+    def _embed_failed(self, response, exc: BaseException, t0: float):
+        err = exc if isinstance(exc, EngineError) else _internal(self, exc)
+        conv.fill_error(response, err)
+        response.duration_ms = (time.perf_counter() - t0) * 1000.0
+        self._record('', err, t0)
+        return response
+
+    def _record(self, model: str, err: Optional[EngineError], t0: float) -> None:
+        """Door metrics (transport 'ros'); model labels stay bounded to known ids."""
+        with self._stats_lock:
+            if err is None:
+                self.calls_ok += 1
+            else:
+                self.calls_failed += 1
+        try:
+            label = model or 'unknown'
+            M.EMBED_REQUESTS.labels(label, 'ros', 'error' if err else 'success').inc()
+            M.EMBED_LATENCY.labels(label, 'ros').observe(time.perf_counter() - t0)
+            if err is not None:
+                M.REQUEST_ERRORS.labels('ros', err.code.name).inc()
+        except Exception:  # metrics must never fail a call
+            pass
+
+    def _on_list_models(self, request, response):
+        engine = self.engine
+        if engine is not None:
+            try:
+                response.models = [conv.model_info_to_msg(m) for m in engine.list_models()]
+                response.default_model = engine.default_model
+            except Exception as exc:
+                _internal(self, exc)
+        return response
+
+    def _admin(self, op: str, request, response):
+        try:
+            refusal = self._refusal()
+            if refusal:
+                raise refusal
+            engine = self.engine
+            model = request.model.strip()
+            if not model:
+                raise EngineError(ErrorCode.INVALID_INPUT, 'model must not be empty')
+            fn = engine.load_model if op == 'load' else engine.unload_model
+            fut = self._pool.submit(fn, model)
+        except Exception as exc:
+            return _admin_failed(self, response, exc)
+
+        def build(f: Future):
+            try:
+                response.model_info = conv.model_info_to_msg(f.result())
+                response.success = True
+                response.error_code = ''
+                response.message = f'{model} {op}ed'
+                self.get_logger().info(response.message)
+            except Exception as exc:
+                _admin_failed(self, response, exc)
+            return response
+        return Deferred(fut, build)
+
+    def _on_load_model(self, request, response):
+        return self._admin('load', request, response)
+
+    def _on_unload_model(self, request, response):
+        return self._admin('unload', request, response)
+
+    # --- diagnostics -----------------------------------------------------------------------
+    def diagnostic_status(self) -> DiagnosticStatus:
+        """One DiagnosticStatus: lifecycle state, model, provider, queue depth, counters."""
+        st = DiagnosticStatus(name=f'{self.get_fully_qualified_name()}: embedding engine',
+                              hardware_id='akidb_ros')
+        values = {'serving': str(self._serving).lower(),
+                  'responses_pending': str(self.responder.outstanding),
+                  'calls_ok': str(self.calls_ok), 'calls_failed': str(self.calls_failed)}
+        engine = self.engine
+        if engine is None:
+            st.level, st.message = DiagnosticStatus.WARN, 'not configured'
+        else:
+            try:
+                h = engine.health()
+                loaded = [m.id for m in engine.list_models() if m.status.value == 'loaded']
+                values.update({'status': h.status, 'default_model': h.default_model,
+                               'provider': h.provider, 'provider_note': h.provider_note,
+                               'queue_size': str(h.queue_size),
+                               'queue_capacity': str(h.queue_capacity),
+                               'loaded_models': ','.join(loaded), 'version': h.version})
+                values.update({f'check.{k}': v for k, v in h.checks.items()})
+                if self._shutting_down:
+                    st.level, st.message = DiagnosticStatus.WARN, 'shutting down'
+                elif not self._serving:
+                    st.level, st.message = DiagnosticStatus.WARN, 'inactive'
+                elif h.status == 'healthy':
+                    st.level, st.message = DiagnosticStatus.OK, \
+                        f'serving {h.default_model} on {h.provider}'
+                elif h.status == 'degraded':
+                    st.level, st.message = DiagnosticStatus.WARN, 'degraded'
+                else:
+                    st.level, st.message = DiagnosticStatus.ERROR, h.status
+            except Exception as exc:
+                st.level, st.message = DiagnosticStatus.ERROR, f'health check failed: {exc}'
+        st.values = [KeyValue(key=k, value=v) for k, v in values.items()]
+        return st
+
+    def publish_diagnostics(self) -> None:
+        msg = DiagnosticArray()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.status = [self.diagnostic_status()]
+        self._diag_pub.publish(msg)
+
+    def destroy_node(self) -> None:
+        # also called by the context on a node whose __init__ failed half-way
+        if getattr(self, 'responder', None) is not None:
+            self.responder.stop()
+        if getattr(self, '_pool', None) is not None:
+            self._pool.shutdown(wait=False)
+        if getattr(self, '_metrics_server', None) is not None:
+            try:
+                self._metrics_server[0].shutdown()
+            except Exception:
+                pass
+        super().destroy_node()
+
+
+def _installed_config() -> Optional[str]:
+    """In a colcon/ament install the source tree's config/ is absent: use the package share.
+
+    ``None`` keeps the engine's own default ($AKIDB_CONFIG, else the repo's config/models.yaml).
+    """
+    from akidb_ros.engine.config import DEFAULT_CONFIG_PATH
+    if os.environ.get('AKIDB_CONFIG') or DEFAULT_CONFIG_PATH.exists():
+        return None
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        path = os.path.join(get_package_share_directory('akidb_ros'), 'config', 'models.yaml')
+    except Exception:
+        return None
+    return path if os.path.exists(path) else None
+
+
+def _chain(src: Future, dst: Future) -> None:
+    exc = src.exception()
+    if exc is not None:
+        dst.set_exception(exc)
+    else:
+        dst.set_result(src.result())
+
+
+def _internal(node: EmbeddingNode, exc: BaseException) -> EngineError:
+    node.get_logger().error(f'internal error: {exc!r}')
+    return EngineError(ErrorCode.INTERNAL, f'internal error: {type(exc).__name__}: {exc}')
+
+
+def _admin_failed(node: EmbeddingNode, response, exc: BaseException):
+    err = exc if isinstance(exc, EngineError) else _internal(node, exc)
+    return conv.fill_error(response, err)
+
+
+class _Stop:
+    """Turns SIGINT/SIGTERM into an event (rclpy's own handlers would kill calls in flight)."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.count = 0
+        self.signame = ''
+
+    def __call__(self, signum, frame) -> None:
+        self.count += 1
+        self.signame = signal.Signals(signum).name
+        self.event.set()
+        if self.count > 1:          # a second signal: stop waiting for calls in flight
+            raise KeyboardInterrupt
+
+
+class InProcessNode:
+    """The node hosted on a caller's engine, spinning in a background thread.
+
+    See :func:`start_in_process`. ``stop()`` answers the calls in flight, leaves the engine open.
+    """
+
+    def __init__(self, engine: EmbeddingEngine, args=None, namespace: str = ''):
+        from rclpy.context import Context
+        self.context = Context()
+        rclpy.init(args=args, context=self.context,
+                   signal_handler_options=SignalHandlerOptions.NO)
+        kwargs = {'namespace': namespace} if namespace else {}
+        self.node = EmbeddingNode(engine=engine, context=self.context, **kwargs)
+        self.executor = MultiThreadedExecutor(
+            num_threads=self.node.get_parameter('executor_threads').value, context=self.context)
+        self.executor.add_node(self.node)
+        if self.node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+            self._close()
+            raise RuntimeError('embedding node did not configure')
+        self.node.trigger_activate()
+        self._running = True
+        self._thread = threading.Thread(target=self._spin, name='akidb-ros-node', daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        while self._running and self.context.ok():
+            self.executor.spin_once(timeout_sec=0.1)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Refuse new calls, answer those in flight, then tear the node down."""
+        if not self._running:
+            return
+        self.node.begin_shutdown()
+        self.node.responder.wait_idle(timeout)
+        self._running = False
+        self._thread.join(timeout=5.0)
+        try:
+            self.node.trigger_shutdown()
+        except Exception:
+            pass
+        self._close()
+
+    def _close(self) -> None:
+        self.executor.shutdown(timeout_sec=1.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+
+def start_in_process(engine: EmbeddingEngine, args=None, namespace: str = '') -> InProcessNode:
+    """Serve ``engine`` (already started, owned by the caller) over ROS in this process.
+
+    Used by ``akidb_ros.server --mode inprocess`` so REST, gRPC and ROS share one engine.
+    Returns a handle whose ``stop()`` stops the node (the engine stays open).
+    """
+    return InProcessNode(engine, args=args, namespace=namespace)
+
+
+def _spin_until(executor, cond: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() >= deadline:
+            return False
+        executor.spin_once(timeout_sec=step)
+    return True
+
+
+def run(args=None) -> int:
+    """Run the node until SIGINT/SIGTERM; returns the process exit code."""
+    stop = _Stop()
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    rc = 0
+    forced = False
+    with rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO):
+        try:
+            node = EmbeddingNode()
+        except Exception as exc:    # e.g. a parameter override outside its descriptor's range
+            print(f'embedding_node: invalid parameters: {exc}', file=sys.stderr, flush=True)
+            return 2
+        executor = MultiThreadedExecutor(num_threads=node.get_parameter('executor_threads').value)
+        executor.add_node(node)
+        log = node.get_logger()
+        try:
+            if node.get_parameter('autostart').value and not stop.event.is_set():
+                if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                    log.fatal('could not configure the embedding engine; exiting')
+                    rc = 1
+                elif not stop.event.is_set():
+                    node.trigger_activate()
+                    print(f'akidb_ros embedding node ready in {node.ready_s:.2f} s',
+                          flush=True)
+            while rc == 0 and rclpy.ok() and not stop.event.is_set():
+                executor.spin_once(timeout_sec=0.1)
+            # Graceful stop: refuse new calls, finish accepted ones, keep answering meanwhile.
+            t_stop = time.monotonic()
+            node.begin_shutdown()
+            if node.engine is not None:
+                timeout = node.get_parameter('shutdown_timeout_s').value
+                closer = threading.Thread(target=node.engine.close, args=(timeout,),
+                                          name='akidb-ros-close', daemon=True)
+                closer.start()
+                _spin_until(executor, lambda: not closer.is_alive()
+                            and node.responder.outstanding == 0, timeout + 2.0)
+            # Answer calls still in transit (UNAVAILABLE) for a moment, then go.
+            _spin_until(executor, lambda: False, 0.1)
+            if stop.signame:
+                log.info(f'{stop.signame}: stopped in {time.monotonic() - t_stop:.2f} s '
+                         f'({node.calls_ok} calls answered ok, {node.calls_failed} failed)')
+        except (KeyboardInterrupt, ExternalShutdownException):
+            forced = True
+            log.warning('interrupted again: exiting without waiting for calls in flight')
+        finally:
+            if not forced:
+                try:
+                    node.trigger_shutdown()
+                except Exception as exc:
+                    log.error(f'shutdown transition failed: {exc}')
+            executor.shutdown(timeout_sec=1.0)
+            node.destroy_node()
+    return rc
+
+
+def main(args=None) -> int:
+    """Entry point of ``embedding_node`` / ``python -m akidb_ros.ros.node``.
+
+    After a clean stop (every call answered, node destroyed, ROS context and its logging shut
+    down) the process ends with ``os._exit``: interpreter finalisation of ONNX Runtime and
+    Fast DDS objects otherwise adds 0.3-0.8 s, and the PRD wants an idle exit within 1 s.
+    """
+    try:
+        rc = run(args if args is not None else sys.argv)
+    except KeyboardInterrupt:
+        rc = 0
+    if args is None or args is sys.argv:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""ROS parameters of the embedding node: declarations, descriptors and the engine mapping.
+
+Every parameter is declared with a :class:`ParameterDescriptor` (description, constraints and,
+for numbers, an ``IntegerRange``/``FloatingPointRange`` that rclpy enforces on every set).
+
+The engine's single source of configuration is ``config/models.yaml`` (see
+``akidb_ros.engine.config``). Engine parameters here are *overrides*: their default is a
+sentinel (``''``, ``0`` or ``-1``) meaning "keep the file's value", so the YAML stays the one
+place that documents the defaults. Engine overrides take effect at the next ``configure``
+transition (the engine is built there); ``diagnostics_period_s`` applies at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
+                                ParameterType)
+
+from akidb_ros.engine.config import DEVICES   # the engine's list is the one source
+
+INT_MAX = 2 ** 31 - 1
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One node parameter: name, default, description and range."""
+
+    name: str
+    default: Any
+    description: str
+    # (from, to) for numbers; None: no range
+    range: Optional[tuple] = None
+    read_only: bool = False
+    constraints: str = ''
+    # dotted path into the engine config dict (models.yaml shape); None: node-only parameter
+    engine_key: Optional[str] = None
+    # value meaning "not set, keep the config file's value"
+    unset: Any = None
+
+    @property
+    def type(self) -> int:
+        if isinstance(self.default, bool):
+            return ParameterType.PARAMETER_BOOL
+        if isinstance(self.default, int):
+            return ParameterType.PARAMETER_INTEGER
+        if isinstance(self.default, float):
+            return ParameterType.PARAMETER_DOUBLE
+        return ParameterType.PARAMETER_STRING
+
+    def descriptor(self) -> ParameterDescriptor:
+        d = ParameterDescriptor(name=self.name, type=self.type, description=self.description,
+                                read_only=self.read_only)
+        constraints = self.constraints
+        if self.engine_key:
+            note = (f'overrides {self.engine_key} of the engine config'
+                    f' ({self.unset!r} = keep the file value); applied at the next configure')
+            constraints = f'{constraints}; {note}' if constraints else note
+        d.additional_constraints = constraints
+        if self.range is not None:
+            lo, hi = self.range
+            if self.type == ParameterType.PARAMETER_INTEGER:
+                d.integer_range = [IntegerRange(from_value=int(lo), to_value=int(hi), step=0)]
+            else:
+                d.floating_point_range = [FloatingPointRange(from_value=float(lo),
+                                                             to_value=float(hi), step=0.0)]
+        return d
+
+
+PARAMS: List[ParamSpec] = [
+    # --- engine (applied when the node configures) ---
+    ParamSpec('config_path', '', 'Engine config file (models catalogue + engine settings)',
+              constraints="'' = $AKIDB_CONFIG or the package's config/models.yaml"),
+    ParamSpec('default_model', '', 'Model used when a request leaves `model` empty',
+              engine_key='default_model', unset=''),
+    ParamSpec('preload_models', '', 'Extra model ids loaded (and warmed) at configure',
+              constraints='comma-separated ids; the default model is always loaded'),
+    ParamSpec('device', '', 'Execution provider preference',
+              constraints="one of '', auto, cpu, cuda, tensorrt (auto: TensorRT > CUDA > CPU)",
+              engine_key='engine.device', unset=''),
+    ParamSpec('intra_op_threads', -1, 'ONNX Runtime threads per session (0 = one per core)',
+              range=(-1, 256), engine_key='engine.intra_op_threads', unset=-1),
+    ParamSpec('cache.max_loaded_models', 0, 'LRU limit: models kept loaded at once',
+              range=(0, 64), engine_key='engine.cache.max_loaded_models', unset=0),
+    ParamSpec('cache.max_memory_mb', 0, 'LRU limit: memory budget of loaded models (MB)',
+              range=(0, INT_MAX), engine_key='engine.cache.max_memory_mb', unset=0),
+    ParamSpec('batching.max_batch_size', 0, 'Sentences per inference batch',
+              range=(0, 1024), engine_key='engine.batching.max_batch_size', unset=0),
+    ParamSpec('batching.max_batch_tokens', 0, 'Padded tokens per inference batch',
+              range=(0, INT_MAX), engine_key='engine.batching.max_batch_tokens', unset=0),
+    ParamSpec('batching.max_wait_ms', -1.0, 'How long a batch stays open for concurrent callers',
+              range=(-1.0, 1000.0), engine_key='engine.batching.max_wait_ms', unset=-1.0),
+    ParamSpec('queue.capacity', 0, 'Requests the engine queue accepts before OVERLOADED',
+              range=(0, 1_000_000), engine_key='engine.queue.capacity', unset=0),
+    ParamSpec('limits.max_inputs', 0, 'Most inputs in one Embed call (INPUT_TOO_LARGE above)',
+              range=(0, 100_000), engine_key='engine.limits.max_inputs', unset=0),
+    ParamSpec('limits.max_input_chars', 0, 'Longest input in characters (INPUT_TOO_LARGE above)',
+              range=(0, INT_MAX), engine_key='engine.limits.max_input_chars', unset=0),
+    ParamSpec('timeouts.inference_s', 0.0, 'Default per-call deadline (TIMEOUT after it)',
+              range=(0.0, 3600.0), engine_key='engine.timeouts.inference_s', unset=0.0),
+    # --- node ---
+    ParamSpec('autostart', True, 'Configure and activate at start (False: wait for lifecycle '
+              'transitions, e.g. from a lifecycle manager)', read_only=True),
+    ParamSpec('diagnostics_period_s', 1.0, 'Period of /diagnostics (0 = off); applies at once',
+              range=(0.0, 3600.0)),
+    ParamSpec('metrics_port', 0, 'Prometheus /metrics port (0 = off)', range=(0, 65535),
+              read_only=True),
+    ParamSpec('metrics_address', '127.0.0.1', 'Address the metrics server binds',
+              read_only=True),
+    ParamSpec('qos_depth', 100, 'History depth of the service QoS (>= peak calls in flight)',
+              range=(16, 100_000), read_only=True),
+    ParamSpec('executor_threads', 4, 'Threads of the MultiThreadedExecutor', range=(2, 64),
+              read_only=True),
+    ParamSpec('shutdown_timeout_s', 10.0, 'On SIGINT/SIGTERM: longest wait for calls in flight',
+              range=(0.0, 600.0)),
+]
+
+PARAMS_BY_NAME: Dict[str, ParamSpec] = {p.name: p for p in PARAMS}
+
+
+def declare_all(node) -> None:
+    """Declare every parameter (with its descriptor) on ``node``."""
+    node.declare_parameters('', [(p.name, p.default, p.descriptor()) for p in PARAMS])
+
+
+def validate_value(name: str, value: Any) -> Optional[str]:
+    """Check what a descriptor cannot express; return why a value is refused, or None."""
+    if name == 'device' and value not in ('',) + DEVICES:
+        return f"device must be one of '', {', '.join(DEVICES)} (got {value!r})"
+    return None
+
+
+def _set_path(tree: Dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split('.')
+    for key in keys[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[keys[-1]] = value
+
+
+def engine_overrides(get: Callable[[str], Any]) -> Dict[str, Any]:
+    """Nested overrides for ``load_config(path, overrides)`` from the set parameters."""
+    out: Dict[str, Any] = {}
+    for p in PARAMS:
+        if not p.engine_key:
+            continue
+        value = get(p.name)
+        if value == p.unset:
+            continue
+        _set_path(out, p.engine_key, value)
+    return out

@@ -1,0 +1,294 @@
+"""``akidb-server``: the bridges (REST :8080 + gRPC :9090), in one of two modes.
+
+* ``--mode inprocess``: ROS node, REST and gRPC in ONE process sharing ONE engine
+  (``make run``). For hosts where the DDS hop costs too much, and for non-ROS servers
+  (``--no-ros``).
+* ``--mode sidecar``: REST and gRPC forward to a separately running embedding node over DDS
+  (``/embed``, ``/list_models``, ``/load_model``, ``/unload_model``). The product's main shape.
+
+Environment (PRD): ``AKIDB_HOST`` (0.0.0.0), ``AKIDB_REST_PORT`` (8080), ``AKIDB_GRPC_PORT``
+(9090); ``AKIDB_CONFIG`` and the engine's ``AKIDB_*`` overrides; ``OTEL_*`` for tracing;
+``AKIDB_LOG_FORMAT``/``AKIDB_LOG_LEVEL`` for logs. SIGTERM/SIGINT stop gracefully: health goes
+NOT_SERVING, new calls are refused, in-flight calls finish (``--grace``), then the engine closes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+log = logging.getLogger('akidb_ros.server')
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, '')
+    try:
+        return int(raw) if raw.strip() else default
+    except ValueError:
+        raise SystemExit(f'{name}={raw!r} is not an integer')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog='akidb-server', description=__doc__.split('\n\n')[0])
+    ap.add_argument('--mode', choices=('inprocess', 'sidecar'),
+                    default=os.environ.get('AKIDB_MODE', 'inprocess'))
+    ap.add_argument('--host', default=os.environ.get('AKIDB_HOST', '0.0.0.0'))
+    ap.add_argument('--rest-port', type=int, default=_env_int('AKIDB_REST_PORT', 8080),
+                    help='0 = pick a free port')
+    ap.add_argument('--grpc-port', type=int, default=_env_int('AKIDB_GRPC_PORT', 9090),
+                    help='0 = pick a free port')
+    ap.add_argument('--no-rest', action='store_true')
+    ap.add_argument('--no-grpc', action='store_true')
+    ap.add_argument('--no-ros', action='store_true',
+                    help='inprocess mode without the ROS node (non-ROS hosts)')
+    ap.add_argument('--config', default=None, help='engine config (default config/models.yaml)')
+    ap.add_argument('--ros-prefix', default=os.environ.get('AKIDB_ROS_PREFIX', ''),
+                    help="sidecar: namespace of the node's services (default '' = /embed)")
+    ap.add_argument('--timeout', type=float, default=float(os.environ.get('AKIDB_TIMEOUT_S', 5.0)),
+                    help='default per-request timeout in seconds (clients may ask for less)')
+    ap.add_argument('--rest-threads', type=int, default=_env_int('AKIDB_REST_THREADS', 32))
+    ap.add_argument('--grpc-workers', type=int, default=_env_int('AKIDB_GRPC_WORKERS', 64))
+    ap.add_argument('--max-body-bytes', type=int,
+                    default=_env_int('AKIDB_MAX_BODY_BYTES', 16 * 1024 * 1024))
+    ap.add_argument('--grace', type=float, default=5.0, help='graceful-stop budget, seconds')
+    ap.add_argument('--ros-args', nargs=argparse.REMAINDER, default=[],
+                    help='inprocess: parameters for the node, e.g. --ros-args -p metrics_port:=9100')
+    ap.add_argument('--ready-file', default=None,
+                    help='write {"rest_port", "grpc_port", "pid"} as JSON here once serving')
+    return ap
+
+
+class Bridges:
+    """Everything one ``akidb-server`` process runs; usable from tests and benchmarks."""
+
+    def __init__(self, backend, host: str = '127.0.0.1', rest_port: Optional[int] = 0,
+                 grpc_port: Optional[int] = 0, guard=None, timeout_s: Optional[float] = None,
+                 rest_threads: int = 32, grpc_workers: int = 64,
+                 max_body_bytes: int = 16 * 1024 * 1024):
+        self.backend = backend
+        self.rest = None
+        self.grpc = None
+        self._closers: List[Callable[[], None]] = []
+        if rest_port is not None:
+            from akidb_ros.rest.app import create_app
+            from akidb_ros.rest.server import RestServer
+            app = create_app(backend, guard=guard, max_body_bytes=max_body_bytes,
+                             default_timeout_s=timeout_s)
+            self.rest = RestServer(app, host=host, port=rest_port, threads=rest_threads,
+                                   max_body_bytes=max_body_bytes)
+        if grpc_port is not None:
+            from akidb_ros.grpc_api.server import GrpcServer
+            self.grpc = GrpcServer(backend, host=host, port=grpc_port, guard=guard,
+                                   max_workers=grpc_workers, default_timeout_s=timeout_s)
+
+    @property
+    def rest_port(self) -> Optional[int]:
+        return self.rest.port if self.rest else None
+
+    @property
+    def grpc_port(self) -> Optional[int]:
+        return self.grpc.port if self.grpc else None
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        self._closers.append(fn)
+
+    def start(self) -> 'Bridges':
+        if self.grpc:
+            self.grpc.start()
+        if self.rest:
+            self.rest.start()
+        return self
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Doors first (finish in-flight calls), then whatever they sit on (node, engine)."""
+        stoppers = []
+        if self.grpc:
+            stoppers.append(threading.Thread(target=self.grpc.stop, args=(grace_s,)))
+        if self.rest:
+            stoppers.append(threading.Thread(target=self.rest.stop, args=(grace_s,)))
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join(grace_s + 5)
+        for fn in reversed(self._closers):
+            try:
+                fn()
+            except Exception:
+                log.exception('error while stopping')
+        self._closers.clear()
+
+
+class InProcessNode:
+    """The ROS embedding node hosted in this process around the SHARED engine.
+
+    ``akidb_ros.ros.node.EmbeddingNode`` builds its own engine in ``on_configure``; here the
+    configure step adopts the engine the REST and gRPC doors already use, so one process has
+    one engine (one ONNX session per model, one batcher) behind all three doors.
+    """
+
+    def __init__(self, engine, node_args: Optional[List[str]] = None):
+        import rclpy
+        from rclpy.context import Context
+        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.lifecycle import TransitionCallbackReturn
+        from akidb_ros.ros.node import EmbeddingNode
+
+        class SharedEngineNode(EmbeddingNode):
+            def on_configure(self, state):
+                self.engine = engine
+                self.get_logger().info(f'sharing the in-process engine (default model '
+                                       f'{engine.default_model})')
+                return TransitionCallbackReturn.SUCCESS
+
+        self._ctx = Context()
+        rclpy.init(args=['akidb-server', '--ros-args', *(node_args or [])], context=self._ctx)
+        try:
+            self.node = SharedEngineNode(context=self._ctx)
+            threads = self.node.get_parameter('executor_threads').value
+            self._executor = MultiThreadedExecutor(num_threads=threads, context=self._ctx)
+            self._executor.add_node(self.node)
+            if self.node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                raise RuntimeError('embedding node failed to configure')
+            self.node.trigger_activate()
+        except BaseException:
+            rclpy.try_shutdown(context=self._ctx)
+            raise
+        self._running = True
+        self._thread = threading.Thread(target=self._spin, name='akidb-ros-node', daemon=True)
+        self._thread.start()
+        log.info('ROS embedding node serving (in-process, shared engine)')
+
+    def _spin(self) -> None:
+        while self._running and self._ctx.ok():
+            try:
+                self._executor.spin_once(timeout_sec=0.1)
+            except Exception:
+                if self._running:
+                    log.exception('ROS executor error')
+
+    def stop(self) -> None:
+        """Refuse new calls, answer those in flight, then leave the graph.
+
+        The shared engine is closed by its owner (LocalBackend) afterwards, not by the node.
+        """
+        if not self._running:
+            return
+        self.node.begin_shutdown()
+        deadline = time.monotonic() + 5
+        while self.node.responder.outstanding and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._running = False
+        self._thread.join(timeout=5)
+        try:
+            self.node.engine = None          # the engine is not the node's to close
+            self.node.trigger_shutdown()
+        except Exception:
+            log.exception('node shutdown transition failed')
+        try:
+            self._executor.shutdown(timeout_sec=1.0)
+        except Exception:
+            pass
+        self.node.destroy_node()
+        import rclpy
+        rclpy.try_shutdown(context=self._ctx)
+
+
+def start_inprocess_node(engine, node_args: Optional[List[str]] = None
+                         ) -> Optional[Callable[[], None]]:
+    """Start the ROS embedding node on the shared engine; returns its stopper."""
+    try:
+        import akidb_ros.ros.node  # noqa: F401
+    except ImportError as exc:
+        log.warning('ROS node not available (%s): serving REST/gRPC only', exc)
+        return None
+    return InProcessNode(engine, node_args).stop
+
+
+def build(args) -> Bridges:
+    """Create backend (+ engine/node for in-process mode) and the doors, not yet started."""
+    rest_port = None if args.no_rest else args.rest_port
+    grpc_port = None if args.no_grpc else args.grpc_port
+    guard = None   # seam: akidb_ros.guard builds its chain here (see akidb_ros.doors)
+    if args.mode == 'inprocess':
+        from akidb_ros.backends import LocalBackend
+        from akidb_ros.engine import EmbeddingEngine, load_config
+        engine = EmbeddingEngine(load_config(args.config))
+        engine.start()
+        backend = LocalBackend(engine, own_engine=True)
+        try:
+            bridges = Bridges(backend, host=args.host, rest_port=rest_port, grpc_port=grpc_port,
+                              guard=guard, timeout_s=args.timeout, rest_threads=args.rest_threads,
+                              grpc_workers=args.grpc_workers, max_body_bytes=args.max_body_bytes)
+        except Exception:
+            engine.close()
+            raise
+        bridges.on_close(backend.close)
+        if not args.no_ros:
+            try:
+                stop_node = start_inprocess_node(engine, args.ros_args)
+            except Exception:
+                bridges.stop(0)
+                raise
+            if stop_node:
+                bridges.on_close(stop_node)
+    else:
+        from akidb_ros.backends import RosBackend
+        backend = RosBackend(prefix=args.ros_prefix, timeout_s=args.timeout,
+                             discovery_timeout_s=5.0)
+        try:
+            bridges = Bridges(backend, host=args.host, rest_port=rest_port, grpc_port=grpc_port,
+                              guard=guard, timeout_s=args.timeout, rest_threads=args.rest_threads,
+                              grpc_workers=args.grpc_workers, max_body_bytes=args.max_body_bytes)
+        except Exception:
+            backend.close()
+            raise
+        bridges.on_close(backend.close)
+    return bridges
+
+
+def main(argv=None) -> int:
+    from akidb_ros.observability.logs import configure_logging
+    from akidb_ros.observability.tracing import setup_tracing, shutdown_tracing
+
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    setup_tracing(os.environ.get('OTEL_SERVICE_NAME') or f'akidb-{args.mode}')
+    t0 = time.monotonic()
+    try:
+        bridges = build(args)
+    except Exception as exc:
+        log.error('startup failed: %s', exc, exc_info=not hasattr(exc, 'code'))
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info('signal %s: stopping gracefully', signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    bridges.start()
+    info = {'rest_port': bridges.rest_port, 'grpc_port': bridges.grpc_port, 'pid': os.getpid(),
+            'mode': args.mode}
+    log.info('akidb-server serving', extra={**info, 'startup_s': round(time.monotonic() - t0, 3)})
+    if args.ready_file:
+        tmp = Path(args.ready_file + '.tmp')
+        tmp.write_text(json.dumps(info))
+        tmp.replace(args.ready_file)
+    while not stop.wait(0.5):
+        pass
+    bridges.stop(args.grace)
+    shutdown_tracing()
+    log.info('akidb-server stopped')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Benchmark of the embedding node over DDS (issue 4 section 6).
+
+The node runs in its own process (``python -m akidb_ros.ros.node``); this process is the
+client. Measured: cold start, ``/embed`` throughput with ``n_clients`` concurrent
+single-sentence clients (closed loop), one client's latency percentiles, the node's RSS with
+one model loaded, and the idle SIGINT-to-exit time.
+
+    python bench/ros_bench.py --duration 10 [--with-raw] [--out bench/results]
+
+``run_node_bench(corpus, n_clients=16, duration_s=10.0) -> dict`` is the importable entry
+point (``bench/run.py`` runs it in the same run as the raw engine ceiling). ``--with-raw``
+also measures a raw in-process ceiling first (engine only, node not running) so the ratio can
+be read standalone. DDS stays on loopback (the same settings as scripts/dds_env.sh).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_CORPUS = [
+    'The robot picked up the red cup.',
+    'Navigation stack lost localisation near the charging dock.',
+    'Where is the kitchen?',
+    'A quick brown fox jumps over the lazy dog while the battery drains slowly.',
+    'Gripper force exceeded the safety threshold.',
+    'LIDAR returns are sparse on glass surfaces, so mapping the atrium takes longer.',
+    'Embeddings turn text into vectors.',
+    'Obstacle detected at 0.4 metres, slowing down.',
+    'The arm completed 120 pick-and-place cycles without a fault.',
+    'Please bring me the blue toolbox from the workshop on the second floor.',
+    'Temperature of motor 3 is 71 degrees.',
+    'Semantic search over robot logs finds similar incidents across the fleet quickly.',
+]
+READY_MARK = 'embedding node ready in'
+
+
+def loopback_env() -> None:
+    """Loopback-only DDS for this process and its children (before any rclpy context)."""
+    os.environ.pop('ROS_LOCALHOST_ONLY', None)
+    os.environ.setdefault('FASTDDS_DEFAULT_PROFILES_FILE',
+                          str(ROOT / 'config' / 'fastdds_loopback.xml'))
+    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    os.environ['ROS_STATIC_PEERS'] = ''
+    os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
+    os.environ.setdefault('ROS_DOMAIN_ID', str(random.randint(10, 99)))
+    os.environ.setdefault('ROS_LOG_DIR', str(ROOT / 'build' / 'ros_log'))
+
+
+def _pct(values: List[float], q: float) -> float:
+    if not values:
+        return float('nan')
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100.0 * (len(s) - 1))))]
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f'/proc/{pid}/status') as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1]) / 1024.0
+    return float('nan')
+
+
+class _Node:
+    def __init__(self, namespace: str, extra: List[str]):
+        cmd = [sys.executable, '-m', 'akidb_ros.ros.node', '--ros-args', '--params-file',
+               str(ROOT / 'config' / 'params.yaml'), '-r', f'__ns:={namespace}', *extra]
+        self.t0 = time.monotonic()
+        self.ready = threading.Event()
+        self.t_ready = float('nan')
+        self.lines: List[str] = []
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                     start_new_session=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+            if READY_MARK in line and not self.ready.is_set():
+                self.t_ready = time.monotonic() - self.t0
+                self.ready.set()
+
+    def stop(self) -> Optional[float]:
+        """SIGINT; returns seconds to exit (SIGKILL after 10 s: None)."""
+        if self.proc.poll() is not None:
+            return None
+        t = time.monotonic()
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=10)
+            return time.monotonic() - t
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            return None
+
+
+def run_node_bench(corpus: Optional[List[str]] = None, n_clients: int = 16,
+                   duration_s: float = 10.0, single_calls: int = 300,
+                   node_args: Optional[List[str]] = None) -> Dict:
+    """Start the node in its own process, load it from this one, stop it; return the numbers.
+
+    Keys: cold_start_ready_s, cold_start_first_answer_s, throughput_sentences_per_s,
+    concurrent latency percentiles, single_client_p50/p95/p99_ms, node_rss_mb,
+    idle_sigint_exit_s, errors, model, n_clients, duration_s.
+    """
+    loopback_env()
+    from akidb_ros.ros.cli import EmbeddingClient
+    from akidb_ros.ros.loadgen import ConcurrentCaller
+    from akidb_ros.srv import Embed
+
+    corpus = list(corpus or DEFAULT_CORPUS)
+    ns = f'/akidb_bench_{os.getpid()}'
+    node = _Node(ns, list(node_args or []))
+    out: Dict = {'n_clients': n_clients, 'duration_s': duration_s,
+                 'ros_domain_id': int(os.environ['ROS_DOMAIN_ID'])}
+    try:
+        with EmbeddingClient(ns, node_name='akidb_bench_single') as single:
+            first = single.embed([corpus[0]], timeout_s=120)
+            out['cold_start_first_answer_s'] = round(time.monotonic() - node.t0, 3)
+            if not first.success:
+                raise RuntimeError(f'node answered {first.error_code}: {first.message}')
+            node.ready.wait(timeout=10)
+            out['cold_start_ready_s'] = round(node.t_ready, 3)
+            out['model'] = first.model
+            out['dimension'] = first.dimension
+            for s in corpus[:8]:                                    # warm-up
+                single.embed([s])
+            lat = []
+            for i in range(single_calls):
+                t = time.perf_counter()
+                r = single.embed([corpus[i % len(corpus)]])
+                lat.append((time.perf_counter() - t) * 1000.0)
+                if not r.success:
+                    raise RuntimeError(f'{r.error_code}: {r.message}')
+            out.update(single_client_p50_ms=round(_pct(lat, 50), 3),
+                       single_client_p95_ms=round(_pct(lat, 95), 3),
+                       single_client_p99_ms=round(_pct(lat, 99), 3),
+                       single_client_calls=single_calls)
+        with ConcurrentCaller(n_clients, namespace=ns, node_name='akidb_bench_load') as lg:
+            if not lg.wait_ready(30):
+                raise RuntimeError('load clients did not discover the node')
+
+            def req(i, seq):
+                return Embed.Request(inputs=[corpus[(i * 7 + seq) % len(corpus)]])
+            lg.run(req, duration_s=min(2.0, duration_s / 4))        # warm-up
+            t0 = time.perf_counter()
+            recs = lg.run(req, duration_s=duration_s)
+            wall = time.perf_counter() - t0
+        ok = [r for r in recs if r.response is not None and r.response.success]
+        errors: Dict[str, int] = {}
+        for r in recs:
+            if r.response is None:
+                errors['NO_ANSWER'] = errors.get('NO_ANSWER', 0) + 1
+            elif not r.response.success:
+                errors[r.response.error_code] = errors.get(r.response.error_code, 0) + 1
+        clat = [r.latency_s * 1000.0 for r in ok]
+        out.update(throughput_sentences_per_s=round(len(ok) / wall, 1),
+                   concurrent_calls=len(recs), errors=errors,
+                   concurrent_p50_ms=round(_pct(clat, 50), 3),
+                   concurrent_p95_ms=round(_pct(clat, 95), 3),
+                   concurrent_p99_ms=round(_pct(clat, 99), 3),
+                   node_rss_mb=round(_rss_mb(node.proc.pid), 1))
+    finally:
+        out['idle_sigint_exit_s'] = node.stop()
+        out['node_exit_code'] = node.proc.returncode
+    return out
+
+
+def run_raw_bench(corpus: Optional[List[str]] = None, n_clients: int = 16,
+                  duration_s: float = 10.0, single_calls: int = 300) -> Dict:
+    """Raw engine ceiling in this process: ``n_clients`` threads calling ``engine.embed``."""
+    from akidb_ros.engine import EmbeddingEngine, EmbedRequest, load_config
+    corpus = list(corpus or DEFAULT_CORPUS)
+    out: Dict = {}
+    with EmbeddingEngine(load_config()) as engine:
+        engine.start()
+        lat = []
+        for i in range(single_calls):
+            t = time.perf_counter()
+            engine.embed(EmbedRequest(inputs=[corpus[i % len(corpus)]]))
+            lat.append((time.perf_counter() - t) * 1000.0)
+        out['raw_single_p50_ms'] = round(statistics.median(lat), 3)
+        stop_at = time.perf_counter() + duration_s
+        counts = [0] * n_clients
+
+        def worker(i: int) -> None:
+            seq = 0
+            while time.perf_counter() < stop_at:
+                engine.embed(EmbedRequest(inputs=[corpus[(i * 7 + seq) % len(corpus)]]))
+                counts[i] += 1
+                seq += 1
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(n_clients) as pool:
+            list(pool.map(worker, range(n_clients)))
+        out['raw_throughput_sentences_per_s'] = round(sum(counts) / (time.perf_counter() - t0),
+                                                      1)
+    return out
+
+
+def to_markdown(res: Dict) -> str:
+    """Render the results as a markdown table."""
+    lines = ['# Embedding node benchmark (ROS 2 /embed over loopback DDS)', '',
+             '| metric | value |', '|---|---|']
+    lines += [f'| {k} | {v} |' for k, v in res.items()]
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """CLI: run the node benchmark (optionally after a raw ceiling), write JSON + markdown."""
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--duration', type=float, default=10.0)
+    p.add_argument('--clients', type=int, default=16)
+    p.add_argument('--single-calls', type=int, default=300)
+    p.add_argument('--corpus', help='text file, one sentence per line')
+    p.add_argument('--with-raw', action='store_true', help='measure the raw ceiling first')
+    p.add_argument('--out', default=str(ROOT / 'bench' / 'results'))
+    a = p.parse_args(argv)
+    corpus = None
+    if a.corpus:
+        corpus = [s.strip() for s in Path(a.corpus).read_text().splitlines() if s.strip()]
+    res: Dict = {'timestamp': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+                 'cpu_count': os.cpu_count()}
+    if a.with_raw:
+        res.update(run_raw_bench(corpus, a.clients, a.duration, a.single_calls))
+    res.update(run_node_bench(corpus, a.clients, a.duration, a.single_calls))
+    if a.with_raw:
+        res['node_vs_raw_throughput'] = round(
+            res['throughput_sentences_per_s'] / res['raw_throughput_sentences_per_s'], 3)
+        res['node_p50_minus_raw_p50_ms'] = round(
+            res['single_client_p50_ms'] - res['raw_single_p50_ms'], 3)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'ros_bench.json').write_text(json.dumps(res, indent=2) + '\n')
+    (out / 'ros_bench.md').write_text(to_markdown(res))
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

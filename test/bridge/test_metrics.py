@@ -1,0 +1,110 @@
+"""Every PRD metric family is exposed on the bridge's /metrics and moves when its event happens.
+
+GPU (akidb_gpu_memory_used_bytes, akidb_gpu_utilization_percent) and TensorRT
+(akidb_tensorrt_engine_builds_total / _cache_hits_total) families only move on a GPU host; here
+(CPU-only) they are asserted to be exposed (HELP/TYPE) and to stay empty.
+akidb_circuit_breaker_state is set by the guard's breaker (akidb_ros.guard), not by the bridges.
+"""
+from __future__ import annotations
+
+import threading
+
+import requests
+
+from akidb_ros.client import GrpcClient, RestClient
+
+from conftest import SECOND_MODEL, scrape, total
+
+
+def metrics_text(url):
+    r = requests.get(url + '/metrics', timeout=10)
+    assert r.status_code == 200 and r.headers['Content-Type'].startswith('text/plain')
+    return r.text
+
+
+def test_request_and_engine_families_move(rest_url, grpc_target):
+    before = scrape(metrics_text(rest_url))
+    RestClient(rest_url).embed(['metrics please', 'and more'])
+    GrpcClient(grpc_target).embed(['metrics over grpc'])
+    requests.post(rest_url + '/api/v1/embed', json={'inputs': [3]}, timeout=5)
+    after = scrape(metrics_text(rest_url))
+
+    def moved(name, **labels):
+        return total(after, name, **labels) > total(before, name, **labels)
+
+    assert moved('akidb_embed_requests_total', transport='rest', status='success')
+    assert moved('akidb_embed_requests_total', transport='grpc', status='success')
+    assert moved('akidb_embed_requests_total', transport='rest', status='error')
+    assert moved('akidb_embed_latency_seconds_count', transport='rest')
+    assert moved('akidb_embed_latency_seconds_count', transport='grpc')
+    assert moved('akidb_request_errors_total', transport='rest', code='INVALID_INPUT')
+    assert moved('akidb_model_cache_hits_total')
+    assert moved('akidb_batch_size_count')
+    assert moved('akidb_tokens_processed_total')
+    assert moved('akidb_inference_seconds_count')
+    assert moved('akidb_queue_wait_seconds_count')
+    assert moved('akidb_backend_latency_seconds_count', backend='inprocess')
+    assert total(after, 'akidb_queue_capacity') > 0
+    assert total(after, 'akidb_model_cache_size') >= 1
+    requests.get(rest_url + '/health', timeout=5)
+    assert total(scrape(metrics_text(rest_url)), 'akidb_backend_up', backend='inprocess') == 1
+
+
+def test_model_cache_families_move(small_bridges):
+    url = f'http://127.0.0.1:{small_bridges.rest_port}'
+    before = scrape(metrics_text(url))
+    c = RestClient(url, timeout_s=120)
+    c.embed(['warm the default'])
+    out = c.embed(['load on demand'], model=SECOND_MODEL)   # miss → load → evicts the default
+    assert out.embeddings.shape == (1, 768)
+    mid = scrape(metrics_text(url))
+    c.embed(['default again'])                              # miss again (it was evicted)
+    after = scrape(metrics_text(url))
+    assert total(mid, 'akidb_model_cache_misses_total', model=SECOND_MODEL) > \
+        total(before, 'akidb_model_cache_misses_total', model=SECOND_MODEL)
+    assert total(after, 'akidb_model_load_seconds_count') > \
+        total(before, 'akidb_model_load_seconds_count')
+    assert total(after, 'akidb_model_evictions_total') > total(before, 'akidb_model_evictions_total')
+    assert total(mid, 'akidb_model_cache_size') == 1
+
+
+def test_queue_and_load_shed_families_move(small_bridges):
+    url = f'http://127.0.0.1:{small_bridges.rest_port}'
+    before = scrape(metrics_text(url))
+    seen_queue = []
+    stop = threading.Event()
+
+    def sampler():
+        while not stop.is_set():
+            seen_queue.append(total(scrape(metrics_text(url)), 'akidb_queue_size'))
+
+    def flood():
+        for _ in range(3):
+            requests.post(url + '/api/v1/embed', json={'inputs': [
+                ' '.join(['busy robot'] * 40)] * 8}, timeout=60)
+
+    s = threading.Thread(target=sampler)
+    s.start()
+    threads = [threading.Thread(target=flood) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    stop.set()
+    s.join(10)
+    after = scrape(metrics_text(url))
+    assert total(after, 'akidb_load_shed_total') > total(before, 'akidb_load_shed_total')
+    assert total(after, 'akidb_request_errors_total', code='OVERLOADED') > \
+        total(before, 'akidb_request_errors_total', code='OVERLOADED')
+    assert max(seen_queue) >= 1
+
+
+def test_gpu_and_tensorrt_families_exposed(rest_url):
+    text = metrics_text(rest_url)
+    for fam in ('akidb_gpu_memory_used_bytes', 'akidb_gpu_utilization_percent',
+                'akidb_tensorrt_engine_builds_total', 'akidb_tensorrt_engine_cache_hits_total',
+                'akidb_circuit_breaker_state'):
+        assert f'# HELP {fam}' in text
+    samples = scrape(text)
+    # CPU-only host: no GPU samples (they only move where a GPU exists)
+    assert total(samples, 'akidb_gpu_memory_used_bytes') == 0

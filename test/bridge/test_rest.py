@@ -1,0 +1,196 @@
+"""REST bridge against the real engine over real HTTP on 127.0.0.1."""
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+import requests
+
+from akidb_ros.engine.types import EmbedRequest
+
+from conftest import DEFAULT_MODEL, SECOND_MODEL
+
+SENTENCES = ['The autonomous vehicle detects pedestrians.', 'Emergency braking system activated.']
+
+
+def post(url, path, body=None, raw=None, headers=None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    return requests.post(url + path, data=data, headers={'Content-Type': 'application/json',
+                                                         **(headers or {})}, timeout=30)
+
+
+def test_embed_prd_shape_and_values(rest_url, engine):
+    r = post(rest_url, '/api/v1/embed', {'inputs': SENTENCES, 'normalize': True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {'embeddings', 'model', 'usage'}
+    assert body['model'] == DEFAULT_MODEL
+    assert body['usage']['total_tokens'] > 0 and body['usage']['duration_ms'] >= 0
+    emb = np.asarray(body['embeddings'], dtype=np.float32)
+    assert emb.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+    direct = engine.embed(EmbedRequest(inputs=SENTENCES, normalize=True)).embeddings
+    np.testing.assert_allclose(emb, direct, atol=1e-5)   # same answer as the engine itself
+    # related sentences are closer than unrelated ones (the model is real)
+    e2 = np.asarray(post(rest_url, '/api/v1/embed', {'inputs': [
+        'A car sees people crossing the street.', 'I like pancakes with syrup.']}).json()[
+        'embeddings'])
+    assert e2[0] @ emb[0] > e2[1] @ emb[0] + 0.2
+
+
+def test_normalize_false_and_model_by_name(rest_url):
+    r = post(rest_url, '/api/v1/embed', {'inputs': ['hello'], 'normalize': False,
+                                         'model': 'sentence-transformers/all-MiniLM-L6-v2'})
+    assert r.status_code == 200, r.text
+    assert r.json()['model'] == DEFAULT_MODEL
+    assert abs(np.linalg.norm(r.json()['embeddings'][0]) - 1.0) > 1e-3
+
+
+def test_request_id_echoed_and_generated(rest_url):
+    r = post(rest_url, '/api/v1/embed', {'inputs': ['x']}, headers={'X-Request-ID': 'abc-123'})
+    assert r.headers['X-Request-ID'] == 'abc-123'
+    r = post(rest_url, '/api/v1/embed', {'inputs': ['x']})
+    assert len(r.headers['X-Request-ID']) == 32
+    r = post(rest_url, '/api/v1/embed', {'inputs': [1]}, headers={'X-Request-ID': 'bad id!'})
+    assert r.status_code == 400 and r.headers['X-Request-ID'] != 'bad id!'
+
+
+@pytest.mark.parametrize('raw,status,code', [
+    (b'{"inputs": ["a"', 400, 'INVALID_INPUT'),                     # malformed JSON
+    (b'', 400, 'INVALID_INPUT'),                                     # empty body
+    (b'\xff\xfe', 400, 'INVALID_INPUT'),                             # not UTF-8
+    (b'[1, 2]', 400, 'INVALID_INPUT'),                               # not an object
+    (b'{"inputs": "a"}', 400, 'INVALID_INPUT'),                      # wrong type
+    (b'{"inputs": []}', 400, 'INVALID_INPUT'),                       # empty list
+    (b'{"inputs": ["a"], "normalize": "yes"}', 400, 'INVALID_INPUT'),
+    (b'{"inputs": ["a"], "bogus": 1}', 400, 'INVALID_INPUT'),        # unknown field
+    (b'{"inputs": ["   "]}', 400, 'INVALID_INPUT'),                  # blank text
+    (b'{"inputs": ["\\ud800"]}', 400, 'INVALID_INPUT'),              # lone surrogate
+    (b'{"inputs": ["a"], "model": "no-such-model"}', 404, 'MODEL_NOT_FOUND'),
+    (b'{"inputs": ["a"], "model": "qwen3-embedding-4b"}', 404, 'MODEL_UNAVAILABLE'),
+    (b'[' * 100000, 400, 'INVALID_INPUT'),                           # nested too deep
+])
+def test_caller_mistakes_never_500(rest_url, raw, status, code):
+    r = post(rest_url, '/api/v1/embed', raw=raw)
+    assert r.status_code == status, r.text
+    assert r.json()['code'] == code and r.json()['error']
+    assert r.headers['Content-Type'].startswith('application/json')
+
+
+def test_too_many_inputs_413(rest_url):
+    r = post(rest_url, '/api/v1/embed', {'inputs': ['a'] * 257})
+    assert r.status_code == 413 and r.json()['code'] == 'INPUT_TOO_LARGE'
+
+
+def test_body_too_large_413(rest_url):
+    big = b'{"inputs": ["' + b'a' * (17 * 1024 * 1024) + b'"]}'
+    r = post(rest_url, '/api/v1/embed', raw=big)
+    assert r.status_code == 413 and r.json()['code'] == 'INPUT_TOO_LARGE'
+
+
+def test_truncation(rest_url):
+    long_text = ' '.join(['robot'] * 600)
+    r = post(rest_url, '/api/v1/embed', {'inputs': [long_text, 'short']})
+    assert r.status_code == 200
+    assert r.json()['usage']['truncated_inputs'] == 1
+    r = post(rest_url, '/api/v1/embed', {'inputs': [long_text], 'truncate': False})
+    # the engine's code for this (INPUT_TOO_LONG per its docstring) maps to 400 either way
+    assert r.status_code == 400 and r.json()['code'] in ('INPUT_TOO_LONG', 'INVALID_INPUT')
+
+
+def test_unknown_route_and_method(rest_url):
+    r = requests.get(rest_url + '/nope', timeout=5)
+    assert r.status_code == 404 and r.json()['code'] == 'NOT_FOUND'
+    r = requests.get(rest_url + '/api/v1/embed', timeout=5)
+    assert r.status_code == 405 and r.json()['code'] == 'METHOD_NOT_ALLOWED'
+
+
+def test_timeout_header(rest_url):
+    r = post(rest_url, '/api/v1/embed', {'inputs': ['a']}, headers={'X-Request-Timeout-Ms': 'x'})
+    assert r.status_code == 400
+    # 1 ms is too short for 64 long inputs on CPU: the engine answers TIMEOUT -> 504
+    r = post(rest_url, '/api/v1/embed', {'inputs': [' '.join(['word'] * 200)] * 64},
+             headers={'X-Request-Timeout-Ms': '1'})
+    assert r.status_code == 504 and r.json()['code'] == 'TIMEOUT', r.text
+
+
+def test_health_prd_shape(rest_url):
+    r = requests.get(rest_url + '/health', timeout=5)
+    assert r.status_code == 200
+    h = r.json()
+    assert h['status'] == 'healthy'
+    assert {'embedding_provider', 'model_cache', 'gpu'} <= set(h['checks'])
+    assert h['version']
+    assert h['checks']['gpu'].startswith('unavailable') or h['checks']['gpu'] == 'ok'
+    assert requests.get(rest_url + '/health/live', timeout=5).json() == {'status': 'alive'}
+    r = requests.get(rest_url + '/health/ready', timeout=5)
+    assert r.status_code == 200 and r.json()['status'] == 'ready'
+
+
+def test_models_prd_fields(rest_url):
+    body = requests.get(rest_url + '/models', timeout=5).json()
+    by_id = {m['id']: m for m in body['models']}
+    for m in body['models']:
+        assert {'id', 'name', 'dimension', 'params', 'memory_mb', 'latency_p95_ms',
+                'throughput_qps', 'status'} <= set(m)
+    assert by_id[DEFAULT_MODEL]['status'] == 'loaded'
+    assert by_id[DEFAULT_MODEL]['dimension'] == 384
+    assert by_id['qwen3-embedding-4b']['status'] == 'unavailable'
+    assert body['default_model'] == DEFAULT_MODEL
+
+
+def test_admin_load_embed_unload(rest_url):
+    r = post(rest_url, '/admin/models/load', {'model': SECOND_MODEL})
+    assert r.status_code == 200, r.text
+    assert r.json()['model']['status'] == 'loaded'
+    r = post(rest_url, '/api/v1/embed', {'inputs': ['hello'], 'model': SECOND_MODEL})
+    assert r.status_code == 200 and len(r.json()['embeddings'][0]) == 768
+    r = post(rest_url, '/admin/models/unload', {'model': SECOND_MODEL})
+    assert r.status_code == 200 and r.json()['model']['status'] == 'available'
+    r = post(rest_url, '/admin/models/load', {'model': 'nope'})
+    assert r.status_code == 404 and r.json()['code'] == 'MODEL_NOT_FOUND'
+    r = post(rest_url, '/admin/models/load', {'model': 5})
+    assert r.status_code == 400
+
+
+# --- OpenAI compatibility -------------------------------------------------------------------
+
+def test_openai_float_and_base64(rest_url):
+    r = post(rest_url, '/v1/embeddings', {'input': SENTENCES, 'model': DEFAULT_MODEL})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body['object'] == 'list' and body['model'] == DEFAULT_MODEL
+    assert [d['index'] for d in body['data']] == [0, 1]
+    assert body['usage']['prompt_tokens'] == body['usage']['total_tokens'] > 0
+    floats = np.asarray([d['embedding'] for d in body['data']], dtype=np.float32)
+    r = post(rest_url, '/v1/embeddings', {'input': SENTENCES, 'model': DEFAULT_MODEL,
+                                          'encoding_format': 'base64'})
+    b64 = np.stack([np.frombuffer(base64.b64decode(d['embedding']), dtype='<f4')
+                    for d in r.json()['data']])
+    np.testing.assert_array_equal(floats, b64)
+    # single string input
+    r = post(rest_url, '/v1/embeddings', {'input': SENTENCES[0], 'model': DEFAULT_MODEL})
+    np.testing.assert_allclose(r.json()['data'][0]['embedding'], floats[0], atol=1e-6)
+
+
+def test_openai_errors(rest_url):
+    r = post(rest_url, '/v1/embeddings', {'input': 'x', 'model': 'text-embedding-3-small'})
+    assert r.status_code == 404
+    assert r.json()['error']['code'] == 'MODEL_NOT_FOUND' and r.json()['code'] == 'MODEL_NOT_FOUND'
+    assert r.json()['error']['type'] == 'invalid_request_error'
+    r = post(rest_url, '/v1/embeddings', {'input': [[1, 2, 3]], 'model': DEFAULT_MODEL})
+    assert r.status_code == 400
+    r = post(rest_url, '/v1/embeddings', {'input': 'x', 'model': DEFAULT_MODEL, 'dimensions': 7})
+    assert r.status_code == 400
+
+
+def test_openai_python_sdk_shape_roundtrip(rest_url):
+    """What the OpenAI SDK does (POST /v1/embeddings with base64 by default) decodes right."""
+    r = post(rest_url, '/v1/embeddings', {'input': ['a', 'b'], 'model': DEFAULT_MODEL,
+                                          'encoding_format': 'base64', 'user': 'u1'})
+    assert r.status_code == 200
+    vecs = [np.frombuffer(base64.b64decode(d['embedding']), dtype=np.float32)
+            for d in r.json()['data']]
+    assert all(v.shape == (384,) for v in vecs)

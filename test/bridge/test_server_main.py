@@ -1,0 +1,99 @@
+"""``python -m akidb_ros.server`` as a process: in-process mode (ROS node + REST + gRPC around
+ONE engine) and sidecar mode (forwarding to a node process), graceful SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import requests
+
+from akidb_ros.client import GrpcClient, RestClient
+
+from conftest import ROOT, SECOND_MODEL
+from test_sidecar import NodeProcess, wait_until
+
+
+def start_server(tmp_path, *args):
+    ready = tmp_path / f'ready-{uuid.uuid4().hex[:6]}.json'
+    log = open(tmp_path / 'server.log', 'ab')
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'akidb_ros.server', '--host', '127.0.0.1', '--rest-port', '0',
+         '--grpc-port', '0', '--ready-file', str(ready), *args],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, AKIDB_LOG_LEVEL='INFO'))
+    assert wait_until(lambda: ready.exists() or proc.poll() is not None, 90), 'server start'
+    if not ready.exists():
+        pytest.fail((tmp_path / 'server.log').read_text()[-3000:])
+    return proc, json.loads(ready.read_text())
+
+
+def stop_server(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            return None
+    return proc.returncode
+
+
+def test_inprocess_one_engine_three_doors(tmp_path):
+    from akidb_ros.backends import RosBackend
+    ns = '/akidb_main_' + uuid.uuid4().hex[:8]
+    proc, info = start_server(tmp_path, '--mode', 'inprocess', '--ros-args', '-r', f'__ns:={ns}',
+                              '-p', 'diagnostics_period_s:=0.0')
+    ros = None
+    try:
+        assert info['mode'] == 'inprocess' and info['pid'] == proc.pid
+        rest = RestClient(f'http://127.0.0.1:{info["rest_port"]}', timeout_s=60)
+        grpc_c = GrpcClient(f'127.0.0.1:{info["grpc_port"]}', timeout_s=60)
+        a = rest.embed(['one engine'])
+        b = grpc_c.embed(['one engine'], normalize=True)
+        assert abs(a.embeddings - b.embeddings).max() < 1e-6
+        ros = RosBackend(prefix=ns, timeout_s=10)
+        assert wait_until(ros.ready, 30, 0.2), 'in-process ROS node not reachable over DDS'
+        # a model loaded through REST is loaded for the ROS door too: one shared engine
+        rest.load_model(SECOND_MODEL)
+        status = {m.id: m.status.value for m in ros.list_models()}
+        assert status[SECOND_MODEL] == 'loaded'
+        grpc_c.close()
+    finally:
+        if ros is not None:
+            ros.close()
+        t0 = time.monotonic()
+        rc = stop_server(proc)
+    assert rc == 0 and time.monotonic() - t0 < 15
+    log = (tmp_path / 'server.log').read_text()
+    assert '"akidb-server stopped"' in log
+
+
+def test_sidecar_mode_process(tmp_path):
+    ns = '/akidb_side_' + uuid.uuid4().hex[:8]
+    node = NodeProcess(ns, str(tmp_path))
+    node.start()
+    proc = None
+    try:
+        proc, info = start_server(tmp_path, '--mode', 'sidecar', '--ros-prefix', ns)
+        url = f'http://127.0.0.1:{info["rest_port"]}'
+        assert wait_until(lambda: requests.get(url + '/health/ready', timeout=5).status_code
+                          == 200, 90, 0.3)
+        out = RestClient(url, timeout_s=30).embed(['over the sidecar'])
+        assert out.embeddings.shape == (1, 384)
+        assert requests.get(url + '/health', timeout=5).json()['mode'] == 'sidecar'
+    finally:
+        if proc is not None:
+            assert stop_server(proc) == 0
+        node.stop()
+
+
+def test_bad_arguments_fail_cleanly(tmp_path):
+    r = subprocess.run([sys.executable, '-m', 'akidb_ros.server', '--mode', 'nope'],
+                       cwd=ROOT, capture_output=True, timeout=60)
+    assert r.returncode == 2 and b'invalid choice' in r.stderr

@@ -1,0 +1,155 @@
+"""Batching: order, token budget, padding bound, deadlines, shedding at 95 %, admin lane."""
+import threading
+
+import numpy as np
+import pytest
+
+from akidb_ros.engine import EmbedRequest, EngineError, ErrorCode, Priority
+from akidb_ros.observability import metrics
+from engine_support import MINILM, Gate, make_engine
+
+TEXTS = ['stop', 'the arm is moving to the left shelf now',
+         'battery low', 'lidar detected a person crossing the aisle in front of the robot',
+         'ok', 'navigation goal reached at the charging station near the loading dock ' * 3]
+
+
+@pytest.fixture
+def small_engine(tmp_path):
+    def mutate(raw):
+        raw['engine']['batching'].update(max_batch_size=4, max_batch_tokens=96,
+                                         max_padding_ratio=1.5, max_wait_ms=0)
+        raw['engine']['queue'].update(capacity=20)
+    eng = make_engine(tmp_path, mutate)
+    yield eng
+    eng.close()
+
+
+def gate_of(eng, model=MINILM):
+    return Gate(eng.manager.loaded(model).batcher)
+
+
+def test_concurrent_jobs_batch_within_budgets_and_keep_order(small_engine):
+    eng = small_engine
+    singles = [eng.embed(EmbedRequest(inputs=[t])).embeddings[0] for t in TEXTS]
+    gate = gate_of(eng)
+    gate.close()
+    first = eng.submit(EmbedRequest(inputs=['warm']))
+    assert gate.entered.wait(5)
+    futures = [eng.submit(EmbedRequest(inputs=TEXTS[i:i + 3])) for i in (0, 3)]
+    futures.append(eng.submit(EmbedRequest(inputs=list(reversed(TEXTS)))))
+    gate.open.set()
+    first.result(10)
+    results = [f.result(10).embeddings for f in futures]
+    np.testing.assert_allclose(results[0], singles[0:3], atol=1e-5)
+    np.testing.assert_allclose(results[1], singles[3:6], atol=1e-5)
+    np.testing.assert_allclose(results[2], singles[::-1], atol=1e-5)
+    for (b, width), real in zip(gate.shapes[1:], gate.real_tokens[1:]):
+        assert b <= 4                                   # max_batch_size
+        assert b == 1 or b * width <= 96                # token budget (padded tokens)
+        assert b == 1 or b * width <= 1.5 * real + 1e-9  # padding bound after length sort
+    assert len(gate.shapes) > 2   # 12 sentences could not go in one batch
+
+
+def test_deadline_answers_timeout(small_engine):
+    eng = small_engine
+    gate = gate_of(eng)
+    gate.close()
+    blocker = eng.submit(EmbedRequest(inputs=['hold']))
+    assert gate.entered.wait(5)
+    fut = eng.submit(EmbedRequest(inputs=['late'], timeout_s=0.2))
+    with pytest.raises(EngineError) as err:
+        fut.result(5)
+    assert err.value.code is ErrorCode.TIMEOUT
+    gate.open.set()
+    assert blocker.result(10).embeddings.shape == (1, 384)
+    assert eng.admission.pending == 0
+
+
+def test_shedding_at_95_percent_and_admin_lane(small_engine):
+    eng = small_engine   # capacity 20 -> normal work shed from 19 queued
+    gate = gate_of(eng)
+    gate.close()
+    shed_before = metrics.LOAD_SHED.labels(reason='shed')._value.get()
+    accepted = [eng.submit(EmbedRequest(inputs=[f'n{i}'])) for i in range(19)]
+    assert gate.entered.wait(5)
+    with pytest.raises(EngineError) as err:
+        eng.submit(EmbedRequest(inputs=['one too many']))
+    assert err.value.code is ErrorCode.OVERLOADED and err.value.retry_after_s
+    assert metrics.LOAD_SHED.labels(reason='shed')._value.get() == shed_before + 1
+    admin = eng.submit(EmbedRequest(inputs=['admin probe'], priority=Priority.ADMIN))
+    with pytest.raises(EngineError) as full:
+        eng.submit(EmbedRequest(inputs=['admin 2'], priority=Priority.ADMIN))
+    assert full.value.code is ErrorCode.OVERLOADED and 'full' in full.value.message
+    order = []
+    for i, f in enumerate(accepted):
+        f.add_done_callback(lambda _f, i=i: order.append(i))
+    admin.add_done_callback(lambda _f: order.append('admin'))
+    gate.open.set()
+    for f in accepted + [admin]:
+        assert f.result(10).embeddings.shape == (1, 384)
+    # The admin job was queued last but ran in the very next batch (max_batch_size 4).
+    assert order.index('admin') < 8, order
+    assert eng.admission.pending == 0
+
+
+def test_sixteen_concurrent_callers_match_single_calls(engine):
+    texts = [f'{t} #{i}' for i, t in enumerate(TEXTS * 3)][:16]
+    singles = {t: engine.embed(EmbedRequest(inputs=[t])).embeddings[0] for t in texts}
+    out, errors = {}, []
+    barrier = threading.Barrier(16)
+
+    def call(t):
+        try:
+            barrier.wait(5)
+            for _ in range(5):
+                out.setdefault(t, []).append(engine.embed(EmbedRequest(inputs=[t])).embeddings[0])
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(t,)) for t in texts]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors
+    for t in texts:
+        for v in out[t]:
+            assert np.max(np.abs(v - singles[t])) <= 1e-5
+
+
+def test_close_under_load_answers_every_accepted_request(tmp_path):
+    eng = make_engine(tmp_path)
+    accepted, refused, stop = [], [], threading.Event()
+    lock = threading.Lock()
+
+    def caller(k):
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                f = eng.submit(EmbedRequest(inputs=[f'caller {k} sentence {i} about robots']))
+            except EngineError as exc:
+                with lock:
+                    refused.append(exc.code)
+                if exc.code is ErrorCode.UNAVAILABLE:
+                    return
+                continue
+            with lock:
+                accepted.append(f)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(16)]
+    for th in threads:
+        th.start()
+    while len(accepted) < 200:
+        threading.Event().wait(0.01)
+    eng.close()
+    stop.set()
+    for th in threads:
+        th.join(10)
+    assert all(f.done() for f in accepted), 'an accepted request was left unanswered'
+    answered = [f for f in accepted if f.exception() is None]
+    assert len(answered) == len(accepted)   # drained: all finished with a result
+    assert set(refused) <= {ErrorCode.UNAVAILABLE}
+    with pytest.raises(EngineError) as err:
+        eng.submit(EmbedRequest(inputs=['after close']))
+    assert err.value.code is ErrorCode.UNAVAILABLE

@@ -1,0 +1,98 @@
+"""Vectors match sentence-transformers; pooling, prefixes, normalisation, truncation."""
+import numpy as np
+import pytest
+
+from akidb_ros.engine import EmbedRequest, EngineError, ErrorCode, InputType
+from akidb_ros.engine.text import l2_normalize, pool
+from engine_support import MINILM, MPNET, make_engine, reference
+
+MIN_COSINE = 0.9999
+
+
+def test_minilm_matches_sentence_transformers(engine):
+    sentences, ref = reference('all-MiniLM-L6-v2')
+    res = engine.embed(EmbedRequest(inputs=sentences))
+    assert res.model == MINILM and res.embeddings.shape == (len(sentences), 384)
+    cos = np.sum(res.embeddings * ref, axis=1)
+    assert cos.min() >= MIN_COSINE, cos
+    # The fixed set holds one sentence over the 256-token limit: truncated and reported.
+    assert res.truncated_inputs == 1
+
+
+def test_mpnet_matches_sentence_transformers(engine):
+    sentences, ref = reference('all-mpnet-base-v2')
+    res = engine.embed(EmbedRequest(inputs=sentences, model=MPNET))
+    assert res.embeddings.shape == (len(sentences), 768) and res.dimension == 768
+    assert np.sum(res.embeddings * ref, axis=1).min() >= MIN_COSINE
+
+
+def test_hf_name_resolves_like_the_id(engine):
+    hf_name = 'sentence-transformers/all-MiniLM-L6-v2'
+    a = engine.embed(EmbedRequest(inputs=['robot'], model=hf_name))
+    b = engine.embed(EmbedRequest(inputs=['robot']))
+    assert a.model == b.model == MINILM
+    np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-6)
+
+
+def test_normalize_flag(engine):
+    raw = engine.embed(EmbedRequest(inputs=['a lidar sweep', 'gripper'], normalize=False))
+    norms = np.linalg.norm(raw.embeddings, axis=1)
+    assert np.all(np.abs(norms - 1.0) > 1e-3)
+    unit = engine.embed(EmbedRequest(inputs=['a lidar sweep', 'gripper'], normalize=True))
+    np.testing.assert_allclose(np.linalg.norm(unit.embeddings, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(l2_normalize(raw.embeddings), unit.embeddings, atol=1e-5)
+
+
+def test_truncate_false_refuses_over_long_input(engine):
+    sentences, _ = reference('all-MiniLM-L6-v2')
+    long_text = max(sentences, key=len)
+    with pytest.raises(EngineError) as err:
+        engine.embed(EmbedRequest(inputs=['short', long_text], truncate=False))
+    assert err.value.code is ErrorCode.INPUT_TOO_LONG and 'inputs[1]' in err.value.message
+    ok = engine.embed(EmbedRequest(inputs=['short'], truncate=False))
+    assert ok.truncated_inputs == 0
+
+
+def test_token_usage_counts_special_tokens(engine):
+    res = engine.embed(EmbedRequest(inputs=['hello world']))
+    assert res.total_tokens == 4   # [CLS] hello world [SEP]
+
+
+def test_prefixes_and_pooling_modes_from_config(tmp_path):
+    def mutate(raw):
+        m = raw['models'][0]
+        m.update(query_prefix='query: ', passage_prefix='passage: ')
+        cls = dict(m, id='minilm-cls', pooling='cls')
+        last = dict(m, id='minilm-last', pooling='last_token')
+        raw['models'] += [cls, last]
+    eng = make_engine(tmp_path, mutate)
+    try:
+        q = eng.embed(EmbedRequest(inputs=['where is the dock'], input_type=InputType.QUERY))
+        manual = eng.embed(EmbedRequest(inputs=['query: where is the dock']))
+        plain = eng.embed(EmbedRequest(inputs=['where is the dock']))
+        np.testing.assert_allclose(q.embeddings, manual.embeddings, atol=1e-6)
+        assert not np.allclose(q.embeddings, plain.embeddings, atol=1e-3)
+        p = eng.embed(EmbedRequest(inputs=['where is the dock'], input_type=InputType.PASSAGE))
+        assert not np.allclose(p.embeddings, q.embeddings, atol=1e-3)
+        texts = ['short', 'a much longer sentence about the charging dock']
+        mean = eng.embed(EmbedRequest(inputs=texts, normalize=False)).embeddings
+        cls = eng.embed(EmbedRequest(inputs=texts, model='minilm-cls', normalize=False))
+        last = eng.embed(EmbedRequest(inputs=texts, model='minilm-last', normalize=False))
+        assert not np.allclose(cls.embeddings, mean, atol=1e-3)
+        assert not np.allclose(last.embeddings, cls.embeddings, atol=1e-3)
+        # Batched (padded) results equal one-by-one results for every pooling mode.
+        for model in ('minilm-cls', 'minilm-last'):
+            single = np.stack([eng.embed(EmbedRequest(inputs=[t], model=model, normalize=False))
+                               .embeddings[0] for t in texts])
+            both = eng.embed(EmbedRequest(inputs=texts, model=model, normalize=False)).embeddings
+            np.testing.assert_allclose(single, both, atol=1e-4)
+    finally:
+        eng.close()
+
+
+def test_pool_functions_on_known_arrays():
+    hidden = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)
+    mask = np.array([[1, 1, 0], [1, 1, 1]])
+    np.testing.assert_allclose(pool(hidden, mask, 'mean'), [[1, 2], [8, 9]])
+    np.testing.assert_allclose(pool(hidden, mask, 'cls'), [[0, 1], [6, 7]])
+    np.testing.assert_allclose(pool(hidden, mask, 'last_token'), [[2, 3], [10, 11]])

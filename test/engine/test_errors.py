@@ -1,0 +1,50 @@
+"""Every bad input gets its stable code; the error table maps each code once for every door."""
+import pytest
+
+from akidb_ros.engine import EmbedRequest, EngineError, ErrorCode
+from akidb_ros.engine.errors import error_from_code
+
+
+@pytest.mark.parametrize('request_kwargs, code, fragment', [
+    (dict(inputs=[]), ErrorCode.INVALID_INPUT, 'must not be empty'),
+    (dict(inputs=['ok', '']), ErrorCode.INVALID_INPUT, 'inputs[1] is empty'),
+    (dict(inputs=['ok', '   ']), ErrorCode.INVALID_INPUT, 'inputs[1] is empty'),
+    (dict(inputs='not a list'), ErrorCode.INVALID_INPUT, 'must be a list'),
+    (dict(inputs=['ok', 7]), ErrorCode.INVALID_INPUT, 'inputs[1] is not a string'),
+    (dict(inputs=['bad \ud800 surrogate']), ErrorCode.INVALID_INPUT, 'not valid Unicode'),
+    (dict(inputs=['x'] * 257), ErrorCode.INPUT_TOO_LARGE, '257 inputs exceed the limit of 256'),
+    (dict(inputs=['y' * 40000]), ErrorCode.INPUT_TOO_LARGE, 'inputs[0] has 40000 characters'),
+    (dict(inputs=['€' * 30000] * 200), ErrorCode.INPUT_TOO_LARGE, 'bytes in total'),
+    (dict(inputs=['x'], model='no-such-model'), ErrorCode.MODEL_NOT_FOUND, 'no-such-model'),
+    (dict(inputs=['x'], model='e5-small-v2'), ErrorCode.MODEL_UNAVAILABLE, 'not installed'),
+    (dict(inputs=['x'], timeout_s=-1), ErrorCode.INVALID_INPUT, 'timeout_s'),
+])
+def test_bad_input_codes(engine, request_kwargs, code, fragment):
+    pending = engine.admission.pending
+    with pytest.raises(EngineError) as err:
+        engine.embed(EmbedRequest(**request_kwargs))
+    assert err.value.code is code
+    assert fragment in err.value.message
+    assert engine.admission.pending == pending   # nothing half-accepted
+
+
+def test_error_table_is_complete():
+    for code in ErrorCode:
+        assert 400 <= code.http_status <= 599
+        assert code.grpc_status.isupper()
+        assert code.value.log_level in ('info', 'warning', 'error')
+    # Caller mistakes are 4xx, never 500.
+    for code in (ErrorCode.INVALID_INPUT, ErrorCode.INPUT_TOO_LONG, ErrorCode.INPUT_TOO_LARGE,
+                 ErrorCode.MODEL_NOT_FOUND):
+        assert 400 <= code.http_status < 500
+    assert ErrorCode.INPUT_TOO_LARGE.http_status == 413
+    assert ErrorCode.OVERLOADED.http_status == 503 and ErrorCode.OVERLOADED.retryable
+    assert ErrorCode.TIMEOUT.http_status == 504
+    assert ErrorCode.RATE_LIMITED.http_status == 429
+
+
+def test_codes_round_trip_by_name():
+    assert error_from_code('TIMEOUT', 'm').code is ErrorCode.TIMEOUT
+    assert error_from_code('SOMETHING_NEW', 'm').code is ErrorCode.INTERNAL
+    assert EngineError(ErrorCode.OVERLOADED, 'busy').to_dict() == {'error': 'busy',
+                                                                   'code': 'OVERLOADED'}

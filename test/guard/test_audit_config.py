@@ -1,0 +1,131 @@
+"""Audit log (JSON lines, no secrets, rotation) and the security config (profiles, bind rule)."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from akidb_ros.guard import apikeys, config
+from akidb_ros.guard.audit import REDACTED, AuditLog, scrub
+from akidb_ros.guard.config import SecurityConfigError, check_bind, from_dict, load, startup_banner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_audit_lines_are_json_and_secret_free(tmp_path):
+    path = str(tmp_path / 'a' / 'audit.jsonl')
+    log = AuditLog(path)
+    _, key = apikeys.generate_key()
+    jwt = 'eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl'
+    log.record(
+        'auth_failure',
+        outcome='denied',
+        actor={'peer': '1.2.3.4', 'api_key': key},
+        action='POST /api/v1/embed',
+        request_id='r1',
+        reason='unknown_key',
+        detail=f'got {key} and Bearer {jwt}',
+        authorization=f'Bearer {jwt}',
+        nested={'list': [key, {'token': 'abc'}]},
+        key_id='k0123456789ab',
+    )
+    log.record('key_created', outcome='success', actor={'cli': 'x'}, key_id='k0123456789ab')
+    log.close()
+    text = open(path).read()
+    assert key not in text and jwt not in text and 'abc' not in text
+    lines = [json.loads(x) for x in text.splitlines()]
+    assert len(lines) == 2 and lines[0]['event'] == 'auth_failure' and lines[0]['ts'].endswith('Z')
+    assert lines[0]['actor']['api_key'] == REDACTED and lines[0]['authorization'] == REDACTED
+    assert lines[0]['key_id'] == 'k0123456789ab' and lines[0]['request_id'] == 'r1'
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_audit_appends_and_rotates_by_size(tmp_path):
+    path = str(tmp_path / 'audit.jsonl')
+    AuditLog(path).record('first', outcome='success')
+    log = AuditLog(path, max_bytes=2048, backups=2)  # a restart appends, never truncates
+    for i in range(100):
+        log.record('admin_action', outcome='success', action=f'load model-{i}', pad='x' * 50)
+    log.close()
+    files = sorted(os.listdir(tmp_path))
+    assert files == ['audit.jsonl', 'audit.jsonl.1', 'audit.jsonl.2']
+    for f in files:
+        assert os.path.getsize(tmp_path / f) <= 2048
+        for line in open(tmp_path / f):
+            json.loads(line)
+    last = [json.loads(x) for x in open(path)][-1]
+    assert last['action'] == 'load model-99'
+
+
+def test_scrub_private_key_pem():
+    assert 'PRIVATE KEY' not in json.dumps(scrub({'x': '-----BEGIN PRIVATE KEY-----\nMII...'}))
+
+
+def test_profiles_load_and_validate():
+    dev = load(env={'AKIDB_SECURITY_PROFILE': 'dev'})
+    assert not dev.auth_enabled and not dev.tls_enabled
+    assert dev['rate_limit']['per_client'] == {'rate': 100, 'burst': 20}
+    assert dev['rate_limit']['global'] == {'rate': 1000, 'burst': 200}
+    assert dev['breaker']['open_s'] == 30 and dev['breaker']['half_open_probes'] == 3
+    prod = load(env={'AKIDB_SECURITY_PROFILE': 'prod'})
+    assert prod.auth_enabled and prod.tls_enabled and prod['tls']['require_client_cert']
+    assert prod['auth']['jwt']['max_lifetime_s'] == 3600
+    assert prod['auth']['api_keys']['file'] == os.path.join(ROOT, 'config', 'api_keys.yaml')
+    assert load(env={}).source.endswith('security.dev.yaml')
+
+
+def test_unknown_keys_and_inconsistent_settings_rejected():
+    with pytest.raises(SecurityConfigError, match='rate_limit'):
+        from_dict({'rate_limit': {'per_clinet': {'rate': 1, 'burst': 1}}})
+    with pytest.raises(SecurityConfigError):
+        from_dict({'rate_limit': {'per_client': {'rate': 0, 'burst': 1}}})
+    with pytest.raises(SecurityConfigError, match='at least one'):
+        from_dict({'auth': {'enabled': True, 'api_keys': {'enabled': False}}})
+    with pytest.raises(SecurityConfigError, match='jwt'):
+        from_dict(
+            {'auth': {'enabled': True, 'api_keys': {'enabled': False}, 'jwt': {'enabled': True}}}
+        )
+    with pytest.raises(SecurityConfigError, match='mtls'):
+        from_dict(
+            {'auth': {'enabled': True, 'api_keys': {'enabled': False}, 'mtls': {'enabled': True}}}
+        )
+    with pytest.raises(SecurityConfigError, match='ca_file'):
+        from_dict({'tls': {'enabled': True, 'cert_file': 'a', 'key_file': 'b'}})
+    with pytest.raises(SecurityConfigError):
+        from_dict(
+            {'auth': {'enabled': True, 'api_keys': {'file': 'k.yaml'}, 'disabled_role': 'root'}}
+        )
+    with pytest.raises(SecurityConfigError):
+        load(env={'AKIDB_SECURITY_PROFILE': '../../etc/passwd'})
+
+
+@pytest.mark.parametrize(
+    'host,ok',
+    [
+        ('127.0.0.1', True),
+        ('::1', True),
+        ('localhost', True),
+        ('127.0.0.53', True),
+        ('0.0.0.0', False),
+        ('::', False),
+        ('10.0.0.5', False),
+        ('example.com', False),
+        ('', False),
+    ],
+)
+def test_no_auth_means_loopback_only(host, ok):
+    dev = from_dict({})
+    if ok:
+        check_bind(dev, host)
+    else:
+        with pytest.raises(SecurityConfigError, match='refusing to bind'):
+            check_bind(dev, host)
+    check_bind(from_dict({'auth': {'enabled': True, 'api_keys': {'file': 'k.yaml'}}}), host)
+
+
+def test_startup_banner_says_what_is_on():
+    assert 'authentication OFF' in startup_banner(from_dict({}), '127.0.0.1', 8080)
+    prod = config.load(env={'AKIDB_SECURITY_PROFILE': 'prod'})
+    b = startup_banner(prod, '0.0.0.0', 8443)
+    assert 'api_keys+jwt+mtls' in b and 'TLS 1.3 + client certificates' in b

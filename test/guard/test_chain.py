@@ -1,0 +1,251 @@
+"""The chain as the doors use it: Guard.check / door_hook with akidb_ros.doors.DoorCall."""
+
+import json
+
+import pytest
+from prometheus_client import REGISTRY
+
+from akidb_ros.engine.errors import EngineError, ErrorCode
+from akidb_ros.engine.types import Priority
+from akidb_ros.guard import AuditLog, Credentials, Guard, Permission
+from akidb_ros.guard.apikeys import create_key, revoke_key
+from akidb_ros.guard.breaker import State
+from akidb_ros.guard.identity import AuthMethod, Role
+
+
+def sample(name, labels):
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+def setup(tmp_path, clock):
+    keys = str(tmp_path / 'keys.yaml')
+    audit_path = str(tmp_path / 'audit.jsonl')
+    made = {r: create_key(keys, Role(r), f'{r}-svc') for r in ('viewer', 'developer', 'admin')}
+    guard = Guard(
+        {
+            'auth': {
+                'enabled': True,
+                'api_keys': {'enabled': True, 'file': keys, 'reload_interval_s': 0},
+            },
+            'rate_limit': {
+                'per_client': {'rate': 100, 'burst': 20},
+                'roles': {'admin': {'rate': 1000, 'burst': 200}},
+            },
+            'breaker': {'open_s': 30},
+            'audit': {'file': audit_path},
+        },
+        clock=clock,
+    )
+    return (
+        guard,
+        {r: v[1] for r, v in made.items()},
+        {r: v[0] for r, v in made.items()},
+        audit_path,
+        keys,
+    )
+
+
+def door_call(op, headers=None, model='', transport='rest'):
+    from akidb_ros.doors import DoorCall
+
+    return DoorCall(
+        transport=transport,
+        operation=op,
+        request_id='req-1',
+        headers=headers or {},
+        peer='10.1.2.3',
+        model=model,
+    )
+
+
+def test_door_hook_happy_path_sets_principal_and_headers(setup):
+    guard, keys, recs, _, _ = setup
+    call = door_call('embed', {'x-api-key': keys['developer']}, model='m1')
+    done = guard.door_hook(call)
+    assert call.principal.role is Role.DEVELOPER and call.principal.key_id == recs['developer'].id
+    assert call.response_headers['X-RateLimit-Limit'] == '100'
+    assert call.response_headers['X-RateLimit-Remaining'] == '19'
+    done(None)
+    assert guard.breaker_for('m1').snapshot()['window_calls'] == 1
+
+
+def test_401_403_codes_audit_and_metrics(setup):
+    guard, keys, recs, audit_path, _ = setup
+    before = sample(
+        'akidb_auth_failures_total',
+        {'method': 'api_key', 'reason': 'unknown_key', 'transport': 'rest'},
+    )
+    with pytest.raises(EngineError) as e:
+        guard.door_hook(door_call('embed', {}))
+    assert e.value.code is ErrorCode.UNAUTHENTICATED
+    with pytest.raises(EngineError) as e:
+        guard.door_hook(door_call('embed', {'x-api-key': 'akidb.k0123456789ab.' + 'B' * 43}))
+    assert e.value.code is ErrorCode.UNAUTHENTICATED
+    with pytest.raises(EngineError) as e:
+        guard.door_hook(door_call('embed', {'x-api-key': keys['viewer']}))
+    assert e.value.code is ErrorCode.PERMISSION_DENIED
+    after = sample(
+        'akidb_auth_failures_total',
+        {'method': 'api_key', 'reason': 'unknown_key', 'transport': 'rest'},
+    )
+    assert after == before + 1
+    lines = [json.loads(x) for x in open(audit_path)]
+    events = [(x['event'], x.get('reason')) for x in lines]
+    assert ('auth_failure', 'unauthenticated') in events
+    assert ('auth_failure', 'unknown_key') in events
+    assert ('permission_denied', 'forbidden') in events
+    denied = [x for x in lines if x['event'] == 'permission_denied'][0]
+    assert denied['actor']['key_id'] == recs['viewer'].id and denied['actor']['role'] == 'viewer'
+    assert denied['request_id'] == 'req-1' and denied['transport'] == 'rest'
+    text = open(audit_path).read()
+    assert all(k not in text for k in keys.values())
+
+
+def test_revoked_key_refused_on_next_request_without_restart(setup):
+    guard, keys, recs, _, key_file = setup
+    guard.door_hook(door_call('list_models', {'x-api-key': keys['viewer']}))
+    revoke_key(key_file, recs['viewer'].id)
+    with pytest.raises(EngineError) as e:
+        guard.door_hook(door_call('list_models', {'x-api-key': keys['viewer']}))
+    assert e.value.code is ErrorCode.UNAUTHENTICATED and 'revoked' in e.value.message
+
+
+def test_rate_limit_429_with_headers_and_metric(setup):
+    guard, keys, _, _, _ = setup
+    before = sample('akidb_rate_limited_total', {'scope': 'client', 'transport': 'rest'})
+    for _ in range(20):
+        guard.door_hook(door_call('list_models', {'x-api-key': keys['developer']}))
+    with pytest.raises(EngineError) as e:
+        guard.door_hook(door_call('list_models', {'x-api-key': keys['developer']}))
+    err = e.value
+    assert err.code is ErrorCode.RATE_LIMITED and err.code.http_status == 429
+    assert err.headers['Retry-After'] == '1' and err.headers['X-RateLimit-Remaining'] == '0'
+    assert (
+        sample('akidb_rate_limited_total', {'scope': 'client', 'transport': 'rest'}) == before + 1
+    )
+    # admin has its own, larger bucket (per-role override)
+    for _ in range(50):
+        guard.door_hook(door_call('list_models', {'x-api-key': keys['admin']}))
+
+
+def test_breaker_through_the_hook(setup, clock):
+    guard, keys, _, audit_path, _ = setup
+    hdr = {'x-api-key': keys['admin']}
+    for _ in range(10):
+        guard.door_hook(door_call('embed', hdr, model='sick'))(EngineError(ErrorCode.TIMEOUT, 't'))
+    with pytest.raises(EngineError) as e:
+        guard.door_hook(door_call('embed', hdr, model='sick'))
+    assert e.value.code is ErrorCode.CIRCUIT_OPEN and e.value.retry_after_s == pytest.approx(30)
+    guard.door_hook(door_call('embed', hdr, model='healthy'))(None)  # other models unaffected
+    assert sample('akidb_circuit_breaker_state', {'model': 'sick'}) == 2
+    clock.advance(30)
+    for _ in range(3):
+        guard.door_hook(door_call('embed', hdr, model='sick'))(None)
+    assert guard.breaker_for('sick').state is State.CLOSED
+    trans = [json.loads(x) for x in open(audit_path) if 'breaker_transition' in x]
+    assert [t['outcome'] for t in trans] == ['open', 'half_open', 'closed']
+
+
+def test_admin_actions_are_audited(setup):
+    guard, keys, _, audit_path, _ = setup
+    call = door_call('load_model', {'x-api-key': keys['admin']}, model='all-mpnet-base-v2')
+    guard.door_hook(call)(None)
+    call = door_call('unload_model', {'x-api-key': keys['admin']}, model='x')
+    guard.door_hook(call)(EngineError(ErrorCode.MODEL_NOT_FOUND, 'nope'))
+    acts = [json.loads(x) for x in open(audit_path) if 'admin_action' in x]
+    assert [(a['action'], a['outcome']) for a in acts] == [
+        ('load_model all-mpnet-base-v2', 'success'),
+        ('unload_model x', 'failure'),
+    ]
+    assert acts[1]['code'] == 'MODEL_NOT_FOUND' and acts[0]['actor']['role'] == 'admin'
+
+
+def test_public_liveness_needs_nothing(setup):
+    guard, _, _, _, _ = setup
+    d = guard.check('GET /health/live', Credentials())
+    assert d.permission is Permission.PUBLIC and d.headers == {}
+    assert guard.door_hook(door_call('live')) is not None
+
+
+def test_ambiguous_and_disabled_methods(setup):
+    guard, keys, _, _, _ = setup
+    with pytest.raises(EngineError) as e:
+        guard.check('GET /models', Credentials(api_key=keys['admin'], bearer='a.b.c'))
+    assert e.value.code is ErrorCode.UNAUTHENTICATED
+    with pytest.raises(EngineError) as e:  # JWT not configured in this guard
+        guard.check('GET /models', Credentials(bearer='a.b.c'))
+    assert e.value.code is ErrorCode.UNAUTHENTICATED and 'not accepted' in e.value.message
+
+
+def test_priority_lane_for_admin(setup):
+    guard, keys, _, _, _ = setup
+    assert (
+        guard.check('POST /api/v1/embed', Credentials(api_key=keys['admin'])).priority
+        is Priority.ADMIN
+    )
+    assert (
+        guard.check('POST /api/v1/embed', Credentials(api_key=keys['developer'])).priority
+        is Priority.NORMAL
+    )
+
+
+def test_dev_profile_everyone_is_the_disabled_role(clock):
+    guard = Guard({}, clock=clock, audit=AuditLog(None))
+    d = guard.check('POST /admin/models/load', Credentials(peer='ipv4:127.0.0.1:5000'))
+    assert d.identity.method is AuthMethod.DISABLED and d.identity.role is Role.ADMIN
+    assert d.identity.client_id == 'peer:127.0.0.1'
+    for _ in range(19):
+        guard.check('GET /models', Credentials(peer='127.0.0.1'))
+    with pytest.raises(EngineError) as e:  # rate limits still apply, per peer
+        guard.check('GET /models', Credentials(peer='127.0.0.1'))
+    assert e.value.code is ErrorCode.RATE_LIMITED
+    guard.check('GET /models', Credentials(peer='127.0.0.2'))
+
+
+def test_jwt_and_mtls_through_the_chain(tmp_path, rsa_keys, pki, clock):
+    from akidb_ros.guard.jwt import issue_token
+
+    guard = Guard(
+        {
+            'auth': {
+                'enabled': True,
+                'api_keys': {'enabled': False},
+                'jwt': {
+                    'enabled': True,
+                    'public_key_file': rsa_keys['pem'],
+                    'issuer': 'i',
+                    'audience': 'a',
+                },
+                'mtls': {'enabled': True},
+            },
+            'tls': {
+                'enabled': True,
+                'cert_file': pki['server'][0],
+                'key_file': pki['server'][1],
+                'ca_file': pki['ca'].path,
+            },
+            'audit': {'enabled': False},
+        },
+        clock=clock,
+    )
+    tok = issue_token(rsa_keys['good'], subject='svc', role='operator', issuer='i', audience='a')
+    from akidb_ros.doors import DoorCall
+
+    call = DoorCall(
+        transport='grpc',
+        operation='metrics',
+        request_id='r',
+        headers={'authorization': f'Bearer {tok}'},
+        peer='ipv4:10.0.0.1:4444',
+    )
+    guard.door_hook(call)
+    assert call.principal.subject == 'svc' and call.principal.role is Role.OPERATOR
+    with pytest.raises(EngineError) as e:  # API keys switched off here
+        guard.check('GET /metrics', Credentials(api_key='akidb.k0123456789ab.' + 'A' * 43))
+    assert e.value.code is ErrorCode.UNAUTHENTICATED
+    cert = open(pki['clients']['operator'][0]).read()
+    call = DoorCall(transport='grpc', operation='metrics', request_id='r', headers={}, peer='p')
+    call.peer_cert = cert
+    guard.door_hook(call)
+    assert call.principal.method is AuthMethod.MTLS and call.principal.subject == 'operator-client'

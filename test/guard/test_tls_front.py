@@ -1,0 +1,146 @@
+"""REST over TLS 1.3: the in-process TLS front before a real waitress server (which has no TLS
+of its own), with real handshakes, keep-alive, large bodies and identity from the handshake."""
+
+import http.client
+import json
+import socket
+import ssl
+import threading
+
+import pytest
+
+from akidb_ros.engine.errors import EngineError
+from akidb_ros.guard import Guard
+from akidb_ros.guard.mtls import ReloadingTLSContext, TLSSettings, build_client_context
+from akidb_ros.guard.tls_front import TLSFront
+
+waitress = pytest.importorskip('waitress')
+
+
+@pytest.fixture(scope='module')
+def stack(pki):
+    from waitress.server import create_server
+
+    guard = Guard(
+        {
+            'auth': {'enabled': True, 'api_keys': {'enabled': False}, 'mtls': {'enabled': True}},
+            'tls': {
+                'enabled': True,
+                'cert_file': pki['server'][0],
+                'key_file': pki['server'][1],
+                'ca_file': pki['ca'].path,
+            },
+            'rate_limit': {'enabled': False},
+            'audit': {'enabled': False},
+        }
+    )
+    holder = {}
+
+    def app(environ, start_response):
+        body = environ['wsgi.input'].read(int(environ.get('CONTENT_LENGTH') or 0))
+        try:
+            creds = holder['front'].credentials(environ)
+            d = guard.check(f'{environ["REQUEST_METHOD"]} {environ["PATH_INFO"]}', creds)
+            out = {
+                'subject': d.identity.subject,
+                'role': d.identity.role.value if d.identity.role else None,
+                'peer': creds.peer,
+                'len': len(body),
+            }
+            status = '200 OK'
+        except EngineError as exc:
+            out, status = exc.to_dict(), f'{exc.code.http_status} X'
+        data = json.dumps(out).encode()
+        start_response(
+            status, [('Content-Type', 'application/json'), ('Content-Length', str(len(data)))]
+        )
+        return [data]
+
+    server = create_server(app, host='127.0.0.1', port=0, threads=4, max_request_body_size=1 << 24)
+    threading.Thread(target=server.run, daemon=True).start()
+    tls = ReloadingTLSContext(
+        TLSSettings(pki['server'][0], pki['server'][1], pki['ca'].path, True, reload_interval_s=0)
+    )
+    front = TLSFront(
+        tls,
+        listen=('127.0.0.1', 0),
+        upstream=('127.0.0.1', server.effective_port),
+        handshake_timeout_s=2,
+    ).start()
+    holder['front'] = front
+    yield front, server.effective_port
+    front.stop()
+    server.close()
+
+
+def https(port, pki, role='developer', version=ssl.TLSVersion.TLSv1_3, cert=True):
+    c = pki['clients'][role] if cert else None
+    ctx = build_client_context(
+        pki['ca'].path, *(c[:2] if c else (None, None)), tls_version=version
+    )
+    return http.client.HTTPSConnection('localhost', port, context=ctx, timeout=10)
+
+
+def test_https_with_client_cert_identity_and_keepalive(stack, pki):
+    front, _ = stack
+    conn = https(front.port, pki, 'operator')
+    for path in ('/metrics', '/health', '/metrics'):
+        conn.request('GET', path)
+        r = conn.getresponse()
+        body = json.loads(r.read())
+        assert (
+            r.status == 200
+            and body['subject'] == 'operator-client'
+            and body['peer'] == '127.0.0.1'
+        )
+    conn.request('GET', '/models')  # operator lacks models:read
+    r = conn.getresponse()
+    assert r.status == 403 and json.loads(r.read())['code'] == 'PERMISSION_DENIED'
+    assert conn.sock.version() == 'TLSv1.3'
+    conn.close()
+
+
+def test_large_body_relayed_intact(stack, pki):
+    front, _ = stack
+    conn = https(front.port, pki, 'developer')
+    payload = b'x' * (3 * 1024 * 1024 + 17)
+    conn.request('POST', '/api/v1/embed', body=payload)
+    r = conn.getresponse()
+    assert r.status == 200 and json.loads(r.read())['len'] == len(payload)
+    conn.close()
+
+
+def test_tls12_and_certless_clients_refused(stack, pki):
+    front, _ = stack
+    with pytest.raises(ssl.SSLError):
+        c = https(front.port, pki, version=ssl.TLSVersion.TLSv1_2)
+        c.request('GET', '/health')
+    with pytest.raises(
+        (ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected, BrokenPipeError)
+    ):
+        c = https(front.port, pki, cert=False)
+        c.request('GET', '/health')
+        c.getresponse()
+
+
+def test_bypassing_the_front_gets_no_identity(stack, pki):
+    _, upstream_port = stack
+    conn = http.client.HTTPConnection('127.0.0.1', upstream_port, timeout=10)
+    conn.request(
+        'GET',
+        '/health',
+        headers={'X-Client-Cert': open(pki['clients']['admin'][0]).read().replace('\n', ' ')},
+    )
+    r = conn.getresponse()
+    assert r.status == 401 and json.loads(r.read())['error'] == 'TLS required'
+
+
+def test_silent_client_does_not_block_others(stack, pki):
+    front, _ = stack
+    silent = socket.create_connection(('127.0.0.1', front.port))  # never sends a ClientHello
+    try:
+        conn = https(front.port, pki, 'admin')
+        conn.request('GET', '/health')
+        assert conn.getresponse().status == 200
+    finally:
+        silent.close()

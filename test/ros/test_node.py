@@ -1,0 +1,291 @@
+"""The embedding node over real DDS: the node runs in its own process (fixture ``node``)."""
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from ros_support import call, metric_value, ROOT, scrape
+from diagnostic_msgs.msg import DiagnosticArray
+from lifecycle_msgs.msg import State, Transition
+from lifecycle_msgs.srv import ChangeState, GetState
+from rcl_interfaces.msg import ParameterType
+from rcl_interfaces.srv import GetParameters, SetParameters
+from rclpy.parameter import Parameter
+
+from akidb_ros.engine import EmbeddingEngine, EmbedRequest, load_config
+from akidb_ros.ros.conversions import embeddings_from_response
+from akidb_ros.ros.loadgen import ConcurrentCaller
+from akidb_ros.srv import Embed, ListModels, LoadModel, UnloadModel
+
+DEFAULT = 'all-minilm-l6-v2'
+MPNET = 'all-mpnet-base-v2'
+SENTENCES = [
+    'The robot picked up the red cup.',
+    'Navigation stack lost localisation near the charging dock.',
+    'hello',
+    'A quick brown fox jumps over the lazy dog while the battery drains slowly.',
+    'Gripper force exceeded the safety threshold.',
+    'Where is the kitchen?',
+    'LIDAR returns are sparse on glass surfaces, so mapping the atrium takes longer.',
+    'ok',
+    'Embeddings turn text into vectors.',
+    'Obstacle detected at 0.4 metres, slowing down.',
+    'The arm completed 120 pick-and-place cycles without a fault.',
+    'Please bring me the blue toolbox from the workshop on the second floor.',
+    'Temperature of motor 3 is 71 degrees.',
+    'Unit tests passed.',
+    'Semantic search over robot logs finds similar incidents across the fleet quickly.',
+    'Stop.',
+]
+
+
+def embed(client, inputs, **kw):
+    return client.embed(inputs, **kw)
+
+
+def test_embed_returns_one_unit_vector_per_input(client):
+    resp = embed(client, SENTENCES[:3])
+    assert resp.success, resp.message
+    assert (resp.error_code, resp.message) == ('', '')
+    assert resp.model == DEFAULT and resp.dimension == 384
+    vecs = embeddings_from_response(resp)
+    assert vecs.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert resp.total_tokens > 3 and resp.truncated_inputs == 0 and resp.duration_ms > 0
+    # input order: the single-input calls give the same rows
+    for i, text in enumerate(SENTENCES[:3]):
+        one = embeddings_from_response(embed(client, [text]))[0]
+        assert np.abs(one - vecs[i]).max() <= 1e-5
+
+
+def test_vectors_equal_the_engine_in_process(client):
+    """The DDS door adds nothing: same vectors as engine.embed() in this process."""
+    with EmbeddingEngine(load_config()) as engine:
+        engine.start()
+        ref = engine.embed(EmbedRequest(inputs=SENTENCES[:4])).embeddings
+        raw = engine.embed(EmbedRequest(inputs=SENTENCES[:2], normalize=False)).embeddings
+    got = embeddings_from_response(embed(client, SENTENCES[:4]))
+    assert np.abs(got - ref).max() <= 1e-5
+    got_raw = embeddings_from_response(embed(client, SENTENCES[:2], normalize=False))
+    assert np.abs(got_raw - raw).max() <= 1e-5
+    assert abs(np.linalg.norm(got_raw[0]) - 1.0) > 1e-3    # normalize=false really is raw
+
+
+def test_list_models(client):
+    resp = call(client, ListModels, 'list_models', ListModels.Request())
+    by_id = {m.id: m for m in resp.models}
+    assert resp.default_model == DEFAULT
+    d = by_id[DEFAULT]
+    assert (d.status, d.dimension, d.is_default) == ('loaded', 384, True)
+    assert d.provider and d.max_tokens == 256 and d.params > 0 and d.memory_mb > 0
+    assert d.name == 'sentence-transformers/all-MiniLM-L6-v2'
+    assert by_id[MPNET].dimension == 768 and not by_id[MPNET].is_default
+    assert by_id[MPNET].status in ('available', 'loaded')
+    assert {m.status for m in resp.models} <= {'loaded', 'available', 'loading', 'failed',
+                                               'unavailable'}
+
+
+def test_load_embed_unload_mpnet(client):
+    resp = call(client, LoadModel, 'load_model', LoadModel.Request(model=MPNET), timeout=120)
+    assert resp.success, f'{resp.error_code}: {resp.message}'
+    info = resp.model_info
+    assert (info.id, info.status, info.dimension) == (MPNET, 'loaded', 768)
+    out = embed(client, ['a sentence for the bigger model'], model=MPNET, timeout_s=60)
+    assert out.success and out.model == MPNET and out.dimension == 768
+    assert len(out.embeddings[0].values) == 768
+    listed = {m.id: m.status for m in call(client, ListModels, 'list_models',
+                                           ListModels.Request()).models}
+    assert listed[MPNET] == 'loaded'
+    resp = call(client, UnloadModel, 'unload_model', UnloadModel.Request(model=MPNET),
+                timeout=60)
+    assert resp.success, resp.message
+    assert resp.model_info.status == 'available'
+    listed = {m.id: m.status for m in call(client, ListModels, 'list_models',
+                                           ListModels.Request()).models}
+    assert listed[MPNET] == 'available' and listed[DEFAULT] == 'loaded'
+
+
+@pytest.mark.parametrize('srv,name', [(LoadModel, 'load_model'), (UnloadModel, 'unload_model')])
+@pytest.mark.parametrize('model,code', [('no-such-model', 'MODEL_NOT_FOUND'),
+                                        ('', 'INVALID_INPUT')])
+def test_load_unload_errors(client, srv, name, model, code):
+    resp = call(client, srv, name, srv.Request(model=model))
+    assert not resp.success
+    assert resp.error_code == code and resp.message
+
+
+def test_load_uninstalled_model_fails_cleanly(client):
+    resp = call(client, LoadModel, 'load_model', LoadModel.Request(model='e5-small-v2'))
+    assert not resp.success and resp.error_code in ('MODEL_UNAVAILABLE', 'MODEL_LOAD_FAILED')
+
+
+LONG = ' '.join(['word'] * 600)     # > 256 tokens of all-MiniLM-L6-v2
+
+
+@pytest.mark.parametrize('inputs,kw,code', [
+    ([], {}, 'INVALID_INPUT'),
+    ([''], {}, 'INVALID_INPUT'),
+    (['ok', '   '], {}, 'INVALID_INPUT'),
+    (['hello'], {'model': 'no-such-model'}, 'MODEL_NOT_FOUND'),
+    (['x' * 40000], {}, 'INPUT_TOO_LARGE'),
+    (['hi'] * 257, {}, 'INPUT_TOO_LARGE'),
+    ([LONG], {'truncate': False}, 'INPUT_TOO_LONG'),
+    (['hello'], {'input_type': 'question'}, 'INVALID_INPUT'),
+], ids=['empty-list', 'empty-string', 'blank-string', 'unknown-model', 'oversized-input',
+        'too-many-inputs', 'too-long-no-truncate', 'bad-input-type'])
+def test_bad_input_answered_with_its_code(client, inputs, kw, code):
+    resp = embed(client, inputs, **kw)
+    assert not resp.success
+    assert resp.error_code == code, resp.message
+    assert resp.message and len(resp.embeddings) == 0
+
+
+def test_negative_timeout_refused(client):
+    resp = client.call('embed', Embed.Request(inputs=['hi'], timeout_s=-1.0))
+    assert (resp.success, resp.error_code) == (False, 'INVALID_INPUT')
+
+
+def test_long_input_truncated_by_default(client):
+    resp = embed(client, [LONG, 'short'])
+    assert resp.success and resp.truncated_inputs == 1 and len(resp.embeddings) == 2
+
+
+def test_concurrent_clients_match_single_calls_and_batch(client, metrics_port):
+    """16 clients at once get the same vectors as single calls, and the engine batches them."""
+    single = {s: embeddings_from_response(embed(client, [s]))[0] for s in SENTENCES}
+    before = scrape(metrics_port)
+    with ConcurrentCaller(16) as lg:
+        assert lg.wait_ready(30)
+        recs = lg.run(lambda i, seq: Embed.Request(inputs=[SENTENCES[i]]), calls_per_client=4,
+                      timeout_s=60)
+    after = scrape(metrics_port)
+    assert len(recs) == 64
+    worst = 0.0
+    for r in recs:
+        assert r.response is not None, 'a call got no answer'
+        assert r.response.success, r.response.message
+        v = np.asarray(r.response.embeddings[0].values, dtype=np.float32)
+        worst = max(worst, float(np.abs(v - single[SENTENCES[r.client]]).max()))
+    assert worst <= 1e-5
+    lbl = f'model="{DEFAULT}"'
+    n = metric_value(after, 'akidb_batch_size_count', lbl) - \
+        metric_value(before, 'akidb_batch_size_count', lbl)
+    s = metric_value(after, 'akidb_batch_size_sum', lbl) - \
+        metric_value(before, 'akidb_batch_size_sum', lbl)
+    assert n > 0 and s == 64
+    assert s / n > 1.5, f'concurrent calls were not batched: {s / n:.2f} sentences/batch'
+    ros_ok = metric_value(after, 'akidb_embed_requests_total', 'status="success",transport="ros"')
+    assert ros_ok >= 64
+
+
+def test_diagnostics(client):
+    got = threading.Event()
+    seen = []
+
+    def on_msg(msg):
+        for st in msg.status:
+            if st.name.startswith('/embedding_node'):
+                seen.append(st)
+                got.set()
+    sub = client.node.create_subscription(DiagnosticArray, '/diagnostics', on_msg, 10)
+    try:
+        deadline_spins = 0
+        while not got.is_set() and deadline_spins < 100:
+            client.executor.spin_once(timeout_sec=0.1)
+            deadline_spins += 1
+    finally:
+        client.node.destroy_subscription(sub)
+    assert seen, 'no /diagnostics from the node'
+    st = seen[-1]
+    values = {kv.key: kv.value for kv in st.values}
+    assert st.level == st.OK, st.message
+    assert values['default_model'] == DEFAULT and values['provider']
+    assert int(values['queue_size']) >= 0 and int(values['queue_capacity']) > 0
+    assert values['serving'] == 'true'
+
+
+def _set(client, **params):
+    req = SetParameters.Request(parameters=[
+        Parameter(k.replace('__', '.'), value=v).to_parameter_msg() for k, v in params.items()])
+    return call(client, SetParameters, '/embedding_node/set_parameters', req).results
+
+
+@pytest.mark.parametrize('name,value', [
+    ('batching__max_batch_size', 5000), ('batching__max_batch_size', -3),
+    ('diagnostics_period_s', -1.0), ('queue__capacity', 2_000_000),
+    ('batching__max_wait_ms', 5000.0), ('metrics_port', 70000)])
+def test_out_of_range_parameter_refused(client, name, value):
+    (res,) = _set(client, **{name: value})
+    assert not res.successful
+    assert 'range' in res.reason.lower() or 'read-only' in res.reason.lower(), res.reason
+
+
+def test_parameter_checks(client):
+    (res,) = _set(client, qos_depth=200)
+    assert not res.successful and 'read-only' in res.reason.lower()
+    (res,) = _set(client, device='gpu')
+    assert not res.successful and 'device' in res.reason
+    (res,) = _set(client, batching__max_batch_size=16)      # in range: accepted
+    assert res.successful
+    (res,) = _set(client, diagnostics_period_s=1.0)
+    assert res.successful
+    got = call(client, GetParameters, '/embedding_node/get_parameters',
+               GetParameters.Request(names=['batching.max_batch_size', 'qos_depth']))
+    assert got.values[0].type == ParameterType.PARAMETER_INTEGER
+    assert [v.integer_value for v in got.values] == [16, 100]
+    _set(client, batching__max_batch_size=0)
+
+
+def _state(client) -> int:
+    return call(client, GetState, '/embedding_node/get_state', GetState.Request()).current_state.id
+
+
+def test_lifecycle_deactivate_refuses_activate_serves(client):
+    assert _state(client) == State.PRIMARY_STATE_ACTIVE
+    res = call(client, ChangeState, '/embedding_node/change_state',
+               ChangeState.Request(transition=Transition(id=Transition.TRANSITION_DEACTIVATE)))
+    assert res.success
+    try:
+        assert _state(client) == State.PRIMARY_STATE_INACTIVE
+        resp = embed(client, ['hello'])
+        assert (resp.success, resp.error_code) == (False, 'UNAVAILABLE')
+    finally:
+        res = call(client, ChangeState, '/embedding_node/change_state',
+                   ChangeState.Request(transition=Transition(id=Transition.TRANSITION_ACTIVATE)))
+    assert res.success and _state(client) == State.PRIMARY_STATE_ACTIVE
+    assert embed(client, ['hello']).success
+
+
+def _cli(*args):
+    code = 'import sys; from akidb_ros.ros.cli import {0}; sys.exit({0}())'
+    fn = 'models_main' if args and args[0] == 'models' else 'embed_main'
+    argv = args[1:] if args and args[0] == 'models' else args
+    return subprocess.run([sys.executable, '-c', code.format(fn), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_embed_and_models(client):
+    p = _cli('hello', 'Where is the kitchen?', '--json')
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out['dimension'] == 384 and len(out['embeddings']) == 2
+    single = embeddings_from_response(embed(client, ['Where is the kitchen?']))[0]
+    assert np.abs(np.asarray(out['embeddings'][1], np.float32) - single).max() <= 1e-5
+    p = _cli('hello')
+    assert p.returncode == 0 and 'dimension 384' in p.stdout
+    p = _cli('   ')
+    assert p.returncode == 1 and 'INVALID_INPUT' in p.stderr
+    p = _cli('models', '--json')
+    assert p.returncode == 0, p.stderr
+    listed = json.loads(p.stdout)
+    assert listed['default_model'] == DEFAULT
+    assert {m['id'] for m in listed['models']} >= {DEFAULT, MPNET}
+    p = _cli('models')
+    assert p.returncode == 0 and DEFAULT in p.stdout
+
+
+def test_cli_no_node_exits_2(client):
+    p = _cli('hello', '--namespace', '/nobody_here', '--timeout', '1')
+    assert p.returncode == 2 and 'no node offers /nobody_here/embed' in p.stderr

@@ -1,0 +1,173 @@
+"""The ROS package itself: interfaces, package.xml, launch files, params file, layout, linters.
+
+The linter tests mirror ament_flake8 / ament_pep257 / ament_xmllint, which are not on PyPI.
+"""
+import ast
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+import yaml
+from ros_support import ROOT
+
+from akidb_ros.msg import Embedding, ModelInfo
+from akidb_ros.ros import params as P
+from akidb_ros.srv import Embed, ListModels, LoadModel, UnloadModel
+
+ROS_PY = [ROOT / 'akidb_ros' / 'ros', ROOT / 'test' / 'ros', ROOT / 'launch',
+          ROOT / 'bench' / 'ros_bench.py']
+LAUNCH_ARGS = {'params_file', 'namespace', 'log_level'}
+
+
+def test_embed_interface():
+    req = Embed.Request.get_fields_and_field_types()
+    assert {k: req[k] for k in ('model', 'inputs', 'normalize', 'truncate')} == {
+        'model': 'string', 'inputs': 'sequence<string>', 'normalize': 'boolean',
+        'truncate': 'boolean'}
+    # optional fields the REST/gRPC sidecar (akidb_ros.backends.RosBackend) fills in
+    assert {k: req[k] for k in ('timeout_s', 'request_id', 'traceparent', 'input_type')} == {
+        'timeout_s': 'double', 'request_id': 'string', 'traceparent': 'string',
+        'input_type': 'string'}
+    r = Embed.Request()
+    assert (r.normalize, r.truncate) == (True, True)    # ROS has no 'unset': default true
+    resp = Embed.Response.get_fields_and_field_types()
+    assert resp == {
+        'embeddings': 'sequence<akidb_ros/Embedding>', 'model': 'string', 'dimension': 'uint32',
+        'total_tokens': 'uint32', 'truncated_inputs': 'uint32', 'duration_ms': 'double',
+        'success': 'boolean', 'error_code': 'string', 'message': 'string'}
+    assert Embedding.get_fields_and_field_types() == {'values': 'sequence<float>'}
+
+
+def test_model_info_and_admin_interfaces():
+    fields = ModelInfo.get_fields_and_field_types()
+    for name in ('id', 'name', 'dimension', 'params', 'memory_mb', 'max_tokens',
+                 'latency_p95_ms', 'throughput_qps', 'status', 'provider', 'is_default'):
+        assert name in fields
+    assert ModelInfo.STATUS_LOADED == 'loaded' and ModelInfo.STATUS_FAILED == 'failed'
+    assert ListModels.Response.get_fields_and_field_types() == {
+        'models': 'sequence<akidb_ros/ModelInfo>', 'default_model': 'string'}
+    for srv in (LoadModel, UnloadModel):
+        assert srv.Request.get_fields_and_field_types() == {'model': 'string'}
+        assert srv.Response.get_fields_and_field_types() == {
+            'success': 'boolean', 'error_code': 'string', 'message': 'string',
+            'model_info': 'akidb_ros/ModelInfo'}
+
+
+def test_generated_and_source_halves_join_from_any_directory(tmp_path):
+    """Interfaces from the venv's site-packages, Python code from the source tree."""
+    code = ('import akidb_ros.srv, akidb_ros.msg, akidb_ros.ros.node, akidb_ros.engine; '
+            'print(akidb_ros.srv.__file__); print(akidb_ros.ros.node.__file__)')
+    out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    srv_file, node_file = out.stdout.split()
+    assert 'site-packages' in srv_file
+    assert node_file == str(ROOT / 'akidb_ros' / 'ros' / 'node.py')
+
+
+def test_package_xml_is_valid_format_3():
+    from catkin_pkg.package import parse_package
+    pkg = parse_package(str(ROOT / 'package.xml'))
+    pkg.validate()
+    assert pkg.name == 'akidb_ros' and pkg.package_format == 3
+    assert {d.name for d in pkg.buildtool_depends} >= {'ament_cmake', 'ament_cmake_python',
+                                                       'rosidl_default_generators'}
+    assert {d.name for d in pkg.exec_depends} >= {'rosidl_default_runtime', 'rclpy',
+                                                  'diagnostic_msgs', 'lifecycle_msgs'}
+    assert 'rosidl_interface_packages' in [g.name for g in pkg.member_of_groups]
+    assert pkg.get_build_type() == 'ament_cmake'
+
+
+def test_cmake_generates_every_interface():
+    cmake = (ROOT / 'CMakeLists.txt').read_text()
+    for f in sorted((ROOT / 'msg').glob('*.msg')) + sorted((ROOT / 'srv').glob('*.srv')):
+        assert f'"{f.parent.name}/{f.name}"' in cmake, f'{f.name} not in CMakeLists.txt'
+
+
+def test_python_launch_file_parses():
+    path = ROOT / 'launch' / 'embedding_node.launch.py'
+    tree = ast.parse(path.read_text(), filename=str(path))
+    funcs = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert 'generate_launch_description' in funcs
+    declared = {c.args[0].value for c in ast.walk(tree) if isinstance(c, ast.Call)
+                and getattr(c.func, 'id', '') == 'DeclareLaunchArgument'}
+    assert declared == LAUNCH_ARGS
+    calls = {getattr(c.func, 'id', '') for c in ast.walk(tree) if isinstance(c, ast.Call)}
+    assert 'LifecycleNode' in calls
+    kws = {k.arg: k.value for c in ast.walk(tree) if isinstance(c, ast.Call)
+           and getattr(c.func, 'id', '') == 'LifecycleNode' for k in c.keywords}
+    assert ast.literal_eval(kws['executable']) == 'embedding_node'
+    assert ast.literal_eval(kws['package']) == 'akidb_ros'
+    compile(path.read_text(), str(path), 'exec')
+
+
+def test_xml_launch_file_parses():
+    path = ROOT / 'launch' / 'embedding_node.launch.xml'
+    if shutil.which('xmllint'):
+        out = subprocess.run(['xmllint', '--noout', str(path)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+    root = ET.parse(path).getroot()
+    assert root.tag == 'launch'
+    assert {a.get('name') for a in root.findall('arg')} == LAUNCH_ARGS
+    (node,) = root.findall('lifecycle_node')
+    assert (node.get('pkg'), node.get('exec')) == ('akidb_ros', 'embedding_node')
+    assert node.get('namespace') == '$(var namespace)'
+    assert '$(var log_level)' in node.get('ros_args')
+    assert node.find('param').get('from') == '$(var params_file)'
+
+
+@pytest.mark.skipif(not shutil.which('xmllint'), reason='xmllint (libxml2-utils) not installed')
+def test_xmllint_package_xml():
+    out = subprocess.run(['xmllint', '--noout', str(ROOT / 'package.xml')], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def _flatten(d, prefix=''):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f'{prefix}{k}.')
+        else:
+            yield f'{prefix}{k}', v
+
+
+def test_params_file_matches_declared_parameters():
+    data = yaml.safe_load((ROOT / 'config' / 'params.yaml').read_text())
+    values = dict(_flatten(data['/**']['ros__parameters']))
+    assert set(values) == set(P.PARAMS_BY_NAME)
+    for name, value in values.items():
+        spec = P.PARAMS_BY_NAME[name]
+        assert type(value) is type(spec.default), name
+        assert value == spec.default, f'{name}: params.yaml and the declared default differ'
+        if spec.range:
+            assert spec.range[0] <= value <= spec.range[1]
+
+
+def test_every_parameter_has_a_descriptor():
+    for spec in P.PARAMS:
+        d = spec.descriptor()
+        assert d.description and d.type
+        if isinstance(spec.default, (int, float)) and not isinstance(spec.default, bool):
+            assert d.integer_range or d.floating_point_range, spec.name
+    overrides = P.engine_overrides(lambda n: P.PARAMS_BY_NAME[n].default)
+    assert overrides == {}          # defaults keep config/models.yaml's values
+    got = P.engine_overrides(lambda n: {'batching.max_batch_size': 8, 'device': 'cpu'}.get(
+        n, P.PARAMS_BY_NAME[n].default))
+    assert got == {'engine': {'batching': {'max_batch_size': 8}, 'device': 'cpu'}}
+
+
+def test_flake8():
+    out = subprocess.run([sys.executable, '-m', 'flake8', *map(str, ROS_PY)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_pep257():
+    """ament_pep257's checks on the package code (test functions need no docstrings)."""
+    targets = [str(ROOT / 'akidb_ros' / 'ros'), str(ROOT / 'launch'),
+               str(ROOT / 'bench' / 'ros_bench.py')]
+    out = subprocess.run([sys.executable, '-m', 'pydocstyle', *targets], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -1,0 +1,123 @@
+"""Start-up and shutdown of the node process: cold start, SIGINT when idle, SIGTERM under load."""
+import signal
+import threading
+import time
+
+from ros_support import NodeProcess
+
+from akidb_ros.ros.cli import EmbeddingClient
+from akidb_ros.ros.loadgen import ConcurrentCaller
+from akidb_ros.srv import Embed
+
+COLD_START_LIMIT_S = 10.0      # PRD: cold start to ready on the default model
+IDLE_STOP_LIMIT_S = 1.0        # PRD: exit within 1 s of SIGINT/SIGTERM when idle
+
+
+def test_cold_start_then_idle_sigint_exits_0_within_1s():
+    t0 = time.monotonic()
+    node = NodeProcess(namespace='/cold')
+    try:
+        with EmbeddingClient('/cold', node_name='akidb_cold_client') as c:
+            resp = c.embed(['first call after a cold start'], timeout_s=60)
+            cold_s = time.monotonic() - t0
+            assert resp.success, resp.message
+            ready_s = node.wait_ready(timeout=5)
+        print(f'\ncold start: ready line {ready_s:.2f} s, first answer {cold_s:.2f} s')
+        assert cold_s < COLD_START_LIMIT_S, node.output
+        t_sig = time.monotonic()
+        node.send(signal.SIGINT)
+        rc = node.wait_exit(timeout=10)
+        stop_s = time.monotonic() - t_sig
+        print(f'idle SIGINT -> exit {rc} in {stop_s:.2f} s')
+        assert rc == 0, node.output
+        assert stop_s < IDLE_STOP_LIMIT_S, node.output
+        assert 'SIGINT: stopped' in node.output
+    finally:
+        node.stop()
+
+
+def test_sigterm_under_load_answers_every_accepted_call():
+    """16 clients keep calling; SIGTERM: every call sent gets an answer, the node exits 0."""
+    node = NodeProcess(namespace='/term')
+    node.wait_ready()
+    texts = ['The robot reached waypoint %d and is waiting for the next goal from the planner.'
+             % i for i in range(4)]
+    warmed = threading.Event()
+    stop = threading.Event()
+    issued = [0]
+
+    def make_request(i, seq):
+        issued[0] += 1
+        if issued[0] >= 64:
+            warmed.set()
+        return Embed.Request(inputs=texts)
+
+    try:
+        with ConcurrentCaller(16, namespace='/term', node_name='akidb_term_load') as lg:
+            assert lg.wait_ready(30)
+            out = []
+            runner = threading.Thread(
+                target=lambda: out.extend(lg.run(make_request, stop=stop, timeout_s=30)))
+            runner.start()
+            assert warmed.wait(timeout=60), 'the load never got going'
+            t_sig = time.perf_counter()
+            node.send(signal.SIGTERM)
+            stop.set()                  # no new calls from here; those in flight must land
+            runner.join(timeout=60)
+            rc = node.wait_exit(timeout=30)
+        assert not runner.is_alive()
+        assert rc == 0, node.output
+        lost = [r for r in out if r.response is None]
+        assert not lost, f'{len(lost)} of {len(out)} calls got no answer'
+        codes = {r.response.error_code for r in out if not r.response.success}
+        assert codes <= {'UNAVAILABLE'}, codes
+        ok = [r for r in out if r.response.success]
+        assert all(len(r.response.embeddings) == 4 and r.response.dimension == 384 for r in ok)
+        # calls in flight when the signal arrived were finished, not dropped
+        finished_after = [r for r in ok if r.t_done > t_sig]
+        assert finished_after, 'no call in flight at SIGTERM was answered with its result'
+        print(f'\nSIGTERM under load: {len(out)} calls, {len(ok)} ok, '
+              f'{len(finished_after)} finished after the signal, {len(out) - len(ok)} refused')
+        assert 'SIGTERM: stopped' in node.output
+    finally:
+        stop.set()
+        node.stop()
+
+
+def test_out_of_range_parameter_at_start_is_refused():
+    node = NodeProcess('-p', 'batching.max_batch_size:=5000', namespace='/badparam')
+    try:
+        rc = node.wait_exit(timeout=30)
+        assert rc == 2, node.output
+        assert 'batching.max_batch_size' in node.output
+        assert not node.ready.is_set()
+    finally:
+        node.stop()
+
+
+def test_in_process_node_serves_a_shared_engine():
+    """akidb_ros.server --mode inprocess hosts the node on its engine (start_in_process)."""
+    from akidb_ros.engine import EmbeddingEngine, EmbedRequest, load_config
+    from akidb_ros.ros.node import start_in_process
+
+    with EmbeddingEngine(load_config()) as engine:
+        engine.start()
+        handle = start_in_process(engine, args=[], namespace='/inproc')
+        try:
+            with EmbeddingClient('/inproc', node_name='akidb_inproc_client') as c:
+                resp = c.embed(['shared engine'], timeout_s=30)
+            assert resp.success and resp.dimension == 384
+        finally:
+            handle.stop()
+        # the node is gone, the engine (owned by the caller) still serves
+        assert not engine.closed
+        assert engine.embed(EmbedRequest(inputs=['still here'])).embeddings.shape == (1, 384)
+
+
+def test_invalid_device_in_params_is_refused_at_start():
+    node = NodeProcess('-p', 'device:=gpu', namespace='/baddevice')
+    try:
+        rc = node.wait_exit(timeout=30)
+        assert rc == 2 and 'device must be one of' in node.output, node.output
+    finally:
+        node.stop()
