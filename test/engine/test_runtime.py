@@ -1,0 +1,54 @@
+"""Execution-provider planning (TensorRT -> CUDA -> CPU) and the CPU fallback seen in health."""
+import onnxruntime as ort
+import pytest
+
+from akidb_ros.engine import load_config
+from akidb_ros.engine.runtime import CPU, CUDA, TRT, plan_providers
+from engine_support import MINILM, write_config
+
+
+def _cfg(tmp_path, device='auto'):
+    cfg = load_config(write_config(tmp_path, lambda r: r['engine'].update(
+        device=device, tensorrt_cache=str(tmp_path / 'trt'))), env={})
+    return cfg, cfg.model(MINILM)
+
+
+def test_full_gpu_stack_orders_tensorrt_cuda_cpu(tmp_path):
+    cfg, model = _cfg(tmp_path)
+    providers, note = plan_providers('auto', [TRT, CUDA, CPU], model, cfg.engine,
+                                     ['input_ids', 'attention_mask', 'token_type_ids'])
+    assert [p[0] if isinstance(p, tuple) else p for p in providers] == [TRT, CUDA, CPU]
+    trt = providers[0][1]
+    assert trt['trt_fp16_enable'] is True and trt['trt_engine_cache_enable'] is True
+    assert trt['trt_engine_cache_path'] == str(tmp_path / 'trt' / MINILM)
+    assert trt['trt_timing_cache_enable'] is True
+    assert trt['trt_profile_min_shapes'] == ('input_ids:1x1,attention_mask:1x1,'
+                                             'token_type_ids:1x1')
+    assert trt['trt_profile_max_shapes'].startswith('input_ids:32x256,')   # batch x max_tokens
+    assert note == '' and (tmp_path / 'trt' / MINILM).is_dir()
+
+
+def test_cuda_only_and_cpu_only_plans(tmp_path):
+    cfg, model = _cfg(tmp_path)
+    providers, note = plan_providers('cuda', [CUDA, CPU], model, cfg.engine, ['input_ids'])
+    assert providers == [(CUDA, {'device_id': 0}), CPU] and note == ''
+    providers, note = plan_providers('cpu', [TRT, CUDA, CPU], model, cfg.engine, ['input_ids'])
+    assert providers == [CPU] and note == ''
+
+
+def test_missing_gpu_degrades_to_cpu_with_a_note(tmp_path):
+    cfg, model = _cfg(tmp_path)
+    providers, note = plan_providers('tensorrt', [CPU], model, cfg.engine, ['input_ids'])
+    assert providers == [CPU]
+    assert 'asked for a GPU' in note and 'running on CPU' in note
+
+
+@pytest.mark.skipif(CUDA in ort.get_available_providers(),
+                    reason='this onnxruntime has a GPU provider: no CPU fallback to observe')
+def test_health_reports_the_cpu_fallback(engine):
+    h = engine.health()
+    assert h.status == 'healthy' and h.provider == CPU
+    assert h.checks['embedding_provider'] == 'ok' and h.checks['model_cache'] == 'ok'
+    assert 'running on CPU' in h.checks['gpu']   # this machine has no GPU provider
+    assert h.queue_capacity == 1000 and h.default_model == MINILM
+
