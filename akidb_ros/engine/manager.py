@@ -76,7 +76,7 @@ class ModelManager:
                 if not m.installed:
                     raise EngineError(ErrorCode.MODEL_UNAVAILABLE,
                                       f'model {m.id} is in the catalogue but its files are not '
-                                      f'installed ({m.path})')
+                                      'installed')
                 return m
         raise EngineError(ErrorCode.MODEL_NOT_FOUND, f'Model not found: {wanted}')
 
@@ -150,7 +150,8 @@ class ModelManager:
         except Exception as exc:  # any loader bug becomes a clean MODEL_LOAD_FAILED
             log.exception('loading %s failed', cfg.id)
             self._finish_load(cfg, fut, exc=EngineError(
-                ErrorCode.MODEL_LOAD_FAILED, f'model {cfg.id} failed to load: {exc}'))
+                ErrorCode.MODEL_LOAD_FAILED,
+                f'model {cfg.id} failed to load ({type(exc).__name__})'))
         else:
             self._finish_load(cfg, fut, lm=lm)
 
@@ -158,9 +159,9 @@ class ModelManager:
         try:
             encoder = TextEncoder(cfg)
         except Exception as exc:
+            log.error('model %s: cannot read tokenizer %s: %s', cfg.id, cfg.tokenizer, exc)
             raise EngineError(ErrorCode.MODEL_LOAD_FAILED,
-                              f'model {cfg.id}: cannot read tokenizer {cfg.tokenizer}: {exc}'
-                              ) from exc
+                              f'model {cfg.id}: cannot read its tokenizer') from exc
         onnx = OnnxModel(cfg, self.settings)
         b = self.settings.batching
 

@@ -100,8 +100,12 @@ class OnnxModel:
             self.session = ort.InferenceSession(str(model.path), sess_options=opts,
                                                 providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
-            raise errors.EngineError(errors.ErrorCode.MODEL_LOAD_FAILED,
-                                     f'model {model.id}: cannot create session: {exc}') from exc
+            # Details (paths, ORT internals) go to the log, not to the caller.
+            log.error('model %s: cannot create session from %s: %s', model.id, model.path, exc)
+            raise errors.EngineError(
+                errors.ErrorCode.MODEL_LOAD_FAILED,
+                f'model {model.id}: cannot create session (invalid or corrupt model file: '
+                f'{type(exc).__name__})') from exc
         active = self.session.get_providers()
         self.provider = active[0]
         requested = providers[0][0] if isinstance(providers[0], tuple) else providers[0]

@@ -39,7 +39,7 @@ class ConcurrentCaller:
     """``n_clients`` closed-loop Embed clients on one node (own rclpy context)."""
 
     def __init__(self, n_clients: int = 16, namespace: str = '', qos_depth: int = 100,
-                 node_name: str = 'akidb_loadgen'):
+                 node_name: str = 'akidb_loadgen', executor: str = 'single'):
         self.context = Context()
         rclpy.init(context=self.context, args=[])
         self.node = rclpy.create_node(node_name, context=self.context)
@@ -48,7 +48,11 @@ class ConcurrentCaller:
         qos = QoSProfile(depth=qos_depth)
         self.clients = [self.node.create_client(Embed, name, qos_profile=qos)
                         for _ in range(n_clients)]
-        self.executor = SingleThreadedExecutor(context=self.context)
+        if executor == 'events':        # C++ event queue: less client CPU per call
+            from rclpy.experimental import EventsExecutor
+            self.executor = EventsExecutor(context=self.context)
+        else:
+            self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self._spinning = True
         self._thread = threading.Thread(target=self._spin, name='akidb-loadgen', daemon=True)

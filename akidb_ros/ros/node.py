@@ -529,6 +529,15 @@ class _Stop:
             raise KeyboardInterrupt
 
 
+def make_executor(node: EmbeddingNode, context=None):
+    """The executor named by the node's ``executor`` parameter."""
+    if node.get_parameter('executor').value == 'events':
+        from rclpy.experimental import EventsExecutor
+        return EventsExecutor(context=context)
+    return MultiThreadedExecutor(num_threads=node.get_parameter('executor_threads').value,
+                                 context=context)
+
+
 class InProcessNode:
     """The node hosted on a caller's engine, spinning in a background thread.
 
@@ -542,8 +551,7 @@ class InProcessNode:
                    signal_handler_options=SignalHandlerOptions.NO)
         kwargs = {'namespace': namespace} if namespace else {}
         self.node = EmbeddingNode(engine=engine, context=self.context, **kwargs)
-        self.executor = MultiThreadedExecutor(
-            num_threads=self.node.get_parameter('executor_threads').value, context=self.context)
+        self.executor = make_executor(self.node, self.context)
         self.executor.add_node(self.node)
         if self.node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
             self._close()
@@ -608,7 +616,7 @@ def run(args=None) -> int:
         except Exception as exc:    # e.g. a parameter override outside its descriptor's range
             print(f'embedding_node: invalid parameters: {exc}', file=sys.stderr, flush=True)
             return 2
-        executor = MultiThreadedExecutor(num_threads=node.get_parameter('executor_threads').value)
+        executor = make_executor(node)
         executor.add_node(node)
         log = node.get_logger()
         try:

@@ -20,6 +20,7 @@ from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescr
 from akidb_ros.engine.config import DEVICES   # the engine's list is the one source
 
 INT_MAX = 2 ** 31 - 1
+EXECUTORS = ('multi_threaded', 'events')
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,10 @@ PARAMS: List[ParamSpec] = [
               read_only=True),
     ParamSpec('qos_depth', 100, 'History depth of the service QoS (>= peak calls in flight)',
               range=(16, 100_000), read_only=True),
+    ParamSpec('executor', 'multi_threaded', 'Executor spinning the node',
+              constraints="multi_threaded (MultiThreadedExecutor, executor_threads threads) | "
+              "events (rclpy.experimental.EventsExecutor, C++ event queue, one thread)",
+              read_only=True),
     ParamSpec('executor_threads', 4, 'Threads of the MultiThreadedExecutor', range=(2, 64),
               read_only=True),
     ParamSpec('shutdown_timeout_s', 10.0, 'On SIGINT/SIGTERM: longest wait for calls in flight',
@@ -125,6 +130,8 @@ def declare_all(node) -> None:
 
 def validate_value(name: str, value: Any) -> Optional[str]:
     """Check what a descriptor cannot express; return why a value is refused, or None."""
+    if name == 'executor' and value not in EXECUTORS:
+        return f"executor must be one of {', '.join(EXECUTORS)} (got {value!r})"
     if name == 'device' and value not in ('',) + DEVICES:
         return f"device must be one of '', {', '.join(DEVICES)} (got {value!r})"
     return None

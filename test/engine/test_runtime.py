@@ -51,4 +51,3 @@ def test_health_reports_the_cpu_fallback(engine):
     assert h.checks['embedding_provider'] == 'ok' and h.checks['model_cache'] == 'ok'
     assert 'running on CPU' in h.checks['gpu']   # this machine has no GPU provider
     assert h.queue_capacity == 1000 and h.default_model == MINILM
-
