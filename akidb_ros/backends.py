@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, TimeoutError as FutureTimeout
-from typing import Any, Dict, List, Optional, Protocol, runtime_checkable
+from typing import Dict, List, Optional, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -45,7 +45,7 @@ class Backend(Protocol):
         """
 
     def embed(self, req: EmbedRequest) -> EmbedResult:
-        """Blocking embed (honours ``req.timeout_s``)."""
+        """Embed and wait for the answer (honours ``req.timeout_s``)."""
 
     def list_models(self) -> List[ModelInfo]:
         ...
@@ -63,7 +63,7 @@ class Backend(Protocol):
         ...
 
     def ready(self) -> bool:
-        """True when the default model is loaded and requests can be served."""
+        """Tell whether the default model is loaded and requests can be served."""
 
     def close(self) -> None:
         ...
@@ -267,7 +267,8 @@ class RosBackend:
             try:
                 exc = f.exception()
                 if exc is not None:
-                    out.set_exception(EngineError(ErrorCode.UNAVAILABLE, f'DDS call failed: {exc}'))
+                    out.set_exception(EngineError(ErrorCode.UNAVAILABLE,
+                                                  f'DDS call failed: {exc}'))
                 elif f.cancelled():
                     out.set_exception(EngineError(ErrorCode.UNAVAILABLE, 'DDS call cancelled'))
                 else:
@@ -287,7 +288,8 @@ class RosBackend:
                 try:
                     out.set_exception(EngineError(
                         ErrorCode.TIMEOUT,
-                        f'embedding node did not answer {client.srv_name} within {timeout_s:.2f} s',
+                        f'embedding node did not answer {client.srv_name} within '
+                        f'{timeout_s:.2f} s',
                         retry_after_s=1.0))
                 except Exception:
                     pass  # answered in between

@@ -2,7 +2,8 @@
 
 The guard seam
 --------------
-``guard`` is any callable ``guard(call: DoorCall) -> None | Callable[[Optional[EngineError]], None]``
+``guard`` is any callable
+``guard(call: DoorCall) -> None | Callable[[Optional[EngineError]], None]``
 run by every door *before* the backend is called (after parsing and schema validation, so the
 guard sees the model and input count). It may
 
@@ -36,7 +37,7 @@ LOG_LEVELS = {'info': logging.INFO, 'warning': logging.WARNING, 'error': logging
 
 
 def request_id_from(value: Optional[str]) -> str:
-    """The caller's request id when it is sane, else a fresh one."""
+    """Return the caller's request id when it is sane, else a fresh one."""
     if value and _REQUEST_ID_RE.match(value):
         return value
     return uuid.uuid4().hex
@@ -47,8 +48,8 @@ class DoorCall:
     """One request as the guard sees it."""
 
     transport: str                    # 'rest' | 'grpc'
-    operation: str                    # 'embed' | 'list_models' | 'load_model' | 'unload_model' |
-                                      # 'health' | 'metrics'
+    # 'embed' | 'list_models' | 'load_model' | 'unload_model' | 'health' | 'metrics'
+    operation: str
     request_id: str
     headers: Dict[str, str] = field(default_factory=dict)   # lower-case names (HTTP / metadata)
     peer: str = ''
@@ -56,6 +57,7 @@ class DoorCall:
     n_inputs: int = 0
     n_bytes: int = 0
     principal: Optional[object] = None
+    response_headers: Dict[str, str] = field(default_factory=dict)   # set by the guard
     started: float = field(default_factory=time.perf_counter)
 
 

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                     default=_env_int('AKIDB_MAX_BODY_BYTES', 16 * 1024 * 1024))
     ap.add_argument('--grace', type=float, default=5.0, help='graceful-stop budget, seconds')
     ap.add_argument('--ros-args', nargs=argparse.REMAINDER, default=[],
-                    help='inprocess: parameters for the node, e.g. --ros-args -p metrics_port:=9100')
+                    help='inprocess: parameters for the node, e.g. '
+                         '--ros-args -p metrics_port:=9100')
     ap.add_argument('--ready-file', default=None,
                     help='write {"rest_port", "grpc_port", "pid"} as JSON here once serving')
     return ap
@@ -71,7 +72,15 @@ class Bridges:
     def __init__(self, backend, host: str = '127.0.0.1', rest_port: Optional[int] = 0,
                  grpc_port: Optional[int] = 0, guard=None, timeout_s: Optional[float] = None,
                  rest_threads: int = 32, grpc_workers: int = 64,
-                 max_body_bytes: int = 16 * 1024 * 1024):
+                 max_body_bytes: int = 16 * 1024 * 1024,
+                 rest_app_hook: Optional[Callable] = None, grpc_interceptors=()):
+        """Build the doors around ``backend``; ``None`` for a port leaves that door out.
+
+        Guard seam: ``guard`` (a ``akidb_ros.doors.GuardHook``, e.g. ``Guard.door_hook``) runs
+        before every backend call; ``rest_app_hook(app)`` may add Flask hooks to the app (e.g.
+        ``akidb_ros.guard.integrations.install_flask``) and ``grpc_interceptors`` are passed
+        to the gRPC server (e.g. ``GuardInterceptor``).
+        """
         self.backend = backend
         self.rest = None
         self.grpc = None
@@ -81,12 +90,16 @@ class Bridges:
             from akidb_ros.rest.server import RestServer
             app = create_app(backend, guard=guard, max_body_bytes=max_body_bytes,
                              default_timeout_s=timeout_s)
+            if rest_app_hook is not None:
+                rest_app_hook(app)
+            self.rest_app = app
             self.rest = RestServer(app, host=host, port=rest_port, threads=rest_threads,
                                    max_body_bytes=max_body_bytes)
         if grpc_port is not None:
             from akidb_ros.grpc_api.server import GrpcServer
             self.grpc = GrpcServer(backend, host=host, port=grpc_port, guard=guard,
-                                   max_workers=grpc_workers, default_timeout_s=timeout_s)
+                                   max_workers=grpc_workers, default_timeout_s=timeout_s,
+                                   interceptors=grpc_interceptors)
 
     @property
     def rest_port(self) -> Optional[int]:
@@ -125,90 +138,24 @@ class Bridges:
         self._closers.clear()
 
 
-class InProcessNode:
-    """The ROS embedding node hosted in this process around the SHARED engine.
-
-    ``akidb_ros.ros.node.EmbeddingNode`` builds its own engine in ``on_configure``; here the
-    configure step adopts the engine the REST and gRPC doors already use, so one process has
-    one engine (one ONNX session per model, one batcher) behind all three doors.
-    """
-
-    def __init__(self, engine, node_args: Optional[List[str]] = None):
-        import rclpy
-        from rclpy.context import Context
-        from rclpy.executors import MultiThreadedExecutor
-        from rclpy.lifecycle import TransitionCallbackReturn
-        from akidb_ros.ros.node import EmbeddingNode
-
-        class SharedEngineNode(EmbeddingNode):
-            def on_configure(self, state):
-                self.engine = engine
-                self.get_logger().info(f'sharing the in-process engine (default model '
-                                       f'{engine.default_model})')
-                return TransitionCallbackReturn.SUCCESS
-
-        self._ctx = Context()
-        rclpy.init(args=['akidb-server', '--ros-args', *(node_args or [])], context=self._ctx)
-        try:
-            self.node = SharedEngineNode(context=self._ctx)
-            threads = self.node.get_parameter('executor_threads').value
-            self._executor = MultiThreadedExecutor(num_threads=threads, context=self._ctx)
-            self._executor.add_node(self.node)
-            if self.node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-                raise RuntimeError('embedding node failed to configure')
-            self.node.trigger_activate()
-        except BaseException:
-            rclpy.try_shutdown(context=self._ctx)
-            raise
-        self._running = True
-        self._thread = threading.Thread(target=self._spin, name='akidb-ros-node', daemon=True)
-        self._thread.start()
-        log.info('ROS embedding node serving (in-process, shared engine)')
-
-    def _spin(self) -> None:
-        while self._running and self._ctx.ok():
-            try:
-                self._executor.spin_once(timeout_sec=0.1)
-            except Exception:
-                if self._running:
-                    log.exception('ROS executor error')
-
-    def stop(self) -> None:
-        """Refuse new calls, answer those in flight, then leave the graph.
-
-        The shared engine is closed by its owner (LocalBackend) afterwards, not by the node.
-        """
-        if not self._running:
-            return
-        self.node.begin_shutdown()
-        deadline = time.monotonic() + 5
-        while self.node.responder.outstanding and time.monotonic() < deadline:
-            time.sleep(0.02)
-        self._running = False
-        self._thread.join(timeout=5)
-        try:
-            self.node.engine = None          # the engine is not the node's to close
-            self.node.trigger_shutdown()
-        except Exception:
-            log.exception('node shutdown transition failed')
-        try:
-            self._executor.shutdown(timeout_sec=1.0)
-        except Exception:
-            pass
-        self.node.destroy_node()
-        import rclpy
-        rclpy.try_shutdown(context=self._ctx)
-
-
 def start_inprocess_node(engine, node_args: Optional[List[str]] = None
                          ) -> Optional[Callable[[], None]]:
-    """Start the ROS embedding node on the shared engine; returns its stopper."""
+    """Host the ROS embedding node on the SHARED engine; returns its stopper.
+
+    ``akidb_ros.ros.node.start_in_process`` adopts the engine the REST and gRPC doors already
+    use, so one process has one engine (one ONNX session per model, one batcher) behind all
+    three doors. The node's ``stop()`` answers its calls in flight and leaves the engine open
+    (the engine is closed by its owner, the LocalBackend, afterwards).
+    """
     try:
-        import akidb_ros.ros.node  # noqa: F401
+        from akidb_ros.ros.node import start_in_process
     except ImportError as exc:
         log.warning('ROS node not available (%s): serving REST/gRPC only', exc)
         return None
-    return InProcessNode(engine, node_args).stop
+    args = ['akidb-server', '--ros-args', *node_args] if node_args else None
+    handle = start_in_process(engine, args=args)
+    log.info('ROS embedding node serving (in-process, shared engine)')
+    return handle.stop
 
 
 def build(args) -> Bridges:

@@ -8,7 +8,8 @@ one model loaded, and the idle SIGINT-to-exit time.
     python bench/ros_bench.py --duration 10 [--with-raw] [--out bench/results]
 
 ``run_node_bench(corpus, n_clients=16, duration_s=10.0) -> dict`` is the importable entry
-point (``bench/run.py`` runs it in the same run as the raw engine ceiling). ``--with-raw``
+point; ``make_ros_door(corpus)`` gives ``bench/run.py --doors ros`` a door object (``run``,
+``single_latencies``, ``close``) measured in the same run as the raw engine ceiling. ``--with-raw``
 also measures a raw in-process ceiling first (engine only, node not running) so the ratio can
 be read standalone. DDS stays on loopback (the same settings as scripts/dds_env.sh).
 """
@@ -111,75 +112,134 @@ class _Node:
             return None
 
 
+class RosDoor:
+    """The node in its own process plus clients in this one (the door ``bench/run.py`` uses).
+
+    ``run(corpus, n_clients)`` sends every sentence once, one per call, from ``n_clients``
+    closed-loop clients sharing the corpus, and returns sentences/s (errors raise);
+    ``single_latencies(sentences)`` gives one client's per-call milliseconds; ``close()`` stops
+    the node with SIGINT and records the exit time.
+    """
+
+    def __init__(self, corpus: Optional[List[str]] = None, n_clients: int = 16,
+                 node_args: Optional[List[str]] = None, client_executor: str = 'events'):
+        loopback_env()
+        from akidb_ros.ros.cli import EmbeddingClient
+        corpus = list(corpus or DEFAULT_CORPUS)
+        self.ns = f'/akidb_bench_{os.getpid()}'
+        self.client_executor = client_executor
+        self.info: Dict = {'node_args': ' '.join(node_args or []),
+                           'ros_domain_id': int(os.environ['ROS_DOMAIN_ID'])}
+        self.node = _Node(self.ns, list(node_args or []))
+        self._load = None
+        try:
+            self.single = EmbeddingClient(self.ns, args=[], node_name='akidb_bench_single')
+            first = self.single.embed([corpus[0]], timeout_s=120)
+            self.info['cold_start_first_answer_s'] = round(time.monotonic() - self.node.t0, 3)
+            if not first.success:
+                raise RuntimeError(f'node answered {first.error_code}: {first.message}')
+            self.node.ready.wait(timeout=10)
+            self.info.update(cold_start_ready_s=round(self.node.t_ready, 3), model=first.model,
+                             dimension=first.dimension)
+            self._loader(n_clients)
+            self.run(corpus[:min(len(corpus), 8 * n_clients)], n_clients)     # warm-up
+        except BaseException:
+            self.close()
+            raise
+
+    def _loader(self, n_clients: int):
+        from akidb_ros.ros.loadgen import ConcurrentCaller
+        if self._load is None or len(self._load.clients) != n_clients:
+            if self._load is not None:
+                self._load.close()
+            # the load generator uses rclpy's C++ EventsExecutor: the harness should cost the
+            # 2 shared cores as little as possible (about 0.8 ms CPU per call vs 2 ms)
+            self._load = ConcurrentCaller(n_clients, namespace=self.ns,
+                                          node_name='akidb_bench_load',
+                                          executor=self.client_executor)
+            if not self._load.wait_ready(30):
+                raise RuntimeError('load clients did not discover the node')
+        return self._load
+
+    def run(self, corpus: List[str], n_clients: int = 16, duration_s: float = 0.0) -> float:
+        """Sentences/s over the whole corpus (or for ``duration_s``, cycling through it)."""
+        from akidb_ros.srv import Embed
+        load = self._loader(n_clients)
+        nxt = iter(range(10 ** 9 if duration_s else len(corpus)))
+        lock = threading.Lock()
+
+        def req(i, seq):
+            with lock:
+                k = next(nxt, None)
+            return None if k is None else Embed.Request(inputs=[corpus[k % len(corpus)]])
+        t0 = time.perf_counter()
+        recs = load.run(req, duration_s=duration_s, timeout_s=120)
+        wall = time.perf_counter() - t0
+        bad = [r for r in recs if r.response is None or not r.response.success]
+        if bad:
+            r = bad[0].response
+            raise RuntimeError(f'{len(bad)} of {len(recs)} calls failed, first: '
+                               f'{(r.error_code, r.message) if r else "no answer"}')
+        self.last_latencies_ms = [r.latency_s * 1000.0 for r in recs]
+        return len(recs) / wall
+
+    def single_latencies(self, sentences: List[str]) -> List[float]:
+        out = []
+        for s in sentences:
+            t = time.perf_counter()
+            r = self.single.embed([s])
+            out.append((time.perf_counter() - t) * 1000.0)
+            if not r.success:
+                raise RuntimeError(f'{r.error_code}: {r.message}')
+        return out
+
+    def rss_mb(self) -> float:
+        return _rss_mb(self.node.proc.pid)
+
+    def close(self) -> None:
+        for c in (self._load, getattr(self, 'single', None)):
+            if c is not None:
+                c.close()
+        self._load = None
+        self.single = None
+        self.info['idle_sigint_exit_s'] = self.node.stop()
+        self.info['node_exit_code'] = self.node.proc.returncode
+
+
+def make_ros_door(corpus: List[str]) -> RosDoor:
+    """Open the ROS door for ``bench/run.py --doors ros`` (same run as the raw ceiling)."""
+    return RosDoor(corpus)
+
+
 def run_node_bench(corpus: Optional[List[str]] = None, n_clients: int = 16,
                    duration_s: float = 10.0, single_calls: int = 300,
-                   node_args: Optional[List[str]] = None) -> Dict:
+                   node_args: Optional[List[str]] = None,
+                   client_executor: str = 'events') -> Dict:
     """Start the node in its own process, load it from this one, stop it; return the numbers.
 
     Keys: cold_start_ready_s, cold_start_first_answer_s, throughput_sentences_per_s,
-    concurrent latency percentiles, single_client_p50/p95/p99_ms, node_rss_mb,
-    idle_sigint_exit_s, errors, model, n_clients, duration_s.
+    concurrent_p50/p95/p99_ms, single_client_p50/p95/p99_ms, node_rss_mb,
+    idle_sigint_exit_s, node_exit_code, model, n_clients, duration_s.
     """
-    loopback_env()
-    from akidb_ros.ros.cli import EmbeddingClient
-    from akidb_ros.ros.loadgen import ConcurrentCaller
-    from akidb_ros.srv import Embed
-
     corpus = list(corpus or DEFAULT_CORPUS)
-    ns = f'/akidb_bench_{os.getpid()}'
-    node = _Node(ns, list(node_args or []))
-    out: Dict = {'n_clients': n_clients, 'duration_s': duration_s,
-                 'ros_domain_id': int(os.environ['ROS_DOMAIN_ID'])}
+    door = RosDoor(corpus, n_clients, node_args, client_executor)
+    out: Dict = {'n_clients': n_clients, 'duration_s': duration_s}
     try:
-        with EmbeddingClient(ns, node_name='akidb_bench_single') as single:
-            first = single.embed([corpus[0]], timeout_s=120)
-            out['cold_start_first_answer_s'] = round(time.monotonic() - node.t0, 3)
-            if not first.success:
-                raise RuntimeError(f'node answered {first.error_code}: {first.message}')
-            node.ready.wait(timeout=10)
-            out['cold_start_ready_s'] = round(node.t_ready, 3)
-            out['model'] = first.model
-            out['dimension'] = first.dimension
-            for s in corpus[:8]:                                    # warm-up
-                single.embed([s])
-            lat = []
-            for i in range(single_calls):
-                t = time.perf_counter()
-                r = single.embed([corpus[i % len(corpus)]])
-                lat.append((time.perf_counter() - t) * 1000.0)
-                if not r.success:
-                    raise RuntimeError(f'{r.error_code}: {r.message}')
-            out.update(single_client_p50_ms=round(_pct(lat, 50), 3),
-                       single_client_p95_ms=round(_pct(lat, 95), 3),
-                       single_client_p99_ms=round(_pct(lat, 99), 3),
-                       single_client_calls=single_calls)
-        with ConcurrentCaller(n_clients, namespace=ns, node_name='akidb_bench_load') as lg:
-            if not lg.wait_ready(30):
-                raise RuntimeError('load clients did not discover the node')
-
-            def req(i, seq):
-                return Embed.Request(inputs=[corpus[(i * 7 + seq) % len(corpus)]])
-            lg.run(req, duration_s=min(2.0, duration_s / 4))        # warm-up
-            t0 = time.perf_counter()
-            recs = lg.run(req, duration_s=duration_s)
-            wall = time.perf_counter() - t0
-        ok = [r for r in recs if r.response is not None and r.response.success]
-        errors: Dict[str, int] = {}
-        for r in recs:
-            if r.response is None:
-                errors['NO_ANSWER'] = errors.get('NO_ANSWER', 0) + 1
-            elif not r.response.success:
-                errors[r.response.error_code] = errors.get(r.response.error_code, 0) + 1
-        clat = [r.latency_s * 1000.0 for r in ok]
-        out.update(throughput_sentences_per_s=round(len(ok) / wall, 1),
-                   concurrent_calls=len(recs), errors=errors,
+        lat = door.single_latencies([corpus[i % len(corpus)] for i in range(single_calls)])
+        out.update(single_client_p50_ms=round(_pct(lat, 50), 3),
+                   single_client_p95_ms=round(_pct(lat, 95), 3),
+                   single_client_p99_ms=round(_pct(lat, 99), 3),
+                   single_client_calls=single_calls)
+        sps = door.run(corpus, n_clients, duration_s=duration_s)
+        clat = door.last_latencies_ms
+        out.update(throughput_sentences_per_s=round(sps, 1), concurrent_calls=len(clat),
                    concurrent_p50_ms=round(_pct(clat, 50), 3),
                    concurrent_p95_ms=round(_pct(clat, 95), 3),
                    concurrent_p99_ms=round(_pct(clat, 99), 3),
-                   node_rss_mb=round(_rss_mb(node.proc.pid), 1))
+                   node_rss_mb=round(door.rss_mb(), 1))
     finally:
-        out['idle_sigint_exit_s'] = node.stop()
-        out['node_exit_code'] = node.proc.returncode
+        door.close()
+        out.update(door.info)
     return out
 
 
@@ -228,18 +288,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--duration', type=float, default=10.0)
     p.add_argument('--clients', type=int, default=16)
     p.add_argument('--single-calls', type=int, default=300)
-    p.add_argument('--corpus', help='text file, one sentence per line')
+    p.add_argument('--corpus', help='text file, one sentence per line (bench/corpus.txt)')
     p.add_argument('--with-raw', action='store_true', help='measure the raw ceiling first')
     p.add_argument('--out', default=str(ROOT / 'bench' / 'results'))
+    p.add_argument('--node-arg', action='append', default=[],
+                   help='extra node ROS argument, e.g. --node-arg=-p --node-arg=executor:=events')
     a = p.parse_args(argv)
     corpus = None
-    if a.corpus:
-        corpus = [s.strip() for s in Path(a.corpus).read_text().splitlines() if s.strip()]
+    path = Path(a.corpus) if a.corpus else ROOT / 'bench' / 'corpus.txt'
+    if path.exists():           # default: the project's benchmark corpus
+        corpus = [s.strip() for s in path.read_text().splitlines() if s.strip()]
     res: Dict = {'timestamp': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
                  'cpu_count': os.cpu_count()}
     if a.with_raw:
         res.update(run_raw_bench(corpus, a.clients, a.duration, a.single_calls))
-    res.update(run_node_bench(corpus, a.clients, a.duration, a.single_calls))
+    res.update(run_node_bench(corpus, a.clients, a.duration, a.single_calls, a.node_arg))
     if a.with_raw:
         res['node_vs_raw_throughput'] = round(
             res['throughput_sentences_per_s'] / res['raw_throughput_sentences_per_s'], 3)

@@ -54,7 +54,8 @@ class GrpcClient:
     def __init__(self, target: str = '127.0.0.1:9090', timeout_s: float = 10.0,
                  retry: Optional[RetryPolicy] = None,
                  metadata: Optional[Dict[str, str]] = None,
-                 max_message_bytes: int = 16 * 1024 * 1024, channel: Optional[grpc.Channel] = None):
+                 max_message_bytes: int = 16 * 1024 * 1024,
+                 channel: Optional[grpc.Channel] = None):
         self.target = target
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
@@ -104,8 +105,10 @@ class GrpcClient:
     def embed_stream(self, batches: Iterable[Sequence[str]], model: str = '',
                      normalize: bool = True, timeout_s: Optional[float] = None
                      ) -> Iterator[Embeddings]:
-        """One EmbedRequest per batch over one bidi stream; yields answers in order.
-        No retry (a stream is not idempotent as a whole); the first error is raised."""
+        """Send one EmbedRequest per batch over one bidi stream; yield answers in order.
+
+        No retry (a stream is not idempotent as a whole); the first error is raised.
+        """
         rid = uuid.uuid4().hex
         reqs = (pb.EmbedRequest(model=model, inputs=list(b), normalize=normalize)
                 for b in batches)
@@ -126,7 +129,7 @@ class GrpcClient:
                            uuid.uuid4().hex)
 
     def serving(self, service: str = '', timeout_s: float = 2.0) -> bool:
-        """Standard grpc.health.v1 check."""
+        """Ask the standard grpc.health.v1 service whether ``service`` is SERVING."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
         try:
             resp = health_pb2_grpc.HealthStub(self._channel).Check(

@@ -161,7 +161,7 @@ class RestClient:
         return self._request('GET', '/models', None, timeout_s).json()['models']
 
     def health(self, timeout_s: Optional[float] = None) -> Dict[str, Any]:
-        """The PRD health document (an unhealthy server's 503 is returned, not raised)."""
+        """Return the PRD health document (an unhealthy server's 503 is returned, not raised)."""
         try:
             return self._request('GET', '/health', None, timeout_s,
                                  retry=RetryPolicy(max_attempts=1)).json()
@@ -180,7 +180,8 @@ class RestClient:
             return False
 
     def load_model(self, model: str, timeout_s: float = 120.0) -> Dict[str, Any]:
-        return self._request('POST', '/admin/models/load', {'model': model}, timeout_s).json()['model']
+        return self._request('POST', '/admin/models/load', {'model': model},
+                             timeout_s).json()['model']
 
     def unload_model(self, model: str, timeout_s: float = 60.0) -> Dict[str, Any]:
         return self._request('POST', '/admin/models/unload', {'model': model},

@@ -1,5 +1,7 @@
-"""Retry policy: exponential backoff with full jitter, only on retryable errors,
-honouring the server's Retry-After, bounded by attempts and an overall deadline."""
+"""Retry policy: exponential backoff with full jitter, only on retryable errors.
+
+The server's Retry-After is honoured; retries are bounded by attempts and an overall deadline.
+"""
 from __future__ import annotations
 
 import random

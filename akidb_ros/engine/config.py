@@ -143,13 +143,12 @@ class ModelConfig:
         return self.path.is_file() and self.tokenizer.is_file()
 
     def memory_estimate_mb(self) -> int:
-        """Configured size, else the ONNX file's size (weights dominate resident memory)."""
+        """Configured size, else the ONNX files' size (weights dominate resident memory)."""
         if self.memory_mb:
             return self.memory_mb
-        try:
-            return max(1, self.path.stat().st_size // (1 << 20))
-        except OSError:
-            return 0
+        files = (self.path, self.path.with_name(self.path.name + '.data'))
+        size = sum(f.stat().st_size for f in files if f.is_file())
+        return max(1, size >> 20) if size else 0
 
 
 @dataclass

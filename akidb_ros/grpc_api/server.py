@@ -8,12 +8,13 @@
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
 import time
 from concurrent import futures
-from typing import Iterator, Optional
+from typing import Optional, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -102,7 +103,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                             request_id=call.request_id, transport=TRANSPORT)
 
     def _submit(self, call: DoorCall, req: EmbedRequest):
-        """guard → backend.submit; returns (future, completion callback)."""
+        """Run the guard, then backend.submit; returns (future, completion callback)."""
         done = run_guard(self.guard, call)
         try:
             return self.backend.submit(req, trace_context=inject_carrier()), done
@@ -201,7 +202,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 otel_context.detach(token)
                 pending.put(None)
 
-        t = threading.Thread(target=reader, name='akidb-grpc-stream', daemon=True)
+        # the reader runs in the handler's context (e.g. a guard decision kept in a ContextVar)
+        t = threading.Thread(target=contextvars.copy_context().run, args=(reader,),
+                             name='akidb-grpc-stream', daemon=True)
         t.start()
         try:
             while True:
@@ -265,7 +268,8 @@ class GrpcServer:
     def __init__(self, backend: Backend, host: str = '0.0.0.0', port: int = 9090,
                  guard: Optional[GuardHook] = None, max_workers: int = 64,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 default_timeout_s: Optional[float] = None, health_poll_s: float = 1.0):
+                 default_timeout_s: Optional[float] = None, health_poll_s: float = 1.0,
+                 interceptors: Sequence = ()):
         self.backend = backend
         options = [
             ('grpc.max_receive_message_length', max_message_bytes),
@@ -276,7 +280,7 @@ class GrpcServer:
         ]
         self._server = grpc.server(futures.ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix='akidb-grpc'), options=options,
-            maximum_concurrent_rpcs=max_workers * 4)
+            maximum_concurrent_rpcs=max_workers * 4, interceptors=list(interceptors))
         self.servicer = EmbeddingServicer(backend, guard, default_timeout_s)
         pb_grpc.add_EmbeddingServiceServicer_to_server(self.servicer, self._server)
         self.health = health.HealthServicer(experimental_non_blocking=True)

@@ -63,7 +63,7 @@ def configure_logging(level: Optional[str] = None, fmt: Optional[str] = None, st
 
 def log_request(transport: str, request_id: str, model: str, latency_ms: float, outcome: str,
                 code: str = '', level: int = logging.INFO, **fields) -> None:
-    """The one access-log line every door writes per request."""
+    """Write the one access-log line every door writes per request."""
     logger = logging.getLogger(ACCESS_LOGGER)
     if logger.isEnabledFor(level):
         logger.log(level, 'request', extra={

@@ -2,7 +2,8 @@
 
 Spans (one trace per request):
 
-    transport   ``POST /api/v1/embed`` (REST, SERVER) / ``akidb.embedding.v1.EmbeddingService/Embed``
+    transport   ``POST /api/v1/embed`` (REST, SERVER) /
+                ``akidb.embedding.v1.EmbeddingService/Embed``
                 (gRPC, SERVER) / ``ros /embed`` (sidecar DDS hop, CLIENT)
       └ queue wait → batch → inference   (created by the engine from the propagated context)
 
@@ -107,7 +108,8 @@ def setup_tracing(service_name: str = 'akidb-ros', exporters: Optional[Iterable[
 def _add_exporters(provider, exporters: Iterable[Any], simple: bool) -> None:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
     for exp in exporters:
-        provider.add_span_processor(SimpleSpanProcessor(exp) if simple else BatchSpanProcessor(exp))
+        processor = SimpleSpanProcessor(exp) if simple else BatchSpanProcessor(exp)
+        provider.add_span_processor(processor)
 
 
 def shutdown_tracing() -> None:
@@ -157,8 +159,16 @@ def extract_from_metadata(metadata: Iterable[Tuple[str, Any]]) -> otel_context.C
     return propagate.extract(list(metadata or ()), getter=_METADATA_GETTER)
 
 
+def extract_traceparent(traceparent: str, tracestate: str = '') -> otel_context.Context:
+    """Return the context of a bare W3C ``traceparent`` (the ``Embed.srv`` field over DDS)."""
+    carrier = {'traceparent': traceparent} if traceparent else {}
+    if traceparent and tracestate:
+        carrier['tracestate'] = tracestate
+    return propagate.extract(carrier)
+
+
 def inject_carrier(ctx: Optional[otel_context.Context] = None) -> Dict[str, str]:
-    """The current (or given) context as a W3C carrier dict, e.g. ``{'traceparent': ...}``."""
+    """Return the current (or given) context as a W3C carrier, e.g. ``{'traceparent': ...}``."""
     carrier: Dict[str, str] = {}
     propagate.inject(carrier, context=ctx)
     return carrier
@@ -180,7 +190,7 @@ def current_trace_ids() -> Tuple[str, str]:
 # start/end times, so the batcher's hot loop pays nothing while no tracer is installed.
 
 def capture_context() -> Optional[otel_context.Context]:
-    """The caller's context when a real (sampled or not) span is current, else None."""
+    """Return the caller's context when a real (sampled or not) span is current, else None."""
     ctx = otel_context.get_current()
     return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
 
@@ -192,7 +202,7 @@ def _mono_to_ns(mono: float, now_mono: float, now_ns: int) -> int:
 def record_engine_spans(parent: Optional[otel_context.Context], model: str, enqueued: float,
                         batch_start: float, infer_start: float, infer_end: float,
                         batch_size: int, tokens: int = 0, provider: str = '') -> None:
-    """queue wait → batch → inference spans under ``parent`` (monotonic-clock seconds)."""
+    """Record queue wait → batch → inference spans under ``parent`` (monotonic seconds)."""
     if parent is None:
         return
     import time as _time

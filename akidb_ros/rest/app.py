@@ -87,7 +87,8 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
             body = {'error': err.message, 'code': err.code.name}
         resp = Response(json.dumps(body), status=err.code.http_status,
                         mimetype='application/json')
-        if err.retry_after_s is not None or err.code.retryable and err.code.http_status in (429, 503):
+        if err.retry_after_s is not None or (err.code.retryable
+                                             and err.code.http_status in (429, 503)):
             resp.headers['Retry-After'] = str(max(1, int(round(err.retry_after_s or 1))))
         return resp
 
@@ -108,7 +109,8 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         except (ValueError, UnicodeDecodeError) as exc:
             raise EngineError(ErrorCode.INVALID_INPUT, f'malformed JSON: {exc}') from None
         except RecursionError:
-            raise EngineError(ErrorCode.INVALID_INPUT, 'malformed JSON: nested too deeply') from None
+            raise EngineError(ErrorCode.INVALID_INPUT,
+                              'malformed JSON: nested too deeply') from None
         err = jsonschema.exceptions.best_match(_VALIDATORS[kind].iter_errors(body))
         if err is not None:
             raise EngineError(ErrorCode.INVALID_INPUT, _schema_error(err))
@@ -134,12 +136,13 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
             raise EngineError(ErrorCode.INVALID_INPUT,
                               'X-Request-Timeout-Ms must be a number of milliseconds') from None
         if not 0 < ms <= 600_000:
-            raise EngineError(ErrorCode.INVALID_INPUT, 'X-Request-Timeout-Ms must be in (0, 600000]')
+            raise EngineError(ErrorCode.INVALID_INPUT,
+                              'X-Request-Timeout-Ms must be in (0, 600000]')
         # the caller may ask for less time than the server's per-request budget, never more
         return ms / 1000.0 if default_timeout_s is None else min(ms / 1000.0, default_timeout_s)
 
     def do_embed(call: DoorCall, req: EmbedRequest):
-        """guard → backend, inside the transport span. Returns (result, model label)."""
+        """Run the guard, then the backend, inside the transport span."""
         done = run_guard(guard, call)
         err: Optional[EngineError] = None
         try:
@@ -192,7 +195,9 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
             span.set_attribute('akidb.error_code', e.code.name)
             span.set_status(trace.StatusCode.ERROR, e.code.name)
             record(call, model_label, e)
-            return error_response(e, openai=openai), e
+            resp = error_response(e, openai=openai)
+            resp.headers.update(call.response_headers or {})
+            return resp, e
         if openai:
             fmt = body.get('encoding_format', 'float')
             if fmt == 'base64':
@@ -211,7 +216,9 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
                              'duration_ms': round(float(res.duration_ms), 3),
                              'truncated_inputs': int(res.truncated_inputs)}}
         record(call, model_label, None, tokens=int(res.total_tokens))
-        return Response(json.dumps(out), status=200, mimetype='application/json'), None
+        resp = Response(json.dumps(out), status=200, mimetype='application/json')
+        resp.headers.update(call.response_headers or {})
+        return resp, None
 
     def traced(name: str, fn):
         """Run ``fn`` inside the transport span, parented on the caller's W3C context."""

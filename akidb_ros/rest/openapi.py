@@ -22,7 +22,8 @@ _COMMON_ERRORS = {
 _REQUEST_ID = {
     'name': 'X-Request-ID', 'in': 'header', 'required': False,
     'schema': {'type': 'string'},
-    'description': 'Echoed in the response (generated when absent or not [A-Za-z0-9._:/+=-]{1,128})',
+    'description': 'Echoed in the response (generated when absent or not '
+                   '[A-Za-z0-9._:/+=-]{1,128})',
 }
 
 

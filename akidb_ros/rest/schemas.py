@@ -1,5 +1,7 @@
-"""JSON Schemas of the REST bridge: requests are validated with them (jsonschema), and the
-OpenAPI document (``/openapi.json``) is built from the very same dicts, so the two cannot drift.
+"""JSON Schemas of the REST bridge.
+
+Requests are validated with them (jsonschema), and the OpenAPI document (``/openapi.json``) is
+built from the very same dicts, so the two cannot drift.
 """
 from __future__ import annotations
 
@@ -95,7 +97,8 @@ ERROR = {
     'required': ['error', 'code'],
     'properties': {
         'error': {'type': 'string'},
-        'code': {'type': 'string', 'description': 'Code from the error table (INVALID_INPUT, ...)'},
+        'code': {'type': 'string',
+                 'description': 'Code from the error table (INVALID_INPUT, ...)'},
         'request_id': {'type': 'string'},
     },
 }

@@ -35,7 +35,7 @@ class EmbeddingClient:
     def __init__(self, namespace: str = '', args: Optional[List[str]] = None,
                  node_name: str = 'akidb_cli', qos_depth: int = 100):
         self.context = Context()
-        rclpy.init(args=args, context=self.context)
+        rclpy.init(args=args if args is not None else [], context=self.context)
         self.node = rclpy.create_node(node_name, context=self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)

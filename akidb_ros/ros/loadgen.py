@@ -75,8 +75,9 @@ class ConcurrentCaller:
             timeout_s: float = 60.0) -> List[CallRecord]:
         """Drive all clients, then wait (up to ``timeout_s``) for the calls in flight.
 
-        Each client stops after ``calls_per_client`` calls, after ``duration_s``, or once
-        ``stop`` is set. Returns the records of this run (unanswered calls: ``response`` None).
+        Each client stops after ``calls_per_client`` calls, after ``duration_s``, once
+        ``stop`` is set, or when ``make_request`` returns None. Returns the records of this
+        run (unanswered calls: ``response`` None).
         """
         stop = stop or threading.Event()
         t_end = time.perf_counter() + duration_s if duration_s else None
@@ -96,6 +97,9 @@ class ConcurrentCaller:
                 finish()
                 return
             req = make_request(i, seq)
+            if req is None:             # the caller's work ran out
+                finish()
+                return
             rec = CallRecord(i, seq, req, time.perf_counter())
             with self._lock:
                 records.append(rec)

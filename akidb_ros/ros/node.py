@@ -530,7 +530,7 @@ class _Stop:
 
 
 def make_executor(node: EmbeddingNode, context=None):
-    """The executor named by the node's ``executor`` parameter."""
+    """Create the executor named by the node's ``executor`` parameter."""
     if node.get_parameter('executor').value == 'events':
         from rclpy.experimental import EventsExecutor
         return EventsExecutor(context=context)

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Loopback-only DDS before anything imports rclpy (same settings as scripts/dds_env.sh).
 os.environ.pop('ROS_LOCALHOST_ONLY', None)
-os.environ.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', str(ROOT / 'config' / 'fastdds_loopback.xml'))
+os.environ.setdefault('FASTDDS_DEFAULT_PROFILES_FILE',
+                      str(ROOT / 'config' / 'fastdds_loopback.xml'))
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 os.environ['ROS_STATIC_PEERS'] = ''
 os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')

@@ -64,7 +64,8 @@ def test_model_cache_families_move(small_bridges):
         total(before, 'akidb_model_cache_misses_total', model=SECOND_MODEL)
     assert total(after, 'akidb_model_load_seconds_count') > \
         total(before, 'akidb_model_load_seconds_count')
-    assert total(after, 'akidb_model_evictions_total') > total(before, 'akidb_model_evictions_total')
+    assert total(after, 'akidb_model_evictions_total') > \
+        total(before, 'akidb_model_evictions_total')
     assert total(mid, 'akidb_model_cache_size') == 1
 
 

@@ -194,3 +194,44 @@ def test_openai_python_sdk_shape_roundtrip(rest_url):
     vecs = [np.frombuffer(base64.b64decode(d['embedding']), dtype=np.float32)
             for d in r.json()['data']]
     assert all(v.shape == (384,) for v in vecs)
+
+
+def test_real_openai_sdk_unchanged(rest_url, engine):
+    """The official OpenAI Python SDK, pointed at the bridge, works unchanged."""
+    openai = pytest.importorskip('openai')
+    client = openai.OpenAI(base_url=rest_url + '/v1', api_key='unused', max_retries=0)
+    r = client.embeddings.create(model=DEFAULT_MODEL, input=SENTENCES)   # base64 on the wire
+    got = np.asarray([d.embedding for d in r.data], dtype=np.float32)
+    direct = engine.embed(EmbedRequest(inputs=SENTENCES)).embeddings
+    np.testing.assert_allclose(got, direct, atol=1e-5)
+    assert r.usage.total_tokens > 0 and r.model == DEFAULT_MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model='text-embedding-3-small', input='x')
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model=DEFAULT_MODEL, input=[[1, 2, 3]])
+
+
+def test_graceful_stop_finishes_in_flight(local_backend):
+    """RestServer.stop(grace) stops accepting but answers the requests already in flight."""
+    import threading
+    import time
+    from akidb_ros.server import Bridges
+    b = Bridges(local_backend, host='127.0.0.1', rest_port=0, grpc_port=None).start()
+    url = f'http://127.0.0.1:{b.rest_port}'
+    codes = []
+
+    def call():
+        r = requests.post(url + '/api/v1/embed',
+                          json={'inputs': [' '.join(['robot arm'] * 60)] * 4}, timeout=60)
+        codes.append(r.status_code)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    b.stop(grace_s=30)
+    for t in threads:
+        t.join(60)
+    assert codes == [200] * 4
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + '/health/live', timeout=2)

@@ -25,7 +25,8 @@ def start_server(tmp_path, *args):
     proc = subprocess.Popen(
         [sys.executable, '-m', 'akidb_ros.server', '--host', '127.0.0.1', '--rest-port', '0',
          '--grpc-port', '0', '--ready-file', str(ready), *args],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, AKIDB_LOG_LEVEL='INFO'))
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env=dict(os.environ, AKIDB_LOG_LEVEL='INFO'))
     assert wait_until(lambda: ready.exists() or proc.poll() is not None, 90), 'server start'
     if not ready.exists():
         pytest.fail((tmp_path / 'server.log').read_text()[-3000:])

@@ -2,14 +2,15 @@
 
 Import after conftest.py has set the loopback DDS environment (pytest loads conftest first).
 """
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
-import socket
 
 import pytest
 
@@ -28,8 +29,11 @@ class NodeProcess:
     """``python -m akidb_ros.ros.node`` in its own process, with its output collected."""
 
     def __init__(self, *extra_args: str, namespace: str = '', params_file=PARAMS_FILE):
+        # AKIDB_ROS_TEST_NODE_ARGS: extra node arguments for the whole run, e.g.
+        # '-p executor:=events' to run every test against the EventsExecutor variant
         cmd = [sys.executable, '-m', 'akidb_ros.ros.node', '--ros-args',
-               '--params-file', str(params_file), *extra_args]
+               '--params-file', str(params_file),
+               *os.environ.get('AKIDB_ROS_TEST_NODE_ARGS', '').split(), *extra_args]
         if namespace:
             cmd += ['-r', f'__ns:={namespace}']
         self.namespace = namespace

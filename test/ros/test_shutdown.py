@@ -121,3 +121,36 @@ def test_invalid_device_in_params_is_refused_at_start():
         assert rc == 2 and 'device must be one of' in node.output, node.output
     finally:
         node.stop()
+
+
+def test_events_executor_variant_serves_concurrent_calls():
+    """executor:=events (rclpy's C++ EventsExecutor) answers 16 concurrent clients too."""
+    node = NodeProcess('-p', 'executor:=events', namespace='/events')
+    try:
+        node.wait_ready()
+        with ConcurrentCaller(16, namespace='/events', node_name='akidb_events_load',
+                              executor='events') as lg:
+            assert lg.wait_ready(30)
+            recs = lg.run(lambda i, seq: Embed.Request(inputs=['events %d' % (i % 4)]),
+                          calls_per_client=3, timeout_s=60)
+        assert len(recs) == 48 and all(r.response and r.response.success for r in recs)
+        by_text = {}
+        for r in recs:
+            vec = list(r.response.embeddings[0].values)
+            by_text.setdefault(r.request.inputs[0], []).append(vec)
+        for vecs in by_text.values():
+            assert max(abs(a - b) for v in vecs for a, b in zip(v, vecs[0])) <= 1e-5
+        node.send(signal.SIGINT)
+        assert node.wait_exit(timeout=10) == 0, node.output
+    finally:
+        node.stop()
+
+
+def test_default_model_that_cannot_load_fails_configure_and_exits_1():
+    node = NodeProcess('-p', 'default_model:=e5-small-v2', namespace='/noload')  # not installed
+    try:
+        rc = node.wait_exit(timeout=60)
+        assert rc == 1, node.output
+        assert 'configure failed' in node.output and 'e5-small-v2' in node.output
+    finally:
+        node.stop()

@@ -1,0 +1,59 @@
+"""Structured JSON access logs: request id, model, latency, outcome (and the trace id)."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import uuid
+
+import requests
+
+from akidb_ros.observability.logs import ACCESS_LOGGER, JsonFormatter, configure_logging
+
+
+def test_access_log_is_json_with_request_fields(rest_url):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger(ACCESS_LOGGER)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    trace_id = uuid.uuid4().hex
+    try:
+        requests.post(rest_url + '/api/v1/embed', json={'inputs': ['log me']}, timeout=10,
+                      headers={'X-Request-ID': 'log-ok-1',
+                               'traceparent': f'00-{trace_id}-{"cd" * 8}-01'})
+        requests.post(rest_url + '/api/v1/embed', json={'inputs': ['x'], 'model': 'nope'},
+                      headers={'X-Request-ID': 'log-err-1'}, timeout=10)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    lines = [json.loads(x) for x in stream.getvalue().splitlines()]
+    ok = next(x for x in lines if x.get('request_id') == 'log-ok-1')
+    assert ok['outcome'] == 'success' and ok['model'] == 'all-minilm-l6-v2'
+    assert ok['transport'] == 'rest' and ok['latency_ms'] > 0 and ok['level'] == 'info'
+    assert ok['trace_id'] == trace_id and ok['tokens'] > 0
+    err = next(x for x in lines if x.get('request_id') == 'log-err-1')
+    assert err['outcome'] == 'error' and err['code'] == 'MODEL_NOT_FOUND' and err['error']
+
+
+def test_configure_logging_json_and_text():
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        out = io.StringIO()
+        configure_logging(level='INFO', fmt='json', stream=out)
+        logging.getLogger('akidb_ros.test').info('hello', extra={'k': 1})
+        rec = json.loads(out.getvalue().splitlines()[-1])
+        assert rec['msg'] == 'hello' and rec['k'] == 1 and rec['logger'] == 'akidb_ros.test'
+        out = io.StringIO()
+        configure_logging(level='INFO', fmt='text', stream=out)
+        logging.getLogger('akidb_ros.test').info('plain')
+        assert 'plain' in out.getvalue() and not out.getvalue().lstrip().startswith('{')
+    finally:
+        for h in list(root.handlers):
+            if getattr(h, '_akidb', False):
+                root.removeHandler(h)
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
