@@ -16,6 +16,7 @@ be read standalone. DDS stays on loopback (the same settings as scripts/dds_env.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -48,6 +49,7 @@ DEFAULT_CORPUS = [
     'Semantic search over robot logs finds similar incidents across the fleet quickly.',
 ]
 READY_MARK = 'embedding node ready in'
+_DOOR_IDS = itertools.count()
 
 
 def loopback_env() -> None:
@@ -126,14 +128,15 @@ class RosDoor:
         loopback_env()
         from akidb_ros.ros.cli import EmbeddingClient
         corpus = list(corpus or DEFAULT_CORPUS)
-        self.ns = f'/akidb_bench_{os.getpid()}'
+        self.ns = f'/akidb_bench_{os.getpid()}_{next(_DOOR_IDS)}'    # one node per door
         self.client_executor = client_executor
         self.info: Dict = {'node_args': ' '.join(node_args or []),
                            'ros_domain_id': int(os.environ['ROS_DOMAIN_ID'])}
         self.node = _Node(self.ns, list(node_args or []))
         self._load = None
         try:
-            self.single = EmbeddingClient(self.ns, args=[], node_name='akidb_bench_single')
+            self.single = EmbeddingClient(self.ns, args=[],
+                                          node_name=f'akidb_bench_single{self.ns[13:]}')
             first = self.single.embed([corpus[0]], timeout_s=120)
             self.info['cold_start_first_answer_s'] = round(time.monotonic() - self.node.t0, 3)
             if not first.success:
@@ -155,7 +158,7 @@ class RosDoor:
             # the load generator uses rclpy's C++ EventsExecutor: the harness should cost the
             # 2 shared cores as little as possible (about 0.8 ms CPU per call vs 2 ms)
             self._load = ConcurrentCaller(n_clients, namespace=self.ns,
-                                          node_name='akidb_bench_load',
+                                          node_name=f'akidb_bench_load{self.ns[13:]}',
                                           executor=self.client_executor)
             if not self._load.wait_ready(30):
                 raise RuntimeError('load clients did not discover the node')

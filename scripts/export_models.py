@@ -5,8 +5,9 @@ Runs in ``.venv-build`` (torch CPU + sentence-transformers); the runtime never i
 For each model it writes ``<out>/<folder>/``: ``model.onnx`` + ``model.onnx.data`` (token
 embeddings, dynamic batch and sequence axes, weights as external data), ``tokenizer.json``,
 ``reference.npz`` (the fixed sentence set and sentence-transformers' vectors, used by the
-engine's tests) and ``VERIFIED`` once ONNX Runtime with the engine's pooling matches sentence-transformers at cosine >= 0.9999 on every sentence,
-including one longer than the model's max length. Idempotent: a verified model is skipped.
+engine's tests) and ``VERIFIED`` once ONNX Runtime with the engine's pooling matches
+sentence-transformers at cosine >= 0.9999 on every sentence, including one longer than the
+model's max length. Idempotent: a verified model is skipped.
 """
 from __future__ import annotations
 
@@ -193,11 +194,13 @@ def build_one(folder: str, source_fn, out_root: Path, force: bool) -> dict:
     np.savez(out / 'reference.npz', sentences=np.array(SENTENCES), vectors=ref.astype(np.float32),
              max_tokens=max_len)
     info = {
-        'format': EXPORT_FORMAT, 'folder': folder, 'dimension': int(ref.shape[1]), 'max_tokens': max_len,
+        'format': EXPORT_FORMAT, 'folder': folder, 'dimension': int(ref.shape[1]),
+        'max_tokens': max_len,
         'inputs': input_names, 'pooling': 'mean', 'min_cosine': worst,
         'longest_input_tokens': int(longest), 'onnx_sha256': sha256(onnx_path),
-        'onnx_bytes': onnx_path.stat().st_size
-        + onnx_path.with_name('model.onnx.data').stat().st_size, 'export_seconds': round(time.time() - t0, 1),
+        'onnx_bytes': (onnx_path.stat().st_size
+                       + onnx_path.with_name('model.onnx.data').stat().st_size),
+        'export_seconds': round(time.time() - t0, 1),
     }
     marker.write_text(json.dumps(info, indent=2) + '\n')
     print(f'{folder}: exported + verified, min cosine {worst:.7f} over {len(SENTENCES)} sentences '
