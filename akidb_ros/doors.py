@@ -120,8 +120,7 @@ def record(call: DoorCall, model_label: str, error: Optional[EngineError],
     m.EMBED_LATENCY.labels(model_label, call.transport).observe(elapsed)
     if error is not None:
         m.REQUEST_ERRORS.labels(call.transport, error.code.name).inc()
-        spec = getattr(error.code, 'spec', None) or error.code.value
-        level = LOG_LEVELS.get(getattr(spec, 'log_level', 'warning'), logging.WARNING)
+        level = LOG_LEVELS.get(error.code.log_level, logging.WARNING)
         log_request(call.transport, call.request_id, model_label, elapsed * 1000, 'error',
                     code=error.code.name, level=level, error=error.message,
                     n_inputs=call.n_inputs, **log_fields)

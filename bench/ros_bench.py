@@ -210,8 +210,11 @@ class RosDoor:
 
 
 def make_ros_door(corpus: List[str]) -> RosDoor:
-    """Open the ROS door for ``bench/run.py --doors ros`` (same run as the raw ceiling)."""
-    return RosDoor(corpus)
+    """Open the ROS door for ``bench/run.py --doors ros`` (same run as the raw ceiling).
+
+    ``AKIDB_ROS_BENCH_NODE_ARGS`` adds node arguments, e.g. ``-p executor:=events``.
+    """
+    return RosDoor(corpus, node_args=os.environ.get('AKIDB_ROS_BENCH_NODE_ARGS', '').split())
 
 
 def run_node_bench(corpus: Optional[List[str]] = None, n_clients: int = 16,

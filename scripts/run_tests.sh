@@ -6,4 +6,4 @@ cd "$ROOT"
 export ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-$(( (RANDOM % 90) + 10 ))}
 . scripts/dds_env.sh
 export ROS_LOG_DIR=${ROS_LOG_DIR:-$(mktemp -d)}
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@" test
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "${@:-test}"

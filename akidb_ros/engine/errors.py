@@ -19,34 +19,49 @@ class ErrorSpec:
     log_level: str            # how a door logs it: caller mistakes are 'info', ours 'error'
 
 
+@enum.unique
 class ErrorCode(enum.Enum):
-    INVALID_INPUT = ErrorSpec(400, 'INVALID_ARGUMENT', False, 'info')
-    INPUT_TOO_LONG = ErrorSpec(400, 'INVALID_ARGUMENT', False, 'info')
-    INPUT_TOO_LARGE = ErrorSpec(413, 'INVALID_ARGUMENT', False, 'info')
-    MODEL_NOT_FOUND = ErrorSpec(404, 'NOT_FOUND', False, 'info')
-    MODEL_UNAVAILABLE = ErrorSpec(404, 'FAILED_PRECONDITION', False, 'info')
-    MODEL_LOAD_FAILED = ErrorSpec(503, 'UNAVAILABLE', True, 'error')
-    MODEL_IN_USE = ErrorSpec(409, 'FAILED_PRECONDITION', True, 'info')
-    UNAUTHENTICATED = ErrorSpec(401, 'UNAUTHENTICATED', False, 'warning')
-    PERMISSION_DENIED = ErrorSpec(403, 'PERMISSION_DENIED', False, 'warning')
-    RATE_LIMITED = ErrorSpec(429, 'RESOURCE_EXHAUSTED', True, 'info')
-    OVERLOADED = ErrorSpec(503, 'RESOURCE_EXHAUSTED', True, 'warning')
-    CIRCUIT_OPEN = ErrorSpec(503, 'UNAVAILABLE', True, 'warning')
-    TIMEOUT = ErrorSpec(504, 'DEADLINE_EXCEEDED', True, 'warning')
-    UNAVAILABLE = ErrorSpec(503, 'UNAVAILABLE', True, 'warning')
-    INTERNAL = ErrorSpec(500, 'INTERNAL', False, 'error')
+    """Each member gets its own ordinal value, so codes with equal specs stay distinct
+    members (a plain spec-valued Enum would silently alias e.g. UNAVAILABLE to CIRCUIT_OPEN).
+    Look codes up by name: ``ErrorCode['TIMEOUT']``."""
+
+    def __new__(cls, http_status: int, grpc_status: str, retryable: bool, log_level: str):
+        member = object.__new__(cls)
+        member._value_ = len(cls.__members__) + 1
+        member.spec = ErrorSpec(http_status, grpc_status, retryable, log_level)
+        return member
+
+    INVALID_INPUT = (400, 'INVALID_ARGUMENT', False, 'info')
+    INPUT_TOO_LONG = (400, 'INVALID_ARGUMENT', False, 'info')
+    INPUT_TOO_LARGE = (413, 'INVALID_ARGUMENT', False, 'info')
+    MODEL_NOT_FOUND = (404, 'NOT_FOUND', False, 'info')
+    MODEL_UNAVAILABLE = (404, 'FAILED_PRECONDITION', False, 'info')
+    MODEL_LOAD_FAILED = (503, 'UNAVAILABLE', True, 'error')
+    MODEL_IN_USE = (409, 'FAILED_PRECONDITION', True, 'info')
+    UNAUTHENTICATED = (401, 'UNAUTHENTICATED', False, 'warning')
+    PERMISSION_DENIED = (403, 'PERMISSION_DENIED', False, 'warning')
+    RATE_LIMITED = (429, 'RESOURCE_EXHAUSTED', True, 'info')
+    OVERLOADED = (503, 'RESOURCE_EXHAUSTED', True, 'warning')
+    CIRCUIT_OPEN = (503, 'UNAVAILABLE', True, 'warning')
+    TIMEOUT = (504, 'DEADLINE_EXCEEDED', True, 'warning')
+    UNAVAILABLE = (503, 'UNAVAILABLE', True, 'warning')
+    INTERNAL = (500, 'INTERNAL', False, 'error')
 
     @property
     def http_status(self) -> int:
-        return self.value.http_status
+        return self.spec.http_status
 
     @property
     def grpc_status(self) -> str:
-        return self.value.grpc_status
+        return self.spec.grpc_status
 
     @property
     def retryable(self) -> bool:
-        return self.value.retryable
+        return self.spec.retryable
+
+    @property
+    def log_level(self) -> str:
+        return self.spec.log_level
 
 
 class EngineError(Exception):

@@ -200,7 +200,13 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     log.debug('EmbedStream reader ended: %s', exc)
             finally:
                 otel_context.detach(token)
-                pending.put(None)
+                while True:     # end marker; give up once the consumer is gone
+                    try:
+                        pending.put(None, timeout=0.1)
+                        break
+                    except queue.Full:
+                        if stop.is_set():
+                            break
 
         # the reader runs in the handler's context (e.g. a guard decision kept in a ContextVar)
         t = threading.Thread(target=contextvars.copy_context().run, args=(reader,),
@@ -229,6 +235,15 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 yield _response(res)
         finally:
             stop.set()
+            # requests accepted but never answered (stream cancelled or failed): release their
+            # guard permits once the engine is done with them (not counted as failures)
+            while True:
+                try:
+                    item = pending.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None and callable(item[5]) and item[4] is not None:
+                    item[4].add_done_callback(lambda _f, done=item[5]: done(None))
             m.INFLIGHT_REQUESTS.labels(TRANSPORT).dec()
 
     def Health(self, request, context):

@@ -337,31 +337,35 @@ class EmbeddingNode(LifecycleNode):
 
     def _on_embed(self, request, response):
         t0 = time.perf_counter()
+        span = _start_span(request) if request.traceparent else None
         try:
             refusal = self._refusal()
             if refusal:
                 raise refusal
             engine = self.engine
             req = conv.embed_request_from_msg(request)
-            fut = self._submit(engine, req)
+            fut = self._submit(engine, req) if span is None else _in_span(
+                span, self._submit, engine, req)
         except Exception as exc:
-            return self._embed_failed(response, exc, t0)
+            return self._embed_failed(response, exc, t0, span)
 
         def build(f: Future):
             try:
                 conv.fill_embed_response(response, f.result())
             except Exception as exc:
-                return self._embed_failed(response, exc, t0)
+                return self._embed_failed(response, exc, t0, span)
             response.duration_ms = (time.perf_counter() - t0) * 1000.0
             self._record(response.model, None, t0)
+            _end_span(span, None)
             return response
         return Deferred(fut, build)
 
-    def _embed_failed(self, response, exc: BaseException, t0: float):
+    def _embed_failed(self, response, exc: BaseException, t0: float, span=None):
         err = exc if isinstance(exc, EngineError) else _internal(self, exc)
         conv.fill_error(response, err)
         response.duration_ms = (time.perf_counter() - t0) * 1000.0
         self._record('', err, t0)
+        _end_span(span, err)
         return response
 
     def _record(self, model: str, err: Optional[EngineError], t0: float) -> None:
@@ -495,6 +499,55 @@ def _installed_config() -> Optional[str]:
     return path if os.path.exists(path) else None
 
 
+def _start_span(request):
+    """SERVER span continuing the caller's W3C trace (sidecar hop); None if tracing is off."""
+    try:
+        from opentelemetry import trace
+        from akidb_ros.observability.tracing import extract_traceparent, tracer
+        return tracer().start_span(
+            'ros /embed', context=extract_traceparent(request.traceparent),
+            kind=trace.SpanKind.SERVER,
+            attributes={'rpc.system': 'ros2', 'rpc.service': 'akidb_ros/srv/Embed',
+                        'akidb.model': request.model, 'akidb.inputs': len(request.inputs),
+                        'akidb.request_id': request.request_id})
+    except Exception:
+        return None
+
+
+def _in_span(span, fn, *args):
+    """Call ``fn`` with ``span`` current (the engine may read the context at submit time)."""
+    from opentelemetry import trace
+    with trace.use_span(span, end_on_exit=False):
+        return fn(*args)
+
+
+def _end_span(span, err: Optional[EngineError]) -> None:
+    if span is None:
+        return
+    try:
+        if err is not None:
+            from opentelemetry import trace
+            span.set_attribute('akidb.error_code', err.code.name)
+            span.set_status(trace.StatusCode.ERROR, err.code.name)
+        span.end()
+    except Exception:
+        pass
+
+
+def _setup_tracing() -> bool:
+    """Install the OTLP/console exporter when the OTEL_* environment asks for one."""
+    if not (os.environ.get('OTEL_TRACES_EXPORTER') or os.environ.get(
+            'OTEL_EXPORTER_OTLP_ENDPOINT') or os.environ.get(
+            'OTEL_EXPORTER_OTLP_TRACES_ENDPOINT')):
+        return False
+    try:
+        from akidb_ros.observability.tracing import setup_tracing
+        return setup_tracing('akidb-ros-node') is not None
+    except Exception as exc:
+        print(f'embedding_node: tracing not set up: {exc}', file=sys.stderr)
+        return False
+
+
 def _chain(src: Future, dst: Future) -> None:
     exc = src.exception()
     if exc is not None:
@@ -610,6 +663,7 @@ def run(args=None) -> int:
     signal.signal(signal.SIGTERM, stop)
     rc = 0
     forced = False
+    traced = _setup_tracing()
     with rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO):
         try:
             node = EmbeddingNode()
@@ -656,6 +710,9 @@ def run(args=None) -> int:
                     log.error(f'shutdown transition failed: {exc}')
             executor.shutdown(timeout_sec=1.0)
             node.destroy_node()
+    if traced:
+        from akidb_ros.observability.tracing import shutdown_tracing
+        shutdown_tracing()          # flush spans before the process ends
     return rc
 
 

@@ -20,7 +20,6 @@ os.environ['ROS_STATIC_PEERS'] = ''
 os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
 os.environ.setdefault('ROS_DOMAIN_ID', str(random.randint(10, 99)))
 os.environ.setdefault('AMENT_PREFIX_PATH', sys.prefix)
-os.environ.setdefault('AKIDB_LOG_LEVEL', 'WARNING')
 
 MODELS = ROOT / 'models'
 DEFAULT_MODEL = 'all-minilm-l6-v2'

@@ -161,3 +161,14 @@ def test_graceful_stop_finishes_in_flight(local_backend):
     with pytest.raises(Exception):
         c.embed(['after stop'], timeout_s=2)
     c.close()
+
+
+def test_request_id_echoed_in_trailing_metadata(grpc_target):
+    stub = pb_grpc.EmbeddingServiceStub(grpc.insecure_channel(grpc_target))
+    _, call = stub.Embed.with_call(pb.EmbedRequest(inputs=['id please']), timeout=10,
+                                   metadata=[('x-request-id', 'grpc-rid-7')])
+    assert dict(call.trailing_metadata())['x-request-id'] == 'grpc-rid-7'
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.Embed(pb.EmbedRequest(inputs=['x'], model='nope'), timeout=10,
+                   metadata=[('x-request-id', 'grpc-rid-8')])
+    assert dict(ei.value.trailing_metadata())['x-request-id'] == 'grpc-rid-8'

@@ -23,7 +23,7 @@ if not os.environ.get('ROS_LOG_DIR'):
     os.environ['ROS_LOG_DIR'] = tempfile.mkdtemp(prefix='akidb-ros-log-')
 
 from akidb_ros.ros.cli import EmbeddingClient  # noqa: E402  (needs the environment above)
-from ros_support import free_port, NodeProcess  # noqa: E402, I100
+from ros_support import free_port, NodeProcess, NS  # noqa: E402, I100
 
 
 @pytest.fixture(scope='session')
@@ -33,8 +33,8 @@ def metrics_port():
 
 @pytest.fixture(scope='session')
 def node(metrics_port):
-    """The node under test (default namespace), with /metrics on a loopback port."""
-    n = NodeProcess('-p', f'metrics_port:={metrics_port}')
+    """The node under test (namespace NS), with /metrics on a loopback port."""
+    n = NodeProcess('-p', f'metrics_port:={metrics_port}', namespace=NS)
     n.wait_ready()
     yield n
     n.stop()
@@ -42,6 +42,6 @@ def node(metrics_port):
 
 @pytest.fixture(scope='session')
 def client(node):
-    with EmbeddingClient(node_name='akidb_test_client') as c:
+    with EmbeddingClient(NS, node_name='akidb_test_client') as c:
         assert c.clients['embed'].wait_for_service(timeout_sec=30), node.output
         yield c

@@ -16,6 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS_FILE = ROOT / 'config' / 'params.yaml'
+# the session's node lives in its own namespace: other suites may run nodes on the same domain
+NS = '/akidb_ros_test'
 READY_MARK = 'embedding node ready in'
 
 
@@ -28,7 +30,8 @@ def free_port() -> int:
 class NodeProcess:
     """``python -m akidb_ros.ros.node`` in its own process, with its output collected."""
 
-    def __init__(self, *extra_args: str, namespace: str = '', params_file=PARAMS_FILE):
+    def __init__(self, *extra_args: str, namespace: str = '', params_file=PARAMS_FILE,
+                 env=None):
         # AKIDB_ROS_TEST_NODE_ARGS: extra node arguments for the whole run, e.g.
         # '-p executor:=events' to run every test against the EventsExecutor variant
         cmd = [sys.executable, '-m', 'akidb_ros.ros.node', '--ros-args',
@@ -44,7 +47,8 @@ class NodeProcess:
         self.t_start = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     env=None if env is None else {**os.environ, **env})
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -118,7 +122,9 @@ def metric_value(text: str, name: str, labels: str = '') -> float:
 
 
 def call(client, srv_type, name: str, request, timeout: float = 10.0):
-    """Call any service through the client's node (lifecycle, parameters ...)."""
+    """Call any service through the client's node; relative names are under NS."""
+    if not name.startswith('/'):
+        name = f'{NS}/{name}'
     key = (srv_type, name)
     cache = client.__dict__.setdefault('_extra_clients', {})
     if key not in cache:

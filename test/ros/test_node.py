@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 import pytest
-from ros_support import call, metric_value, ROOT, scrape
+from ros_support import call, metric_value, NS, ROOT, scrape
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
@@ -156,7 +156,7 @@ def test_concurrent_clients_match_single_calls_and_batch(client, metrics_port):
     """16 clients at once get the same vectors as single calls, and the engine batches them."""
     single = {s: embeddings_from_response(embed(client, [s]))[0] for s in SENTENCES}
     before = scrape(metrics_port)
-    with ConcurrentCaller(16) as lg:
+    with ConcurrentCaller(16, namespace=NS) as lg:
         assert lg.wait_ready(30)
         recs = lg.run(lambda i, seq: Embed.Request(inputs=[SENTENCES[i]]), calls_per_client=4,
                       timeout_s=60)
@@ -186,7 +186,7 @@ def test_diagnostics(client):
 
     def on_msg(msg):
         for st in msg.status:
-            if st.name.startswith('/embedding_node'):
+            if st.name.startswith(f'{NS}/embedding_node'):
                 seen.append(st)
                 got.set()
     sub = client.node.create_subscription(DiagnosticArray, '/diagnostics', on_msg, 10)
@@ -209,7 +209,7 @@ def test_diagnostics(client):
 def _set(client, **params):
     req = SetParameters.Request(parameters=[
         Parameter(k.replace('__', '.'), value=v).to_parameter_msg() for k, v in params.items()])
-    return call(client, SetParameters, '/embedding_node/set_parameters', req).results
+    return call(client, SetParameters, 'embedding_node/set_parameters', req).results
 
 
 @pytest.mark.parametrize('name,value', [
@@ -231,7 +231,7 @@ def test_parameter_checks(client):
     assert res.successful
     (res,) = _set(client, diagnostics_period_s=1.0)
     assert res.successful
-    got = call(client, GetParameters, '/embedding_node/get_parameters',
+    got = call(client, GetParameters, 'embedding_node/get_parameters',
                GetParameters.Request(names=['batching.max_batch_size', 'qos_depth']))
     assert got.values[0].type == ParameterType.PARAMETER_INTEGER
     assert [v.integer_value for v in got.values] == [16, 100]
@@ -239,12 +239,13 @@ def test_parameter_checks(client):
 
 
 def _state(client) -> int:
-    return call(client, GetState, '/embedding_node/get_state', GetState.Request()).current_state.id
+    return call(client, GetState, 'embedding_node/get_state',
+                GetState.Request()).current_state.id
 
 
 def test_lifecycle_deactivate_refuses_activate_serves(client):
     assert _state(client) == State.PRIMARY_STATE_ACTIVE
-    res = call(client, ChangeState, '/embedding_node/change_state',
+    res = call(client, ChangeState, 'embedding_node/change_state',
                ChangeState.Request(transition=Transition(id=Transition.TRANSITION_DEACTIVATE)))
     assert res.success
     try:
@@ -252,7 +253,7 @@ def test_lifecycle_deactivate_refuses_activate_serves(client):
         resp = embed(client, ['hello'])
         assert (resp.success, resp.error_code) == (False, 'UNAVAILABLE')
     finally:
-        res = call(client, ChangeState, '/embedding_node/change_state',
+        res = call(client, ChangeState, 'embedding_node/change_state',
                    ChangeState.Request(transition=Transition(id=Transition.TRANSITION_ACTIVATE)))
     assert res.success and _state(client) == State.PRIMARY_STATE_ACTIVE
     assert embed(client, ['hello']).success
@@ -262,6 +263,8 @@ def _cli(*args):
     code = 'import sys; from akidb_ros.ros.cli import {0}; sys.exit({0}())'
     fn = 'models_main' if args and args[0] == 'models' else 'embed_main'
     argv = args[1:] if args and args[0] == 'models' else args
+    if '--namespace' not in argv:
+        argv = (*argv, '--namespace', NS)
     return subprocess.run([sys.executable, '-c', code.format(fn), *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 

@@ -154,3 +154,23 @@ def test_default_model_that_cannot_load_fails_configure_and_exits_1():
         assert 'configure failed' in node.output and 'e5-small-v2' in node.output
     finally:
         node.stop()
+
+
+def test_traceparent_is_continued_by_the_node():
+    """A request's W3C traceparent becomes the parent of the node's 'ros /embed' span."""
+    trace_id, parent = 'ab' * 16, 'cd' * 8
+    node = NodeProcess(namespace='/traced', env={'OTEL_TRACES_EXPORTER': 'console',
+                                                 'OTEL_BSP_SCHEDULE_DELAY': '50'})
+    try:
+        node.wait_ready()
+        with EmbeddingClient('/traced', node_name='akidb_traced_client') as c:
+            resp = c.call('embed', Embed.Request(inputs=['traced'], request_id='req-42',
+                                                 traceparent=f'00-{trace_id}-{parent}-01'))
+            assert resp.success, resp.message
+        node.send(signal.SIGINT)
+        assert node.wait_exit(timeout=10) == 0
+        out = node.output
+        assert '"name": "ros /embed"' in out and f'"trace_id": "0x{trace_id}"' in out, out
+        assert f'"parent_id": "0x{parent}"' in out and 'req-42' in out
+    finally:
+        node.stop()

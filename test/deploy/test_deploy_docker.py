@@ -1,0 +1,117 @@
+"""Dockerfiles, .dockerignore and the compose stack: hadolint, checkov, compose-spec, promtool,
+plus the image promises of issue 7 §1 read from the files themselves."""
+import re
+
+import pytest
+import yaml
+
+from deploy_support import ROOT, checkov_summary, dpython, dtool, run, systool
+
+DOCKERFILES = ['docker/Dockerfile', 'docker/Dockerfile.gpu', 'docker/Dockerfile.jetson']
+
+
+def test_hadolint_clean():
+    hadolint = dtool('hadolint')
+    cp = run([hadolint, '--config', 'docker/hadolint.yaml', '--no-color', *DOCKERFILES],
+             check=False)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def test_hadolint_catches_a_bad_dockerfile(tmp_path):
+    """The linter setup is not a no-op: an unpinned pip install and `latest` fail it."""
+    hadolint = dtool('hadolint')
+    bad = tmp_path / 'Dockerfile'
+    bad.write_text('FROM debian:latest\nRUN pip install requests\nUSER root\n')
+    cp = run([hadolint, '--config', 'docker/hadolint.yaml', '--no-color', str(bad)], check=False)
+    assert cp.returncode != 0 and 'DL3007' in cp.stdout and 'DL3013' in cp.stdout, cp.stdout
+
+
+def test_checkov_dockerfiles_no_failed_check():
+    checkov = dtool('checkov')
+    cp = run([checkov, '--config-file', 'deploy/checkov.yaml', '-d', 'docker', '--framework',
+              'dockerfile', '-o', 'json'], check=False, timeout=300)
+    summary, failed = checkov_summary(cp.stdout)
+    assert summary['passed'] > 50 and summary['failed'] == 0 and summary['parsing_errors'] == 0, \
+        (summary, failed)
+    # the only skips are the inline, justified CKV_DOCKER_7 (base image is a build argument)
+    assert summary['skipped'] == len(DOCKERFILES)
+
+
+@pytest.mark.parametrize('path', DOCKERFILES)
+def test_dockerfile_promises(path):
+    text = (ROOT / path).read_text()
+    stages = re.findall(r'^FROM\s+(\S+)(?:\s+AS\s+(\S+))?', text, re.M)
+    assert len(stages) >= 2, 'multi-stage'
+    assert all(img == '${BASE_IMAGE}' for img, _ in stages), 'base image is a build argument'
+    assert re.search(r'^ARG BASE_IMAGE=\S+', text, re.M)
+    runtime = text[text.rindex('\nFROM '):]
+    assert 'g++' not in runtime and 'cmake' not in runtime, 'no compilers in the runtime stage'
+    user = re.findall(r'^USER\s+(\S+)', runtime, re.M)
+    assert user and user[-1] not in ('root', '0', '0:0'), 'non-root user'
+    assert re.search(r'^ARG AKIDB_UID=(\d+)', runtime, re.M).group(1) != '0'
+    assert re.search(r'^HEALTHCHECK .*\n?.*CMD', runtime, re.M), 'HEALTHCHECK'
+    vols = re.search(r'^VOLUME\s+(\[.*\])', runtime, re.M)
+    assert vols and '/opt/akidb/models' in vols.group(1) and '/var/cache/akidb' in vols.group(1)
+    assert 'AKIDB_TENSORRT_CACHE=/var/cache/akidb/trt' in runtime
+    assert 'fastdds_loopback.xml' in runtime
+    assert 'ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST' in runtime
+    # no secrets: nothing that looks like a credential is set or copied
+    assert not re.search(r'^(ENV|ARG)\s+\S*(PASSWORD|SECRET|TOKEN|API_KEY)\S*=', text, re.M | re.I)
+    assert not re.search(r'^COPY\s+.*(\.pem|\.key|api_keys|certs)', text, re.M)
+    assert not re.search(r'^COPY\s+(\S+\s+)*models/', text, re.M), 'models are a volume'
+
+
+def test_dockerignore_keeps_secrets_models_and_venvs_out():
+    ignored = {ln.strip() for ln in (ROOT / '.dockerignore').read_text().splitlines()
+               if ln.strip() and not ln.startswith('#')}
+    for must in ('.git', '.venv', '.venv-build', '.venv-deploy', 'models', 'build',
+                 '**/*.pem', '**/*.key', 'config/api_keys.yaml', '.env'):
+        assert must in ignored, must
+
+
+def test_compose_file_is_valid_compose_spec():
+    py = dpython()
+    cp = run([py, 'deploy/tools/compose_check.py', 'docker/docker-compose.yml'])
+    assert 'OK, services bridge, grafana, node, otel-collector, prometheus' in cp.stdout
+
+
+def test_compose_checker_rejects_unknown_keys(tmp_path):
+    py = dpython()
+    doc = yaml.safe_load((ROOT / 'docker/docker-compose.yml').read_text())
+    doc['services']['node']['privilegd'] = True
+    bad = tmp_path / 'compose.yml'
+    bad.write_text(yaml.safe_dump(doc))
+    cp = run([py, 'deploy/tools/compose_check.py', str(bad)], check=False)
+    assert cp.returncode == 1 and 'privilegd' in cp.stdout, cp.stdout
+
+
+def test_compose_stack_shape():
+    doc = yaml.safe_load((ROOT / 'docker/docker-compose.yml').read_text())
+    s = doc['services']
+    assert set(s) == {'node', 'bridge', 'prometheus', 'grafana', 'otel-collector'}
+    assert s['bridge']['network_mode'] == 'service:node', 'DDS stays on the shared loopback'
+    assert s['bridge']['ipc'] == 'service:node'
+    assert 'sidecar' in s['bridge']['command']
+    for name, svc in s.items():
+        assert svc.get('read_only') is True, name
+        assert svc.get('cap_drop') == ['ALL'], name
+        assert not svc.get('privileged'), name
+    for port in s['node']['ports']:
+        assert port.startswith('${AKIDB_BIND:-127.0.0.1}:'), port
+    vols = ' '.join(s['node']['volumes'])
+    assert ':/opt/akidb/models:ro' in vols and 'trt-cache:/var/cache/akidb' in vols
+    assert 'api_keys' in {x['source'] for x in s['bridge']['secrets']}
+
+
+def test_compose_prometheus_config(tmp_path):
+    promtool = systool('promtool')
+    cfg = yaml.safe_load((ROOT / 'docker/compose/prometheus.yml').read_text())
+    for i, rf in enumerate(cfg['rule_files']):
+        name = rf.rsplit('/', 1)[1]
+        (tmp_path / name).write_text((ROOT / 'deploy/prometheus' / name).read_text())
+        cfg['rule_files'][i] = str(tmp_path / name)
+    (tmp_path / 'prometheus.yml').write_text(yaml.safe_dump(cfg))
+    cp = run([promtool, 'check', 'config', str(tmp_path / 'prometheus.yml')])
+    assert 'SUCCESS' in cp.stdout + cp.stderr
+    jobs = {j['job_name']: j['static_configs'][0]['targets'] for j in cfg['scrape_configs']}
+    assert jobs == {'akidb-node': ['node:9100'], 'akidb-bridge': ['node:8080']}

@@ -1,0 +1,188 @@
+"""Operations assets: systemd units, Chaos Mesh manifests, YAML style, the deployment guide's
+references, and the chaos suite's fault proxy and accounting."""
+import json
+import re
+import socket
+import threading
+import time
+
+import pytest
+import yaml
+
+from deploy_support import ROOT, dpython, dtool, run, systool
+
+CHAOS = ROOT / 'deploy' / 'chaos'
+
+
+def test_systemd_units_verify(tmp_path):
+    sa = systool('systemd-analyze')
+    units = sorted(str(p) for p in (ROOT / 'deploy' / 'systemd').glob('*.service'))
+    assert len(units) == 2
+    cp = run([sa, 'verify', '--man=no', *units], check=False)
+    # verify exits 0 on unknown keys and bad values but reports them: any report is a failure
+    assert cp.returncode == 0 and not cp.stderr.strip() and not cp.stdout.strip(), cp.stderr
+    bad = tmp_path / 'bad.service'
+    bad.write_text((ROOT / 'deploy/systemd/akidb-node.service').read_text()
+                   .replace('Restart=always', 'Restartt=always'))
+    cp = run([sa, 'verify', '--man=no', str(bad)], check=False)
+    assert 'Restartt' in cp.stderr
+
+
+def test_systemd_units_drain_and_respawn():
+    node = (ROOT / 'deploy/systemd/akidb-node.service').read_text()
+    bridge = (ROOT / 'deploy/systemd/akidb-bridge.service').read_text()
+    assert 'KillSignal=SIGINT' in node and 'Restart=always' in node
+    assert 'scripts/dds_env.sh' in node and 'scripts/dds_env.sh' in bridge
+    assert '--mode sidecar' in bridge and 'BindsTo=akidb-node.service' in bridge
+    assert 'AKIDB_HOST=127.0.0.1' in bridge
+
+
+def chaos_docs():
+    out = []
+    for f in sorted(CHAOS.glob('*.yaml')):
+        out += [(f.name, d) for d in yaml.safe_load_all(f.read_text()) if d]
+    return out
+
+
+def test_chaos_manifests_match_the_chaos_mesh_schema():
+    import jsonschema
+    schema = json.loads((CHAOS / 'schema.json').read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for name, doc in chaos_docs():
+        jsonschema.validate(doc, schema)
+        sub = {'$defs': schema['$defs'], '$ref': f"#/$defs/{doc['kind']}"}
+        jsonschema.validate(doc['spec'], sub)
+        assert doc['metadata']['namespace'] == 'akidb', name
+
+
+def test_chaos_schema_rejects_a_typo():
+    import jsonschema
+    schema = json.loads((CHAOS / 'schema.json').read_text())
+    doc = dict(chaos_docs()[0][1])
+    bad = json.loads(json.dumps(doc))
+    spec = bad['spec'].get('podChaos', bad['spec'])
+    spec['acton'] = spec.pop('action')
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad['spec'], {'$defs': schema['$defs'],
+                                          '$ref': f"#/$defs/{bad['kind']}"})
+
+
+def test_chaos_manifests_cover_the_prd_scenarios():
+    kinds = {}
+    for _, d in chaos_docs():
+        spec = d['spec']
+        kind = spec['type'] if d['kind'] == 'Schedule' else d['kind']
+        inner = spec.get('podChaos', spec)
+        kinds.setdefault(kind, set()).add(inner.get('action') or 'stress')
+    assert 'pod-kill' in kinds['PodChaos']                       # 1 pod kill
+    assert {'delay', 'partition'} <= kinds['NetworkChaos']       # 2 latency, 4 partition
+    assert 'stress' in kinds['StressChaos']                      # 3 memory (GPU) stress
+    assert 'fault' in kinds['IOChaos']                           # 5 disk pressure
+    assert 'error' in kinds['DNSChaos']                          # 6 DNS failure
+    for _, d in chaos_docs():
+        sel = (d['spec'].get('podChaos') or d['spec'])['selector']
+        assert sel['labelSelectors'] == {'app.kubernetes.io/name': 'akidb-ros'}
+
+
+def test_yamllint_deploy_assets():
+    yl = dtool('yamllint')
+    cp = run([yl, '-s', '-c', 'deploy/yamllint.yaml', 'deploy/chaos', 'deploy/prometheus',
+              'deploy/helm/akidb-ros/Chart.yaml', *map(str, (ROOT / 'deploy/helm/akidb-ros')
+                                                       .glob('values*.yaml')),
+              'docker/docker-compose.yml', 'docker/compose', 'docker/hadolint.yaml',
+              'deploy/checkov.yaml', 'deploy/yamllint.yaml'], check=False)
+    assert cp.returncode == 0, cp.stdout
+
+
+def test_deployment_guide_references_exist():
+    text = (ROOT / 'docs/operations/deployment.md').read_text()
+    paths = set(re.findall(r'`((?:deploy|docker|docs|scripts|bench|config|launch)/[^`\s*<>]+)`',
+                           text))
+    assert len(paths) >= 15
+    missing = sorted(p for p in paths if not (ROOT / p.rstrip('/')).exists())
+    assert not missing, missing
+
+
+# --- the chaos suite's own parts --------------------------------------------------------------
+def _echo_server():
+    srv = socket.socket()
+    srv.bind(('127.0.0.1', 0))
+    srv.listen(16)
+
+    def loop():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            data = c.recv(1024)
+            c.sendall(b'echo:' + data)
+            c.close()
+
+    threading.Thread(target=loop, daemon=True).start()
+    return srv
+
+
+def _call(port):
+    with socket.create_connection(('127.0.0.1', port), timeout=5) as s:
+        s.sendall(b'ping')
+        return s.recv(1024)
+
+
+def test_fault_proxy_latency_and_resets():
+    from bench.chaos.faultproxy import FaultProxy
+    srv = _echo_server()
+    proxy = FaultProxy(srv.getsockname()[1]).start()
+    try:
+        assert _call(proxy.port) == b'echo:ping'
+        proxy.set_faults(latency_s=0.2)
+        t0 = time.monotonic()
+        assert _call(proxy.port) == b'echo:ping'
+        assert time.monotonic() - t0 >= 0.4          # both directions delayed
+        proxy.set_faults(reset_ratio=1.0)
+        with pytest.raises((ConnectionResetError, ConnectionAbortedError)):
+            r = _call(proxy.port)
+            if not r:
+                raise ConnectionResetError('closed')
+        assert proxy.resets == 1
+        proxy.clear()
+        assert _call(proxy.port) == b'echo:ping'
+    finally:
+        proxy.stop()
+        srv.close()
+
+
+def test_chaos_accounting():
+    from bench.chaos.run import summarize
+
+    def rec(t0, codes, model='m'):
+        atts, t = [], t0
+        for c in codes:
+            atts.append({'code': c, 'answered': c not in ('RESET', 'REFUSED', 'CLIENT_TIMEOUT'),
+                         't': t, 'latency': 0.1})
+            t += 0.2
+        return {'t0': t0, 't1': t, 'model': model, 'attempts': atts, 'final': codes[-1],
+                'answered': atts[-1]['answered']}
+
+    recs = [rec(0, ['OK']), rec(1, ['UNAVAILABLE', 'UNAVAILABLE', 'UNAVAILABLE']),
+            rec(2, ['RESET']), rec(3, ['CLIENT_TIMEOUT']), rec(4, ['UNAVAILABLE', 'OK']),
+            rec(5, ['OK'])]
+    res = summarize('x', 'd', recs, fault_t=0.5)
+    assert res['sent'] == 6 and res['ok'] == 3
+    assert res['failed_by_code'] == {'UNAVAILABLE': 1}
+    assert res['lost'] == 2 and res['lost_by_code'] == {'RESET': 1, 'CLIENT_TIMEOUT': 1}
+    assert res['retried_requests'] == 2
+    # last failed attempt starts at t=4.0, first OK attempt after it ends at 4.3
+    assert res['recovery_s'] == pytest.approx(3.8)
+
+
+def test_chaos_runner_lists_every_issue_scenario():
+    from bench.chaos.run import SCENARIOS
+    assert set(SCENARIOS) == {'node_sigkill', 'server_sigterm', 'model_corrupt', 'model_missing',
+                              'network_faults', 'disk_full', 'cpu_starvation'}
+
+
+def test_helm_wrapper_reports_the_sdk_version():
+    dpython()
+    cp = run([str(ROOT / 'scripts/helm'), 'version'])
+    assert re.search(r'helm SDK v4\.\d+\.\d+', cp.stdout), cp.stdout
