@@ -58,6 +58,8 @@ class DoorCall:
     n_bytes: int = 0
     principal: Optional[object] = None
     response_headers: Dict[str, str] = field(default_factory=dict)   # set by the guard
+    priority: Optional[object] = None   # set by the guard: engine Priority (ADMIN lane)
+    peer_cert: Optional[object] = None  # client certificate (DER/PEM) when the door has one
     started: float = field(default_factory=time.perf_counter)
 
 

@@ -20,6 +20,7 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from ..observability import metrics
+from ..observability.tracing import capture_context, record_engine_spans
 from .errors import EngineError, ErrorCode
 from .text import Encoded, l2_normalize, pad_batch, pool
 from .types import EmbedResult, Priority
@@ -81,6 +82,8 @@ class Job:
         self.truncated = sum(1 for e in encoded if e.truncated)
         self.created = time.monotonic()
         self.started: Optional[float] = None
+        # The caller's trace context (a door's span), so queue/batch/inference spans nest in it.
+        self.trace_ctx = capture_context()
         self._on_done = on_done
         self._settled = threading.Lock()
         self._is_settled = False
@@ -315,8 +318,15 @@ class Batcher:
                                                 f'inference failed: {type(exc).__name__}'))
             return
         elapsed = time.perf_counter() - t0
+        tokens = int(mask.sum())
         if self._on_batch:
-            self._on_batch(len(chunk), int(mask.sum()), elapsed)
+            self._on_batch(len(chunk), tokens, elapsed)
+        traced = {id(it.job): it.job for it in chunk if it.job.trace_ctx is not None}
+        if traced:
+            end = time.monotonic()
+            for job in traced.values():
+                record_engine_spans(job.trace_ctx, self.model_id, job.created, job.started or end,
+                                    end - elapsed, end, len(chunk), tokens, job.provider)
         normed = l2_normalize(vectors) if any(it.job.normalize for it in chunk) else vectors
         finished = []
         for row, it in enumerate(chunk):

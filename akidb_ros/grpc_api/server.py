@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import queue
 import threading
 import time
@@ -46,8 +47,12 @@ def _metadata(context) -> dict:
 
 def _abort(context, err: EngineError, extra=()):
     md = [('akidb-error-code', err.code.name)]
+    hdrs = {k.lower(): str(v) for k, v in (getattr(err, 'headers', None) or {}).items()}
     if err.code.retryable:
-        md.append(('retry-after', str(max(1, int(round(err.retry_after_s or 1))))))
+        md.append(('retry-after', hdrs.pop('retry-after', None)
+                   or str(max(1, math.ceil(err.retry_after_s or 1)))))
+    hdrs.pop('retry-after', None)
+    md.extend(sorted(hdrs.items()))       # x-ratelimit-* on RESOURCE_EXHAUSTED
     md.extend(extra)
     context.set_trailing_metadata(tuple(md))
     context.abort(getattr(grpc.StatusCode, err.code.grpc_status), err.message)
@@ -83,9 +88,13 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     # -- helpers ------------------------------------------------------------------------------
     def _call(self, context, operation: str) -> DoorCall:
         md = _metadata(context)
+        try:
+            cert = (context.auth_context() or {}).get('x509_pem_cert') or [None]
+        except Exception:
+            cert = [None]
         return DoorCall(transport=TRANSPORT, operation=operation,
                         request_id=request_id_from(md.get('x-request-id')), headers=md,
-                        peer=context.peer() or '')
+                        peer=context.peer() or '', peer_cert=cert[0])
 
     def _prepare(self, request: pb.EmbedRequest, call: DoorCall, context) -> EmbedRequest:
         texts = list(request.inputs)
@@ -95,16 +104,32 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             if not t:
                 raise EngineError(ErrorCode.INVALID_INPUT, f'inputs[{i}]: empty text')
         model = self.labels.resolve(request.model)
-        call.model, call.n_inputs = model, len(texts)
+        # the breaker is keyed by the model that will really serve the call
+        call.model, call.n_inputs = model or self._default_model(), len(texts)
         call.n_bytes = sum(len(t) for t in texts)
         # proto3 bool has no "unset": the PRD field is taken literally (false = raw vectors)
         return EmbedRequest(inputs=texts, model=model, normalize=bool(request.normalize),
                             timeout_s=_timeout(context, self.default_timeout_s),
                             request_id=call.request_id, transport=TRANSPORT)
 
+    def _default_model(self) -> str:
+        try:
+            return self.backend.default_model() or ''
+        except Exception:   # backend unreachable: the call itself will say so
+            return ''
+
+    def _simple_guard(self, context, operation: str) -> None:
+        if self.guard is None:
+            return
+        done = run_guard(self.guard, self._call(context, operation))
+        if callable(done):
+            done(None)
+
     def _submit(self, call: DoorCall, req: EmbedRequest):
         """Run the guard, then backend.submit; returns (future, completion callback)."""
         done = run_guard(self.guard, call)
+        if call.priority is not None:
+            req.priority = call.priority      # admin callers: the engine's priority lane
         try:
             return self.backend.submit(req, trace_context=inject_carrier()), done
         except EngineError as e:
@@ -173,7 +198,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                         break
                     call = DoorCall(transport=TRANSPORT, operation='embed',
                                     request_id=f'{call0.request_id}-{i}', headers=call0.headers,
-                                    peer=call0.peer)
+                                    peer=call0.peer, peer_cert=call0.peer_cert)
                     label = 'default'
                     with tracer().start_as_current_span(
                             f'{SERVICE_NAME}/EmbedStream', kind=trace.SpanKind.SERVER,
@@ -248,6 +273,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     def Health(self, request, context):
         try:
+            self._simple_guard(context, 'health')
+        except EngineError as e:
+            _abort(context, e)
+        try:
             h = self.backend.health()
         except EngineError as e:
             return pb.HealthResponse(status=pb.HealthResponse.UNHEALTHY,
@@ -280,11 +309,14 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 class GrpcServer:
     """The gRPC server (EmbeddingService + health + reflection). ``port=0`` picks a free port."""
 
-    def __init__(self, backend: Backend, host: str = '0.0.0.0', port: int = 9090,
+    def __init__(self, backend: Backend, host: str = '127.0.0.1', port: int = 9090,
                  guard: Optional[GuardHook] = None, max_workers: int = 64,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  default_timeout_s: Optional[float] = None, health_poll_s: float = 1.0,
-                 interceptors: Sequence = ()):
+                 interceptors: Sequence = (), credentials=None):
+        """``interceptors``: e.g. ``[GuardInterceptor(guard)]``; ``credentials``: a
+        ``grpc.ServerCredentials`` (``akidb_ros.guard.grpc_server_credentials``) for TLS,
+        None for a plaintext port (loopback development only)."""
         self.backend = backend
         options = [
             ('grpc.max_receive_message_length', max_message_bytes),
@@ -303,7 +335,9 @@ class GrpcServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         addr = f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
-        self.port = self._server.add_insecure_port(addr)
+        self.port = (self._server.add_secure_port(addr, credentials) if credentials is not None
+                     else self._server.add_insecure_port(addr))
+        self.tls = credentials is not None
         if self.port == 0:
             raise OSError(f'cannot bind gRPC to {addr}')
         self.host = host

@@ -29,7 +29,7 @@ from akidb_ros.engine.errors import EngineError, ErrorCode
 
 
 class State(enum.IntEnum):
-    CLOSED = 0  # gauge values ordered by severity (same encoding as akidb_circuit_state)
+    CLOSED = 0  # gauge values ordered by severity (exported as akidb_circuit_breaker_state{model})
     HALF_OPEN = 1
     OPEN = 2
 

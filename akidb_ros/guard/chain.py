@@ -408,6 +408,8 @@ class Guard:
             )
         call.principal = decision.identity
         call.response_headers = decision.headers
+        if hasattr(call, 'priority'):
+            call.priority = decision.priority  # admin callers: the engine's priority lane
         breaker = permit = None
         if op == 'embed' and self.breakers_enabled:
             breaker = self.breaker_for(getattr(call, 'model', '') or 'default')

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -88,7 +89,8 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                default_timeout_s: Optional[float] = None) -> Flask:
     """Build the Flask app around a backend (LocalBackend or RosBackend)."""
-    app = Flask('akidb_ros.rest')
+    # no static folder: its /static/<path> route would be an undeclared (default-deny) route
+    app = Flask('akidb_ros.rest', static_folder=None)
     app.config['MAX_CONTENT_LENGTH'] = max_body_bytes
     app.json.sort_keys = False
     labels = ModelLabels(backend)
@@ -105,7 +107,10 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
                         mimetype='application/json')
         if err.retry_after_s is not None or (err.code.retryable
                                              and err.code.http_status in (429, 503)):
-            resp.headers['Retry-After'] = str(max(1, int(round(err.retry_after_s or 1))))
+            resp.headers['Retry-After'] = str(max(1, math.ceil(err.retry_after_s or 1)))
+        # door-level refusals (429) carry X-RateLimit-*; never override Retry-After above
+        for k, v in (getattr(err, 'headers', None) or {}).items():
+            resp.headers.setdefault(k, v)
         return resp
 
     def http_error(status: int, message: str, code: str) -> Response:
@@ -160,6 +165,8 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
     def do_embed(call: DoorCall, req: EmbedRequest):
         """Run the guard, then the backend, inside the transport span."""
         done = run_guard(guard, call)
+        if call.priority is not None:
+            req.priority = call.priority      # admin callers: the engine's priority lane
         err: Optional[EngineError] = None
         try:
             carrier = inject_carrier()
@@ -194,7 +201,8 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
             call.n_bytes = check_texts(texts)
             call.n_inputs = len(texts)
             model = labels.resolve(model)
-            call.model = model
+            # the breaker is keyed by the model that will really serve the call
+            call.model = model or backend_default_model()
             model_label = labels.label(model)
             span.set_attribute('akidb.model', model or 'default')
             span.set_attribute('akidb.inputs', len(texts))
@@ -253,13 +261,23 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         finally:
             otel_context.detach(token)
 
-    def simple_guard(operation: str, model: str = '') -> None:
-        if guard is None:
-            return
+    def backend_default_model() -> str:
+        try:
+            return backend.default_model() or ''
+        except Exception:   # backend unreachable: the call itself will say so
+            return ''
+
+    def guard_call(operation: str, model: str = '') -> Tuple[DoorCall, Any]:
+        """Run the guard for a non-embed operation; returns (call, completion callback)."""
         call = DoorCall(transport=TRANSPORT, operation=operation, request_id=g.request_id,
                         headers={k.lower(): v for k, v in request.headers.items()},
                         peer=request.remote_addr or '', model=model)
-        done = run_guard(guard, call)
+        return call, run_guard(guard, call)
+
+    def simple_guard(operation: str, model: str = '') -> None:
+        if guard is None:
+            return
+        _call, done = guard_call(operation, model)
         if callable(done):
             done(None)
 
@@ -307,6 +325,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
 
     @app.get('/health')
     def health():
+        simple_guard('health')
         try:
             h = backend.health()
         except EngineError as e:
@@ -326,6 +345,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
 
     @app.get('/health/ready')
     def ready():
+        simple_guard('ready')
         if backend.ready():
             return {'status': 'ready'}
         return Response(json.dumps({'status': 'not_ready', 'code': ErrorCode.UNAVAILABLE.name,
@@ -341,11 +361,23 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         return {'models': [_model_json(mi) for mi in infos], 'default_model': default}
 
     def admin(op: str):
-        body = parse_body('admin')
-        model = labels.resolve(body['model'])
-        simple_guard(op, model)
-        with tracer().start_as_current_span(f'admin {op}', attributes={'akidb.model': model}):
-            mi = backend.load_model(model) if op == 'load_model' else backend.unload_model(model)
+        # guard BEFORE the body is read: an anonymous caller gets 401, not 400
+        call, done = guard_call(op) if guard is not None else (None, None)
+        err: Optional[EngineError] = None
+        try:
+            body = parse_body('admin')
+            model = labels.resolve(body['model'])
+            if call is not None:
+                call.model = model          # for the admin audit record
+            with tracer().start_as_current_span(f'admin {op}', attributes={'akidb.model': model}):
+                mi = (backend.load_model(model) if op == 'load_model'
+                      else backend.unload_model(model))
+        except EngineError as e:
+            err = e
+            raise
+        finally:
+            if callable(done):
+                done(err)       # audits the admin action with its real outcome
         labels.refresh(force=True)
         logging.getLogger('akidb_ros.access').info(
             'admin', extra={'transport': TRANSPORT, 'request_id': g.request_id, 'op': op,
@@ -362,10 +394,12 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
 
     @app.get('/metrics')
     def metrics():
+        simple_guard('metrics')
         return Response(generate_latest(REGISTRY), mimetype=CONTENT_TYPE_LATEST)
 
     @app.get('/openapi.json')
     def openapi():
+        simple_guard('openapi')
         return Response(openapi_doc, mimetype='application/json')
 
     return app

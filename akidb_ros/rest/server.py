@@ -21,7 +21,7 @@ log = logging.getLogger('akidb_ros.rest')
 class RestServer:
     """waitress in a background thread; ``port=0`` picks a free port (see ``.port``)."""
 
-    def __init__(self, app, host: str = '0.0.0.0', port: int = 8080, threads: int = 32,
+    def __init__(self, app, host: str = '127.0.0.1', port: int = 8080, threads: int = 32,
                  connection_limit: int = 512, max_body_bytes: int = 16 * 1024 * 1024,
                  channel_timeout: int = 120):
         from waitress.server import create_server

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import random
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from bridge_support import DEFAULT_MODEL, MODELS, ROOT, SECOND_MODEL  # noqa: F401
 
 # Loopback-only DDS before anything imports rclpy (same settings as scripts/dds_env.sh).
 os.environ.pop('ROS_LOCALHOST_ONLY', None)
@@ -20,10 +19,6 @@ os.environ['ROS_STATIC_PEERS'] = ''
 os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
 os.environ.setdefault('ROS_DOMAIN_ID', str(random.randint(10, 99)))
 os.environ.setdefault('AMENT_PREFIX_PATH', sys.prefix)
-
-MODELS = ROOT / 'models'
-DEFAULT_MODEL = 'all-minilm-l6-v2'
-SECOND_MODEL = 'all-mpnet-base-v2'
 
 
 def pytest_collection_modifyitems(config, items):
@@ -92,21 +87,6 @@ def grpc_client(grpc_target):
     c = GrpcClient(grpc_target, timeout_s=20)
     yield c
     c.close()
-
-
-def scrape(text: str):
-    """/metrics text → {(sample name, frozenset(labels)): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def total(samples, name: str, **labels) -> float:
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
 
 
 @pytest.fixture(scope='module')

@@ -15,7 +15,7 @@ from akidb_ros.client import (DeadlineExceededError, GrpcClient, InvalidRequestE
 from akidb_ros.client.rest import parse_retry_after
 from akidb_ros.client.retry import NO_RETRY, call_with_retry
 
-from conftest import scrape, total
+from bridge_support import scrape, total
 
 
 def _closed_port() -> int:

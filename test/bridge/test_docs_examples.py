@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import ROOT
+from bridge_support import ROOT
 
 
 def _python_blocks(md: str):

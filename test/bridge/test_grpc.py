@@ -17,7 +17,7 @@ from akidb_ros.grpc_api import embedding_pb2 as pb
 from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
 from akidb_ros.grpc_api.codegen import check as codegen_check
 
-from conftest import DEFAULT_MODEL
+from bridge_support import DEFAULT_MODEL
 
 SENTENCES = ['The autonomous vehicle detects pedestrians.', 'Emergency braking system activated.']
 

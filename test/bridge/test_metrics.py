@@ -13,7 +13,7 @@ import requests
 
 from akidb_ros.client import GrpcClient, RestClient
 
-from conftest import SECOND_MODEL, scrape, total
+from bridge_support import SECOND_MODEL, scrape, total
 
 
 def metrics_text(url):

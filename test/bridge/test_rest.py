@@ -10,7 +10,7 @@ import requests
 
 from akidb_ros.engine.types import EmbedRequest
 
-from conftest import DEFAULT_MODEL, SECOND_MODEL
+from bridge_support import DEFAULT_MODEL, SECOND_MODEL
 
 SENTENCES = ['The autonomous vehicle detects pedestrians.', 'Emergency braking system activated.']
 

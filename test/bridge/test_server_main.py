@@ -15,7 +15,7 @@ import requests
 
 from akidb_ros.client import GrpcClient, RestClient
 
-from conftest import ROOT, SECOND_MODEL
+from bridge_support import ROOT, SECOND_MODEL
 from test_sidecar import NodeProcess, wait_until
 
 

@@ -21,7 +21,7 @@ from akidb_ros.client import (DeadlineExceededError, GrpcClient, OverloadedError
 from akidb_ros.client.retry import NO_RETRY, RetryPolicy
 from akidb_ros.engine.types import EmbedRequest
 
-from conftest import DEFAULT_MODEL, ROOT, SECOND_MODEL
+from bridge_support import DEFAULT_MODEL, ROOT, SECOND_MODEL
 
 # ErrorCode.UNAVAILABLE is currently an enum alias of CIRCUIT_OPEN (same ErrorSpec value), so its
 # name on the wire is CIRCUIT_OPEN; test_error_codes.py pins the table bug. Same 503 either way.

@@ -19,7 +19,7 @@ import requests
 from akidb_ros.grpc_api import embedding_pb2 as pb
 from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
 
-from conftest import ROOT
+from bridge_support import ROOT
 
 
 def _traceparent():
@@ -30,11 +30,6 @@ def _traceparent():
 def _spans(exporter, trace_id):
     return [s for s in exporter.get_finished_spans()
             if format(s.context.trace_id, '032x') == trace_id]
-
-
-def _engine_emits_spans() -> bool:
-    src = (ROOT / 'akidb_ros' / 'engine').glob('*.py')
-    return any('record_engine_spans' in p.read_text() for p in src)
 
 
 def test_rest_span_continues_caller_trace(rest_url, span_exporter):
@@ -78,8 +73,6 @@ def test_no_caller_context_starts_new_trace(rest_url, span_exporter):
     assert server and server[-1].parent is None
 
 
-@pytest.mark.skipif(not _engine_emits_spans(),
-                    reason='engine does not call record_engine_spans yet (lead: see docs/api.md)')
 def test_engine_spans_under_transport_span(rest_url, span_exporter):
     trace_id, _, tp = _traceparent()
     requests.post(rest_url + '/api/v1/embed', json={'inputs': ['deep trace']}, timeout=10,
