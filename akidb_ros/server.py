@@ -6,8 +6,11 @@
 * ``--mode sidecar``: REST and gRPC forward to a separately running embedding node over DDS
   (``/embed``, ``/list_models``, ``/load_model``, ``/unload_model``). The product's main shape.
 
-Environment (PRD): ``AKIDB_HOST`` (0.0.0.0), ``AKIDB_REST_PORT`` (8080), ``AKIDB_GRPC_PORT``
-(9090); ``AKIDB_CONFIG`` and the engine's ``AKIDB_*`` overrides; ``OTEL_*`` for tracing;
+Environment (PRD): ``AKIDB_HOST`` (127.0.0.1; containers set 0.0.0.0 together with the prod
+security profile), ``AKIDB_REST_PORT`` (8080), ``AKIDB_GRPC_PORT`` (9090); ``AKIDB_CONFIG`` and
+the engine's ``AKIDB_*`` overrides; ``AKIDB_SECURITY_PROFILE`` (dev|prod) or
+``AKIDB_SECURITY_CONFIG`` (a file) for the guard chain (authentication, RBAC, TLS 1.3, rate
+limits, circuit breakers, audit; see docs/security.md); ``OTEL_*`` for tracing;
 ``AKIDB_LOG_FORMAT``/``AKIDB_LOG_LEVEL`` for logs. SIGTERM/SIGINT stop gracefully: health goes
 NOT_SERVING, new calls are refused, in-flight calls finish (``--grace``), then the engine closes.
 """
@@ -39,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='akidb-server', description=__doc__.split('\n\n')[0])
     ap.add_argument('--mode', choices=('inprocess', 'sidecar'),
                     default=os.environ.get('AKIDB_MODE', 'inprocess'))
-    ap.add_argument('--host', default=os.environ.get('AKIDB_HOST', '0.0.0.0'))
+    ap.add_argument('--host', default=os.environ.get('AKIDB_HOST', '127.0.0.1'),
+                    help='bind address (default 127.0.0.1; a non-loopback address needs '
+                         'the prod security profile)')
     ap.add_argument('--rest-port', type=int, default=_env_int('AKIDB_REST_PORT', 8080),
                     help='0 = pick a free port')
     ap.add_argument('--grpc-port', type=int, default=_env_int('AKIDB_GRPC_PORT', 9090),
@@ -73,36 +78,71 @@ class Bridges:
                  grpc_port: Optional[int] = 0, guard=None, timeout_s: Optional[float] = None,
                  rest_threads: int = 32, grpc_workers: int = 64,
                  max_body_bytes: int = 16 * 1024 * 1024,
-                 rest_app_hook: Optional[Callable] = None, grpc_interceptors=()):
+                 rest_app_hook: Optional[Callable] = None, grpc_interceptors=(),
+                 security=None):
         """Build the doors around ``backend``; ``None`` for a port leaves that door out.
 
         Guard seam: ``guard`` (a ``akidb_ros.doors.GuardHook``, e.g. ``Guard.door_hook``) runs
         before every backend call; ``rest_app_hook(app)`` may add Flask hooks to the app (e.g.
         ``akidb_ros.guard.integrations.install_flask``) and ``grpc_interceptors`` are passed
         to the gRPC server (e.g. ``GuardInterceptor``).
+
+        ``security``: an ``akidb_ros.guard.Guard`` wires all of that at once: its ``door_hook``,
+        ``install_flask`` on every route, ``GuardInterceptor`` on every RPC and, when its config
+        turns TLS on, TLS 1.3 on both doors (REST through a ``TLSFront`` in front of a
+        loopback-only waitress, gRPC through ``grpc_server_credentials``).
         """
         self.backend = backend
         self.rest = None
         self.grpc = None
+        self.tls_front = None
         self._closers: List[Callable[[], None]] = []
+        tls = None
+        grpc_credentials = None
+        if security is not None:
+            from akidb_ros.guard import GuardInterceptor, ReloadingTLSContext, TLSFront, \
+                grpc_server_credentials, install_flask
+            guard = security.door_hook
+            tls = security.tls_settings()
+            if grpc_port is not None:
+                grpc_interceptors = [GuardInterceptor(security), *grpc_interceptors]
+                if tls is not None:
+                    grpc_credentials = grpc_server_credentials(tls)
+            user_hook = rest_app_hook
+
+            def rest_app_hook(app):
+                install_flask(app, security, front=self.tls_front)
+                if user_hook is not None:
+                    user_hook(app)
         if rest_port is not None:
             from akidb_ros.rest.app import create_app
             from akidb_ros.rest.server import RestServer
             app = create_app(backend, guard=guard, max_body_bytes=max_body_bytes,
                              default_timeout_s=timeout_s)
+            if tls is not None:
+                # plaintext waitress on loopback ONLY, reachable through the TLS 1.3 front
+                self.rest = RestServer(app, host='127.0.0.1', port=0, threads=rest_threads,
+                                       max_body_bytes=max_body_bytes)
+                self.tls_front = TLSFront(ReloadingTLSContext(tls), listen=(host, rest_port),
+                                          upstream=('127.0.0.1', self.rest.port))
+            else:
+                self.rest = RestServer(app, host=host, port=rest_port, threads=rest_threads,
+                                       max_body_bytes=max_body_bytes)
             if rest_app_hook is not None:
                 rest_app_hook(app)
             self.rest_app = app
-            self.rest = RestServer(app, host=host, port=rest_port, threads=rest_threads,
-                                   max_body_bytes=max_body_bytes)
         if grpc_port is not None:
             from akidb_ros.grpc_api.server import GrpcServer
             self.grpc = GrpcServer(backend, host=host, port=grpc_port, guard=guard,
                                    max_workers=grpc_workers, default_timeout_s=timeout_s,
-                                   interceptors=grpc_interceptors)
+                                   interceptors=grpc_interceptors,
+                                   credentials=grpc_credentials)
 
     @property
     def rest_port(self) -> Optional[int]:
+        """The port clients use (the TLS front's when REST is served over TLS)."""
+        if self.tls_front is not None:
+            return self.tls_front.port
         return self.rest.port if self.rest else None
 
     @property
@@ -117,11 +157,15 @@ class Bridges:
             self.grpc.start()
         if self.rest:
             self.rest.start()
+        if self.tls_front is not None:
+            self.tls_front.start()
         return self
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Doors first (finish in-flight calls), then whatever they sit on (node, engine)."""
         stoppers = []
+        if self.tls_front is not None:
+            self.tls_front.stop()     # no new TLS connections; open ones finish upstream
         if self.grpc:
             stoppers.append(threading.Thread(target=self.grpc.stop, args=(grace_s,)))
         if self.rest:
@@ -158,11 +202,14 @@ def start_inprocess_node(engine, node_args: Optional[List[str]] = None
     return handle.stop
 
 
-def build(args) -> Bridges:
-    """Create backend (+ engine/node for in-process mode) and the doors, not yet started."""
+def build(args, security=None) -> Bridges:
+    """Create backend (+ engine/node for in-process mode) and the doors, not yet started.
+
+    ``security``: the ``akidb_ros.guard.Guard`` in front of every door (None: unguarded).
+    """
     rest_port = None if args.no_rest else args.rest_port
     grpc_port = None if args.no_grpc else args.grpc_port
-    guard = None   # seam: akidb_ros.guard builds its chain here (see akidb_ros.doors)
+    guard = None   # the door hook comes from ``security`` (see Bridges)
     if args.mode == 'inprocess':
         from akidb_ros.backends import LocalBackend
         from akidb_ros.engine import EmbeddingEngine, load_config
@@ -172,7 +219,8 @@ def build(args) -> Bridges:
         try:
             bridges = Bridges(backend, host=args.host, rest_port=rest_port, grpc_port=grpc_port,
                               guard=guard, timeout_s=args.timeout, rest_threads=args.rest_threads,
-                              grpc_workers=args.grpc_workers, max_body_bytes=args.max_body_bytes)
+                              grpc_workers=args.grpc_workers, max_body_bytes=args.max_body_bytes,
+                              security=security)
         except Exception:
             engine.close()
             raise
@@ -192,7 +240,8 @@ def build(args) -> Bridges:
         try:
             bridges = Bridges(backend, host=args.host, rest_port=rest_port, grpc_port=grpc_port,
                               guard=guard, timeout_s=args.timeout, rest_threads=args.rest_threads,
-                              grpc_workers=args.grpc_workers, max_body_bytes=args.max_body_bytes)
+                              grpc_workers=args.grpc_workers, max_body_bytes=args.max_body_bytes,
+                              security=security)
         except Exception:
             backend.close()
             raise
@@ -200,16 +249,38 @@ def build(args) -> Bridges:
     return bridges
 
 
+def load_security(args):
+    """Security config + bind check + start-up banner; returns the Guard (exits on refusal)."""
+    from akidb_ros.guard import Guard, SecurityConfigError, check_bind, load_security_config
+    from akidb_ros.guard import startup_banner
+    try:
+        cfg = load_security_config()          # AKIDB_SECURITY_CONFIG / AKIDB_SECURITY_PROFILE
+        check_bind(cfg, args.host)            # no authentication => loopback only
+    except SecurityConfigError as exc:
+        raise SystemExit(f'akidb-server: {exc}')
+    port = args.grpc_port if args.no_rest else args.rest_port
+    log.warning(startup_banner(cfg, args.host, port))
+    try:
+        return Guard(cfg)
+    except (OSError, ValueError, SecurityConfigError) as exc:   # unreadable key/cert files
+        raise SystemExit(f'akidb-server: security config {cfg.source}: {exc}')
+
+
 def main(argv=None) -> int:
+    # FIRST: close TLS 1.2 in gRPC's TLS stack, before anything imports grpc
+    from akidb_ros.guard import mtls
+    mtls.prepare_grpc_tls13()
+
     from akidb_ros.observability.logs import configure_logging
     from akidb_ros.observability.tracing import setup_tracing, shutdown_tracing
 
     args = build_parser().parse_args(argv)
     configure_logging()
+    security = load_security(args)
     setup_tracing(os.environ.get('OTEL_SERVICE_NAME') or f'akidb-{args.mode}')
     t0 = time.monotonic()
     try:
-        bridges = build(args)
+        bridges = build(args, security=security)
     except Exception as exc:
         log.error('startup failed: %s', exc, exc_info=not hasattr(exc, 'code'))
         return 1
@@ -223,7 +294,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     bridges.start()
     info = {'rest_port': bridges.rest_port, 'grpc_port': bridges.grpc_port, 'pid': os.getpid(),
-            'mode': args.mode}
+            'mode': args.mode, 'tls': bridges.tls_front is not None,
+            'security_profile': security.cfg['profile']}
     log.info('akidb-server serving', extra={**info, 'startup_s': round(time.monotonic() - t0, 3)})
     if args.ready_file:
         tmp = Path(args.ready_file + '.tmp')

@@ -86,7 +86,7 @@ t0=$(now)
   "${RUN_OPTS[@]}" -v "$ROOT/models:/opt/akidb/models:ro" --tmpfs /var/cache/akidb \
   -e AKIDB_HOST=127.0.0.1 -e AKIDB_REST_PORT="$PORT" -e AKIDB_GRPC_PORT=0 \
   -e ROS_DOMAIN_ID=$(( (RANDOM % 90) + 110 )) \
-  "$IMAGE" akidb-server --mode inprocess --no-ros >/dev/null
+  "$IMAGE" python3 -m akidb_ros.server --mode inprocess --no-ros >/dev/null
 ready=""
 for _ in $(seq 1 240); do
   if curl -fsS "http://127.0.0.1:$PORT/health/ready" >/dev/null 2>&1; then ready=1; break; fi

@@ -76,6 +76,7 @@ CONFIG_SCHEMA = {
                 'device': {'enum': list(DEVICES)},
                 'intra_op_threads': _int(0, 256),
                 'inter_op_threads': _int(0, 256),
+                'allow_spinning': {'type': 'boolean'},
                 'tensorrt_cache': {'type': 'string'},
                 'tensorrt_fp16': {'type': 'boolean'},
                 'cache': {
@@ -189,6 +190,7 @@ class EngineSettings:
     device: str = 'auto'
     intra_op_threads: int = 0
     inter_op_threads: int = 1
+    allow_spinning: bool = False
     tensorrt_cache: Path = Path('~/.cache/akidb/trt').expanduser()
     tensorrt_fp16: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -311,6 +313,7 @@ def build(raw: dict, base_dir: Path, source: str = '<dict>') -> EngineConfig:
         device=e.get('device', 'auto'),
         intra_op_threads=e.get('intra_op_threads', 0),
         inter_op_threads=e.get('inter_op_threads', 1),
+        allow_spinning=e.get('allow_spinning', False),
         tensorrt_cache=Path(os.path.expanduser(e.get('tensorrt_cache', '~/.cache/akidb/trt'))),
         tensorrt_fp16=e.get('tensorrt_fp16', True),
         cache=CacheConfig(**e.get('cache', {})),

@@ -96,7 +96,7 @@ def test_node_and_bridge_are_sidecars_with_probes_and_drain(values):
     c = containers(values)
     assert set(c) == {'node', 'bridge'}
     assert 'akidb_ros.ros.node' in c['node']['args']
-    assert c['bridge']['args'][:3] == ['akidb-server', '--mode', 'sidecar']
+    assert c['bridge']['args'][:5] == ['python3', '-m', 'akidb_ros.server', '--mode', 'sidecar']
     for name in ('node', 'bridge'):
         for probe in ('startupProbe', 'readinessProbe', 'livenessProbe'):
             assert probe in c[name], f'{name} {probe}'
