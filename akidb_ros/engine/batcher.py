@@ -297,6 +297,7 @@ class Batcher:
                     metrics.QUEUE_WAIT_SECONDS.labels(model=self.model_id).observe(
                         now - job.created)
             self._last_batch_jobs = len(jobs)
+            metrics.BATCH_SIZE.labels(model=self.model_id).observe(len(items))
             for chunk in self._chunks(items):
                 live = [it for it in chunk if not it.job.done]
                 if live:

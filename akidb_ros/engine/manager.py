@@ -166,7 +166,7 @@ class ModelManager:
         b = self.settings.batching
 
         def on_batch(n: int, tokens: int, seconds: float) -> None:
-            metrics.BATCH_SIZE.labels(model=cfg.id).observe(n)
+            metrics.INFERENCE_BATCH_SIZE.labels(model=cfg.id).observe(n)
             metrics.TOKENS_PROCESSED.labels(model=cfg.id).inc(tokens)
             metrics.INFERENCE_SECONDS.labels(model=cfg.id).observe(seconds)
 

@@ -26,8 +26,12 @@ MODEL_EVICTIONS = Counter('akidb_model_evictions_total', 'Models evicted by the 
 
 # --- batching and runtime (engine) ---
 BATCH_SIZE = Histogram(
-    'akidb_batch_size', 'Sentences per inference batch', ['model'],
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+    'akidb_batch_size', 'Sentences the batcher gathered from concurrent requests per batch',
+    ['model'], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+INFERENCE_BATCH_SIZE = Histogram(
+    'akidb_inference_batch_size',
+    'Sentences per ONNX Runtime run (a gathered batch is length-sorted and split where padding '
+    'would exceed max_padding_ratio)', ['model'], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 TOKENS_PROCESSED = Counter('akidb_tokens_processed_total', 'Tokens embedded', ['model'])
 INFERENCE_SECONDS = Histogram(
     'akidb_inference_seconds', 'ONNX Runtime time per batch', ['model'], buckets=LATENCY_BUCKETS)

@@ -40,6 +40,7 @@ def test_request_and_engine_families_move(rest_url, grpc_target):
     assert moved('akidb_request_errors_total', transport='rest', code='INVALID_INPUT')
     assert moved('akidb_model_cache_hits_total')
     assert moved('akidb_batch_size_count')
+    assert moved('akidb_inference_batch_size_count')
     assert moved('akidb_tokens_processed_total')
     assert moved('akidb_inference_seconds_count')
     assert moved('akidb_queue_wait_seconds_count')
