@@ -199,6 +199,12 @@ def main() -> None:
                 single_door[name] = door.single_latencies(single_set)
         hit = cache_hit_us(engine, model_id)
         cold = cold_load_ms(engine, model_id, 10)
+        door_info = {}
+        for name, door in opened.items():
+            info = dict(getattr(door, 'info', {}) or {})
+            if hasattr(door, 'rss_mb'):
+                info['rss_mb'] = round(door.rss_mb(), 1)
+            door_info[name] = info
     finally:
         for door in opened.values():
             door.close()
@@ -213,6 +219,7 @@ def main() -> None:
         'median_ratio': {n: statistics.median(x['ratio'] for x in v) for n, v in rounds.items()},
         'single_p50_ms': {'raw': p(raw_single, 50), 'engine': p(eng_single, 50),
                           **{n: p(v, 50) for n, v in single_door.items()}},
+        'door_info': door_info,
         'cache_hit_us': hit,
         'cold_load_ms': {'p50': p(cold, 50), 'p95': p(cold, 95), 'samples': cold},
         'targets': {'engine_ratio': 0.95, 'engine_single_p50_over_raw_ms': 1.0,
@@ -252,7 +259,10 @@ def write(result: dict, out: Path) -> None:
         f"p95 {result['cold_load_ms']['p95']:.0f} ms (target < 500 ms).",
         '',
     ]
-    out.with_suffix('.md').write_text('\n'.join(lines))
+    for name, info in result.get('door_info', {}).items():
+        if info:
+            lines.append(f'{name}: ' + ', '.join(f'{k} {v}' for k, v in info.items()))
+    out.with_suffix('.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
 
 

@@ -84,6 +84,7 @@ echo "== run"
 t0=$(now)
 "${PODMAN[@]}" run -d --name "$NAME" --network host --read-only --tmpfs /tmp \
   "${RUN_OPTS[@]}" -v "$ROOT/models:/opt/akidb/models:ro" --tmpfs /var/cache/akidb \
+  --tmpfs /var/log/akidb:uid=10001,gid=10001 \
   -e AKIDB_HOST=127.0.0.1 -e AKIDB_REST_PORT="$PORT" -e AKIDB_GRPC_PORT=0 \
   -e ROS_DOMAIN_ID=$(( (RANDOM % 90) + 110 )) \
   "$IMAGE" python3 -m akidb_ros.server --mode inprocess --no-ros >/dev/null
@@ -100,25 +101,28 @@ embed=$(curl -fsS -X POST "http://127.0.0.1:$PORT/api/v1/embed" -H 'Content-Type
   -d '{"inputs": ["The robot reached the dock.", "Battery low"]}')
 uid=$("${PODMAN[@]}" exec "$NAME" id -u)
 ro=$("${PODMAN[@]}" exec "$NAME" sh -c 'touch /opt/akidb/app/x 2>/dev/null && echo writable || echo read-only')
+# the ROS 2 side of the image: rclpy, the Fast DDS RMW and the generated akidb_ros interfaces load
+ros=$("${PODMAN[@]}" exec "$NAME" python3 -c 'import rclpy, rclpy.executors; from akidb_ros.srv import Embed; from akidb_ros.ros import node; print("ros-ok")' 2>&1 | tail -1)
 hc=$("${PODMAN[@]}" healthcheck run "$NAME" >/dev/null 2>&1 && echo healthy || echo unhealthy)
 "${PODMAN[@]}" stop -t 20 "$NAME" >/dev/null
 exit_code=$("${PODMAN[@]}" inspect -f '{{.State.ExitCode}}' "$NAME")
 
-python3 - "$OUT/result.json" "$size" "$MAX_BYTES" "$build_s" "$base_s" "$start_s" "$uid" "$hc" "$exit_code" "$health" "$embed" "$ro" <<'PY'
+python3 - "$OUT/result.json" "$size" "$MAX_BYTES" "$build_s" "$base_s" "$start_s" "$uid" "$hc" "$exit_code" "$health" "$embed" "$ro" "$ros" <<'PY'
 import json, sys
-out, size, max_b, build_s, base_s, start_s, uid, hc, exit_code, health, embed, ro = sys.argv[1:]
+out, size, max_b, build_s, base_s, start_s, uid, hc, exit_code, health, embed, ro, ros = sys.argv[1:]
 h = json.loads(health); e = json.loads(embed)
 dims = [len(v) for v in e['embeddings']]
 res = {'image_bytes': int(size), 'image_gb': round(int(size) / 1e9, 3), 'limit_bytes': int(max_b),
        'base_s': float(base_s), 'build_s': float(build_s), 'start_to_ready_s': float(start_s),
        'uid': int(uid), 'healthcheck': hc, 'exit_code_after_sigterm': int(exit_code),
-       'root_fs': ro, 'health': h, 'embed_dims': dims, 'embed_model': e['model']}
+       'root_fs': ro, 'ros_imports': ros, 'health': h, 'embed_dims': dims, 'embed_model': e['model']}
 json.dump(res, open(out, 'w'), indent=2)
 print(json.dumps(res, indent=2))
 errors = []
 if int(size) >= int(max_b): errors.append(f'image is {size} bytes, over {max_b}')
 if int(uid) == 0: errors.append('container runs as root')
 if ro != 'read-only': errors.append('root filesystem is writable')
+if ros != 'ros-ok': errors.append(f'ROS 2 side does not import: {ros}')
 if h.get('status') != 'healthy': errors.append(f'/health: {h}')
 if dims != [384, 384]: errors.append(f'embed dims {dims}')
 if hc != 'healthy': errors.append('HEALTHCHECK failed')

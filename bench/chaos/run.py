@@ -344,12 +344,20 @@ def sc_node_sigkill(tmp: Path, scale: float) -> dict:
         fault_t = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         respawned_pid, respawn_s = None, None
-        t_end = fault_t + RESPAWN_DELAY_S + 16 * scale
+        # watch until the service is back (20 OK calls in a row after the respawn), at most
+        # 60 s: the bridge's circuit breaker may keep the model open for open_s (30 s)
+        t_end = fault_t + RESPAWN_DELAY_S + 60 * scale
         while time.monotonic() < t_end:
             kids = [p for p in children(launch.pid) if p != victim]
             if kids and respawned_pid is None:
                 respawned_pid, respawn_s = kids[0], round(time.monotonic() - fault_t, 3)
-            time.sleep(0.1)
+            with load._lock:
+                tail = [r['final'] for r in load.records[-20:]]
+                recent = [r for r in load.records if r['t0'] > fault_t + RESPAWN_DELAY_S]
+            if respawned_pid and len(recent) >= 20 and set(tail) == {'OK'}:
+                time.sleep(2 * scale)
+                break
+            time.sleep(0.2)
         recs = load.stop()
     finally:
         bridge.stop()
@@ -376,8 +384,10 @@ def sc_node_sigkill(tmp: Path, scale: float) -> dict:
           bool(during) and set(codes) <= {'UNAVAILABLE', 'CIRCUIT_OPEN'}
           and (pct(lat, 0.95) or 0) < 1000,
           f'{len(during)} attempts while down: {json.dumps(codes)}, p95 {pct(lat, 0.95)} ms')
-    check(res, 'recovers after the respawn (< 30 s)',
-          res['recovery_s'] is not None and res['recovery_s'] < 30, f"{res['recovery_s']} s")
+    # budget: respawn delay + node start + the breaker's open_s (30 s) + half-open probes
+    check(res, f'recovers after the respawn (< {RESPAWN_DELAY_S + 40:.0f} s after the kill)',
+          res['recovery_s'] is not None and res['recovery_s'] < RESPAWN_DELAY_S + 40,
+          f"{res['recovery_s']} s")
     return finish(res)
 
 
