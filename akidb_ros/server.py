@@ -250,16 +250,13 @@ def build(args, security=None) -> Bridges:
 
 
 def load_security(args):
-    """Security config + bind check + start-up banner; returns the Guard (exits on refusal)."""
+    """Security config + bind check; returns the Guard (exits on a refusal or a bad config)."""
     from akidb_ros.guard import Guard, SecurityConfigError, check_bind, load_security_config
-    from akidb_ros.guard import startup_banner
     try:
         cfg = load_security_config()          # AKIDB_SECURITY_CONFIG / AKIDB_SECURITY_PROFILE
         check_bind(cfg, args.host)            # no authentication => loopback only
     except SecurityConfigError as exc:
         raise SystemExit(f'akidb-server: {exc}')
-    port = args.grpc_port if args.no_rest else args.rest_port
-    log.warning(startup_banner(cfg, args.host, port))
     try:
         return Guard(cfg)
     except (OSError, ValueError, SecurityConfigError) as exc:   # unreadable key/cert files
@@ -293,6 +290,10 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     bridges.start()
+    from akidb_ros.guard import startup_banner
+    log.warning(startup_banner(security.cfg, args.host,
+                               bridges.rest_port if bridges.rest_port is not None
+                               else bridges.grpc_port))
     info = {'rest_port': bridges.rest_port, 'grpc_port': bridges.grpc_port, 'pid': os.getpid(),
             'mode': args.mode, 'tls': bridges.tls_front is not None,
             'security_profile': security.cfg['profile']}

@@ -59,7 +59,8 @@ base_s=$(elapsed "$t0")
 echo "base image $BASE_TAG ready (${base_s} s)"
 [ "${1:-}" = "--base-only" ] && exit 0
 
-# 2. build the CPU image (multi-stage) from that base. This host reaches PyPI through a proxy
+# 2. build the CPU image (multi-stage) from that base, in docker format (OCI images drop
+#    HEALTHCHECK). This host reaches PyPI through a proxy
 #    whose CA is in the host bundle: hand it to pip as a build secret (not stored in any layer).
 SECRET=()
 CA=${AKIDB_PIP_CA:-/etc/ssl/certs/ca-certificates.crt}
@@ -69,7 +70,7 @@ t0=$(now)
 if [ "${1:-}" = "--no-build" ] && [ -f "$OUT/build_s" ]; then
   build_s=$(cat "$OUT/build_s")
 else
-"${PODMAN[@]}" build --network host --isolation chroot --layers=false \
+"${PODMAN[@]}" build --format docker --network host --isolation chroot --layers=false \
   --build-arg BASE_IMAGE="$BASE_TAG" "${SECRET[@]}" -f docker/Dockerfile -t "$IMAGE" . >"$OUT/build.log" 2>&1 \
   || { tail -40 "$OUT/build.log" >&2; exit 1; }
 build_s=$(elapsed "$t0")
@@ -82,9 +83,10 @@ echo "built in ${build_s} s, size $size bytes, user $user"
 # 3. run it: models read-only, root filesystem read-only, only 127.0.0.1 published
 echo "== run"
 t0=$(now)
+rm -rf "$OUT/log" && mkdir -p "$OUT/log" && chown 10001:10001 "$OUT/log"   # the writable log volume
 "${PODMAN[@]}" run -d --name "$NAME" --network host --read-only --tmpfs /tmp \
   "${RUN_OPTS[@]}" -v "$ROOT/models:/opt/akidb/models:ro" --tmpfs /var/cache/akidb \
-  --tmpfs /var/log/akidb:uid=10001,gid=10001 \
+  -v "$OUT/log:/var/log/akidb" \
   -e AKIDB_HOST=127.0.0.1 -e AKIDB_REST_PORT="$PORT" -e AKIDB_GRPC_PORT=0 \
   -e ROS_DOMAIN_ID=$(( (RANDOM % 90) + 110 )) \
   "$IMAGE" python3 -m akidb_ros.server --mode inprocess --no-ros >/dev/null

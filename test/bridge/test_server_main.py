@@ -73,6 +73,21 @@ def test_inprocess_one_engine_three_doors(tmp_path):
     assert rc == 0 and time.monotonic() - t0 < 15
     log = (tmp_path / 'server.log').read_text()
     assert '"akidb-server stopped"' in log
+    # make run's development profile says so at start-up, with the real address
+    assert ('SECURITY: development profile' in log and 'authentication OFF' in log
+            and f'127.0.0.1:{info["rest_port"]} (loopback only)' in log)
+
+
+def test_dev_profile_refuses_a_non_loopback_bind(tmp_path):
+    """Authentication off (the default dev profile) + 0.0.0.0 = refused before anything loads."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('AKIDB_SECURITY_PROFILE', 'AKIDB_SECURITY_CONFIG')}
+    r = subprocess.run([sys.executable, '-m', 'akidb_ros.server', '--no-ros', '--host', '0.0.0.0',
+                        '--rest-port', '0', '--grpc-port', '0'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "refusing to bind '0.0.0.0' with authentication off" in r.stderr
+    assert 'serving' not in r.stderr
 
 
 def test_sidecar_mode_process(tmp_path):

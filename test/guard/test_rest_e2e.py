@@ -111,3 +111,39 @@ def test_breaker_opens_on_a_really_corrupt_model(rest):
     assert r.headers['Retry-After'] == '30'
     assert guard.breaker_for('sick').snapshot()['state'] == 'open'
     assert fast < 0.5
+
+
+def test_admin_callers_take_the_priority_lane(tmp_path):
+    """Guard.door_hook marks admins; the REST door copies it into EmbedRequest.priority (the
+    engine's admin lane) and keys the breaker by the resolved default model when none is named."""
+    from akidb_ros.backends import LocalBackend
+    from akidb_ros.engine.types import Priority
+    from akidb_ros.guard import Guard
+    from akidb_ros.guard.apikeys import create_key
+    from akidb_ros.guard.identity import Role
+    from akidb_ros.rest.app import create_app
+
+    class SeenBackend(LocalBackend):   # the real backend; remembers what the door submitted
+        seen = []
+
+        def submit(self, req, trace_context=None):
+            self.seen.append((req.priority, req.model))
+            return super().submit(req, trace_context=trace_context)
+
+    engine = build_engine(tmp_path)
+    keys = str(tmp_path / 'keys.yaml')
+    made = {r: create_key(keys, Role(r), f'{r}-svc')[1] for r in ('developer', 'admin')}
+    guard = Guard({'auth': {'enabled': True, 'api_keys': {'enabled': True, 'file': keys}},
+                   'audit': {'enabled': False}})
+    backend = SeenBackend(engine)
+    try:
+        client = create_app(backend, guard=guard.door_hook).test_client()
+        for role in ('developer', 'admin'):
+            r = client.post('/api/v1/embed', json={'inputs': ['hello']},
+                            headers={'X-API-Key': made[role]})
+            assert r.status_code == 503
+        assert backend.seen == [(Priority.NORMAL, ''), (Priority.ADMIN, '')]
+        snap = guard.breakers.snapshot()     # keyed by the default model 'sick', not 'default'
+        assert set(snap) == {'sick'} and snap['sick']['window_calls'] == 2
+    finally:
+        engine.close()
