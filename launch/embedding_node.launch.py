@@ -12,12 +12,12 @@ import os
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
-from launch.substitutions import LaunchConfiguration
+from launch.substitutions import LaunchConfiguration, PythonExpression
 from launch_ros.actions import LifecycleNode
 
 
 def generate_launch_description():
-    """Node + its three launch arguments: params_file, namespace, log_level."""
+    """Node + its launch arguments: params_file, namespace, log_level, respawn."""
     default_params = os.path.join(get_package_share_directory('akidb_ros'), 'config',
                                   'params.yaml')
     return LaunchDescription([
@@ -27,6 +27,8 @@ def generate_launch_description():
                               description='Namespace of the node and its services'),
         DeclareLaunchArgument('log_level', default_value='info',
                               description='debug | info | warn | error | fatal'),
+        DeclareLaunchArgument('respawn', default_value='true',
+                              description='Restart the node 1 s after it dies (crash, SIGKILL)'),
         LifecycleNode(
             package='akidb_ros',
             executable='embedding_node',
@@ -36,6 +38,8 @@ def generate_launch_description():
             ros_arguments=['--log-level', LaunchConfiguration('log_level')],
             output='screen',
             emulate_tty=True,
+            respawn=PythonExpression(["'", LaunchConfiguration('respawn'), "' == 'true'"]),
+            respawn_delay=1.0,
             # SIGINT first (the node answers calls in flight), SIGTERM/SIGKILL after a grace period
             sigterm_timeout='15',
             sigkill_timeout='5',

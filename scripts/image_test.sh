@@ -70,6 +70,7 @@ t0=$(now)
 if [ "${1:-}" = "--no-build" ] && [ -f "$OUT/build_s" ]; then
   build_s=$(cat "$OUT/build_s")
 else
+"${PODMAN[@]}" rmi -f "$IMAGE" >/dev/null 2>&1 || true     # the previous test image, not kept
 "${PODMAN[@]}" build --format docker --network host --isolation chroot --layers=false \
   --build-arg BASE_IMAGE="$BASE_TAG" "${SECRET[@]}" -f docker/Dockerfile -t "$IMAGE" . >"$OUT/build.log" 2>&1 \
   || { tail -40 "$OUT/build.log" >&2; exit 1; }

@@ -37,6 +37,10 @@ if [ -x scripts/build_interfaces.sh ]; then
   scripts/build_interfaces.sh "$VENV"
 fi
 
+step "deployment-check tools (promtool, hadolint, helm SDK, kubernetes-validate, checkov)"
+# The image-build tools (podman, buildah, debootstrap) are only for `make image-test`.
+bash scripts/install_deploy_tools.sh --no-image-tools
+
 step "build venv for model export ($BVENV)"
 [ -x "$BVENV/bin/python" ] || "$PY" -m venv "$BVENV"
 # torch==2.13.0 resolves to the CPU wheel on disk; pinning it first keeps pip from pulling a CUDA build.

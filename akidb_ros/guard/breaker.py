@@ -52,10 +52,11 @@ class BreakerSettings:
             raise ValueError(f'invalid breaker settings {self}')
 
 
-# Codes that say "the model/backend is sick". Everything else is the caller's business.
-FAILURE_CODES = frozenset(
-    {ErrorCode.MODEL_LOAD_FAILED, ErrorCode.TIMEOUT, ErrorCode.INTERNAL, ErrorCode.UNAVAILABLE}
-)
+# Codes that say "the model is sick". Everything else is the caller's business or, for
+# UNAVAILABLE (node gone from the DDS graph, engine draining, model swapping), a state of the
+# backend that is already answered fast and that a per-model breaker would only prolong: after a
+# node restart the model would stay "open" for 30 s although the node serves again.
+FAILURE_CODES = frozenset({ErrorCode.MODEL_LOAD_FAILED, ErrorCode.TIMEOUT, ErrorCode.INTERNAL})
 
 
 def default_is_failure(exc: BaseException) -> bool:

@@ -67,8 +67,8 @@ BACKEND_UP = Gauge(
 
 # --- guard chain (akidb_ros/guard) ---
 CIRCUIT_BREAKER_STATE = Gauge(
-    'akidb_circuit_breaker_state', 'Circuit breaker state per model: 0 closed, 1 half-open, 2 open',
-    ['model'])
+    'akidb_circuit_breaker_state',
+    'Circuit breaker state per model: 0 closed, 1 half-open, 2 open', ['model'])
 CIRCUIT_BREAKER_TRANSITIONS = Counter(
     'akidb_circuit_breaker_transitions_total', 'Circuit breaker state changes', ['model', 'to'])
 RATE_LIMITED = Counter(

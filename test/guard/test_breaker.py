@@ -179,3 +179,11 @@ def test_real_time_transition_with_real_failing_model(tmp_path):
     with pytest.raises(EngineError):
         b.call(load_model)  # probe fails -> open again
     assert b.state is State.OPEN
+
+
+def test_backend_unavailable_is_not_a_model_failure():
+    from akidb_ros.guard.breaker import default_is_failure
+    assert not default_is_failure(EngineError(ErrorCode.UNAVAILABLE, 'node left the graph'))
+    assert not default_is_failure(EngineError(ErrorCode.INVALID_INPUT, 'caller mistake'))
+    assert default_is_failure(EngineError(ErrorCode.TIMEOUT, 'hung'))
+    assert default_is_failure(EngineError(ErrorCode.MODEL_LOAD_FAILED, 'corrupt'))

@@ -20,7 +20,6 @@ import ssl
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -58,7 +57,8 @@ def _models_config(d):
     mdir = os.path.join(d, 'models')
     os.makedirs(os.path.join(mdir, 'sick'))
     os.symlink(MINILM, os.path.join(mdir, 'minilm'))
-    os.symlink(os.path.join(MINILM, 'tokenizer.json'), os.path.join(mdir, 'sick', 'tokenizer.json'))
+    os.symlink(os.path.join(MINILM, 'tokenizer.json'),
+               os.path.join(mdir, 'sick', 'tokenizer.json'))
     # the weights are in place (ONNX Runtime refuses external data outside the model's folder);
     # the graph file is corrupt until the breaker test repairs it
     shutil.copyfile(os.path.join(MINILM, 'model.onnx.data'),
@@ -264,8 +264,8 @@ def test_rest_rbac_matrix_over_tls(server):
             r = rest_request(sess, key, headers)
             n += 1
             want = expect(key, role)
-            status = {'UNAUTHENTICATED': 401, 'PERMISSION_DENIED': 403}.get(want,
-                                                                         REST_ALLOWED[key])
+            status = {'UNAUTHENTICATED': 401,
+                      'PERMISSION_DENIED': 403}.get(want, REST_ALLOWED[key])
             got = (r.status_code, r.json().get('code') if want else None)
             if got != (status, want):
                 bad.append((key, role, how, r.status_code, r.text[:120]))
@@ -299,12 +299,15 @@ def grpc_invoke(ch, key, md):
                            pb.EmbedResponse.FromString)(_embed_req(), metadata=md, timeout=20)
         return len(r.embeddings[0].values)
     if key == SVC + 'EmbedStream':
-        out = ch.stream_stream(key, pb.EmbedRequest.SerializeToString, pb.EmbedResponse.FromString)(
+        stream = ch.stream_stream(key, pb.EmbedRequest.SerializeToString,
+                                  pb.EmbedResponse.FromString)
+        out = stream(
             iter([_embed_req(), _embed_req()]), metadata=md, timeout=20)
         return [len(r.embeddings[0].values) for r in out]
     if key == SVC + 'Health':
-        r = ch.unary_unary(key, pb.HealthRequest.SerializeToString,
-                           pb.HealthResponse.FromString)(pb.HealthRequest(), metadata=md, timeout=20)
+        health = ch.unary_unary(key, pb.HealthRequest.SerializeToString,
+                                pb.HealthResponse.FromString)
+        r = health(pb.HealthRequest(), metadata=md, timeout=20)
         return r.status
     if key == SVC + 'ListModels':
         r = ch.unary_unary(key, pb.ListModelsRequest.SerializeToString,
@@ -515,9 +518,10 @@ def test_breaker_opens_on_corrupt_model_then_recovers(server):
     with server.channel() as ch:
         from akidb_ros.grpc_api import embedding_pb2 as pb
         with pytest.raises(grpc.RpcError) as e:
-            ch.unary_unary(SVC + 'Embed', pb.EmbedRequest.SerializeToString,
-                           pb.EmbedResponse.FromString)(
-                _embed_req('sick'), metadata=(('x-api-key', server.keys['developer']),), timeout=20)
+            embed = ch.unary_unary(SVC + 'Embed', pb.EmbedRequest.SerializeToString,
+                                   pb.EmbedResponse.FromString)
+            embed(_embed_req('sick'), metadata=(('x-api-key', server.keys['developer']),),
+                  timeout=20)
         assert e.value.code() is grpc.StatusCode.UNAVAILABLE
         assert dict(e.value.trailing_metadata())['akidb-error-code'] == 'CIRCUIT_OPEN'
     # the operator repairs the model file; the breaker lets probes through after open_s

@@ -18,7 +18,7 @@ from akidb_ros.srv import Embed, ListModels, LoadModel, UnloadModel
 
 ROS_PY = [ROOT / 'akidb_ros' / 'ros', ROOT / 'test' / 'ros', ROOT / 'launch',
           ROOT / 'bench' / 'ros_bench.py']
-LAUNCH_ARGS = {'params_file', 'namespace', 'log_level'}
+LAUNCH_ARGS = {'params_file', 'namespace', 'log_level', 'respawn'}
 
 
 def test_embed_interface():
@@ -100,6 +100,7 @@ def test_python_launch_file_parses():
            and getattr(c.func, 'id', '') == 'LifecycleNode' for k in c.keywords}
     assert ast.literal_eval(kws['executable']) == 'embedding_node'
     assert ast.literal_eval(kws['package']) == 'akidb_ros'
+    assert 'respawn' in kws and ast.literal_eval(kws['respawn_delay']) > 0
     compile(path.read_text(), str(path), 'exec')
 
 
@@ -116,6 +117,7 @@ def test_xml_launch_file_parses():
     assert node.get('namespace') == '$(var namespace)'
     assert '$(var log_level)' in node.get('ros_args')
     assert node.find('param').get('from') == '$(var params_file)'
+    assert node.get('respawn') == '$(var respawn)' and float(node.get('respawn_delay')) > 0
 
 
 @pytest.mark.skipif(not shutil.which('xmllint'), reason='xmllint (libxml2-utils) not installed')
