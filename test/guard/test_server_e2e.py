@@ -518,10 +518,10 @@ def test_breaker_opens_on_corrupt_model_then_recovers(server):
     with server.channel() as ch:
         from akidb_ros.grpc_api import embedding_pb2 as pb
         with pytest.raises(grpc.RpcError) as e:
-            embed = ch.unary_unary(SVC + 'Embed', pb.EmbedRequest.SerializeToString,
-                                   pb.EmbedResponse.FromString)
-            embed(_embed_req('sick'), metadata=(('x-api-key', server.keys['developer']),),
-                  timeout=20)
+            grpc_embed = ch.unary_unary(SVC + 'Embed', pb.EmbedRequest.SerializeToString,
+                                        pb.EmbedResponse.FromString)
+            grpc_embed(_embed_req('sick'),
+                       metadata=(('x-api-key', server.keys['developer']),), timeout=20)
         assert e.value.code() is grpc.StatusCode.UNAVAILABLE
         assert dict(e.value.trailing_metadata())['akidb-error-code'] == 'CIRCUIT_OPEN'
     # the operator repairs the model file; the breaker lets probes through after open_s
