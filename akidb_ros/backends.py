@@ -285,10 +285,15 @@ class RosBackend:
                     client.remove_pending_request(ros_future)
                 except Exception:
                     pass
+                # A node that left the DDS graph while the call was in flight (killed, or
+                # frozen past the lease) is UNAVAILABLE, not a slow model: the per-model
+                # breaker must not hold the model open after the node is back.
+                gone = not self._up(service)
                 try:
                     out.set_exception(EngineError(
-                        ErrorCode.TIMEOUT,
-                        f'embedding node did not answer {client.srv_name} within '
+                        ErrorCode.UNAVAILABLE if gone else ErrorCode.TIMEOUT,
+                        f'embedding node left the DDS graph with {client.srv_name} in flight'
+                        if gone else f'embedding node did not answer {client.srv_name} within '
                         f'{timeout_s:.2f} s',
                         retry_after_s=1.0))
                 except Exception:
