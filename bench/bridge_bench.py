@@ -30,6 +30,7 @@ from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from akidb_ros.dds_env import apply_loopback_dds  # noqa: E402
 RESULTS = Path(__file__).with_name('results')
 CORPUS = Path(__file__).with_name('corpus.txt')
 
@@ -40,13 +41,7 @@ def load_corpus() -> List[str]:
 
 def loopback_env() -> Dict[str, str]:
     """Loopback-only DDS for the child processes (as scripts/dds_env.sh)."""
-    env = dict(os.environ)
-    env.pop('ROS_LOCALHOST_ONLY', None)
-    env.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', str(ROOT / 'config' / 'fastdds_loopback.xml'))
-    env.update(ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST', ROS_STATIC_PEERS='',
-               RMW_IMPLEMENTATION='rmw_fastrtps_cpp')
-    env.setdefault('ROS_DOMAIN_ID', str(60 + os.getpid() % 30))
-    env.setdefault('AMENT_PREFIX_PATH', sys.prefix)
+    env = apply_loopback_dds(dict(os.environ), domain_id=60 + os.getpid() % 30)
     env.setdefault('ROS_LOG_DIR', tempfile.mkdtemp(prefix='akidb-bench-ros-'))
     env.setdefault('AKIDB_LOG_LEVEL', 'WARNING')
     return env

@@ -19,7 +19,6 @@ import argparse
 import itertools
 import json
 import os
-import random
 import signal
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ from typing import Dict, List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from akidb_ros.dds_env import apply_loopback_dds  # noqa: E402
 
 DEFAULT_CORPUS = [
     'The robot picked up the red cup.',
@@ -54,13 +54,7 @@ _DOOR_IDS = itertools.count()
 
 def loopback_env() -> None:
     """Loopback-only DDS for this process and its children (before any rclpy context)."""
-    os.environ.pop('ROS_LOCALHOST_ONLY', None)
-    os.environ.setdefault('FASTDDS_DEFAULT_PROFILES_FILE',
-                          str(ROOT / 'config' / 'fastdds_loopback.xml'))
-    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-    os.environ['ROS_STATIC_PEERS'] = ''
-    os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
-    os.environ.setdefault('ROS_DOMAIN_ID', str(random.randint(10, 99)))
+    apply_loopback_dds(os.environ)
     os.environ.setdefault('ROS_LOG_DIR', str(ROOT / 'build' / 'ros_log'))
 
 

@@ -3,22 +3,14 @@ servers on 127.0.0.1 ephemeral ports, an in-memory span exporter, loopback-only 
 from __future__ import annotations
 
 import os
-import random
-import sys
 
 import pytest
 
+from akidb_ros.dds_env import apply_loopback_dds
 from bridge_support import DEFAULT_MODEL, MODELS, ROOT, SECOND_MODEL  # noqa: F401
 
 # Loopback-only DDS before anything imports rclpy (same settings as scripts/dds_env.sh).
-os.environ.pop('ROS_LOCALHOST_ONLY', None)
-os.environ.setdefault('FASTDDS_DEFAULT_PROFILES_FILE',
-                      str(ROOT / 'config' / 'fastdds_loopback.xml'))
-os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-os.environ['ROS_STATIC_PEERS'] = ''
-os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
-os.environ.setdefault('ROS_DOMAIN_ID', str(random.randint(10, 99)))
-os.environ.setdefault('AMENT_PREFIX_PATH', sys.prefix)
+apply_loopback_dds(os.environ)
 
 
 def pytest_collection_modifyitems(config, items):

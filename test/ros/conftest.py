@@ -9,16 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from akidb_ros.dds_env import LOOPBACK_PROFILE, apply_loopback_dds
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # --- loopback DDS, before rclpy is imported anywhere in this process ---------------------
-os.environ.pop('ROS_LOCALHOST_ONLY', None)
-os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = str(ROOT / 'config' / 'fastdds_loopback.xml')
-os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-os.environ['ROS_STATIC_PEERS'] = ''
-os.environ['RMW_IMPLEMENTATION'] = 'rmw_fastrtps_cpp'
 # scripts/run_tests.sh picks a fresh id per run; a bare pytest run gets one from its pid.
-os.environ.setdefault('ROS_DOMAIN_ID', str(10 + os.getpid() % 90))
+apply_loopback_dds(os.environ, domain_id=10 + os.getpid() % 90, profile=LOOPBACK_PROFILE)
 if not os.environ.get('ROS_LOG_DIR'):
     os.environ['ROS_LOG_DIR'] = tempfile.mkdtemp(prefix='akidb-ros-log-')
 
