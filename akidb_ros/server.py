@@ -207,45 +207,37 @@ def build(args, security=None) -> Bridges:
 
     ``security``: the ``akidb_ros.guard.Guard`` in front of every door (None: unguarded).
     """
-    rest_port = None if args.no_rest else args.rest_port
-    grpc_port = None if args.no_grpc else args.grpc_port
-    guard = None   # the door hook comes from ``security`` (see Bridges)
     if args.mode == 'inprocess':
         from akidb_ros.backends import LocalBackend
         from akidb_ros.engine import EmbeddingEngine, load_config
         engine = EmbeddingEngine(load_config(args.config))
         engine.start()
         backend = LocalBackend(engine, own_engine=True)
-        try:
-            bridges = Bridges(backend, host=args.host, rest_port=rest_port, grpc_port=grpc_port,
-                              guard=guard, timeout_s=args.timeout, rest_threads=args.rest_threads,
-                              grpc_workers=args.grpc_workers, max_body_bytes=args.max_body_bytes,
-                              security=security)
-        except Exception:
-            engine.close()
-            raise
-        bridges.on_close(backend.close)
-        if not args.no_ros:
-            try:
-                stop_node = start_inprocess_node(engine, args.ros_args)
-            except Exception:
-                bridges.stop(0)
-                raise
-            if stop_node:
-                bridges.on_close(stop_node)
     else:
         from akidb_ros.backends import RosBackend
+        engine = None
         backend = RosBackend(prefix=args.ros_prefix, timeout_s=args.timeout,
                              discovery_timeout_s=5.0)
+    try:
+        bridges = Bridges(backend, host=args.host,
+                          rest_port=None if args.no_rest else args.rest_port,
+                          grpc_port=None if args.no_grpc else args.grpc_port,
+                          guard=None,   # the door hook comes from ``security`` (see Bridges)
+                          timeout_s=args.timeout, rest_threads=args.rest_threads,
+                          grpc_workers=args.grpc_workers, max_body_bytes=args.max_body_bytes,
+                          security=security)
+    except Exception:
+        backend.close()     # LocalBackend(own_engine=True) closes its engine too
+        raise
+    bridges.on_close(backend.close)
+    if engine is not None and not args.no_ros:
         try:
-            bridges = Bridges(backend, host=args.host, rest_port=rest_port, grpc_port=grpc_port,
-                              guard=guard, timeout_s=args.timeout, rest_threads=args.rest_threads,
-                              grpc_workers=args.grpc_workers, max_body_bytes=args.max_body_bytes,
-                              security=security)
+            stop_node = start_inprocess_node(engine, args.ros_args)
         except Exception:
-            backend.close()
+            bridges.stop(0)
             raise
-        bridges.on_close(backend.close)
+        if stop_node:
+            bridges.on_close(stop_node)
     return bridges
 
 
