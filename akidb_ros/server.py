@@ -7,7 +7,10 @@
   (``/embed``, ``/list_models``, ``/load_model``, ``/unload_model``). The product's main shape.
 
 Environment (PRD): ``AKIDB_HOST`` (127.0.0.1; containers set 0.0.0.0 together with the prod
-security profile), ``AKIDB_REST_PORT`` (8080), ``AKIDB_GRPC_PORT`` (9090); ``AKIDB_CONFIG`` and
+security profile), ``AKIDB_REST_PORT`` (8080), ``AKIDB_GRPC_PORT`` (9090), ``AKIDB_PROBE_PORT``
+(8081, ``off`` = none: the plain-HTTP probe listener with ``/health/live``, ``/health/ready`` and
+``/metrics`` only, for kubelet, Docker ``HEALTHCHECK`` and Prometheus under the prod profile;
+see ``akidb_ros.rest.probe``); ``AKIDB_CONFIG`` and
 the engine's ``AKIDB_*`` overrides; ``AKIDB_SECURITY_PROFILE`` (dev|prod) or
 ``AKIDB_SECURITY_CONFIG`` (a file) for the guard chain (authentication, RBAC, TLS 1.3, rate
 limits, circuit breakers, audit; see docs/security.md); ``OTEL_*`` for tracing;
@@ -38,6 +41,49 @@ def _env_int(name: str, default: int) -> int:
         raise SystemExit(f'{name}={raw!r} is not an integer')
 
 
+PROBE_OFF = 'off'
+
+
+def _probe_port(raw: str):
+    """``--probe-port`` / ``AKIDB_PROBE_PORT``: a port, ``0`` = a free one, ``off`` = none."""
+    text = str(raw).strip().lower()
+    if text == PROBE_OFF:
+        return PROBE_OFF
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{raw!r} is not a port number or "off"') from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f'{port} is not a port number (0-65535)')
+    return port
+
+
+def _env_probe_port():
+    raw = os.environ.get('AKIDB_PROBE_PORT', '')
+    if not raw.strip():
+        return None       # automatic, see probe_port_of()
+    try:
+        return _probe_port(raw)
+    except argparse.ArgumentTypeError as exc:
+        raise SystemExit(f'AKIDB_PROBE_PORT: {exc}')
+
+
+def probe_port_of(args) -> Optional[int]:
+    """The probe listener's port for parsed ``args``; None when it is turned off.
+
+    Not given: 8081, except when the doors themselves take free ports (``--rest-port 0``, as
+    tests and benchmarks that run several servers side by side do), where a fixed probe port
+    would collide, so the probe takes a free one too (reported in ``--ready-file``).
+    """
+    from akidb_ros.rest.probe import DEFAULT_PROBE_PORT
+    if args.no_probe or args.probe_port == PROBE_OFF:
+        return None
+    if args.probe_port is not None:
+        return args.probe_port
+    door_port = args.grpc_port if args.no_rest else args.rest_port
+    return 0 if door_port == 0 else DEFAULT_PROBE_PORT
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='akidb-server', description=__doc__.split('\n\n')[0])
     ap.add_argument('--mode', choices=('inprocess', 'sidecar'),
@@ -49,8 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help='0 = pick a free port')
     ap.add_argument('--grpc-port', type=int, default=_env_int('AKIDB_GRPC_PORT', 9090),
                     help='0 = pick a free port')
+    ap.add_argument('--probe-port', type=_probe_port, default=_env_probe_port(),
+                    help='plain-HTTP probe listener (GET /health/live, /health/ready, '
+                         '/metrics; no authentication) on --host: a port, 0 = pick a free '
+                         'port, off = none (default 8081; a free port when --rest-port is 0)')
     ap.add_argument('--no-rest', action='store_true')
     ap.add_argument('--no-grpc', action='store_true')
+    ap.add_argument('--no-probe', action='store_true', help='same as --probe-port off')
     ap.add_argument('--no-ros', action='store_true',
                     help='inprocess mode without the ROS node (non-ROS hosts)')
     ap.add_argument('--config', default=None, help='engine config (default config/models.yaml)')
@@ -67,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help='inprocess: parameters for the node, e.g. '
                          '--ros-args -p metrics_port:=9100')
     ap.add_argument('--ready-file', default=None,
-                    help='write {"rest_port", "grpc_port", "pid"} as JSON here once serving')
+                    help='write {"rest_port", "grpc_port", "probe_port", "pid", ...} as JSON '
+                         'here once serving')
     return ap
 
 
@@ -79,8 +131,11 @@ class Bridges:
                  rest_threads: int = 32, grpc_workers: int = 64,
                  max_body_bytes: int = 16 * 1024 * 1024,
                  rest_app_hook: Optional[Callable] = None, grpc_interceptors=(),
-                 security=None):
+                 security=None, probe_port: Optional[int] = None):
         """Build the doors around ``backend``; ``None`` for a port leaves that door out.
+
+        ``probe_port``: the plain-HTTP probe listener (``akidb_ros.rest.probe``) on ``host``,
+        outside the guard and TLS by design (health and metrics only); ``None`` = none.
 
         Guard seam: ``guard`` (a ``akidb_ros.doors.GuardHook``, e.g. ``Guard.door_hook``) runs
         before every backend call; ``rest_app_hook(app)`` may add Flask hooks to the app (e.g.
@@ -96,6 +151,7 @@ class Bridges:
         self.rest = None
         self.grpc = None
         self.tls_front = None
+        self.probe = None
         self._closers: List[Callable[[], None]] = []
         tls = None
         grpc_credentials = None
@@ -137,6 +193,13 @@ class Bridges:
                                    max_workers=grpc_workers, default_timeout_s=timeout_s,
                                    interceptors=grpc_interceptors,
                                    credentials=grpc_credentials)
+        if probe_port is not None:
+            from akidb_ros.rest.probe import ProbeServer
+            try:
+                self.probe = ProbeServer(backend, host=host, port=probe_port)
+            except Exception:
+                self._close_doors()     # e.g. the probe port is taken: free what was bound
+                raise
 
     @property
     def rest_port(self) -> Optional[int]:
@@ -149,6 +212,10 @@ class Bridges:
     def grpc_port(self) -> Optional[int]:
         return self.grpc.port if self.grpc else None
 
+    @property
+    def probe_port(self) -> Optional[int]:
+        return self.probe.port if self.probe else None
+
     def on_close(self, fn: Callable[[], None]) -> None:
         self._closers.append(fn)
 
@@ -159,10 +226,25 @@ class Bridges:
             self.rest.start()
         if self.tls_front is not None:
             self.tls_front.start()
+        if self.probe is not None:
+            self.probe.start()
         return self
 
+    def _close_doors(self) -> None:
+        """Release the sockets of doors built but never started (a failed construction)."""
+        if self.rest:
+            self.rest.stop(0)
+        if self.grpc:
+            self.grpc.stop(0)
+        if self.tls_front is not None:
+            self.tls_front.stop()
+
     def stop(self, grace_s: float = 5.0) -> None:
-        """Doors first (finish in-flight calls), then whatever they sit on (node, engine)."""
+        """Doors first (finish in-flight calls), then whatever they sit on (node, engine).
+
+        The probe listener stops with the doors: a draining server is not ready, and the
+        backend it asks is closed right after.
+        """
         stoppers = []
         if self.tls_front is not None:
             self.tls_front.stop()     # no new TLS connections; open ones finish upstream
@@ -170,6 +252,8 @@ class Bridges:
             stoppers.append(threading.Thread(target=self.grpc.stop, args=(grace_s,)))
         if self.rest:
             stoppers.append(threading.Thread(target=self.rest.stop, args=(grace_s,)))
+        if self.probe:
+            stoppers.append(threading.Thread(target=self.probe.stop, args=(min(grace_s, 2.0),)))
         for t in stoppers:
             t.start()
         for t in stoppers:
@@ -225,7 +309,7 @@ def build(args, security=None) -> Bridges:
                           guard=None,   # the door hook comes from ``security`` (see Bridges)
                           timeout_s=args.timeout, rest_threads=args.rest_threads,
                           grpc_workers=args.grpc_workers, max_body_bytes=args.max_body_bytes,
-                          security=security)
+                          security=security, probe_port=probe_port_of(args))
     except Exception:
         backend.close()     # LocalBackend(own_engine=True) closes its engine too
         raise
@@ -286,7 +370,11 @@ def main(argv=None) -> int:
     log.warning(startup_banner(security.cfg, args.host,
                                bridges.rest_port if bridges.rest_port is not None
                                else bridges.grpc_port))
-    info = {'rest_port': bridges.rest_port, 'grpc_port': bridges.grpc_port, 'pid': os.getpid(),
+    if bridges.probe is not None:
+        log.info('probe listener on http://%s:%s (GET /health/live, /health/ready, /metrics; '
+                 'no authentication, no TLS by design)', args.host, bridges.probe_port)
+    info = {'rest_port': bridges.rest_port, 'grpc_port': bridges.grpc_port,
+            'probe_port': bridges.probe_port, 'pid': os.getpid(),
             'mode': args.mode, 'tls': bridges.tls_front is not None,
             'security_profile': security.cfg['profile']}
     log.info('akidb-server serving', extra={**info, 'startup_s': round(time.monotonic() - t0, 3)})

@@ -85,6 +85,46 @@ def _model_json(mi: ModelInfo) -> Dict[str, Any]:
     }
 
 
+# -- responses shared by the REST door and the probe listener (akidb_ros.rest.probe) -----------
+# One definition each, so the probe port answers exactly what the REST door answers.
+
+def json_response(body: Dict[str, Any], status: int = 200) -> Response:
+    return Response(json.dumps(body), status=status, mimetype='application/json')
+
+
+def http_error(status: int, message: str, code: str) -> Response:
+    """The ``{error, code}`` body for a refusal that happens before any handler runs."""
+    return json_response({'error': message, 'code': code}, status)
+
+
+def http_exception_response(exc: HTTPException) -> Response:
+    """Werkzeug's routing/parsing errors (404, 405, 413, ...) in the service's error shape."""
+    code = _HTTP_CODES.get(exc.code, 'INVALID_INPUT' if 400 <= (exc.code or 0) < 500
+                           else ErrorCode.INTERNAL.name)
+    resp = http_error(exc.code or 500, exc.description or exc.name, code)
+    if getattr(exc, 'valid_methods', None):     # a 405 says what is allowed (RFC 9110)
+        resp.headers['Allow'] = ', '.join(exc.valid_methods)
+    return resp
+
+
+def live_response() -> Response:
+    """``GET /health/live``: the process serves HTTP."""
+    return json_response({'status': 'alive'})
+
+
+def ready_response(backend: Backend) -> Response:
+    """``GET /health/ready``: 200 when the backend answers and its default model is loaded."""
+    if backend.ready():
+        return json_response({'status': 'ready'})
+    return json_response({'status': 'not_ready', 'code': ErrorCode.UNAVAILABLE.name,
+                          'error': 'default model not loaded or backend unreachable'}, 503)
+
+
+def metrics_response() -> Response:
+    """``GET /metrics``: the Prometheus text exposition of this process' default registry."""
+    return Response(generate_latest(REGISTRY), mimetype=CONTENT_TYPE_LATEST)
+
+
 def create_app(backend: Backend, guard: Optional[GuardHook] = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                default_timeout_s: Optional[float] = None) -> Flask:
@@ -112,10 +152,6 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         for k, v in (getattr(err, 'headers', None) or {}).items():
             resp.headers.setdefault(k, v)
         return resp
-
-    def http_error(status: int, message: str, code: str) -> Response:
-        return Response(json.dumps({'error': message, 'code': code}), status=status,
-                        mimetype='application/json')
 
     def parse_body(kind: str) -> dict:
         try:
@@ -300,9 +336,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
 
     @app.errorhandler(HTTPException)
     def _http_exc(exc: HTTPException):
-        code = _HTTP_CODES.get(exc.code, 'INVALID_INPUT' if 400 <= (exc.code or 0) < 500
-                               else ErrorCode.INTERNAL.name)
-        return http_error(exc.code or 500, exc.description or exc.name, code)
+        return http_exception_response(exc)
 
     @app.errorhandler(EngineError)
     def _engine_exc(exc: EngineError):
@@ -341,16 +375,12 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
 
     @app.get('/health/live')
     def live():
-        return {'status': 'alive'}
+        return live_response()
 
     @app.get('/health/ready')
     def ready():
         simple_guard('ready')
-        if backend.ready():
-            return {'status': 'ready'}
-        return Response(json.dumps({'status': 'not_ready', 'code': ErrorCode.UNAVAILABLE.name,
-                                    'error': 'default model not loaded or backend unreachable'}),
-                        status=503, mimetype='application/json')
+        return ready_response(backend)
 
     @app.get('/models')
     def models():
@@ -395,7 +425,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
     @app.get('/metrics')
     def metrics():
         simple_guard('metrics')
-        return Response(generate_latest(REGISTRY), mimetype=CONTENT_TYPE_LATEST)
+        return metrics_response()
 
     @app.get('/openapi.json')
     def openapi():

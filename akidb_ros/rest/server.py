@@ -23,7 +23,7 @@ class RestServer:
 
     def __init__(self, app, host: str = '127.0.0.1', port: int = 8080, threads: int = 32,
                  connection_limit: int = 512, max_body_bytes: int = 16 * 1024 * 1024,
-                 channel_timeout: int = 120):
+                 channel_timeout: int = 120, name: str = 'REST bridge'):
         from waitress.server import create_server
 
         self._server = create_server(
@@ -34,12 +34,14 @@ class RestServer:
             asyncore_use_poll=True, outbuf_overflow=4 * 1024 * 1024)
         self.host = host
         self.port = int(self._server.effective_port)
+        self.name = name
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> 'RestServer':
-        self._thread = threading.Thread(target=self._run, name='akidb-rest', daemon=True)
+        thread_name = 'akidb-' + self.name.split()[0].lower()
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
         self._thread.start()
-        log.info('REST bridge listening', extra={'host': self.host, 'port': self.port})
+        log.info('%s listening', self.name, extra={'host': self.host, 'port': self.port})
         return self
 
     def _run(self) -> None:
@@ -48,7 +50,7 @@ class RestServer:
         except Exception:
             # run() raises once close() has torn the sockets down; only log real failures
             if self._thread is not None and not getattr(self, '_closing', False):
-                log.exception('REST server stopped unexpectedly')
+                log.exception('%s stopped unexpectedly', self.name)
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting, let in-flight requests finish (up to ``grace_s``), then close."""

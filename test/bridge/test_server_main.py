@@ -53,6 +53,10 @@ def test_inprocess_one_engine_three_doors(tmp_path):
     ros = None
     try:
         assert info['mode'] == 'inprocess' and info['pid'] == proc.pid
+        # doors on free ports: the probe listener took a free one too (not a fixed 8081)
+        probe = f'http://127.0.0.1:{info["probe_port"]}'
+        assert info['probe_port'] not in (None, 8081, info['rest_port'])
+        assert requests.get(probe + '/health/ready', timeout=10).json() == {'status': 'ready'}
         rest = RestClient(f'http://127.0.0.1:{info["rest_port"]}', timeout_s=60)
         grpc_c = GrpcClient(f'127.0.0.1:{info["grpc_port"]}', timeout_s=60)
         a = rest.embed(['one engine'])
@@ -73,6 +77,9 @@ def test_inprocess_one_engine_three_doors(tmp_path):
     assert rc == 0 and time.monotonic() - t0 < 15
     log = (tmp_path / 'server.log').read_text()
     assert '"akidb-server stopped"' in log
+    assert '"probe listener on http://127.0.0.1:' in log
+    with pytest.raises(requests.ConnectionError):    # stopped with the doors
+        requests.get(probe + '/health/live', timeout=5)
     # make run's development profile says so at start-up, with the real address
     assert ('SECURITY: development profile' in log and 'authentication OFF' in log
             and f'127.0.0.1:{info["rest_port"]} (loopback only)' in log)
@@ -96,13 +103,21 @@ def test_sidecar_mode_process(tmp_path):
     node.start()
     proc = None
     try:
-        proc, info = start_server(tmp_path, '--mode', 'sidecar', '--ros-prefix', ns)
+        proc, info = start_server(tmp_path, '--mode', 'sidecar', '--ros-prefix', ns,
+                                  '--probe-port', '0')
         url = f'http://127.0.0.1:{info["rest_port"]}'
+        probe = f'http://127.0.0.1:{info["probe_port"]}/health/ready'
         assert wait_until(lambda: requests.get(url + '/health/ready', timeout=5).status_code
                           == 200, 90, 0.3)
         out = RestClient(url, timeout_s=30).embed(['over the sidecar'])
         assert out.embeddings.shape == (1, 384)
         assert requests.get(url + '/health', timeout=5).json()['mode'] == 'sidecar'
+        # the probe's readiness is the backend's: the node answers over DDS ...
+        assert requests.get(probe, timeout=10).json() == {'status': 'ready'}
+        # ... and once the node is gone, 503 not_ready (it left the DDS graph)
+        node.stop()
+        assert wait_until(lambda: requests.get(probe, timeout=10).status_code == 503, 15, 0.2)
+        assert requests.get(probe, timeout=10).json()['code'] == 'UNAVAILABLE'
     finally:
         if proc is not None:
             assert stop_server(proc) == 0

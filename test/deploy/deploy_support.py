@@ -107,7 +107,8 @@ def recorded_names_in(expr: str) -> Set[str]:
 
 # --- a live server ----------------------------------------------------------------------------
 class LiveServer:
-    """`python -m akidb_ros.server --mode inprocess` on 127.0.0.1 with free ports."""
+    """`python -m akidb_ros.server --mode inprocess` on 127.0.0.1 with free ports (REST, gRPC
+    and the probe listener, whose /metrics is what Prometheus scrapes in every deployment)."""
 
     def __init__(self, ros: bool = False):
         self.tmp = Path(tempfile.mkdtemp(prefix='akidb-deploy-test-'))
@@ -121,7 +122,8 @@ class LiveServer:
         env.setdefault('ROS_DOMAIN_ID', str(150 + os.getpid() % 50))
         cmd = [str(ROOT / '.venv' / 'bin' / 'python'), '-m', 'akidb_ros.server', '--mode',
                'inprocess', '--host', '127.0.0.1', '--rest-port', '0', '--grpc-port', '0',
-               '--ready-file', str(self.ready)] + ([] if ros else ['--no-ros'])
+               '--probe-port', '0', '--ready-file', str(self.ready)]
+        cmd += [] if ros else ['--no-ros']
         self.log = open(self.tmp / 'server.log', 'wb')
         self.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
@@ -134,7 +136,9 @@ class LiveServer:
             time.sleep(0.2)
         info = json.loads(self.ready.read_text())
         self.rest_port = info['rest_port']
+        self.probe_port = info['probe_port']
         self.url = f'http://127.0.0.1:{self.rest_port}'
+        self.probe_url = f'http://127.0.0.1:{self.probe_port}'
 
     def embed(self, texts: List[str], model: str = '') -> int:
         import requests
@@ -145,7 +149,7 @@ class LiveServer:
 
     def metrics(self) -> str:
         import requests
-        return requests.get(self.url + '/metrics', timeout=10).text
+        return requests.get(self.probe_url + '/metrics', timeout=10).text
 
     def stop(self) -> None:
         if self.proc.poll() is None:

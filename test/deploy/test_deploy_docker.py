@@ -1,6 +1,11 @@
 """Dockerfiles, .dockerignore and the compose stack: hadolint, checkov, compose-spec, promtool,
 plus the image promises of issue 7 §1 read from the files themselves."""
+import json
+import os
 import re
+import socket
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -59,6 +64,66 @@ def test_dockerfile_promises(path):
     assert not re.search(r'^(ENV|ARG)\s+\S*(PASSWORD|SECRET|TOKEN|API_KEY)\S*=', text, re.M | re.I)
     assert not re.search(r'^COPY\s+.*(\.pem|\.key|api_keys|certs)', text, re.M)
     assert not re.search(r'^COPY\s+(\S+\s+)*models/', text, re.M), 'models are a volume'
+    # PEP 660 editable install: its console scripts import akidb_ros.server directly (the
+    # `setup.py develop` ones died with StopIteration on the interfaces' egg-info)
+    assert re.search(r'pip install [^\n]*--use-pep517 -e \.', text), 'console scripts work'
+
+
+def _env(runtime: str) -> dict:
+    """ENV key=value pairs of a Dockerfile stage (continuation lines joined)."""
+    out = {}
+    for block in re.findall(r'^ENV\s+((?:.*\\\n)*.*)$', runtime, re.M):
+        for k, v in re.findall(r'(\w+)=(\S+)', block.replace('\\\n', ' ')):
+            out[k] = v
+    return out
+
+
+def healthcheck_cmd(path: str) -> list:
+    runtime = (ROOT / path).read_text()
+    m = re.search(r'^HEALTHCHECK .*\\\n\s*CMD (\[.*\])$', runtime, re.M)
+    return json.loads(m.group(1))
+
+
+@pytest.mark.parametrize('path', DOCKERFILES)
+def test_healthcheck_uses_the_probe_port(path):
+    """Under the prod profile the REST door wants TLS 1.3 + a client certificate + a key: the
+    HEALTHCHECK must ask the plain-HTTP probe listener, which the image exposes."""
+    text = (ROOT / path).read_text()
+    runtime = text[text.rindex('\nFROM '):]
+    cmd = ' '.join(healthcheck_cmd(path))
+    assert '/health/ready' in cmd and 'AKIDB_PROBE_PORT' in cmd and 'http://' in cmd
+    assert 'AKIDB_REST_PORT' not in cmd and '8080' not in cmd
+    env = _env(runtime)
+    assert env['AKIDB_PROBE_PORT'] == '8081'
+    assert '8081' in re.search(r'^EXPOSE (.*)$', runtime, re.M).group(1).split()
+    # the server refuses a non-loopback bind without authentication: an image that binds all
+    # addresses by default must also name a security profile
+    if env.get('AKIDB_HOST', '127.0.0.1') not in ('127.0.0.1', '::1', 'localhost'):
+        assert 'AKIDB_SECURITY_PROFILE' in env or 'AKIDB_SECURITY_CONFIG' in env, env
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_healthcheck_command_against_a_live_server(live_server):
+    """The images' HEALTHCHECK and the compose bridge's healthcheck, run as written against a
+    real server's probe port: healthy; against a closed port: unhealthy."""
+    doc = yaml.safe_load((ROOT / 'docker/docker-compose.yml').read_text())
+    compose = doc['services']['bridge']['healthcheck']['test']
+    assert compose[0] == 'CMD' and 'http://127.0.0.1:8081/health/ready' in compose[-1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith('AKIDB_')}
+    for port, healthy in ((live_server.probe_port, True), (_closed_port(), False)):
+        for cmd in [healthcheck_cmd(p) for p in DOCKERFILES] + [compose[1:]]:
+            cmd = [sys.executable if c == 'python3' else c.replace(':8081/', f':{port}/')
+                   for c in cmd]
+            for host in ('0.0.0.0', '127.0.0.1'):
+                rc = subprocess.run(cmd, env=dict(env, AKIDB_PROBE_PORT=str(port),
+                                                  AKIDB_HOST=host),
+                                    capture_output=True, timeout=30).returncode
+                assert (rc == 0) is healthy, (cmd, port, host, rc)
 
 
 def test_dockerignore_keeps_secrets_models_and_venvs_out():
@@ -101,6 +166,10 @@ def test_compose_stack_shape():
     vols = ' '.join(s['node']['volumes'])
     assert ':/opt/akidb/models:ro' in vols and 'trt-cache:/var/cache/akidb' in vols
     assert 'api_keys' in {x['source'] for x in s['bridge']['secrets']}
+    # the bridge's probe listener: its own healthcheck, published like the other ports
+    assert s['bridge']['environment']['AKIDB_PROBE_PORT'] == '8081'
+    assert '${AKIDB_BIND:-127.0.0.1}:8081:8081' in s['node']['ports']
+    assert '8081/health/ready' in ' '.join(s['bridge']['healthcheck']['test'])
 
 
 def test_compose_prometheus_config(tmp_path):
@@ -114,4 +183,5 @@ def test_compose_prometheus_config(tmp_path):
     cp = run([promtool, 'check', 'config', str(tmp_path / 'prometheus.yml')])
     assert 'SUCCESS' in cp.stdout + cp.stderr
     jobs = {j['job_name']: j['static_configs'][0]['targets'] for j in cfg['scrape_configs']}
-    assert jobs == {'akidb-node': ['node:9100'], 'akidb-bridge': ['node:8080']}
+    # the bridge's /metrics on its plain-HTTP probe port (the REST door wants an API key)
+    assert jobs == {'akidb-node': ['node:9100'], 'akidb-bridge': ['node:8081']}

@@ -82,7 +82,12 @@ def test_every_required_object_is_rendered(values):
     assert kinds['Service'] == 3 and kinds['PersistentVolumeClaim'] == 2
     svc_ports = {s['metadata']['name'].rsplit('-', 1)[1]: [p['port'] for p in s['spec']['ports']]
                  for s in by_kind(values)['Service']}
-    assert svc_ports == {'rest': [8080], 'grpc': [9090], 'metrics': [9100, 8080]}
+    assert svc_ports == {'rest': [8080], 'grpc': [9090], 'metrics': [9100, 8081]}
+    metrics = next(x for x in by_kind(values)['Service'] if x['metadata']['name'].endswith(
+        '-metrics'))
+    # the bridge's door metrics are scraped from its plain-HTTP probe port, not the REST door
+    assert {p['name']: p['targetPort'] for p in metrics['spec']['ports']} == {
+        'metrics': 'metrics', 'http-metrics': 'probe'}
     if values != 'values-jetson.yaml':
         hpa = by_kind(values)['HorizontalPodAutoscaler'][0]
         assert hpa['spec']['scaleTargetRef']['name'] == deployment(values)['metadata']['name']
@@ -103,6 +108,15 @@ def test_node_and_bridge_are_sidecars_with_probes_and_drain(values):
         assert c[name]['lifecycle']['preStop']['exec']['command'][0] == 'sleep'
         assert c[name]['resources']['limits'] and c[name]['resources']['requests']
     assert c['bridge']['readinessProbe']['httpGet']['path'] == '/health/ready'
+    # the bridge's probes use the plain-HTTP probe port: the REST door may want TLS 1.3, a
+    # client certificate and a key, none of which kubelet has
+    ports = {p['name']: p['containerPort'] for p in c['bridge']['ports']}
+    assert ports == {'http': 8080, 'grpc': 9090, 'probe': 8081}
+    env = {e['name']: e.get('value') for e in c['bridge']['env']}
+    assert env['AKIDB_PROBE_PORT'] == str(ports['probe'])
+    for probe in ('startupProbe', 'readinessProbe', 'livenessProbe'):
+        get = c['bridge'][probe]['httpGet']
+        assert (get['port'], get['scheme']) == ('probe', 'HTTP'), (probe, get)
     strategy = dep['spec']['strategy']
     assert strategy['type'] == 'RollingUpdate'
     assert strategy['rollingUpdate']['maxUnavailable'] == 0
@@ -150,9 +164,31 @@ def test_network_policy_default_denies_and_opens_only_the_doors():
     np_ = by_kind('values-cpu.yaml')['NetworkPolicy'][0]['spec']
     assert set(np_['policyTypes']) == {'Ingress', 'Egress'}
     ports = sorted(p['port'] for rule in np_['ingress'] for p in rule['ports'])
-    assert ports == ['grpc', 'http', 'http', 'metrics']
+    assert ports == ['grpc', 'http', 'metrics', 'probe']
+    # monitoring reaches the node's metrics and the bridge's probe port, not the REST door
+    monitoring = next(r for r in np_['ingress'] if 'namespaceSelector' in r['from'][0])
+    assert sorted(p['port'] for p in monitoring['ports']) == ['metrics', 'probe']
     egress_ports = sorted(p['port'] for rule in np_['egress'] for p in rule['ports'])
     assert egress_ports == [53, 53]
+
+
+def test_network_policy_probe_sources_open_only_the_probe_port(tmp_path):
+    """networkPolicy.probeSources (for CNIs that police kubelet traffic) adds one rule for the
+    probe port, and the result still matches the Kubernetes schemas."""
+    kv = dtool('kubernetes-validate')
+    extra = tmp_path / 'probe-sources.yaml'
+    extra.write_text(yaml.safe_dump({'networkPolicy': {'probeSources': [
+        {'ipBlock': {'cidr': '10.0.0.0/16'}}]}}))
+    cp = run([str(ROOT / 'scripts/helm'), 'template', 'akidb', str(CHART), '-f',
+              str(CHART / 'values-cpu.yaml'), '-f', str(extra), '-n', 'akidb'])
+    np_ = next(d for d in yaml.safe_load_all(cp.stdout) if d and d['kind'] == 'NetworkPolicy')
+    rule = np_['spec']['ingress'][-1]
+    assert rule == {'from': [{'ipBlock': {'cidr': '10.0.0.0/16'}}],
+                    'ports': [{'port': 'probe', 'protocol': 'TCP'}]}
+    f = tmp_path / 'rendered.yaml'
+    f.write_text(cp.stdout)
+    cp = run([kv, '--strict', '-k', '1.31.0', str(f)], check=False)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
 
 
 @pytest.mark.parametrize('values', VALUES)

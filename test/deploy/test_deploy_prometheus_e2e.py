@@ -1,5 +1,6 @@
-"""End to end: a real Prometheus server (Debian's `prometheus`) scrapes the running service on
-127.0.0.1, evaluates the SLO and alert rules, and answers every dashboard query."""
+"""End to end: a real Prometheus server (Debian's `prometheus`) scrapes the running service's
+probe port on 127.0.0.1 (as the compose file and the chart do), evaluates the SLO and alert
+rules, and answers every dashboard query."""
 import re
 import shutil
 import socket
@@ -39,7 +40,7 @@ def prometheus(live_server, tmp_path_factory):
            'rule_files': files,
            'scrape_configs': [{'job_name': 'akidb-bridge', 'metrics_path': '/metrics',
                                'static_configs': [{'targets': [
-                                   f'127.0.0.1:{live_server.rest_port}']}]}]}
+                                   f'127.0.0.1:{live_server.probe_port}']}]}]}
     (tmp / 'prometheus.yml').write_text(yaml.safe_dump(cfg))
     log = open(tmp / 'prometheus.log', 'wb')
     proc = subprocess.Popen([binary, f'--config.file={tmp}/prometheus.yml',

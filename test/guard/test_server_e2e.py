@@ -2,7 +2,8 @@
 the production security profile (config/security.prod.yaml with its file paths moved into a
 temp folder), dev certificates from scripts/make_dev_certs.sh, API keys made with the keys CLI,
 a models config holding the real MiniLM model and a really corrupt ONNX file, ephemeral ports on
-127.0.0.1, real TLS 1.3 with client certificates on both doors. No mocks.
+127.0.0.1, real TLS 1.3 with client certificates on both doors, and the plain-HTTP probe port
+(health and metrics only) that kubelet, a Docker HEALTHCHECK and Prometheus use. No mocks.
 
 Test-only departures from the prod file (each said where it is made): client certificates are
 required at the TLS layer but do not identify the caller (``auth.mtls.enabled: false``) so that
@@ -143,7 +144,8 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, '-m', 'akidb_ros.server', '--mode', 'inprocess', '--no-ros',
              '--host', '127.0.0.1', '--rest-port', '0', '--grpc-port', '0',
-             '--config', self.models_cfg, '--ready-file', ready, '--grace', '1'],
+             '--probe-port', '0', '--config', self.models_cfg, '--ready-file', ready,
+             '--grace', '1'],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         # API keys through the CLI (what an operator runs), while the server loads its model;
         # the running server picks each one up within reload_interval_s
@@ -163,6 +165,7 @@ class Server:
         assert info['tls'] is True and info['security_profile'] == 'prod'
         self.rest_port, self.grpc_port = info['rest_port'], info['grpc_port']
         self.base = f'https://127.0.0.1:{self.rest_port}'
+        self.probe = f'http://127.0.0.1:{info["probe_port"]}'
         self.grpc_target = f'127.0.0.1:{self.grpc_port}'
 
     def _add_key(self, role, name=None):
@@ -610,3 +613,74 @@ def test_audit_log_records_denials_and_admin_actions_without_secrets(server):
     log = server.read_log()
     for secret in server.secrets:
         assert secret not in log
+
+
+# ------------------------------------------------------------------------ the probe port
+def _plain():
+    s = requests.Session()
+    s.trust_env = False     # no proxy, no CA bundle: a bare kubelet-like client
+    return s
+
+
+def test_probe_port_is_plain_http_without_credentials(server):
+    """What kubelet, a HEALTHCHECK and Prometheus get: plain HTTP, no key, no certificate."""
+    s = _plain()
+    assert s.get(server.probe + '/health/live', timeout=10).json() == {'status': 'alive'}
+    r = s.get(server.probe + '/health/ready', timeout=10)
+    assert (r.status_code, r.json()) == (200, {'status': 'ready'})
+    m = s.get(server.probe + '/metrics', timeout=10)
+    assert m.status_code == 200
+    from prometheus_client.parser import text_string_to_metric_families
+    names = {f.name for f in text_string_to_metric_families(m.text)}
+    # engine, door and guard families of this process (earlier tests made them move)
+    for family in ('akidb_embed_requests', 'akidb_request_errors', 'akidb_auth_failures',
+                   'akidb_circuit_breaker_state', 'akidb_model_cache_size'):
+        assert family in names, family
+    # the same readiness through the guarded door needs TLS, a certificate and health:read
+    door = server.session().get(server.base + '/health/ready',
+                                headers={'X-API-Key': server.keys['viewer']}, timeout=10)
+    assert (door.status_code, door.json()) == (200, r.json())
+    # ... while the doors themselves still refuse plain HTTP and certificate-less clients
+    with pytest.raises(requests.exceptions.ConnectionError):
+        s.get(f'http://127.0.0.1:{server.rest_port}/health/ready', timeout=10)
+    nocert = _plain()
+    nocert.verify = server.ca
+    with pytest.raises((requests.exceptions.SSLError, requests.exceptions.ConnectionError)):
+        nocert.get(server.base + '/health/ready', timeout=10)
+
+
+def test_probe_port_serves_nothing_else(server):
+    s = _plain()
+    admin = {'X-API-Key': server.keys['admin']}
+    for method, path in (('POST', '/api/v1/embed'), ('POST', '/v1/embeddings'),
+                         ('GET', '/models'), ('GET', '/health'), ('GET', '/openapi.json'),
+                         ('POST', '/admin/models/load'), ('POST', '/admin/models/unload')):
+        # not even an admin key opens anything here: the routes do not exist on this port
+        r = s.request(method, server.probe + path, json={'inputs': ['x'], 'model': DEFAULT},
+                      headers=admin, timeout=10)
+        assert (r.status_code, r.json()['code']) == (404, 'NOT_FOUND'), (method, path)
+    for path in ('/health/live', '/health/ready', '/metrics'):
+        r = s.post(server.probe + path, data=b'{}', timeout=10)
+        assert (r.status_code, r.json()['code']) == (405, 'METHOD_NOT_ALLOWED'), path
+    # nothing from the guarded doors leaks: no embeddings, no key material, no audit data
+    text = s.get(server.probe + '/metrics', timeout=10).text
+    for secret in server.secrets:
+        assert secret not in text and secret[-16:] not in text
+
+
+def test_probe_readiness_follows_the_default_model(server):
+    """An operator unloads the default model: the probe says 503 not_ready until it is back."""
+    s = _plain()
+    sess = server.session()
+    admin = {'X-API-Key': server.keys['admin']}
+    assert sess.post(server.base + '/admin/models/unload', json={'model': DEFAULT},
+                     headers=admin, timeout=30).status_code == 200
+    try:
+        r = s.get(server.probe + '/health/ready', timeout=10)
+        assert (r.status_code, r.json()['status'], r.json()['code']) == \
+            (503, 'not_ready', 'UNAVAILABLE')
+        assert s.get(server.probe + '/health/live', timeout=10).status_code == 200
+    finally:
+        assert sess.post(server.base + '/admin/models/load', json={'model': DEFAULT},
+                         headers=admin, timeout=60).status_code == 200
+    assert s.get(server.probe + '/health/ready', timeout=10).status_code == 200
