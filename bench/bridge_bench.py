@@ -44,6 +44,8 @@ def loopback_env() -> Dict[str, str]:
     env = apply_loopback_dds(dict(os.environ), domain_id=60 + os.getpid() % 30)
     env.setdefault('ROS_LOG_DIR', tempfile.mkdtemp(prefix='akidb-bench-ros-'))
     env.setdefault('AKIDB_LOG_LEVEL', 'WARNING')
+    # Rate limits off (see the file): a door's throughput, not the per-client policy, is measured.
+    env.setdefault('AKIDB_SECURITY_CONFIG', str(Path(__file__).with_name('security.bench.yaml')))
     return env
 
 
@@ -223,15 +225,21 @@ class BridgeDoor:
 
     def run(self, corpus: List[str], n_clients: int = 16) -> float:
         """sentences/s over one pass of the corpus (bench/run.py's door interface)."""
-        return self.measure(corpus, n_clients)['sentences_per_s']
+        res = self.measure(corpus, n_clients)
+        if res['errors']:   # failed calls are fast: counting them would flatter the door
+            raise RuntimeError(f'{self.door}/{self.mode}: {res["errors"]} failed calls')
+        return res['sentences_per_s']
 
     def single_latencies(self, sentences: List[str]) -> List[float]:
         call = self._make()
         out = []
         for s in sentences:
             t0 = time.perf_counter()
-            call(s)
+            ok = call(s)
             out.append((time.perf_counter() - t0) * 1000)
+            if not ok:
+                call.close()
+                raise RuntimeError(f'{self.door}/{self.mode}: a single-sentence call failed')
         call.close()
         return out
 

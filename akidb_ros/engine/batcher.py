@@ -2,7 +2,8 @@
 
 Work flows: ``Admission.admit`` (bounded queue, shedding at 95 %) -> ``Job`` (one request, its
 future) -> ``Batcher`` (one thread per model: gathers sentences from concurrent jobs, sorts them by
-length, cuts batches by size, token budget and padding, runs them, scatters vectors back).
+length, cuts batches by size and token budget, splits them into runs where the learnt run cost
+says so, runs them, scatters vectors back).
 ``DeadlineWatcher`` fails a job with TIMEOUT at its deadline. A job's future is resolved exactly
 once: whichever of batcher, watcher or shutdown gets there first wins; the others are no-ops.
 """
@@ -37,6 +38,8 @@ class Admission:
         self._pending = 0
         self._lock = threading.Lock()
         metrics.QUEUE_CAPACITY.set(capacity)
+        # Read at scrape time rather than set on every admit/release (the request path).
+        metrics.QUEUE_SIZE.set_function(lambda: self._pending)
 
     @property
     def pending(self) -> int:
@@ -50,7 +53,6 @@ class Admission:
                 reason = 'shed'
             else:
                 self._pending += 1
-                metrics.QUEUE_SIZE.set(self._pending)
                 return
         metrics.LOAD_SHED.labels(reason=reason).inc()
         raise EngineError(ErrorCode.OVERLOADED,
@@ -60,7 +62,6 @@ class Admission:
     def release(self) -> None:
         with self._lock:
             self._pending -= 1
-            metrics.QUEUE_SIZE.set(self._pending)
 
 
 class Job:
@@ -178,13 +179,79 @@ class _Item:
         self.job, self.index, self.enc = job, index, enc
 
 
+class RunCostModel:
+    """Online fit of one run's cost: ``seconds = overhead + per_token * padded_tokens``.
+
+    Where to cut a length-sorted batch depends on the hardware: on a CPU a run costs little
+    beyond its tokens, so cutting away padding pays; on a GPU a run costs milliseconds of kernel
+    launches whatever its size, so one padded batch beats several tight ones. The batcher learns
+    both numbers from its own runs (exponentially weighted least squares, so it follows load
+    changes) instead of a fixed padding ratio tuned for one machine.
+    """
+
+    def __init__(self, decay: float = 0.98, min_samples: int = 12):
+        self.decay = decay
+        self.min_samples = min_samples
+        self.samples = 0
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+        self._xmin = self._xmax = None
+
+    def observe(self, padded_tokens: int, seconds: float) -> None:
+        d = self.decay
+        x, y = float(padded_tokens), float(seconds)
+        self._w = self._w * d + 1.0
+        self._x = self._x * d + x
+        self._y = self._y * d + y
+        self._xx = self._xx * d + x * x
+        self._xy = self._xy * d + x * y
+        self._xmin = x if self._xmin is None else min(self._xmin, x)
+        self._xmax = x if self._xmax is None else max(self._xmax, x)
+        self.samples += 1
+
+    def params(self) -> Optional[tuple]:
+        """(overhead_s, per_token_s), or None until the runs seen can support a fit."""
+        if self.samples < self.min_samples or self._xmax < 2 * self._xmin:
+            return None   # too few runs, or all the same size: slope and intercept unknowable
+        w = self._w
+        var = self._xx / w - (self._x / w) ** 2
+        if var <= 0:
+            return None
+        per_token = (self._xy / w - (self._x / w) * (self._y / w)) / var
+        overhead = self._y / w - per_token * self._x / w
+        if per_token <= 0:
+            return None   # noise swamped the signal: keep the padding rule
+        return max(overhead, 0.0), per_token
+
+
+def cut_by_cost(lengths: List[int], overhead: float, per_token: float) -> List[int]:
+    """Optimal cut points of ascending ``lengths`` into runs (dynamic programming, O(n^2)).
+
+    A run of items i..j-1 costs ``overhead + per_token * (j - i) * lengths[j - 1]`` (every row
+    is padded to the longest). Returns the end index of each run.
+    """
+    n = len(lengths)
+    best = [0.0] + [float('inf')] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        width = lengths[j - 1]
+        for i in range(j):
+            c = best[i] + overhead + per_token * (j - i) * width
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    ends, j = [], n
+    while j > 0:
+        ends.append(j)
+        j = cut[j]
+    return ends[::-1]
+
+
 class Batcher:
     """Dynamic batching for one loaded model, on its own thread."""
 
     def __init__(self, model_id: str, run: Callable, pad_id: int, uses_type_ids: bool,
                  pooling: str, max_batch_size: int, max_batch_tokens: int, max_wait_ms: float,
                  max_padding_ratio: float, on_batch: Optional[Callable[[int, int, float], None]]
-                 = None):
+                 = None, split_policy: str = 'cost'):
         self.model_id = model_id
         self._run = run
         self._pad_id = pad_id
@@ -194,6 +261,10 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_padding_ratio = max_padding_ratio
+        self.split_policy = split_policy
+        self.cost = RunCostModel()
+        self._queue_wait = metrics.QUEUE_WAIT_SECONDS.labels(model=model_id)   # bound once
+        self._batch_size = metrics.BATCH_SIZE.labels(model=model_id)
         self._on_batch = on_batch
         self._lanes = {Priority.ADMIN: collections.deque(), Priority.NORMAL: collections.deque()}
         self._cond = threading.Condition()
@@ -268,8 +339,12 @@ class Batcher:
             return taken
 
     def _chunks(self, items: List[_Item]) -> List[List[_Item]]:
-        """Sort by length and cut where padding would exceed max_padding_ratio."""
+        """Sort by length, then cut into runs: by learnt run cost, else by padding ratio."""
         items.sort(key=lambda it: it.enc.length)
+        params = self.cost.params() if self.split_policy == 'cost' and len(items) > 1 else None
+        if params is not None and len(items) <= 256:   # the O(n^2) cut stays well under 1 ms
+            ends = cut_by_cost([it.enc.length for it in items], *params)
+            return [items[i:j] for i, j in zip([0] + ends[:-1], ends)]
         chunks, cur, real = [], [], 0
         for it in items:
             n = it.enc.length
@@ -294,10 +369,9 @@ class Batcher:
             for job in jobs.values():
                 if job.started is None:
                     job.started = now
-                    metrics.QUEUE_WAIT_SECONDS.labels(model=self.model_id).observe(
-                        now - job.created)
+                    self._queue_wait.observe(now - job.created)
             self._last_batch_jobs = len(jobs)
-            metrics.BATCH_SIZE.labels(model=self.model_id).observe(len(items))
+            self._batch_size.observe(len(items))
             for chunk in self._chunks(items):
                 live = [it for it in chunk if not it.job.done]
                 if live:
@@ -320,6 +394,7 @@ class Batcher:
             return
         elapsed = time.perf_counter() - t0
         tokens = int(mask.sum())
+        self.cost.observe(mask.size, elapsed)
         if self._on_batch:
             self._on_batch(len(chunk), tokens, elapsed)
         traced = {id(it.job): it.job for it in chunk if it.job.trace_ctx is not None}

@@ -79,6 +79,7 @@ CONFIG_SCHEMA = {
                 'allow_spinning': {'type': 'boolean'},
                 'tensorrt_cache': {'type': 'string'},
                 'tensorrt_fp16': {'type': 'boolean'},
+                'gpu_metrics_interval_s': _num(0, 3600),
                 'cache': {
                     'type': 'object', 'additionalProperties': False,
                     'properties': {
@@ -93,6 +94,7 @@ CONFIG_SCHEMA = {
                         'max_batch_tokens': _int(1),
                         'max_wait_ms': _num(0, 1000),
                         'max_padding_ratio': _num(1.0, 100.0),
+                        'split_policy': {'enum': ['cost', 'padding']},
                     },
                 },
                 'queue': {
@@ -164,6 +166,7 @@ class BatchingConfig:
     max_batch_tokens: int = 8192
     max_wait_ms: float = 2.0
     max_padding_ratio: float = 1.25
+    split_policy: str = 'cost'
 
 
 @dataclass
@@ -193,6 +196,7 @@ class EngineSettings:
     allow_spinning: bool = False
     tensorrt_cache: Path = Path('~/.cache/akidb/trt').expanduser()
     tensorrt_fp16: bool = True
+    gpu_metrics_interval_s: float = 5.0
     cache: CacheConfig = field(default_factory=CacheConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -316,6 +320,7 @@ def build(raw: dict, base_dir: Path, source: str = '<dict>') -> EngineConfig:
         allow_spinning=e.get('allow_spinning', False),
         tensorrt_cache=Path(os.path.expanduser(e.get('tensorrt_cache', '~/.cache/akidb/trt'))),
         tensorrt_fp16=e.get('tensorrt_fp16', True),
+        gpu_metrics_interval_s=e.get('gpu_metrics_interval_s', 5.0),
         cache=CacheConfig(**e.get('cache', {})),
         batching=BatchingConfig(**e.get('batching', {})),
         queue=QueueConfig(**e.get('queue', {})),

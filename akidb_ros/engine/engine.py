@@ -8,6 +8,7 @@ from concurrent.futures import Future
 from typing import List, Optional
 
 from .. import __version__
+from ..observability.gpu import GpuSampler
 from .batcher import Admission, DeadlineWatcher, Job
 from .config import EngineConfig, LimitsConfig
 from .errors import EngineError, ErrorCode
@@ -65,6 +66,7 @@ class EmbeddingEngine:
         self._close_lock = threading.Lock()
         self._idle = threading.Condition()
         self.started_at = time.monotonic()
+        self.gpu_sampler = GpuSampler(config.engine.gpu_metrics_interval_s)
 
     # --- lifecycle -----------------------------------------------------------------------
     @property
@@ -73,6 +75,8 @@ class EmbeddingEngine:
 
     def start(self, preload: Optional[List[str]] = None) -> None:
         """Load and warm the default model (and any others named) before serving."""
+        if not self.gpu_sampler.running and not self.gpu_sampler.start():
+            log.debug('no GPU metrics: %s', self.gpu_sampler.reason)
         for model in preload if preload is not None else [self.default_model]:
             self.manager.load(model)
 
@@ -91,6 +95,7 @@ class EmbeddingEngine:
                 self._idle.wait(timeout=min(left, 0.1))
         self.manager.close()   # batchers drain; anything still queued is failed UNAVAILABLE
         self._deadlines.stop()
+        self.gpu_sampler.close()
 
     @property
     def closed(self) -> bool:

@@ -39,6 +39,7 @@ class LoadedModel:
         self.last_used = time.monotonic()
         self._done: Deque[Tuple[float, float]] = collections.deque(maxlen=4096)
         self._lock = threading.Lock()
+        self.cache_hits = metrics.MODEL_CACHE_HITS.labels(model=cfg.id)   # bound once
 
     def record(self, latency_s: float) -> None:
         with self._lock:
@@ -66,19 +67,26 @@ class ModelManager:
         self._loading: Dict[str, Future] = {}
         self._failed: Dict[str, str] = {}
         self._loaders: Set[threading.Thread] = set()
+        # id and HF name -> config: the request path looks a model up without scanning
+        self._by_key: Dict[str, ModelConfig] = {}
+        for m in config.models:
+            self._by_key.setdefault(m.name, m)
+        self._by_key.update({m.id: m for m in config.models})
 
     # --- lookup --------------------------------------------------------------------------
     def resolve(self, model: str) -> ModelConfig:
         """Map a requested id or HF name ('' = default) to its config, or raise."""
         wanted = model or self.config.default_model
-        for m in self.config.models:
-            if wanted in (m.id, m.name):
-                if not m.installed:
-                    raise EngineError(ErrorCode.MODEL_UNAVAILABLE,
-                                      f'model {m.id} is in the catalogue but its files are not '
-                                      'installed')
-                return m
-        raise EngineError(ErrorCode.MODEL_NOT_FOUND, f'Model not found: {wanted}')
+        m = self._by_key.get(wanted)
+        if m is None:
+            raise EngineError(ErrorCode.MODEL_NOT_FOUND, f'Model not found: {wanted}')
+        # A loaded model serves from memory; only a load needs its files (a stat per call
+        # was a measurable share of the request path).
+        if m.id not in self._loaded and not m.installed:
+            raise EngineError(ErrorCode.MODEL_UNAVAILABLE,
+                              f'model {m.id} is in the catalogue but its files are not '
+                              'installed')
+        return m
 
     # --- acquire / release (the request path) ---------------------------------------------
     def acquire(self, model: str) -> LoadedModel:
@@ -90,7 +98,7 @@ class ModelManager:
                 self._loaded.move_to_end(cfg.id)
                 lm.in_flight += 1
                 lm.last_used = time.monotonic()
-                metrics.MODEL_CACHE_HITS.labels(model=cfg.id).inc()
+                lm.cache_hits.inc()
                 return lm
             metrics.MODEL_CACHE_MISSES.labels(model=cfg.id).inc()
             fut = self._start_load(cfg)
@@ -165,10 +173,14 @@ class ModelManager:
         onnx = OnnxModel(cfg, self.settings)
         b = self.settings.batching
 
+        batch_sizes = metrics.INFERENCE_BATCH_SIZE.labels(model=cfg.id)
+        tokens_done = metrics.TOKENS_PROCESSED.labels(model=cfg.id)
+        run_seconds = metrics.INFERENCE_SECONDS.labels(model=cfg.id)
+
         def on_batch(n: int, tokens: int, seconds: float) -> None:
-            metrics.INFERENCE_BATCH_SIZE.labels(model=cfg.id).observe(n)
-            metrics.TOKENS_PROCESSED.labels(model=cfg.id).inc(tokens)
-            metrics.INFERENCE_SECONDS.labels(model=cfg.id).observe(seconds)
+            batch_sizes.observe(n)
+            tokens_done.inc(tokens)
+            run_seconds.observe(seconds)
 
         # Warm-up: the first runs pay for allocations and kernel selection; not the caller.
         for length in (8, min(64, cfg.max_tokens)):
@@ -176,7 +188,7 @@ class ModelManager:
             onnx.run(ids, np.ones_like(ids), np.zeros_like(ids))
         batcher = Batcher(cfg.id, onnx.run, encoder.pad_id, onnx.uses_type_ids, cfg.pooling,
                           b.max_batch_size, b.max_batch_tokens, b.max_wait_ms,
-                          b.max_padding_ratio, on_batch)
+                          b.max_padding_ratio, on_batch, b.split_policy)
         seconds = time.perf_counter() - t0
         metrics.MODEL_LOAD_SECONDS.labels(model=cfg.id).observe(seconds)
         if onnx.trt_engine_built is True:

@@ -30,6 +30,40 @@ def _warn_once(key: str, message: str) -> None:
     log.warning(message)
 
 
+_preloaded = False
+
+
+def _preload_cuda_libraries(available: List[str]) -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels before the first GPU session (once).
+
+    onnxruntime-gpu on PyPI does not bundle CUDA; the images install the runtime libraries as
+    wheels (``onnxruntime-gpu[cuda,cudnn]``), which the dynamic loader cannot find on its own.
+    ``preload_dlls`` is ORT's documented way to load them; with system CUDA it is a no-op.
+    """
+    global _preloaded
+    with _warned_lock:
+        if _preloaded or CUDA not in available or not hasattr(ort, 'preload_dlls'):
+            return
+        _preloaded = True
+    try:
+        ort.preload_dlls()
+    except Exception as exc:   # the session's own fallback reports what is really missing
+        log.warning('could not preload CUDA libraries: %s', exc)
+
+
+def _tensorrt_diagnosis() -> str:
+    """Why TensorRT did not start, in words an operator can act on (ORT only prints it)."""
+    import ctypes
+    for lib in ('libnvinfer.so.10', 'libnvinfer.so'):
+        try:
+            ctypes.CDLL(lib)
+            return ''   # the library is there: the cause is in the log (GPU, version, memory)
+        except OSError:
+            continue
+    return (' (TensorRT libraries not found: libnvinfer.so.10; install tensorrt-cu13-libs or '
+            'put them on LD_LIBRARY_PATH)')
+
+
 def _shape_spec(names: List[str], batch: int, seq: int) -> str:
     return ','.join(f'{n}:{batch}x{seq}' for n in names)
 
@@ -86,6 +120,8 @@ class OnnxModel:
         opts.add_session_config_entry('session.intra_op.allow_spinning', spin)
         opts.add_session_config_entry('session.inter_op.allow_spinning', spin)
         available = ort.get_available_providers()
+        if settings.device != 'cpu':
+            _preload_cuda_libraries(available)
         probe_names = ['input_ids', 'attention_mask']
         if TRT in available and settings.device in ('auto', 'tensorrt'):
             # TensorRT profiles must name the graph's real inputs: read them off an
@@ -116,6 +152,8 @@ class OnnxModel:
         requested = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
         if requested != self.provider and not note:
             note = f'{requested} failed to initialise; running on {self.provider}'
+            if requested == TRT:
+                note += _tensorrt_diagnosis()
         if note:
             _warn_once(note, note)
         self.provider_note = note

@@ -17,7 +17,8 @@ TEXTS = ['stop', 'the arm is moving to the left shelf now',
 def small_engine(tmp_path):
     def mutate(raw):
         raw['engine']['batching'].update(max_batch_size=4, max_batch_tokens=96,
-                                         max_padding_ratio=1.5, max_wait_ms=0)
+                                         max_padding_ratio=1.5, max_wait_ms=0,
+                                         split_policy='padding')
         raw['engine']['queue'].update(capacity=20)
     eng = make_engine(tmp_path, mutate)
     yield eng
