@@ -110,7 +110,7 @@ PARAMS: List[ParamSpec] = [
               read_only=True),
     ParamSpec('qos_depth', 100, 'History depth of the service QoS (>= peak calls in flight)',
               range=(16, 100_000), read_only=True),
-    ParamSpec('executor', 'multi_threaded', 'Executor spinning the node',
+    ParamSpec('executor', 'events', 'Executor spinning the node',
               constraints="multi_threaded (MultiThreadedExecutor, executor_threads threads) | "
               "events (rclpy.experimental.EventsExecutor, C++ event queue, one thread)",
               read_only=True),

@@ -33,7 +33,7 @@ class NodeProcess:
     def __init__(self, *extra_args: str, namespace: str = '', params_file=PARAMS_FILE,
                  env=None):
         # AKIDB_ROS_TEST_NODE_ARGS: extra node arguments for the whole run, e.g.
-        # '-p executor:=events' to run every test against the EventsExecutor variant
+        # '-p executor:=multi_threaded' to run every test against the MultiThreadedExecutor
         cmd = [sys.executable, '-m', 'akidb_ros.ros.node', '--ros-args',
                '--params-file', str(params_file),
                *os.environ.get('AKIDB_ROS_TEST_NODE_ARGS', '').split(), *extra_args]

@@ -123,15 +123,14 @@ def test_invalid_device_in_params_is_refused_at_start():
         node.stop()
 
 
-def test_events_executor_variant_serves_concurrent_calls():
-    """executor:=events (rclpy's C++ EventsExecutor) answers 16 concurrent clients too."""
-    node = NodeProcess('-p', 'executor:=events', namespace='/events')
+def test_multi_threaded_executor_variant_serves_concurrent_calls():
+    """executor:=multi_threaded (the non-default executor) answers 16 concurrent clients too."""
+    node = NodeProcess('-p', 'executor:=multi_threaded', namespace='/multi')
     try:
         node.wait_ready()
-        with ConcurrentCaller(16, namespace='/events', node_name='akidb_events_load',
-                              executor='events') as lg:
+        with ConcurrentCaller(16, namespace='/multi', node_name='akidb_multi_load') as lg:
             assert lg.wait_ready(30)
-            recs = lg.run(lambda i, seq: Embed.Request(inputs=['events %d' % (i % 4)]),
+            recs = lg.run(lambda i, seq: Embed.Request(inputs=['multi %d' % (i % 4)]),
                           calls_per_client=3, timeout_s=60)
         assert len(recs) == 48 and all(r.response and r.response.success for r in recs)
         by_text = {}
