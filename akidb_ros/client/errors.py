@@ -77,6 +77,9 @@ _BY_CODE: Dict[str, Type[AkidbError]] = {
     'CIRCUIT_OPEN': OverloadedError, 'UNAVAILABLE': ServiceUnavailableError,
     'MODEL_LOAD_FAILED': ServiceUnavailableError, 'TIMEOUT': DeadlineExceededError,
     'INTERNAL': ServerError,
+    # the REST door's transport refusals: a client calling a wrong path/method/body type
+    'NOT_FOUND': InvalidRequestError, 'METHOD_NOT_ALLOWED': InvalidRequestError,
+    'UNSUPPORTED_MEDIA_TYPE': InvalidRequestError,
 }
 
 # Which codes a client retries: the server's table says (ErrorCode.retryable); kept here as

@@ -46,6 +46,11 @@ class ErrorCode(enum.Enum):
     TIMEOUT = (504, 'DEADLINE_EXCEEDED', True, 'warning')
     UNAVAILABLE = (503, 'UNAVAILABLE', True, 'warning')
     INTERNAL = (500, 'INTERNAL', False, 'error')
+    # Transport-level refusals (an HTTP route or method that does not exist, a body that is not
+    # JSON); listed here so every code a caller can see comes from this one table.
+    NOT_FOUND = (404, 'UNIMPLEMENTED', False, 'info')
+    METHOD_NOT_ALLOWED = (405, 'UNIMPLEMENTED', False, 'info')
+    UNSUPPORTED_MEDIA_TYPE = (415, 'INVALID_ARGUMENT', False, 'info')
 
     @property
     def http_status(self) -> int:

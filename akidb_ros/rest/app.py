@@ -49,8 +49,8 @@ except ImportError:  # pragma: no cover - orjson is in requirements.txt
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 TRANSPORT = 'rest'
-_HTTP_CODES = {404: 'NOT_FOUND', 405: 'METHOD_NOT_ALLOWED', 413: ErrorCode.INPUT_TOO_LARGE.name,
-               415: 'UNSUPPORTED_MEDIA_TYPE'}
+_HTTP_CODES = {404: ErrorCode.NOT_FOUND.name, 405: ErrorCode.METHOD_NOT_ALLOWED.name,
+               413: ErrorCode.INPUT_TOO_LARGE.name, 415: ErrorCode.UNSUPPORTED_MEDIA_TYPE.name}
 
 
 def _validator(schema: dict):
