@@ -33,11 +33,17 @@ class EmbeddingClient:
     """A small synchronous client of the node's services (CLI, tests, benchmarks)."""
 
     def __init__(self, namespace: str = '', args: Optional[List[str]] = None,
-                 node_name: str = 'akidb_cli', qos_depth: int = 100):
+                 node_name: str = 'akidb_cli', qos_depth: int = 100, executor: str = 'events'):
         self.context = Context()
         rclpy.init(args=args if args is not None else [], context=self.context)
         self.node = rclpy.create_node(node_name, context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
+        if executor == 'events':
+            # rclpy's C++ event queue: ~2 ms less per call than the Python wait-set executor
+            # on a small CPU (the node spins on it too; 'single' is the plain executor)
+            from rclpy.experimental import EventsExecutor
+            self.executor = EventsExecutor(context=self.context)
+        else:
+            self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         base = namespace.rstrip('/')
         qos = QoSProfile(depth=qos_depth)
