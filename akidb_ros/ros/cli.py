@@ -25,6 +25,18 @@ from akidb_ros.ros.conversions import embeddings_from_response
 from akidb_ros.srv import Embed, ListModels, LoadModel, UnloadModel
 
 
+def client_executor(kind: str, context: Context):
+    """Create the executor a client spins: ``events`` (rclpy's C++ event queue) or ``single``.
+
+    The EventsExecutor costs a client about 2 ms less per call than the Python wait-set
+    ``SingleThreadedExecutor`` on a small CPU (the node spins on it too).
+    """
+    if kind == 'events':
+        from rclpy.experimental import EventsExecutor
+        return EventsExecutor(context=context)
+    return SingleThreadedExecutor(context=context)
+
+
 class NoAnswer(Exception):
     """No node offered the service, or it did not answer in time."""
 
@@ -37,13 +49,7 @@ class EmbeddingClient:
         self.context = Context()
         rclpy.init(args=args if args is not None else [], context=self.context)
         self.node = rclpy.create_node(node_name, context=self.context)
-        if executor == 'events':
-            # rclpy's C++ event queue: ~2 ms less per call than the Python wait-set executor
-            # on a small CPU (the node spins on it too; 'single' is the plain executor)
-            from rclpy.experimental import EventsExecutor
-            self.executor = EventsExecutor(context=self.context)
-        else:
-            self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor = client_executor(executor, self.context)
         self.executor.add_node(self.node)
         base = namespace.rstrip('/')
         qos = QoSProfile(depth=qos_depth)

@@ -13,9 +13,9 @@ from typing import Callable, List, Optional
 
 import rclpy
 from rclpy.context import Context
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import QoSProfile
 
+from akidb_ros.ros.cli import client_executor
 from akidb_ros.srv import Embed
 
 
@@ -48,11 +48,7 @@ class ConcurrentCaller:
         qos = QoSProfile(depth=qos_depth)
         self.clients = [self.node.create_client(Embed, name, qos_profile=qos)
                         for _ in range(n_clients)]
-        if executor == 'events':        # C++ event queue: less client CPU per call
-            from rclpy.experimental import EventsExecutor
-            self.executor = EventsExecutor(context=self.context)
-        else:
-            self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor = client_executor(executor, self.context)
         self.executor.add_node(self.node)
         self._spinning = True
         self._thread = threading.Thread(target=self._spin, name='akidb-loadgen', daemon=True)

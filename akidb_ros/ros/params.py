@@ -12,7 +12,7 @@ transition (the engine is built there); ``diagnostics_period_s`` applies at once
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 ParameterType)
@@ -135,6 +135,15 @@ def validate_value(name: str, value: Any) -> Optional[str]:
     if name == 'device' and value not in ('',) + DEVICES:
         return f"device must be one of '', {', '.join(DEVICES)} (got {value!r})"
     return None
+
+
+def flatten(tree: Dict[str, Any], prefix: str = '') -> Iterator[Tuple[str, Any]]:
+    """(dotted name, value) pairs of a nested ``ros__parameters`` mapping, as rclpy names them."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from flatten(value, f'{prefix}{key}.')
+        else:
+            yield f'{prefix}{key}', value
 
 
 def _set_path(tree: Dict[str, Any], dotted: str, value: Any) -> None:

@@ -197,16 +197,7 @@ def test_rendered_node_parameters_are_valid_node_parameters(values):
     from akidb_ros.ros import params as P
     cm = by_kind(values)['ConfigMap'][0]
     doc = yaml.safe_load(cm['data']['params.yaml'])
-    rp = doc['/**']['ros__parameters']
-
-    def flat(d, prefix=''):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f'{prefix}{k}.')
-            else:
-                yield f'{prefix}{k}', v
-
-    seen = dict(flat(rp))
+    seen = dict(P.flatten(doc['/**']['ros__parameters']))
     assert seen['metrics_port'] == 9100 and seen['metrics_address'] == '0.0.0.0'
     for name, value in seen.items():
         spec = P.PARAMS_BY_NAME.get(name)

@@ -127,17 +127,9 @@ def test_xmllint_package_xml():
     assert out.returncode == 0, out.stderr
 
 
-def _flatten(d, prefix=''):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, f'{prefix}{k}.')
-        else:
-            yield f'{prefix}{k}', v
-
-
 def test_params_file_matches_declared_parameters():
     data = yaml.safe_load((ROOT / 'config' / 'params.yaml').read_text())
-    values = dict(_flatten(data['/**']['ros__parameters']))
+    values = dict(P.flatten(data['/**']['ros__parameters']))
     assert set(values) == set(P.PARAMS_BY_NAME)
     for name, value in values.items():
         spec = P.PARAMS_BY_NAME[name]
