@@ -17,6 +17,7 @@ command -v cmake >/dev/null || missing+=(cmake)
 command -v g++ >/dev/null || missing+=(g++)
 command -v make >/dev/null || missing+=(make)
 command -v xmllint >/dev/null || missing+=(libxml2-utils)
+command -v openssl >/dev/null || missing+=(openssl)   # scripts/make_dev_certs.sh
 PYINC=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 [ -f "$PYINC/Python.h" ] || missing+=(python3-dev)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -198,7 +198,7 @@ def test_openai_python_sdk_shape_roundtrip(rest_url):
 
 def test_real_openai_sdk_unchanged(rest_url, engine):
     """The official OpenAI Python SDK, pointed at the bridge, works unchanged."""
-    openai = pytest.importorskip('openai')
+    import openai
     client = openai.OpenAI(base_url=rest_url + '/v1', api_key='unused', max_retries=0)
     r = client.embeddings.create(model=DEFAULT_MODEL, input=SENTENCES)   # base64 on the wire
     got = np.asarray([d.embedding for d in r.data], dtype=np.float32)

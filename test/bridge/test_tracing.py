@@ -13,7 +13,6 @@ import uuid
 from pathlib import Path
 
 import grpc
-import pytest
 import requests
 
 from akidb_ros.grpc_api import embedding_pb2 as pb
@@ -114,7 +113,6 @@ def _rotel_binary() -> Path:
     return Path(rotel.__file__).resolve().parent / 'rotel-agent'
 
 
-@pytest.mark.skipif(not _rotel_binary().exists(), reason='rotel collector not installed')
 def test_otlp_end_to_end_with_rotel(tmp_path):
     grpc_port, http_port = _free_port(), _free_port()
     collector_out = tmp_path / 'collector.out'

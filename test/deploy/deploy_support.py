@@ -22,10 +22,10 @@ INSTALL_HINT = 'run scripts/install_deploy_tools.sh (make setup calls it)'
 
 
 def dtool(name: str) -> str:
-    """A tool from .venv-deploy/bin, or skip the test with the reason."""
+    """A tool from .venv-deploy/bin; missing means a broken setup, so the test fails."""
     p = DVENV / 'bin' / name
     if not p.exists():
-        pytest.skip(f'{name} is not installed in .venv-deploy: {INSTALL_HINT}')
+        pytest.fail(f'{name} is not installed in .venv-deploy: {INSTALL_HINT}')
     return str(p)
 
 
@@ -36,7 +36,7 @@ def dpython() -> str:
 def systool(name: str) -> str:
     p = shutil.which(name)
     if p is None:
-        pytest.skip(f'{name} is not installed: {INSTALL_HINT}')
+        pytest.fail(f'{name} is not installed: {INSTALL_HINT}')
     return p
 
 

@@ -145,7 +145,7 @@ def test_registry_one_breaker_per_model(clock):
 def test_real_time_transition_with_real_failing_model(tmp_path):
     """A model file that really fails to load (corrupt ONNX) drives the breaker; open time is
     measured with the real clock (scaled to 0.5 s so the suite stays fast)."""
-    ort = pytest.importorskip('onnxruntime')
+    import onnxruntime as ort
     bad = tmp_path / 'model.onnx'
     bad.write_bytes(b'\x08\x07\x12\x04junk' + b'\xff' * 64)
 

@@ -33,7 +33,6 @@ finally:
 
 
 def run_probe(tmp_path, **security_env):
-    pytest.importorskip('rclpy')
     env = {k: v for k, v in os.environ.items() if not k.startswith('ROS_SECURITY')}
     env['ROS_DOMAIN_ID'] = str(random.randint(150, 200))
     env['ROS_LOG_DIR'] = str(tmp_path / 'roslog')

@@ -6,8 +6,6 @@ import time
 
 import pytest
 
-pytest.importorskip('flask')
-
 
 def build_engine(tmp_path):
     """A real engine whose only model file is corrupt (ONNX Runtime refuses to load it)."""

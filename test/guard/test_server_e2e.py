@@ -22,11 +22,10 @@ import subprocess
 import sys
 import time
 
+import grpc
 import pytest
+import requests
 import yaml
-
-requests = pytest.importorskip('requests')
-grpc = pytest.importorskip('grpc')
 
 from test_rbac_matrix import EXPECTED, PUBLIC, ROLES  # noqa: E402
 
@@ -37,11 +36,6 @@ DEFAULT = 'all-minilm-l6-v2'
 ISS, AUD = 'https://issuer.test/', 'akidb-test'
 SVC = '/akidb.embedding.v1.EmbeddingService/'
 OPEN_S = 2.0
-
-pytestmark = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(MINILM, 'model.onnx')),
-    reason='models not installed (run make setup)',
-)
 
 
 def _keys_cli(keys_file, audit_file, *args):
@@ -550,7 +544,6 @@ def test_breaker_opens_on_corrupt_model_then_recovers(server):
 
 # ------------------------------------------------------------------------ fuzzing
 def test_schemathesis_zero_5xx(server):
-    pytest.importorskip('schemathesis')
     sch = os.path.join(os.path.dirname(sys.executable), 'schemathesis')
     r = subprocess.run(
         [sch, 'run', server.base + '/openapi.json', '--url', server.base,

@@ -206,8 +206,6 @@ def test_identity_from_cert_forms_and_role_mapping(pki):
 
 
 def test_dev_cert_script_output_works(tmp_path):
-    if shutil.which('openssl') is None:
-        pytest.skip('openssl not installed')
     out = str(tmp_path / 'certs')
     r = subprocess.run(
         ['bash', os.path.join(ROOT, 'scripts', 'make_dev_certs.sh'), out, 'robot-1:developer'],
@@ -279,7 +277,6 @@ class GrpcServerProc:
 
 @pytest.fixture(scope='module')
 def grpc_server(pki):
-    pytest.importorskip('grpc')
     sc, sk, _ = pki['server']
     srv = GrpcServerProc(sc, sk, pki['ca'].path)
     assert srv.port, srv.line
@@ -332,7 +329,6 @@ def test_grpc_client_without_cert_refused(grpc_server, pki):
 
 def test_grpc_refuses_to_start_when_tls12_could_not_be_closed(pki):
     """If grpc was imported before prepare_grpc_tls13(), building credentials fails loudly."""
-    pytest.importorskip('grpc')
     sc, sk, _ = pki['server']
     srv = GrpcServerProc(sc, sk, pki['ca'].path, env_extra={'NO_TLS13_PREP': '1'})
     try:
@@ -342,7 +338,6 @@ def test_grpc_refuses_to_start_when_tls12_could_not_be_closed(pki):
 
 
 def test_grpc_certificate_rotation_without_restart(tmp_path, pki):
-    pytest.importorskip('grpc')
     d = str(tmp_path)
     ca = pki['ca']
     sc, sk, cert1 = make_leaf(d, ca, 'localhost', server=True, name='server')

@@ -14,8 +14,6 @@ from akidb_ros.guard import Guard
 from akidb_ros.guard.mtls import ReloadingTLSContext, TLSSettings, build_client_context
 from akidb_ros.guard.tls_front import TLSFront
 
-waitress = pytest.importorskip('waitress')
-
 
 @pytest.fixture(scope='module')
 def stack(pki):
