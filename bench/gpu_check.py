@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import platform
 import sys
 import time
@@ -76,8 +77,7 @@ def run_device(device: str, model_id: str, sentences: list) -> dict:
 def rest_door(model_id: str) -> dict:
     """Start the real server on the GPU and read /health, one embed and /metrics over HTTP."""
     from bridge_bench import Server
-    import os
-    os.environ['AKIDB_DEVICE'] = 'cuda'
+    os.environ['AKIDB_DEVICE'] = 'cuda'   # the server process inherits it
     server = Server('inprocess')
     try:
         def get(path, body=None):

@@ -192,19 +192,16 @@ def main() -> None:
         # Single-caller latency, interleaved like the throughput rounds (raw, engine, each
         # door, raw, ...): a door's overhead is the median over rounds of its p50 minus the raw
         # p50 of the same round, so a drift in machine speed between phases cancels out.
-        raw_single, eng_single = [], []
-        single_door = {name: [] for name, door in opened.items()
-                       if hasattr(door, 'single_latencies')}
-        per_round = []
+        single_doors = [name for name, door in opened.items()
+                        if hasattr(door, 'single_latencies')]
+        single = {name: [] for name in ['raw', 'engine', *single_doors]}   # all samples, ms
+        per_round = []                                                   # p50 per round
         for _ in range(3):
             r = {'raw': ceiling.single_latencies(single_set),
-                 'engine': engine_single_latencies(engine, single_set)}
-            for name in single_door:
-                r[name] = opened[name].single_latencies(single_set)
-            raw_single += r['raw']
-            eng_single += r['engine']
-            for name in single_door:
-                single_door[name] += r[name]
+                 'engine': engine_single_latencies(engine, single_set),
+                 **{name: opened[name].single_latencies(single_set) for name in single_doors}}
+            for name, samples in r.items():
+                single[name] += samples
             per_round.append({k: p(v, 50) for k, v in r.items()})
         hit = cache_hit_us(engine, model_id)
         cold = cold_load_ms(engine, model_id, 10)
@@ -226,8 +223,7 @@ def main() -> None:
         'model': model_id, 'corpus_sentences': len(corpus), 'clients': args.clients,
         'provider': ceiling.onnx.provider, 'rounds': rounds,
         'median_ratio': {n: statistics.median(x['ratio'] for x in v) for n, v in rounds.items()},
-        'single_p50_ms': {'raw': p(raw_single, 50), 'engine': p(eng_single, 50),
-                          **{n: p(v, 50) for n, v in single_door.items()}},
+        'single_p50_ms': {n: p(v, 50) for n, v in single.items()},
         'single_overhead_ms': {n: statistics.median(r[n] - r['raw'] for r in per_round)
                                for n in per_round[0] if n != 'raw'},
         'door_info': door_info,

@@ -1,6 +1,7 @@
 """ONNX Runtime sessions: execution providers TensorRT -> CUDA -> CPU, with a clean fallback."""
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from pathlib import Path
@@ -30,21 +31,16 @@ def _warn_once(key: str, message: str) -> None:
     log.warning(message)
 
 
-_preloaded = False
-
-
-def _preload_cuda_libraries(available: List[str]) -> None:
-    """Load CUDA/cuDNN from the nvidia-* wheels before the first GPU session (once).
+@functools.lru_cache(maxsize=None)   # once per process
+def _preload_cuda_libraries() -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels before the first GPU session.
 
     onnxruntime-gpu on PyPI does not bundle CUDA; the images install the runtime libraries as
     wheels (``onnxruntime-gpu[cuda,cudnn]``), which the dynamic loader cannot find on its own.
     ``preload_dlls`` is ORT's documented way to load them; with system CUDA it is a no-op.
     """
-    global _preloaded
-    with _warned_lock:
-        if _preloaded or CUDA not in available or not hasattr(ort, 'preload_dlls'):
-            return
-        _preloaded = True
+    if not hasattr(ort, 'preload_dlls'):
+        return
     try:
         ort.preload_dlls()
     except Exception as exc:   # the session's own fallback reports what is really missing
@@ -120,8 +116,8 @@ class OnnxModel:
         opts.add_session_config_entry('session.intra_op.allow_spinning', spin)
         opts.add_session_config_entry('session.inter_op.allow_spinning', spin)
         available = ort.get_available_providers()
-        if settings.device != 'cpu':
-            _preload_cuda_libraries(available)
+        if settings.device != 'cpu' and CUDA in available:
+            _preload_cuda_libraries()
         probe_names = ['input_ids', 'attention_mask']
         if TRT in available and settings.device in ('auto', 'tensorrt'):
             # TensorRT profiles must name the graph's real inputs: read them off an
