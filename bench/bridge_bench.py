@@ -290,14 +290,18 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     corpus = load_corpus()
     ceiling = _ceiling(corpus) if args.ceiling else None
+    from run import CeilingTrack   # noqa: E402 (on sys.path once _ceiling ran)
+    track = CeilingTrack(ceiling, corpus) if ceiling else None
     rows = []
     for mode in args.modes.split(','):
         for door in args.doors.split(','):
             d = BridgeDoor(mode, door)
             try:
                 for r in range(args.rounds):
-                    c = ceiling.embed_sorted(corpus) if ceiling else None
-                    res = d.measure(corpus, args.clients, args.duration or None)
+                    c, res = (track.around(lambda: d.measure(corpus, args.clients,
+                                                             args.duration or None))
+                              if track else (None, d.measure(corpus, args.clients,
+                                                             args.duration or None)))
                     row = {'mode': mode, 'door': door, 'round': r + 1, 'clients': args.clients,
                            **res}
                     if c:

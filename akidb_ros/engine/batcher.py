@@ -1,9 +1,9 @@
 """Admission, deadlines and the per-model dynamic batcher.
 
 Work flows: ``Admission.admit`` (bounded queue, shedding at 95 %) -> ``Job`` (one request, its
-future) -> ``Batcher`` (one thread per model: gathers sentences from concurrent jobs, sorts them by
-length, cuts batches by size and token budget, splits them into runs where the learnt run cost
-says so, runs them, scatters vectors back).
+future) -> ``Batcher`` (per model, one or more runner threads: each gathers sentences from
+concurrent jobs, sorts them by length, cuts batches by size and token budget, splits them into
+runs where the learnt run cost says so, runs them, scatters vectors back).
 ``DeadlineWatcher`` fails a job with TIMEOUT at its deadline. A job's future is resolved exactly
 once: whichever of batcher, watcher or shutdown gets there first wins; the others are no-ops.
 """
@@ -246,12 +246,17 @@ def cut_by_cost(lengths: List[int], overhead: float, per_token: float) -> List[i
 
 
 class Batcher:
-    """Dynamic batching for one loaded model, on its own thread."""
+    """Dynamic batching for one loaded model, on ``runners`` threads over one session.
+
+    One runner leaves the session idle while it pads, pools and answers callers between runs;
+    a second runner gathers and prepares the next batch meanwhile and overlaps its run with the
+    first (an ONNX Runtime session serves concurrent runs; the weights are shared).
+    """
 
     def __init__(self, model_id: str, run: Callable, pad_id: int, uses_type_ids: bool,
                  pooling: str, max_batch_size: int, max_batch_tokens: int, max_wait_ms: float,
                  max_padding_ratio: float, on_batch: Optional[Callable[[int, int, float], None]]
-                 = None, split_policy: str = 'cost'):
+                 = None, split_policy: str = 'cost', runners: int = 1):
         self.model_id = model_id
         self._run = run
         self._pad_id = pad_id
@@ -263,6 +268,8 @@ class Batcher:
         self.max_padding_ratio = max_padding_ratio
         self.split_policy = split_policy
         self.cost = RunCostModel()
+        self._cost_lock = threading.Lock()
+        self._scatter_lock = threading.Lock()   # a job's rows may come back from two runners
         self._queue_wait = metrics.QUEUE_WAIT_SECONDS.labels(model=model_id)   # bound once
         self._batch_size = metrics.BATCH_SIZE.labels(model=model_id)
         self._on_batch = on_batch
@@ -270,9 +277,11 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._last_batch_jobs = 1   # how many callers the last batch served: our wait hint
-        self._thread = threading.Thread(target=self._loop, name=f'akidb-batcher-{model_id}',
-                                        daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, daemon=True,
+                                          name=f'akidb-batcher-{model_id}-{n}')
+                         for n in range(max(1, runners))]
+        for t in self._threads:
+            t.start()
 
     # --- producer side -------------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -294,8 +303,10 @@ class Batcher:
         """Stop taking work, finish everything queued, then end the thread."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
-        self._thread.join(timeout=timeout)
+            self._cond.notify_all()
+        end = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(timeout=max(0.0, end - time.monotonic()))
         # Anything left (thread stuck past timeout) is answered, never dropped.
         with self._cond:
             leftovers = [it for q in self._lanes.values() for it in q]
@@ -341,7 +352,10 @@ class Batcher:
     def _chunks(self, items: List[_Item]) -> List[List[_Item]]:
         """Sort by length, then cut into runs: by learnt run cost, else by padding ratio."""
         items.sort(key=lambda it: it.enc.length)
-        params = self.cost.params() if self.split_policy == 'cost' and len(items) > 1 else None
+        params = None
+        if self.split_policy == 'cost' and len(items) > 1:
+            with self._cost_lock:
+                params = self.cost.params()
         if params is not None and len(items) <= 256:   # the O(n^2) cut stays well under 1 ms
             ends = cut_by_cost([it.enc.length for it in items], *params)
             return [items[i:j] for i, j in zip([0] + ends[:-1], ends)]
@@ -394,7 +408,8 @@ class Batcher:
             return
         elapsed = time.perf_counter() - t0
         tokens = int(mask.sum())
-        self.cost.observe(mask.size, elapsed)
+        with self._cost_lock:
+            self.cost.observe(mask.size, elapsed)
         if self._on_batch:
             self._on_batch(len(chunk), tokens, elapsed)
         traced = {id(it.job): it.job for it in chunk if it.job.trace_ctx is not None}
@@ -405,12 +420,13 @@ class Batcher:
                                     end - elapsed, end, len(chunk), tokens, job.provider)
         normed = l2_normalize(vectors) if any(it.job.normalize for it in chunk) else vectors
         finished = []
-        for row, it in enumerate(chunk):
-            job = it.job
-            job.vectors[it.index] = normed[row] if job.normalize else vectors[row]
-            job.remaining -= 1
-            if job.remaining == 0:
-                finished.append(job)
+        with self._scatter_lock:
+            for row, it in enumerate(chunk):
+                job = it.job
+                job.vectors[it.index] = normed[row] if job.normalize else vectors[row]
+                job.remaining -= 1
+                if job.remaining == 0:
+                    finished.append(job)
         for job in finished:
             job.complete()
 

@@ -95,6 +95,7 @@ CONFIG_SCHEMA = {
                         'max_wait_ms': _num(0, 1000),
                         'max_padding_ratio': _num(1.0, 100.0),
                         'split_policy': {'enum': ['cost', 'padding']},
+                        'runners': _int(1, 16),
                     },
                 },
                 'queue': {
@@ -167,6 +168,7 @@ class BatchingConfig:
     max_wait_ms: float = 2.0
     max_padding_ratio: float = 1.25
     split_policy: str = 'cost'
+    runners: int = 2
 
 
 @dataclass

@@ -40,6 +40,8 @@ class LoadedModel:
         self._done: Deque[Tuple[float, float]] = collections.deque(maxlen=4096)
         self._lock = threading.Lock()
         self.cache_hits = metrics.MODEL_CACHE_HITS.labels(model=cfg.id)   # bound once
+        # What the LRU budget counts: the weights once per session (an overlap session doubles).
+        self.memory_mb = cfg.memory_estimate_mb() * onnx.memory_factor
 
     def record(self, latency_s: float) -> None:
         with self._lock:
@@ -170,7 +172,7 @@ class ModelManager:
             log.error('model %s: cannot read tokenizer %s: %s', cfg.id, cfg.tokenizer, exc)
             raise EngineError(ErrorCode.MODEL_LOAD_FAILED,
                               f'model {cfg.id}: cannot read its tokenizer') from exc
-        onnx = OnnxModel(cfg, self.settings)
+        onnx = OnnxModel(cfg, self.settings, self.settings.batching.runners)
         b = self.settings.batching
 
         batch_sizes = metrics.INFERENCE_BATCH_SIZE.labels(model=cfg.id)
@@ -182,13 +184,11 @@ class ModelManager:
             tokens_done.inc(tokens)
             run_seconds.observe(seconds)
 
-        # Warm-up: the first runs pay for allocations and kernel selection; not the caller.
-        for length in (8, min(64, cfg.max_tokens)):
-            ids = np.full((2, length), encoder.pad_id, dtype=np.int64)
-            onnx.run(ids, np.ones_like(ids), np.zeros_like(ids))
+        onnx.warm_up(encoder.pad_id)
+        onnx.build_overlap(encoder.pad_id)
         batcher = Batcher(cfg.id, onnx.run, encoder.pad_id, onnx.uses_type_ids, cfg.pooling,
                           b.max_batch_size, b.max_batch_tokens, b.max_wait_ms,
-                          b.max_padding_ratio, on_batch, b.split_policy)
+                          b.max_padding_ratio, on_batch, b.split_policy, b.runners)
         seconds = time.perf_counter() - t0
         metrics.MODEL_LOAD_SECONDS.labels(model=cfg.id).observe(seconds)
         if onnx.trt_engine_built is True:
@@ -234,8 +234,10 @@ class ModelManager:
 
     def _retire(self, lm: LoadedModel) -> None:
         # Batcher.stop drains the queue, so every accepted request is still answered.
-        threading.Thread(target=lm.batcher.stop, name=f'akidb-retire-{lm.cfg.id}',
-                         daemon=True).start()
+        def retire():
+            lm.batcher.stop()
+            lm.onnx.wait_overlap(LOAD_JOIN_S)
+        threading.Thread(target=retire, name=f'akidb-retire-{lm.cfg.id}', daemon=True).start()
 
     def _enforce_limits(self) -> None:
         """Evict least-recently-used idle models until count and memory budgets hold.
@@ -247,7 +249,7 @@ class ModelManager:
         cache = self.settings.cache
 
         def over() -> bool:
-            mem = sum(m.cfg.memory_estimate_mb() for m in self._loaded.values())
+            mem = sum(m.memory_mb for m in self._loaded.values())
             return len(self._loaded) > cache.max_loaded_models or mem > cache.max_memory_mb
 
         for model_id in list(self._loaded)[:-1]:   # [-1] is the most recently used
@@ -285,7 +287,7 @@ class ModelManager:
             status = ModelStatus.AVAILABLE
         return ModelInfo(
             id=cfg.id, name=cfg.name, dimension=cfg.dimension, params=cfg.params,
-            memory_mb=cfg.memory_estimate_mb(), max_tokens=cfg.max_tokens,
+            memory_mb=lm.memory_mb if lm else cfg.memory_estimate_mb(), max_tokens=cfg.max_tokens,
             latency_p95_ms=round(p95, 3), throughput_qps=round(qps, 3), status=status,
             provider=lm.onnx.provider if lm else '', pooling=cfg.pooling,
             is_default=cfg.id == self.config.default_model, error=failed,
@@ -307,3 +309,4 @@ class ModelManager:
             metrics.MODEL_CACHE_SIZE.set(0)
         for lm in models:
             lm.batcher.stop()
+            lm.onnx.wait_overlap(LOAD_JOIN_S)

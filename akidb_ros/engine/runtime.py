@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -98,23 +99,28 @@ def plan_providers(device: str, available: List[str], model: ModelConfig,
     return chosen, note
 
 
-class OnnxModel:
-    """One InferenceSession plus what the batcher needs to feed it."""
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        return os.cpu_count() or 1
 
-    def __init__(self, model: ModelConfig, settings: EngineSettings):
+
+class OnnxModel:
+    """The model's InferenceSession(s) plus what the batcher needs to feed them.
+
+    With several batcher runners on a CPU, a run that starts while another is in flight goes to
+    an *overlap* session whose threads are one runner's share of the cores: two runs each on
+    half the cores outrun two runs fighting over one all-core thread pool (and a lone run still
+    gets every core). It holds a second copy of the weights, counted in ``memory_factor``, and
+    is built in the background after the load (``build_overlap``): a cold load does not wait
+    for it, and runs share the main session until it is ready.
+    """
+
+    def __init__(self, model: ModelConfig, settings: EngineSettings, runners: int = 1):
         self.cfg = model
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if settings.intra_op_threads:
-            opts.intra_op_num_threads = settings.intra_op_threads
-        if settings.inter_op_threads:
-            opts.inter_op_num_threads = settings.inter_op_threads
-        opts.log_severity_level = 3
-        # Spinning ORT workers burn the cores that tokenisation and the doors need between
-        # batches; on a small CPU shared with them, sleeping workers serve more sentences/s.
-        spin = '1' if settings.allow_spinning else '0'
-        opts.add_session_config_entry('session.intra_op.allow_spinning', spin)
-        opts.add_session_config_entry('session.inter_op.allow_spinning', spin)
+        self._settings = settings
+        opts = self._options(settings.intra_op_threads)
         available = ort.get_available_providers()
         if settings.device != 'cpu' and CUDA in available:
             _preload_cuda_libraries()
@@ -170,10 +176,86 @@ class OnnxModel:
         if self.provider == TRT:
             after = set(trt_cache.glob('*.engine'))
             self.trt_engine_built = bool(after - engines_before)
+        self.overlap_session: Optional[ort.InferenceSession] = None
+        self._overlap_builder: Optional[threading.Thread] = None
+        cores = settings.intra_op_threads or _usable_cores()
+        share = max(1, cores // max(1, runners))
+        self._overlap_threads = (share if self.provider == CPU and runners > 1 and share < cores
+                                 else 0)
+        self.memory_factor = 2 if self._overlap_threads else 1
+        self._in_flight = 0
+        self._flight_lock = threading.Lock()
+
+    def _options(self, intra_threads: int) -> ort.SessionOptions:
+        settings = self._settings
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_threads:
+            opts.intra_op_num_threads = intra_threads
+        if settings.inter_op_threads:
+            opts.inter_op_num_threads = settings.inter_op_threads
+        opts.log_severity_level = 3
+        # Spinning ORT workers burn the cores that tokenisation and the doors need between
+        # batches; on a small CPU shared with them, sleeping workers serve more sentences/s.
+        spin = '1' if settings.allow_spinning else '0'
+        opts.add_session_config_entry('session.intra_op.allow_spinning', spin)
+        opts.add_session_config_entry('session.inter_op.allow_spinning', spin)
+        return opts
+
+    def _warm(self, session, pad_id: int) -> None:
+        for length in (8, min(64, self.cfg.max_tokens)):
+            ids = np.full((2, length), pad_id, dtype=np.int64)
+            feeds = {'input_ids': ids, 'attention_mask': np.ones_like(ids)}
+            if self.uses_type_ids:
+                feeds['token_type_ids'] = np.zeros_like(ids)
+            session.run(None, feeds)
+
+    def warm_up(self, pad_id: int) -> None:
+        """The first runs pay for allocations and kernel selection: make the loader pay, not a
+        caller."""
+        self._warm(self.session, pad_id)
+
+    def build_overlap(self, pad_id: int) -> None:
+        """Build and warm the overlap session on a background thread (no-op where none is due)."""
+        if not self._overlap_threads or self._overlap_builder is not None:
+            return
+        self._overlap_builder = threading.Thread(
+            target=self._build_overlap, args=(pad_id,), daemon=True,
+            name=f'akidb-overlap-{self.cfg.id}')
+        self._overlap_builder.start()
+
+    def _build_overlap(self, pad_id: int) -> None:
+        try:
+            session = ort.InferenceSession(
+                str(self.cfg.path), sess_options=self._options(self._overlap_threads),
+                providers=[CPU])
+            self._warm(session, pad_id)
+        except Exception as exc:   # the model still serves, on its main session alone
+            log.warning('model %s: no overlap session (%s); overlapping runs share the main '
+                        'session', self.cfg.id, exc)
+            return
+        self.overlap_session = session
+
+    def wait_overlap(self, timeout: float) -> bool:
+        """Wait for the background build (a thread inside ONNX Runtime must not outlive us)."""
+        if self._overlap_builder is not None:
+            self._overlap_builder.join(timeout)
+            return not self._overlap_builder.is_alive()
+        return True
 
     def run(self, ids: np.ndarray, mask: np.ndarray,
             types: Optional[np.ndarray]) -> np.ndarray:
         feeds: Dict[str, np.ndarray] = {'input_ids': ids, 'attention_mask': mask}
         if self.uses_type_ids:
             feeds['token_type_ids'] = types if types is not None else np.zeros_like(ids)
-        return self.session.run(None, feeds)[0]
+        overlap = self.overlap_session
+        if overlap is None:
+            return self.session.run(None, feeds)[0]
+        with self._flight_lock:
+            busy = self._in_flight
+            self._in_flight += 1
+        try:
+            return (overlap if busy else self.session).run(None, feeds)[0]
+        finally:
+            with self._flight_lock:
+                self._in_flight -= 1

@@ -91,6 +91,8 @@ PARAMS: List[ParamSpec] = [
               range=(0, INT_MAX), engine_key='engine.batching.max_batch_tokens', unset=0),
     ParamSpec('batching.max_wait_ms', -1.0, 'How long a batch stays open for concurrent callers',
               range=(-1.0, 1000.0), engine_key='engine.batching.max_wait_ms', unset=-1.0),
+    ParamSpec('batching.runners', 0, 'Threads per model that take and run batches concurrently',
+              range=(0, 16), engine_key='engine.batching.runners', unset=0),
     ParamSpec('queue.capacity', 0, 'Requests the engine queue accepts before OVERLOADED',
               range=(0, 1_000_000), engine_key='engine.queue.capacity', unset=0),
     ParamSpec('limits.max_inputs', 0, 'Most inputs in one Embed call (INPUT_TOO_LARGE above)',

@@ -15,10 +15,11 @@ TEXTS = ['stop', 'the arm is moving to the left shelf now',
 
 @pytest.fixture
 def small_engine(tmp_path):
+    # One runner: these tests pin down which sentences share a batch, in which order.
     def mutate(raw):
         raw['engine']['batching'].update(max_batch_size=4, max_batch_tokens=96,
                                          max_padding_ratio=1.5, max_wait_ms=0,
-                                         split_policy='padding')
+                                         split_policy='padding', runners=1)
         raw['engine']['queue'].update(capacity=20)
     eng = make_engine(tmp_path, mutate)
     yield eng
@@ -158,3 +159,60 @@ def test_close_under_load_answers_every_accepted_request(tmp_path):
     with pytest.raises(EngineError) as err:
         eng.submit(EmbedRequest(inputs=['after close']))
     assert err.value.code is ErrorCode.UNAVAILABLE
+
+
+class _CountingSession:
+    """Stands in front of a real InferenceSession: counts its runs and can hold them."""
+
+    def __init__(self, inner):
+        self.inner, self.runs = inner, 0
+        self.release, self.entered = threading.Event(), threading.Event()
+        self.release.set()
+
+    def run(self, *args):
+        self.runs += 1
+        self.entered.set()
+        assert self.release.wait(30)
+        return self.inner.run(*args)
+
+
+def test_two_runners_overlap_runs_on_the_overlap_session(tmp_path):
+    """With runners: 2 a second batch runs while the first is still inside ONNX Runtime, on the
+    second (one-core) session; a lone run uses the all-core session; vectors do not change."""
+    def mutate(raw):
+        raw['engine']['batching'].update(runners=2, max_wait_ms=0)
+        raw['engine']['intra_op_threads'] = 2
+    eng = make_engine(tmp_path, mutate)
+    try:
+        lm = eng.manager.loaded(MINILM)
+        onnx = lm.onnx
+        assert onnx.wait_overlap(30)   # built in the background, after the load
+        assert onnx.overlap_session is not None and onnx.memory_factor == 2
+        assert lm.memory_mb == 2 * lm.cfg.memory_estimate_mb()
+        assert eng.manager.info(lm.cfg).memory_mb == lm.memory_mb
+        main, overlap = _CountingSession(onnx.session), _CountingSession(onnx.overlap_session)
+        onnx.session, onnx.overlap_session = main, overlap
+        singles = [eng.embed(EmbedRequest(inputs=[t])).embeddings[0] for t in TEXTS[:2]]
+        assert (main.runs, overlap.runs) == (2, 0)        # alone: every core
+
+        main.release.clear()
+        main.entered.clear()
+        first = eng.submit(EmbedRequest(inputs=[TEXTS[0]]))
+        assert main.entered.wait(5)
+        # The first run is held inside the main session: the other runner serves this one.
+        second = eng.submit(EmbedRequest(inputs=[TEXTS[1]])).result(10)
+        assert overlap.runs == 1 and not first.done()
+        main.release.set()
+        np.testing.assert_allclose(first.result(10).embeddings[0], singles[0], atol=1e-5)
+        np.testing.assert_allclose(second.embeddings[0], singles[1], atol=1e-5)
+    finally:
+        eng.close()
+
+
+def test_one_runner_keeps_one_session(tmp_path):
+    eng = make_engine(tmp_path, lambda raw: raw['engine']['batching'].update(runners=1))
+    try:
+        lm = eng.manager.loaded(MINILM)
+        assert lm.onnx.overlap_session is None and lm.memory_mb == lm.cfg.memory_estimate_mb()
+    finally:
+        eng.close()
