@@ -297,11 +297,10 @@ def main(argv=None) -> int:
         for door in args.doors.split(','):
             d = BridgeDoor(mode, door)
             try:
+                def measure():
+                    return d.measure(corpus, args.clients, args.duration or None)
                 for r in range(args.rounds):
-                    c, res = (track.around(lambda: d.measure(corpus, args.clients,
-                                                             args.duration or None))
-                              if track else (None, d.measure(corpus, args.clients,
-                                                             args.duration or None)))
+                    c, res = track.around(measure) if track else (None, measure())
                     row = {'mode': mode, 'door': door, 'round': r + 1, 'clients': args.clients,
                            **res}
                     if c:

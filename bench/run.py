@@ -221,10 +221,9 @@ def main() -> None:
     try:
         for r in range(args.rounds):
             for name in doors:
-                if name == 'engine':
-                    c, d = track.around(lambda: engine_concurrent(engine, corpus, args.clients))
-                else:
-                    c, d = track.around(lambda: opened[name].run(corpus, args.clients))
+                door = opened.get(name)   # None: the in-process engine
+                c, d = track.around(lambda: door.run(corpus, args.clients) if door else
+                                    engine_concurrent(engine, corpus, args.clients))
                 rounds[name].append({'ceiling_sps': c, 'door_sps': d, 'ratio': d / c})
                 print(f'round {r + 1} {name:>13}: ceiling {c:7.1f}/s  door {d:7.1f}/s  '
                       f'ratio {d / c:.3f}', flush=True)

@@ -246,11 +246,12 @@ def cut_by_cost(lengths: List[int], overhead: float, per_token: float) -> List[i
 
 
 class Batcher:
-    """Dynamic batching for one loaded model, on ``runners`` threads over one session.
+    """Dynamic batching for one loaded model, on ``runners`` threads.
 
-    One runner leaves the session idle while it pads, pools and answers callers between runs;
+    One runner leaves the model idle while it pads, pools and answers callers between runs;
     a second runner gathers and prepares the next batch meanwhile and overlaps its run with the
-    first (an ONNX Runtime session serves concurrent runs; the weights are shared).
+    first (``run`` is ``OnnxModel.run``, which serves concurrent runs: on a GPU from one
+    session, on a CPU from the main and the overlap session).
     """
 
     def __init__(self, model_id: str, run: Callable, pad_id: int, uses_type_ids: bool,

@@ -172,8 +172,8 @@ class ModelManager:
             log.error('model %s: cannot read tokenizer %s: %s', cfg.id, cfg.tokenizer, exc)
             raise EngineError(ErrorCode.MODEL_LOAD_FAILED,
                               f'model {cfg.id}: cannot read its tokenizer') from exc
-        onnx = OnnxModel(cfg, self.settings, self.settings.batching.runners)
         b = self.settings.batching
+        onnx = OnnxModel(cfg, self.settings, b.runners)
 
         batch_sizes = metrics.INFERENCE_BATCH_SIZE.labels(model=cfg.id)
         tokens_done = metrics.TOKENS_PROCESSED.labels(model=cfg.id)

@@ -202,13 +202,17 @@ class OnnxModel:
         opts.add_session_config_entry('session.inter_op.allow_spinning', spin)
         return opts
 
+    def _feeds(self, ids: np.ndarray, mask: np.ndarray,
+               types: Optional[np.ndarray]) -> Dict[str, np.ndarray]:
+        feeds: Dict[str, np.ndarray] = {'input_ids': ids, 'attention_mask': mask}
+        if self.uses_type_ids:
+            feeds['token_type_ids'] = types if types is not None else np.zeros_like(ids)
+        return feeds
+
     def _warm(self, session, pad_id: int) -> None:
         for length in (8, min(64, self.cfg.max_tokens)):
             ids = np.full((2, length), pad_id, dtype=np.int64)
-            feeds = {'input_ids': ids, 'attention_mask': np.ones_like(ids)}
-            if self.uses_type_ids:
-                feeds['token_type_ids'] = np.zeros_like(ids)
-            session.run(None, feeds)
+            session.run(None, self._feeds(ids, np.ones_like(ids), None))
 
     def warm_up(self, pad_id: int) -> None:
         """The first runs pay for allocations and kernel selection: make the loader pay, not a
@@ -245,9 +249,7 @@ class OnnxModel:
 
     def run(self, ids: np.ndarray, mask: np.ndarray,
             types: Optional[np.ndarray]) -> np.ndarray:
-        feeds: Dict[str, np.ndarray] = {'input_ids': ids, 'attention_mask': mask}
-        if self.uses_type_ids:
-            feeds['token_type_ids'] = types if types is not None else np.zeros_like(ids)
+        feeds = self._feeds(ids, mask, types)
         overlap = self.overlap_session
         if overlap is None:
             return self.session.run(None, feeds)[0]
