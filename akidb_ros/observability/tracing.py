@@ -14,8 +14,10 @@ Configuration (read once by :func:`setup_tracing`; all standard OpenTelemetry va
 
 ``OTEL_SDK_DISABLED=true``            tracing off (no-op tracer)
 ``OTEL_TRACES_EXPORTER``              ``otlp`` | ``console`` | ``none``; default ``otlp`` when an
-                                      OTLP endpoint is set, otherwise ``none`` (spans are still
-                                      created so trace ids propagate and appear in the logs)
+                                      OTLP endpoint is set, otherwise ``none`` (transport spans
+                                      are still created so trace ids propagate and appear in
+                                      the logs; the engine's queue/batch/inference spans, which
+                                      nothing would receive, are skipped)
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``
 ``OTEL_EXPORTER_OTLP_PROTOCOL`` / ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL``  ``grpc`` (default) |
                                       ``http/protobuf``
@@ -38,6 +40,8 @@ log = logging.getLogger('akidb_ros.tracing')
 TRACER_NAME = 'akidb_ros'
 _lock = threading.Lock()
 _provider = None  # the SDK TracerProvider this module installed, if any
+_exporting = False  # whether that provider has a span processor (an exporter) attached
+_tracer_for: Tuple[Any, Optional[trace.Tracer]] = (None, None)   # (provider, its tracer)
 
 
 def _env_true(name: str) -> bool:
@@ -106,10 +110,12 @@ def setup_tracing(service_name: str = 'akidb-ros', exporters: Optional[Iterable[
 
 
 def _add_exporters(provider, exporters: Iterable[Any], simple: bool) -> None:
+    global _exporting
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
     for exp in exporters:
         processor = SimpleSpanProcessor(exp) if simple else BatchSpanProcessor(exp)
         provider.add_span_processor(processor)
+        _exporting = True
 
 
 def shutdown_tracing() -> None:
@@ -128,7 +134,22 @@ def force_flush(timeout_ms: int = 5000) -> bool:
 
 
 def tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
+    """This package's tracer, cached per global provider (``get_tracer`` builds a new tracer
+    and instrumentation scope on every call: a measurable cost on every request)."""
+    global _tracer_for
+    provider = trace.get_tracer_provider()
+    cached_provider, cached = _tracer_for
+    if cached is None or cached_provider is not provider:
+        cached = trace.get_tracer(TRACER_NAME)
+        _tracer_for = (provider, cached)
+    return cached
+
+
+def spans_exported() -> bool:
+    """False only when the active provider is the one installed here with no exporter, so a
+    span recorded now would reach nobody (a provider installed by the host application counts
+    as exporting: its processors are its own business)."""
+    return _exporting or _provider is None or trace.get_tracer_provider() is not _provider
 
 
 # --- propagation helpers -------------------------------------------------------------------
@@ -190,7 +211,10 @@ def current_trace_ids() -> Tuple[str, str]:
 # start/end times, so the batcher's hot loop pays nothing while no tracer is installed.
 
 def capture_context() -> Optional[otel_context.Context]:
-    """Return the caller's context when a real (sampled or not) span is current, else None."""
+    """Return the caller's context when a real (sampled or not) span is current and engine
+    spans would be exported, else None."""
+    if not spans_exported():
+        return None
     ctx = otel_context.get_current()
     return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
 
@@ -203,7 +227,7 @@ def record_engine_spans(parent: Optional[otel_context.Context], model: str, enqu
                         batch_start: float, infer_start: float, infer_end: float,
                         batch_size: int, tokens: int = 0, provider: str = '') -> None:
     """Record queue wait → batch → inference spans under ``parent`` (monotonic seconds)."""
-    if parent is None:
+    if parent is None or not spans_exported():
         return
     import time as _time
     now_mono, now_ns = _time.monotonic(), _time.time_ns()

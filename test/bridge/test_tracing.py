@@ -89,6 +89,29 @@ def test_engine_spans_under_transport_span(rest_url, span_exporter):
     assert spans['inference'].parent.span_id == spans['batch'].context.span_id
 
 
+def test_without_exporter_engine_spans_are_skipped(rest_url, span_exporter, monkeypatch):
+    """Our provider with no exporter attached: the transport span is still made (trace ids
+    propagate and reach the logs) but the engine's spans, which nobody would receive, are not."""
+    from opentelemetry import trace
+    from akidb_ros.observability import tracing
+    monkeypatch.setattr(tracing, '_provider', trace.get_tracer_provider())
+    monkeypatch.setattr(tracing, '_exporting', False)
+    assert not tracing.spans_exported()
+    trace_id, _, tp = _traceparent()
+    r = requests.post(rest_url + '/api/v1/embed', json={'inputs': ['quiet trace']}, timeout=10,
+                      headers={'traceparent': tp})
+    assert r.status_code == 200
+    time.sleep(0.3)   # the engine's spans, were they recorded, follow the answer closely
+    names = {s.name for s in _spans(span_exporter, trace_id)}
+    assert 'POST /api/v1/embed' in names
+    assert not names & {'queue wait', 'batch', 'inference'}
+
+
+def test_tracer_is_cached_per_provider():
+    from akidb_ros.observability import tracing
+    assert tracing.tracer() is tracing.tracer()
+
+
 # --- end to end: OTLP to a real collector ---------------------------------------------------
 
 def _free_port() -> int:
