@@ -190,6 +190,10 @@ class RosDoor:
                 raise RuntimeError(f'{r.error_code}: {r.message}')
         return out
 
+    def pids(self) -> Dict[str, int]:
+        """The process serving this door, by role (bench/cpu_budget.py reads its CPU)."""
+        return {'node': self.node.proc.pid}
+
     def rss_mb(self) -> float:
         return _rss_mb(self.node.proc.pid)
 

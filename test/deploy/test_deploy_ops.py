@@ -186,3 +186,29 @@ def test_helm_wrapper_reports_the_sdk_version():
     dpython()
     cp = run([str(ROOT / 'scripts/helm'), 'version'])
     assert re.search(r'helm SDK v4\.\d+\.\d+', cp.stdout), cp.stdout
+
+
+def test_cpu_budget_counts_each_process():
+    """bench/cpu_budget.py attributes CPU to the process that spent it, per sentence."""
+    import subprocess
+    import sys
+    from bench.cpu_budget import measure
+    burn = ('import sys, time\nsys.stdin.readline()\nt = time.process_time()\n'
+            'while time.process_time() - t < 0.4:\n    pass\nprint("done", flush=True)\n'
+            'sys.stdin.readline()\n')
+    burner = subprocess.Popen([sys.executable, '-c', burn], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    try:
+        def run():   # the burner stays alive (as a door's server does) until measured
+            burner.stdin.write(b'go\n')
+            burner.stdin.flush()
+            assert burner.stdout.readline() == b'done\n'
+            return 10.0
+        got = measure(run, {'burner': burner.pid}, sentences=4)
+    finally:
+        burner.kill()
+        burner.wait(10)
+    assert got['sps'] == 10.0
+    assert 0.3 * 1000 / 4 <= got['cpu_ms']['burner'] <= 0.6 * 1000 / 4   # 0.4 s over 4 sentences
+    assert got['cpu_ms']['bench'] < got['cpu_ms']['burner']
+    assert got['total_ms'] == sum(got['cpu_ms'].values())
