@@ -244,7 +244,7 @@ class BridgeDoor:
         return out
 
     def pids(self) -> Dict[str, int]:
-        """The processes serving this door, by role (bench/cpu_budget.py reads their CPU)."""
+        """Return the processes serving this door by role (bench/cpu_budget.py reads their CPU)."""
         out = {'server': self.server.proc.pid}
         if self.server.node is not None:
             out['node'] = self.server.node.pid

@@ -191,7 +191,7 @@ class RosDoor:
         return out
 
     def pids(self) -> Dict[str, int]:
-        """The process serving this door, by role (bench/cpu_budget.py reads its CPU)."""
+        """Return the process serving this door, by role (bench/cpu_budget.py reads its CPU)."""
         return {'node': self.node.proc.pid}
 
     def rss_mb(self) -> float:
