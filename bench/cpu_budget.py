@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from akidb_ros.engine import EmbeddingEngine, load_config  # noqa: E402
-from run import RawCeiling, engine_concurrent, external_doors, load_corpus  # noqa: E402
+from run import (CeilingTrack, RawCeiling, engine_concurrent, external_doors,  # noqa: E402
+                 load_corpus)
 
 RESULTS = Path(__file__).with_name('results')
 _TICK = os.sysconf('SC_CLK_TCK')
@@ -78,18 +79,21 @@ def main() -> int:
     engine_concurrent(engine, corpus[:256], args.clients)
     n = len(corpus)
     rows: Dict[str, list] = {name: [] for name in names}
+
+    def ceiling_pass() -> dict:
+        got = measure(lambda: ceiling.embed_sorted(corpus), {}, n)
+        return {'sps': got['sps'], 'total_ms': got['total_ms']}
+
+    track = CeilingTrack(ceiling, corpus, ceiling_pass)
     try:
-        before = measure(lambda: ceiling.embed_sorted(corpus), {}, n)
         for r in range(args.rounds):
             for name in names:
                 door = opened.get(name)
                 run = ((lambda: door.run(corpus, args.clients)) if door is not None else
                        (lambda: engine_concurrent(engine, corpus, args.clients)))
-                got = measure(run, door.pids() if door is not None else {}, n)
-                after = measure(lambda: ceiling.embed_sorted(corpus), {}, n)
-                ceil_ms = (before['total_ms'] + after['total_ms']) / 2
-                ceil_sps = (before['sps'] + after['sps']) / 2
-                before = after
+                ceil, got = track.around(
+                    lambda: measure(run, door.pids() if door is not None else {}, n))
+                ceil_ms, ceil_sps = ceil['total_ms'], ceil['sps']
                 got.update(ceiling_ms=ceil_ms, ceiling_sps=ceil_sps,
                            overhead_ms=got['total_ms'] - ceil_ms, ratio=got['sps'] / ceil_sps)
                 rows[name].append(got)

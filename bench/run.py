@@ -109,20 +109,26 @@ class RawCeiling:
 
 class CeilingTrack:
     """Ceiling passes between door passes; a door pass is divided by the mean of the two ceiling
-    passes around it (this machine's speed drifts within seconds: one neighbour tilts a ratio)."""
+    passes around it (this machine's speed drifts within seconds: one neighbour tilts a ratio).
 
-    def __init__(self, ceiling: RawCeiling, corpus: list):
-        self.ceiling, self.corpus = ceiling, corpus
+    A ceiling pass is ``ceiling.embed_sorted(corpus)`` (sentences/s), or ``ceiling_pass()`` when
+    given: a number, or a dict of numbers averaged key by key (bench/cpu_budget.py).
+    """
+
+    def __init__(self, ceiling: RawCeiling, corpus: list, ceiling_pass=None):
+        self._pass = ceiling_pass or (lambda: ceiling.embed_sorted(corpus))
         self.before = None
 
     def around(self, measure) -> tuple:
-        """Run ``measure()`` between ceiling passes; return (ceiling sentences/s, its result)."""
+        """Run ``measure()`` between ceiling passes; return (the ceiling's mean, its result)."""
         if self.before is None:
-            self.before = self.ceiling.embed_sorted(self.corpus)
+            self.before = self._pass()
         result = measure()
-        after = self.ceiling.embed_sorted(self.corpus)
-        c, self.before = (self.before + after) / 2, after
-        return c, result
+        after = self._pass()
+        before, self.before = self.before, after
+        if isinstance(after, dict):
+            return {k: (before[k] + after[k]) / 2 for k in after}, result
+        return (before + after) / 2, result
 
 
 def engine_concurrent(engine: EmbeddingEngine, sentences: list, clients: int = 16) -> float:

@@ -226,8 +226,11 @@ def _mono_to_ns(mono: float, now_mono: float, now_ns: int) -> int:
 def record_engine_spans(parent: Optional[otel_context.Context], model: str, enqueued: float,
                         batch_start: float, infer_start: float, infer_end: float,
                         batch_size: int, tokens: int = 0, provider: str = '') -> None:
-    """Record queue wait → batch → inference spans under ``parent`` (monotonic seconds)."""
-    if parent is None or not spans_exported():
+    """Record queue wait → batch → inference spans under ``parent`` (monotonic seconds).
+
+    ``parent`` comes from :func:`capture_context`, which already returns None when nothing
+    would receive the spans."""
+    if parent is None:
         return
     import time as _time
     now_mono, now_ns = _time.monotonic(), _time.time_ns()
