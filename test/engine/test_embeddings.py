@@ -27,6 +27,26 @@ def test_mpnet_matches_sentence_transformers(engine):
     assert np.sum(res.embeddings * ref, axis=1).min() >= MIN_COSINE
 
 
+def test_one_text_encodes_like_the_tokenizer(engine):
+    """The fast batch path (no offsets, GIL released) gives Tokenizer.encode's ids and flags."""
+    from tokenizers import Tokenizer
+    sentences, ref = reference('all-MiniLM-L6-v2')
+    encoder = engine.manager.loaded(MINILM).encoder
+    tok = Tokenizer.from_file(str(encoder.cfg.tokenizer))
+    tok.no_padding()
+    tok.enable_truncation(max_length=encoder.cfg.max_tokens)
+    for text in sentences:
+        (ours,) = encoder.encode([text])
+        theirs = tok.encode(text)
+        assert (ours.ids, ours.type_ids) == (theirs.ids, theirs.type_ids)
+        assert ours.truncated == bool(theirs.overflowing)
+    assert [e.ids for e in encoder.encode(sentences)] == [tok.encode(t).ids for t in sentences]
+    # One sentence per call (the robot's call) gives the reference vectors too.
+    for i in (0, len(sentences) - 1):
+        res = engine.embed(EmbedRequest(inputs=[sentences[i]]))
+        assert float(res.embeddings[0] @ ref[i]) >= MIN_COSINE
+
+
 def test_hf_name_resolves_like_the_id(engine):
     hf_name = 'sentence-transformers/all-MiniLM-L6-v2'
     a = engine.embed(EmbedRequest(inputs=['robot'], model=hf_name))
