@@ -69,6 +69,8 @@ class ModelManager:
         self._loading: Dict[str, Future] = {}
         self._failed: Dict[str, str] = {}
         self._loaders: Set[threading.Thread] = set()
+        # Unloaded/evicted models still draining or still building their overlap session.
+        self._retiring: Set[threading.Thread] = set()
         # id and HF name -> config: the request path looks a model up without scanning
         self._by_key: Dict[str, ModelConfig] = {}
         for m in config.models:
@@ -233,11 +235,20 @@ class ModelManager:
         return self.info(cfg)
 
     def _retire(self, lm: LoadedModel) -> None:
-        # Batcher.stop drains the queue, so every accepted request is still answered.
+        # Batcher.stop drains the queue, so every accepted request is still answered. The
+        # thread is tracked: close() waits for it, since an overlap session still being built
+        # when the process exits aborts it (std::terminate inside ONNX Runtime).
         def retire():
-            lm.batcher.stop()
-            lm.onnx.wait_overlap(LOAD_JOIN_S)
-        threading.Thread(target=retire, name=f'akidb-retire-{lm.cfg.id}', daemon=True).start()
+            try:
+                lm.batcher.stop()
+                lm.onnx.wait_overlap(LOAD_JOIN_S)
+            finally:
+                with self._lock:
+                    self._retiring.discard(threading.current_thread())
+        thread = threading.Thread(target=retire, name=f'akidb-retire-{lm.cfg.id}', daemon=True)
+        with self._lock:
+            self._retiring.add(thread)
+        thread.start()
 
     def _enforce_limits(self) -> None:
         """Evict least-recently-used idle models until count and memory budgets hold.
@@ -297,12 +308,16 @@ class ModelManager:
         return [self.info(m) for m in self.config.models]
 
     def close(self) -> None:
-        """Wait for loads in progress (a thread inside ONNX Runtime must not outlive us), then
-        stop every batcher; each drains its queue first."""
+        """Wait for loads and retirements in progress (a thread inside ONNX Runtime must not
+        outlive us), then stop every batcher; each drains its queue first."""
         with self._lock:
             loaders = list(self._loaders)
         for thread in loaders:
             thread.join(timeout=max(self.settings.timeouts.model_load_s, LOAD_JOIN_S))
+        with self._lock:
+            retiring = list(self._retiring)
+        for thread in retiring:
+            thread.join(timeout=LOAD_JOIN_S)
         with self._lock:
             models = list(self._loaded.values())
             self._loaded.clear()

@@ -1,5 +1,8 @@
 """Model manager: LRU by count and memory, in-flight pinning, one load per model, hot swaps."""
 import shutil
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -7,8 +10,9 @@ import numpy as np
 import pytest
 
 from akidb_ros.engine import EmbedRequest, EngineError, ErrorCode, ModelStatus
+from akidb_ros.engine.config import REPO_ROOT
 from akidb_ros.observability import metrics
-from engine_support import MINILM, MODELS, MPNET, Gate, make_engine
+from engine_support import MINILM, MODELS, MPNET, Gate, make_engine, write_config
 
 
 def status(eng):
@@ -112,6 +116,26 @@ def test_hot_unload_answers_queued_work_and_reloads_on_demand(tmp_path):
         assert status(eng)[MINILM] is ModelStatus.LOADED
     finally:
         eng.close()
+
+
+def test_close_right_after_an_unload_exits_cleanly(tmp_path):
+    """Unload, then stop at once: close() waits for the retiring model (its overlap session may
+    still be building inside ONNX Runtime), so the process exits 0 instead of aborting."""
+    config = write_config(tmp_path)
+    script = textwrap.dedent(f"""
+        from akidb_ros.engine import EmbeddingEngine, load_config
+        eng = EmbeddingEngine(load_config({str(config)!r}, env={{}}))
+        eng.start()
+        eng.load_model({MPNET!r})
+        eng.unload_model({MPNET!r})
+        eng.close()
+        print('closed cleanly')
+    """)
+    proc = subprocess.run([sys.executable, '-c', script], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'closed cleanly' in proc.stdout
+    assert 'terminate called' not in proc.stderr
 
 
 def test_corrupt_model_fails_cleanly_and_others_keep_serving(tmp_path):
