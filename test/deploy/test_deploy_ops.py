@@ -212,3 +212,19 @@ def test_cpu_budget_counts_each_process():
     assert 0.3 * 1000 / 4 <= got['cpu_ms']['burner'] <= 0.6 * 1000 / 4   # 0.4 s over 4 sentences
     assert got['cpu_ms']['bench'] < got['cpu_ms']['burner']
     assert got['total_ms'] == sum(got['cpu_ms'].values())
+
+
+def test_python_limit_probe_swaps_the_run_only_while_it_measures():
+    """bench/python_limit.py: the rate follows the stand-in run time; the real run is restored."""
+    from akidb_ros.engine.runtime import OnnxModel
+    from bench.python_limit import run_probe
+    from bench.run import load_corpus
+    real_run = OnnxModel.run
+    corpus = load_corpus()[:96]
+    slow = run_probe(run_ms=40.0, clients=16, passes=1, corpus=corpus)
+    fast = run_probe(run_ms=0.5, clients=16, passes=1, corpus=corpus)
+    assert OnnxModel.run is real_run
+    # 16 callers, runs of at most 16 sentences on at most 2 runners: <= 800 sentences/s at 40 ms
+    assert slow['median_sps'] <= 2 * 16 / 0.040
+    assert fast['median_sps'] > 2 * slow['median_sps']
+    assert fast['passes'][0]['cpu_ms_per_request'] > 0
