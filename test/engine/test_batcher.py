@@ -1,5 +1,6 @@
 """Batching: order, token budget, padding bound, deadlines, shedding at 95 %, admin lane."""
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -65,6 +66,45 @@ def test_deadline_answers_timeout(small_engine):
     gate.open.set()
     assert blocker.result(10).embeddings.shape == (1, 384)
     assert eng.admission.pending == 0
+
+
+def test_deadline_watcher_fires_late_jobs_only_and_sleeps_when_idle():
+    """Jobs reach the watcher lock-free; expired ones fail with TIMEOUT (within a tick), answered
+    ones are dropped unfired, and an idle watcher is woken by the next arrival."""
+    from akidb_ros.engine.batcher import DeadlineWatcher, Job
+    from akidb_ros.engine.types import Priority as P
+
+    def job(timeout_s):
+        return Job([], MINILM, 384, True, deadline=time.monotonic() + timeout_s,
+                   priority=P.NORMAL, provider='cpu', on_done=lambda _j: None)
+
+    watcher = DeadlineWatcher(tick_s=0.01)
+    try:
+        answered, late_long, late_short = job(0.05), job(0.4), job(0.08)
+        t0 = time.monotonic()
+        for j in (answered, late_long, late_short):   # a shorter deadline after a longer one
+            watcher.watch(j)
+        assert answered.complete()
+        with pytest.raises(EngineError) as err:
+            late_short.future.result(2)
+        assert err.value.code is ErrorCode.TIMEOUT
+        assert 0.07 <= time.monotonic() - t0 < 1.0
+        assert not late_long.future.done()                # its deadline is still ahead
+        with pytest.raises(EngineError):
+            late_long.future.result(2)
+        assert 0.39 <= time.monotonic() - t0 < 1.5
+        assert answered.future.result(0).embeddings.shape == (0, 384)   # never failed
+        deadline = time.monotonic() + 2
+        while not watcher._idle and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert watcher._idle and not watcher._heap        # nothing pending: asleep, heap empty
+        again = job(0.05)
+        watcher.watch(again)                              # wakes the idle watcher
+        with pytest.raises(EngineError):
+            again.future.result(2)
+    finally:
+        watcher.stop()
+    assert not watcher._thread.is_alive()
 
 
 def test_shedding_at_95_percent_and_admin_lane(small_engine):
