@@ -105,6 +105,14 @@ def test_in_process_node_serves_a_shared_engine():
         handle = start_in_process(engine, args=[], namespace='/inproc')
         try:
             with EmbeddingClient('/inproc', node_name='akidb_inproc_client') as c:
+                # The node must have discovered the client's reply reader before it answers:
+                # rmw_fastrtps waits only 100 ms for that match, then drops the reply with a
+                # warning ("failed to send response (timeout)"), a first-contact race that a
+                # busy 2-core machine hit once. wait_for_service only covers the other direction.
+                deadline = time.monotonic() + 20
+                while handle.node.count_clients('/inproc/embed') < 1 and \
+                        time.monotonic() < deadline:
+                    time.sleep(0.05)
                 resp = c.embed(['shared engine'], timeout_s=30)
             assert resp.success and resp.dimension == 384
         finally:
