@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from typing import Deque, Dict, List, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -129,11 +129,24 @@ class ModelManager:
         if fut is None:
             fut = Future()
             self._loading[cfg.id] = fut
-            thread = threading.Thread(target=self._load_worker, args=(cfg, fut),
-                                      name=f'akidb-load-{cfg.id}', daemon=True)
-            self._loaders.add(thread)
-            thread.start()
+            self._start_tracked(self._loaders, lambda: self._load_into(cfg, fut),
+                                f'akidb-load-{cfg.id}')
         return fut
+
+    def _start_tracked(self, threads: Set[threading.Thread], work: Callable[[], None],
+                       name: str) -> None:
+        """Run ``work`` on a daemon thread kept in ``threads`` until it ends: close() joins
+        them, since a thread still inside ONNX Runtime when the process exits aborts it."""
+        def body():
+            try:
+                work()
+            finally:
+                with self._lock:
+                    threads.discard(threading.current_thread())
+        thread = threading.Thread(target=body, name=name, daemon=True)
+        with self._lock:
+            threads.add(thread)
+        thread.start()
 
     def _await_load(self, cfg: ModelConfig, fut: Future) -> LoadedModel:
         timeout = self.settings.timeouts.model_load_s
@@ -145,13 +158,6 @@ class ModelManager:
             raise EngineError(ErrorCode.MODEL_LOAD_FAILED,
                               f'model {cfg.id} did not load within {timeout:g} s',
                               retry_after_s=5.0) from None
-
-    def _load_worker(self, cfg: ModelConfig, fut: Future) -> None:
-        try:
-            self._load_into(cfg, fut)
-        finally:
-            with self._lock:
-                self._loaders.discard(threading.current_thread())
 
     def _load_into(self, cfg: ModelConfig, fut: Future) -> None:
         t0 = time.perf_counter()
@@ -235,20 +241,12 @@ class ModelManager:
         return self.info(cfg)
 
     def _retire(self, lm: LoadedModel) -> None:
-        # Batcher.stop drains the queue, so every accepted request is still answered. The
-        # thread is tracked: close() waits for it, since an overlap session still being built
-        # when the process exits aborts it (std::terminate inside ONNX Runtime).
+        # Batcher.stop drains the queue, so every accepted request is still answered; the
+        # overlap session may still be building, hence a tracked thread.
         def retire():
-            try:
-                lm.batcher.stop()
-                lm.onnx.wait_overlap(LOAD_JOIN_S)
-            finally:
-                with self._lock:
-                    self._retiring.discard(threading.current_thread())
-        thread = threading.Thread(target=retire, name=f'akidb-retire-{lm.cfg.id}', daemon=True)
-        with self._lock:
-            self._retiring.add(thread)
-        thread.start()
+            lm.batcher.stop()
+            lm.onnx.wait_overlap(LOAD_JOIN_S)
+        self._start_tracked(self._retiring, retire, f'akidb-retire-{lm.cfg.id}')
 
     def _enforce_limits(self) -> None:
         """Evict least-recently-used idle models until count and memory budgets hold.
