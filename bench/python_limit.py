@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from akidb_ros.engine import EmbeddingEngine, load_config  # noqa: E402
 from akidb_ros.engine.runtime import OnnxModel  # noqa: E402
+from cpu_budget import measure as cpu_measure  # noqa: E402
 from run import engine_concurrent, load_corpus  # noqa: E402
 
 RESULTS = Path(__file__).with_name('results')
@@ -47,11 +48,8 @@ def fixed_time_run(run_s: float, dimension: int):
 
 def measure(engine: EmbeddingEngine, corpus: list, clients: int) -> dict:
     """One pass over ``corpus``: sentences/s and this process' CPU ms per request."""
-    t0 = os.times()
-    sps = engine_concurrent(engine, corpus, clients)
-    t1 = os.times()
-    cpu_s = (t1.user + t1.system) - (t0.user + t0.system)
-    return {'sps': sps, 'cpu_ms_per_request': cpu_s * 1000 / len(corpus)}
+    got = cpu_measure(lambda: engine_concurrent(engine, corpus, clients), {}, len(corpus))
+    return {'sps': got['sps'], 'cpu_ms_per_request': got['cpu_ms']['bench']}
 
 
 def run_probe(run_ms: float, clients: int, passes: int, corpus: list) -> dict:
