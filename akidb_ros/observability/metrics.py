@@ -65,6 +65,14 @@ BACKEND_LATENCY = Histogram(
 BACKEND_UP = Gauge(
     'akidb_backend_up', '1 when the backend (engine, or the node over DDS) answers', ['backend'])
 
+# --- ROS node: replies rmw_fastrtps dropped before discovery matched the client ---
+ROS_REPLIES_RESENT = Counter(
+    'akidb_ros_replies_resent_total',
+    'ROS service replies delivered on a later try (the client was not matched yet)', ['service'])
+ROS_REPLIES_UNDELIVERED = Counter(
+    'akidb_ros_replies_undelivered_total',
+    'ROS service replies given up after resend_window_s (the client never matched)', ['service'])
+
 # --- guard chain (akidb_ros/guard) ---
 CIRCUIT_BREAKER_STATE = Gauge(
     'akidb_circuit_breaker_state',

@@ -12,8 +12,9 @@ activates itself (parameter ``autostart``, default true).
 Callbacks never block the executor: an ``Embed`` call is validated and submitted to the engine
 (``engine.submit`` returns a ``concurrent.futures.Future``) and the callback returns at once. The
 response is sent when the future resolves, from a responder thread (see
-:class:`_DeferringService`). So concurrent calls reach the engine together and are batched,
-with no executor thread parked per call and no polling.
+:mod:`akidb_ros.ros.replies`, which also re-sends a reply DDS dropped on first contact). So
+concurrent calls reach the engine together and are batched, with no executor thread parked per
+call and no polling.
 
 SIGINT/SIGTERM: stop accepting (new calls get ``UNAVAILABLE``), answer every call in flight,
 close the engine, exit 0.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
@@ -37,7 +37,6 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import QoSProfile
-from rclpy.service import Service
 from rclpy.signals import SignalHandlerOptions
 
 from akidb_ros.engine import EmbeddingEngine, load_config
@@ -45,6 +44,7 @@ from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.observability import metrics as M
 from akidb_ros.ros import conversions as conv
 from akidb_ros.ros import params as P
+from akidb_ros.ros.replies import Deferred, DeferringService, Responder
 from akidb_ros.srv import Embed, ListModels, LoadModel, UnloadModel
 
 NODE_NAME = 'embedding_node'
@@ -60,94 +60,6 @@ def process_uptime_s() -> float:
         return max(0.0, uptime - start_ticks / os.sysconf('SC_CLK_TCK'))
     except (OSError, ValueError, IndexError):
         return float('nan')
-
-
-class Deferred:
-    """What a service callback returns when its answer is not ready yet.
-
-    ``future`` resolves to the engine's answer; ``build(future)`` turns it into the filled
-    ``Response`` (it must not raise).
-    """
-
-    __slots__ = ('future', 'build')
-
-    def __init__(self, future: Future, build: Callable[[Future], object]):
-        self.future = future
-        self.build = build
-
-
-class _Responder:
-    """Sends deferred responses from one thread, in completion order.
-
-    The engine resolves futures in its batcher threads; building and sending the ROS response
-    here keeps that work off both the batcher and the executor.
-    """
-
-    def __init__(self, logger):
-        self._q: 'queue.SimpleQueue' = queue.SimpleQueue()
-        self._logger = logger
-        self._lock = threading.Condition()
-        self._outstanding = 0
-        self._thread = threading.Thread(target=self._run, name='akidb-ros-responder',
-                                        daemon=True)
-        self._thread.start()
-
-    @property
-    def outstanding(self) -> int:
-        """Accepted calls whose response has not been sent yet."""
-        return self._outstanding
-
-    def defer(self, deferred: Deferred, header, send: Callable) -> None:
-        with self._lock:
-            self._outstanding += 1
-        deferred.future.add_done_callback(lambda _f: self._q.put((deferred, header, send)))
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until every deferred response has been sent."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while self._outstanding > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._lock.wait(left)
-        return True
-
-    def stop(self) -> None:
-        self._q.put(None)
-        self._thread.join(timeout=5.0)
-
-    def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            deferred, header, send = item
-            try:
-                send(deferred.build(deferred.future), header)
-            except Exception as exc:  # a vanished client or a destroyed service
-                self._logger.warning(f'could not send a response: {exc!r}')
-            finally:
-                with self._lock:
-                    self._outstanding -= 1
-                    self._lock.notify_all()
-
-
-class _DeferringService(Service):
-    """A Service whose callback may return a :class:`Deferred` instead of a Response.
-
-    rclpy's executor takes the request, calls the callback, then calls
-    ``send_response(response, header)``; for a Deferred the response is sent later by the
-    node's responder, with the same header.
-    """
-
-    responder: Optional[_Responder] = None
-
-    def send_response(self, response, header) -> None:
-        if isinstance(response, Deferred):
-            self.responder.defer(response, header, super().send_response)
-        else:
-            super().send_response(response, header)
 
 
 class EmbeddingNode(LifecycleNode):
@@ -169,7 +81,8 @@ class EmbeddingNode(LifecycleNode):
         self._cb = ReentrantCallbackGroup()
         self._diag_cb = MutuallyExclusiveCallbackGroup()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix='akidb-ros-admin')
-        self.responder = _Responder(self.get_logger())
+        self.responder = Responder(self.get_logger(),
+                                   self.get_parameter('resend_window_s').value)
         self._stats_lock = threading.Lock()
         self.calls_ok = 0
         self.calls_failed = 0
@@ -191,6 +104,8 @@ class EmbeddingNode(LifecycleNode):
         for p in parameters:
             if p.name == 'diagnostics_period_s' and hasattr(self, '_diag_pub'):
                 self._reset_diagnostics_timer(p.value)
+            elif p.name == 'resend_window_s' and hasattr(self, 'responder'):
+                self.responder.resend_window_s = p.value
             elif P.PARAMS_BY_NAME.get(p.name) and P.PARAMS_BY_NAME[p.name].engine_key \
                     and self.engine is not None:
                 self.get_logger().info(
@@ -259,7 +174,7 @@ class EmbeddingNode(LifecycleNode):
                                        (UnloadModel, 'unload_model', self._on_unload_model)):
                 srv = self.create_service(srv_type, name, cb, qos_profile=qos,
                                           callback_group=self._cb)
-                srv.__class__ = _DeferringService
+                srv.__class__ = DeferringService
                 srv.responder = self.responder
                 self._ak_services.append(srv)
         self._serving = True
@@ -433,6 +348,8 @@ class EmbeddingNode(LifecycleNode):
                               hardware_id='akidb_ros')
         values = {'serving': str(self._serving).lower(),
                   'responses_pending': str(self.responder.outstanding),
+                  'replies_resent': str(self.responder.resent),
+                  'replies_undelivered': str(self.responder.undelivered),
                   'calls_ok': str(self.calls_ok), 'calls_failed': str(self.calls_failed)}
         engine = self.engine
         if engine is None:

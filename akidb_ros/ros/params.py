@@ -118,6 +118,10 @@ PARAMS: List[ParamSpec] = [
               read_only=True),
     ParamSpec('executor_threads', 4, 'Threads of the MultiThreadedExecutor', range=(2, 64),
               read_only=True),
+    ParamSpec('resend_window_s', 2.0, 'How long a reply DDS dropped (client not matched by '
+              'discovery yet) is sent again before it is given up and logged (0 = never '
+              'again); applies at once',
+              range=(0.0, 60.0)),
     ParamSpec('shutdown_timeout_s', 10.0, 'On SIGINT/SIGTERM: longest wait for calls in flight',
               range=(0.0, 600.0)),
 ]

@@ -1,8 +1,10 @@
 """The embedding node over real DDS: the node runs in its own process (fixture ``node``)."""
 import json
+import re
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from lifecycle_msgs.srv import ChangeState, GetState
 from rcl_interfaces.msg import ParameterType
 from rcl_interfaces.srv import GetParameters, SetParameters
 from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, QoSProfile
 
 from akidb_ros.engine import EmbeddingEngine, EmbedRequest, load_config
 from akidb_ros.ros.conversions import embeddings_from_response
@@ -178,6 +181,41 @@ def test_concurrent_clients_match_single_calls_and_batch(client, metrics_port):
     assert s / n > 1.5, f'concurrent calls were not batched: {s / n:.2f} sentences/batch'
     ros_ok = metric_value(after, 'akidb_embed_requests_total', 'status="success",transport="ros"')
     assert ros_ok >= 64
+
+
+def test_a_reply_the_client_cannot_receive_is_resent_then_reported(client, node, metrics_port):
+    """rmw_fastrtps drops a reply whose client reader is not matched: the node re-sends it, then
+    logs and counts it; other callers are served meanwhile.
+
+    The client asks for TRANSIENT_LOCAL replies, which the node's VOLATILE reply writer can never
+    match; its TRANSIENT_LOCAL request is still delivered. (First contact, where discovery is
+    merely late, is the same drop; the retry then gets through: see test_replies.py.)
+    """
+    (res,) = _set(client, resend_window_s=0.5)
+    assert res.successful
+    name = f'{NS}/embed'
+    label = f'service="{name}"'
+    before = metric_value(scrape(metrics_port), 'akidb_ros_replies_undelivered_total', label)
+    deaf = client.node.create_client(
+        Embed, name, qos_profile=QoSProfile(depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+    try:
+        fut = deaf.call_async(Embed.Request(inputs=['nobody hears this']))
+        assert embed(client, ['hello']).success         # others are served meanwhile
+        deadline = time.monotonic() + 15
+        while 'reply not delivered' not in node.output and time.monotonic() < deadline:
+            client.executor.spin_once(timeout_sec=0.1)
+        given_up = [ln for ln in node.lines if 'reply not delivered' in ln]
+        assert given_up, node.output[-3000:]
+        tries = int(re.search(r'after (\d+) tries', given_up[-1]).group(1))
+        assert tries >= 3, given_up[-1]                 # re-sent, with backoff, then given up
+        assert name in given_up[-1]
+        after = metric_value(scrape(metrics_port), 'akidb_ros_replies_undelivered_total', label)
+        assert after == before + 1
+        assert not fut.done()
+        assert embed(client, ['hello again']).success
+    finally:
+        client.node.destroy_client(deaf)
+        _set(client, resend_window_s=2.0)
 
 
 def test_diagnostics(client):
