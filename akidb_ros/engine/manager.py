@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -25,6 +25,42 @@ STATS_WINDOW_S = 60.0
 LOAD_JOIN_S = 60.0
 
 
+class LatencyWindow:
+    """The last ``capacity`` request latencies, for p95 and requests/s over ``window_s``.
+
+    Two numpy ring buffers: ``record`` is O(1) on the request path, and ``stats`` (read by
+    /diagnostics every second, ListModels and /health) is vectorised instead of walking 4096
+    Python tuples while holding the GIL the doors need.
+    """
+
+    def __init__(self, capacity: int = 4096, window_s: float = STATS_WINDOW_S):
+        self.window_s = window_s
+        self._at = np.zeros(capacity)
+        self._lat = np.zeros(capacity)
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def record(self, latency_s: float, now: Optional[float] = None) -> None:
+        with self._lock:
+            i = self._count % len(self._at)
+            self._at[i] = time.monotonic() if now is None else now
+            self._lat[i] = latency_s
+            self._count += 1
+
+    def stats(self, now: Optional[float] = None) -> Tuple[float, float]:
+        """(p95 latency ms, requests/s) over the window; (0, 0) when nothing is in it."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            n = min(self._count, len(self._at))
+            at, lat = self._at[:n].copy(), self._lat[:n].copy()
+        recent = at >= now - self.window_s
+        if not recent.any():
+            return 0.0, 0.0
+        p95 = float(np.percentile(lat[recent], 95)) * 1000.0
+        span = max(now - float(at[recent].min()), 1.0)
+        return p95, int(recent.sum()) / span
+
+
 class LoadedModel:
     """A model ready to serve: session, tokenizer, batcher and its live statistics."""
 
@@ -37,27 +73,17 @@ class LoadedModel:
         self.load_seconds = load_seconds
         self.in_flight = 0
         self.last_used = time.monotonic()
-        self._done: Deque[Tuple[float, float]] = collections.deque(maxlen=4096)
-        self._lock = threading.Lock()
+        self.latencies = LatencyWindow()
         self.cache_hits = metrics.MODEL_CACHE_HITS.labels(model=cfg.id)   # bound once
         # What the LRU budget counts: the weights once per session (an overlap session doubles).
         self.memory_mb = cfg.memory_estimate_mb() * onnx.memory_factor
 
     def record(self, latency_s: float) -> None:
-        with self._lock:
-            self._done.append((time.monotonic(), latency_s))
+        self.latencies.record(latency_s)
 
     def stats(self) -> Tuple[float, float]:
         """(p95 latency ms, requests/s) over the last minute."""
-        now = time.monotonic()
-        with self._lock:
-            recent = [lat for t, lat in self._done if now - t <= STATS_WINDOW_S]
-            first = next((t for t, _ in self._done if now - t <= STATS_WINDOW_S), now)
-        if not recent:
-            return 0.0, 0.0
-        p95 = float(np.percentile(np.array(recent), 95)) * 1000.0
-        span = max(now - first, 1.0)
-        return p95, len(recent) / span
+        return self.latencies.stats()
 
 
 class ModelManager:

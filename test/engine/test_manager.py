@@ -11,6 +11,7 @@ import pytest
 
 from akidb_ros.engine import EmbedRequest, EngineError, ErrorCode, ModelStatus
 from akidb_ros.engine.config import REPO_ROOT
+from akidb_ros.engine.manager import LatencyWindow
 from akidb_ros.observability import metrics
 from engine_support import MINILM, MODELS, MPNET, Gate, make_engine, write_config
 
@@ -180,3 +181,23 @@ def test_cache_hit_is_cheap(engine):
         engine.manager.release(engine.manager.acquire(MINILM))
     per_hit_ms = (time.perf_counter() - t0) / 200 * 1000
     assert per_hit_ms < 5.0, per_hit_ms   # PRD: a cache hit adds < 5 ms (it is ~µs)
+
+
+def test_latency_window_reports_the_last_minute_only():
+    w = LatencyWindow(capacity=8, window_s=60.0)
+    assert w.stats(now=100.0) == (0.0, 0.0)
+    w.record(5.0, now=10.0)                     # outside the window below
+    for k in range(20):                         # wraps the ring: only the last 8 are kept
+        w.record(0.001 * (k + 1), now=100.0 + k)
+    p95, qps = w.stats(now=120.0)
+    kept = np.arange(13, 21) * 0.001            # the 8 newest latencies
+    assert p95 == pytest.approx(np.percentile(kept, 95) * 1000.0)
+    assert qps == pytest.approx(8 / (120.0 - 112.0))
+    assert w.stats(now=200.0) == (0.0, 0.0)     # all of it older than the window
+
+
+def test_served_requests_show_in_the_model_listing(engine):
+    for _ in range(5):
+        engine.embed(EmbedRequest(inputs=['stats']))
+    info = next(m for m in engine.list_models() if m.id == MINILM)
+    assert info.latency_p95_ms > 0 and info.throughput_qps > 0
