@@ -228,3 +228,15 @@ def test_python_limit_probe_swaps_the_run_only_while_it_measures():
     assert slow['median_sps'] <= 2 * 16 / 0.040
     assert fast['median_sps'] > 2 * slow['median_sps']
     assert fast['passes'][0]['cpu_ms_per_request'] > 0
+
+
+def test_single_caller_latency_is_paired_call_by_call():
+    """bench/run.py times each door call right after a raw call of the same sentence."""
+    from bench.run import paired_latencies
+    calls = []
+
+    def timer(kind, ms):
+        return lambda s: calls.append((kind, s)) or ms
+    raw, door = paired_latencies(timer('raw', 1.0), timer('door', 3.5), ['a', 'b', 'c'])
+    assert calls == [(k, s) for s in 'abc' for k in ('raw', 'door')]
+    assert raw == [1.0] * 3 and door == [3.5] * 3
