@@ -200,24 +200,22 @@ class Responder:
             self._give_up(item, 'the node stopped')
 
     def _run_resends(self) -> None:
-        while True:
-            with self._lock:
-                while True:
-                    if self._stopping:
-                        abandoned = [entry[2] for entry in self._resends]
-                        self._resends.clear()
-                        break
-                    now = time.monotonic()
-                    if self._resends and self._resends[0][0] <= now:
-                        abandoned = None
-                        item = heapq.heappop(self._resends)[2]
-                        break
-                    self._lock.wait(self._resends[0][0] - now if self._resends else None)
-            if abandoned is not None:
-                for item in abandoned:
-                    self._give_up(item, 'the node stopped')
-                return
+        while (item := self._next_resend()) is not None:
             self._try_again(item)
+
+    def _next_resend(self) -> Optional[_Resend]:
+        """Wait for the next re-send that is due; None once stopping (the rest are given up)."""
+        with self._lock:
+            while not self._stopping:
+                now = time.monotonic()
+                if self._resends and self._resends[0][0] <= now:
+                    return heapq.heappop(self._resends)[2]
+                self._lock.wait(self._resends[0][0] - now if self._resends else None)
+            abandoned = [entry[2] for entry in self._resends]
+            self._resends.clear()
+        for item in abandoned:
+            self._give_up(item, 'the node stopped')
+        return None
 
     def _try_again(self, item: _Resend) -> None:
         item.tries += 1
