@@ -13,11 +13,12 @@ import os
 import threading
 import time
 import uuid
-from concurrent.futures import Future, TimeoutError as FutureTimeout
+from concurrent.futures import Future, InvalidStateError, TimeoutError as FutureTimeout
 from typing import Dict, List, Optional, Protocol, runtime_checkable
 
 import numpy as np
 
+from akidb_ros.engine.deadlines import DeadlineWatcher
 from akidb_ros.engine.errors import EngineError, ErrorCode, error_from_code
 from akidb_ros.engine.types import (EmbedRequest, EmbedResult, HealthInfo, ModelInfo,
                                     ModelStatus)
@@ -223,6 +224,7 @@ class RosBackend:
         self._has_input_type = 'input_type' in fields
         self._executor = SingleThreadedExecutor(context=self._ctx)
         self._executor.add_node(self._node)
+        self._deadlines = DeadlineWatcher(name='akidb-bridge-deadlines')
         self._running = True
         self._spin_thread = threading.Thread(target=self._spin, name='akidb-ros-bridge',
                                              daemon=True)
@@ -278,32 +280,9 @@ class RosBackend:
                     out.set_exception(EngineError(ErrorCode.INTERNAL, str(e)))
 
         ros_future.add_done_callback(on_done)
-
-        def on_timeout():
-            if not out.done():
-                try:
-                    client.remove_pending_request(ros_future)
-                except Exception:
-                    pass
-                # A node that left the DDS graph while the call was in flight (killed, or
-                # frozen past the lease) is UNAVAILABLE, not a slow model: the per-model
-                # breaker must not hold the model open after the node is back.
-                gone = not self._up(service)
-                try:
-                    out.set_exception(EngineError(
-                        ErrorCode.UNAVAILABLE if gone else ErrorCode.TIMEOUT,
-                        f'embedding node left the DDS graph with {client.srv_name} in flight'
-                        if gone else f'embedding node did not answer {client.srv_name} within '
-                        f'{timeout_s:.2f} s',
-                        retry_after_s=1.0))
-                except Exception:
-                    pass  # answered in between
-
-        # a little past the node's own deadline, so that its TIMEOUT answer (if any) wins
-        timer = threading.Timer(timeout_s + 0.25, on_timeout)
-        timer.daemon = True
-        timer.start()
-        out.add_done_callback(lambda _f: timer.cancel())
+        # A little past the node's own deadline, so that its TIMEOUT answer (if any) wins.
+        self._deadlines.watch(_PendingCall(self, service, ros_future, out,
+                                           time.monotonic() + timeout_s + 0.25, timeout_s))
         return out
 
     def _call_sync(self, service: str, request, timeout_s: Optional[float] = None):
@@ -450,6 +429,9 @@ class RosBackend:
             return
         self._running = False
         self._spin_thread.join(timeout=5)
+        for call in self._deadlines.stop():   # no answer can arrive any more: say so
+            call.settle(EngineError(ErrorCode.UNAVAILABLE,
+                                    'bridge shut down before the embedding node answered'))
         try:
             self._executor.shutdown(timeout_sec=1)
         except Exception:
@@ -460,6 +442,47 @@ class RosBackend:
             pass
         import rclpy
         rclpy.try_shutdown(context=self._ctx)
+
+
+class _PendingCall:
+    """One DDS call in flight, watched for its deadline (``deadlines.DeadlineWatcher``)."""
+
+    __slots__ = ('backend', 'service', 'ros_future', 'out', 'deadline', 'timeout_s')
+
+    def __init__(self, backend: RosBackend, service: str, ros_future, out: Future,
+                 deadline: float, timeout_s: float):
+        self.backend, self.service, self.ros_future, self.out = backend, service, ros_future, out
+        self.deadline, self.timeout_s = deadline, timeout_s
+
+    @property
+    def done(self) -> bool:
+        return self.out.done()
+
+    def settle(self, error: EngineError) -> None:
+        """Give up on the call: forget it in rclpy, fail the caller's future (once)."""
+        try:
+            self.backend._clients[self.service].remove_pending_request(self.ros_future)
+        except Exception:
+            pass
+        try:
+            self.out.set_exception(error)
+        except InvalidStateError:
+            pass  # answered in between
+
+    def expire(self, now: float) -> None:
+        # A node that left the DDS graph while the call was in flight (killed, or frozen past
+        # the lease) is UNAVAILABLE, not a slow model: the per-model breaker must not hold the
+        # model open after the node is back.
+        client = self.backend._clients[self.service]
+        try:
+            gone = not self.backend._up(self.service)
+        except Exception:   # context already shut down
+            gone = True
+        self.settle(EngineError(
+            ErrorCode.UNAVAILABLE if gone else ErrorCode.TIMEOUT,
+            f'embedding node left the DDS graph with {client.srv_name} in flight' if gone else
+            f'embedding node did not answer {client.srv_name} within {self.timeout_s:.2f} s',
+            retry_after_s=1.0))
 
 
 def _model_from_msg(mi) -> ModelInfo:

@@ -4,14 +4,13 @@ Work flows: ``Admission.admit`` (bounded queue, shedding at 95 %) -> ``Job`` (on
 future) -> ``Batcher`` (per model, one or more runner threads: each gathers sentences from
 concurrent jobs, sorts them by length, cuts batches by size and token budget, splits them into
 runs where the learnt run cost says so, runs them, scatters vectors back).
-``DeadlineWatcher`` fails a job with TIMEOUT at its deadline. A job's future is resolved exactly
-once: whichever of batcher, watcher or shutdown gets there first wins; the others are no-ops.
+``deadlines.DeadlineWatcher`` fails a job with TIMEOUT at its deadline (``Job.expire``). A job's
+future is resolved exactly once: whichever of batcher, watcher or shutdown gets there first wins;
+the others are no-ops.
 """
 from __future__ import annotations
 
 import collections
-import heapq
-import itertools
 import logging
 import threading
 import time
@@ -110,6 +109,12 @@ class Job:
             pass
         return True
 
+    def expire(self, now: float) -> None:
+        """Its deadline passed unanswered (called by the deadline watcher)."""
+        self.fail(EngineError(ErrorCode.TIMEOUT,
+                              f'request not answered within its deadline '
+                              f'({now - self.created:.2f} s)', retry_after_s=1.0))
+
     def complete(self) -> bool:
         if not self._settle():
             return False
@@ -123,77 +128,6 @@ class Job:
         except InvalidStateError:
             pass
         return True
-
-
-class DeadlineWatcher:
-    """One thread, one heap: fails each job still unanswered at its deadline with TIMEOUT.
-
-    The request path only appends to a deque (atomic under the GIL: no lock, no wake-up). Most
-    jobs are answered within milliseconds, long before their deadline, and a heap push under a
-    lock shared with this thread cost the GIL-bound engine ~8 % of its throughput
-    (``bench/python_limit.py``). The thread owns the heap: every ``tick_s`` while jobs are
-    pending it moves the arrivals still unanswered into it, drops answered ones and fails
-    expired ones, so a deadline fires at most ``tick_s`` late. With nothing pending it sleeps
-    until the next arrival.
-    """
-
-    def __init__(self, tick_s: float = 0.01):
-        self.tick_s = tick_s
-        self._incoming: collections.deque = collections.deque()
-        self._heap: list = []             # (deadline, seq, job); this thread's alone
-        self._seq = itertools.count()
-        self._cond = threading.Condition()
-        self._idle = False                # set under _cond when the thread waits for arrivals
-        self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name='akidb-deadlines', daemon=True)
-        self._thread.start()
-
-    def watch(self, job: Job) -> None:
-        self._incoming.append(job)
-        if self._idle:   # read after the append: an idle thread re-checks before it sleeps
-            with self._cond:
-                self._cond.notify()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        self._thread.join(timeout=2)
-
-    def _sweep(self) -> None:
-        heap, incoming = self._heap, self._incoming
-        while incoming:
-            job = incoming.popleft()
-            if not job.done:
-                heapq.heappush(heap, (job.deadline, next(self._seq), job))
-        # Drop answered jobs from the top so the heap does not hold them till expiry.
-        while heap and heap[0][2].done:
-            heapq.heappop(heap)
-        now = time.monotonic()
-        while heap and heap[0][0] <= now:
-            _, _, job = heapq.heappop(heap)
-            if not job.done:
-                waited = now - job.created
-                job.fail(EngineError(ErrorCode.TIMEOUT,
-                                     f'request not answered within its deadline ({waited:.2f} s)',
-                                     retry_after_s=1.0))
-
-    def _loop(self) -> None:
-        while True:
-            self._sweep()
-            with self._cond:
-                if self._stopped:
-                    return
-                if self._incoming:
-                    continue
-                if not self._heap:
-                    self._idle = True
-                    if not self._incoming:
-                        self._cond.wait()
-                    self._idle = False
-                    continue
-                left = self._heap[0][0] - time.monotonic()
-                self._cond.wait(timeout=max(0.0, min(self.tick_s, left)))
 
 
 class _Item:

@@ -9,8 +9,9 @@ from typing import List, Optional
 
 from .. import __version__
 from ..observability.gpu import GpuSampler
-from .batcher import Admission, DeadlineWatcher, Job
+from .batcher import Admission, Job
 from .config import EngineConfig, LimitsConfig
+from .deadlines import DeadlineWatcher
 from .errors import EngineError, ErrorCode
 from .manager import ModelManager
 from .runtime import CPU

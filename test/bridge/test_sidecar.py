@@ -18,6 +18,7 @@ import requests
 
 from akidb_ros.client import GrpcClient, OverloadedError, RestClient, ServiceUnavailableError
 from akidb_ros.client.retry import NO_RETRY, RetryPolicy
+from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.types import EmbedRequest
 
 from bridge_support import DEFAULT_MODEL, ROOT, SECOND_MODEL
@@ -176,6 +177,32 @@ def test_slow_node_gives_timeout_then_recovers(node, sidecar, side_rest, side_gr
     finally:
         os.kill(node.proc.pid, signal.SIGCONT)
     assert wait_until(lambda: _ok(side_rest), 20), 'bridge did not recover after the node resumed'
+
+
+def test_calls_in_flight_cost_no_thread_each_and_are_answered_at_close(node):
+    """Deadlines of DDS calls in flight are one watcher thread's heap, not a timer thread per
+    call; a bridge closed with calls still waiting fails each with UNAVAILABLE at once."""
+    import threading
+    from akidb_ros.backends import RosBackend
+    backend = RosBackend(prefix=node.namespace, timeout_s=30.0)
+    try:
+        assert wait_until(backend.ready, 60, 0.2)
+        threads_before = threading.active_count()
+        os.kill(node.proc.pid, signal.SIGSTOP)      # nobody answers: the calls stay in flight
+        futures = [backend.submit(EmbedRequest(inputs=[f'waiting {i}'], timeout_s=30.0))
+                   for i in range(20)]
+        assert threading.active_count() <= threads_before + 1
+        assert not any(f.done() for f in futures)
+        t0 = time.monotonic()
+        backend.close()
+        for f in futures:
+            with pytest.raises(EngineError) as err:
+                f.result(timeout=5)
+            assert err.value.code is ErrorCode.UNAVAILABLE
+        assert time.monotonic() - t0 < 7.0          # the spin thread's join, not the deadlines
+    finally:
+        os.kill(node.proc.pid, signal.SIGCONT)
+        backend.close()
 
 
 def test_node_down_unavailable_then_recovers(node, sidecar, side_rest, side_grpc):

@@ -71,7 +71,8 @@ def test_deadline_answers_timeout(small_engine):
 def test_deadline_watcher_fires_late_jobs_only_and_sleeps_when_idle():
     """Jobs reach the watcher lock-free; expired ones fail with TIMEOUT (within a tick), answered
     ones are dropped unfired, and an idle watcher is woken by the next arrival."""
-    from akidb_ros.engine.batcher import DeadlineWatcher, Job
+    from akidb_ros.engine.batcher import Job
+    from akidb_ros.engine.deadlines import DeadlineWatcher
     from akidb_ros.engine.types import Priority as P
 
     def job(timeout_s):
