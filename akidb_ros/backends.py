@@ -192,11 +192,12 @@ class RosBackend:
     name = 'sidecar'
 
     def __init__(self, prefix: str = '', node_name: str = '', timeout_s: float = DEFAULT_TIMEOUT_S,
-                 discovery_timeout_s: float = 0.0, qos_depth: int = 1000):
+                 discovery_timeout_s: float = 0.0, qos_depth: int = 1000,
+                 executor: str = 'events'):
         import rclpy
         from rclpy.context import Context
-        from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import QoSProfile
+        from akidb_ros.ros.cli import client_executor
         from akidb_ros.srv import Embed, ListModels, LoadModel, UnloadModel
 
         self._srv = {'Embed': Embed, 'ListModels': ListModels, 'LoadModel': LoadModel,
@@ -222,7 +223,9 @@ class RosBackend:
         self._has_request_id = 'request_id' in fields
         self._has_timeout = 'timeout_s' in fields
         self._has_input_type = 'input_type' in fields
-        self._executor = SingleThreadedExecutor(context=self._ctx)
+        # rclpy's C++ EventsExecutor by default: the Python wait-set executor rebuilds its wait
+        # set on every wake-up, about a third of the bridge's GIL time under 16 clients.
+        self._executor = client_executor(executor, self._ctx)
         self._executor.add_node(self._node)
         self._deadlines = DeadlineWatcher(name='akidb-bridge-deadlines')
         self._running = True

@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument('--config', default=None, help='engine config (default config/models.yaml)')
     ap.add_argument('--ros-prefix', default=os.environ.get('AKIDB_ROS_PREFIX', ''),
                     help="sidecar: namespace of the node's services (default '' = /embed)")
+    ap.add_argument('--ros-executor', choices=('events', 'single'),
+                    default=os.environ.get('AKIDB_ROS_EXECUTOR', 'events'),
+                    help="sidecar: the bridge's rclpy executor: events (rclpy's C++ "
+                         'EventsExecutor) or single (SingleThreadedExecutor)')
     ap.add_argument('--timeout', type=float, default=float(os.environ.get('AKIDB_TIMEOUT_S', 5.0)),
                     help='default per-request timeout in seconds (clients may ask for less)')
     ap.add_argument('--rest-threads', type=int, default=_env_int('AKIDB_REST_THREADS', 32))
@@ -301,7 +305,7 @@ def build(args, security=None) -> Bridges:
         from akidb_ros.backends import RosBackend
         engine = None
         backend = RosBackend(prefix=args.ros_prefix, timeout_s=args.timeout,
-                             discovery_timeout_s=5.0)
+                             discovery_timeout_s=5.0, executor=args.ros_executor)
     try:
         bridges = Bridges(backend, host=args.host,
                           rest_port=None if args.no_rest else args.rest_port,
