@@ -8,8 +8,11 @@ ratio to the raw ceiling is the ceiling's CPU per sentence divided by the door's
 included). This measures both sides of that division in the same run, interleaved like
 ``bench/run.py`` (ceiling, door, ceiling, ...): user + system CPU of this process (the ceiling,
 the in-process engine and every door's clients) and of each door's own processes (server,
-node), read from ``/proc`` around each pass. A door's *overhead* is its CPU per sentence minus
-the mean of the ceiling passes around it; *util* is how busy the machine's cores were.
+node), read from ``/proc`` around each pass. For the in-process engine, this process's CPU is
+split further by thread: ``runs``, the engine's batcher threads (padding, the ONNX Runtime runs,
+pooling: the part the ceiling also does), and ``bench``, everything else (the callers, tokenising,
+admission, futures). A door's *overhead* is its CPU per sentence minus the mean of the ceiling
+passes around it; *util* is how busy the machine's cores were.
 Results: ``bench/results/cpu-budget.{json,md}``.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,13 +36,30 @@ from run import (CeilingTrack, RawCeiling, engine_concurrent, external_doors,  #
                  load_corpus)
 
 RESULTS = Path(__file__).with_name('results')
+ENGINE_RUNS = 'akidb-batcher-'   # the engine's batcher threads (engine/batcher.py names them)
 _TICK = os.sysconf('SC_CLK_TCK')
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process (``/proc/PID/stat`` fields 14 and 15)."""
-    fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+def _stat_cpu_s(stat: Path) -> float:
+    """User + system CPU seconds from a ``/proc`` stat file (fields 14 and 15)."""
+    fields = stat.read_text().rsplit(')', 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process."""
+    return _stat_cpu_s(Path(f'/proc/{pid}/stat'))
+
+
+def threads_cpu_s(prefix: str) -> float:
+    """CPU seconds of this process's live threads whose name starts with ``prefix``.
+
+    Python names its threads only for itself, so they are found through ``threading`` and read
+    by their native id; the engine's batcher threads live as long as the engine, so the
+    difference around a pass is what they spent in it.
+    """
+    return sum(_stat_cpu_s(Path(f'/proc/self/task/{t.native_id}/stat'))
+               for t in threading.enumerate() if t.name.startswith(prefix))
 
 
 def self_cpu_s() -> float:
@@ -46,15 +67,26 @@ def self_cpu_s() -> float:
     return t.user + t.system
 
 
-def measure(run: Callable[[], float], pids: Dict[str, int], sentences: int) -> dict:
-    """Run one pass; return its sentences/s and CPU ms per sentence by process role."""
+def measure(run: Callable[[], float], pids: Dict[str, int], sentences: int,
+            runs_threads: str = '') -> dict:
+    """Run one pass; return its sentences/s and CPU ms per sentence by process role.
+
+    With ``runs_threads`` (a thread-name prefix), this process's own CPU is split into ``runs``
+    (those threads) and ``bench`` (the rest).
+    """
     before = {role: process_cpu_s(pid) for role, pid in pids.items()}
+    runs = threads_cpu_s(runs_threads) if runs_threads else 0.0
     mine, t0 = self_cpu_s(), time.perf_counter()
     sps = run()
     wall = time.perf_counter() - t0
     cpu = {role: (process_cpu_s(pid) - before[role]) * 1000 / sentences
            for role, pid in pids.items()}
-    cpu['bench'] = (self_cpu_s() - mine) * 1000 / sentences
+    own = self_cpu_s() - mine
+    if runs_threads:
+        runs = threads_cpu_s(runs_threads) - runs
+        cpu['runs'] = runs * 1000 / sentences
+        own -= runs
+    cpu['bench'] = own * 1000 / sentences
     total = sum(cpu.values())
     return {'sps': sps, 'cpu_ms': cpu, 'total_ms': total,
             'util': total * sentences / 1000 / wall / (os.cpu_count() or 1)}
@@ -91,8 +123,9 @@ def main() -> int:
                 door = opened.get(name)
                 run = ((lambda: door.run(corpus, args.clients)) if door is not None else
                        (lambda: engine_concurrent(engine, corpus, args.clients)))
-                ceil, got = track.around(
-                    lambda: measure(run, door.pids() if door is not None else {}, n))
+                ceil, got = track.around(lambda: (
+                    measure(run, door.pids(), n) if door is not None else
+                    measure(run, {}, n, runs_threads=ENGINE_RUNS)))
                 ceil_ms, ceil_sps = ceil['total_ms'], ceil['sps']
                 got.update(ceiling_ms=ceil_ms, ceiling_sps=ceil_sps,
                            overhead_ms=got['total_ms'] - ceil_ms, ratio=got['sps'] / ceil_sps)
@@ -122,7 +155,8 @@ def write(result: dict, out: Path) -> None:
              f"concurrent single-sentence clients, {result['cpus']} CPUs; each column the "
              f"median over {len(next(iter(result['rounds'].values())))} interleaved rounds "
              f"(`bench/cpu_budget.py`). `bench` is this process: the clients (and for `engine` "
-             f"the engine itself).", '',
+             f"the engine's own Python); `runs` the in-process engine's batcher threads "
+             f"(padding, ONNX Runtime runs, pooling).", '',
              '| door | sentences/s (ratio) | ceiling ms | door ms | overhead ms | by process ms '
              '| util |', '|---|---|---|---|---|---|---|']
     for name, rows in result['rounds'].items():

@@ -214,6 +214,38 @@ def test_cpu_budget_counts_each_process():
     assert got['total_ms'] == sum(got['cpu_ms'].values())
 
 
+def test_cpu_budget_splits_the_engine_runs_from_the_rest_of_this_process():
+    """CPU of long-lived threads named like the engine's runners is ``runs``, not ``bench``."""
+    import threading
+    import time
+    from bench.cpu_budget import measure
+    go, done, release = threading.Event(), threading.Event(), threading.Event()
+
+    def runner():   # stands in for a batcher thread: alive before and after the pass
+        go.wait()
+        t = time.thread_time()
+        while time.thread_time() - t < 0.4:
+            pass
+        done.set()
+        release.wait()   # stays alive until the pass has been measured
+
+    t = threading.Thread(target=runner, name='test-runs-0', daemon=True)
+    t.start()
+    try:
+        def run():
+            go.set()
+            assert done.wait(10)
+            return 5.0
+        got = measure(run, {}, sentences=4, runs_threads='test-runs-')
+    finally:
+        go.set()
+        release.set()
+        t.join(10)
+    assert 0.3 * 1000 / 4 <= got['cpu_ms']['runs'] <= 0.6 * 1000 / 4
+    assert got['cpu_ms']['bench'] < got['cpu_ms']['runs'] / 4
+    assert got['total_ms'] == pytest.approx(sum(got['cpu_ms'].values()))
+
+
 def test_python_limit_probe_swaps_the_run_only_while_it_measures():
     """bench/python_limit.py: the rate follows the stand-in run time; the real run is restored."""
     from akidb_ros.engine.runtime import OnnxModel
