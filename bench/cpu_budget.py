@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from akidb_ros.engine import EmbeddingEngine, load_config  # noqa: E402
+from akidb_ros.engine.batcher import RUNNER_THREAD_PREFIX  # noqa: E402
 from run import (CeilingTrack, RawCeiling, engine_concurrent, external_doors,  # noqa: E402
                  load_corpus)
 
 RESULTS = Path(__file__).with_name('results')
-ENGINE_RUNS = 'akidb-batcher-'   # the engine's batcher threads (engine/batcher.py names them)
 _TICK = os.sysconf('SC_CLK_TCK')
 
 
@@ -75,7 +75,7 @@ def measure(run: Callable[[], float], pids: Dict[str, int], sentences: int,
     (those threads) and ``bench`` (the rest).
     """
     before = {role: process_cpu_s(pid) for role, pid in pids.items()}
-    runs = threads_cpu_s(runs_threads) if runs_threads else 0.0
+    runs_before = threads_cpu_s(runs_threads) if runs_threads else 0.0
     mine, t0 = self_cpu_s(), time.perf_counter()
     sps = run()
     wall = time.perf_counter() - t0
@@ -83,7 +83,7 @@ def measure(run: Callable[[], float], pids: Dict[str, int], sentences: int,
            for role, pid in pids.items()}
     own = self_cpu_s() - mine
     if runs_threads:
-        runs = threads_cpu_s(runs_threads) - runs
+        runs = threads_cpu_s(runs_threads) - runs_before
         cpu['runs'] = runs * 1000 / sentences
         own -= runs
     cpu['bench'] = own * 1000 / sentences
@@ -121,11 +121,14 @@ def main() -> int:
         for r in range(args.rounds):
             for name in names:
                 door = opened.get(name)
-                run = ((lambda: door.run(corpus, args.clients)) if door is not None else
-                       (lambda: engine_concurrent(engine, corpus, args.clients)))
-                ceil, got = track.around(lambda: (
-                    measure(run, door.pids(), n) if door is not None else
-                    measure(run, {}, n, runs_threads=ENGINE_RUNS)))
+                if door is not None:
+                    run, pids, runs_threads = (lambda: door.run(corpus, args.clients),
+                                               door.pids(), '')
+                else:   # the in-process engine: split its runner threads from the callers
+                    run, pids, runs_threads = (
+                        lambda: engine_concurrent(engine, corpus, args.clients), {},
+                        RUNNER_THREAD_PREFIX)
+                ceil, got = track.around(lambda: measure(run, pids, n, runs_threads))
                 ceil_ms, ceil_sps = ceil['total_ms'], ceil['sps']
                 got.update(ceiling_ms=ceil_ms, ceiling_sps=ceil_sps,
                            overhead_ms=got['total_ms'] - ceil_ms, ratio=got['sps'] / ceil_sps)

@@ -26,6 +26,7 @@ from .text import Encoded, l2_normalize, pad_batch, pool
 from .types import EmbedResult, Priority
 
 log = logging.getLogger('akidb_ros.engine.batcher')
+RUNNER_THREAD_PREFIX = 'akidb-batcher-'   # runner threads are named PREFIX<model>-<n>
 
 
 class Admission:
@@ -237,7 +238,7 @@ class Batcher:
         self._stopping = False
         self._last_batch_jobs = 1   # how many callers the last batch served: our wait hint
         self._threads = [threading.Thread(target=self._loop, daemon=True,
-                                          name=f'akidb-batcher-{model_id}-{n}')
+                                          name=f'{RUNNER_THREAD_PREFIX}{model_id}-{n}')
                          for n in range(max(1, runners))]
         for t in self._threads:
             t.start()
