@@ -152,7 +152,7 @@ class RunCostModel:
         self.decay = decay
         self.min_samples = min_samples
         self.samples = 0
-        self._w = self._x = self._y = self._xx = self._xy = 0.0
+        self._w = self._x = self._y = self._xx = self._xy = self._yy = 0.0
         self._xmin = self._xmax = None
 
     def observe(self, padded_tokens: int, seconds: float) -> None:
@@ -163,6 +163,7 @@ class RunCostModel:
         self._y = self._y * d + y
         self._xx = self._xx * d + x * x
         self._xy = self._xy * d + x * y
+        self._yy = self._yy * d + y * y
         self._xmin = x if self._xmin is None else min(self._xmin, x)
         self._xmax = x if self._xmax is None else max(self._xmax, x)
         self.samples += 1
@@ -172,13 +173,22 @@ class RunCostModel:
         if self.samples < self.min_samples or self._xmax < 2 * self._xmin:
             return None   # too few runs, or all the same size: slope and intercept unknowable
         w = self._w
-        var = self._xx / w - (self._x / w) ** 2
+        mean_x, mean_y = self._x / w, self._y / w
+        var = self._xx / w - mean_x ** 2
         if var <= 0:
             return None
-        per_token = (self._xy / w - (self._x / w) * (self._y / w)) / var
-        overhead = self._y / w - per_token * self._x / w
+        cov = self._xy / w - mean_x * mean_y
+        per_token = cov / var
         if per_token <= 0:
-            return None   # noise swamped the signal: keep the padding rule
+            # Flat within the noise (a GPU: a run costs its launches whatever its size) means
+            # keep runs whole; a slope clearly below zero means the samples are not to be
+            # trusted (load changed under them): keep the padding rule.
+            residual = max(0.0, self._yy / w - mean_y ** 2 - cov * per_token)
+            stderr = (residual / max(w - 2.0, 1.0) / var) ** 0.5
+            if per_token < -2.0 * stderr:
+                return None
+            return max(mean_y, 0.0), 0.0
+        overhead = mean_y - per_token * mean_x
         return max(overhead, 0.0), per_token
 
 

@@ -79,6 +79,7 @@ CONFIG_SCHEMA = {
                 'allow_spinning': {'type': 'boolean'},
                 'tensorrt_cache': {'type': 'string'},
                 'tensorrt_fp16': {'type': 'boolean'},
+                'cuda_tf32': {'type': 'boolean'},
                 'gpu_metrics_interval_s': _num(0, 3600),
                 'cache': {
                     'type': 'object', 'additionalProperties': False,
@@ -198,6 +199,7 @@ class EngineSettings:
     allow_spinning: bool = False
     tensorrt_cache: Path = Path('~/.cache/akidb/trt').expanduser()
     tensorrt_fp16: bool = True
+    cuda_tf32: bool = False
     gpu_metrics_interval_s: float = 5.0
     cache: CacheConfig = field(default_factory=CacheConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -322,6 +324,7 @@ def build(raw: dict, base_dir: Path, source: str = '<dict>') -> EngineConfig:
         allow_spinning=e.get('allow_spinning', False),
         tensorrt_cache=Path(os.path.expanduser(e.get('tensorrt_cache', '~/.cache/akidb/trt'))),
         tensorrt_fp16=e.get('tensorrt_fp16', True),
+        cuda_tf32=e.get('cuda_tf32', False),
         gpu_metrics_interval_s=e.get('gpu_metrics_interval_s', 5.0),
         cache=CacheConfig(**e.get('cache', {})),
         batching=BatchingConfig(**e.get('batching', {})),

@@ -48,17 +48,21 @@ def _preload_cuda_libraries() -> None:
         log.warning('could not preload CUDA libraries: %s', exc)
 
 
-def _tensorrt_diagnosis() -> str:
-    """Why TensorRT did not start, in words an operator can act on (ORT only prints it)."""
+def _tensorrt_libraries_missing() -> str:
+    """Why TensorRT cannot start here, in words an operator can act on ('' when it can try)."""
     import ctypes
     for lib in ('libnvinfer.so.10', 'libnvinfer.so'):
         try:
             ctypes.CDLL(lib)
-            return ''   # the library is there: the cause is in the log (GPU, version, memory)
+            return ''   # the library is there: any failure's cause is in the log
         except OSError:
             continue
     return (' (TensorRT libraries not found: libnvinfer.so.10; install tensorrt-cu13-libs or '
             'put them on LD_LIBRARY_PATH)')
+
+
+def _provider_name(provider) -> str:
+    return provider[0] if isinstance(provider, tuple) else provider
 
 
 def _shape_spec(names: List[str], batch: int, seq: int) -> str:
@@ -90,7 +94,9 @@ def plan_providers(device: str, available: List[str], model: ModelConfig,
                 'trt_profile_max_shapes': _shape_spec(input_names, max_batch, model.max_tokens),
             }))
         else:
-            chosen.append((CUDA, {'device_id': 0}))
+            # TF32 matmuls make a sentence's vector depend on its batch (measured ~5e-4 on an
+            # H100, 6e-7 without): exact FP32 unless the config trades that for speed.
+            chosen.append((CUDA, {'device_id': 0, 'use_tf32': int(settings.cuda_tf32)}))
     gpu_wanted = bool(wanted)
     if gpu_wanted and not chosen:
         note = (f'device={device} asked for a GPU but this onnxruntime offers only '
@@ -125,37 +131,34 @@ class OnnxModel:
         if settings.device != 'cpu' and CUDA in available:
             _preload_cuda_libraries()
         probe_names = ['input_ids', 'attention_mask']
+        trt_missing = ''
         if TRT in available and settings.device in ('auto', 'tensorrt'):
-            # TensorRT profiles must name the graph's real inputs: read them off an
-            # unoptimised CPU session (cheap, and only on hosts that have TensorRT).
-            probe = ort.SessionOptions()
-            probe.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            try:
-                probe_names = [i.name for i in ort.InferenceSession(
-                    str(model.path), probe, providers=[CPU]).get_inputs()]
-            except Exception as exc:
-                raise errors.EngineError(errors.ErrorCode.MODEL_LOAD_FAILED,
-                                         f'model {model.id}: cannot read graph: {exc}') from exc
+            # Without its libraries TensorRT cannot start, and ORT's own fallback would retry
+            # with bare provider names, dropping the CUDA options: plan without it instead.
+            trt_missing = _tensorrt_libraries_missing()
+            if trt_missing:
+                available = [p for p in available if p != TRT]
+            else:
+                # TensorRT profiles must name the graph's real inputs: read them off an
+                # unoptimised CPU session (cheap, and only on hosts that have TensorRT).
+                probe = ort.SessionOptions()
+                probe.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                probe_names = [i.name for i in self._session(probe, [CPU]).get_inputs()]
         providers, note = plan_providers(settings.device, available, model, settings, probe_names)
         trt_cache = Path(settings.tensorrt_cache) / model.id
         engines_before = set(trt_cache.glob('*.engine')) if trt_cache.is_dir() else set()
-        try:
-            self.session = ort.InferenceSession(str(model.path), sess_options=opts,
-                                                providers=providers)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
-            # Details (paths, ORT internals) go to the log, not to the caller.
-            log.error('model %s: cannot create session from %s: %s', model.id, model.path, exc)
-            raise errors.EngineError(
-                errors.ErrorCode.MODEL_LOAD_FAILED,
-                f'model {model.id}: cannot create session (invalid or corrupt model file: '
-                f'{type(exc).__name__})') from exc
-        active = self.session.get_providers()
-        self.provider = active[0]
-        requested = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+        self.session = self._session(opts, providers)
+        requested = TRT if trt_missing else _provider_name(providers[0])
+        planned = [_provider_name(p) for p in providers]
+        if planned[0] == TRT and self.session.get_providers()[0] != TRT and CUDA in planned:
+            # TensorRT failed at run time (GPU, version, memory: the log says which) and ORT
+            # fell back without our CUDA options: build the CUDA session with them.
+            self.session = self._session(opts, providers[planned.index(CUDA):])
+        self.provider = self.session.get_providers()[0]
         if requested != self.provider and not note:
             note = f'{requested} failed to initialise; running on {self.provider}'
             if requested == TRT:
-                note += _tensorrt_diagnosis()
+                note += trt_missing
         if note:
             _warn_once(note, note)
         self.provider_note = note
@@ -202,6 +205,19 @@ class OnnxModel:
         opts.add_session_config_entry('session.inter_op.allow_spinning', spin)
         return opts
 
+    def _session(self, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(str(self.cfg.path), sess_options=opts,
+                                        providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
+            # Details (paths, ORT internals) go to the log, not to the caller.
+            log.error('model %s: cannot create session from %s: %s', self.cfg.id, self.cfg.path,
+                      exc)
+            raise errors.EngineError(
+                errors.ErrorCode.MODEL_LOAD_FAILED,
+                f'model {self.cfg.id}: cannot create session (invalid or corrupt model file: '
+                f'{type(exc).__name__})') from exc
+
     def _feeds(self, ids: np.ndarray, mask: np.ndarray,
                types: Optional[np.ndarray]) -> Dict[str, np.ndarray]:
         feeds: Dict[str, np.ndarray] = {'input_ids': ids, 'attention_mask': mask}
@@ -230,9 +246,7 @@ class OnnxModel:
 
     def _build_overlap(self, pad_id: int) -> None:
         try:
-            session = ort.InferenceSession(
-                str(self.cfg.path), sess_options=self._options(self._overlap_threads),
-                providers=[CPU])
+            session = self._session(self._options(self._overlap_threads), [CPU])
             self._warm(session, pad_id)
         except Exception as exc:   # the model still serves, on its main session alone
             log.warning('model %s: no overlap session (%s); overlapping runs share the main '

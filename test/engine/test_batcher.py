@@ -222,7 +222,7 @@ def test_two_runners_overlap_runs_on_the_overlap_session(tmp_path):
     second (one-core) session; a lone run uses the all-core session; vectors do not change."""
     def mutate(raw):
         raw['engine']['batching'].update(runners=2, max_wait_ms=0)
-        raw['engine']['intra_op_threads'] = 2
+        raw['engine'].update(intra_op_threads=2, device='cpu')   # the overlap session is a CPU's
     eng = make_engine(tmp_path, mutate)
     try:
         lm = eng.manager.loaded(MINILM)

@@ -37,6 +37,19 @@ def test_a_noisy_negative_slope_is_not_trusted():
     assert model.params() is None
 
 
+def test_a_flat_cost_keeps_runs_whole():
+    """On a GPU a run costs its kernel launches whatever its size: the slope is zero within the
+    noise, sometimes just below it, and that must mean one run (not a fall back to cutting)."""
+    for seed in range(20):
+        model = RunCostModel(decay=0.98)
+        rng = random.Random(seed)
+        for _ in range(60):
+            model.observe(rng.randint(8, 2000), 0.002 + rng.gauss(0, 2e-4))
+        overhead, per_token = model.params()
+        assert abs(overhead - 0.002) < 3e-4 and per_token < 2e-7
+        assert cut_by_cost([5, 6, 7, 30, 31, 90], overhead, per_token) == [6]
+
+
 def _cost(lengths, ends, overhead, per_token):
     starts = [0] + ends[:-1]
     return sum(overhead + per_token * (j - i) * lengths[j - 1] for i, j in zip(starts, ends))

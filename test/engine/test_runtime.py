@@ -3,7 +3,8 @@ import onnxruntime as ort
 import pytest
 
 from akidb_ros.engine import load_config
-from akidb_ros.engine.runtime import CPU, CUDA, TRT, plan_providers
+from akidb_ros.engine import runtime
+from akidb_ros.engine.runtime import CPU, CUDA, TRT, OnnxModel, plan_providers
 from engine_support import MINILM, write_config
 
 
@@ -31,9 +32,54 @@ def test_full_gpu_stack_orders_tensorrt_cuda_cpu(tmp_path):
 def test_cuda_only_and_cpu_only_plans(tmp_path):
     cfg, model = _cfg(tmp_path)
     providers, note = plan_providers('cuda', [CUDA, CPU], model, cfg.engine, ['input_ids'])
-    assert providers == [(CUDA, {'device_id': 0}), CPU] and note == ''
+    assert providers == [(CUDA, {'device_id': 0, 'use_tf32': 0}), CPU] and note == ''
     providers, note = plan_providers('cpu', [TRT, CUDA, CPU], model, cfg.engine, ['input_ids'])
     assert providers == [CPU] and note == ''
+
+
+def test_tf32_is_off_unless_the_config_trades_exact_vectors_for_speed(tmp_path):
+    cfg = load_config(write_config(tmp_path, lambda r: r['engine'].update(cuda_tf32=True)),
+                      env={})
+    providers, _ = plan_providers('cuda', [CUDA, CPU], cfg.model(MINILM), cfg.engine, [])
+    assert providers[0] == (CUDA, {'device_id': 0, 'use_tf32': 1})
+
+
+class _SessionSpy:
+    """Records the providers of every real InferenceSession built (this CPU build runs on CPU)."""
+
+    def __init__(self, monkeypatch, available):
+        self.calls = []
+        real = ort.InferenceSession
+
+        def build(path, sess_options=None, providers=None):
+            self.calls.append(providers)
+            return real(path, sess_options=sess_options, providers=[CPU])
+        monkeypatch.setattr(runtime.ort, 'InferenceSession', build)
+        monkeypatch.setattr(runtime.ort, 'get_available_providers', lambda: list(available))
+        monkeypatch.setattr(runtime, '_preload_cuda_libraries', lambda: None)
+
+
+def test_without_tensorrt_libraries_cuda_keeps_its_options(tmp_path, monkeypatch):
+    """ORT's own fallback from a failed TensorRT retries with bare provider names, losing the
+    CUDA options (TF32 off, device id): a host without libnvinfer plans CUDA directly."""
+    cfg, model = _cfg(tmp_path)
+    spy = _SessionSpy(monkeypatch, [TRT, CUDA, CPU])
+    monkeypatch.setattr(runtime, '_tensorrt_libraries_missing', lambda: ' (no libnvinfer)')
+    onnx = OnnxModel(model, cfg.engine)
+    assert spy.calls == [[(CUDA, {'device_id': 0, 'use_tf32': 0}), CPU]]
+    assert onnx.provider_note == (f'{TRT} failed to initialise; running on {CPU} '
+                                  '(no libnvinfer)')
+
+
+def test_a_failing_tensorrt_is_retried_as_cuda_with_options(tmp_path, monkeypatch):
+    cfg, model = _cfg(tmp_path)
+    spy = _SessionSpy(monkeypatch, [TRT, CUDA, CPU])
+    monkeypatch.setattr(runtime, '_tensorrt_libraries_missing', lambda: '')
+    onnx = OnnxModel(model, cfg.engine)
+    probe, first, retry = spy.calls       # graph probe, TensorRT plan, then CUDA with options
+    assert probe == [CPU] and first[0][0] == TRT
+    assert retry == [(CUDA, {'device_id': 0, 'use_tf32': 0}), CPU]
+    assert onnx.provider_note == f'{TRT} failed to initialise; running on {CPU}'
 
 
 def test_missing_gpu_degrades_to_cpu_with_a_note(tmp_path):
