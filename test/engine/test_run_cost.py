@@ -5,7 +5,7 @@ import numpy as np
 
 from akidb_ros.engine import EmbedRequest
 from akidb_ros.engine.batcher import RunCostModel, cut_by_cost
-from engine_support import make_engine
+from engine_support import MINILM, Gate, make_engine
 
 
 def test_fit_recovers_overhead_and_per_token_cost():
@@ -50,6 +50,13 @@ def test_a_flat_cost_keeps_runs_whole():
         assert cut_by_cost([5, 6, 7, 30, 31, 90], overhead, per_token) == [6]
 
 
+def test_the_cut_keeps_every_run_within_the_token_budget():
+    lengths = [10, 10, 10, 10]
+    assert cut_by_cost(lengths, overhead=1.0, per_token=1e-6) == [4]
+    assert cut_by_cost(lengths, overhead=1.0, per_token=1e-6, max_tokens=25) == [2, 4]
+    assert cut_by_cost([300], overhead=1.0, per_token=1e-6, max_tokens=25) == [1]   # one row
+
+
 def _cost(lengths, ends, overhead, per_token):
     starts = [0] + ends[:-1]
     return sum(overhead + per_token * (j - i) * lengths[j - 1] for i, j in zip(starts, ends))
@@ -88,5 +95,36 @@ def test_the_engine_learns_its_run_cost_and_answers_the_same(tmp_path):
         assert batcher.cost.params() is not None
         np.testing.assert_allclose(eng.embed(EmbedRequest(inputs=texts)).embeddings, before,
                                    atol=1e-5)
+    finally:
+        eng.close()
+
+
+def test_each_run_is_planned_from_the_whole_queue_around_its_oldest_sentence(tmp_path):
+    """With a learnt CPU-like cost the runner plans one run at a time from everything queued:
+    the run holding the oldest sentence goes first and takes the queued sentences of its
+    length; the others wait for the next plan. Vectors equal the single calls."""
+    eng = make_engine(tmp_path, lambda r: r['engine']['batching'].update(
+        runners=1, max_wait_ms=0, split_policy='cost'))
+    try:
+        longs = [f'the robot arm moves the blue crate to shelf number {n} now' for n in 'abc']
+        shorts = ['ok', 'stop', 'go']
+        singles = {t: eng.embed(EmbedRequest(inputs=[t])).embeddings[0] for t in longs + shorts}
+        batcher = eng.manager.loaded(MINILM).batcher
+        for k in range(60):                    # ~3 ms a run + 0.27 ms a padded token
+            x = 16 + 40 * (k % 12)
+            batcher.cost.observe(x, 0.003 + 2.7e-4 * x)
+        gate = Gate(batcher)
+        gate.close()
+        blocker = eng.submit(EmbedRequest(inputs=['hold']))
+        assert gate.entered.wait(5)
+        order = [longs[0], shorts[0], longs[1], shorts[1], shorts[2], longs[2]]
+        futures = [eng.submit(EmbedRequest(inputs=[t])) for t in order]
+        gate.open.set()
+        blocker.result(10)
+        for text, fut in zip(order, futures):
+            np.testing.assert_allclose(fut.result(10).embeddings[0], singles[text], atol=1e-5)
+        long_width = max(gate.shapes[1][1], gate.shapes[2][1])
+        assert [b for b, _ in gate.shapes[1:]] == [3, 3]
+        assert gate.shapes[1][1] == long_width > gate.shapes[2][1]   # the oldest's run first
     finally:
         eng.close()
