@@ -348,22 +348,22 @@ class Batcher:
         if params is None:
             return []
         lane = self._lanes[Priority.NORMAL]
-        while lane and lane[0].job.done:      # timed out while queued: nothing to compute
-            lane.popleft()
         window = [it for it in itertools.islice(lane, self.max_batch_size) if not it.job.done]
         if not window:
             return []
         oldest = window[0]
         window.sort(key=lambda it: it.enc.length)
+        at = window.index(oldest)
         start = 0
         for end in cut_by_cost([it.enc.length for it in window], *params,
                                max_tokens=self.max_batch_tokens):
-            if any(it is oldest for it in window[start:end]):
+            if end > at:
                 break
             start = end
         run = window[start:end]
-        chosen = {id(it) for it in run}
-        rest = [it for it in lane if id(it) not in chosen]
+        chosen = set(run)
+        # Timed out while queued: nothing to compute, drop them with the run's sentences.
+        rest = [it for it in lane if it not in chosen and not it.job.done]
         lane.clear()
         lane.extend(rest)
         return run

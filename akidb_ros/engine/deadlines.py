@@ -97,8 +97,10 @@ class DeadlineWatcher:
                 wake = now + self.sweep_s
                 if self._heap:
                     wake = min(wake, self._heap[0][0])
+                # Publish the plan before looking at the arrivals since the sweep: one that
+                # lands after this look reads it (and wakes us if due sooner), one before it is
+                # in the list below.
                 self._wake_at = wake
-                # Arrivals since the sweep compared their deadline with an older plan.
                 for item in list(self._incoming):
                     wake = min(wake, item.deadline)
                 self._wake_at = wake
