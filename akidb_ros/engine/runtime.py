@@ -186,6 +186,9 @@ class OnnxModel:
         self._overlap_threads = (share if self.provider == CPU and runners > 1 and share < cores
                                  else 0)
         self.memory_factor = 2 if self._overlap_threads else 1
+        # Several runners on a CPU: their runs overlap, each on a share of the cores (a GPU
+        # queues them on one device).
+        self.runs_share_cores = self.provider == CPU and runners > 1
         self._in_flight = 0
         self._flight_lock = threading.Lock()
 

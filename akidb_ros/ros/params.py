@@ -89,7 +89,8 @@ PARAMS: List[ParamSpec] = [
               range=(0, 1024), engine_key='engine.batching.max_batch_size', unset=0),
     ParamSpec('batching.max_batch_tokens', 0, 'Padded tokens per inference batch',
               range=(0, INT_MAX), engine_key='engine.batching.max_batch_tokens', unset=0),
-    ParamSpec('batching.max_wait_ms', -1.0, 'How long a batch stays open for concurrent callers',
+    ParamSpec('batching.max_wait_ms', -1.0, 'How long a batch stays open for concurrent callers '
+              '(not where runners overlap on a CPU)',
               range=(-1.0, 1000.0), engine_key='engine.batching.max_wait_ms', unset=-1.0),
     ParamSpec('batching.runners', 0, 'Threads per model that take and run batches concurrently',
               range=(0, 16), engine_key='engine.batching.runners', unset=0),

@@ -201,3 +201,21 @@ def test_served_requests_show_in_the_model_listing(engine):
         engine.embed(EmbedRequest(inputs=['stats']))
     info = next(m for m in engine.list_models() if m.id == MINILM)
     assert info.latency_p95_ms > 0 and info.throughput_qps > 0
+
+
+@pytest.mark.parametrize('runners', [1, 2])
+def test_batch_hold_only_where_one_run_has_the_device(tmp_path, runners):
+    """max_wait_ms holds a batch open for one runner or on a GPU; runners that overlap on a CPU's
+    cores do not hold, which would leave a core idle while the queue fills anyway."""
+    eng = make_engine(tmp_path, lambda r: r['engine']['batching'].update(
+        runners=runners, max_wait_ms=2.0))
+    try:
+        eng.load_model(MINILM)
+        lm = eng.manager.loaded(MINILM)
+        overlap_on_cpu = runners > 1 and lm.onnx.provider == 'CPUExecutionProvider'
+        assert lm.onnx.runs_share_cores is overlap_on_cpu
+        assert lm.batcher.max_wait_s == pytest.approx(0.0 if overlap_on_cpu else 0.002)
+        vectors = eng.embed(EmbedRequest(inputs=['a', 'b c'])).embeddings
+        assert vectors.shape == (2, 384)
+    finally:
+        eng.close()
