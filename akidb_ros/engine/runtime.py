@@ -181,14 +181,13 @@ class OnnxModel:
             self.trt_engine_built = bool(after - engines_before)
         self.overlap_session: Optional[ort.InferenceSession] = None
         self._overlap_builder: Optional[threading.Thread] = None
-        cores = settings.intra_op_threads or _usable_cores()
-        share = max(1, cores // max(1, runners))
-        self._overlap_threads = (share if self.provider == CPU and runners > 1 and share < cores
-                                 else 0)
-        self.memory_factor = 2 if self._overlap_threads else 1
         # Several runners on a CPU: their runs overlap, each on a share of the cores (a GPU
         # queues them on one device).
         self.runs_share_cores = self.provider == CPU and runners > 1
+        cores = settings.intra_op_threads or _usable_cores()
+        share = max(1, cores // max(1, runners))
+        self._overlap_threads = share if self.runs_share_cores and share < cores else 0
+        self.memory_factor = 2 if self._overlap_threads else 1
         self._in_flight = 0
         self._flight_lock = threading.Lock()
 
