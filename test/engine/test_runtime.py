@@ -93,9 +93,19 @@ def test_a_failing_tensorrt_is_retried_as_cuda_with_options(tmp_path, monkeypatc
     assert onnx.provider_note == f'{TRT} failed to initialise; running on {CPU}'
 
 
+@pytest.mark.skipif(runtime._usable_cores() < 2, reason='an overlap session needs 2 cores')
+def test_lone_runs_take_the_fused_graph_overlapping_runs_the_portable_one(tmp_path, monkeypatch):
+    cfg, model = _cfg(tmp_path, device='cpu')
+    spy = _SessionSpy(monkeypatch, [CPU])
+    onnx = OnnxModel(model, cfg.engine, runners=2)
+    onnx.build_overlap(0)
+    assert onnx.wait_overlap(60) and onnx.overlap_session is not None
+    assert spy.graphs == ['model.cpu.onnx', 'model.onnx']
+
+
 def test_cpu_sessions_run_the_fused_graph_and_match_the_portable_one(tmp_path, caplog):
-    """``cpu_path`` (ORT's transformer fusions) serves CPU sessions with the vectors of
-    ``path``; a missing ``cpu_path`` falls back to ``path`` with one warning."""
+    """``cpu_path`` (ORT's transformer fusions) serves the main CPU session with the vectors
+    of ``path``; a missing ``cpu_path`` falls back to ``path`` with one warning."""
     cfg, model = _cfg(tmp_path, device='cpu')
     fused = OnnxModel(model, cfg.engine)
     assert fused.provider == CPU and fused.graph_path == model.cpu_path
