@@ -49,7 +49,6 @@ MODEL_SCHEMA = {
         'id': {'type': 'string', 'pattern': r'^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$'},
         'name': {'type': 'string', 'minLength': 1},
         'path': {'type': 'string', 'minLength': 1},
-        'cpu_path': {'type': 'string', 'minLength': 1},
         'tokenizer': {'type': 'string', 'minLength': 1},
         'dimension': _int(1, 65536),
         'max_tokens': _int(1, 131072),
@@ -143,9 +142,6 @@ class ModelConfig:
     passage_prefix: str = ''
     params: int = 0
     memory_mb: int = 0
-    # The same weights with ONNX Runtime's transformer fusions, for CPU sessions (TensorRT
-    # cannot take the fused operators, so GPU sessions keep ``path``).
-    cpu_path: Optional[Path] = None
 
     @property
     def installed(self) -> bool:
@@ -314,8 +310,7 @@ def build(raw: dict, base_dir: Path, source: str = '<dict>') -> EngineConfig:
             max_tokens=m['max_tokens'], pooling=m.get('pooling', 'mean'),
             normalize=m.get('normalize', True), query_prefix=m.get('query_prefix', ''),
             passage_prefix=m.get('passage_prefix', ''), params=m.get('params', 0),
-            memory_mb=m.get('memory_mb', 0),
-            cpu_path=resolve(m['cpu_path']) if m.get('cpu_path') else None))
+            memory_mb=m.get('memory_mb', 0)))
     if raw['default_model'] not in seen:
         raise ConfigError(
             f'invalid config {source}: default_model: {raw["default_model"]!r} is not one of '

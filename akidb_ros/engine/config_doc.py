@@ -68,12 +68,8 @@ def render() -> str:
     lines += ['', '## Each entry of `models`', '', '| key | type | required |', '|---|---|---|']
     lines += [f'| `{k}` | {t} | {r} |' for k, t, r, _ in
               _rows(model, '', set(model['required']), {})]
-    lines += ['', 'Model `path`, `cpu_path` and `tokenizer` are relative to `models_dir`, '
-              'which is relative to the config file\'s folder. `cpu_path` (optional) is the '
-              'same model with ONNX Runtime\'s transformer fusions, which `make setup` writes '
-              'as `model.cpu.onnx`: CPU sessions run it, GPU sessions run `path` (TensorRT '
-              'cannot take the fused operators); where it is missing, CPU sessions run `path`.',
-              '', '## Environment overrides', '',
+    lines += ['', 'Model `path` and `tokenizer` are relative to `models_dir`, which is '
+              'relative to the config file\'s folder.', '', '## Environment overrides', '',
               '| variable | sets |', '|---|---|']
     lines += [f'| `{k}` | {v} |' for k, v in ENV_VARS]
     return '\n'.join(lines) + '\n'

@@ -234,8 +234,7 @@ class ModelManager:
             metrics.TENSORRT_ENGINE_BUILDS.labels(model=cfg.id).inc()
         elif onnx.trt_engine_built is False:
             metrics.TENSORRT_ENGINE_CACHE_HITS.labels(model=cfg.id).inc()
-        log.info('loaded %s on %s (%s) in %.0f ms', cfg.id, onnx.provider, onnx.graph_path.name,
-                 seconds * 1000)
+        log.info('loaded %s on %s in %.0f ms', cfg.id, onnx.provider, seconds * 1000)
         return LoadedModel(cfg, onnx, encoder, batcher, seconds)
 
     def _finish_load(self, cfg: ModelConfig, fut: Future, lm: Optional[LoadedModel] = None,

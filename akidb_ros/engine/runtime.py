@@ -121,18 +121,11 @@ class OnnxModel:
     gets every core). It holds a second copy of the weights, counted in ``memory_factor``, and
     is built in the background after the load (``build_overlap``): a cold load does not wait
     for it, and runs share the main session until it is ready.
-
-    On a CPU the main session runs the model's ``cpu_path`` where it is installed: the same
-    weights with ONNX Runtime's transformer fusions (attention, skip + LayerNorm), a lone run
-    ~1.2 ms faster here. The overlap session runs ``path``: two fused runs at once are ~6 %
-    slower than two of the portable graph, so runs under load keep it. GPU sessions run
-    ``path``, the portable graph that TensorRT can take.
     """
 
     def __init__(self, model: ModelConfig, settings: EngineSettings, runners: int = 1):
         self.cfg = model
         self._settings = settings
-        self.graph_path: Path = model.path   # the main session's ONNX file (see cpu_path)
         opts = self._options(settings.intra_op_threads)
         available = ort.get_available_providers()
         if settings.device != 'cpu' and CUDA in available:
@@ -154,25 +147,14 @@ class OnnxModel:
         providers, note = plan_providers(settings.device, available, model, settings, probe_names)
         trt_cache = Path(settings.tensorrt_cache) / model.id
         engines_before = set(trt_cache.glob('*.engine')) if trt_cache.is_dir() else set()
-        fused = model.cpu_path if model.cpu_path is not None and model.cpu_path.is_file() \
-            else None
-        planned = [_provider_name(p) for p in providers]
-        self.graph_path = fused if fused is not None and planned == [CPU] else model.path
         self.session = self._session(opts, providers)
         requested = TRT if trt_missing else _provider_name(providers[0])
+        planned = [_provider_name(p) for p in providers]
         if planned[0] == TRT and self.session.get_providers()[0] != TRT and CUDA in planned:
             # TensorRT failed at run time (GPU, version, memory: the log says which) and ORT
             # fell back without our CUDA options: build the CUDA session with them.
             self.session = self._session(opts, providers[planned.index(CUDA):])
         self.provider = self.session.get_providers()[0]
-        if self.provider == CPU and fused is not None and self.graph_path != fused:
-            # a GPU that failed to start: serve the CPU graph, as a CPU-only host would
-            self.graph_path = fused
-            self.session = self._session(opts, [CPU])
-        elif self.provider == CPU and model.cpu_path is not None and fused is None:
-            _warn_once(f'cpu-graph:{model.cpu_path}',
-                       f'model {model.id}: cpu_path {model.cpu_path} is not installed; the CPU '
-                       f'runs {model.path} (slower, same vectors)')
         if requested != self.provider and not note:
             note = f'{requested} failed to initialise; running on {self.provider}'
             if requested == TRT:
@@ -225,14 +207,14 @@ class OnnxModel:
         opts.add_session_config_entry('session.inter_op.allow_spinning', spin)
         return opts
 
-    def _session(self, opts: ort.SessionOptions, providers: list,
-                 path: Optional[Path] = None) -> ort.InferenceSession:
-        path = path or self.graph_path
+    def _session(self, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
         try:
-            return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            return ort.InferenceSession(str(self.cfg.path), sess_options=opts,
+                                        providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
             # Details (paths, ORT internals) go to the log, not to the caller.
-            log.error('model %s: cannot create session from %s: %s', self.cfg.id, path, exc)
+            log.error('model %s: cannot create session from %s: %s', self.cfg.id, self.cfg.path,
+                      exc)
             raise errors.EngineError(
                 errors.ErrorCode.MODEL_LOAD_FAILED,
                 f'model {self.cfg.id}: cannot create session (invalid or corrupt model file: '
@@ -266,8 +248,7 @@ class OnnxModel:
 
     def _build_overlap(self, pad_id: int) -> None:
         try:
-            # the portable graph: under two runs at once it is ~6 % faster than the fused one
-            session = self._session(self._options(self._overlap_threads), [CPU], self.cfg.path)
+            session = self._session(self._options(self._overlap_threads), [CPU])
             self._warm(session, pad_id)
         except Exception as exc:   # the model still serves, on its main session alone
             log.warning('model %s: no overlap session (%s); overlapping runs share the main '

@@ -146,8 +146,7 @@ def test_corrupt_model_fails_cleanly_and_others_keep_serving(tmp_path):
     shutil.copy(MODELS / 'all-MiniLM-L6-v2' / 'tokenizer.json', bad_dir / 'tokenizer.json')
 
     def mutate(raw):
-        good = {k: v for k, v in raw['models'][0].items() if k != 'cpu_path'}
-        raw['models'].append(dict(good, id='corrupt', name='test/corrupt',
+        raw['models'].append(dict(raw['models'][0], id='corrupt', name='test/corrupt',
                                   path=str(bad_dir / 'model.onnx'),
                                   tokenizer=str(bad_dir / 'tokenizer.json')))
     eng = make_engine(tmp_path, mutate)

@@ -1,8 +1,4 @@
 """Execution-provider planning (TensorRT -> CUDA -> CPU) and the CPU fallback seen in health."""
-import json
-import os
-
-import numpy as np
 import onnxruntime as ort
 import pytest
 
@@ -53,12 +49,10 @@ class _SessionSpy:
 
     def __init__(self, monkeypatch, available):
         self.calls = []
-        self.graphs = []
         real = ort.InferenceSession
 
         def build(path, sess_options=None, providers=None):
             self.calls.append(providers)
-            self.graphs.append(os.path.basename(path))
             return real(path, sess_options=sess_options, providers=[CPU])
         monkeypatch.setattr(runtime.ort, 'InferenceSession', build)
         monkeypatch.setattr(runtime.ort, 'get_available_providers', lambda: list(available))
@@ -72,9 +66,7 @@ def test_without_tensorrt_libraries_cuda_keeps_its_options(tmp_path, monkeypatch
     spy = _SessionSpy(monkeypatch, [TRT, CUDA, CPU])
     monkeypatch.setattr(runtime, '_tensorrt_libraries_missing', lambda: ' (no libnvinfer)')
     onnx = OnnxModel(model, cfg.engine)
-    # the GPU session runs the portable graph; once on the CPU, the fused CPU graph
-    assert spy.calls == [[(CUDA, {'device_id': 0, 'use_tf32': 0}), CPU], [CPU]]
-    assert spy.graphs == ['model.onnx', 'model.cpu.onnx']
+    assert spy.calls == [[(CUDA, {'device_id': 0, 'use_tf32': 0}), CPU]]
     assert onnx.provider_note == (f'{TRT} failed to initialise; running on {CPU} '
                                   '(no libnvinfer)')
 
@@ -84,48 +76,10 @@ def test_a_failing_tensorrt_is_retried_as_cuda_with_options(tmp_path, monkeypatc
     spy = _SessionSpy(monkeypatch, [TRT, CUDA, CPU])
     monkeypatch.setattr(runtime, '_tensorrt_libraries_missing', lambda: '')
     onnx = OnnxModel(model, cfg.engine)
-    # graph probe, TensorRT plan, CUDA with options, then the CPU graph for the CPU it got
-    probe, first, retry, cpu = spy.calls
+    probe, first, retry = spy.calls       # graph probe, TensorRT plan, then CUDA with options
     assert probe == [CPU] and first[0][0] == TRT
     assert retry == [(CUDA, {'device_id': 0, 'use_tf32': 0}), CPU]
-    assert cpu == [CPU] and spy.graphs == ['model.onnx'] * 3 + ['model.cpu.onnx']
-    assert onnx.graph_path == model.cpu_path
     assert onnx.provider_note == f'{TRT} failed to initialise; running on {CPU}'
-
-
-@pytest.mark.skipif(runtime._usable_cores() < 2, reason='an overlap session needs 2 cores')
-def test_lone_runs_take_the_fused_graph_overlapping_runs_the_portable_one(tmp_path, monkeypatch):
-    cfg, model = _cfg(tmp_path, device='cpu')
-    spy = _SessionSpy(monkeypatch, [CPU])
-    onnx = OnnxModel(model, cfg.engine, runners=2)
-    onnx.build_overlap(0)
-    assert onnx.wait_overlap(60) and onnx.overlap_session is not None
-    assert spy.graphs == ['model.cpu.onnx', 'model.onnx']
-
-
-def test_cpu_sessions_run_the_fused_graph_and_match_the_portable_one(tmp_path, caplog):
-    """``cpu_path`` (ORT's transformer fusions) serves the main CPU session with the vectors
-    of ``path``; a missing ``cpu_path`` falls back to ``path`` with one warning."""
-    cfg, model = _cfg(tmp_path, device='cpu')
-    fused = OnnxModel(model, cfg.engine)
-    assert fused.provider == CPU and fused.graph_path == model.cpu_path
-    assert model.cpu_path.name == 'model.cpu.onnx' and model.cpu_path.is_file()
-    marker = json.loads((model.cpu_path.parent / 'VERIFIED').read_text())   # the export's
-    assert marker['cpu_graph'] == 'model.cpu.onnx'
-    assert {'Attention', 'SkipLayerNormalization'} <= set(marker['cpu_graph_fused_ops'])
-    model.cpu_path = tmp_path / 'absent.onnx'
-    with caplog.at_level('WARNING', logger=runtime.log.name):
-        plain = OnnxModel(model, cfg.engine)
-    assert plain.graph_path == model.path
-    assert [r.getMessage() for r in caplog.records if 'absent.onnx' in r.getMessage()]
-    rng = np.random.default_rng(7)
-    ids = rng.integers(1000, 20000, (3, 24)).astype(np.int64)
-    mask = np.ones_like(ids)
-    mask[1, 17:] = 0
-    mask[2, 5:] = 0
-    a = fused.run(ids, mask, None) * mask[..., None]
-    b = plain.run(ids, mask, None) * mask[..., None]
-    assert np.abs(a - b).max() <= 1e-5
 
 
 def test_missing_gpu_degrades_to_cpu_with_a_note(tmp_path):
