@@ -38,11 +38,13 @@ class Backend(Protocol):
 
     name: str           # 'inprocess' | 'sidecar' (metrics label, /health)
 
-    def submit(self, req: EmbedRequest,
-               trace_context: Optional[Dict[str, str]] = None) -> 'Future[EmbedResult]':
+    def submit(self, req: EmbedRequest, trace_context: Optional[Dict[str, str]] = None,
+               caller_waits: bool = False) -> 'Future[EmbedResult]':
         """Start an embedding; the future resolves to EmbedResult or raises EngineError.
 
         ``trace_context`` is a W3C carrier (``{'traceparent': ...}``) of the door's span.
+        ``caller_waits``: the calling thread will block on the future, so an in-process engine
+        may run the job in it (``EmbeddingEngine.submit``); never from an event loop.
         """
 
     def embed(self, req: EmbedRequest) -> EmbedResult:
@@ -113,18 +115,21 @@ class LocalBackend:
         # Does the engine accept an explicit W3C carrier (``trace_context=``)? If not, it can
         # still read the caller's OpenTelemetry context at submit time (same thread).
         try:
-            self._submit_takes_trace = 'trace_context' in inspect.signature(
-                engine.submit).parameters
+            params = inspect.signature(engine.submit).parameters
         except (TypeError, ValueError):
-            self._submit_takes_trace = False
+            params = {}
+        self._submit_takes_trace = 'trace_context' in params
+        self._submit_takes_wait = 'caller_waits' in params
 
-    def submit(self, req: EmbedRequest, trace_context: Optional[Dict[str, str]] = None) -> Future:
+    def submit(self, req: EmbedRequest, trace_context: Optional[Dict[str, str]] = None,
+               caller_waits: bool = False) -> Future:
         t0 = time.perf_counter()
+        extra = {'caller_waits': True} if caller_waits and self._submit_takes_wait else {}
         try:
             if self._submit_takes_trace:
-                fut = self.engine.submit(req, trace_context=trace_context)
+                fut = self.engine.submit(req, trace_context=trace_context, **extra)
             else:
-                fut = self.engine.submit(req)
+                fut = self.engine.submit(req, **extra)
         except EngineError:
             raise
         except Exception as exc:
@@ -135,7 +140,7 @@ class LocalBackend:
         return fut
 
     def embed(self, req: EmbedRequest) -> EmbedResult:
-        return wait_result(self.submit(req), req.timeout_s)
+        return wait_result(self.submit(req, caller_waits=True), req.timeout_s)
 
     def list_models(self) -> List[ModelInfo]:
         return list(self.engine.list_models())
@@ -293,7 +298,8 @@ class RosBackend:
         return wait_result(self._call(service, request, t), t)
 
     # -- Backend ------------------------------------------------------------------------------
-    def submit(self, req: EmbedRequest, trace_context: Optional[Dict[str, str]] = None) -> Future:
+    def submit(self, req: EmbedRequest, trace_context: Optional[Dict[str, str]] = None,
+               caller_waits: bool = False) -> Future:   # a DDS call: nothing to run here
         from akidb_ros.observability.tracing import inject_carrier, tracer
         from opentelemetry import trace
 

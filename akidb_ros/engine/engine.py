@@ -103,11 +103,15 @@ class EmbeddingEngine:
         return self._closed
 
     # --- requests ------------------------------------------------------------------------
-    def submit(self, request: EmbedRequest) -> 'Future[EmbedResult]':
+    def submit(self, request: EmbedRequest,
+               caller_waits: bool = False) -> 'Future[EmbedResult]':
         """Validate, admit and enqueue; the future resolves exactly once (result or EngineError).
 
         Caller mistakes and admission failures raise EngineError right away (nothing was
-        accepted); after acceptance, every outcome arrives through the future.
+        accepted); after acceptance, every outcome arrives through the future. A caller that
+        will block on the future (``caller_waits``) may get it answered already: its thread
+        runs the job when the model is idle (``Batcher.run_inline``). An event loop or ROS
+        executor must not set it.
         """
         if self._closed:
             raise EngineError(ErrorCode.UNAVAILABLE, 'engine is shutting down', retry_after_s=1.0)
@@ -116,13 +120,14 @@ class EmbeddingEngine:
         model_cfg = self.manager.resolve(request.model)   # MODEL_NOT_FOUND before admission
         self.admission.admit(request.priority)
         try:
-            return self._enqueue(request, model_cfg)
+            return self._enqueue(request, model_cfg, caller_waits)
         except BaseException:
             self._release_slot()
             raise
 
-    def _enqueue(self, request: EmbedRequest, model_cfg) -> 'Future[EmbedResult]':
-        """Pin the model, tokenise in the caller's thread, hand the job to the batcher."""
+    def _enqueue(self, request: EmbedRequest, model_cfg, inline: bool) -> 'Future[EmbedResult]':
+        """Pin the model, tokenise in the caller's thread, hand the job to the batcher (or,
+        ``inline`` and the model idle, run it here: ``Batcher.run_inline``)."""
         for attempt in range(2):
             lm = self.manager.acquire(model_cfg.id)
             try:
@@ -148,6 +153,8 @@ class EmbeddingEngine:
             job = Job(encoded, model_cfg.id, model_cfg.dimension, normalize,
                       deadline=t0 + timeout, priority=request.priority,
                       provider=lm.onnx.provider, on_done=on_done)
+            if inline and lm.batcher.run_inline(job):
+                return job.future      # answered (the run failed: its error is in the future)
             try:
                 lm.batcher.submit(job)
             except EngineError:
@@ -161,7 +168,8 @@ class EmbeddingEngine:
         raise AssertionError('unreachable')
 
     def embed(self, request: EmbedRequest) -> EmbedResult:
-        return self.submit(request).result()
+        """``submit`` and wait; the caller's thread runs the job itself when the model is idle."""
+        return self.submit(request, caller_waits=True).result()
 
     def _release_slot(self) -> None:
         self.admission.release()

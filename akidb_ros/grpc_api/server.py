@@ -125,13 +125,14 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         if callable(done):
             done(None)
 
-    def _submit(self, call: DoorCall, req: EmbedRequest):
+    def _submit(self, call: DoorCall, req: EmbedRequest, caller_waits: bool = False):
         """Run the guard, then backend.submit; returns (future, completion callback)."""
         done = run_guard(self.guard, call)
         if call.priority is not None:
             req.priority = call.priority      # admin callers: the engine's priority lane
         try:
-            return self.backend.submit(req, trace_context=inject_carrier()), done
+            return self.backend.submit(req, trace_context=inject_carrier(),
+                                       caller_waits=caller_waits), done
         except EngineError as e:
             if callable(done):
                 done(e)
@@ -159,7 +160,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     label = self.labels.label(req.model)
                     span.set_attribute('akidb.model', req.model or 'default')
                     span.set_attribute('akidb.inputs', len(req.inputs))
-                    fut, done = self._submit(call, req)
+                    fut, done = self._submit(call, req, caller_waits=True)   # unary: waits
                     err = None
                     try:
                         res = wait_result(fut, req.timeout_s)

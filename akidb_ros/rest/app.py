@@ -206,7 +206,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         err: Optional[EngineError] = None
         try:
             carrier = inject_carrier()
-            fut = backend.submit(req, trace_context=carrier)
+            fut = backend.submit(req, trace_context=carrier, caller_waits=True)   # we wait
             return wait_result(fut, req.timeout_s)
         except EngineError as e:
             err = e

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from akidb_ros.engine import EmbedRequest, EngineError, ErrorCode, Priority
+from akidb_ros.engine.batcher import RUNNER_THREAD_PREFIX
 from akidb_ros.observability import metrics
 from engine_support import MINILM, Gate, make_engine
 
@@ -269,3 +270,59 @@ def test_one_runner_keeps_one_session(tmp_path):
         assert lm.onnx.overlap_session is None and lm.memory_mb == lm.cfg.memory_estimate_mb()
     finally:
         eng.close()
+
+
+class _ThreadLog(Gate):
+    """The Gate, plus which thread ran each run and how many runs were inside at once."""
+
+    def __init__(self, batcher):
+        super().__init__(batcher)
+        self.threads, self.inside, self.most_inside = [], 0, 0
+        self._lock = threading.Lock()
+
+    def __call__(self, ids, mask, types):
+        with self._lock:
+            self.threads.append(threading.current_thread().name)
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        try:
+            return super().__call__(ids, mask, types)
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+
+def test_a_waiting_caller_runs_its_own_job_while_the_model_is_idle(small_engine):
+    """``embed`` (the caller blocks anyway) runs a one-run job in the caller's thread when
+    nothing is queued and a run slot is free; ``submit``, a busy model or a job larger than one
+    run go through the runners; never more runs at once than runners (here 1)."""
+    eng = small_engine
+    log = _ThreadLog(eng.manager.loaded(MINILM).batcher)
+    me = threading.current_thread().name
+    single = eng.embed(EmbedRequest(inputs=[TEXTS[1]])).embeddings[0]
+    assert log.threads == [me]
+    eng.submit(EmbedRequest(inputs=[TEXTS[1]])).result(10)
+    assert log.threads[-1].startswith(RUNNER_THREAD_PREFIX)
+    eng.embed(EmbedRequest(inputs=TEXTS))           # 6 sentences > max_batch_size 4
+    assert all(t.startswith(RUNNER_THREAD_PREFIX) for t in log.threads[2:])
+
+    # A caller's inline run holds the only run slot: queued work waits for it.
+    del log.threads[:]
+    log.close()
+    inline = {}
+    caller = threading.Thread(target=lambda: inline.update(
+        res=eng.embed(EmbedRequest(inputs=[TEXTS[1]]))), name='door-worker')
+    caller.start()
+    assert log.entered.wait(5) and log.threads == ['door-worker']
+    queued = eng.submit(EmbedRequest(inputs=[TEXTS[1]]))
+    # ... and a waiting caller that finds the model busy queues too
+    waiting = eng.submit(EmbedRequest(inputs=[TEXTS[1]]), caller_waits=True)
+    time.sleep(0.3)
+    assert log.threads == ['door-worker'] and not queued.done() and not waiting.done()
+    log.open.set()
+    caller.join(10)
+    for res in (inline['res'], queued.result(10), waiting.result(10)):
+        np.testing.assert_allclose(res.embeddings[0], single, atol=1e-5)
+    assert log.most_inside == 1
+    assert all(t.startswith(RUNNER_THREAD_PREFIX) for t in log.threads[1:])
+    assert eng.admission.pending == 0
