@@ -29,6 +29,7 @@ from .types import EmbedResult, Priority
 
 log = logging.getLogger('akidb_ros.engine.batcher')
 RUNNER_THREAD_PREFIX = 'akidb-batcher-'   # runner threads are named PREFIX<model>-<n>
+INLINE_MIN_BUDGET_S = 1.0   # a caller runs its own job only this far from its deadline or more
 
 
 class Admission:
@@ -281,12 +282,21 @@ class Batcher:
         and a run slot is free, and skips two thread hand-offs. The hand-off also costs the run
         itself: the batcher thread that wakes for a lone call can land on the core of ONNX
         Runtime's pool thread, and the same run then took 0.9-1.9 ms longer than from the
-        caller's thread (paired, on 2 cores). Only a job that fits one run qualifies: it cannot
-        be interrupted, so its deadline is honoured when it returns.
+        caller's thread (paired, on 2 cores). Only a job that fits one run qualifies, and only
+        with time to spare: an inline run cannot be cut short, so a job whose deadline is under
+        ``INLINE_MIN_BUDGET_S`` away, or nearer than twice its learnt run cost, takes the queue,
+        where the deadline watcher answers TIMEOUT on time.
         """
         enc = job.encoded
-        if len(enc) > self.max_batch_size or (
-                len(enc) > 1 and len(enc) * max(e.length for e in enc) > self.max_batch_tokens):
+        padded = len(enc) * max(e.length for e in enc)
+        if len(enc) > self.max_batch_size or (len(enc) > 1 and padded > self.max_batch_tokens):
+            return False
+        budget = job.deadline - time.monotonic()
+        if budget < INLINE_MIN_BUDGET_S:
+            return False
+        with self._cost_lock:
+            params = self.cost.params()
+        if params is not None and 2 * (params[0] + params[1] * padded) > budget:
             return False
         with self._cond:
             if self._stopping or self._active >= self._runners or self.queued():

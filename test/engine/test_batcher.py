@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from akidb_ros.engine import EmbedRequest, EngineError, ErrorCode, Priority
-from akidb_ros.engine.batcher import RUNNER_THREAD_PREFIX
+from akidb_ros.engine.batcher import INLINE_MIN_BUDGET_S, RUNNER_THREAD_PREFIX
 from akidb_ros.observability import metrics
 from engine_support import MINILM, Gate, make_engine
 
@@ -304,6 +304,8 @@ def test_a_waiting_caller_runs_its_own_job_while_the_model_is_idle(small_engine)
     eng.submit(EmbedRequest(inputs=[TEXTS[1]])).result(10)
     assert log.threads[-1].startswith(RUNNER_THREAD_PREFIX)
     eng.embed(EmbedRequest(inputs=TEXTS))           # 6 sentences > max_batch_size 4
+    # a deadline too near to run uninterruptibly: the queue, whose watcher answers on time
+    eng.embed(EmbedRequest(inputs=[TEXTS[1]], timeout_s=INLINE_MIN_BUDGET_S / 2))
     assert all(t.startswith(RUNNER_THREAD_PREFIX) for t in log.threads[2:])
 
     # A caller's inline run holds the only run slot: queued work waits for it.
