@@ -288,6 +288,8 @@ class Batcher:
         where the deadline watcher answers TIMEOUT on time.
         """
         enc = job.encoded
+        if not enc:
+            return False
         padded = len(enc) * max(e.length for e in enc)
         if len(enc) > self.max_batch_size or (len(enc) > 1 and padded > self.max_batch_tokens):
             return False
