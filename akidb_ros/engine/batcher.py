@@ -258,7 +258,7 @@ class Batcher:
         self._active = 0            # runs in flight, the runners' and callers' (run_inline)
         self._threads = [threading.Thread(target=self._loop, daemon=True,
                                           name=f'{RUNNER_THREAD_PREFIX}{model_id}-{n}')
-                         for n in range(max(1, runners))]
+                         for n in range(self._runners)]
         for t in self._threads:
             t.start()
 
@@ -305,17 +305,9 @@ class Batcher:
                 return False
             self._active += 1
         try:
-            now = time.monotonic()
-            job.started = now
-            self._queue_wait.observe(now - job.created)
-            self._batch_size.observe(len(enc))
-            self._last_batch_jobs = 1
-            self._run_chunk([_Item(job, i, e) for i, e in enumerate(enc)])
+            self._serve([_Item(job, i, e) for i, e in enumerate(enc)], planned=True)
         finally:
-            with self._cond:
-                self._active -= 1
-                if self.queued():
-                    self._cond.notify()
+            self._end_run()
         return True
 
     def queued(self) -> int:
@@ -450,12 +442,17 @@ class Batcher:
             try:
                 self._serve(items, planned)
             finally:
-                with self._cond:
-                    self._active -= 1
-                    if self.queued():
-                        self._cond.notify()
+                self._end_run()
+
+    def _end_run(self) -> None:
+        """Give back a run slot; a runner waiting for one takes the queued work."""
+        with self._cond:
+            self._active -= 1
+            if self.queued():
+                self._cond.notify()
 
     def _serve(self, items: List[_Item], planned: bool) -> None:
+        """Bookkeeping, then the runs: ``items`` as one run if ``planned``, else cut."""
         now = time.monotonic()
         jobs = {id(it.job): it.job for it in items}
         for job in jobs.values():
