@@ -149,7 +149,7 @@ class Bridges:
         ``security``: an ``akidb_ros.guard.Guard`` wires all of that at once: its ``door_hook``,
         ``install_flask`` on every route, ``GuardInterceptor`` on every RPC and, when its config
         turns TLS on, TLS 1.3 on both doors (REST through a ``TLSFront`` in front of a
-        loopback-only waitress, gRPC through ``grpc_server_credentials``).
+        loopback-only REST server, gRPC through ``grpc_server_credentials``).
         """
         self.backend = backend
         self.rest = None
@@ -180,7 +180,7 @@ class Bridges:
             app = create_app(backend, guard=guard, max_body_bytes=max_body_bytes,
                              default_timeout_s=timeout_s)
             if tls is not None:
-                # plaintext waitress on loopback ONLY, reachable through the TLS 1.3 front
+                # plaintext HTTP on loopback ONLY, reachable through the TLS 1.3 front
                 self.rest = RestServer(app, host='127.0.0.1', port=0, threads=rest_threads,
                                        max_body_bytes=max_body_bytes)
                 self.tls_front = TLSFront(ReloadingTLSContext(tls), listen=(host, rest_port),

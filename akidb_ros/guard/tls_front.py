@@ -1,4 +1,4 @@
-"""In-process TLS 1.3 terminator for HTTP servers that cannot speak TLS (waitress).
+"""In-process TLS 1.3 terminator for HTTP servers that do not speak TLS (the REST door's).
 
     tls = ReloadingTLSContext(settings)                       # TLS 1.3 only, client certs
     front = TLSFront(tls, listen=('0.0.0.0', 8443), upstream=('127.0.0.1', rest.port)).start()

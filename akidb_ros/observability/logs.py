@@ -57,8 +57,6 @@ def configure_logging(level: Optional[str] = None, fmt: Optional[str] = None, st
         '%(asctime)s %(levelname)s %(name)s: %(message)s'))
     root.addHandler(handler)
     root.setLevel(level)
-    # waitress logs every queue-depth warning at WARNING; keep it, but not its INFO chatter
-    logging.getLogger('waitress').setLevel(max(logging.WARNING, root.level))
 
 
 def log_request(transport: str, request_id: str, model: str, latency_ms: float, outcome: str,

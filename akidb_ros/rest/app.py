@@ -1,7 +1,8 @@
 """The Flask REST bridge: parse → validate (JSON Schema) → guard → backend → render.
 
 Thin by design: every answer and every error comes from the backend and the one error table.
-Served by waitress (see ``akidb_ros.rest.server``), never by the Flask development server.
+Served by ``akidb_ros.rest.server`` (httptools-parsed, a thread per connection), never by the
+Flask development server.
 """
 from __future__ import annotations
 

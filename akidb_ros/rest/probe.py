@@ -3,7 +3,8 @@
 Under the prod security profile the REST door serves TLS 1.3 only, wants a client certificate
 and an RBAC permission for ``/health/ready`` and ``/metrics``, none of which a kubelet probe, a
 ``HEALTHCHECK`` or a plain Prometheus scrape has. The probe listener is a second, separate
-waitress server (default port 8081, ``--probe-port`` / ``AKIDB_PROBE_PORT``) that serves ONLY::
+HTTP server (``akidb_ros.rest.server``; default port 8081, ``--probe-port`` /
+``AKIDB_PROBE_PORT``) that serves ONLY::
 
     GET /health/live     200 {"status": "alive"}
     GET /health/ready    200 {"status": "ready"}, or 503 {"status": "not_ready", "code": ...}
@@ -32,7 +33,7 @@ log = logging.getLogger('akidb_ros.rest.probe')
 
 DEFAULT_PROBE_PORT = 8081
 PROBE_ROUTES = ('/health/live', '/health/ready', '/metrics')
-# probes send no body; waitress refuses anything bigger than twice this before Flask sees it
+# probes send no body; the server refuses anything bigger than twice this before Flask sees it
 _MAX_BODY_BYTES = 1024
 
 
@@ -70,7 +71,7 @@ def create_probe_app(backend: Backend) -> Flask:
 
 
 class ProbeServer(RestServer):
-    """The probe app on waitress: a few threads, a short idle timeout, few connections."""
+    """The probe app on its own server: a few threads, a short idle timeout, few connections."""
 
     def __init__(self, backend: Backend, host: str = '127.0.0.1',
                  port: int = DEFAULT_PROBE_PORT, threads: int = 4):

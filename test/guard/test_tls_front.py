@@ -1,11 +1,10 @@
-"""REST over TLS 1.3: the in-process TLS front before a real waitress server (which has no TLS
-of its own), with real handshakes, keep-alive, large bodies and identity from the handshake."""
+"""REST over TLS 1.3: the in-process TLS front before the real REST WSGI server (which has no
+TLS of its own), with real handshakes, keep-alive, large bodies and identity from the handshake."""
 
 import http.client
 import json
 import socket
 import ssl
-import threading
 
 import pytest
 
@@ -17,7 +16,7 @@ from akidb_ros.guard.tls_front import TLSFront
 
 @pytest.fixture(scope='module')
 def stack(pki):
-    from waitress.server import create_server
+    from akidb_ros.rest.server import RestServer
 
     guard = Guard(
         {
@@ -54,21 +53,20 @@ def stack(pki):
         )
         return [data]
 
-    server = create_server(app, host='127.0.0.1', port=0, threads=4, max_request_body_size=1 << 24)
-    threading.Thread(target=server.run, daemon=True).start()
+    server = RestServer(app, host='127.0.0.1', port=0, threads=4, max_body_bytes=1 << 23).start()
     tls = ReloadingTLSContext(
         TLSSettings(pki['server'][0], pki['server'][1], pki['ca'].path, True, reload_interval_s=0)
     )
     front = TLSFront(
         tls,
         listen=('127.0.0.1', 0),
-        upstream=('127.0.0.1', server.effective_port),
+        upstream=('127.0.0.1', server.port),
         handshake_timeout_s=2,
     ).start()
     holder['front'] = front
-    yield front, server.effective_port
+    yield front, server.port
     front.stop()
-    server.close()
+    server.stop(0)
 
 
 def https(port, pki, role='developer', version=ssl.TLSVersion.TLSv1_3, cert=True):

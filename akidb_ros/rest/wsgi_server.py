@@ -1,0 +1,389 @@
+"""A thread-per-connection HTTP/1.1 WSGI server: httptools parses, one thread serves a connection.
+
+Why not waitress (the server before, still measured in README "Tried and measured"): waitress,
+cheroot and gunicorn's gthread worker read every request in one I/O thread, hand it to a worker
+thread and hand the answer back to the I/O thread to send. On a small CPU that the model already
+saturates, those two thread switches per request and the pure-Python parsing cost more than the
+rest of the door: in interleaved A/Bs on one process (16 keep-alive clients, 2 cores), a thread
+per connection served more sentences/s than waitress (see the README for the numbers). Here the
+thread that reads a request runs the app and writes its answer; a keep-alive client keeps its
+thread. (The Python servers that do serve a connection in one thread are development servers.)
+
+What is hand-written, and why it is small: httptools (MagicStack's binding of llhttp, the parser
+of Node.js, used by uvicorn) does the HTTP/1.1 parsing: request line, headers, Content-Length
+and chunked framing, keep-alive rules, malformed input. This module moves bytes between the
+socket and the parser, builds the WSGI environ (PEP 3333), writes the status line and headers,
+and bounds resources: ``connection_limit`` connections (accepting pauses at the limit, as in
+waitress), ``threads`` requests inside the app at once, ``max_header_bytes`` per request head
+(431), ``max_body_bytes`` per body (413, before the body is read when its declared length is
+over), ``idle_timeout_s`` per read, pipelined requests answered in order.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import selectors
+import socket
+import sys
+import threading
+import time
+from typing import Callable, Deque, List, Optional, Tuple
+from urllib.parse import unquote_to_bytes
+
+import httptools
+
+log = logging.getLogger('akidb_ros.rest')
+
+RECV_BYTES = 64 * 1024
+_HOP_HEADERS = frozenset(('connection', 'transfer-encoding', 'keep-alive'))
+_REASONS = {400: 'Bad Request', 413: 'Content Too Large', 431: 'Request Header Fields Too Large',
+            500: 'Internal Server Error', 501: 'Not Implemented'}
+
+
+class _Refusal(Exception):
+    """A request answered before the app runs (then the connection closes)."""
+
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+class _Request:
+    __slots__ = ('url', 'headers', 'body', 'size', 'method', 'version', 'keep_alive',
+                 'content_length', 'expect_continue')
+
+    def __init__(self):
+        self.url = b''
+        self.headers: List[Tuple[bytes, bytes]] = []
+        self.body: List[bytes] = []
+        self.size = 0
+        self.method = b''
+        self.version = '1.1'
+        self.keep_alive = True
+        self.content_length: Optional[int] = None
+        self.expect_continue = False
+
+
+class _Reader:
+    """httptools callbacks: collects complete requests (pipelining: several per read)."""
+
+    def __init__(self, max_header_bytes: int, max_body_bytes: int):
+        self.parser = httptools.HttpRequestParser(self)
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+        self.done: Deque[_Request] = collections.deque()
+        self.current: Optional[_Request] = None
+        self.head_bytes = 0          # bytes fed while a request head is incomplete
+        self.in_head = True
+        self.upgrade = False
+
+    def feed(self, data: bytes) -> None:
+        if self.in_head:
+            self.head_bytes += len(data)
+            if self.head_bytes > self.max_header_bytes + RECV_BYTES:
+                raise _Refusal(431, f'request head larger than {self.max_header_bytes} bytes',
+                               'INVALID_INPUT')
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Refusal):
+                raise exc.__context__ from None
+            raise
+        except httptools.HttpParserUpgrade:
+            self.upgrade = True      # served as a plain request; the connection then closes
+        except httptools.HttpParserError as exc:
+            raise _Refusal(400, f'malformed HTTP request: {exc}', 'INVALID_INPUT') from None
+
+    # -- httptools callbacks -----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.current = _Request()
+        self.in_head = True
+
+    def on_url(self, url: bytes) -> None:
+        self.current.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self.current
+        req.headers.append((name, value))
+        if len(req.headers) > 200:
+            raise _Refusal(431, 'more than 200 request header fields', 'INVALID_INPUT')
+
+    def on_headers_complete(self) -> None:
+        req, p = self.current, self.parser
+        size = len(req.url) + sum(len(n) + len(v) + 4 for n, v in req.headers)
+        if size > self.max_header_bytes:
+            raise _Refusal(431, f'request head larger than {self.max_header_bytes} bytes',
+                           'INVALID_INPUT')
+        self.in_head = False
+        self.head_bytes = 0
+        req.method = p.get_method()
+        req.version = p.get_http_version()
+        req.keep_alive = p.should_keep_alive()
+        for name, value in req.headers:
+            lname = name.lower()
+            if lname == b'content-length':
+                req.content_length = int(value)        # llhttp has validated the digits
+                if req.content_length > self.max_body_bytes:
+                    raise _Refusal(413, f'request body larger than {self.max_body_bytes} '
+                                        f'bytes', 'INPUT_TOO_LARGE')
+            elif lname == b'expect' and value.lower() == b'100-continue':
+                req.expect_continue = True
+
+    def on_body(self, body: bytes) -> None:
+        req = self.current
+        req.size += len(body)
+        if req.size > self.max_body_bytes:       # chunked bodies have no declared length
+            raise _Refusal(413, f'request body larger than {self.max_body_bytes} bytes',
+                           'INPUT_TOO_LARGE')
+        req.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.done.append(self.current)
+        self.current = None
+        self.in_head = True
+
+
+class ThreadedWSGIServer:
+    """Serve ``app`` on ``host:port`` (0 = a free port, see ``.port``) until ``close()``."""
+
+    def __init__(self, app: Callable, host: str = '127.0.0.1', port: int = 8080,
+                 threads: int = 32, connection_limit: int = 512,
+                 max_body_bytes: int = 32 * 1024 * 1024, max_header_bytes: int = 64 * 1024,
+                 idle_timeout_s: float = 120.0, ident: str = 'akidb'):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.connection_limit = connection_limit
+        self.ident = ident
+        self._app_slots = threading.BoundedSemaphore(threads)
+        self._sock = socket.create_server((host, port), backlog=min(connection_limit, 1024))
+        self.host = host
+        self.port = self._sock.getsockname()[1]
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._lock = threading.Condition()
+        self._conns: dict = {}          # socket -> True while a request is read or served
+        self._stopping = False
+
+    # -- life cycle -------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        """Accept connections until ``close()``; each one gets its own daemon thread."""
+        sel = selectors.DefaultSelector()
+        sel.register(self._sock, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        try:
+            while not self._stopping:
+                with self._lock:        # at the limit, new connections wait in the backlog
+                    while len(self._conns) >= self.connection_limit and not self._stopping:
+                        self._lock.wait(0.5)
+                if self._stopping:
+                    return
+                if not any(key.fileobj is self._sock for key, _ in sel.select(1.0)):
+                    continue
+                try:
+                    conn, peer = self._sock.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    continue
+                except OSError:
+                    if self._stopping:
+                        return
+                    raise
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.settimeout(self.idle_timeout_s)
+                with self._lock:
+                    self._conns[conn] = False
+                threading.Thread(target=self._serve_connection, args=(conn, peer),
+                                 name='akidb-http', daemon=True).start()
+        finally:
+            sel.close()
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; requests on open connections are still answered."""
+        self._stopping = True
+        for fn in (lambda: self._wake_w.send(b'x'), self._sock.close):
+            try:
+                fn()
+            except OSError:
+                pass
+        with self._lock:
+            self._lock.notify_all()
+
+    def busy(self) -> bool:
+        """Whether any connection is reading, serving or answering a request."""
+        with self._lock:
+            return any(self._conns.values())
+
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._conns)
+
+    def close(self) -> None:
+        """Stop accepting and cut every connection (``RestServer.stop`` drains first)."""
+        self.stop_accepting()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)     # wakes a thread blocked in recv
+            except OSError:
+                pass
+        for s in (self._wake_r, self._wake_w):
+            s.close()
+
+    # -- one connection ----------------------------------------------------------------------
+    def _set_busy(self, conn: socket.socket, busy: bool) -> None:
+        with self._lock:
+            if conn in self._conns:
+                self._conns[conn] = busy
+
+    def _serve_connection(self, conn: socket.socket, peer) -> None:
+        reader = _Reader(self.max_header_bytes, self.max_body_bytes)
+        try:
+            while True:
+                while not reader.done:
+                    data = conn.recv(RECV_BYTES)    # idle timeout: socket.timeout (OSError)
+                    if not data:
+                        return
+                    self._set_busy(conn, True)
+                    try:
+                        reader.feed(data)
+                    except _Refusal as refusal:
+                        self._refuse(conn, refusal)
+                        return
+                    cur = reader.current
+                    if cur is not None and cur.expect_continue and not reader.in_head \
+                            and not cur.body:
+                        conn.sendall(b'HTTP/1.1 100 Continue\r\n\r\n')
+                        cur.expect_continue = False
+                    if not reader.done and reader.current is None:
+                        self._set_busy(conn, False)     # only a keep-alive gap was read
+                req = reader.done.popleft()
+                keep = self._serve(conn, peer, req) and not reader.upgrade
+                if not keep or self._stopping:
+                    return
+                if not reader.done and reader.current is None:
+                    self._set_busy(conn, False)
+        except OSError:
+            pass                        # peer gone, reset or idle too long: nothing to answer
+        finally:
+            with self._lock:
+                self._conns.pop(conn, None)
+                self._lock.notify_all()
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def _serve(self, conn: socket.socket, peer, req: _Request) -> bool:
+        """Run the app for one request and send its answer; returns keep-alive."""
+        environ = self._environ(req, peer)
+        with self._app_slots:
+            status, headers, body = self._call_app(environ)
+        keep = req.keep_alive and not self._stopping
+        head = [f'HTTP/1.1 {status}\r\n']
+        is_head = req.method == b'HEAD'
+        for name, value in headers:
+            lname = name.lower()
+            if lname in _HOP_HEADERS or (lname == 'content-length' and not is_head):
+                continue
+            if '\n' in value or '\r' in value or '\n' in name or '\r' in name:
+                log.error('WSGI app sent a header with a line break: %r', name)
+                status, headers, body = self._internal_error()
+                return self._send_error(conn, status, body)
+            head.append(f'{name}: {value}\r\n')
+        no_body = is_head or status[:3] in ('204', '304') or status[0] == '1'
+        if not no_body:
+            head.append(f'Content-Length: {len(body)}\r\n')
+        head.append(f'Server: {self.ident}\r\nDate: {_http_date()}\r\n')
+        if not keep:
+            head.append('Connection: close\r\n')
+        elif req.version == '1.0':
+            head.append('Connection: keep-alive\r\n')
+        head.append('\r\n')
+        payload = ''.join(head).encode('latin-1')
+        conn.sendall(payload if no_body else payload + body)
+        return keep
+
+    def _environ(self, req: _Request, peer) -> dict:
+        url = httptools.parse_url(req.url)
+        path = unquote_to_bytes(url.path or b'/').decode('latin-1')
+        body = b''.join(req.body)
+        env = {
+            'REQUEST_METHOD': req.method.decode('ascii'),
+            'SCRIPT_NAME': '',
+            'PATH_INFO': path,
+            'QUERY_STRING': (url.query or b'').decode('latin-1'),
+            'SERVER_NAME': self.host, 'SERVER_PORT': str(self.port),
+            'SERVER_PROTOCOL': 'HTTP/' + req.version,
+            'REMOTE_ADDR': peer[0] if isinstance(peer, tuple) else '',
+            'REMOTE_PORT': str(peer[1]) if isinstance(peer, tuple) else '',
+            'CONTENT_LENGTH': str(len(body)),
+            'wsgi.version': (1, 0), 'wsgi.url_scheme': 'http', 'wsgi.input': io.BytesIO(body),
+            'wsgi.errors': sys.stderr, 'wsgi.multithread': True, 'wsgi.multiprocess': False,
+            'wsgi.run_once': False, 'wsgi.input_terminated': True,
+        }
+        for name, value in req.headers:
+            key = name.decode('latin-1').upper()
+            if '_' in key:      # X_Forwarded_For would alias X-Forwarded-For: drop (as waitress)
+                continue
+            val = value.decode('latin-1').strip()
+            if key == 'CONTENT-TYPE':
+                env['CONTENT_TYPE'] = val
+            elif key != 'CONTENT-LENGTH' and key != 'TRANSFER-ENCODING':
+                wkey = 'HTTP_' + key.replace('-', '_')
+                env[wkey] = env[wkey] + ',' + val if wkey in env else val
+        return env
+
+    def _call_app(self, environ: dict) -> Tuple[str, list, bytes]:
+        started: dict = {}
+        chunks: List[bytes] = []
+
+        def start_response(status, headers, exc_info=None):
+            if exc_info and started.get('sent'):
+                raise exc_info[1].with_traceback(exc_info[2])
+            started['status'], started['headers'] = status, headers
+            return chunks.append                 # PEP 3333's legacy write() callable
+
+        try:
+            result = self.app(environ, start_response)
+            try:
+                chunks.extend(result)
+            finally:
+                if hasattr(result, 'close'):
+                    result.close()
+            return started['status'], started['headers'], b''.join(chunks)
+        except Exception:
+            log.exception('WSGI app failed')
+            return self._internal_error()
+
+    @staticmethod
+    def _internal_error() -> Tuple[str, list, bytes]:
+        body = json.dumps({'error': 'internal error', 'code': 'INTERNAL'}).encode()
+        return '500 Internal Server Error', [('Content-Type', 'application/json')], body
+
+    def _send_error(self, conn, status: str, body: bytes) -> bool:
+        head = (f'HTTP/1.1 {status}\r\nContent-Type: application/json\r\n'
+                f'Content-Length: {len(body)}\r\nServer: {self.ident}\r\n'
+                f'Date: {_http_date()}\r\nConnection: close\r\n\r\n')
+        conn.sendall(head.encode('latin-1') + body)
+        return False
+
+    def _refuse(self, conn, refusal: _Refusal) -> None:
+        """Answer a request refused before the app, then close (its body stays unread)."""
+        body = json.dumps({'error': refusal.message, 'code': refusal.code}).encode()
+        try:
+            self._send_error(conn, f'{refusal.status} {_REASONS[refusal.status]}', body)
+        except OSError:
+            pass
+
+
+_date_cache = [0, '']
+
+
+def _http_date() -> str:
+    now = int(time.time())
+    if now != _date_cache[0]:
+        _date_cache[:] = [now, time.strftime('%a, %d %b %Y %H:%M:%S GMT', time.gmtime(now))]
+    return _date_cache[1]

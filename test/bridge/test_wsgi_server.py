@@ -1,0 +1,248 @@
+"""The REST door's WSGI server (akidb_ros.rest.wsgi_server) over real loopback sockets.
+
+HTTP/1.1 behaviour a client relies on: keep-alive on one connection, pipelining, chunked bodies,
+``Expect: 100-continue``, HEAD, HTTP/1.0; limits answered with the service's ``{error, code}``
+(413 before the body is read, 431, 400 for malformed input); the connection limit; a graceful
+stop that answers the request in flight; an app failure is a JSON 500, never a dropped
+connection.
+"""
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from akidb_ros.rest.server import RestServer
+
+
+def _app(environ, start_response):
+    path = environ['PATH_INFO']
+    body = environ['wsgi.input'].read()
+    if path == '/boom':
+        raise RuntimeError('app bug')
+    if path == '/slow':
+        time.sleep(float(environ['QUERY_STRING'] or 0.5))
+    if path == '/split':
+        start_response('200 OK', [('Content-Type', 'text/plain'), ('X-Bad', 'a\r\nInjected: 1')])
+        return [b'x']
+    out = json.dumps({
+        'method': environ['REQUEST_METHOD'], 'path': path, 'query': environ['QUERY_STRING'],
+        'len': len(body), 'body': body.decode('latin-1')[:64],
+        'content_type': environ.get('CONTENT_TYPE', ''),
+        'headers': {k: v for k, v in environ.items() if k.startswith('HTTP_')},
+        'remote_port': environ['REMOTE_PORT'], 'protocol': environ['SERVER_PROTOCOL'],
+    }).encode()
+    start_response('200 OK', [('Content-Type', 'application/json'),
+                              ('Content-Length', str(len(out)))])
+    return [out]
+
+
+@pytest.fixture
+def server():
+    srv = RestServer(_app, port=0, threads=4, connection_limit=4, max_body_bytes=1024,
+                     channel_timeout=5).start()
+    yield srv
+    srv.stop(0)
+
+
+def _raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes, read until the server closes (or the timeout)."""
+    with socket.create_connection(('127.0.0.1', port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b''
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return out
+                out += chunk
+        except socket.timeout:
+            return out
+
+
+def _responses(out: bytes):
+    """Split back-to-back HTTP responses: [(head, body)], framed by Content-Length."""
+    parts = []
+    while out:
+        head, rest = out.split(b'\r\n\r\n', 1)
+        length = next(int(line.split(b':')[1]) for line in head.split(b'\r\n')
+                      if line.lower().startswith(b'content-length:'))
+        parts.append((head, rest[:length]))
+        out = rest[length:]
+    return parts
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(server):
+    conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=5)
+    ports = set()
+    for i in range(5):
+        conn.request('POST', f'/echo/{i}?q=%C3%A9', body=b'x' * i,
+                     headers={'Content-Type': 'application/json', 'X-Request-Id': f'r{i}'})
+        resp = conn.getresponse()
+        got = json.loads(resp.read())
+        assert resp.status == 200 and resp.getheader('Server') == 'akidb'
+        assert resp.getheader('Date') and resp.getheader('Connection') is None
+        assert got['path'] == f'/echo/{i}' and got['query'] == 'q=%C3%A9'
+        assert got['len'] == i and got['content_type'] == 'application/json'
+        assert got['headers']['HTTP_X_REQUEST_ID'] == f'r{i}'
+        assert got['protocol'] == 'HTTP/1.1'
+        ports.add(got['remote_port'])
+    assert len(ports) == 1          # the same connection every time
+    conn.close()
+
+
+def test_path_is_percent_decoded_as_latin1_per_pep3333(server):
+    conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=5)
+    conn.request('GET', '/a%20b/%C3%A9')
+    got = json.loads(conn.getresponse().read())
+    assert got['path'] == '/a b/' + b'\xc3\xa9'.decode('latin-1')
+
+
+def test_pipelined_requests_are_answered_in_order(server):
+    data = b''.join(f'GET /p{i} HTTP/1.1\r\nHost: x\r\n\r\n'.encode() for i in range(3))
+    out = _raw(server.port, data + b'GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+    paths = [json.loads(body)['path'] for _head, body in _responses(out)]
+    assert paths == ['/p0', '/p1', '/p2', '/last']
+    assert out.count(b'Connection: close') == 1
+
+
+def test_chunked_body_is_decoded(server):
+    req = (b'POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n'
+           b'Connection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n')
+    out = _raw(server.port, req)
+    got = json.loads(out.split(b'\r\n\r\n', 1)[1])
+    assert got['body'] == 'hello world' and got['len'] == 11
+    assert 'HTTP_TRANSFER_ENCODING' not in got['headers']
+
+
+def test_expect_100_continue_gets_an_interim_answer(server):
+    with socket.create_connection(('127.0.0.1', server.port), timeout=5) as s:
+        s.sendall(b'POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n'
+                  b'Expect: 100-continue\r\nConnection: close\r\n\r\n')
+        assert s.recv(100).startswith(b'HTTP/1.1 100 Continue\r\n\r\n')
+        s.sendall(b'abcd')
+        out = b''
+        while not out.endswith(b'}'):
+            out += s.recv(4096)
+    assert json.loads(out.split(b'\r\n\r\n', 1)[1])['body'] == 'abcd'
+
+
+def test_declared_body_over_the_limit_is_refused_before_it_is_read(server):
+    # 2 x 1024 is the server's own limit (Flask answers between the two)
+    out = _raw(server.port, b'POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 999999\r\n\r\n')
+    head, body = out.split(b'\r\n\r\n', 1)
+    assert head.startswith(b'HTTP/1.1 413 ') and b'Connection: close' in head
+    assert json.loads(body)['code'] == 'INPUT_TOO_LARGE'
+
+
+def test_chunked_body_over_the_limit_is_refused(server):
+    chunk = b'800\r\n' + b'y' * 0x800 + b'\r\n'
+    out = _raw(server.port, b'POST /big HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n'
+               b'\r\n' + chunk * 2)
+    assert out.startswith(b'HTTP/1.1 413 ')
+    assert json.loads(out.split(b'\r\n\r\n', 1)[1])['code'] == 'INPUT_TOO_LARGE'
+
+
+def test_oversized_head_is_431(server):
+    out = _raw(server.port, b'GET / HTTP/1.1\r\nHost: x\r\nX-Big: ' + b'a' * 70000 + b'\r\n\r\n')
+    assert out.startswith(b'HTTP/1.1 431 ')
+    assert json.loads(out.split(b'\r\n\r\n', 1)[1])['code'] == 'INVALID_INPUT'
+
+
+@pytest.mark.parametrize('raw', [b'NOT HTTP AT ALL\r\n\r\n',
+                                 b'GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -3\r\n\r\n',
+                                 b'GET / HTTP/1.1\r\nBad Header\r\n\r\n'])
+def test_malformed_requests_get_a_json_400(server, raw):
+    out = _raw(server.port, raw)
+    head, body = out.split(b'\r\n\r\n', 1)
+    assert head.startswith(b'HTTP/1.1 400 ') and b'Connection: close' in head
+    assert json.loads(body)['code'] == 'INVALID_INPUT'
+
+
+def test_header_names_with_underscores_are_dropped(server):
+    out = _raw(server.port, b'GET / HTTP/1.1\r\nHost: x\r\nX_Forwarded_For: 6.6.6.6\r\n'
+               b'X-Forwarded-For: 10.0.0.1\r\nConnection: close\r\n\r\n')
+    got = json.loads(out.split(b'\r\n\r\n', 1)[1])
+    assert got['headers']['HTTP_X_FORWARDED_FOR'] == '10.0.0.1'
+
+
+def test_repeated_headers_are_joined(server):
+    out = _raw(server.port, b'GET / HTTP/1.1\r\nHost: x\r\nAccept: a\r\nAccept: b\r\n'
+               b'Connection: close\r\n\r\n')
+    assert json.loads(out.split(b'\r\n\r\n', 1)[1])['headers']['HTTP_ACCEPT'] == 'a,b'
+
+
+def test_head_and_http10(server):
+    out = _raw(server.port, b'HEAD /h HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+    head, body = out.split(b'\r\n\r\n', 1)
+    assert head.startswith(b'HTTP/1.1 200 ') and body == b''
+    assert b'Content-Length: ' in head          # the app's, for the GET it stands for
+    out = _raw(server.port, b'GET /old HTTP/1.0\r\n\r\n')     # 1.0 without keep-alive: closes
+    assert b'Connection: close' in out and json.loads(out.split(b'\r\n\r\n', 1)[1])[
+        'protocol'] == 'HTTP/1.0'
+
+
+def test_app_failure_is_a_json_500_and_header_injection_is_blocked(server):
+    conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=5)
+    conn.request('GET', '/boom')
+    resp = conn.getresponse()
+    assert resp.status == 500 and json.loads(resp.read())['code'] == 'INTERNAL'
+    conn.request('GET', '/after')          # the connection survives an app failure
+    assert conn.getresponse().status == 200
+    out = _raw(server.port, b'GET /split HTTP/1.1\r\nHost: x\r\n\r\n')
+    assert out.startswith(b'HTTP/1.1 500 ') and b'Injected' not in out
+
+
+def test_connection_limit_pauses_accepting(server):
+    idle = [socket.create_connection(('127.0.0.1', server.port)) for _ in range(4)]
+    try:
+        deadline = time.monotonic() + 5
+        while server._server.connections() < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server._server.connections() == 4
+        extra = http.client.HTTPConnection('127.0.0.1', server.port, timeout=0.5)
+        with pytest.raises(socket.timeout):     # waits in the backlog, not refused
+            extra.request('GET', '/queued')
+            extra.getresponse()
+        idle.pop().close()
+        extra.close()
+        late = http.client.HTTPConnection('127.0.0.1', server.port, timeout=5)
+        late.request('GET', '/late')
+        assert late.getresponse().status == 200
+        late.close()
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_idle_connections_time_out():
+    srv = RestServer(_app, port=0, channel_timeout=0.3).start()
+    try:
+        with socket.create_connection(('127.0.0.1', srv.port), timeout=5) as s:
+            t0 = time.monotonic()
+            assert s.recv(10) == b''            # closed by the server
+            assert time.monotonic() - t0 < 3
+    finally:
+        srv.stop(0)
+
+
+def test_stop_answers_the_request_in_flight_then_refuses_new_connections():
+    srv = RestServer(_app, port=0).start()
+    conn = http.client.HTTPConnection('127.0.0.1', srv.port, timeout=10)
+    idle = socket.create_connection(('127.0.0.1', srv.port))
+    result = {}
+    conn.connect()
+    conn.request('GET', '/slow?0.6')
+    t = threading.Thread(target=lambda: result.update(resp=conn.getresponse()))
+    t.start()
+    time.sleep(0.2)
+    srv.stop(grace_s=5)
+    t.join(5)
+    assert result['resp'].status == 200
+    assert result['resp'].getheader('Connection') == 'close'
+    assert idle.recv(10) == b''                 # idle keep-alive connection closed
+    idle.close()
+    with pytest.raises(OSError):
+        socket.create_connection(('127.0.0.1', srv.port), timeout=1)
