@@ -37,6 +37,7 @@ import httptools
 log = logging.getLogger('akidb_ros.rest')
 
 RECV_BYTES = 64 * 1024
+LINGER_BYTES = 4 * 1024 * 1024      # dropped after a refusal, so the client reads the answer
 _HOP_HEADERS = frozenset(('connection', 'transfer-encoding', 'keep-alive'))
 _REASONS = {400: 'Bad Request', 413: 'Content Too Large', 431: 'Request Header Fields Too Large',
             500: 'Internal Server Error', 501: 'Not Implemented'}
@@ -166,10 +167,12 @@ class ThreadedWSGIServer:
         self._lock = threading.Condition()
         self._conns: dict = {}          # socket -> True while a request is read or served
         self._stopping = False
+        self._serving = False
 
     # -- life cycle -------------------------------------------------------------------------
     def serve_forever(self) -> None:
         """Accept connections until ``close()``; each one gets its own daemon thread."""
+        self._serving = True
         sel = selectors.DefaultSelector()
         sel.register(self._sock, selectors.EVENT_READ)
         sel.register(self._wake_r, selectors.EVENT_READ)
@@ -198,6 +201,7 @@ class ThreadedWSGIServer:
                                  name='akidb-http', daemon=True).start()
         finally:
             sel.close()
+            self._close_wake()
 
     def stop_accepting(self) -> None:
         """Close the listening socket; requests on open connections are still answered."""
@@ -229,6 +233,10 @@ class ThreadedWSGIServer:
                 conn.shutdown(socket.SHUT_RDWR)     # wakes a thread blocked in recv
             except OSError:
                 pass
+        if not self._serving:   # else serve_forever closes them: a closed fd would not wake it
+            self._close_wake()
+
+    def _close_wake(self) -> None:
         for s in (self._wake_r, self._wake_w):
             s.close()
 
@@ -259,6 +267,8 @@ class ThreadedWSGIServer:
                         cur.expect_continue = False
                     if not reader.done and reader.current is None:
                         self._set_busy(conn, False)     # only a keep-alive gap was read
+                    if reader.upgrade and not reader.done:
+                        return          # another protocol follows a request we cannot finish
                 req = reader.done.popleft()
                 keep = self._serve(conn, peer, req) and not reader.upgrade
                 if not keep or self._stopping:
@@ -371,10 +381,23 @@ class ThreadedWSGIServer:
         return False
 
     def _refuse(self, conn, refusal: _Refusal) -> None:
-        """Answer a request refused before the app, then close (its body stays unread)."""
+        """Answer a request refused before the app, then close (its body stays unread).
+
+        Closing a socket with unread input resets the connection, and a client still sending
+        its body would see the reset, not the answer: shut the sending side, then read and drop
+        what arrives for a moment (bounded in time and bytes) before closing.
+        """
         body = json.dumps({'error': refusal.message, 'code': refusal.code}).encode()
         try:
             self._send_error(conn, f'{refusal.status} {_REASONS[refusal.status]}', body)
+            conn.shutdown(socket.SHUT_WR)
+            conn.settimeout(0.2)
+            deadline, dropped = time.monotonic() + 1.0, 0
+            while time.monotonic() < deadline and dropped < LINGER_BYTES:
+                data = conn.recv(RECV_BYTES)
+                if not data:
+                    break
+                dropped += len(data)
         except OSError:
             pass
 

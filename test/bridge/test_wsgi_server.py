@@ -246,3 +246,10 @@ def test_stop_answers_the_request_in_flight_then_refuses_new_connections():
     idle.close()
     with pytest.raises(OSError):
         socket.create_connection(('127.0.0.1', srv.port), timeout=1)
+
+
+def test_a_client_still_sending_a_refused_body_reads_the_answer(server):
+    conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=5)
+    conn.request('POST', '/big', body=b'z' * 300_000)       # no reset while it sends
+    resp = conn.getresponse()
+    assert resp.status == 413 and json.loads(resp.read())['code'] == 'INPUT_TOO_LARGE'
