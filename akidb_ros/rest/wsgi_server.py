@@ -91,7 +91,8 @@ class _Reader:
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _Refusal):
                 raise exc.__context__ from None
-            raise
+            raise _Refusal(400, f'malformed HTTP request: {exc.__context__ or exc}',
+                           'INVALID_INPUT') from None
         except httptools.HttpParserUpgrade:
             self.upgrade = True      # served as a plain request; the connection then closes
         except httptools.HttpParserError as exc:
