@@ -34,26 +34,33 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
+from akidb_ros.engine.errors import ErrorCode
+
 log = logging.getLogger('akidb_ros.rest')
 
 RECV_BYTES = 64 * 1024
 LINGER_BYTES = 4 * 1024 * 1024      # dropped after a refusal, so the client reads the answer
 _HOP_HEADERS = frozenset(('connection', 'transfer-encoding', 'keep-alive'))
-_REASONS = {400: 'Bad Request', 413: 'Content Too Large', 431: 'Request Header Fields Too Large',
-            500: 'Internal Server Error', 501: 'Not Implemented'}
+_REASONS = {400: 'Bad Request', 413: 'Content Too Large', 431: 'Request Header Fields Too Large'}
+HEAD_TOO_LARGE = 431    # not in the error table: its code is INVALID_INPUT (400 elsewhere)
 
 
 class _Refusal(Exception):
-    """A request answered before the app runs (then the connection closes)."""
+    """A request answered before the app runs (then the connection closes).
 
-    def __init__(self, status: int, message: str, code: str):
+    Its status comes from the one error table (``ErrorCode.http_status``) unless ``status``
+    says otherwise (431 for an oversized head).
+    """
+
+    def __init__(self, code: ErrorCode, message: str, status: Optional[int] = None):
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.code, self.message = code, message
+        self.status = status or code.http_status
 
 
 class _Request:
     __slots__ = ('url', 'headers', 'body', 'size', 'method', 'version', 'keep_alive',
-                 'content_length', 'expect_continue')
+                 'expect_continue')
 
     def __init__(self):
         self.url = b''
@@ -63,7 +70,6 @@ class _Request:
         self.method = b''
         self.version = '1.1'
         self.keep_alive = True
-        self.content_length: Optional[int] = None
         self.expect_continue = False
 
 
@@ -84,19 +90,26 @@ class _Reader:
         if self.in_head:
             self.head_bytes += len(data)
             if self.head_bytes > self.max_header_bytes + RECV_BYTES:
-                raise _Refusal(431, f'request head larger than {self.max_header_bytes} bytes',
-                               'INVALID_INPUT')
+                raise self._head_too_large()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _Refusal):
                 raise exc.__context__ from None
-            raise _Refusal(400, f'malformed HTTP request: {exc.__context__ or exc}',
-                           'INVALID_INPUT') from None
+            raise _Refusal(ErrorCode.INVALID_INPUT,
+                           f'malformed HTTP request: {exc.__context__ or exc}') from None
         except httptools.HttpParserUpgrade:
             self.upgrade = True      # served as a plain request; the connection then closes
         except httptools.HttpParserError as exc:
-            raise _Refusal(400, f'malformed HTTP request: {exc}', 'INVALID_INPUT') from None
+            raise _Refusal(ErrorCode.INVALID_INPUT, f'malformed HTTP request: {exc}') from None
+
+    def _head_too_large(self) -> _Refusal:
+        return _Refusal(ErrorCode.INVALID_INPUT,
+                        f'request head larger than {self.max_header_bytes} bytes', HEAD_TOO_LARGE)
+
+    def _body_too_large(self) -> _Refusal:
+        return _Refusal(ErrorCode.INPUT_TOO_LARGE,
+                        f'request body larger than {self.max_body_bytes} bytes')
 
     # -- httptools callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -110,14 +123,14 @@ class _Reader:
         req = self.current
         req.headers.append((name, value))
         if len(req.headers) > 200:
-            raise _Refusal(431, 'more than 200 request header fields', 'INVALID_INPUT')
+            raise _Refusal(ErrorCode.INVALID_INPUT, 'more than 200 request header fields',
+                           HEAD_TOO_LARGE)
 
     def on_headers_complete(self) -> None:
         req, p = self.current, self.parser
         size = len(req.url) + sum(len(n) + len(v) + 4 for n, v in req.headers)
         if size > self.max_header_bytes:
-            raise _Refusal(431, f'request head larger than {self.max_header_bytes} bytes',
-                           'INVALID_INPUT')
+            raise self._head_too_large()
         self.in_head = False
         self.head_bytes = 0
         req.method = p.get_method()
@@ -126,10 +139,8 @@ class _Reader:
         for name, value in req.headers:
             lname = name.lower()
             if lname == b'content-length':
-                req.content_length = int(value)        # llhttp has validated the digits
-                if req.content_length > self.max_body_bytes:
-                    raise _Refusal(413, f'request body larger than {self.max_body_bytes} '
-                                        f'bytes', 'INPUT_TOO_LARGE')
+                if int(value) > self.max_body_bytes:    # llhttp has validated the digits
+                    raise self._body_too_large()
             elif lname == b'expect' and value.lower() == b'100-continue':
                 req.expect_continue = True
 
@@ -137,8 +148,7 @@ class _Reader:
         req = self.current
         req.size += len(body)
         if req.size > self.max_body_bytes:       # chunked bodies have no declared length
-            raise _Refusal(413, f'request body larger than {self.max_body_bytes} bytes',
-                           'INPUT_TOO_LARGE')
+            raise self._body_too_large()
         req.body.append(body)
 
     def on_message_complete(self) -> None:
@@ -252,6 +262,8 @@ class ThreadedWSGIServer:
         try:
             while True:
                 while not reader.done:
+                    if reader.current is None:
+                        self._set_busy(conn, False)     # between requests: nothing to answer
                     data = conn.recv(RECV_BYTES)    # idle timeout: socket.timeout (OSError)
                     if not data:
                         return
@@ -266,16 +278,12 @@ class ThreadedWSGIServer:
                             and not cur.body:
                         conn.sendall(b'HTTP/1.1 100 Continue\r\n\r\n')
                         cur.expect_continue = False
-                    if not reader.done and reader.current is None:
-                        self._set_busy(conn, False)     # only a keep-alive gap was read
                     if reader.upgrade and not reader.done:
                         return          # another protocol follows a request we cannot finish
                 req = reader.done.popleft()
                 keep = self._serve(conn, peer, req) and not reader.upgrade
                 if not keep or self._stopping:
                     return
-                if not reader.done and reader.current is None:
-                    self._set_busy(conn, False)
         except OSError:
             pass                        # peer gone, reset or idle too long: nothing to answer
         finally:
@@ -301,7 +309,7 @@ class ThreadedWSGIServer:
                 continue
             if '\n' in value or '\r' in value or '\n' in name or '\r' in name:
                 log.error('WSGI app sent a header with a line break: %r', name)
-                status, headers, body = self._internal_error()
+                status, _headers, body = self._internal_error()
                 return self._send_error(conn, status, body)
             head.append(f'{name}: {value}\r\n')
         no_body = is_head or status[:3] in ('204', '304') or status[0] == '1'
@@ -328,8 +336,7 @@ class ThreadedWSGIServer:
             'QUERY_STRING': (url.query or b'').decode('latin-1'),
             'SERVER_NAME': self.host, 'SERVER_PORT': str(self.port),
             'SERVER_PROTOCOL': 'HTTP/' + req.version,
-            'REMOTE_ADDR': peer[0] if isinstance(peer, tuple) else '',
-            'REMOTE_PORT': str(peer[1]) if isinstance(peer, tuple) else '',
+            'REMOTE_ADDR': peer[0], 'REMOTE_PORT': str(peer[1]),     # TCP: (host, port, ...)
             'CONTENT_LENGTH': str(len(body)),
             'wsgi.version': (1, 0), 'wsgi.url_scheme': 'http', 'wsgi.input': io.BytesIO(body),
             'wsgi.errors': sys.stderr, 'wsgi.multithread': True, 'wsgi.multiprocess': False,
@@ -352,8 +359,8 @@ class ThreadedWSGIServer:
         chunks: List[bytes] = []
 
         def start_response(status, headers, exc_info=None):
-            if exc_info and started.get('sent'):
-                raise exc_info[1].with_traceback(exc_info[2])
+            # nothing is sent before the app returns, so a second call (with exc_info) may
+            # always replace the status and headers (PEP 3333)
             started['status'], started['headers'] = status, headers
             return chunks.append                 # PEP 3333's legacy write() callable
 
@@ -371,7 +378,7 @@ class ThreadedWSGIServer:
 
     @staticmethod
     def _internal_error() -> Tuple[str, list, bytes]:
-        body = json.dumps({'error': 'internal error', 'code': 'INTERNAL'}).encode()
+        body = json.dumps({'error': 'internal error', 'code': ErrorCode.INTERNAL.name}).encode()
         return '500 Internal Server Error', [('Content-Type', 'application/json')], body
 
     def _send_error(self, conn, status: str, body: bytes) -> bool:
@@ -388,7 +395,7 @@ class ThreadedWSGIServer:
         its body would see the reset, not the answer: shut the sending side, then read and drop
         what arrives for a moment (bounded in time and bytes) before closing.
         """
-        body = json.dumps({'error': refusal.message, 'code': refusal.code}).encode()
+        body = json.dumps({'error': refusal.message, 'code': refusal.code.name}).encode()
         try:
             self._send_error(conn, f'{refusal.status} {_REASONS[refusal.status]}', body)
             conn.shutdown(socket.SHUT_WR)
