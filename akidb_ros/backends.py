@@ -38,11 +38,11 @@ class Backend(Protocol):
 
     name: str           # 'inprocess' | 'sidecar' (metrics label, /health)
 
-    def submit(self, req: EmbedRequest, trace_context: Optional[Dict[str, str]] = None,
-               caller_waits: bool = False) -> 'Future[EmbedResult]':
+    def submit(self, req: EmbedRequest, caller_waits: bool = False) -> 'Future[EmbedResult]':
         """Start an embedding; the future resolves to EmbedResult or raises EngineError.
 
-        ``trace_context`` is a W3C carrier (``{'traceparent': ...}``) of the door's span.
+        Called in the door's thread with the door's span current: the engine captures that
+        OpenTelemetry context, the sidecar's DDS client injects it into the request.
         ``caller_waits``: the calling thread will block on the future, so an in-process engine
         may run the job in it (``EmbeddingEngine.submit``); never from an event loop.
         """
@@ -112,24 +112,17 @@ class LocalBackend:
     def __init__(self, engine, own_engine: bool = False):
         self.engine = engine
         self._own = own_engine
-        # Does the engine accept an explicit W3C carrier (``trace_context=``)? If not, it can
-        # still read the caller's OpenTelemetry context at submit time (same thread).
         try:
             params = inspect.signature(engine.submit).parameters
         except (TypeError, ValueError):
             params = {}
-        self._submit_takes_trace = 'trace_context' in params
         self._submit_takes_wait = 'caller_waits' in params
 
-    def submit(self, req: EmbedRequest, trace_context: Optional[Dict[str, str]] = None,
-               caller_waits: bool = False) -> Future:
+    def submit(self, req: EmbedRequest, caller_waits: bool = False) -> Future:
         t0 = time.perf_counter()
         extra = {'caller_waits': True} if caller_waits and self._submit_takes_wait else {}
         try:
-            if self._submit_takes_trace:
-                fut = self.engine.submit(req, trace_context=trace_context, **extra)
-            else:
-                fut = self.engine.submit(req, **extra)
+            fut = self.engine.submit(req, **extra)
         except EngineError:
             raise
         except Exception as exc:
@@ -298,7 +291,7 @@ class RosBackend:
         return wait_result(self._call(service, request, t), t)
 
     # -- Backend ------------------------------------------------------------------------------
-    def submit(self, req: EmbedRequest, trace_context: Optional[Dict[str, str]] = None,
+    def submit(self, req: EmbedRequest,
                caller_waits: bool = False) -> Future:   # a DDS call: nothing to run here
         from akidb_ros.observability.tracing import inject_carrier, tracer
         from opentelemetry import trace

@@ -30,7 +30,7 @@ from akidb_ros.engine.types import EmbedRequest, ModelStatus
 from akidb_ros.grpc_api import embedding_pb2 as pb
 from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
 from akidb_ros.observability import metrics as m
-from akidb_ros.observability.tracing import extract_from_metadata, inject_carrier, tracer
+from akidb_ros.observability.tracing import extract_from_metadata, tracer
 
 log = logging.getLogger('akidb_ros.grpc')
 
@@ -131,8 +131,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         if call.priority is not None:
             req.priority = call.priority      # admin callers: the engine's priority lane
         try:
-            return self.backend.submit(req, trace_context=inject_carrier(),
-                                       caller_waits=caller_waits), done
+            return self.backend.submit(req, caller_waits=caller_waits), done
         except EngineError as e:
             if callable(done):
                 done(e)

@@ -104,17 +104,19 @@ def install_flask(
         g.akidb_guard = d
         return None
 
+    fixed = list(SECURITY_HEADERS.items()) if security_headers else []
+    if security_headers and hsts:
+        fixed.append(('Strict-Transport-Security', 'max-age=31536000'))
+
     @app.after_request
     def _akidb_headers(resp):
         d = g.get('akidb_guard')
-        if d is not None:
-            for k, v in d.headers.items():
-                resp.headers.setdefault(k, v)
-        if security_headers:
-            for k, v in SECURITY_HEADERS.items():
-                resp.headers.setdefault(k, v)
-            if hsts:
-                resp.headers.setdefault('Strict-Transport-Security', 'max-age=31536000')
+        # what the handler set wins; one pass over the response's headers, not one per name
+        present = {k.lower() for k in resp.headers.keys()}
+        for k, v in (*(d.headers.items() if d is not None else ()), *fixed):
+            if k.lower() not in present:
+                resp.headers.add(k, v)
+                present.add(k.lower())
         return resp
 
     @app.teardown_request

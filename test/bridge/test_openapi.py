@@ -10,6 +10,7 @@ import requests
 import schemathesis
 from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis.checks import (content_type_conformance, not_a_server_error,
                                  response_schema_conformance, status_code_conformance)
 
@@ -49,3 +50,28 @@ def test_api_conforms_to_openapi(rest_url):
     # the fuzzing reached both success and caller-mistake answers of the embed route
     embed_codes = {c for p, c in calls if p == '/api/v1/embed'}
     assert 200 in embed_codes and 400 in embed_codes, embed_codes
+
+
+# JSON values with the shapes the request schemas care about (strings, lists of strings, bools,
+# numbers, nested objects), so most generated bodies sit near the valid/invalid boundary
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(max_size=5),
+    lambda inner: (st.lists(inner, max_size=3)
+                   | st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+    max_leaves=8)
+_KEYS = st.sampled_from(['inputs', 'input', 'model', 'normalize', 'truncate', 'input_type',
+                         'encoding_format', 'dimensions', 'user', 'extra'])
+_VALUES = _JSON | st.sampled_from(['', 'query', 'none', 'float', 'base64', 'm', True, 384])
+_BODIES = (st.dictionaries(_KEYS, _VALUES | st.lists(st.text(max_size=4), max_size=3), max_size=5)
+           | _JSON)
+
+
+@given(body=_BODIES)
+@settings(max_examples=600, deadline=None, database=None)
+def test_fast_schema_check_agrees_with_jsonschema(body):
+    """The door asks the compiled validator (jsonschema-rs) whether a body is valid and only
+    asks jsonschema to explain a refusal: both must judge every body alike."""
+    from akidb_ros.rest.app import _VALIDATORS
+    for v in _VALIDATORS.values():
+        assert v._fast.is_valid(body) == v._explain.is_valid(body), body

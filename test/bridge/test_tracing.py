@@ -2,7 +2,9 @@
 and once end to end: a real server process exporting OTLP to a real collector (rotel)."""
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -89,22 +91,48 @@ def test_engine_spans_under_transport_span(rest_url, span_exporter):
     assert spans['inference'].parent.span_id == spans['batch'].context.span_id
 
 
-def test_without_exporter_engine_spans_are_skipped(rest_url, span_exporter, monkeypatch):
-    """Our provider with no exporter attached: the transport span is still made (trace ids
-    propagate and reach the logs) but the engine's spans, which nobody would receive, are not."""
+def test_without_exporter_spans_carry_ids_but_record_nothing(rest_url, span_exporter,
+                                                             monkeypatch):
+    """Our provider with no exporter attached: nothing is recorded (no SDK span would reach
+    anyone), but the transport span still carries the caller's trace id, a span id of its own and
+    the sampler's flag, so the ids reach the access log and propagate downstream."""
     from opentelemetry import trace
     from akidb_ros.observability import tracing
+    from akidb_ros.observability.logs import ACCESS_LOGGER, JsonFormatter
     monkeypatch.setattr(tracing, '_provider', trace.get_tracer_provider())
     monkeypatch.setattr(tracing, '_exporting', False)
     assert not tracing.spans_exported()
-    trace_id, _, tp = _traceparent()
-    r = requests.post(rest_url + '/api/v1/embed', json={'inputs': ['quiet trace']}, timeout=10,
-                      headers={'traceparent': tp})
+    trace_id, parent_id, tp = _traceparent()
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())     # adds the ids of the span current when logging
+    access = logging.getLogger(ACCESS_LOGGER)
+    access.addHandler(handler)
+    level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        r = requests.post(rest_url + '/api/v1/embed', json={'inputs': ['quiet trace']},
+                          timeout=10, headers={'traceparent': tp, 'X-Request-ID': 'quiet-1'})
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
     assert r.status_code == 200
     time.sleep(0.3)   # the engine's spans, were they recorded, follow the answer closely
-    names = {s.name for s in _spans(span_exporter, trace_id)}
-    assert 'POST /api/v1/embed' in names
-    assert not names & {'queue wait', 'batch', 'inference'}
+    assert _spans(span_exporter, trace_id) == []
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    line = next(x for x in lines if x.get('request_id') == 'quiet-1')
+    assert line['trace_id'] == trace_id and line['span_id'] not in ('', parent_id)
+
+    # in-process: the id-only span continues a caller's trace or starts a sampled one
+    t = tracing.tracer()
+    with t.start_as_current_span('child', context=tracing.extract_traceparent(tp)) as span:
+        ctx = span.get_span_context()
+        assert not span.is_recording()
+        assert format(ctx.trace_id, '032x') == trace_id and ctx.trace_flags.sampled
+        assert tracing.inject_carrier()['traceparent'].startswith(f'00-{trace_id}-')
+    with t.start_as_current_span('root') as span:
+        assert span.get_span_context().is_valid and span.get_span_context().trace_flags.sampled
+    assert tracing.capture_context() is None    # no engine spans either
 
 
 def test_tracer_is_cached_per_provider():

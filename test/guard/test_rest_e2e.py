@@ -124,9 +124,9 @@ def test_admin_callers_take_the_priority_lane(tmp_path):
     class SeenBackend(LocalBackend):   # the real backend; remembers what the door submitted
         seen = []
 
-        def submit(self, req, trace_context=None, caller_waits=False):
+        def submit(self, req, caller_waits=False):
             self.seen.append((req.priority, req.model))
-            return super().submit(req, trace_context=trace_context, caller_waits=caller_waits)
+            return super().submit(req, caller_waits=caller_waits)
 
     engine = build_engine(tmp_path)
     keys = str(tmp_path / 'keys.yaml')
