@@ -117,6 +117,7 @@ class LocalBackend:
         except (TypeError, ValueError):
             params = {}
         self._submit_takes_wait = 'caller_waits' in params
+        self._latency = m.BACKEND_LATENCY.labels(self.name)
 
     def submit(self, req: EmbedRequest, caller_waits: bool = False) -> Future:
         t0 = time.perf_counter()
@@ -128,8 +129,7 @@ class LocalBackend:
         except Exception as exc:
             log.exception('engine.submit failed unexpectedly')
             raise EngineError(ErrorCode.INTERNAL, f'internal error: {type(exc).__name__}') from exc
-        fut.add_done_callback(
-            lambda _f: m.BACKEND_LATENCY.labels(self.name).observe(time.perf_counter() - t0))
+        fut.add_done_callback(lambda _f: self._latency.observe(time.perf_counter() - t0))
         return fut
 
     def embed(self, req: EmbedRequest) -> EmbedResult:
@@ -201,6 +201,7 @@ class RosBackend:
         self._srv = {'Embed': Embed, 'ListModels': ListModels, 'LoadModel': LoadModel,
                      'UnloadModel': UnloadModel}
         self.timeout_s = timeout_s
+        self._latency = m.BACKEND_LATENCY.labels(self.name)
         self._ctx = Context()
         rclpy.init(context=self._ctx, args=[])
         name = node_name or f'akidb_bridge_{os.getpid()}_{uuid.uuid4().hex[:6]}'
@@ -352,7 +353,7 @@ class RosBackend:
                 log.exception('bad response from the embedding node')
                 out.set_exception(EngineError(ErrorCode.INTERNAL, f'bad node response: {e}'))
             finally:
-                m.BACKEND_LATENCY.labels(self.name).observe(time.perf_counter() - t0)
+                self._latency.observe(time.perf_counter() - t0)
                 span.end()
 
         raw.add_done_callback(convert)

@@ -19,11 +19,11 @@ of it.
 from __future__ import annotations
 
 import logging
+import random
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Set
+from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.observability import metrics as m
@@ -37,10 +37,12 @@ LOG_LEVELS = {'info': logging.INFO, 'warning': logging.WARNING, 'error': logging
 
 
 def request_id_from(value: Optional[str]) -> str:
-    """Return the caller's request id when it is sane, else a fresh one."""
+    """Return the caller's request id when it is sane, else a fresh one (128 random bits from
+    the process' PRNG, like OpenTelemetry's trace ids: an id names a request, it guards nothing,
+    and ``uuid4`` would make a system call on every request)."""
     if value and _REQUEST_ID_RE.match(value):
         return value
-    return uuid.uuid4().hex
+    return f'{random.getrandbits(128):032x}'
 
 
 @dataclass
@@ -113,13 +115,30 @@ class ModelLabels:
         return model if model in self._known else 'unknown'
 
 
+# labelled metric children, looked up once per label set (``labels()`` validates, builds a tuple
+# and takes the family's lock on every call); bounded: ModelLabels keeps model labels to the
+# backend's models plus 'default' and 'unknown'
+_REQUEST_CHILDREN: Dict[Tuple[str, str, str], Tuple[Any, Any]] = {}
+
+
+def _request_metrics(model_label: str, transport: str, status: str) -> Tuple[Any, Any]:
+    key = (model_label, transport, status)
+    children = _REQUEST_CHILDREN.get(key)
+    if children is None:
+        children = _REQUEST_CHILDREN[key] = (
+            m.EMBED_REQUESTS.labels(model_label, transport, status),
+            m.EMBED_LATENCY.labels(model_label, transport))
+    return children
+
+
 def record(call: DoorCall, model_label: str, error: Optional[EngineError],
            **log_fields) -> float:
     """Metrics + one access-log line for a finished embed call; returns latency in ms."""
     elapsed = time.perf_counter() - call.started
     status = 'success' if error is None else 'error'
-    m.EMBED_REQUESTS.labels(model_label, call.transport, status).inc()
-    m.EMBED_LATENCY.labels(model_label, call.transport).observe(elapsed)
+    requests, latency = _request_metrics(model_label, call.transport, status)
+    requests.inc()
+    latency.observe(elapsed)
     if error is not None:
         m.REQUEST_ERRORS.labels(call.transport, error.code.name).inc()
         level = LOG_LEVELS.get(error.code.log_level, logging.WARNING)

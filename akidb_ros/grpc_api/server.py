@@ -35,6 +35,7 @@ from akidb_ros.observability.tracing import extract_from_metadata, tracer
 log = logging.getLogger('akidb_ros.grpc')
 
 TRANSPORT = 'grpc'
+_INFLIGHT = m.INFLIGHT_REQUESTS.labels(TRANSPORT)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name['EmbeddingService'].full_name
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 STREAM_WINDOW = 64        # EmbedStream: requests in flight per stream before reading pauses
@@ -148,7 +149,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def Embed(self, request, context):
         call = self._call(context, 'embed')
         context.set_trailing_metadata((('x-request-id', call.request_id),))
-        m.INFLIGHT_REQUESTS.labels(TRANSPORT).inc()
+        _INFLIGHT.inc()
         label = 'default'
         ctx, span_cm = self._span(context, 'Embed', call)
         token = otel_context.attach(ctx)
@@ -180,7 +181,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 return out
         finally:
             otel_context.detach(token)
-            m.INFLIGHT_REQUESTS.labels(TRANSPORT).dec()
+            _INFLIGHT.dec()
 
     def EmbedStream(self, request_iterator, context):
         """Each request answered in order; requests pipelined (up to STREAM_WINDOW in flight)."""
@@ -188,7 +189,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         ctx = extract_from_metadata(context.invocation_metadata())
         pending: 'queue.Queue' = queue.Queue(maxsize=STREAM_WINDOW)
         stop = threading.Event()
-        m.INFLIGHT_REQUESTS.labels(TRANSPORT).inc()
+        _INFLIGHT.inc()
 
         def reader():
             token = otel_context.attach(ctx)
@@ -269,7 +270,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     break
                 if item is not None and callable(item[5]) and item[4] is not None:
                     item[4].add_done_callback(lambda _f, done=item[5]: done(None))
-            m.INFLIGHT_REQUESTS.labels(TRANSPORT).dec()
+            _INFLIGHT.dec()
 
     def Health(self, request, context):
         try:

@@ -147,6 +147,9 @@ def _make_interceptor_class():
 
         def __init__(self, guard: Guard):
             self.guard = guard
+            # method -> (the servicer's handler, its guarded wrapper): built once per method,
+            # not on every call (this runs on gRPC's one polling thread)
+            self._wrapped: dict = {}
 
         def _check(self, method: str, context: Any) -> Decision:
             creds = credentials_from_grpc(context)
@@ -165,6 +168,14 @@ def _make_interceptor_class():
             if handler is None:
                 return None
             method = details.method
+            cached = self._wrapped.get(method)
+            if cached is not None and cached[0] is handler:
+                return cached[1]
+            wrapped = self._wrap(method, handler)
+            self._wrapped[method] = (handler, wrapped)
+            return wrapped
+
+        def _wrap(self, method: str, handler):
             check = self._check
 
             def unary_response(behavior):

@@ -51,6 +51,7 @@ except ImportError:  # pragma: no cover - orjson is in requirements.txt
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 TRANSPORT = 'rest'
+_INFLIGHT = m.INFLIGHT_REQUESTS.labels(TRANSPORT)
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND.name, 405: ErrorCode.METHOD_NOT_ALLOWED.name,
                413: ErrorCode.INPUT_TOO_LARGE.name, 415: ErrorCode.UNSUPPORTED_MEDIA_TYPE.name}
 
@@ -353,7 +354,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         g.headers = lower_headers(request.environ)
         g.request_id = request_id_from(g.headers.get(_REQUEST_ID_KEY))
         g.t0 = time.perf_counter()
-        m.INFLIGHT_REQUESTS.labels(TRANSPORT).inc()
+        _INFLIGHT.inc()
 
     @app.after_request
     def _finish(resp: Response):
@@ -363,7 +364,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
     @app.teardown_request
     def _teardown(_exc):
         if hasattr(g, 't0'):
-            m.INFLIGHT_REQUESTS.labels(TRANSPORT).dec()
+            _INFLIGHT.dec()
 
     @app.errorhandler(HTTPException)
     def _http_exc(exc: HTTPException):
