@@ -7,7 +7,6 @@ failures through the one error table.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import threading
@@ -112,18 +111,12 @@ class LocalBackend:
     def __init__(self, engine, own_engine: bool = False):
         self.engine = engine
         self._own = own_engine
-        try:
-            params = inspect.signature(engine.submit).parameters
-        except (TypeError, ValueError):
-            params = {}
-        self._submit_takes_wait = 'caller_waits' in params
         self._latency = m.BACKEND_LATENCY.labels(self.name)
 
     def submit(self, req: EmbedRequest, caller_waits: bool = False) -> Future:
         t0 = time.perf_counter()
-        extra = {'caller_waits': True} if caller_waits and self._submit_takes_wait else {}
         try:
-            fut = self.engine.submit(req, **extra)
+            fut = self.engine.submit(req, caller_waits=caller_waits)
         except EngineError:
             raise
         except Exception as exc:
