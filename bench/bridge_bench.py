@@ -8,7 +8,7 @@ sidecar mode, on loopback. Used by ``bench/run.py --doors rest,grpc,rest-sidecar
 
 The server runs as its own process (``python -m akidb_ros.server``; sidecar mode adds the
 embedding node process), exactly as deployed; the clients are threads of this process with one
-keep-alive HTTP connection each (REST) or one shared HTTP/2 channel (gRPC).
+keep-alive HTTP connection each (REST) or one HTTP/2 channel each (gRPC).
 """
 from __future__ import annotations
 

@@ -223,7 +223,8 @@ class ModelManager:
         # Holding a batch open for more callers pays where one run uses the whole device. Where
         # runners overlap on a CPU's cores, a runner that holds leaves a core idle (both, between
         # runs) while sentences queue up during the other's run anyway: in interleaved A/Bs on
-        # 2 cores, no hold served 5-6 % more sentences/s through REST and gRPC (README).
+        # 2 cores, no hold served 5-6 % more sentences/s through REST and gRPC
+        # (docs/benchmarks.md).
         wait_ms = 0.0 if onnx.runs_share_cores else b.max_wait_ms
         batcher = Batcher(cfg.id, onnx.run, encoder.pad_id, onnx.uses_type_ids, cfg.pooling,
                           b.max_batch_size, b.max_batch_tokens, wait_ms,

@@ -5,7 +5,7 @@ process around ONE engine (one ONNX session per model, one batcher). gunicorn's 
 master that forks worker processes; every worker would load its own engine (N× the memory, no
 shared batching), and gunicorn must own the main thread and signals, which the ROS executor and
 the gRPC server also need. Why a thread per connection and not waitress (the server until
-2026-11-27): see ``akidb_ros.rest.wsgi_server`` and README "Tried and measured".
+2026-11-27): see ``akidb_ros.rest.wsgi_server`` and docs/benchmarks.md.
 """
 from __future__ import annotations
 

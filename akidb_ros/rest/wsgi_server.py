@@ -1,11 +1,11 @@
 """A thread-per-connection HTTP/1.1 WSGI server: httptools parses, one thread serves a connection.
 
-Why not waitress (the server before, still measured in README "Tried and measured"): waitress,
+Why not waitress (the server before, still measured in docs/benchmarks.md): waitress,
 cheroot and gunicorn's gthread worker read every request in one I/O thread, hand it to a worker
 thread and hand the answer back to the I/O thread to send. On a small CPU that the model already
 saturates, those two thread switches per request and the pure-Python parsing cost more than the
 rest of the door: in interleaved A/Bs on one process (16 keep-alive clients, 2 cores), a thread
-per connection served more sentences/s than waitress (see the README for the numbers). Here the
+per connection served more sentences/s than waitress (docs/benchmarks.md has the numbers). Here the
 thread that reads a request runs the app and writes its answer; a keep-alive client keeps its
 thread. (The Python servers that do serve a connection in one thread are development servers.)
 

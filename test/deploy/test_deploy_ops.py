@@ -103,6 +103,20 @@ def test_deployment_guide_references_exist():
     assert not missing, missing
 
 
+def test_markdown_links_between_the_docs_resolve():
+    """Every relative link in README.md, SECURITY.md and docs/ names a file that exists."""
+    pages = [ROOT / 'README.md', ROOT / 'SECURITY.md', *sorted((ROOT / 'docs').rglob('*.md'))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r'\]\(([^)\s]+)\)', page.read_text()):
+            if re.match(r'[a-z]+:', target) or target.startswith('#'):
+                continue            # a URL or an anchor in the same page
+            if not (page.parent / target.split('#')[0]).exists():
+                broken.append(f'{page.relative_to(ROOT)} -> {target}')
+    assert len(pages) > 10
+    assert not broken, broken
+
+
 # --- the chaos suite's own parts --------------------------------------------------------------
 def _echo_server():
     srv = socket.socket()
