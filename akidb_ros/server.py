@@ -359,7 +359,9 @@ def main(argv=None) -> int:
     try:
         bridges = build(args, security=security)
     except Exception as exc:
-        log.error('startup failed: %s', exc, exc_info=not hasattr(exc, 'code'))
+        # a bad file or an engine error says all in its message; anything else is a bug
+        expected = hasattr(exc, 'code') or isinstance(exc, mtls.TLSFilesError)
+        log.error('startup failed: %s', exc, exc_info=not expected)
         return 1
     stop = threading.Event()
 

@@ -8,6 +8,12 @@ Relative file paths inside the section are resolved against the YAML file's fold
 (the repository root for files in ``config/``). Unknown keys are errors, so a typo cannot
 silently switch a control off.
 
+Env overrides (the PRD's deployment names), applied on top of whichever file was chosen:
+``AKIDB_TLS_CERT`` + ``AKIDB_TLS_KEY`` turn TLS on with that certificate and key (one without
+the other is an error), ``AKIDB_TLS_CA`` sets the CA that client certificates are checked
+against (an error while TLS is off, where it would do nothing). Relative paths are taken from
+the current directory; an empty value counts as unset.
+
 Bind rule: with authentication off the server may only listen on a loopback address;
 :func:`check_bind` raises :class:`SecurityConfigError` otherwise.
 """
@@ -285,8 +291,32 @@ def _check(d: Dict[str, Any], source: str) -> None:
         raise SecurityConfigError(f'{source}: breaker.min_calls must be <= breaker.window')
 
 
+TLS_ENV = {'AKIDB_TLS_CERT': 'cert_file', 'AKIDB_TLS_KEY': 'key_file', 'AKIDB_TLS_CA': 'ca_file'}
+
+
+def _tls_overrides(section: Dict[str, Any], env: Dict[str, str],
+                   source: str) -> tuple:
+    """Apply AKIDB_TLS_* to a ``security:`` mapping; returns (section, source label)."""
+    given = {name: env[name] for name in TLS_ENV if env.get(name)}
+    if not given:
+        return section, source
+    if ('AKIDB_TLS_CERT' in given) != ('AKIDB_TLS_KEY' in given):
+        missing = 'AKIDB_TLS_KEY' if 'AKIDB_TLS_CERT' in given else 'AKIDB_TLS_CERT'
+        raise SecurityConfigError(f'{missing} is required with '
+                                  f'{next(n for n in given if n != "AKIDB_TLS_CA")}')
+    tls = dict(section.get('tls') or {})
+    for name, value in given.items():
+        tls[TLS_ENV[name]] = os.path.abspath(os.path.expanduser(value))
+    if 'AKIDB_TLS_CERT' in given:
+        tls['enabled'] = True
+    elif not tls.get('enabled'):
+        raise SecurityConfigError(f'{source}: AKIDB_TLS_CA is set but TLS is off (set '
+                                  'AKIDB_TLS_CERT and AKIDB_TLS_KEY, or tls.enabled)')
+    return {**section, 'tls': tls}, f'{source} + {"/".join(sorted(given))}'
+
+
 def load(path: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> SecurityConfig:
-    """Load the security config (see module doc for the search order)."""
+    """Load the security config (see module doc for the search order and env overrides)."""
     env = os.environ if env is None else env
     if path is None:
         path = env.get('AKIDB_SECURITY_CONFIG')
@@ -297,7 +327,7 @@ def load(path: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> Se
         path = os.path.join(REPO_ROOT, 'config', f'security.{profile}.yaml')
         if not os.path.exists(path):
             if profile == 'dev':
-                return from_dict({}, source='<built-in dev defaults>')
+                return from_dict(*_tls_overrides({}, env, '<built-in dev defaults>'))
             raise SecurityConfigError(f'no security profile {path}')
     try:
         with open(path, 'r', encoding='utf-8') as fh:
@@ -307,7 +337,8 @@ def load(path: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> Se
     if not isinstance(doc, dict) or not isinstance(doc.get('security', {}), dict):
         raise SecurityConfigError(f'{path}: expected a top-level "security:" mapping')
     base = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    return from_dict(doc.get('security') or {}, base_dir=base, source=path)
+    section, source = _tls_overrides(doc.get('security') or {}, env, path)
+    return from_dict(section, base_dir=base, source=source)
 
 
 def is_loopback(host: str) -> bool:

@@ -46,17 +46,33 @@ class TLSSettings:
     reload_interval_s: float = 5.0
 
 
+class TLSFilesError(ValueError):
+    """A certificate, key or CA file that is missing, unreadable or does not fit the others."""
+
+
+def _reason(exc: Exception) -> str:
+    """'No such file or directory', 'KEY_VALUES_MISMATCH' ...: the cause without the noise."""
+    return getattr(exc, 'reason', None) or getattr(exc, 'strerror', None) or str(exc)
+
+
 def build_server_context(s: TLSSettings) -> ssl.SSLContext:
     """A fresh TLS 1.3-only server context (raises on a bad/mismatched cert-key pair)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_TICKET
-    ctx.load_cert_chain(s.cert_file, s.key_file)
+    try:
+        ctx.load_cert_chain(s.cert_file, s.key_file)
+    except (OSError, ssl.SSLError) as exc:   # ssl names neither file; the operator needs both
+        raise TLSFilesError(f'tls.cert_file {s.cert_file} / tls.key_file {s.key_file}: '
+                            f'{_reason(exc)}') from None
     if s.require_client_cert:
         if not s.ca_file:
             raise ValueError('tls.require_client_cert needs tls.ca_file (the client CA)')
-        ctx.load_verify_locations(cafile=s.ca_file)
+        try:
+            ctx.load_verify_locations(cafile=s.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSFilesError(f'tls.ca_file {s.ca_file}: {_reason(exc)}') from None
         ctx.verify_mode = ssl.CERT_REQUIRED
     else:
         ctx.verify_mode = ssl.CERT_NONE

@@ -100,6 +100,39 @@ def test_unknown_keys_and_inconsistent_settings_rejected():
         load(env={'AKIDB_SECURITY_PROFILE': '../../etc/passwd'})
 
 
+def test_tls_files_from_the_prd_env_vars(tmp_path, monkeypatch):
+    """AKIDB_TLS_CERT/KEY/CA override the chosen file's tls paths and turn TLS on."""
+    monkeypatch.chdir(tmp_path)
+    env = {'AKIDB_SECURITY_PROFILE': 'dev', 'AKIDB_TLS_CERT': 'tls/tls.crt',
+           'AKIDB_TLS_KEY': '/etc/tls/tls.key', 'AKIDB_TLS_CA': '/etc/tls/ca.crt'}
+    dev = load(env=env)
+    assert dev.tls_enabled and not dev.auth_enabled
+    assert dev['tls']['cert_file'] == str(tmp_path / 'tls' / 'tls.crt')   # from the cwd
+    assert (dev['tls']['key_file'], dev['tls']['ca_file']) == ('/etc/tls/tls.key',
+                                                               '/etc/tls/ca.crt')
+    assert 'AKIDB_TLS_CERT' in dev.source and dev.source.startswith(ROOT)
+    prod = load(env={**env, 'AKIDB_SECURITY_PROFILE': 'prod'})
+    assert prod['tls']['cert_file'] == str(tmp_path / 'tls' / 'tls.crt')
+    assert prod['tls']['require_client_cert'] and prod.auth_enabled
+    # only the CA: the profile's certificate and key stay, TLS must already be on
+    only_ca = load(env={'AKIDB_SECURITY_PROFILE': 'prod', 'AKIDB_TLS_CA': '/x/ca.crt'})
+    assert only_ca['tls']['ca_file'] == '/x/ca.crt'
+    assert only_ca['tls']['cert_file'] == os.path.join(ROOT, 'build', 'certs', 'server.crt')
+    assert not load(env={'AKIDB_SECURITY_PROFILE': 'dev', 'AKIDB_TLS_CERT': ''}).tls_enabled
+
+
+@pytest.mark.parametrize('env,match', [
+    ({'AKIDB_TLS_CERT': '/a.crt'}, 'AKIDB_TLS_KEY is required with AKIDB_TLS_CERT'),
+    ({'AKIDB_TLS_KEY': '/a.key', 'AKIDB_TLS_CA': '/ca'}, 'AKIDB_TLS_CERT is required'),
+    ({'AKIDB_TLS_CA': '/ca.crt'}, 'AKIDB_TLS_CA is set but TLS is off'),
+    # client certificates are required by default: without a CA there is nothing to check
+    ({'AKIDB_TLS_CERT': '/a.crt', 'AKIDB_TLS_KEY': '/a.key'}, 'needs tls.ca_file'),
+])
+def test_tls_env_vars_refused_when_incomplete(env, match):
+    with pytest.raises(SecurityConfigError, match=match):
+        load(env={'AKIDB_SECURITY_PROFILE': 'dev', **env})
+
+
 @pytest.mark.parametrize(
     'host,ok',
     [

@@ -90,9 +90,10 @@ def _security_config(d, certs, keys_file, audit_file, jwt_pem):
     j.pop('jwks_file', None)
     j.update(public_key_file=jwt_pem, issuer=ISS, audience=AUD)
     s['auth']['mtls']['enabled'] = False          # test-only: see the module docstring
-    s['tls'].update(cert_file=os.path.join(certs, 'server.crt'),
-                    key_file=os.path.join(certs, 'server.key'),
-                    ca_file=os.path.join(certs, 'ca.crt'))
+    # the TLS files come from the PRD's env vars (AKIDB_TLS_CERT/KEY/CA, Server below), which
+    # override these: the server only starts if they do
+    s['tls'].update(cert_file='absent/server.crt', key_file='absent/server.key',
+                    ca_file='absent/ca.crt')
     assert s['rate_limit']['roles']['viewer'] == {'rate': 10, 'burst': 2}   # used below
     s['breaker']['open_s'] = OPEN_S                # test-only: 2 s instead of 30 s
     s['audit']['file'] = audit_file
@@ -130,7 +131,9 @@ class Server:
         self._add_key('admin')         # the key file exists before the server starts
         ready = os.path.join(d, 'ready.json')
         env = dict(os.environ, AKIDB_SECURITY_CONFIG=self.security, AKIDB_LOG_FORMAT='json',
-                   AKIDB_SECURITY_PROFILE='prod')
+                   AKIDB_SECURITY_PROFILE='prod',
+                   AKIDB_TLS_CERT=os.path.join(self.certs, 'server.crt'),
+                   AKIDB_TLS_KEY=os.path.join(self.certs, 'server.key'), AKIDB_TLS_CA=self.ca)
         env.pop('GRPC_SSL_CIPHER_SUITES', None)
         self.log_path = os.path.join(d, 'server.log')
         self.log = open(self.log_path, 'wb')

@@ -16,8 +16,10 @@ from akidb_ros.guard.identity import AuthMethod, Role
 from akidb_ros.guard.mtls import (
     CertIdentitySettings,
     ReloadingTLSContext,
+    TLSFilesError,
     TLSSettings,
     build_client_context,
+    build_server_context,
     cert_subject,
     identity_from_cert,
 )
@@ -159,6 +161,23 @@ def test_certificate_rotation_without_restart(tmp_path, pki):
         assert int(serial, 16) == cert2.serial_number and tls.generation == 1
     finally:
         srv.close()
+
+
+def test_unusable_tls_files_are_named_in_the_error(tmp_path):
+    """Missing, mismatched or non-PEM files: the error says which file and why."""
+    d = str(tmp_path)
+    ca = make_ca(d)
+    sc, sk, _ = make_leaf(d, ca, 'localhost', server=True, name='server')
+    oc, ok, _ = make_leaf(d, ca, 'localhost', server=True, name='other')
+    assert build_server_context(TLSSettings(sc, sk, ca.path, True))
+    missing = os.path.join(d, 'absent.crt')
+    with pytest.raises(TLSFilesError, match=f'tls.cert_file {missing} .*No such file'):
+        build_server_context(TLSSettings(missing, sk, ca.path, True))
+    with pytest.raises(TLSFilesError, match=f'{sc} / tls.key_file {ok}: .*MISMATCH'):
+        build_server_context(TLSSettings(sc, ok, ca.path, True))
+    with pytest.raises(TLSFilesError, match=f'tls.ca_file {sk}'):
+        build_server_context(TLSSettings(sc, sk, sk, True))      # a key is not a CA bundle
+    assert build_server_context(TLSSettings(sc, sk, sk, False))  # no client certs: CA unused
 
 
 def test_client_ca_rotation(tmp_path, pki):
