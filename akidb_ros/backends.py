@@ -189,6 +189,7 @@ class RosBackend:
         from rclpy.context import Context
         from rclpy.qos import QoSProfile
         from akidb_ros.ros.cli import client_executor
+        from akidb_ros.ros.first_contact import FirstContact
         from akidb_ros.srv import Embed, ListModels, LoadModel, UnloadModel
 
         self._srv = {'Embed': Embed, 'ListModels': ListModels, 'LoadModel': LoadModel,
@@ -201,15 +202,14 @@ class RosBackend:
         self._node = rclpy.create_node(name, context=self._ctx)
         qos = QoSProfile(depth=qos_depth)
         base = prefix.rstrip('/')
+        self._deadlines = DeadlineWatcher(name='akidb-bridge-deadlines')
+        # FirstContact: a request sent before a (new) node has matched our client is sent
+        # again instead of timing out (akidb_ros.ros.first_contact)
         self._clients = {
-            'embed': self._node.create_client(Embed, f'{base}/embed', qos_profile=qos),
-            'list_models': self._node.create_client(ListModels, f'{base}/list_models',
-                                                    qos_profile=qos),
-            'load_model': self._node.create_client(LoadModel, f'{base}/load_model',
-                                                   qos_profile=qos),
-            'unload_model': self._node.create_client(UnloadModel, f'{base}/unload_model',
-                                                     qos_profile=qos),
-        }
+            name: FirstContact(self._node.create_client(srv, f'{base}/{name}', qos_profile=qos),
+                               watcher=self._deadlines)
+            for name, srv in (('embed', Embed), ('list_models', ListModels),
+                              ('load_model', LoadModel), ('unload_model', UnloadModel))}
         fields = Embed.Request.get_fields_and_field_types()
         self._has_traceparent = 'traceparent' in fields
         self._has_request_id = 'request_id' in fields
@@ -219,7 +219,6 @@ class RosBackend:
         # set on every wake-up, about a third of the bridge's GIL time under 16 clients.
         self._executor = client_executor(executor, self._ctx)
         self._executor.add_node(self._node)
-        self._deadlines = DeadlineWatcher(name='akidb-bridge-deadlines')
         self._running = True
         self._spin_thread = threading.Thread(target=self._spin, name='akidb-ros-bridge',
                                              daemon=True)
@@ -241,7 +240,10 @@ class RosBackend:
                     time.sleep(0.05)
 
     def _up(self, service: str) -> bool:
-        up = self._clients[service].service_is_ready()
+        client = self._clients[service]
+        up = client.service_is_ready()
+        if not up:
+            client.reset()      # the node that comes back is a new first contact
         if service == 'embed':
             m.BACKEND_UP.labels(self.name).set(1 if up else 0)
         return up
@@ -426,8 +428,9 @@ class RosBackend:
         self._running = False
         self._spin_thread.join(timeout=5)
         for call in self._deadlines.stop():   # no answer can arrive any more: say so
-            call.settle(EngineError(ErrorCode.UNAVAILABLE,
-                                    'bridge shut down before the embedding node answered'))
+            if isinstance(call, _PendingCall):   # (the rest are first-contact re-sends)
+                call.settle(EngineError(ErrorCode.UNAVAILABLE,
+                                        'bridge shut down before the embedding node answered'))
         try:
             self._executor.shutdown(timeout_sec=1)
         except Exception:
@@ -457,7 +460,7 @@ class _PendingCall:
     def settle(self, error: EngineError) -> None:
         """Give up on the call: forget it in rclpy, fail the caller's future (once)."""
         try:
-            self.backend._clients[self.service].remove_pending_request(self.ros_future)
+            self.backend._clients[self.service].forget(self.ros_future)
         except Exception:
             pass
         try:
@@ -474,6 +477,7 @@ class _PendingCall:
             gone = not self.backend._up(self.service)
         except Exception:   # context already shut down
             gone = True
+        client.reset()      # unanswered: maybe a node that restarted within its lease
         self.settle(EngineError(
             ErrorCode.UNAVAILABLE if gone else ErrorCode.TIMEOUT,
             f'embedding node left the DDS graph with {client.srv_name} in flight' if gone else

@@ -22,6 +22,7 @@ from rclpy.qos import QoSProfile
 from rclpy.utilities import remove_ros_args
 
 from akidb_ros.ros.conversions import embeddings_from_response
+from akidb_ros.ros.first_contact import FirstContact
 from akidb_ros.srv import Embed, ListModels, LoadModel, UnloadModel
 
 
@@ -53,9 +54,11 @@ class EmbeddingClient:
         self.executor.add_node(self.node)
         base = namespace.rstrip('/')
         qos = QoSProfile(depth=qos_depth)
+        # each a FirstContact: a request sent before the node has matched this new client
+        # would be lost (akidb_ros.ros.first_contact); it is sent again instead
         self.clients = {
-            name: self.node.create_client(srv, f'{base}/{name}' if base else name,
-                                          qos_profile=qos)
+            name: FirstContact(self.node.create_client(srv, f'{base}/{name}' if base else name,
+                                                       qos_profile=qos))
             for name, srv in (('embed', Embed), ('list_models', ListModels),
                               ('load_model', LoadModel), ('unload_model', UnloadModel))}
 
@@ -67,7 +70,8 @@ class EmbeddingClient:
         future = client.call_async(request)
         self.executor.spin_until_future_complete(future, timeout_sec=timeout_s)
         if not future.done():
-            client.remove_pending_request(future)
+            client.forget(future)
+            client.reset()
             raise NoAnswer(f'{client.srv_name} did not answer within {timeout_s:.1f} s')
         return future.result()
 

@@ -16,6 +16,7 @@ from rclpy.context import Context
 from rclpy.qos import QoSProfile
 
 from akidb_ros.ros.cli import client_executor
+from akidb_ros.ros.first_contact import FirstContact
 from akidb_ros.srv import Embed
 
 
@@ -46,7 +47,8 @@ class ConcurrentCaller:
         base = namespace.rstrip('/')
         name = f'{base}/embed' if base else 'embed'
         qos = QoSProfile(depth=qos_depth)
-        self.clients = [self.node.create_client(Embed, name, qos_profile=qos)
+        # FirstContact: a first request sent before the node matched its client is sent again
+        self.clients = [FirstContact(self.node.create_client(Embed, name, qos_profile=qos))
                         for _ in range(n_clients)]
         self.executor = client_executor(executor, self.context)
         self.executor.add_node(self.node)
