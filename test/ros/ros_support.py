@@ -123,12 +123,13 @@ def metric_value(text: str, name: str, labels: str = '') -> float:
 
 def call(client, srv_type, name: str, request, timeout: float = 10.0):
     """Call any service through the client's node; relative names are under NS."""
+    from akidb_ros.ros.first_contact import FirstContact
     if not name.startswith('/'):
         name = f'{NS}/{name}'
     key = (srv_type, name)
     cache = client.__dict__.setdefault('_extra_clients', {})
-    if key not in cache:
-        cache[key] = client.node.create_client(srv_type, name)
+    if key not in cache:    # re-sent until first contact, as the project's own clients do
+        cache[key] = FirstContact(client.node.create_client(srv_type, name))
     cli = cache[key]
     assert cli.wait_for_service(timeout_sec=timeout), f'no {name}'
     fut = cli.call_async(request)
