@@ -106,7 +106,12 @@ class _FirstCall:
         self._lock = threading.Lock()
         with owner._lock:
             owner._calls[id(self.out)] = self
-        self._send()
+        try:
+            self._send()
+        except BaseException:   # not sent at all (a destroyed client): the caller hears of it
+            with owner._lock:
+                owner._calls.pop(id(self.out), None)
+            raise
         self.deadline = time.monotonic() + self.gap
         watcher.watch(self)
 
