@@ -477,7 +477,6 @@ class _PendingCall:
             gone = not self.backend._up(self.service)
         except Exception:   # context already shut down
             gone = True
-        client.reset()      # unanswered: maybe a node that restarted within its lease
         self.settle(EngineError(
             ErrorCode.UNAVAILABLE if gone else ErrorCode.TIMEOUT,
             f'embedding node left the DDS graph with {client.srv_name} in flight' if gone else

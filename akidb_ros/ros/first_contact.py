@@ -76,7 +76,7 @@ class FirstContact:
             call.withdraw()
 
     def reset(self) -> None:
-        """Re-arm: the next calls may meet a new service (it left, or a call went unanswered)."""
+        """Re-arm: the next calls may meet a new service (the old one left the graph)."""
         self.answered = False
 
     def service_is_ready(self) -> bool:
@@ -127,7 +127,9 @@ class _FirstCall:
 
     def expire(self, now: float) -> None:
         """No answer yet: send another copy and wait twice as long for the next look."""
-        if self.done:
+        # Once any call of this client was answered the service has matched it: the copies in
+        # flight will be delivered, and more of them would only add load to a slow service.
+        if self.done or self.owner.answered:
             return
         try:
             self._send()

@@ -92,13 +92,32 @@ def test_a_slow_first_answer_wins_once_and_a_withdrawn_call_stops_its_copies():
     try:
         assert raw.wait_for_service(timeout_sec=20)
         fc = FirstContact(raw, resend_s=0.2)
+        # first contact made (a request sent right now could meet the race itself: its copy
+        # would be answered out of turn), then re-armed: from here nothing is lost, only slow
+        warm = fc.call_async(ListModels.Request())
+        executor.spin_until_future_complete(warm, timeout_sec=20)
+        assert warm.done() and fc.answered
+        deadline = time.monotonic() + 20        # the warm-up's copies reach the server...
+        while server.calls < 1 + fc.copies_sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(server.delay_s + 0.3)        # ...and the last one is answered (ignored)
+        fc.reset()
+        fc.copies_sent = 0
+        n0 = server.calls
         fut = fc.call_async(ListModels.Request())
+        second = fc.call_async(ListModels.Request())     # answered 0.8 s after the first
         executor.spin_until_future_complete(fut, timeout_sec=20)
         # the first copy was only slow: copies went out meanwhile, the first answer counts
-        assert fut.result().default_model == 'answer 1'
-        assert fc.copies_sent >= 1 and fc.answered and not fc._calls
+        assert fut.result().default_model == f'answer {n0 + 1}'
+        assert fc.copies_sent >= 1 and fc.answered
+        # the service has matched us: the call still waiting sends no more copies (it would
+        # have at 1.4 s), it only waits for its answer
+        sent = fc.copies_sent
+        executor.spin_until_future_complete(second, timeout_sec=20)
+        assert second.result().default_model == f'answer {n0 + 2}'
+        assert fc.copies_sent == sent and not fc._calls
         executor.spin_once(timeout_sec=3)       # later answers of the copies: ignored
-        assert fut.result().default_model == 'answer 1'
+        assert fut.result().default_model == f'answer {n0 + 1}'
         # a caller that gives up: no more copies, rclpy forgets the ones sent
         fc.reset()
         gone = fc.call_async(ListModels.Request())
