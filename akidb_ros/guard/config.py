@@ -301,9 +301,9 @@ def _tls_overrides(section: Dict[str, Any], env: Dict[str, str],
     if not given:
         return section, source
     if ('AKIDB_TLS_CERT' in given) != ('AKIDB_TLS_KEY' in given):
-        missing = 'AKIDB_TLS_KEY' if 'AKIDB_TLS_CERT' in given else 'AKIDB_TLS_CERT'
-        raise SecurityConfigError(f'{missing} is required with '
-                                  f'{next(n for n in given if n != "AKIDB_TLS_CA")}')
+        have, missing = (('AKIDB_TLS_CERT', 'AKIDB_TLS_KEY') if 'AKIDB_TLS_CERT' in given
+                         else ('AKIDB_TLS_KEY', 'AKIDB_TLS_CERT'))
+        raise SecurityConfigError(f'{missing} is required with {have}')
     tls = dict(section.get('tls') or {})
     for name, value in given.items():
         tls[TLS_ENV[name]] = os.path.abspath(os.path.expanduser(value))

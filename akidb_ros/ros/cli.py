@@ -71,7 +71,6 @@ class EmbeddingClient:
         self.executor.spin_until_future_complete(future, timeout_sec=timeout_s)
         if not future.done():
             client.forget(future)
-            client.reset()
             raise NoAnswer(f'{client.srv_name} did not answer within {timeout_s:.1f} s')
         return future.result()
 
