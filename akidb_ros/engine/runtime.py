@@ -95,8 +95,10 @@ def plan_providers(device: str, available: List[str], model: ModelConfig,
             }))
         else:
             # TF32 matmuls make a sentence's vector depend on its batch (measured ~5e-4 on an
-            # H100, 6e-7 without): exact FP32 unless the config trades that for speed.
-            chosen.append((CUDA, {'device_id': 0, 'use_tf32': int(settings.cuda_tf32)}))
+            # H100, 6e-7 without): exact FP32 unless the config trades that for speed. No
+            # device_id: GPU 0 is the default, and naming it makes ORT 1.31 look for a plugin
+            # EP device and warn on every session (seen on an H200).
+            chosen.append((CUDA, {'use_tf32': int(settings.cuda_tf32)}))
     gpu_wanted = bool(wanted)
     if gpu_wanted and not chosen:
         note = (f'device={device} asked for a GPU but this onnxruntime offers only '

@@ -31,7 +31,9 @@ def test_catalogue_lists_uninstalled_models_as_unavailable(engine):
     assert st['e5-small-v2'] is ModelStatus.UNAVAILABLE
     assert st['qwen3-embedding-0.6b'] is ModelStatus.UNAVAILABLE
     info = {m.id: m for m in engine.list_models()}[MINILM]
-    assert info.is_default and info.provider == 'CPUExecutionProvider' and info.dimension == 384
+    # The provider the model really runs on (CPU here, CUDA on a GPU host).
+    running_on = engine.manager.loaded(MINILM).onnx.session.get_providers()[0]
+    assert info.is_default and info.provider == running_on and info.dimension == 384
 
 
 def test_lru_by_count_and_lazy_reload(tmp_path):

@@ -32,7 +32,7 @@ def test_full_gpu_stack_orders_tensorrt_cuda_cpu(tmp_path):
 def test_cuda_only_and_cpu_only_plans(tmp_path):
     cfg, model = _cfg(tmp_path)
     providers, note = plan_providers('cuda', [CUDA, CPU], model, cfg.engine, ['input_ids'])
-    assert providers == [(CUDA, {'device_id': 0, 'use_tf32': 0}), CPU] and note == ''
+    assert providers == [(CUDA, {'use_tf32': 0}), CPU] and note == ''
     providers, note = plan_providers('cpu', [TRT, CUDA, CPU], model, cfg.engine, ['input_ids'])
     assert providers == [CPU] and note == ''
 
@@ -41,7 +41,7 @@ def test_tf32_is_off_unless_the_config_trades_exact_vectors_for_speed(tmp_path):
     cfg = load_config(write_config(tmp_path, lambda r: r['engine'].update(cuda_tf32=True)),
                       env={})
     providers, _ = plan_providers('cuda', [CUDA, CPU], cfg.model(MINILM), cfg.engine, [])
-    assert providers[0] == (CUDA, {'device_id': 0, 'use_tf32': 1})
+    assert providers[0] == (CUDA, {'use_tf32': 1})
 
 
 class _SessionSpy:
@@ -66,7 +66,7 @@ def test_without_tensorrt_libraries_cuda_keeps_its_options(tmp_path, monkeypatch
     spy = _SessionSpy(monkeypatch, [TRT, CUDA, CPU])
     monkeypatch.setattr(runtime, '_tensorrt_libraries_missing', lambda: ' (no libnvinfer)')
     onnx = OnnxModel(model, cfg.engine)
-    assert spy.calls == [[(CUDA, {'device_id': 0, 'use_tf32': 0}), CPU]]
+    assert spy.calls == [[(CUDA, {'use_tf32': 0}), CPU]]
     assert onnx.provider_note == (f'{TRT} failed to initialise; running on {CPU} '
                                   '(no libnvinfer)')
 
@@ -78,7 +78,7 @@ def test_a_failing_tensorrt_is_retried_as_cuda_with_options(tmp_path, monkeypatc
     onnx = OnnxModel(model, cfg.engine)
     probe, first, retry = spy.calls       # graph probe, TensorRT plan, then CUDA with options
     assert probe == [CPU] and first[0][0] == TRT
-    assert retry == [(CUDA, {'device_id': 0, 'use_tf32': 0}), CPU]
+    assert retry == [(CUDA, {'use_tf32': 0}), CPU]
     assert onnx.provider_note == f'{TRT} failed to initialise; running on {CPU}'
 
 
