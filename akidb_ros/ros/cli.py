@@ -52,18 +52,36 @@ class EmbeddingClient:
         self.node = rclpy.create_node(node_name, context=self.context)
         self.executor = client_executor(executor, self.context)
         self.executor.add_node(self.node)
-        base = namespace.rstrip('/')
-        qos = QoSProfile(depth=qos_depth)
-        # each a FirstContact: a request sent before the node has matched this new client
-        # would be lost (akidb_ros.ros.first_contact); it is sent again instead
-        self.clients = {
-            name: FirstContact(self.node.create_client(srv, f'{base}/{name}' if base else name,
-                                                       qos_profile=qos))
-            for name, srv in (('embed', Embed), ('list_models', ListModels),
-                              ('load_model', LoadModel), ('unload_model', UnloadModel))}
+        self._base = namespace.rstrip('/')
+        self._qos = QoSProfile(depth=qos_depth)
+        self.clients = {name: self._client(srv, name) for name, srv in (
+            ('embed', Embed), ('list_models', ListModels), ('load_model', LoadModel),
+            ('unload_model', UnloadModel))}
+        self._other_clients = {}   # call_service's, by (type, name)
+
+    def _client(self, srv_type, name: str) -> FirstContact:
+        # A FirstContact: a request sent before the node has matched this new client would be
+        # lost (akidb_ros.ros.first_contact); it is sent again instead.
+        if self._base and not name.startswith('/'):
+            name = f'{self._base}/{name}'
+        return FirstContact(self.node.create_client(srv_type, name, qos_profile=self._qos))
 
     def call(self, service: str, request, timeout_s: float = 10.0):
-        client = self.clients[service]
+        """Call one of the node's own services (``embed``, ``list_models`` ...)."""
+        return self._wait(self.clients[service], request, timeout_s)
+
+    def call_service(self, srv_type, name: str, request, timeout_s: float = 10.0):
+        """Call any service, e.g. the node's parameter or lifecycle services.
+
+        ``name`` is relative to the client's namespace unless it starts with ``/``; its
+        client is made on first use and kept.
+        """
+        key = (srv_type, name)
+        if key not in self._other_clients:
+            self._other_clients[key] = self._client(srv_type, name)
+        return self._wait(self._other_clients[key], request, timeout_s)
+
+    def _wait(self, client: FirstContact, request, timeout_s: float):
         if not client.wait_for_service(timeout_sec=timeout_s):
             raise NoAnswer(f'no node offers {client.srv_name} (is it running, same '
                            f'ROS_DOMAIN_ID, loopback DDS env sourced?)')

@@ -122,17 +122,11 @@ def metric_value(text: str, name: str, labels: str = '') -> float:
 
 
 def call(client, srv_type, name: str, request, timeout: float = 10.0):
-    """Call any service through the client's node; relative names are under NS."""
-    from akidb_ros.ros.first_contact import FirstContact
+    """Call any service through the client (an EmbeddingClient); relative names are under NS."""
+    from akidb_ros.ros.cli import NoAnswer
     if not name.startswith('/'):
         name = f'{NS}/{name}'
-    key = (srv_type, name)
-    cache = client.__dict__.setdefault('_extra_clients', {})
-    if key not in cache:    # re-sent until first contact, as the project's own clients do
-        cache[key] = FirstContact(client.node.create_client(srv_type, name))
-    cli = cache[key]
-    assert cli.wait_for_service(timeout_sec=timeout), f'no {name}'
-    fut = cli.call_async(request)
-    client.executor.spin_until_future_complete(fut, timeout_sec=timeout)
-    assert fut.done(), f'{name} did not answer'
-    return fut.result()
+    try:
+        return client.call_service(srv_type, name, request, timeout)
+    except NoAnswer as exc:
+        pytest.fail(str(exc))
