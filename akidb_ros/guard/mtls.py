@@ -331,7 +331,5 @@ def grpc_server_credentials(settings: TLSSettings, require_tls13: bool = True):
             'gRPC would accept TLS 1.2: call akidb_ros.guard.mtls.prepare_grpc_tls13() '
             'before importing grpc, or export GRPC_SSL_CIPHER_SUITES=' + GRPC_TLS13_ONLY_SUITES
         )
-    if settings.require_client_cert and not settings.ca_file:
-        raise ValueError('tls.require_client_cert needs tls.ca_file (the client CA)')
-    _check_pair(settings)
+    _check_pair(settings)   # also refuses client-cert checks without a CA
     return GrpcCredentialsReloader(settings).credentials()
