@@ -3,6 +3,7 @@
 The linter tests mirror ament_flake8 / ament_pep257 / ament_xmllint, which are not on PyPI.
 """
 import ast
+import importlib.metadata
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,36 @@ def test_package_xml_is_valid_format_3():
                                                   'diagnostic_msgs', 'lifecycle_msgs'}
     assert 'rosidl_interface_packages' in [g.name for g in pkg.member_of_groups]
     assert pkg.get_build_type() == 'ament_cmake'
+
+
+# Not on PyPI (so not in the venv to look up): ROS packages by name.
+ROS_ONLY_MODULES = {'launch', 'launch_ros'}
+
+
+def _imported_modules(files) -> set:
+    mods = set()
+    for f in files:
+        for n in ast.walk(ast.parse(f.read_text(), filename=str(f))):
+            if isinstance(n, ast.Import):
+                mods |= {a.name.split('.')[0] for a in n.names}
+            elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
+                mods.add(n.module.split('.')[0])
+    return mods
+
+
+def test_every_ros_package_the_code_imports_is_declared():
+    """A rosdep install must bring everything the node and the launch files import."""
+    from catkin_pkg.package import parse_package
+    pkg = parse_package(str(ROOT / 'package.xml'))
+    declared = {d.name for d in pkg.exec_depends}
+    dists = importlib.metadata.packages_distributions()
+    files = list((ROOT / 'akidb_ros').rglob('*.py')) + list((ROOT / 'launch').glob('*.py'))
+    ros = {m for m in _imported_modules(files) if m in ROS_ONLY_MODULES or any(
+        d.lower().startswith('ros-') for d in dists.get(m, []))}
+    assert {'rclpy', 'launch_ros', 'ament_index_python'} <= ros   # the scan sees them
+    assert ros - declared == set()
+    if list((ROOT / 'launch').glob('*.launch.xml')):
+        assert 'launch_xml' in declared
 
 
 def test_cmake_generates_every_interface():
