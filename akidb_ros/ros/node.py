@@ -633,6 +633,21 @@ def run(args=None) -> int:
     return rc
 
 
+def usage() -> str:
+    """``embedding_node --help``: how to run it and every parameter with its range."""
+    lines = ['usage: embedding_node [--ros-args --params-file FILE -p NAME:=VALUE '
+             '-r __ns:=/NAMESPACE --log-level LEVEL]', '',
+             'The akidb_ros embedding node: services embed, list_models, load_model, '
+             'unload_model and /diagnostics.',
+             'Source scripts/dds_env.sh (or set FASTDDS_DEFAULT_PROFILES_FILE) first so DDS '
+             'stays where you want it.', '', 'parameters (config/params.yaml):']
+    for spec in P.PARAMS:
+        rng = f' [{spec.range[0]}..{spec.range[1]}]' if spec.range else ''
+        ro = ' (read-only)' if spec.read_only else ''
+        lines.append(f'  {spec.name} = {spec.default!r}{rng}{ro}: {spec.description}')
+    return '\n'.join(lines)
+
+
 def main(args=None) -> int:
     """Entry point of ``embedding_node`` / ``python -m akidb_ros.ros.node``.
 
@@ -640,8 +655,14 @@ def main(args=None) -> int:
     down) the process ends with ``os._exit``: interpreter finalisation of ONNX Runtime and
     Fast DDS objects otherwise adds 0.3-0.8 s, and the PRD wants an idle exit within 1 s.
     """
+    argv = args if args is not None else sys.argv
+    user_args = argv[1:argv.index('--ros-args')] if '--ros-args' in argv else argv[1:]
+    if '-h' in user_args or '--help' in user_args:
+        # Print, never start: a node started here would join DDS with whatever env it has.
+        print(usage())
+        return 0
     try:
-        rc = run(args if args is not None else sys.argv)
+        rc = run(argv)
     except KeyboardInterrupt:
         rc = 0
     if args is None or args is sys.argv:

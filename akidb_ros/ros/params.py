@@ -141,6 +141,13 @@ def validate_value(name: str, value: Any) -> Optional[str]:
         return f"executor must be one of {', '.join(EXECUTORS)} (got {value!r})"
     if name == 'device' and value not in ('',) + DEVICES:
         return f"device must be one of '', {', '.join(DEVICES)} (got {value!r})"
+    spec = PARAMS_BY_NAME.get(name)
+    if spec is not None and spec.engine_key and spec.range is not None \
+            and isinstance(value, (int, float)) and value != spec.unset and value < 0:
+        # The range lets the "keep the file's value" sentinel (-1) through; the engine's own
+        # minimum is 0, so anything else below it would only fail at the next configure.
+        return (f'{name} must be {spec.unset} (keep the config file value) or in range '
+                f'0..{spec.range[1]} (got {value})')
     return None
 
 

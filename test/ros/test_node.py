@@ -253,7 +253,7 @@ def _set(client, **params):
 @pytest.mark.parametrize('name,value', [
     ('batching__max_batch_size', 5000), ('batching__max_batch_size', -3),
     ('diagnostics_period_s', -1.0), ('queue__capacity', 2_000_000),
-    ('batching__max_wait_ms', 5000.0), ('metrics_port', 70000)])
+    ('batching__max_wait_ms', 5000.0), ('resend_window_s', 100.0)])
 def test_out_of_range_parameter_refused(client, name, value):
     (res,) = _set(client, **{name: value})
     assert not res.successful
@@ -265,6 +265,11 @@ def test_parameter_checks(client):
     assert not res.successful and 'read-only' in res.reason.lower()
     (res,) = _set(client, device='gpu')
     assert not res.successful and 'device' in res.reason
+    # inside the descriptor's range (-1 = keep the file value) but below the engine's minimum
+    (res,) = _set(client, batching__max_wait_ms=-0.5)
+    assert not res.successful and 'range 0..' in res.reason, res.reason
+    (res,) = _set(client, batching__max_wait_ms=-1.0)
+    assert res.successful
     (res,) = _set(client, batching__max_batch_size=16)      # in range: accepted
     assert res.successful
     (res,) = _set(client, diagnostics_period_s=1.0)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import yaml
 from ros_support import ROOT
@@ -194,3 +195,18 @@ def test_pep257():
     out = subprocess.run([sys.executable, '-m', 'pydocstyle', *targets], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_console_scripts_are_installed_and_answer_help():
+    """The entry points users run exist in the venv and print their usage (no node starts)."""
+    assert (ROOT / 'resource' / 'akidb_ros').is_file()    # ament index marker
+    bindir = Path(sys.executable).parent
+    for script in ('embedding_node', 'akidb-embed', 'akidb-models', 'akidb-server',
+                   'akidb-keys'):
+        out = subprocess.run([str(bindir / script), '--help'], capture_output=True, text=True,
+                             timeout=60, cwd=ROOT)
+        assert out.returncode == 0, f'{script}: {out.stdout}{out.stderr}'
+        assert 'usage:' in out.stdout, script
+    out = subprocess.run([str(bindir / 'embedding_node'), '--help'], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT)
+    assert 'batching.max_wait_ms' in out.stdout and 'ready' not in out.stdout + out.stderr

@@ -1,8 +1,9 @@
-"""Start-up and shutdown of the node process: cold start, SIGINT when idle, SIGTERM under load."""
+"""Start-up and shutdown of the node: cold start, SIGINT/SIGTERM when idle, SIGTERM under load."""
 import signal
 import threading
 import time
 
+import pytest
 from ros_support import NodeProcess
 
 from akidb_ros.ros.cli import EmbeddingClient
@@ -13,11 +14,13 @@ COLD_START_LIMIT_S = 10.0      # PRD: cold start to ready on the default model
 IDLE_STOP_LIMIT_S = 1.0        # PRD: exit within 1 s of SIGINT/SIGTERM when idle
 
 
-def test_cold_start_then_idle_sigint_exits_0_within_1s():
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
+def test_cold_start_then_idle_signal_exits_0_within_1s(sig):
     t0 = time.monotonic()
-    node = NodeProcess(namespace='/cold')
+    ns = f'/cold_{sig.name.lower()}'
+    node = NodeProcess(namespace=ns)
     try:
-        with EmbeddingClient('/cold', node_name='akidb_cold_client') as c:
+        with EmbeddingClient(ns, node_name='akidb_cold_client') as c:
             resp = c.embed(['first call after a cold start'], timeout_s=60)
             cold_s = time.monotonic() - t0
             assert resp.success, resp.message
@@ -25,13 +28,13 @@ def test_cold_start_then_idle_sigint_exits_0_within_1s():
         print(f'\ncold start: ready line {ready_s:.2f} s, first answer {cold_s:.2f} s')
         assert cold_s < COLD_START_LIMIT_S, node.output
         t_sig = time.monotonic()
-        node.send(signal.SIGINT)
+        node.send(sig)
         rc = node.wait_exit(timeout=10)
         stop_s = time.monotonic() - t_sig
-        print(f'idle SIGINT -> exit {rc} in {stop_s:.2f} s')
+        print(f'idle {sig.name} -> exit {rc} in {stop_s:.2f} s')
         assert rc == 0, node.output
         assert stop_s < IDLE_STOP_LIMIT_S, node.output
-        assert 'SIGINT: stopped' in node.output
+        assert f'{sig.name}: stopped' in node.output
     finally:
         node.stop()
 
