@@ -305,7 +305,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         else:
             out = {'embeddings': _vectors(res.embeddings), 'model': res.model,
                    'usage': {'total_tokens': int(res.total_tokens),
-                             'duration_ms': round(float(res.duration_ms), 3),
+                             'duration_ms': int(round(res.duration_ms)),
                              'truncated_inputs': int(res.truncated_inputs)}}
         record(call, model_label, None, tokens=int(res.total_tokens))
         resp = Response(_dumps(out), status=200, mimetype='application/json')

@@ -33,7 +33,7 @@ USAGE = {
     'required': ['total_tokens', 'duration_ms'],
     'properties': {
         'total_tokens': {'type': 'integer', 'minimum': 0},
-        'duration_ms': {'type': 'number', 'minimum': 0},
+        'duration_ms': {'type': 'integer', 'minimum': 0},
         'truncated_inputs': {'type': 'integer', 'minimum': 0},
     },
 }

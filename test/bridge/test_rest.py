@@ -27,7 +27,10 @@ def test_embed_prd_shape_and_values(rest_url, engine):
     body = r.json()
     assert set(body) == {'embeddings', 'model', 'usage'}
     assert body['model'] == DEFAULT_MODEL
-    assert body['usage']['total_tokens'] > 0 and body['usage']['duration_ms'] >= 0
+    usage = body['usage']
+    assert usage['total_tokens'] > 0 and usage['duration_ms'] >= 0
+    # integers, as the PRD's (Rust u64) clients parse them
+    assert type(usage['total_tokens']) is int and type(usage['duration_ms']) is int
     emb = np.asarray(body['embeddings'], dtype=np.float32)
     assert emb.shape == (2, 384)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
@@ -38,6 +41,8 @@ def test_embed_prd_shape_and_values(rest_url, engine):
         'A car sees people crossing the street.', 'I like pancakes with syrup.']}).json()[
         'embeddings'])
     assert e2[0] @ emb[0] > e2[1] @ emb[0] + 0.2
+    # `normalize` left out: true, the PRD's default
+    np.testing.assert_allclose(np.linalg.norm(e2, axis=1), 1.0, atol=1e-4)
 
 
 def test_normalize_false_and_model_by_name(rest_url):
