@@ -27,17 +27,51 @@ def test_generated_code_matches_proto():
     assert codegen_check()
 
 
+# The Week 5 PRD's akidb.embedding.v1 messages, field by field: (name, number, type, repeated).
+# A map field is a repeated message of its entry type.
+PRD_MESSAGES = {
+    'EmbedRequest': [('model', 1, 'STRING', False), ('inputs', 2, 'STRING', True),
+                     ('normalize', 3, 'BOOL', False)],
+    'EmbedResponse': [('embeddings', 1, 'MESSAGE', True), ('model', 2, 'STRING', False),
+                      ('usage', 3, 'MESSAGE', False)],
+    'Vector': [('values', 1, 'FLOAT', True)],
+    'Usage': [('total_tokens', 1, 'INT32', False), ('duration_ms', 2, 'INT32', False)],
+    'HealthRequest': [],
+    'HealthResponse': [('status', 1, 'ENUM', False), ('checks', 2, 'MESSAGE', True),
+                       ('version', 3, 'STRING', False)],
+    'ListModelsRequest': [],
+    'ListModelsResponse': [('models', 1, 'MESSAGE', True)],
+    'ModelInfo': [('id', 1, 'STRING', False), ('name', 2, 'STRING', False),
+                  ('dimension', 3, 'INT32', False), ('params', 4, 'INT64', False),
+                  ('memory_mb', 5, 'INT32', False), ('latency_p95_ms', 6, 'INT32', False),
+                  ('throughput_qps', 7, 'INT32', False), ('status', 8, 'STRING', False)],
+}
+
+
 def test_prd_messages_unchanged():
-    fields = {m.name: [(f.name, f.number) for f in m.fields]
-              for m in pb.DESCRIPTOR.message_types_by_name.values()}
-    assert fields['EmbedRequest'] == [('model', 1), ('inputs', 2), ('normalize', 3)]
-    assert fields['EmbedResponse'] == [('embeddings', 1), ('model', 2), ('usage', 3)]
-    assert fields['Usage'] == [('total_tokens', 1), ('duration_ms', 2)]
-    assert [(f.name, f.number) for f in pb.ModelInfo.DESCRIPTOR.fields][-1] == ('status', 8)
-    methods = {m.name: (m.client_streaming, m.server_streaming)
+    from google.protobuf.descriptor import FieldDescriptor
+    type_names = {v: k[5:] for k, v in vars(FieldDescriptor).items() if k.startswith('TYPE_')}
+    assert pb.DESCRIPTOR.package == 'akidb.embedding.v1'
+    got = {m.name: [(f.name, f.number, type_names[f.type], f.is_repeated) for f in m.fields]
+           for m in pb.DESCRIPTOR.message_types_by_name.values()}
+    assert got == PRD_MESSAGES
+    refs = {(m, f.name): f.message_type.name for m in ('EmbedResponse', 'ListModelsResponse')
+            for f in pb.DESCRIPTOR.message_types_by_name[m].fields if f.message_type}
+    assert refs == {('EmbedResponse', 'embeddings'): 'Vector', ('EmbedResponse', 'usage'): 'Usage',
+                    ('ListModelsResponse', 'models'): 'ModelInfo'}
+    checks = pb.HealthResponse.DESCRIPTOR.fields_by_name['checks'].message_type
+    assert checks.GetOptions().map_entry and [f.type for f in checks.fields] == [
+        FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_STRING]
+    status = pb.HealthResponse.DESCRIPTOR.enum_types_by_name['Status']
+    assert [(v.name, v.number) for v in status.values] == [
+        ('UNKNOWN', 0), ('HEALTHY', 1), ('UNHEALTHY', 2)]
+    methods = {m.name: (m.input_type.name, m.output_type.name, m.client_streaming,
+                        m.server_streaming)
                for m in pb.DESCRIPTOR.services_by_name['EmbeddingService'].methods}
-    assert methods == {'Embed': (False, False), 'Health': (False, False),
-                       'ListModels': (False, False), 'EmbedStream': (True, True)}
+    assert methods == {'Embed': ('EmbedRequest', 'EmbedResponse', False, False),
+                       'Health': ('HealthRequest', 'HealthResponse', False, False),
+                       'ListModels': ('ListModelsRequest', 'ListModelsResponse', False, False),
+                       'EmbedStream': ('EmbedRequest', 'EmbedResponse', True, True)}
 
 
 def test_embed_same_answer_as_rest(grpc_client, rest_url):

@@ -131,3 +131,19 @@ def test_probe_port_options(monkeypatch):
             _port(monkeypatch, ['--probe-port', bad])
     with pytest.raises(SystemExit, match='AKIDB_PROBE_PORT'):
         _port(monkeypatch, [], {'AKIDB_PROBE_PORT': 'eighty'})
+
+
+def test_door_ports_and_host_follow_the_prd_defaults_and_env(monkeypatch):
+    """PRD: REST on 8080, gRPC on 9090; AKIDB_REST_PORT / AKIDB_GRPC_PORT / AKIDB_HOST."""
+    from akidb_ros import server
+    for k in ('AKIDB_REST_PORT', 'AKIDB_GRPC_PORT', 'AKIDB_HOST', 'AKIDB_MODE'):
+        monkeypatch.delenv(k, raising=False)
+    a = server.build_parser().parse_args([])
+    assert (a.rest_port, a.grpc_port, a.host, a.mode) == (8080, 9090, '127.0.0.1', 'inprocess')
+    monkeypatch.setenv('AKIDB_REST_PORT', '18080')
+    monkeypatch.setenv('AKIDB_GRPC_PORT', '19090')
+    monkeypatch.setenv('AKIDB_HOST', '0.0.0.0')
+    monkeypatch.setenv('AKIDB_MODE', 'sidecar')
+    a = server.build_parser().parse_args([])
+    assert (a.rest_port, a.grpc_port, a.host, a.mode) == (18080, 19090, '0.0.0.0', 'sidecar')
+    assert server.build_parser().parse_args(['--rest-port', '8888']).rest_port == 8888

@@ -15,6 +15,14 @@ def test_shipped_config_is_valid():
     assert pool['bge-small-en-v1.5'] == 'cls' and pool['qwen3-embedding-0.6b'] == 'last_token'
     e5 = cfg.model('e5-small-v2')
     assert (e5.query_prefix, e5.passage_prefix) == ('query: ', 'passage: ')
+    assert cfg.model('bge-small-en-v1.5').query_prefix == (
+        'Represent this sentence for searching relevant passages: ')   # BGE's query instruction
+    # the PRD's thresholds, as shipped: queue 1000 shedding at 95 %, 5 s inference deadline,
+    # 60 s model load timeout, 10 MB of input per request
+    e = cfg.engine
+    assert (e.queue.capacity, e.queue.shed_threshold) == (1000, 0.95)
+    assert (e.timeouts.inference_s, e.timeouts.model_load_s) == (5.0, 60.0)
+    assert e.limits.max_total_bytes == 10 * 1024 * 1024
 
 
 @pytest.mark.parametrize('mutate, fragment', [
