@@ -97,10 +97,13 @@ def setup_tracing(service_name: str = 'akidb-ros', exporters: Optional[Iterable[
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
 
+        from akidb_ros import __version__
+        attributes = {}   # what OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES set stays theirs
         if not os.environ.get('OTEL_SERVICE_NAME'):
-            resource = Resource.create({'service.name': service_name})
-        else:
-            resource = Resource.create()
+            attributes['service.name'] = service_name
+        if 'service.version=' not in os.environ.get('OTEL_RESOURCE_ATTRIBUTES', ''):
+            attributes['service.version'] = __version__
+        resource = Resource.create(attributes)
         provider = TracerProvider(resource=resource)   # sampler from OTEL_TRACES_SAMPLER
         chosen = list(exporters) if exporters is not None else _exporters_from_env()
         _add_exporters(provider, chosen, simple)

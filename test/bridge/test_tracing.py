@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import requests
 
+import akidb_ros
 from akidb_ros.grpc_api import embedding_pb2 as pb
 from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
 
@@ -206,6 +207,7 @@ def test_otlp_end_to_end_with_rotel(tmp_path):
                 break
             time.sleep(0.2)
         assert 'akidb-e2e-test' in text
+        assert 'service.version' in text and akidb_ros.__version__ in text, text[-3000:]
         assert 'POST /api/v1/embed' in text and trace_id in text, text[-3000:]
     finally:
         if server is not None and server.poll() is None:
