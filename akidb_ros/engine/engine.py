@@ -103,15 +103,16 @@ class EmbeddingEngine:
         return self._closed
 
     # --- requests ------------------------------------------------------------------------
-    def submit(self, request: EmbedRequest,
-               caller_waits: bool = False) -> 'Future[EmbedResult]':
+    def submit(self, request: EmbedRequest, caller_waits: bool = False,
+               load: bool = True) -> 'Future[EmbedResult]':
         """Validate, admit and enqueue; the future resolves exactly once (result or EngineError).
 
         Caller mistakes and admission failures raise EngineError right away (nothing was
         accepted); after acceptance, every outcome arrives through the future. A caller that
         will block on the future (``caller_waits``) may get it answered already: its thread
         runs the job when the model is idle (``Batcher.run_inline``). An event loop or ROS
-        executor must not set it.
+        executor must not set it, and should pass ``load=False``: a model that is not loaded
+        then raises ``ModelNotLoaded`` (nothing admitted) instead of loading in its thread.
         """
         if self._closed:
             raise EngineError(ErrorCode.UNAVAILABLE, 'engine is shutting down', retry_after_s=1.0)
@@ -120,16 +121,17 @@ class EmbeddingEngine:
         model_cfg = self.manager.resolve(request.model)   # MODEL_NOT_FOUND before admission
         self.admission.admit(request.priority)
         try:
-            return self._enqueue(request, model_cfg, caller_waits)
+            return self._enqueue(request, model_cfg, caller_waits, load)
         except BaseException:
             self._release_slot()
             raise
 
-    def _enqueue(self, request: EmbedRequest, model_cfg, inline: bool) -> 'Future[EmbedResult]':
+    def _enqueue(self, request: EmbedRequest, model_cfg, inline: bool,
+                 load: bool = True) -> 'Future[EmbedResult]':
         """Pin the model, tokenise in the caller's thread, hand the job to the batcher (or,
         ``inline`` and the model idle, run it here: ``Batcher.run_inline``)."""
         for attempt in range(2):
-            lm = self.manager.acquire(model_cfg.id)
+            lm = self.manager.acquire(model_cfg.id, load=load)
             try:
                 encoded = lm.encoder.encode(request.inputs, request.input_type)
                 if not request.truncate:

@@ -86,6 +86,10 @@ class LoadedModel:
         return self.latencies.stats()
 
 
+class ModelNotLoaded(Exception):
+    """``acquire(..., load=False)`` found the model not loaded (nothing was pinned)."""
+
+
 class ModelManager:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -119,8 +123,12 @@ class ModelManager:
         return m
 
     # --- acquire / release (the request path) ---------------------------------------------
-    def acquire(self, model: str) -> LoadedModel:
-        """Return the loaded model pinned against eviction; loads it if needed (deduplicated)."""
+    def acquire(self, model: str, load: bool = True) -> LoadedModel:
+        """Return the loaded model pinned against eviction; loads it if needed (deduplicated).
+
+        With ``load=False`` a model that is not loaded raises :class:`ModelNotLoaded` instead
+        (for threads that must never wait for a load, e.g. a ROS executor).
+        """
         cfg = self.resolve(model)
         with self._lock:
             lm = self._loaded.get(cfg.id)
@@ -130,6 +138,8 @@ class ModelManager:
                 lm.last_used = time.monotonic()
                 lm.cache_hits.inc()
                 return lm
+            if not load:
+                raise ModelNotLoaded(cfg.id)
             metrics.MODEL_CACHE_MISSES.labels(model=cfg.id).inc()
             fut = self._start_load(cfg)
         lm = self._await_load(cfg, fut)

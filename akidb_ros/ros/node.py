@@ -41,6 +41,7 @@ from rclpy.signals import SignalHandlerOptions
 
 from akidb_ros.engine import EmbeddingEngine, load_config
 from akidb_ros.engine.errors import EngineError, ErrorCode
+from akidb_ros.engine.manager import ModelNotLoaded
 from akidb_ros.observability import metrics as M
 from akidb_ros.ros import conversions as conv
 from akidb_ros.ros import params as P
@@ -231,13 +232,12 @@ class EmbeddingNode(LifecycleNode):
 
     def _submit(self, engine: EmbeddingEngine, req) -> Future:
         """engine.submit without blocking the executor on a (lazy) model load."""
-        manager = engine.manager
         try:
-            loaded = manager.loaded(manager.resolve(req.model).id) is not None
-        except EngineError:
-            loaded = True       # unknown model: engine.submit reports it, in its own order
-        if loaded:
-            return engine.submit(req)             # validates + tokenises: sub-millisecond
+            # validates + tokenises: sub-millisecond; never loads here (load=False), so a model
+            # evicted or unloaded a moment ago cannot hold the executor for a whole load
+            return engine.submit(req, load=False)
+        except ModelNotLoaded:
+            pass                  # nothing was admitted: load it on the pool, answer later
         outer: Future = Future()
 
         def cold():

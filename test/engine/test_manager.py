@@ -11,7 +11,7 @@ import pytest
 
 from akidb_ros.engine import EmbedRequest, EngineError, ErrorCode, ModelStatus
 from akidb_ros.engine.config import REPO_ROOT
-from akidb_ros.engine.manager import LatencyWindow
+from akidb_ros.engine.manager import LatencyWindow, ModelNotLoaded
 from akidb_ros.observability import metrics
 from engine_support import MINILM, MODELS, MPNET, Gate, make_engine, write_config
 
@@ -34,6 +34,24 @@ def test_catalogue_lists_uninstalled_models_as_unavailable(engine):
     # The provider the model really runs on (CPU here, CUDA on a GPU host).
     running_on = engine.manager.loaded(MINILM).onnx.session.get_providers()[0]
     assert info.is_default and info.provider == running_on and info.dimension == 384
+
+
+def test_submit_without_load_refuses_a_model_that_is_not_loaded(tmp_path):
+    """An executor thread passes load=False: it is never the one that waits for a load."""
+    eng = make_engine(tmp_path)
+    try:
+        with pytest.raises(ModelNotLoaded):
+            eng.submit(EmbedRequest(inputs=['x'], model=MPNET), load=False)
+        assert eng.admission.pending == 0                 # nothing was admitted
+        assert status(eng)[MPNET] is ModelStatus.AVAILABLE   # nor loaded
+        fut = eng.submit(EmbedRequest(inputs=['x']), load=False)   # the loaded default serves
+        assert len(fut.result(30).embeddings) == 1
+        eng.unload_model(MINILM)
+        with pytest.raises(ModelNotLoaded):               # unloaded a moment ago: same
+            eng.submit(EmbedRequest(inputs=['x']), load=False)
+        assert eng.admission.pending == 0
+    finally:
+        eng.close()
 
 
 def test_lru_by_count_and_lazy_reload(tmp_path):

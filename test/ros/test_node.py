@@ -110,6 +110,23 @@ def test_load_embed_unload_mpnet(client):
     assert listed[MPNET] == 'available' and listed[DEFAULT] == 'loaded'
 
 
+def test_embed_on_a_cold_model_does_not_hold_the_node(client):
+    """The model loads on a pool thread: the node answers other calls meanwhile ('loading')."""
+    call(client, UnloadModel, 'unload_model', UnloadModel.Request(model=MPNET), timeout=60)
+    fut = client.clients['embed'].call_async(Embed.Request(model=MPNET, inputs=['cold model']))
+    seen = []
+    deadline = time.monotonic() + 60
+    while not fut.done() and time.monotonic() < deadline:
+        listed = {m.id: m.status for m in client.call('list_models', ListModels.Request()).models}
+        seen.append((listed[MPNET], fut.done()))
+    client.executor.spin_until_future_complete(fut, timeout_sec=60)
+    resp = fut.result()
+    assert resp.success and resp.dimension == 768, resp.message
+    # list_models was answered while the embed call waited for its model
+    assert ('loading', False) in seen, seen
+    call(client, UnloadModel, 'unload_model', UnloadModel.Request(model=MPNET), timeout=60)
+
+
 @pytest.mark.parametrize('srv,name', [(LoadModel, 'load_model'), (UnloadModel, 'unload_model')])
 @pytest.mark.parametrize('model,code', [('no-such-model', 'MODEL_NOT_FOUND'),
                                         ('', 'INVALID_INPUT')])
