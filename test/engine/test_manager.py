@@ -67,6 +67,48 @@ def test_lru_by_count_and_lazy_reload(tmp_path):
         eng.close()
 
 
+def test_a_load_warms_the_model_before_it_serves(tmp_path, monkeypatch):
+    """The first runs pay for allocations: the load makes them, not the first caller."""
+    from akidb_ros.engine import runtime
+    warmed = []
+    real = runtime.OnnxModel.warm_up
+    eng = make_engine(tmp_path, preload=False)
+
+    def spy(self, pad_id):
+        warmed.append((self.cfg.id, status(eng)[self.cfg.id]))   # what callers see meanwhile
+        return real(self, pad_id)
+    monkeypatch.setattr(runtime.OnnxModel, 'warm_up', spy)
+    try:
+        eng.start()
+        assert warmed == [(MINILM, ModelStatus.LOADING)]     # during the load, before serving
+        assert status(eng)[MINILM] is ModelStatus.LOADED
+    finally:
+        eng.close()
+
+
+def test_lru_evicts_the_least_recently_used(tmp_path):
+    """Three models, room for two: the one used longest ago goes, not the oldest loaded."""
+    copy = 'minilm-copy'
+
+    def mutate(raw):
+        raw['engine']['cache'].update(max_loaded_models=2, max_memory_mb=4096)
+        raw['models'].append(dict(raw['models'][0], id=copy, name='copy/all-MiniLM-L6-v2'))
+    eng = make_engine(tmp_path, mutate)                    # loads the default (MINILM)
+    try:
+        eng.embed(EmbedRequest(inputs=['x'], model=copy))     # loaded after MINILM
+        eng.embed(EmbedRequest(inputs=['x']))                 # MINILM used again: now newest
+        eng.embed(EmbedRequest(inputs=['x'], model=MPNET))    # a third: one must go
+        st = status(eng)
+        assert (st[MINILM], st[copy], st[MPNET]) == (
+            ModelStatus.LOADED, ModelStatus.AVAILABLE, ModelStatus.LOADED)
+        eng.embed(EmbedRequest(inputs=['x'], model=copy))     # back, evicting MINILM now
+        st = status(eng)
+        assert (st[MINILM], st[copy], st[MPNET]) == (
+            ModelStatus.AVAILABLE, ModelStatus.LOADED, ModelStatus.LOADED)
+    finally:
+        eng.close()
+
+
 def test_lru_by_memory_budget(tmp_path):
     eng = make_engine(tmp_path, lambda r: r['engine']['cache'].update(
         max_loaded_models=4, max_memory_mb=500))              # 90 + 440 MB > 500 MB

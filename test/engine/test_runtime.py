@@ -51,8 +51,11 @@ class _SessionSpy:
         self.calls = []
         real = ort.InferenceSession
 
+        self.options = []
+
         def build(path, sess_options=None, providers=None):
             self.calls.append(providers)
+            self.options.append(sess_options)
             return real(path, sess_options=sess_options, providers=[CPU])
         monkeypatch.setattr(runtime.ort, 'InferenceSession', build)
         monkeypatch.setattr(runtime.ort, 'get_available_providers', lambda: list(available))
@@ -80,6 +83,29 @@ def test_a_failing_tensorrt_is_retried_as_cuda_with_options(tmp_path, monkeypatc
     assert probe == [CPU] and first[0][0] == TRT
     assert retry == [(CUDA, {'use_tf32': 0}), CPU]
     assert onnx.provider_note == f'{TRT} failed to initialise; running on {CPU}'
+
+
+def test_a_fallback_is_warned_once_per_process(tmp_path, monkeypatch, caplog):
+    """Every model load repeats the fallback; the operator's log gets it once."""
+    cfg, model = _cfg(tmp_path)
+    _SessionSpy(monkeypatch, [TRT, CUDA, CPU])
+    monkeypatch.setattr(runtime, '_tensorrt_libraries_missing', lambda: ' (no libnvinfer)')
+    monkeypatch.setattr(runtime, '_warned', set())
+    with caplog.at_level('WARNING', logger='akidb_ros.engine.runtime'):
+        first, second = OnnxModel(model, cfg.engine), OnnxModel(model, cfg.engine)
+    assert first.provider_note == second.provider_note != ''   # each load still reports it
+    warnings = [r for r in caplog.records if r.levelname == 'WARNING']
+    assert [r.getMessage() for r in warnings] == [first.provider_note]
+
+
+def test_thread_settings_reach_the_session(tmp_path, monkeypatch):
+    cfg = load_config(write_config(tmp_path, lambda r: r['engine'].update(
+        device='cpu', intra_op_threads=1, inter_op_threads=2)), env={})
+    spy = _SessionSpy(monkeypatch, [CPU])
+    OnnxModel(cfg.model(MINILM), cfg.engine)
+    (opts,) = spy.options
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (1, 2)
+    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
 
 def test_missing_gpu_degrades_to_cpu_with_a_note(tmp_path):
