@@ -328,3 +328,31 @@ def test_a_waiting_caller_runs_its_own_job_while_the_model_is_idle(small_engine)
     assert log.most_inside == 1
     assert all(t.startswith(RUNNER_THREAD_PREFIX) for t in log.threads[1:])
     assert eng.admission.pending == 0
+
+
+def test_short_wait_gathers_near_simultaneous_callers(tmp_path):
+    """max_wait_ms (one runner): after traffic with several callers, a batch stays open briefly
+    so a caller arriving a moment later joins it; a lone caller's batch never waits."""
+    def mutate(raw):
+        raw['engine']['batching'].update(max_wait_ms=300, runners=1, split_policy='padding')
+    eng = make_engine(tmp_path, mutate)
+    try:
+        gate = gate_of(eng)
+        eng.embed(EmbedRequest(inputs=['alone']))          # one caller: no hold
+        assert len(gate.shapes) == 1
+        gate.close()                                        # make traffic with two callers
+        held = eng.submit(EmbedRequest(inputs=['first']))
+        assert gate.entered.wait(5)
+        pair = [eng.submit(EmbedRequest(inputs=['same words'])) for _ in range(2)]
+        gate.open.set()
+        for f in [held] + pair:
+            f.result(10)
+        assert gate.shapes[-1][0] == 2                      # the pair ran together
+        n = len(gate.shapes)
+        a = eng.submit(EmbedRequest(inputs=['same words']))
+        time.sleep(0.05)                                    # arrives 50 ms later
+        b = eng.submit(EmbedRequest(inputs=['same words']))
+        a.result(10), b.result(10)
+        assert [s[0] for s in gate.shapes[n:]] == [2]       # one batch of both
+    finally:
+        eng.close()
