@@ -404,7 +404,9 @@ class RosBackend:
         loaded = default is not None and _status(default) == ModelStatus.LOADED.value
         checks = normalise_checks({
             'embedding_provider': 'ok' if loaded else 'default model not loaded',
-            'model_cache': f'ok ({sum(_status(x) == "loaded" for x in models)} loaded)',
+            # the PRD's value, as the in-process engine reports it
+            'model_cache': 'failed' if default is not None and _status(default) == 'failed'
+            else 'ok',
             'node': 'ok'}, provider)
         return HealthInfo(status='healthy' if loaded else 'degraded', checks=checks,
                           version=_version(), provider=provider, default_model=resp.default_model)

@@ -131,6 +131,8 @@ def test_health_models_and_admin(sidecar, side_rest, side_grpc):
     h = requests.get(url + '/health', timeout=10).json()
     assert h['status'] == 'healthy' and h['mode'] == 'sidecar'
     assert {'embedding_provider', 'model_cache', 'gpu'} <= set(h['checks'])
+    # the PRD's values, the same as in-process (a client may compare them with "ok")
+    assert (h['checks']['embedding_provider'], h['checks']['model_cache']) == ('ok', 'ok')
     assert requests.get(url + '/health/ready', timeout=10).status_code == 200
     assert side_grpc.serving('akidb.embedding.v1.EmbeddingService')
     models = {m['id']: m for m in side_rest.list_models()}
