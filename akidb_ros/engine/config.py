@@ -264,13 +264,15 @@ def apply_env(raw: dict, env: Mapping[str, str]) -> dict:
         name = env.get('AKIDB_MODEL_NAME') or Path(env['AKIDB_MODEL_PATH']).stem
         tok = env.get('AKIDB_TOKENIZER_PATH') or str(
             Path(env['AKIDB_MODEL_PATH']).with_name('tokenizer.json'))
-        dim_text = env.get('AKIDB_MODEL_DIMENSION', '')
-        if not dim_text.isdigit():
-            raise ConfigError(
-                f'AKIDB_MODEL_DIMENSION must be a positive integer when AKIDB_MODEL_PATH is set '
-                f'(got {dim_text!r})')
         known = next((m for m in raw.get('models', []) if m.get('name') == name
                       or m.get('id') == name), None)
+        dim_text = env.get('AKIDB_MODEL_DIMENSION', '')
+        if not dim_text and known and known.get('dimension'):
+            dim_text = str(known['dimension'])     # a catalogue model: its dimension is known
+        if not dim_text.isdigit() or int(dim_text) == 0:
+            raise ConfigError(
+                f'AKIDB_MODEL_DIMENSION must be a positive integer when AKIDB_MODEL_PATH names '
+                f'a model outside the catalogue (got {dim_text!r})')
         entry = dict(known) if known else {'id': _slug(name), 'name': name, 'max_tokens': 512}
         entry.update({'path': env['AKIDB_MODEL_PATH'], 'tokenizer': tok,
                       'dimension': int(dim_text)})

@@ -71,11 +71,19 @@ def test_prd_env_vars_define_the_default_model(tmp_path):
     env2 = dict(env, AKIDB_MODEL_NAME='my-org/custom-model', AKIDB_MODEL_DIMENSION='768')
     cfg2 = load_config(write_config(tmp_path), env=env2)
     assert cfg2.default_model == 'custom-model' and cfg2.model('custom-model').dimension == 768
+    # a catalogue model's dimension is known: the variable may be left out
+    env3 = {k: v for k, v in env.items() if k != 'AKIDB_MODEL_DIMENSION'}
+    assert load_config(write_config(tmp_path), env=env3).model('all-mpnet-base-v2').dimension \
+        == 768
 
 
 def test_env_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError, match='AKIDB_MODEL_DIMENSION must be a positive integer'):
         load_config(write_config(tmp_path), env={'AKIDB_MODEL_PATH': '/x/model.onnx'})
+    for bad in ('0', '-3', 'big'):
+        with pytest.raises(ConfigError, match='AKIDB_MODEL_DIMENSION'):
+            load_config(write_config(tmp_path), env={'AKIDB_MODEL_PATH': '/x/model.onnx',
+                                                     'AKIDB_MODEL_DIMENSION': bad})
     with pytest.raises(ConfigError, match="AKIDB_MODEL_NAME='nope' names no model"):
         load_config(write_config(tmp_path), env={'AKIDB_MODEL_NAME': 'nope'})
 
