@@ -29,6 +29,12 @@ log = logging.getLogger('akidb_ros.backends')
 # (the engine / node answer TIMEOUT themselves; this only guards against a lost answer).
 _WAIT_MARGIN_S = 2.0
 DEFAULT_TIMEOUT_S = 5.0
+# A node absent from the DDS graph this long makes the bridge rejoin with a new participant, and
+# again every REJOIN_EVERY_S while it stays absent: a node that froze past the DDS lease (SIGSTOP,
+# CPU starvation) and resumed was, in 5 of 6 tries here, never rediscovered by the old
+# participant, while a fresh one found it within 0.6 s. A restarted node needs none of this.
+REJOIN_AFTER_S = 4.0
+REJOIN_EVERY_S = 10.0
 
 
 @runtime_checkable
@@ -196,29 +202,39 @@ class RosBackend:
                      'UnloadModel': UnloadModel}
         self.timeout_s = timeout_s
         self._latency = m.BACKEND_LATENCY.labels(self.name)
-        self._ctx = Context()
-        rclpy.init(context=self._ctx, args=[])
-        name = node_name or f'akidb_bridge_{os.getpid()}_{uuid.uuid4().hex[:6]}'
-        self._node = rclpy.create_node(name, context=self._ctx)
-        qos = QoSProfile(depth=qos_depth)
-        base = prefix.rstrip('/')
         self._deadlines = DeadlineWatcher(name='akidb-bridge-deadlines')
-        # FirstContact: a request sent before a (new) node has matched our client is sent
-        # again instead of timing out (akidb_ros.ros.first_contact)
-        self._clients = {
-            name: FirstContact(self._node.create_client(srv, f'{base}/{name}', qos_profile=qos),
-                               watcher=self._deadlines)
-            for name, srv in (('embed', Embed), ('list_models', ListModels),
-                              ('load_model', LoadModel), ('unload_model', UnloadModel))}
+        base = prefix.rstrip('/')
+        qos = QoSProfile(depth=qos_depth)
+        node_name = node_name or f'akidb_bridge_{os.getpid()}_{uuid.uuid4().hex[:6]}'
+
+        def connect() -> _RosLink:
+            """A DDS participant of our own: context, node, clients, executor."""
+            ctx = Context()
+            rclpy.init(context=ctx, args=[])
+            node = rclpy.create_node(node_name, context=ctx)
+            # FirstContact: a request sent before a (new) node has matched our client is sent
+            # again instead of timing out (akidb_ros.ros.first_contact)
+            clients = {
+                name: FirstContact(node.create_client(srv, f'{base}/{name}', qos_profile=qos),
+                                   watcher=self._deadlines)
+                for name, srv in (('embed', Embed), ('list_models', ListModels),
+                                  ('load_model', LoadModel), ('unload_model', UnloadModel))}
+            # rclpy's C++ EventsExecutor by default: the Python wait-set executor rebuilds its
+            # wait set on every wake-up, about a third of the bridge's GIL time under 16 clients.
+            ex = client_executor(executor, ctx)
+            ex.add_node(node)
+            return _RosLink(ctx, node, clients, ex)
+        self._connect = connect
+        self._link = connect()
+        self._retired: List[_RosLink] = []     # replaced links, disposed by the spin thread
+        self._rejoin_lock = threading.Lock()
+        self._down_since: Optional[float] = None
+        self._last_rejoin = 0.0
         fields = Embed.Request.get_fields_and_field_types()
         self._has_traceparent = 'traceparent' in fields
         self._has_request_id = 'request_id' in fields
         self._has_timeout = 'timeout_s' in fields
         self._has_input_type = 'input_type' in fields
-        # rclpy's C++ EventsExecutor by default: the Python wait-set executor rebuilds its wait
-        # set on every wake-up, about a third of the bridge's GIL time under 16 clients.
-        self._executor = client_executor(executor, self._ctx)
-        self._executor.add_node(self._node)
         self._running = True
         self._spin_thread = threading.Thread(target=self._spin, name='akidb-ros-bridge',
                                              daemon=True)
@@ -230,35 +246,72 @@ class RosBackend:
             self._clients['embed'].wait_for_service(timeout_sec=discovery_timeout_s)
 
     # -- plumbing -----------------------------------------------------------------------------
+    @property
+    def _clients(self) -> Dict[str, object]:
+        return self._link.clients
+
     def _spin(self) -> None:
-        while self._running and self._ctx.ok():
+        while self._running:
+            link = self._link
+            if not link.ctx.ok():
+                break
             try:
-                self._executor.spin_once(timeout_sec=0.1)
+                link.executor.spin_once(timeout_sec=0.1)
             except Exception:  # keep serving; an executor hiccup must not kill the bridge
-                if self._running:
+                if self._running and link is self._link:
                     log.exception('ROS executor error')
                     time.sleep(0.05)
+            while self._retired:          # here, so no spin_once runs on a link being closed
+                self._retired.pop().close()
 
     def _up(self, service: str) -> bool:
         client = self._clients[service]
         up = client.service_is_ready()
         if not up:
             client.reset()      # the node that comes back is a new first contact
+            self._absent()
+        else:
+            self._down_since = None
         if service == 'embed':
             m.BACKEND_UP.labels(self.name).set(1 if up else 0)
         return up
+
+    def _absent(self) -> None:
+        """The node is not in the graph: after REJOIN_AFTER_S, rejoin with a new participant."""
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            return
+        if now - self._down_since < REJOIN_AFTER_S or now - self._last_rejoin < REJOIN_EVERY_S \
+                or not self._running or not self._rejoin_lock.acquire(blocking=False):
+            return
+        try:
+            self._last_rejoin = now
+            log.info('embedding node absent from the DDS graph for %.1f s: rejoining with a '
+                     'new participant', now - self._down_since)
+            old, self._link = self._link, self._connect()
+            self._retired.append(old)
+        except Exception:   # keep the old link; the next check tries again
+            log.exception('could not rejoin the DDS graph')
+        finally:
+            self._rejoin_lock.release()
 
     def _call(self, service: str, request, timeout_s: float) -> Future:
         """call_async → concurrent Future with a deadline. UNAVAILABLE when no server."""
         if not self._running:
             raise EngineError(ErrorCode.UNAVAILABLE, 'bridge is shutting down')
-        client = self._clients[service]
         if not self._up(service):
             raise EngineError(ErrorCode.UNAVAILABLE,
-                              f'embedding node not reachable over DDS ({client.srv_name} '
-                              f'has no server)', retry_after_s=1.0)
+                              f'embedding node not reachable over DDS '
+                              f'({self._clients[service].srv_name} has no server)',
+                              retry_after_s=1.0)
+        client = self._clients[service]
         out: Future = Future()
-        ros_future = client.call_async(request)
+        try:
+            ros_future = client.call_async(request)
+        except Exception as exc:   # its link was retired this instant (a rejoin)
+            raise EngineError(ErrorCode.UNAVAILABLE, f'DDS call failed: {exc}',
+                              retry_after_s=1.0) from None
 
         def on_done(f):
             if out.done():
@@ -278,7 +331,7 @@ class RosBackend:
 
         ros_future.add_done_callback(on_done)
         # A little past the node's own deadline, so that its TIMEOUT answer (if any) wins.
-        self._deadlines.watch(_PendingCall(self, service, ros_future, out,
+        self._deadlines.watch(_PendingCall(self, service, client, ros_future, out,
                                            time.monotonic() + timeout_s + 0.25, timeout_s))
         return out
 
@@ -433,26 +486,38 @@ class RosBackend:
             if isinstance(call, _PendingCall):   # (the rest are first-contact re-sends)
                 call.settle(EngineError(ErrorCode.UNAVAILABLE,
                                         'bridge shut down before the embedding node answered'))
-        try:
-            self._executor.shutdown(timeout_sec=1)
-        except Exception:
-            pass
-        try:
-            self._node.destroy_node()
-        except Exception:
-            pass
+        for link in self._retired + [self._link]:
+            link.close()
+        self._retired.clear()
+
+
+class _RosLink:
+    """One DDS participant of the bridge: its context, node, service clients and executor."""
+
+    __slots__ = ('ctx', 'node', 'clients', 'executor')
+
+    def __init__(self, ctx, node, clients: Dict[str, object], executor):
+        self.ctx, self.node, self.clients, self.executor = ctx, node, clients, executor
+
+    def close(self) -> None:
         import rclpy
-        rclpy.try_shutdown(context=self._ctx)
+        for step in (lambda: self.executor.shutdown(timeout_sec=1), self.node.destroy_node,
+                     lambda: rclpy.try_shutdown(context=self.ctx)):
+            try:
+                step()
+            except Exception:   # closing anyway: nothing left to serve on it
+                pass
 
 
 class _PendingCall:
     """One DDS call in flight, watched for its deadline (``deadlines.DeadlineWatcher``)."""
 
-    __slots__ = ('backend', 'service', 'ros_future', 'out', 'deadline', 'timeout_s')
+    __slots__ = ('backend', 'service', 'client', 'ros_future', 'out', 'deadline', 'timeout_s')
 
-    def __init__(self, backend: RosBackend, service: str, ros_future, out: Future,
+    def __init__(self, backend: RosBackend, service: str, client, ros_future, out: Future,
                  deadline: float, timeout_s: float):
-        self.backend, self.service, self.ros_future, self.out = backend, service, ros_future, out
+        self.backend, self.service, self.client = backend, service, client
+        self.ros_future, self.out = ros_future, out
         self.deadline, self.timeout_s = deadline, timeout_s
 
     @property
@@ -462,7 +527,7 @@ class _PendingCall:
     def settle(self, error: EngineError) -> None:
         """Give up on the call: forget it in rclpy, fail the caller's future (once)."""
         try:
-            self.backend._clients[self.service].forget(self.ros_future)
+            self.client.forget(self.ros_future)     # the link it was sent on, maybe retired
         except Exception:
             pass
         try:
@@ -474,7 +539,7 @@ class _PendingCall:
         # A node that left the DDS graph while the call was in flight (killed, or frozen past
         # the lease) is UNAVAILABLE, not a slow model: the per-model breaker must not hold the
         # model open after the node is back.
-        client = self.backend._clients[self.service]
+        client = self.client
         try:
             gone = not self.backend._up(self.service)
         except Exception:   # context already shut down
