@@ -300,12 +300,12 @@ class RosBackend:
         """call_async → concurrent Future with a deadline. UNAVAILABLE when no server."""
         if not self._running:
             raise EngineError(ErrorCode.UNAVAILABLE, 'bridge is shutting down')
-        if not self._up(service):
+        up = self._up(service)
+        client = self._clients[service]     # read after _up: a rejoin there replaces the link
+        if not up:
             raise EngineError(ErrorCode.UNAVAILABLE,
-                              f'embedding node not reachable over DDS '
-                              f'({self._clients[service].srv_name} has no server)',
-                              retry_after_s=1.0)
-        client = self._clients[service]
+                              f'embedding node not reachable over DDS ({client.srv_name} '
+                              f'has no server)', retry_after_s=1.0)
         out: Future = Future()
         try:
             ros_future = client.call_async(request)
@@ -458,8 +458,8 @@ class RosBackend:
         checks = normalise_checks({
             'embedding_provider': 'ok' if loaded else 'default model not loaded',
             # the PRD's value, as the in-process engine reports it
-            'model_cache': 'failed' if default is not None and _status(default) == 'failed'
-            else 'ok',
+            'model_cache': 'failed' if default is not None
+            and _status(default) == ModelStatus.FAILED.value else 'ok',
             'node': 'ok'}, provider)
         return HealthInfo(status='healthy' if loaded else 'degraded', checks=checks,
                           version=_version(), provider=provider, default_model=resp.default_model)

@@ -101,7 +101,9 @@ def setup_tracing(service_name: str = 'akidb-ros', exporters: Optional[Iterable[
         attributes = {}   # what OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES set stays theirs
         if not os.environ.get('OTEL_SERVICE_NAME'):
             attributes['service.name'] = service_name
-        if 'service.version=' not in os.environ.get('OTEL_RESOURCE_ATTRIBUTES', ''):
+        env_pairs = os.environ.get('OTEL_RESOURCE_ATTRIBUTES', '').split(',')
+        env_keys = {kv.split('=', 1)[0].strip() for kv in env_pairs}
+        if 'service.version' not in env_keys:   # ours would override the environment's
             attributes['service.version'] = __version__
         resource = Resource.create(attributes)
         provider = TracerProvider(resource=resource)   # sampler from OTEL_TRACES_SAMPLER

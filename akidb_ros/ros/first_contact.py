@@ -16,8 +16,8 @@ first answer wins and rclpy forgets the other copies. The node's services are sa
 twice (an embedding is computed again, a model load is deduplicated by the engine), so a
 first call that was only slow costs at most a repeated computation. After one answer the
 service has matched this client: calls go out once, as plain rclpy calls, with nothing added.
-:meth:`FirstContact.reset` re-arms it where the service may be a new one (it left the graph,
-or a call timed out).
+:meth:`FirstContact.reset` re-arms it where the service may be a new one (it left the graph;
+the sidecar's ``RosBackend`` does so).
 """
 from __future__ import annotations
 
