@@ -27,7 +27,7 @@ log = logging.getLogger('akidb_ros.backends')
 
 # Extra seconds a door waits past the request's own timeout before it gives up on a future
 # (the engine / node answer TIMEOUT themselves; this only guards against a lost answer).
-_WAIT_MARGIN_S = 2.0
+WAIT_MARGIN_S = 2.0
 DEFAULT_TIMEOUT_S = 5.0
 # A node absent from the DDS graph this long makes the bridge rejoin with a new participant, and
 # again every REJOIN_EVERY_S while it stays absent: a node that froze past the DDS lease (SIGSTOP,
@@ -79,7 +79,7 @@ class Backend(Protocol):
 
 def wait_result(fut: 'Future[EmbedResult]', timeout_s: Optional[float]) -> EmbedResult:
     """Wait for a backend future, turning a lost answer into TIMEOUT and stray errors INTERNAL."""
-    limit = (timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S) + _WAIT_MARGIN_S
+    limit = (timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S) + WAIT_MARGIN_S
     try:
         return fut.result(timeout=limit)
     except EngineError:

@@ -62,7 +62,17 @@ class DoorCall:
     response_headers: Dict[str, str] = field(default_factory=dict)   # set by the guard
     priority: Optional[object] = None   # set by the guard: engine Priority (ADMIN lane)
     peer_cert: Optional[object] = None  # client certificate (DER/PEM) when the door has one
+    # the caller asked for less time than the server's budget: its TIMEOUT says nothing about
+    # the model (the breaker counts it as neutral, like any other choice of the caller)
+    caller_deadline: bool = False
     started: float = field(default_factory=time.perf_counter)
+
+
+def caller_deadline(asked_s: float, budget_s: float) -> bool:
+    """Whether a caller's own deadline is well below the server's budget (under 90 %: a gRPC
+    deadline equal to the budget arrives a little spent): its TIMEOUT is then the caller's
+    choice, not a sign of a sick model (``DoorCall.caller_deadline``)."""
+    return asked_s < 0.9 * budget_s
 
 
 def run_guard(guard: Optional[GuardHook], call: DoorCall):
@@ -113,6 +123,12 @@ class ModelLabels:
             return 'default'
         self.refresh()
         return model if model in self._known else 'unknown'
+
+    def breaker_key(self, model: str, default_model: str) -> str:
+        """The model a call's circuit breaker is keyed by: the one that will serve it, or
+        'unknown' for a name the backend does not know (answered MODEL_NOT_FOUND, neutral to a
+        breaker): breakers and their metric series stay bounded whatever callers send."""
+        return self.label(model) if model else default_model
 
 
 # labelled metric children, looked up once per label set (``labels()`` validates, builds a tuple

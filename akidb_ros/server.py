@@ -115,9 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help='default per-request timeout in seconds (clients may ask for less)')
     ap.add_argument('--rest-threads', type=int, default=_env_int('AKIDB_REST_THREADS', 32))
     ap.add_argument('--grpc-workers', type=int, default=_env_int('AKIDB_GRPC_WORKERS', 64))
+    ap.add_argument('--grpc-max-streams', type=int,
+                    default=_env_int('AKIDB_GRPC_MAX_STREAMS', None),
+                    help='long-lived gRPC streams (EmbedStream, reflection) served at once, '
+                         'each holding a handler thread; the excess is refused OVERLOADED '
+                         '(default: half of --grpc-workers; must be less than it)')
+    ap.add_argument('--grpc-stream-idle', type=float,
+                    default=float(os.environ.get('AKIDB_GRPC_STREAM_IDLE_S') or 60.0),
+                    help='seconds an EmbedStream with nothing in flight may send nothing '
+                         'before it ends TIMEOUT (default 60; 0 = never)')
     ap.add_argument('--max-body-bytes', type=int,
                     default=_env_int('AKIDB_MAX_BODY_BYTES', 16 * 1024 * 1024))
-    ap.add_argument('--grace', type=float, default=5.0, help='graceful-stop budget, seconds')
+    ap.add_argument('--grace', type=float, default=None,
+                    help='graceful-stop budget, seconds (default: --timeout + 2, so every call '
+                         'accepted before the stop is answered, with its result or TIMEOUT)')
     ap.add_argument('--ros-args', nargs=argparse.REMAINDER, default=[],
                     help='inprocess: parameters for the node, e.g. '
                          '--ros-args -p metrics_port:=9100')
@@ -133,6 +144,7 @@ class Bridges:
     def __init__(self, backend, host: str = '127.0.0.1', rest_port: Optional[int] = 0,
                  grpc_port: Optional[int] = 0, guard=None, timeout_s: Optional[float] = None,
                  rest_threads: int = 32, grpc_workers: int = 64,
+                 grpc_max_streams: Optional[int] = None, grpc_stream_idle_s: float = 60.0,
                  max_body_bytes: int = 16 * 1024 * 1024,
                  rest_app_hook: Optional[Callable] = None, grpc_interceptors=(),
                  security=None, probe_port: Optional[int] = None):
@@ -195,6 +207,8 @@ class Bridges:
             from akidb_ros.grpc_api.server import GrpcServer
             self.grpc = GrpcServer(backend, host=host, port=grpc_port, guard=guard,
                                    max_workers=grpc_workers, default_timeout_s=timeout_s,
+                                   max_streams=grpc_max_streams,
+                                   stream_idle_timeout_s=grpc_stream_idle_s,
                                    interceptors=grpc_interceptors,
                                    credentials=grpc_credentials)
         if probe_port is not None:
@@ -313,6 +327,8 @@ def build(args, security=None) -> Bridges:
                           guard=None,   # the door hook comes from ``security`` (see Bridges)
                           timeout_s=args.timeout, rest_threads=args.rest_threads,
                           grpc_workers=args.grpc_workers, max_body_bytes=args.max_body_bytes,
+                          grpc_max_streams=args.grpc_max_streams,
+                          grpc_stream_idle_s=args.grpc_stream_idle,
                           security=security, probe_port=probe_port_of(args))
     except Exception:
         backend.close()     # LocalBackend(own_engine=True) closes its engine too
@@ -343,6 +359,21 @@ def load_security(args):
         raise SystemExit(f'akidb-server: security config {cfg.source}: {exc}')
 
 
+def grace_for(args) -> float:
+    """The graceful-stop budget: by default the request budget plus the doors' wait margin, so
+    a call accepted just before SIGTERM is answered (result or TIMEOUT) before connections
+    close; a shorter ``--grace`` is the operator's choice, said once at start."""
+    from akidb_ros.backends import WAIT_MARGIN_S
+    needed = args.timeout + WAIT_MARGIN_S
+    if args.grace is None:
+        return needed
+    if args.grace < needed:
+        log.warning('--grace %.1f s is shorter than the request budget (--timeout %.1f s + '
+                    '%.1f s): calls accepted just before a stop may be cut off',
+                    args.grace, args.timeout, WAIT_MARGIN_S)
+    return args.grace
+
+
 def main(argv=None) -> int:
     # FIRST: close TLS 1.2 in gRPC's TLS stack, before anything imports grpc
     from akidb_ros.guard import mtls
@@ -351,8 +382,15 @@ def main(argv=None) -> int:
     from akidb_ros.observability.logs import configure_logging
     from akidb_ros.observability.tracing import setup_tracing, shutdown_tracing
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.grpc_max_streams is not None and not 1 <= args.grpc_max_streams < args.grpc_workers:
+        parser.error(f'--grpc-max-streams must be at least 1 and less than --grpc-workers '
+                     f'({args.grpc_workers}): unary calls need threads too')
+    if args.grpc_stream_idle < 0 or args.timeout <= 0 or (args.grace or 0) < 0:
+        parser.error('--grpc-stream-idle and --grace must be >= 0, --timeout > 0')
     configure_logging()
+    args.grace = grace_for(args)
     security = load_security(args)
     setup_tracing(os.environ.get('OTEL_SERVICE_NAME') or f'akidb-{args.mode}')
     t0 = time.monotonic()

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
+import unicodedata
 from concurrent.futures import Future
 from typing import List, Optional
 
@@ -18,6 +20,32 @@ from .runtime import CPU
 from .types import EmbedRequest, EmbedResult, HealthInfo, InputType, ModelInfo, ModelStatus
 
 log = logging.getLogger('akidb_ros.engine')
+MAX_MODEL_NAME_CHARS = 256      # a model id or HF name; longer names are refused, never echoed
+
+
+def _blank_pattern() -> 're.Pattern':
+    """Whitespace, control and format characters (U+0000, U+200B, U+FEFF ...): tokenisers drop
+    them, so a text made only of them would be embedded as the empty string. Built from the
+    interpreter's Unicode tables (planes 0, 1 and 14 hold every Cc/Cf character; ~15 ms once)
+    so the check itself is one C-speed regex match, whatever the text's length."""
+    codes = [c for r in (range(0x20000), range(0xE0000, 0xE1000)) for c in r
+             if unicodedata.category(chr(c)) in ('Cc', 'Cf')]
+    ranges, start, prev = [], codes[0], codes[0]
+    for c in codes[1:] + [-1]:
+        if c != prev + 1:
+            ranges.append(re.escape(chr(start)) + ('-' + re.escape(chr(prev)) if prev > start
+                                                   else ''))
+            start = c
+        prev = c
+    return re.compile(r'[\s' + ''.join(ranges) + ']*')
+
+
+_BLANK = _blank_pattern()
+
+
+def has_text(text: str) -> bool:
+    """True when ``text`` holds a visible character (not only whitespace/control/format)."""
+    return _BLANK.fullmatch(text) is None
 
 
 def check_limits(request: EmbedRequest, limits: LimitsConfig) -> None:
@@ -34,8 +62,6 @@ def check_limits(request: EmbedRequest, limits: LimitsConfig) -> None:
     for i, text in enumerate(inputs):
         if not isinstance(text, str):
             raise EngineError(ErrorCode.INVALID_INPUT, f'inputs[{i}] is not a string')
-        if not text.strip():
-            raise EngineError(ErrorCode.INVALID_INPUT, f'inputs[{i}] is empty')
         if len(text) > limits.max_input_chars:
             raise EngineError(ErrorCode.INPUT_TOO_LARGE,
                               f'inputs[{i}] has {len(text)} characters, over the limit of '
@@ -48,6 +74,13 @@ def check_limits(request: EmbedRequest, limits: LimitsConfig) -> None:
         if total > limits.max_total_bytes:
             raise EngineError(ErrorCode.INPUT_TOO_LARGE,
                               f'inputs exceed {limits.max_total_bytes} bytes in total')
+        if not has_text(text):
+            raise EngineError(ErrorCode.INVALID_INPUT,
+                              f'inputs[{i}] is empty (only whitespace or invisible characters)')
+    if not isinstance(request.model, str) or len(request.model) > MAX_MODEL_NAME_CHARS:
+        raise EngineError(ErrorCode.INVALID_INPUT,
+                          f'model must be a model id or name of at most {MAX_MODEL_NAME_CHARS} '
+                          'characters')
     if not isinstance(request.input_type, InputType):
         raise EngineError(ErrorCode.INVALID_INPUT, 'input_type must be none, query or passage')
     if request.timeout_s is not None and not request.timeout_s > 0:
@@ -114,6 +147,8 @@ class EmbeddingEngine:
         executor must not set it, and should pass ``load=False``: a model that is not loaded
         then raises ``ModelNotLoaded`` (nothing admitted) instead of loading in its thread.
         """
+        # The budget counts from here: tokenising a large request is part of it.
+        received = time.monotonic()
         if self._closed:
             raise EngineError(ErrorCode.UNAVAILABLE, 'engine is shutting down', retry_after_s=1.0)
         limits = self.config.engine.limits
@@ -121,19 +156,23 @@ class EmbeddingEngine:
         model_cfg = self.manager.resolve(request.model)   # MODEL_NOT_FOUND before admission
         self.admission.admit(request.priority)
         try:
-            return self._enqueue(request, model_cfg, caller_waits, load)
+            return self._enqueue(request, model_cfg, caller_waits, load, received)
         except BaseException:
             self._release_slot()
             raise
 
     def _enqueue(self, request: EmbedRequest, model_cfg, inline: bool,
-                 load: bool = True) -> 'Future[EmbedResult]':
+                 load: bool, received: float) -> 'Future[EmbedResult]':
         """Pin the model, tokenise in the caller's thread, hand the job to the batcher (or,
         ``inline`` and the model idle, run it here: ``Batcher.run_inline``)."""
+        timeout = request.timeout_s or self.config.engine.timeouts.inference_s
         for attempt in range(2):
+            t_load = time.monotonic()
             lm = self.manager.acquire(model_cfg.id, load=load)
+            # A cold load has its own limit (load timeout); the inference budget starts after it.
+            deadline = received + timeout + (time.monotonic() - t_load)
             try:
-                encoded = lm.encoder.encode(request.inputs, request.input_type)
+                encoded = lm.encoder.encode(request.inputs, request.input_type, deadline)
                 if not request.truncate:
                     over = [i for i, e in enumerate(encoded) if e.truncated]
                     if over:
@@ -141,11 +180,14 @@ class EmbeddingEngine:
                             ErrorCode.INPUT_TOO_LONG,
                             f'inputs{over[:8]} exceed the model max length of '
                             f'{model_cfg.max_tokens} tokens (truncate=false)')
+                if time.monotonic() >= deadline:
+                    raise EngineError(ErrorCode.TIMEOUT,
+                                      f'request not tokenised within its deadline '
+                                      f'({timeout:.2f} s)', retry_after_s=1.0)
             except BaseException:
                 self.manager.release(lm)
                 raise
             normalize = model_cfg.normalize if request.normalize is None else request.normalize
-            timeout = request.timeout_s or self.config.engine.timeouts.inference_s
             t0 = time.monotonic()
 
             def on_done(job: Job, lm=lm, t0=t0) -> None:
@@ -153,7 +195,7 @@ class EmbeddingEngine:
                 self._release_slot()
 
             job = Job(encoded, model_cfg.id, model_cfg.dimension, normalize,
-                      deadline=t0 + timeout, priority=request.priority,
+                      deadline=deadline, priority=request.priority,
                       provider=lm.onnx.provider, on_done=on_done)
             if inline and lm.batcher.run_inline(job):
                 return job.future      # answered (the run failed: its error is in the future)

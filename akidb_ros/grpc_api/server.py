@@ -4,6 +4,11 @@
   metadata ``akidb-error-code`` and ``retry-after`` (seconds) for retryable errors;
 * the client's deadline becomes the engine request's timeout;
 * message-size limits on both directions;
+* no caller starves the others: long-lived streams (EmbedStream, reflection, a blocking health
+  Watch) hold at most ``max_streams`` of the handler threads, the excess is refused at once
+  (``RESOURCE_EXHAUSTED``, ``OVERLOADED``); an EmbedStream that sends nothing for
+  ``stream_idle_timeout_s`` ends ``TIMEOUT``; ``grpc.health.v1`` Check runs on threads of its own;
+* bytes that do not decode as the method's message are ``INVALID_INPUT``, not INTERNAL;
 * ``stop(grace)`` stops accepting and lets in-flight calls finish.
 """
 from __future__ import annotations
@@ -23,12 +28,14 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from akidb_ros.backends import Backend, wait_result
-from akidb_ros.doors import DoorCall, GuardHook, ModelLabels, record, request_id_from, run_guard
+from akidb_ros.backends import DEFAULT_TIMEOUT_S, Backend, wait_result
+from akidb_ros.doors import (DoorCall, GuardHook, ModelLabels, caller_deadline, record,
+                             request_id_from, run_guard)
 from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.types import EmbedRequest, ModelStatus
 from akidb_ros.grpc_api import embedding_pb2 as pb
 from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
+from akidb_ros.grpc_api.interceptor_base import WrappingInterceptor
 from akidb_ros.observability import metrics as m
 from akidb_ros.observability.tracing import extract_from_metadata, tracer
 
@@ -39,6 +46,12 @@ _INFLIGHT = m.INFLIGHT_REQUESTS.labels(TRANSPORT)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name['EmbeddingService'].full_name
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 STREAM_WINDOW = 64        # EmbedStream: requests in flight per stream before reading pauses
+DEFAULT_STREAM_IDLE_S = 60.0   # EmbedStream: nothing in flight and nothing sent for this long
+HEALTH_CHECK_METHOD = '/grpc.health.v1.Health/Check'
+HEALTH_CHECK_THREADS = 2
+# methods that answer an undecodable request themselves (metrics, x-request-id, stream index)
+_SELF_CHECKED = frozenset(f'/{SERVICE_NAME}/{m}' for m in ('Embed', 'EmbedStream'))
+_IDLE = object()          # EmbedStream: the stream went idle (see _take)
 
 
 def _metadata(context) -> dict:
@@ -78,12 +91,231 @@ def _response(res) -> pb.EmbedResponse:
     return resp
 
 
+class Undecodable:
+    """What the door's deserializer yields for bytes that are not the method's message.
+
+    gRPC's own answer to a deserializer that raises is INTERNAL "Exception deserializing
+    request!" before any handler runs (and, in a stream, before the requests read earlier are
+    answered); a value instead reaches the handler, which answers it as the bad request it is:
+    ``INVALID_INPUT`` from the error table.
+    """
+
+    __slots__ = ('reason',)
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def error(self) -> EngineError:
+        return EngineError(ErrorCode.INVALID_INPUT, f'cannot decode the request: {self.reason}')
+
+
+def _safe_deserializer(deserialize):
+    """``deserialize``, returning an :class:`Undecodable` where it would raise."""
+    if deserialize is None:
+        return None
+
+    def decode(data):
+        try:
+            return deserialize(data)
+        except Exception as exc:      # protobuf DecodeError: bad UTF-8, corrupt wire format
+            return Undecodable(str(exc) or type(exc).__name__)
+
+    return decode
+
+
+def _refuse(context, err: EngineError) -> None:
+    """Abort a call refused before its handler ran, counted like the doors' failed calls."""
+    m.REQUEST_ERRORS.labels(TRANSPORT, err.code.name).inc()
+    rid = request_id_from(_metadata(context).get('x-request-id'))
+    _abort(context, err, (('x-request-id', rid),))
+
+
+def _with_attrs(run, behavior):
+    """Keep gRPC's calling conventions of ``behavior`` (non-blocking, own thread pool)."""
+    for attr in ('experimental_non_blocking', 'experimental_thread_pool'):
+        if hasattr(behavior, attr):
+            setattr(run, attr, getattr(behavior, attr))
+    return run
+
+
+def _refusing_undecodable(behavior, request_streaming: bool):
+    """Wrap a handler that does not expect :class:`Undecodable`: such a request is refused."""
+    if request_streaming:
+        def checked(requests, context):
+            for request in requests:
+                if isinstance(request, Undecodable):
+                    _refuse(context, request.error())
+                yield request
+
+        def run(requests, context, *more):
+            return behavior(checked(requests, context), context, *more)
+    else:
+        def run(request, context, *more):
+            if isinstance(request, Undecodable):
+                _refuse(context, request.error())
+            return behavior(request, context, *more)
+    return _with_attrs(run, behavior)
+
+
+def _release_after(responses, release):
+    try:
+        yield from responses
+    finally:
+        release()
+
+
+class StreamSlots:
+    """The long-lived streaming calls holding a handler thread now; at most ``limit``."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.active = 0
+        self._lock = threading.Lock()
+
+    def try_acquire(self) -> bool:
+        with self._lock:
+            if self.active >= self.limit:
+                return False
+            self.active += 1
+            return True
+
+    def releaser(self):
+        """Return a release that counts once, however many of its callers run."""
+        held = [True]
+
+        def release():
+            try:
+                held.pop()           # atomic: only the first caller gets the item
+            except IndexError:
+                return
+            with self._lock:
+                self.active -= 1
+
+        return release
+
+
+_METHOD_HANDLERS = {
+    'unary_unary': grpc.unary_unary_rpc_method_handler,
+    'unary_stream': grpc.unary_stream_rpc_method_handler,
+    'stream_unary': grpc.stream_unary_rpc_method_handler,
+    'stream_stream': grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _method_kind(handler) -> str:
+    return ('stream' if handler.request_streaming else 'unary') + '_' + \
+        ('stream' if handler.response_streaming else 'unary')
+
+
+class UndecodableRefusal(WrappingInterceptor):
+    """The innermost interceptor: refuse an :class:`Undecodable` request ``INVALID_INPUT``.
+
+    Every method but ``Embed`` and ``EmbedStream`` (which answer it themselves) refuses it here,
+    after the guard's checks, like any other bad request.
+    """
+
+    def _wrap(self, method: str, handler):
+        if method in _SELF_CHECKED:
+            return handler
+        kind = _method_kind(handler)
+        return _METHOD_HANDLERS[kind](
+            _refusing_undecodable(getattr(handler, kind), handler.request_streaming),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+class DoorInterceptor(WrappingInterceptor):
+    """The door's own rules for every RPC of the server; the outermost interceptor.
+
+    * Request deserializers yield :class:`Undecodable` instead of raising (gRPC decodes with
+      the outermost handler's); ``inner`` (an :class:`UndecodableRefusal`, to be the
+      innermost interceptor) refuses it where the handler would not.
+    * The sync server runs each call on a pool thread for as long as the call lasts, so a
+      streaming call whose handler blocks (EmbedStream, reflection, a health Watch behind an
+      interceptor that hides its non-blocking form) takes one of ``slots`` or is refused at
+      once, ``OVERLOADED``: streams never hold more than that share of the pool, and unary
+      calls and health checks always find threads.
+    * ``grpc.health.v1`` Check runs on ``health_pool`` (it only reads a dict), so a probe is
+      answered even while every handler thread is busy with slow unary calls.
+    """
+
+    def __init__(self, slots: StreamSlots, health_pool=None):
+        super().__init__()
+        self.slots = slots
+        self.health_pool = health_pool
+        self.inner = UndecodableRefusal()
+
+    def _wrap(self, method: str, handler):
+        kind = _method_kind(handler)
+        behavior = getattr(handler, kind)
+        streaming = handler.request_streaming or handler.response_streaming
+        if streaming and not getattr(behavior, 'experimental_non_blocking', False):
+            behavior = self._limited(behavior, handler.response_streaming)
+        elif method == HEALTH_CHECK_METHOD and self.health_pool is not None:
+            inner = behavior
+            behavior = _with_attrs(lambda *args: inner(*args), inner)
+            behavior.experimental_thread_pool = self.health_pool
+        return _METHOD_HANDLERS[kind](
+            behavior, request_deserializer=_safe_deserializer(handler.request_deserializer),
+            response_serializer=handler.response_serializer)
+
+    def _limited(self, behavior, response_streaming: bool):
+        slots = self.slots
+
+        def run(arg, context):
+            if not slots.try_acquire():
+                log.warning('gRPC streaming call refused: %d streams at once is the limit',
+                            slots.limit)
+                _refuse(context, EngineError(
+                    ErrorCode.OVERLOADED, f'too many streaming calls at once (limit '
+                    f'{slots.limit}); retry later or use Embed', retry_after_s=1.0))
+            release = slots.releaser()
+            # the slot is given back when the handler ends, or at the latest when the call does
+            if not context.add_callback(release):
+                release()
+            try:
+                result = behavior(arg, context)
+            except BaseException:
+                release()
+                raise
+            if not response_streaming:
+                release()
+                return result
+            return _release_after(result, release)
+
+        return run
+
+
+def _take(pending: 'queue.Queue', last: list, idle_s: Optional[float]):
+    """Return the next item of an EmbedStream, or ``_IDLE`` when it went idle.
+
+    Idle: nothing read or answered (and nothing queued) for ``idle_s``; ``last[0]`` is the
+    monotonic time of the latest read or answer.
+    """
+    if not idle_s:
+        return pending.get()
+    while True:
+        wait = last[0] + idle_s - time.monotonic()
+        try:
+            return pending.get(timeout=wait) if wait > 0 else pending.get_nowait()
+        except queue.Empty:
+            if time.monotonic() - last[0] >= idle_s:    # the reader may have moved it since
+                return _IDLE
+
+
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def __init__(self, backend: Backend, guard: Optional[GuardHook] = None,
-                 default_timeout_s: Optional[float] = None):
+                 default_timeout_s: Optional[float] = None,
+                 stream_idle_timeout_s: Optional[float] = DEFAULT_STREAM_IDLE_S):
+        """Serve the EmbeddingService RPCs on ``backend``.
+
+        ``stream_idle_timeout_s``: an EmbedStream with nothing in flight that sends nothing
+        for this long ends ``TIMEOUT`` (None or 0: never).
+        """
         self.backend = backend
         self.guard = guard
         self.default_timeout_s = default_timeout_s
+        self.stream_idle_timeout_s = stream_idle_timeout_s
         self.labels = ModelLabels(backend)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -98,6 +330,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                         peer=context.peer() or '', peer_cert=cert[0])
 
     def _prepare(self, request: pb.EmbedRequest, call: DoorCall, context) -> EmbedRequest:
+        if isinstance(request, Undecodable):
+            raise request.error()
         texts = list(request.inputs)
         if not texts:
             raise EngineError(ErrorCode.INVALID_INPUT, 'inputs: at least one text is required')
@@ -105,13 +339,16 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             if not t:
                 raise EngineError(ErrorCode.INVALID_INPUT, f'inputs[{i}]: empty text')
         model = self.labels.resolve(request.model)
-        # the breaker is keyed by the model that will really serve the call
-        call.model, call.n_inputs = model or self._default_model(), len(texts)
-        call.n_bytes = sum(len(t) for t in texts)
+        # the breaker is keyed by the model that will really serve the call ('unknown' for a
+        # name the backend does not know: bounded, whatever callers send)
+        call.model = self.labels.breaker_key(model, self._default_model())
+        call.n_inputs, call.n_bytes = len(texts), sum(len(t) for t in texts)
+        timeout = _timeout(context, self.default_timeout_s)
+        budget = self.default_timeout_s or DEFAULT_TIMEOUT_S
+        call.caller_deadline = timeout is not None and caller_deadline(timeout, budget)
         # proto3 bool has no "unset": the PRD field is taken literally (false = raw vectors)
         return EmbedRequest(inputs=texts, model=model, normalize=bool(request.normalize),
-                            timeout_s=_timeout(context, self.default_timeout_s),
-                            request_id=call.request_id, transport=TRANSPORT)
+                            timeout_s=timeout, request_id=call.request_id, transport=TRANSPORT)
 
     def _default_model(self) -> str:
         try:
@@ -184,17 +421,24 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             _INFLIGHT.dec()
 
     def EmbedStream(self, request_iterator, context):
-        """Each request answered in order; requests pipelined (up to STREAM_WINDOW in flight)."""
+        """Each request answered in order; requests pipelined (up to STREAM_WINDOW in flight).
+
+        A request that cannot be decoded or is invalid ends the stream with its error (and
+        ``akidb-stream-index``) after the requests before it are answered; a stream with nothing
+        in flight that sends nothing for ``stream_idle_timeout_s`` ends ``TIMEOUT``.
+        """
         call0 = self._call(context, 'embed')
         ctx = extract_from_metadata(context.invocation_metadata())
         pending: 'queue.Queue' = queue.Queue(maxsize=STREAM_WINDOW)
         stop = threading.Event()
+        last = [time.monotonic()]       # latest request read or answered (idle timeout)
         _INFLIGHT.inc()
 
         def reader():
             token = otel_context.attach(ctx)
             try:
                 for i, request in enumerate(request_iterator):
+                    last[0] = time.monotonic()
                     if stop.is_set():
                         break
                     call = DoorCall(transport=TRANSPORT, operation='embed',
@@ -240,9 +484,17 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         t.start()
         try:
             while True:
-                item = pending.get()
+                item = _take(pending, last, self.stream_idle_timeout_s)
                 if item is None:
                     return
+                if item is _IDLE:
+                    stop.set()
+                    err = EngineError(ErrorCode.TIMEOUT, 'EmbedStream idle: no request for '
+                                      f'{self.stream_idle_timeout_s:g} s')
+                    m.REQUEST_ERRORS.labels(TRANSPORT, err.code.name).inc()
+                    log.info('EmbedStream closed after %g s idle', self.stream_idle_timeout_s,
+                             extra={'request_id': call0.request_id})
+                    _abort(context, err, (('x-request-id', call0.request_id),))
                 i, call, label, req, fut, done, err = item
                 if err is None:
                     try:
@@ -258,6 +510,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     stop.set()
                     _abort(context, err, (('akidb-stream-index', str(i)),))
                 record(call, label, None, tokens=int(res.total_tokens))
+                last[0] = time.monotonic()
                 yield _response(res)
         finally:
             stop.set()
@@ -314,10 +567,27 @@ class GrpcServer:
                  guard: Optional[GuardHook] = None, max_workers: int = 64,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  default_timeout_s: Optional[float] = None, health_poll_s: float = 1.0,
-                 interceptors: Sequence = (), credentials=None):
-        """``interceptors``: e.g. ``[GuardInterceptor(guard)]``; ``credentials``: a
+                 interceptors: Sequence = (), credentials=None,
+                 max_streams: Optional[int] = None,
+                 stream_idle_timeout_s: Optional[float] = DEFAULT_STREAM_IDLE_S):
+        """Build the server, not yet started.
+
+        ``interceptors``: e.g. ``[GuardInterceptor(guard)]``; ``credentials``: a
         ``grpc.ServerCredentials`` (``akidb_ros.guard.grpc_server_credentials``) for TLS,
-        None for a plaintext port (loopback development only)."""
+        None for a plaintext port (loopback development only).
+
+        ``max_streams``: long-lived streaming calls (each holds one of the ``max_workers``
+        handler threads while it lasts) served at once, the excess refused ``OVERLOADED``;
+        fewer than ``max_workers`` (default: half of them), so unary calls always have threads.
+        ``stream_idle_timeout_s``: see :class:`EmbeddingServicer` (None or 0: never).
+        """
+        if max_streams is None:
+            max_streams = max_workers // 2
+        if not 0 <= max_streams < max_workers:
+            raise ValueError(f'gRPC max_streams={max_streams} must be at least 0 and less than '
+                             f'max_workers={max_workers}: unary calls and health need threads')
+        if stream_idle_timeout_s is not None and stream_idle_timeout_s < 0:
+            raise ValueError(f'gRPC stream_idle_timeout_s={stream_idle_timeout_s} is negative')
         self.backend = backend
         options = [
             ('grpc.max_receive_message_length', max_message_bytes),
@@ -326,10 +596,18 @@ class GrpcServer:
             ('grpc.keepalive_permit_without_calls', 1),
             ('grpc.http2.min_ping_interval_without_data_ms', 10_000),
         ]
+        self.stream_slots = StreamSlots(max_streams)
+        self._health_pool = futures.ThreadPoolExecutor(
+            max_workers=HEALTH_CHECK_THREADS, thread_name_prefix='akidb-grpc-health-check')
+        # the door's interceptor outermost: it sees every handler as the others (the guard)
+        # left it; its refusal of undecodable requests innermost: after the guard's checks
+        door = DoorInterceptor(self.stream_slots, self._health_pool)
         self._server = grpc.server(futures.ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix='akidb-grpc'), options=options,
-            maximum_concurrent_rpcs=max_workers * 4, interceptors=list(interceptors))
-        self.servicer = EmbeddingServicer(backend, guard, default_timeout_s)
+            maximum_concurrent_rpcs=max_workers * 4,
+            interceptors=[door, *interceptors, door.inner])
+        self.servicer = EmbeddingServicer(backend, guard, default_timeout_s,
+                                          stream_idle_timeout_s=stream_idle_timeout_s)
         pb_grpc.add_EmbeddingServiceServicer_to_server(self.servicer, self._server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -343,6 +621,7 @@ class GrpcServer:
             raise OSError(f'cannot bind gRPC to {addr}')
         self.host = host
         self._health_poll_s = health_poll_s
+        self._health_status = None      # the status last set (Watch hears only changes)
         self._stop = threading.Event()
         self._poller: Optional[threading.Thread] = None
 
@@ -353,6 +632,9 @@ class GrpcServer:
             ok = False
         status = (health_pb2.HealthCheckResponse.SERVING if ok
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
+        if status == self._health_status:
+            return        # every set() sends to each Watch: send only a change
+        self._health_status = status
         self.health.set('', status)
         self.health.set(SERVICE_NAME, status)
 
@@ -375,6 +657,7 @@ class GrpcServer:
         self.health.enter_graceful_shutdown()
         t0 = time.monotonic()
         self._server.stop(grace_s).wait(grace_s + 1)
+        self._health_pool.shutdown(wait=False)
         log.info('gRPC bridge stopped', extra={'seconds': round(time.monotonic() - t0, 3)})
         if self._poller is not None:
             self._poller.join(timeout=2)

@@ -10,7 +10,8 @@ HALF_OPEN up to ``half_open_probes`` (3) calls go through as probes, the rest fa
          succeed -> CLOSED (fresh window); any probe fails -> OPEN for another ``open_s``.
 
 Only failures of the model count (timeouts, load failures, internal errors); a caller's mistake
-(invalid input, unknown model, auth, rate limit, load shedding) is neutral. Outcomes of calls
+(invalid input, unknown model, auth, rate limit, load shedding) is neutral, and so is a timeout of
+a caller that asked for less than the server's budget (``Guard.door_hook``). Outcomes of calls
 admitted in an earlier state (a slow call that finishes after the breaker opened) are dropped.
 The state is exported as ``akidb_circuit_breaker_state{model}``: 0 closed, 1 half-open, 2 open.
 """

@@ -418,7 +418,11 @@ class Guard:
 
         def done(error: Optional[EngineError]) -> None:
             if breaker is not None:
-                breaker.record(permit, error)
+                if (error is not None and error.code is ErrorCode.TIMEOUT
+                        and getattr(call, 'caller_deadline', False)):
+                    breaker.record_neutral(permit)   # the caller's own short budget ran out
+                else:
+                    breaker.record(permit, error)
             if admin_op:
                 self.audit.record(
                     'admin_action',

@@ -47,6 +47,15 @@ def current_decision() -> Optional[Decision]:
     return _CURRENT.get()
 
 
+def count_refusal(transport: str, exc: EngineError) -> None:
+    """A call refused before its handler (401, 403, 429) is a failed call by its table code
+    (``akidb_request_errors_total``); ``akidb_embed_requests_total`` counts the embed calls the
+    doors handled, so that SLO ratios are not moved by callers' credentials or rate limits."""
+    from akidb_ros.observability import metrics
+
+    metrics.REQUEST_ERRORS.labels(transport, exc.code.name).inc()
+
+
 def error_headers(exc: EngineError) -> dict:
     h = dict(getattr(exc, 'headers', {}) or {})
     if exc.retry_after_s is not None and 'Retry-After' not in h:
@@ -91,6 +100,7 @@ def install_flask(
                 key, creds, transport='rest', request_id=getattr(g, 'request_id', '') or ''
             )
         except EngineError as exc:
+            count_refusal('rest', exc)
             resp = Response(
                 json.dumps(exc.to_dict()), status=exc.code.http_status, mimetype='application/json'
             )
@@ -142,14 +152,14 @@ def _grpc_abort(context: Any, exc: EngineError) -> None:
 def _make_interceptor_class():
     import grpc
 
-    class GuardInterceptor(grpc.ServerInterceptor):
+    from akidb_ros.grpc_api.interceptor_base import WrappingInterceptor
+
+    class GuardInterceptor(WrappingInterceptor):
         """Checks every RPC (by its full method name) before the servicer runs."""
 
         def __init__(self, guard: Guard):
+            super().__init__()      # the guarded wrapper is built once per method
             self.guard = guard
-            # method -> (the servicer's handler, its guarded wrapper): built once per method,
-            # not on every call (this runs on gRPC's one polling thread)
-            self._wrapped: dict = {}
 
         def _check(self, method: str, context: Any) -> Decision:
             creds = credentials_from_grpc(context)
@@ -160,20 +170,9 @@ def _make_interceptor_class():
             try:
                 return self.guard.check(method, creds, transport='grpc', request_id=rid)
             except EngineError as exc:
+                count_refusal('grpc', exc)
                 _grpc_abort(context, exc)
                 raise  # abort raises; keeps linters calm
-
-        def intercept_service(self, continuation, details):
-            handler = continuation(details)
-            if handler is None:
-                return None
-            method = details.method
-            cached = self._wrapped.get(method)
-            if cached is not None and cached[0] is handler:
-                return cached[1]
-            wrapped = self._wrap(method, handler)
-            self._wrapped[method] = (handler, wrapped)
-            return wrapped
 
         def _wrap(self, method: str, handler):
             check = self._check

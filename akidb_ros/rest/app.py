@@ -21,9 +21,9 @@ from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from akidb_ros.backends import Backend, wait_result
-from akidb_ros.doors import (REQUEST_ID_HEADER, DoorCall, GuardHook, ModelLabels, record,
-                             request_id_from, run_guard)
+from akidb_ros.backends import DEFAULT_TIMEOUT_S, Backend, wait_result
+from akidb_ros.doors import (REQUEST_ID_HEADER, DoorCall, GuardHook, ModelLabels,
+                             caller_deadline, record, request_id_from, run_guard)
 from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.types import EmbedRequest, InputType, ModelInfo, ModelStatus
 from akidb_ros.observability import metrics as m
@@ -80,6 +80,42 @@ _VALIDATORS = {
     'openai': _Validator(schemas.OPENAI_REQUEST),
     'admin': _Validator(schemas.ADMIN_MODEL_REQUEST),
 }
+
+
+def json_media_type_error(content_type: str) -> Optional[str]:
+    """Why a request's ``Content-Type`` does not announce a JSON body (None when it does).
+
+    JSON is ``application/json`` or a structured ``application/<x>+json`` type (RFC 6839, as
+    Flask's ``is_json``), any case, with parameters; a ``charset`` parameter must say UTF-8,
+    the only encoding of JSON (RFC 8259 §8.1). Checked before the body is read: a browser's
+    "simple" cross-origin POST (form or ``text/plain``, sent without a CORS preflight) never
+    reaches a handler. A header comparison in the common case, no parser.
+    """
+    if content_type == 'application/json':
+        return None
+    mtype, _, params = content_type.partition(';')
+    mtype = mtype.strip().lower()
+    if mtype != 'application/json' and not (mtype.startswith('application/')
+                                            and mtype.endswith('+json')):
+        got = f', not {content_type[:100]!r}' if content_type else ' (none was sent)'
+        return f'Content-Type must be application/json{got}'
+    for param in params.split(';'):
+        name, _, value = param.partition('=')
+        if name.strip().lower() == 'charset' and \
+                value.strip().strip('"').lower() not in ('utf-8', 'utf8'):
+            return f'JSON bodies are UTF-8: charset {value.strip()[:40]!r} is not supported'
+    return None
+
+
+def disable_redirects(app: Flask) -> None:
+    """Match paths exactly as sent: no slash merging, no redirects.
+
+    werkzeug's slash merging and default redirects answer with an HTML 308 that no error
+    handler sees (Flask returns routing redirects as they are), so ``/api/v1//embed`` is a JSON
+    404 instead. Call before any route is added: a rule takes the map's settings then.
+    """
+    app.url_map.merge_slashes = False
+    app.url_map.redirect_defaults = False
 
 
 def _schema_error(err: jsonschema.ValidationError) -> str:
@@ -154,7 +190,7 @@ def ready_response(backend: Backend) -> Response:
 
 def metrics_response() -> Response:
     """``GET /metrics``: the Prometheus text exposition of this process' default registry."""
-    return Response(generate_latest(REGISTRY), mimetype=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
 
 
 def create_app(backend: Backend, guard: Optional[GuardHook] = None,
@@ -163,6 +199,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
     """Build the Flask app around a backend (LocalBackend or RosBackend)."""
     # no static folder: its /static/<path> route would be an undeclared (default-deny) route
     app = Flask('akidb_ros.rest', static_folder=None)
+    disable_redirects(app)          # /api/v1//embed is a JSON 404, not an HTML 308
     app.config['MAX_CONTENT_LENGTH'] = max_body_bytes
     app.json.sort_keys = False
     labels = ModelLabels(backend)
@@ -186,6 +223,9 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         return resp
 
     def parse_body(kind: str) -> dict:
+        media_error = json_media_type_error(request.environ.get('CONTENT_TYPE', ''))
+        if media_error is not None:
+            raise EngineError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, media_error)
         try:
             raw = request.get_data(cache=False)
         except RequestEntityTooLarge:
@@ -193,9 +233,17 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
                               f'request body larger than {max_body_bytes} bytes') from None
         if not raw:
             raise EngineError(ErrorCode.INVALID_INPUT, 'request body is empty (JSON expected)')
+        try:    # strictly UTF-8 (RFC 8259): json.loads(bytes) would also take UTF-16 and -32
+            text = raw.decode('utf-8')
+        except UnicodeDecodeError as exc:
+            raise EngineError(ErrorCode.INVALID_INPUT,
+                              f'JSON body is not UTF-8: {exc.reason} at byte {exc.start}') \
+                from None
+        if text[:1] == '\ufeff':
+            text = text[1:]     # a UTF-8 byte-order mark, which RFC 8259 lets a parser ignore
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            body = json.loads(text)
+        except ValueError as exc:
             raise EngineError(ErrorCode.INVALID_INPUT, f'malformed JSON: {exc}') from None
         except RecursionError:
             raise EngineError(ErrorCode.INVALID_INPUT,
@@ -215,7 +263,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
                                   f'inputs[{i}]: not valid Unicode (lone surrogate)') from None
         return total
 
-    def timeout_from_header() -> Optional[float]:
+    def timeout_from_header(call: DoorCall) -> Optional[float]:
         raw = g.headers.get('x-request-timeout-ms')
         if raw is None:
             return default_timeout_s
@@ -228,6 +276,8 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
             raise EngineError(ErrorCode.INVALID_INPUT,
                               'X-Request-Timeout-Ms must be in (0, 600000]')
         # the caller may ask for less time than the server's per-request budget, never more
+        budget = default_timeout_s if default_timeout_s is not None else DEFAULT_TIMEOUT_S
+        call.caller_deadline = caller_deadline(ms / 1000.0, budget)
         return ms / 1000.0 if default_timeout_s is None else min(ms / 1000.0, default_timeout_s)
 
     def do_embed(call: DoorCall, req: EmbedRequest):
@@ -269,12 +319,12 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
             call.n_inputs = len(texts)
             model = labels.resolve(model)
             # the breaker is keyed by the model that will really serve the call
-            call.model = model or backend_default_model()
+            call.model = labels.breaker_key(model, backend_default_model())
             model_label = labels.label(model)
             span.set_attribute('akidb.model', model or 'default')
             span.set_attribute('akidb.inputs', len(texts))
             req = EmbedRequest(inputs=texts, model=model, normalize=normalize, truncate=truncate,
-                               input_type=input_type, timeout_s=timeout_from_header(),
+                               input_type=input_type, timeout_s=timeout_from_header(call),
                                request_id=g.request_id, transport=TRANSPORT)
             res = do_embed(call, req)
             model_label = labels.label(res.model)

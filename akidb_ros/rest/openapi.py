@@ -13,6 +13,8 @@ _COMMON_ERRORS = {
     '404': 'MODEL_NOT_FOUND / MODEL_UNAVAILABLE',
     '409': 'MODEL_IN_USE',
     '413': 'Body or input too large (INPUT_TOO_LARGE)',
+    '415': 'UNSUPPORTED_MEDIA_TYPE: the body is not sent as JSON (Content-Type application/json '
+           'or application/<x>+json; a charset parameter must be utf-8)',
     '429': 'RATE_LIMITED (Retry-After set)',
     '500': 'INTERNAL (a server bug; never a caller mistake)',
     '503': 'OVERLOADED / UNAVAILABLE / CIRCUIT_OPEN / MODEL_LOAD_FAILED (Retry-After set)',

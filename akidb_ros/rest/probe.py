@@ -25,8 +25,8 @@ from werkzeug.exceptions import HTTPException
 
 from akidb_ros.backends import Backend
 from akidb_ros.engine.errors import ErrorCode
-from akidb_ros.rest.app import (http_error, http_exception_response, live_response,
-                                metrics_response, ready_response)
+from akidb_ros.rest.app import (disable_redirects, http_error, http_exception_response,
+                                live_response, metrics_response, ready_response)
 from akidb_ros.rest.server import RestServer
 
 log = logging.getLogger('akidb_ros.rest.probe')
@@ -40,6 +40,7 @@ _MAX_BODY_BYTES = 1024
 def create_probe_app(backend: Backend) -> Flask:
     """The probe's Flask app: the three GET routes and JSON errors, nothing else."""
     app = Flask('akidb_ros.probe', static_folder=None)
+    disable_redirects(app)          # /health//live is a JSON 404, not an HTML 308
     app.config['MAX_CONTENT_LENGTH'] = _MAX_BODY_BYTES
 
     # GET (and the HEAD Flask derives from it) only: no automatic OPTIONS answer either

@@ -17,6 +17,11 @@ and bounds resources: ``connection_limit`` connections (accepting pauses at the 
 waitress), ``threads`` requests inside the app at once, ``max_header_bytes`` per request head
 (431), ``max_body_bytes`` per body (413, before the body is read when its declared length is
 over), ``idle_timeout_s`` per read, pipelined requests answered in order.
+
+No protocol is ever switched: ``Upgrade`` (``curl --http2``'s h2c offer, a websocket handshake)
+is ignored as RFC 9110 §7.8 allows, and the request, body included, is served as HTTP/1.1; the
+app does not see the header. ``CONNECT`` (this is not a proxy) is answered ``405`` with an
+empty ``Allow``, in JSON, and the connection closes.
 """
 from __future__ import annotations
 
@@ -41,7 +46,12 @@ log = logging.getLogger('akidb_ros.rest')
 RECV_BYTES = 64 * 1024
 LINGER_BYTES = 4 * 1024 * 1024      # dropped after a refusal, so the client reads the answer
 _HOP_HEADERS = frozenset(('connection', 'transfer-encoding', 'keep-alive'))
-_REASONS = {400: 'Bad Request', 413: 'Content Too Large', 431: 'Request Header Fields Too Large'}
+# request headers kept out of the WSGI environ: the framing (in CONTENT_LENGTH and the body
+# itself) and Upgrade, which this server never honours (werkzeug would route a websocket one)
+_NOT_IN_ENVIRON = frozenset(('CONTENT-LENGTH', 'TRANSFER-ENCODING', 'UPGRADE'))
+_FRAMING = frozenset((b'content-length', b'transfer-encoding'))
+_REASONS = {400: 'Bad Request', 405: 'Method Not Allowed', 413: 'Content Too Large',
+            431: 'Request Header Fields Too Large'}
 HEAD_TOO_LARGE = 431    # not in the error table: its code is INVALID_INPUT (400 elsewhere)
 
 
@@ -52,10 +62,12 @@ class _Refusal(Exception):
     says otherwise (431 for an oversized head).
     """
 
-    def __init__(self, code: ErrorCode, message: str, status: Optional[int] = None):
+    def __init__(self, code: ErrorCode, message: str, status: Optional[int] = None,
+                 headers: Tuple[Tuple[str, str], ...] = ()):
         super().__init__(message)
         self.code, self.message = code, message
         self.status = status or code.http_status
+        self.headers = headers
 
 
 class _Request:
@@ -74,7 +86,16 @@ class _Request:
 
 
 class _Reader:
-    """httptools callbacks: collects complete requests (pipelining: several per read)."""
+    """httptools callbacks: collects complete requests (pipelining: several per read).
+
+    A request with ``Upgrade`` and ``Connection: upgrade`` makes llhttp stop after its head
+    (httptools then skips its body and hands back the bytes that follow as another protocol's).
+    Upgrades are not supported, so the header is ignored (RFC 9110 §7.8): the request, which
+    llhttp completed without its body, is reopened and a head carrying only its framing
+    headers (``Content-Length`` / ``Transfer-Encoding``, exactly as sent) is fed to the parser
+    before those bytes, so llhttp reads the body, with the same checks and limits, into that
+    request, and what follows as the next pipelined requests.
+    """
 
     def __init__(self, max_header_bytes: int, max_body_bytes: int):
         self.parser = httptools.HttpRequestParser(self)
@@ -84,24 +105,37 @@ class _Reader:
         self.current: Optional[_Request] = None
         self.head_bytes = 0          # bytes fed while a request head is incomplete
         self.in_head = True
-        self.upgrade = False
+        self.reopened: Optional[_Request] = None   # an upgrade request whose body comes next
 
     def feed(self, data: bytes) -> None:
-        if self.in_head:
-            self.head_bytes += len(data)
-            if self.head_bytes > self.max_header_bytes + RECV_BYTES:
-                raise self._head_too_large()
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _Refusal):
-                raise exc.__context__ from None
-            raise _Refusal(ErrorCode.INVALID_INPUT,
-                           f'malformed HTTP request: {exc.__context__ or exc}') from None
-        except httptools.HttpParserUpgrade:
-            self.upgrade = True      # served as a plain request; the connection then closes
-        except httptools.HttpParserError as exc:
-            raise _Refusal(ErrorCode.INVALID_INPUT, f'malformed HTTP request: {exc}') from None
+        while True:
+            if self.in_head:
+                self.head_bytes += len(data)
+                if self.head_bytes > self.max_header_bytes + RECV_BYTES:
+                    raise self._head_too_large()
+            try:
+                self.parser.feed_data(data)
+                return
+            except httptools.HttpParserCallbackError as exc:
+                if isinstance(exc.__context__, _Refusal):
+                    raise exc.__context__ from None
+                raise _Refusal(ErrorCode.INVALID_INPUT,
+                               f'malformed HTTP request: {exc.__context__ or exc}') from None
+            except httptools.HttpParserUpgrade as exc:
+                data = self._reopen_upgrade() + data[exc.args[0]:]
+            except httptools.HttpParserError as exc:
+                raise _Refusal(ErrorCode.INVALID_INPUT,
+                               f'malformed HTTP request: {exc}') from None
+
+    def _reopen_upgrade(self) -> bytes:
+        """Reopen the upgrade request llhttp just completed; the head to feed before its body."""
+        req = self.done[-1]     # on_message_complete ran before llhttp paused for the upgrade
+        framing = [b'%s: %s\r\n' % (n, v) for n, v in req.headers if n.lower() in _FRAMING]
+        if not framing:
+            return b''          # no body: the request is complete as it is
+        self.done.pop()
+        self.reopened = req
+        return b'POST / HTTP/1.1\r\n' + b''.join(framing) + b'\r\n'
 
     def _head_too_large(self) -> _Refusal:
         return _Refusal(ErrorCode.INVALID_INPUT,
@@ -128,6 +162,11 @@ class _Reader:
 
     def on_headers_complete(self) -> None:
         req, p = self.current, self.parser
+        if self.reopened is not None:       # the framing head of a reopened upgrade request:
+            self.current, self.reopened = self.reopened, None   # its body goes to that one
+            self.in_head = False
+            self.head_bytes = 0
+            return
         size = len(req.url) + sum(len(n) + len(v) + 4 for n, v in req.headers)
         if size > self.max_header_bytes:
             raise self._head_too_large()
@@ -136,6 +175,10 @@ class _Reader:
         req.method = p.get_method()
         req.version = p.get_http_version()
         req.keep_alive = p.should_keep_alive()
+        if req.method == b'CONNECT':    # llhttp would hand the rest over as a tunnel
+            raise _Refusal(ErrorCode.METHOD_NOT_ALLOWED,
+                           'CONNECT is not supported: this server is not a proxy',
+                           headers=(('Allow', ''),))   # no method applies to a tunnel target
         for name, value in req.headers:
             lname = name.lower()
             if lname == b'content-length':
@@ -271,6 +314,10 @@ class ThreadedWSGIServer:
                     try:
                         reader.feed(data)
                     except _Refusal as refusal:
+                        # the complete requests pipelined before the refused one come first
+                        while reader.done:
+                            if not self._serve_or_refuse(conn, peer, reader.done.popleft()):
+                                return
                         self._refuse(conn, refusal)
                         return
                     cur = reader.current
@@ -278,11 +325,8 @@ class ThreadedWSGIServer:
                             and not cur.body:
                         conn.sendall(b'HTTP/1.1 100 Continue\r\n\r\n')
                         cur.expect_continue = False
-                    if reader.upgrade and not reader.done:
-                        return          # another protocol follows a request we cannot finish
                 req = reader.done.popleft()
-                keep = self._serve(conn, peer, req) and not reader.upgrade
-                if not keep or self._stopping:
+                if not self._serve_or_refuse(conn, peer, req) or self._stopping:
                     return
         except OSError:
             pass                        # peer gone, reset or idle too long: nothing to answer
@@ -294,6 +338,14 @@ class ThreadedWSGIServer:
                 conn.close()
             except OSError:
                 pass
+
+    def _serve_or_refuse(self, conn: socket.socket, peer, req: _Request) -> bool:
+        """Serve one request, or refuse one the environ cannot describe; returns keep-alive."""
+        try:
+            return self._serve(conn, peer, req)
+        except _Refusal as refusal:
+            self._refuse(conn, refusal)
+            return False
 
     def _serve(self, conn: socket.socket, peer, req: _Request) -> bool:
         """Run the app for one request and send its answer; returns keep-alive."""
@@ -326,7 +378,12 @@ class ThreadedWSGIServer:
         return keep
 
     def _environ(self, req: _Request, peer) -> dict:
-        url = httptools.parse_url(req.url)
+        try:
+            url = httptools.parse_url(req.url)
+        except httptools.HttpParserInvalidURLError:
+            # llhttp takes some targets its URL parser does not (http://a:99999/, http://)
+            raise _Refusal(ErrorCode.INVALID_INPUT,
+                           f'malformed request target: {req.url[:200]!r}') from None
         path = unquote_to_bytes(url.path or b'/').decode('latin-1')
         body = b''.join(req.body)
         env = {
@@ -349,7 +406,7 @@ class ThreadedWSGIServer:
             val = value.decode('latin-1').strip()
             if key == 'CONTENT-TYPE':
                 env['CONTENT_TYPE'] = val
-            elif key != 'CONTENT-LENGTH' and key != 'TRANSFER-ENCODING':
+            elif key not in _NOT_IN_ENVIRON:
                 wkey = 'HTTP_' + key.replace('-', '_')
                 env[wkey] = env[wkey] + ',' + val if wkey in env else val
         return env
@@ -381,9 +438,10 @@ class ThreadedWSGIServer:
         body = json.dumps({'error': 'internal error', 'code': ErrorCode.INTERNAL.name}).encode()
         return '500 Internal Server Error', [('Content-Type', 'application/json')], body
 
-    def _send_error(self, conn, status: str, body: bytes) -> bool:
+    def _send_error(self, conn, status: str, body: bytes, headers=()) -> bool:
+        extra = ''.join(f'{name}: {value}\r\n' for name, value in headers)
         head = (f'HTTP/1.1 {status}\r\nContent-Type: application/json\r\n'
-                f'Content-Length: {len(body)}\r\nServer: {self.ident}\r\n'
+                f'Content-Length: {len(body)}\r\n{extra}Server: {self.ident}\r\n'
                 f'Date: {_http_date()}\r\nConnection: close\r\n\r\n')
         conn.sendall(head.encode('latin-1') + body)
         return False
@@ -397,7 +455,8 @@ class ThreadedWSGIServer:
         """
         body = json.dumps({'error': refusal.message, 'code': refusal.code.name}).encode()
         try:
-            self._send_error(conn, f'{refusal.status} {_REASONS[refusal.status]}', body)
+            self._send_error(conn, f'{refusal.status} {_REASONS[refusal.status]}', body,
+                             refusal.headers)
             conn.shutdown(socket.SHUT_WR)
             conn.settimeout(0.2)
             deadline, dropped = time.monotonic() + 1.0, 0

@@ -21,3 +21,17 @@ def scrape(text: str):
 def total(samples, name: str, **labels) -> float:
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+def read_to_close(sock) -> bytes:
+    """Everything a raw socket receives until the server closes it (or the socket times out)."""
+    import socket
+    out = b''
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return out
+            out += chunk
+    except socket.timeout:
+        return out

@@ -18,7 +18,9 @@ from bridge_support import SECOND_MODEL, scrape, total
 
 def metrics_text(url):
     r = requests.get(url + '/metrics', timeout=10)
-    assert r.status_code == 200 and r.headers['Content-Type'].startswith('text/plain')
+    from prometheus_client import CONTENT_TYPE_LATEST
+    # exactly the exposition format's type (one charset: Flask's mimetype= appended a second)
+    assert r.status_code == 200 and r.headers['Content-Type'] == CONTENT_TYPE_LATEST
     return r.text
 
 

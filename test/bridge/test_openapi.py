@@ -75,3 +75,24 @@ def test_fast_schema_check_agrees_with_jsonschema(body):
     from akidb_ros.rest.app import _VALIDATORS
     for v in _VALIDATORS.values():
         assert v._fast.is_valid(body) == v._explain.is_valid(body), body
+
+
+def test_every_json_body_operation_declares_and_answers_415(rest_url):
+    """Each operation that takes a JSON body documents 415 and answers it, in the documented
+    error shape, for a body sent as text/plain (what a browser's simple POST may send)."""
+    import jsonschema
+    doc = requests.get(rest_url + '/openapi.json', timeout=5).json()
+    ops = [(path, method, op) for path, item in doc['paths'].items()
+           for method, op in item.items() if 'requestBody' in op]
+    assert {p for p, _m, _o in ops} == {'/api/v1/embed', '/v1/embeddings', '/admin/models/load',
+                                        '/admin/models/unload'}
+    for path, method, op in ops:
+        assert list(op['requestBody']['content']) == ['application/json'], path
+        assert '415' in op['responses'], path
+        schema = dict(op['responses']['415']['content']['application/json']['schema'],
+                      components=doc['components'])
+        r = requests.request(method, rest_url + path, data=b'{"model": "x", "inputs": ["x"]}',
+                             headers={'Content-Type': 'text/plain'}, timeout=10)
+        assert r.status_code == 415, (path, r.status_code, r.text[:200])
+        jsonschema.validate(r.json(), schema)
+        assert r.json()['code'] == 'UNSUPPORTED_MEDIA_TYPE'

@@ -10,7 +10,7 @@ import requests
 
 from akidb_ros.engine.types import EmbedRequest
 
-from bridge_support import DEFAULT_MODEL, SECOND_MODEL
+from bridge_support import DEFAULT_MODEL, SECOND_MODEL, read_to_close
 
 SENTENCES = ['The autonomous vehicle detects pedestrians.', 'Emergency braking system activated.']
 
@@ -240,3 +240,140 @@ def test_graceful_stop_finishes_in_flight(local_backend):
     assert codes == [200] * 4
     with pytest.raises(requests.ConnectionError):
         requests.get(url + '/health/live', timeout=2)
+
+
+# --- transport: media types, body encoding, Upgrade, odd paths and methods ------------------
+# Every POST route with a JSON body; the bodies would succeed (or fail after the media-type
+# check) if the media type were right.
+JSON_ROUTES = [('/api/v1/embed', {'inputs': ['hi']}),
+               ('/v1/embeddings', {'input': 'hi', 'model': DEFAULT_MODEL}),
+               ('/admin/models/load', {'model': SECOND_MODEL}),
+               ('/admin/models/unload', {'model': SECOND_MODEL})]
+NOT_JSON = ['text/plain', 'application/x-www-form-urlencoded', 'multipart/form-data; boundary=x',
+            'application/xml', None, 'application/jsonx', 'json', 'text/json',
+            'application/json; charset=utf-16', 'application/json; charset="latin-1"']
+
+
+def _model_status(rest_url, model):
+    models = requests.get(rest_url + '/models', timeout=10).json()['models']
+    return next(m['status'] for m in models if m['id'] == model)
+
+
+@pytest.mark.parametrize('path,body', JSON_ROUTES)
+@pytest.mark.parametrize('ctype', NOT_JSON)
+def test_a_body_that_is_not_json_is_415(rest_url, path, body, ctype):
+    """A browser's "simple" cross-origin POST (form or text/plain: no CORS preflight) reaches
+    no handler: neither an embed nor a model load or unload happens."""
+    before = _model_status(rest_url, SECOND_MODEL)
+    r = requests.post(rest_url + path, data=json.dumps(body).encode(), timeout=30,
+                      headers={} if ctype is None else {'Content-Type': ctype})
+    assert r.status_code == 415, (path, ctype, r.status_code, r.text[:200])
+    assert r.headers['Content-Type'].startswith('application/json')
+    assert r.json()['code'] == 'UNSUPPORTED_MEDIA_TYPE' and r.json()['error']
+    if path == '/v1/embeddings':        # the OpenAI shape, with the table code beside it
+        assert r.json()['error']['code'] == 'UNSUPPORTED_MEDIA_TYPE'
+        assert r.json()['error']['type'] == 'invalid_request_error'
+    assert _model_status(rest_url, SECOND_MODEL) == before
+
+
+@pytest.mark.parametrize('ctype', ['application/json', 'application/json; charset=utf-8',
+                                   'Application/JSON;Charset="UTF-8"', 'application/json;v=1',
+                                   'application/vnd.akidb+json'])
+def test_json_media_types_are_accepted(rest_url, ctype):
+    r = post(rest_url, '/api/v1/embed', {'inputs': ['hi']}, headers={'Content-Type': ctype})
+    assert r.status_code == 200, (ctype, r.text)
+    r = post(rest_url, '/v1/embeddings', {'input': 'hi', 'model': DEFAULT_MODEL},
+             headers={'Content-Type': ctype})
+    assert r.status_code == 200, (ctype, r.text)
+
+
+@pytest.mark.parametrize('raw,reason', [
+    ('{"inputs": ["hi"]}'.encode('utf-16'), 'UTF-8'),   # with its byte-order mark
+    ('{"inputs": ["hi"]}'.encode('utf-32'), 'UTF-8'),
+    (b'{"inputs": ["caf\xe9"]}', 'UTF-8'),              # latin-1
+    (b'{"inputs": ["\xed\xa0\x80"]}', 'UTF-8'),         # an encoded lone surrogate (CESU-8)
+    # ASCII in UTF-16 without a byte-order mark is valid UTF-8 (with NULs), so malformed JSON
+    ('{"inputs": ["hi"]}'.encode('utf-16-le'), 'malformed JSON'),
+])
+def test_json_bodies_must_be_utf8(rest_url, raw, reason):
+    r = post(rest_url, '/api/v1/embed', raw=raw)
+    assert r.status_code == 400, r.text
+    assert r.json()['code'] == 'INVALID_INPUT' and reason in r.json()['error']
+
+
+def test_a_utf8_byte_order_mark_is_ignored(rest_url):
+    r = post(rest_url, '/api/v1/embed', raw=b'\xef\xbb\xbf{"inputs": ["hi"]}')
+    assert r.status_code == 200, r.text
+
+
+H2C = {'Connection': 'Upgrade, HTTP2-Settings', 'Upgrade': 'h2c',
+       'HTTP2-Settings': 'AAMAAABkAAQCAAAAAAIAAAAA'}    # what `curl --http2 http://...` adds
+
+
+def test_an_upgrade_header_is_ignored(rest_url):
+    r = post(rest_url, '/api/v1/embed', {'inputs': ['hi']}, headers=H2C)
+    assert r.status_code == 200, r.text
+    assert len(r.json()['embeddings'][0]) == 384
+    r = requests.get(rest_url + '/health/live', timeout=10,
+                     headers={'Connection': 'Upgrade', 'Upgrade': 'websocket',
+                              'Sec-WebSocket-Key': 'dGhlIHNhbXBsZSBub25jZQ==',
+                              'Sec-WebSocket-Version': '13'})
+    assert (r.status_code, r.json()) == (200, {'status': 'alive'})
+
+
+@pytest.fixture(scope='module')
+def with_probe(local_backend):
+    from akidb_ros.server import Bridges
+    b = Bridges(local_backend, host='127.0.0.1', rest_port=0, grpc_port=None,
+                probe_port=0).start()
+    yield b
+    b.stop(grace_s=2)
+
+
+ODD_PATHS = ['/', '//', '/api/v1//embed', '/api//v1/embed', '/api/v1/embed/', '/api/v1/embed//',
+             '/health//live', '/health/live/', '/health//ready', '//metrics/', '/models/',
+             '/API/V1/EMBED', '/api/v1/embed;x', '/api/v1/embed%2F', '/static/x', '/favicon.ico',
+             '/../api/v1/embed', '/api/v1/./embed', '/%ff', '/a%00b', '*', '/openapi.json/',
+             '/admin/models//load', '/admin/models/', '/v1//embeddings']
+ODD_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'PATCH', 'OPTIONS', 'TRACE', 'FOO']
+
+
+def _assert_json_error(resp, method, what):
+    """A refusal: JSON ``{error, code}`` (no werkzeug HTML, no redirect)."""
+    assert not 300 <= resp.status < 400, (what, resp.status, resp.getheader('Location'))
+    body = resp.read()
+    if resp.status < 300:
+        return
+    assert resp.getheader('Content-Type', '').startswith('application/json'), (what, body[:200])
+    if method != 'HEAD':
+        got = json.loads(body)
+        assert isinstance(got['error'], str) and isinstance(got['code'], str), (what, got)
+
+
+def test_every_refusal_is_json_on_odd_paths_and_methods(with_probe):
+    import http.client
+    for port in (with_probe.rest_port, with_probe.probe_port):
+        conn = http.client.HTTPConnection('127.0.0.1', port, timeout=30)
+        for path in ODD_PATHS:
+            for method in ODD_METHODS:
+                conn.request(method, path, body=b'{"inputs": ["x"]}',
+                             headers={'Content-Type': 'application/json'})
+                resp = conn.getresponse()
+                _assert_json_error(resp, method, (port, method, path))
+                if resp.getheader('Connection') == 'close':
+                    conn.close()
+        conn.close()
+    # a doubled slash is not merged (nor redirected to the merged path): a JSON 404
+    r = post(f'http://127.0.0.1:{with_probe.rest_port}', '/api/v1//embed', {'inputs': ['x']})
+    assert (r.status_code, r.json()['code']) == (404, 'NOT_FOUND')
+
+
+def test_connect_is_a_json_405(with_probe):
+    import socket
+    for port in (with_probe.rest_port, with_probe.probe_port):
+        with socket.create_connection(('127.0.0.1', port), timeout=10) as s:
+            s.sendall(b'CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n')
+            out = read_to_close(s)
+        head, body = out.split(b'\r\n\r\n', 1)
+        assert head.startswith(b'HTTP/1.1 405 '), head
+        assert json.loads(body)['code'] == 'METHOD_NOT_ALLOWED'

@@ -85,6 +85,68 @@ def test_inprocess_one_engine_three_doors(tmp_path):
             and f'127.0.0.1:{info["rest_port"]} (loopback only)' in log)
 
 
+def test_sigterm_answers_a_call_that_runs_to_its_budget(tmp_path):
+    """A request that takes its whole budget (6.4 MB to tokenise, ~2 s here; 200 x 256 tokens
+    to run), SIGTERM 0.3 s after both arrived: REST and gRPC each answer it (TIMEOUT, within its
+    1.5 s budget, tokenising included: before, the budget started after tokenising and the REST
+    client saw its connection closed at the end of the grace), then the server exits 0."""
+    import threading
+
+    import grpc
+
+    from akidb_ros.grpc_api import embedding_pb2 as pb
+    from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
+    proc, info = start_server(tmp_path, '--mode', 'inprocess', '--no-ros', '--timeout', '1.5',
+                              '--grace', '2.5')
+    big = ['a b ' * 8000] * 200
+    out = {}
+
+    def rest_call():
+        try:
+            r = requests.post(f'http://127.0.0.1:{info["rest_port"]}/api/v1/embed',
+                              json={'inputs': big}, timeout=30)
+            out['rest'] = (r.status_code, r.json().get('code'))
+        except Exception as exc:       # noqa: BLE001 - the failure this test is about
+            out['rest'] = repr(exc)
+
+    def grpc_call():
+        with grpc.insecure_channel(f'127.0.0.1:{info["grpc_port"]}', options=[
+                ('grpc.max_send_message_length', 16 << 20)]) as ch:
+            try:
+                pb_grpc.EmbeddingServiceStub(ch).Embed(pb.EmbedRequest(inputs=big), timeout=30)
+                out['grpc'] = 'OK'
+            except grpc.RpcError as e:
+                out['grpc'] = (e.code().name, dict(e.trailing_metadata() or ()).get(
+                    'akidb-error-code'))
+
+    threads = [threading.Thread(target=f) for f in (rest_call, grpc_call)]
+    for t in threads:
+        t.start()
+
+    def both_in_flight():
+        text = requests.get(f'http://127.0.0.1:{info["probe_port"]}/metrics', timeout=5).text
+        return all(f'akidb_inflight_requests{{transport="{t}"}} 1.0' in text
+                   for t in ('rest', 'grpc'))
+
+    assert wait_until(both_in_flight, 10, 0.02), out
+    time.sleep(0.3)
+    rc = stop_server(proc)
+    for t in threads:
+        t.join(30)
+    assert out['rest'] == (504, 'TIMEOUT'), out
+    assert out['grpc'] == ('DEADLINE_EXCEEDED', 'TIMEOUT'), out
+    assert rc == 0
+
+
+def test_default_grace_covers_the_request_budget(caplog):
+    from akidb_ros.server import build_parser, grace_for
+    assert grace_for(build_parser().parse_args([])) == 5.0 + 2.0
+    assert grace_for(build_parser().parse_args(['--timeout', '30'])) == 32.0
+    with caplog.at_level('WARNING', logger='akidb_ros.server'):
+        assert grace_for(build_parser().parse_args(['--grace', '3'])) == 3.0
+    assert 'shorter than the request budget' in caplog.text
+
+
 def test_dev_profile_refuses_a_non_loopback_bind(tmp_path):
     """Authentication off (the default dev profile) + 0.0.0.0 = refused before anything loads."""
     env = {k: v for k, v in os.environ.items()
@@ -128,3 +190,10 @@ def test_bad_arguments_fail_cleanly(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'akidb_ros.server', '--mode', 'nope'],
                        cwd=ROOT, capture_output=True, timeout=60)
     assert r.returncode == 2 and b'invalid choice' in r.stderr
+    for bad, says in ((['--grpc-workers', '8', '--grpc-max-streams', '8'], b'less than'),
+                      (['--grpc-max-streams', '0'], b'at least 1'),
+                      (['--timeout', '0'], b'--timeout > 0'),
+                      (['--grpc-stream-idle', '-1'], b'must be >= 0')):
+        r = subprocess.run([sys.executable, '-m', 'akidb_ros.server', *bad],
+                           cwd=ROOT, capture_output=True, timeout=60)
+        assert r.returncode == 2 and says in r.stderr and b'Traceback' not in r.stderr, bad

@@ -4,7 +4,7 @@ HTTP/1.1 behaviour a client relies on: keep-alive on one connection, pipelining,
 ``Expect: 100-continue``, HEAD, HTTP/1.0; limits answered with the service's ``{error, code}``
 (413 before the body is read, 431, 400 for malformed input); the connection limit; a graceful
 stop that answers the request in flight; an app failure is a JSON 500, never a dropped
-connection.
+connection; ``Upgrade`` ignored (body read, pipelining intact), ``CONNECT`` a JSON 405.
 """
 import http.client
 import json
@@ -15,6 +15,7 @@ import time
 import pytest
 
 from akidb_ros.rest.server import RestServer
+from bridge_support import read_to_close
 
 
 def _app(environ, start_response):
@@ -51,15 +52,7 @@ def _raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
     """Send raw bytes, read until the server closes (or the timeout)."""
     with socket.create_connection(('127.0.0.1', port), timeout=timeout) as s:
         s.sendall(data)
-        out = b''
-        try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    return out
-                out += chunk
-        except socket.timeout:
-            return out
+        return read_to_close(s)
 
 
 def _responses(out: bytes):
@@ -253,3 +246,82 @@ def test_a_client_still_sending_a_refused_body_reads_the_answer(server):
     conn.request('POST', '/big', body=b'z' * 300_000)       # no reset while it sends
     resp = conn.getresponse()
     assert resp.status == 413 and json.loads(resp.read())['code'] == 'INPUT_TOO_LARGE'
+
+
+# -- Upgrade, CONNECT and URLs the app cannot take ---------------------------------------------
+# What `curl --http2` sends on a plain-HTTP URL (h2c upgrade); the server does not switch
+# protocols, so it ignores the header (RFC 9110 §7.8) and serves the request as HTTP/1.1.
+H2C = (b'Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n'
+       b'HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n')
+
+
+def test_upgrade_header_is_ignored_and_the_body_read(server):
+    body = b'{"inputs": ["x"]}'
+    out = _raw(server.port, b''.join([
+        b'POST /cl HTTP/1.1\r\nHost: x\r\n' + H2C + b'Content-Length: %d\r\n\r\n' % len(body)
+        + body,
+        b'POST /chunked HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: foo\r\n'
+        b'Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n',
+        b'GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n',
+        b'POST /empty HTTP/1.1\r\nHost: x\r\n' + H2C + b'Content-Length: 0\r\n\r\n',
+        b'GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n']))
+    answers = _responses(out)
+    got = [json.loads(b) for _head, b in answers]
+    assert [g['path'] for g in got] == ['/cl', '/chunked', '/ws', '/empty', '/last']
+    assert all(head.startswith(b'HTTP/1.1 200 ') for head, _b in answers)
+    assert b'101' not in b''.join(head.split(b'\r\n', 1)[0] for head, _b in answers)
+    assert (got[0]['body'], got[0]['len']) == (body.decode(), len(body))
+    assert (got[1]['body'], got[1]['len']) == ('hello world', 11)
+    assert got[2]['len'] == got[3]['len'] == 0
+    # the app never sees an upgrade it could not honour (werkzeug would route it as a websocket)
+    assert not any('HTTP_UPGRADE' in g['headers'] for g in got)
+    assert got[0]['headers']['HTTP_HTTP2_SETTINGS']       # other headers reach the app
+
+
+def test_upgrade_body_in_later_reads_with_expect_continue(server):
+    with socket.create_connection(('127.0.0.1', server.port), timeout=5) as s:
+        s.sendall(b'POST /late HTTP/1.1\r\nHost: x\r\n' + H2C + b'Content-Length: 10\r\n'
+                  b'Expect: 100-continue\r\n\r\n')
+        assert s.recv(100).startswith(b'HTTP/1.1 100 Continue\r\n\r\n')
+        s.sendall(b'01234')
+        time.sleep(0.05)
+        s.sendall(b'56789GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+        out = read_to_close(s)
+    got = [json.loads(b) for _head, b in _responses(out)]
+    assert [(g['path'], g['body']) for g in got] == [('/late', '0123456789'), ('/next', '')]
+
+
+def test_upgrade_body_framing_is_still_checked(server):
+    # the body limit and framing errors apply to an upgrade request as to any other
+    out = _raw(server.port, b'POST /big HTTP/1.1\r\nHost: x\r\n' + H2C
+               + b'Transfer-Encoding: chunked\r\n\r\n' + (b'800\r\n' + b'y' * 0x800 + b'\r\n') * 2)
+    assert out.startswith(b'HTTP/1.1 413 ')
+    out = _raw(server.port, b'POST /bad HTTP/1.1\r\nHost: x\r\n' + H2C
+               + b'Transfer-Encoding: chunked\r\n\r\nzz\r\n')
+    assert out.startswith(b'HTTP/1.1 400 ')
+    assert json.loads(out.split(b'\r\n\r\n', 1)[1])['code'] == 'INVALID_INPUT'
+
+
+def test_connect_is_a_json_405_and_the_connection_closes(server):
+    out = _raw(server.port, b'CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n'
+               b'SSH-2.0-x\r\n')
+    head, body = out.split(b'\r\n\r\n', 1)
+    assert head.startswith(b'HTTP/1.1 405 ') and b'Connection: close' in head
+    assert b'\r\nAllow: \r\n' in head + b'\r\n'       # no method applies to a tunnel target
+    assert json.loads(body)['code'] == 'METHOD_NOT_ALLOWED'
+
+
+@pytest.mark.parametrize('url', [b'http://a:99999/', b'http://', b'http://a:b/x'])
+def test_a_url_the_wsgi_environ_cannot_take_is_a_json_400(server, url):
+    # llhttp accepts these request targets, httptools' URL parser does not
+    out = _raw(server.port, b'GET ' + url + b' HTTP/1.1\r\nHost: x\r\n\r\n')
+    head, body = out.split(b'\r\n\r\n', 1)
+    assert head.startswith(b'HTTP/1.1 400 ') and b'Connection: close' in head
+    assert json.loads(body)['code'] == 'INVALID_INPUT'
+
+
+def test_requests_before_a_malformed_one_are_answered_first(server):
+    out = _raw(server.port, b'GET /first HTTP/1.1\r\nHost: x\r\n\r\nNOT HTTP AT ALL\r\n\r\n')
+    (head1, body1), (head2, body2) = _responses(out)
+    assert head1.startswith(b'HTTP/1.1 200 ') and json.loads(body1)['path'] == '/first'
+    assert head2.startswith(b'HTTP/1.1 400 ') and json.loads(body2)['code'] == 'INVALID_INPUT'

@@ -69,6 +69,23 @@ def test_deadline_answers_timeout(small_engine):
     assert eng.admission.pending == 0
 
 
+def test_tokenising_counts_in_the_budget(small_engine):
+    """A request near the byte limit takes seconds to tokenise (~10 ms per 32 k-character
+    input here); it times out within its budget plus one slice, not after all of it."""
+    eng = small_engine
+    big = ['a b ' * 8000] * 200          # 6.4 MB, under the 10 MB limit
+    t0 = time.monotonic()
+    with pytest.raises(EngineError) as err:
+        eng.submit(EmbedRequest(inputs=big, timeout_s=0.05)).result(10)
+    elapsed = time.monotonic() - t0
+    assert err.value.code is ErrorCode.TIMEOUT
+    assert elapsed < 1.0, elapsed        # all 200 inputs: ~2 s on this CPU
+    assert eng.admission.pending == 0
+    # a budget that covers it still gets every vector
+    res = eng.embed(EmbedRequest(inputs=big[:8], timeout_s=30))
+    assert res.embeddings.shape == (8, 384) and res.truncated_inputs == 8
+
+
 def test_deadline_watcher_fires_on_time_and_sleeps_through_answered_work():
     """Jobs reach the watcher lock-free; expired ones fail with TIMEOUT at their deadline,
     answered ones are let go unfired, and arrivals due after the watcher's next look (the

@@ -9,6 +9,12 @@ from akidb_ros.engine.errors import error_from_code
     (dict(inputs=[]), ErrorCode.INVALID_INPUT, 'must not be empty'),
     (dict(inputs=['ok', '']), ErrorCode.INVALID_INPUT, 'inputs[1] is empty'),
     (dict(inputs=['ok', '   ']), ErrorCode.INVALID_INPUT, 'inputs[1] is empty'),
+    # only characters a tokeniser drops: it would embed the empty string (audit, stop 24)
+    (dict(inputs=['ok', '\u200b']), ErrorCode.INVALID_INPUT, 'inputs[1] is empty'),
+    (dict(inputs=['\x00']), ErrorCode.INVALID_INPUT, 'inputs[0] is empty'),
+    (dict(inputs=['\ufeff \u2060\x07\u3000']), ErrorCode.INVALID_INPUT, 'inputs[0] is empty'),
+    (dict(inputs=['\U000e0001\u200c']), ErrorCode.INVALID_INPUT, 'inputs[0] is empty'),
+    (dict(inputs=['x'], model='m' * 257), ErrorCode.INVALID_INPUT, 'at most 256 characters'),
     (dict(inputs='not a list'), ErrorCode.INVALID_INPUT, 'must be a list'),
     (dict(inputs=['ok', 7]), ErrorCode.INVALID_INPUT, 'inputs[1] is not a string'),
     (dict(inputs=['bad \ud800 surrogate']), ErrorCode.INVALID_INPUT, 'not valid Unicode'),
@@ -26,6 +32,19 @@ def test_bad_input_codes(engine, request_kwargs, code, fragment):
     assert err.value.code is code
     assert fragment in err.value.message
     assert engine.admission.pending == pending   # nothing half-accepted
+
+
+def test_visible_text_check_matches_unicode_tables():
+    """Every control/format character is invisible; letters, marks, symbols and emoji are not."""
+    import unicodedata
+    from akidb_ros.engine.engine import has_text
+    for c in (*range(0x20000), *range(0xE0000, 0xE1000)):
+        ch = chr(c)
+        invisible = ch.isspace() or unicodedata.category(ch) in ('Cc', 'Cf')
+        if 0xD800 <= c <= 0xDFFF:
+            continue    # lone surrogates are refused as invalid Unicode before this check
+        assert has_text(ch) is not invisible, hex(c)
+    assert has_text('\u200b\u200b x') and has_text('\u0301') and has_text('\U0001F600')
 
 
 def test_error_table_is_complete():

@@ -147,6 +147,21 @@ def test_breaker_through_the_hook(setup, clock):
     assert [t['outcome'] for t in trans] == ['open', 'half_open', 'closed']
 
 
+def test_timeouts_of_a_callers_own_short_budget_are_neutral(setup):
+    """One client asking for 1 ms must not open the breaker for everyone (audit, stop 24)."""
+    guard, keys, _, _, _ = setup
+    hdr = {'x-api-key': keys['admin']}
+    for _ in range(20):
+        call = door_call('embed', hdr, model='m1')
+        call.caller_deadline = True
+        guard.door_hook(call)(EngineError(ErrorCode.TIMEOUT, 'caller budget'))
+    assert guard.breaker_for('m1').state is State.CLOSED
+    assert guard.breaker_for('m1').snapshot()['window_calls'] == 0
+    for _ in range(10):     # the server's own budget ran out: the model is sick
+        guard.door_hook(door_call('embed', hdr, model='m1'))(EngineError(ErrorCode.TIMEOUT, 't'))
+    assert guard.breaker_for('m1').state is State.OPEN
+
+
 def test_admin_actions_are_audited(setup):
     guard, keys, _, audit_path, _ = setup
     call = door_call('load_model', {'x-api-key': keys['admin']}, model='all-mpnet-base-v2')

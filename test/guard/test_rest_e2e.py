@@ -45,7 +45,7 @@ def build_engine(tmp_path):
 @pytest.fixture
 def rest(tmp_path, clock):
     from akidb_ros.backends import LocalBackend
-    from akidb_ros.guard import Guard
+    from akidb_ros.guard import Guard, install_flask
     from akidb_ros.guard.apikeys import create_key
     from akidb_ros.guard.identity import Role
     from akidb_ros.rest.app import create_app
@@ -62,6 +62,7 @@ def rest(tmp_path, clock):
         clock=clock,
     )
     app = create_app(LocalBackend(engine), guard=guard.door_hook)
+    install_flask(app, guard)       # as akidb_ros.server wires it: every route guarded
     yield app.test_client(), made, guard
     engine.close()
 
@@ -85,11 +86,19 @@ def test_auth_codes_through_rest(rest):
 
 
 def test_rate_limit_through_rest(rest):
+    from prometheus_client import REGISTRY
+
+    def refused():
+        labels = {'transport': 'rest', 'code': 'RATE_LIMITED'}
+        return REGISTRY.get_sample_value('akidb_request_errors_total', labels) or 0.0
+
     client, keys, _ = rest
+    before = refused()
     codes = [
         client.get('/models', headers={'X-API-Key': keys['viewer']}).status_code for _ in range(5)
     ]
     assert codes == [200, 200, 200, 429, 429]
+    assert refused() == before + 2      # every failed call, by its code (audit, stop 24)
     r = client.get('/models', headers={'X-API-Key': keys['viewer']})
     assert r.get_json()['code'] == 'RATE_LIMITED' and int(r.headers['Retry-After']) >= 1
 

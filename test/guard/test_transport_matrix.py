@@ -13,6 +13,7 @@ from akidb_ros.guard.identity import Role
 from akidb_ros.guard.jwt import issue_token
 
 import grpc
+from prometheus_client import REGISTRY
 
 REST_KEYS = [k for k in EXPECTED if not k.startswith('/')]
 GRPC_KEYS = [k for k in EXPECTED if k.startswith('/')]
@@ -225,6 +226,8 @@ def test_grpc_rate_limit_is_resource_exhausted(creds):
             md = (('x-api-key', creds[1]['viewer']),)
             assert call(b'', metadata=md, timeout=5) == b'ok'
             assert call(b'', metadata=md, timeout=5) == b'ok'
+            labels = {'transport': 'grpc', 'code': 'RATE_LIMITED'}
+            before = REGISTRY.get_sample_value('akidb_request_errors_total', labels) or 0.0
             t0 = time.perf_counter()
             with pytest.raises(grpc.RpcError) as e:
                 call(b'', metadata=md, timeout=5)
@@ -234,5 +237,7 @@ def test_grpc_rate_limit_is_resource_exhausted(creds):
                 trailing['akidb-error-code'] == 'RATE_LIMITED' and trailing['retry-after'] == '1'
             )
             assert time.perf_counter() - t0 < 1.0
+            after = REGISTRY.get_sample_value('akidb_request_errors_total', labels)
+            assert after == before + 1      # refusals before the handler are counted too
     finally:
         server.stop(0)

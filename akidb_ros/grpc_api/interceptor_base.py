@@ -1,0 +1,27 @@
+"""The one base of the server's interceptors: each method's handler wrapped once, not per call."""
+from __future__ import annotations
+
+import grpc
+
+
+class WrappingInterceptor(grpc.ServerInterceptor):
+    """Wrap each method's handler once (``_wrap``), and again only when the handler it wraps
+    changes: ``intercept_service`` runs on gRPC's one polling thread for every call."""
+
+    def __init__(self):
+        self._wrapped: dict = {}
+
+    def _wrap(self, method: str, handler):
+        raise NotImplementedError
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped

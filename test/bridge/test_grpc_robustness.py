@@ -1,0 +1,354 @@
+"""gRPC door robustness: one caller never starves the others, undecodable bytes get the table's
+answer, and health Watch speaks only on a change. Real gRPC on 127.0.0.1, real engine."""
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2_grpc
+
+from akidb_ros.grpc_api import embedding_pb2 as pb
+from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
+from akidb_ros.grpc_api.server import GrpcServer
+
+EMBED = '/akidb.embedding.v1.EmbeddingService/Embed'
+EMBED_STREAM = '/akidb.embedding.v1.EmbeddingService/EmbedStream'
+LIST_MODELS = '/akidb.embedding.v1.EmbeddingService/ListModels'
+HEALTH_CHECK = '/grpc.health.v1.Health/Check'
+BAD_UTF8 = b'\x12\x02\xff\xfe'          # EmbedRequest.inputs = [b'\xff\xfe']: not UTF-8
+CORRUPT = b'\xff\xff\xff\xff'           # not a protobuf message at all
+
+
+def _raw(channel, method):
+    return channel.unary_unary(method, request_serializer=lambda b: b,
+                               response_deserializer=lambda b: b)
+
+
+class _Idle:
+    """A request iterator that sends nothing until released."""
+
+    def __init__(self, release: threading.Event):
+        self.release = release
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.release.wait()
+        raise StopIteration
+
+
+@pytest.fixture()
+def small_pool(local_backend):
+    """A gRPC server with a pool of 4 handler threads (the default stream share: 2)."""
+    srv = GrpcServer(local_backend, host='127.0.0.1', port=0, max_workers=4).start()
+    yield srv
+    srv.stop(grace_s=0)
+
+
+def _wait_done(calls, n, timeout_s=5.0):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and sum(c.done() for c in calls) < n:
+        time.sleep(0.02)
+    return [c for c in calls if c.done()]
+
+
+def _assert_others_served(target):
+    """Embed, ListModels and grpc.health.v1 Check all answer promptly."""
+    ch = grpc.insecure_channel(target)
+    try:
+        stub = pb_grpc.EmbeddingServiceStub(ch)
+        t0 = time.monotonic()
+        assert len(stub.Embed(pb.EmbedRequest(inputs=['still served']), timeout=3).embeddings) == 1
+        assert stub.ListModels(pb.ListModelsRequest(), timeout=3).models
+        assert health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(), timeout=3).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        assert time.monotonic() - t0 < 3
+    finally:
+        ch.close()
+
+
+def test_idle_streams_do_not_starve_unary_calls_or_health(small_pool):
+    """Idle EmbedStreams beyond the stream share are refused at once, OVERLOADED; the rest of
+    the pool keeps serving unary calls and the health probe."""
+    target = f'127.0.0.1:{small_pool.port}'
+    release = threading.Event()
+    ch = grpc.insecure_channel(target)
+    stub = pb_grpc.EmbeddingServiceStub(ch)
+    calls = [stub.EmbedStream(_Idle(release), timeout=30,
+                              metadata=[('x-request-id', f'idle-{i}')]) for i in range(6)]
+    try:
+        _wait_done(calls, 4)
+        time.sleep(0.3)     # no more than the share's excess ends
+        refused = [c for c in calls if c.done()]
+        assert len(refused) == 4
+        for c in refused:
+            assert c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            md = dict(c.trailing_metadata())
+            assert md['akidb-error-code'] == 'OVERLOADED'
+            assert int(md['retry-after']) >= 1
+            assert md['x-request-id'].startswith('idle-')
+        _assert_others_served(target)
+    finally:
+        release.set()
+        for c in calls:
+            c.cancel()
+        ch.close()
+    # the slots are given back when the streams end: a new stream is served
+    ch = grpc.insecure_channel(target)
+    try:
+        end = time.monotonic() + 5
+        while True:
+            try:
+                outs = list(pb_grpc.EmbeddingServiceStub(ch).EmbedStream(
+                    iter([pb.EmbedRequest(inputs=['again'])] * 2), timeout=5))
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and \
+                    time.monotonic() < end
+                time.sleep(0.05)
+        assert len(outs) == 2
+    finally:
+        ch.close()
+
+
+def test_idle_reflection_streams_do_not_starve_unary_calls(small_pool):
+    """Every long-lived stream counts against the share, not only EmbedStream."""
+    target = f'127.0.0.1:{small_pool.port}'
+    release = threading.Event()
+    ch = grpc.insecure_channel(target)
+    stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+    calls = [stub.ServerReflectionInfo(_Idle(release), timeout=30) for _ in range(6)]
+    try:
+        assert len(_wait_done(calls, 4)) >= 4
+        _assert_others_served(target)
+        # the share is taken: an EmbedStream is refused, not queued
+        with pytest.raises(grpc.RpcError) as ei:
+            list(pb_grpc.EmbeddingServiceStub(ch).EmbedStream(
+                iter([pb.EmbedRequest(inputs=['x'])]), timeout=3))
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        release.set()
+        for c in calls:
+            c.cancel()
+        ch.close()
+
+
+def test_health_watches_behind_the_guard_count_as_streams(local_backend):
+    """The guard's interceptor hides Watch's non-blocking form, so each Watch holds a thread:
+    Watches beyond the share are refused and Check, Embed and ListModels are still served."""
+    from akidb_ros.guard import Guard, GuardInterceptor
+    guard = Guard({'auth': {'enabled': False}, 'rate_limit': {'enabled': False},
+                   'audit': {'enabled': False}})
+    srv = GrpcServer(local_backend, host='127.0.0.1', port=0, max_workers=4,
+                     interceptors=[GuardInterceptor(guard)]).start()
+    target = f'127.0.0.1:{srv.port}'
+    ch = grpc.insecure_channel(target)
+    hs = health_pb2_grpc.HealthStub(ch)
+    calls = [hs.Watch(health_pb2.HealthCheckRequest(service=''), timeout=30) for _ in range(5)]
+    try:
+        _wait_done(calls, 3)
+        time.sleep(0.3)     # no more than the share's excess ends
+        refused = [c for c in calls if c.done()]
+        assert len(refused) == 3
+        for c in calls:
+            if c not in refused:
+                assert next(c).status == health_pb2.HealthCheckResponse.SERVING
+        assert {dict(c.trailing_metadata())['akidb-error-code'] for c in refused} == \
+            {'OVERLOADED'}
+        _assert_others_served(target)
+    finally:
+        for c in calls:
+            c.cancel()
+        ch.close()
+        srv.stop(grace_s=0)
+
+
+def test_stream_share_is_configurable_and_checked(local_backend):
+    with pytest.raises(ValueError):
+        GrpcServer(local_backend, host='127.0.0.1', port=0, max_workers=4, max_streams=4)
+    srv = GrpcServer(local_backend, host='127.0.0.1', port=0, max_workers=4,
+                     max_streams=1).start()
+    release = threading.Event()
+    ch = grpc.insecure_channel(f'127.0.0.1:{srv.port}')
+    stub = pb_grpc.EmbeddingServiceStub(ch)
+    try:
+        calls = [stub.EmbedStream(_Idle(release), timeout=30) for _ in range(3)]
+        _wait_done(calls, 2)
+        time.sleep(0.3)
+        assert sum(c.done() for c in calls) == 2
+        _assert_others_served(f'127.0.0.1:{srv.port}')
+    finally:
+        release.set()
+        ch.close()
+        srv.stop(grace_s=0)
+
+
+def test_idle_stream_times_out(local_backend):
+    """A stream with nothing in flight that sends nothing for the idle limit ends TIMEOUT; one
+    that keeps sending is not cut."""
+    srv = GrpcServer(local_backend, host='127.0.0.1', port=0,
+                     stream_idle_timeout_s=1.0).start()
+    ch = grpc.insecure_channel(f'127.0.0.1:{srv.port}')
+    stub = pb_grpc.EmbeddingServiceStub(ch)
+    release = threading.Event()
+
+    def first_then_idle():
+        yield pb.EmbedRequest(inputs=['one'])
+        release.wait(10)
+
+    def steady():
+        for i in range(6):
+            yield pb.EmbedRequest(inputs=[f'tick {i}'])
+            time.sleep(0.25)
+
+    try:
+        t0 = time.monotonic()
+        got = []
+        with pytest.raises(grpc.RpcError) as ei:
+            for resp in stub.EmbedStream(first_then_idle(), timeout=10):
+                got.append(resp)
+        assert len(got) == 1 and 0.9 < time.monotonic() - t0 < 5
+        assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert dict(ei.value.trailing_metadata())['akidb-error-code'] == 'TIMEOUT'
+        assert len(list(stub.EmbedStream(steady(), timeout=10))) == 6
+    finally:
+        release.set()
+        ch.close()
+        srv.stop(grace_s=0)
+
+
+# ------------------------------------------------------------------ requests that cannot decode
+@pytest.mark.parametrize('payload', [BAD_UTF8, CORRUPT], ids=['bad-utf8', 'corrupt'])
+def test_undecodable_unary_embed_is_invalid_input(grpc_target, payload):
+    ch = grpc.insecure_channel(grpc_target)
+    try:
+        with pytest.raises(grpc.RpcError) as ei:
+            _raw(ch, EMBED)(payload, timeout=5, metadata=[('x-request-id', 'undecodable-1')])
+    finally:
+        ch.close()
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    md = dict(ei.value.trailing_metadata())
+    assert md['akidb-error-code'] == 'INVALID_INPUT'
+    assert md['x-request-id'] == 'undecodable-1'
+    assert 'decode' in ei.value.details()
+
+
+@pytest.mark.parametrize('method', [LIST_MODELS, HEALTH_CHECK])
+def test_undecodable_request_to_other_methods_is_invalid_input(grpc_target, method):
+    ch = grpc.insecure_channel(grpc_target)
+    try:
+        with pytest.raises(grpc.RpcError) as ei:
+            _raw(ch, method)(CORRUPT, timeout=5)
+    finally:
+        ch.close()
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(ei.value.trailing_metadata())['akidb-error-code'] == 'INVALID_INPUT'
+
+
+def test_undecodable_request_meets_the_guard_first(local_backend, tmp_path):
+    """Credentials are checked before the request is: no key, UNAUTHENTICATED; a valid key,
+    INVALID_INPUT."""
+    from akidb_ros.guard import Guard, GuardInterceptor
+    from akidb_ros.guard.apikeys import create_key
+    from akidb_ros.guard.identity import Role
+    keys = str(tmp_path / 'keys.yaml')
+    key = create_key(keys, Role('developer'), 'robustness')[1]
+    guard = Guard({'auth': {'enabled': True, 'api_keys': {'enabled': True, 'file': keys}},
+                   'rate_limit': {'enabled': False}, 'audit': {'enabled': False}})
+    srv = GrpcServer(local_backend, host='127.0.0.1', port=0, guard=guard.door_hook,
+                     interceptors=[GuardInterceptor(guard)]).start()
+    ch = grpc.insecure_channel(f'127.0.0.1:{srv.port}')
+    try:
+        for method in (EMBED, LIST_MODELS):
+            for metadata, code in (((), 'UNAUTHENTICATED'), ((('x-api-key', key),),
+                                                             'INVALID_INPUT')):
+                with pytest.raises(grpc.RpcError) as ei:
+                    _raw(ch, method)(CORRUPT, timeout=5, metadata=metadata)
+                assert dict(ei.value.trailing_metadata())['akidb-error-code'] == code, method
+    finally:
+        ch.close()
+        srv.stop(grace_s=0)
+
+
+@pytest.mark.parametrize('payload', [BAD_UTF8, CORRUPT], ids=['bad-utf8', 'corrupt'])
+def test_undecodable_stream_message_answers_earlier_ones_first(grpc_target, payload):
+    good = pb.EmbedRequest(inputs=['fine']).SerializeToString()
+    ch = grpc.insecure_channel(grpc_target)
+    raw = ch.stream_stream(EMBED_STREAM, request_serializer=lambda b: b,
+                           response_deserializer=pb.EmbedResponse.FromString)
+    got = []
+    try:
+        with pytest.raises(grpc.RpcError) as ei:
+            for resp in raw(iter([good, good, payload, good]), timeout=10):
+                got.append(resp)
+    finally:
+        ch.close()
+    assert len(got) == 2 and all(len(r.embeddings) == 1 for r in got)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    md = dict(ei.value.trailing_metadata())
+    assert md['akidb-error-code'] == 'INVALID_INPUT' and md['akidb-stream-index'] == '2'
+
+
+# ------------------------------------------------------------------------------ health Watch
+class _Switchable:
+    """The shared backend, with a readiness the test turns off and on."""
+
+    def __init__(self, backend):
+        self._backend = backend
+        self.is_ready = True
+
+    def ready(self):
+        return self.is_ready
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+def test_health_watch_sends_only_changes(local_backend):
+    backend = _Switchable(local_backend)
+    srv = GrpcServer(backend, host='127.0.0.1', port=0, health_poll_s=0.05).start()
+    ch = grpc.insecure_channel(f'127.0.0.1:{srv.port}')
+    got = []
+
+    def watch():
+        try:
+            for r in health_pb2_grpc.HealthStub(ch).Watch(
+                    health_pb2.HealthCheckRequest(service=''), timeout=3):
+                got.append(r.status)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    t = threading.Thread(target=watch)
+    try:
+        t.start()
+        time.sleep(0.8)                 # ~16 polls, nothing changes
+        backend.is_ready = False
+        time.sleep(0.6)
+        backend.is_ready = True
+        t.join(5)
+    finally:
+        ch.close()
+        srv.stop(grace_s=0)
+    S = health_pb2.HealthCheckResponse
+    assert got == [S.SERVING, S.NOT_SERVING, S.SERVING]
+
+
+def test_server_options(monkeypatch):
+    """``--grpc-max-streams`` / ``AKIDB_GRPC_MAX_STREAMS`` and ``--grpc-stream-idle`` /
+    ``AKIDB_GRPC_STREAM_IDLE_S`` reach the parsed arguments (defaults: half the pool, 60 s)."""
+    from akidb_ros.server import build_parser
+    for k in ('AKIDB_GRPC_MAX_STREAMS', 'AKIDB_GRPC_STREAM_IDLE_S'):
+        monkeypatch.delenv(k, raising=False)
+    args = build_parser().parse_args([])
+    assert args.grpc_max_streams is None and args.grpc_stream_idle == 60.0
+    args = build_parser().parse_args(['--grpc-max-streams', '3', '--grpc-stream-idle', '0'])
+    assert args.grpc_max_streams == 3 and args.grpc_stream_idle == 0.0
+    monkeypatch.setenv('AKIDB_GRPC_MAX_STREAMS', '5')
+    monkeypatch.setenv('AKIDB_GRPC_STREAM_IDLE_S', '12.5')
+    args = build_parser().parse_args([])
+    assert args.grpc_max_streams == 5 and args.grpc_stream_idle == 12.5
