@@ -1,12 +1,21 @@
 """Command-line clients of the embedding node (the ``ros2`` CLI is not on PyPI).
 
 ``akidb-embed "text" ["more text" ...] [--model ID] [--json]`` calls ``embed``;
-``akidb-models [--json] [--load ID | --unload ID]`` calls ``list_models`` (or load/unload).
-Both talk DDS: source ``scripts/dds_env.sh`` first so discovery stays on loopback, and use
-``--namespace`` (or ``--ros-args -r __ns:=/robot1``) when the node runs in a namespace.
+``akidb-models [--json] [--load ID | --unload ID [--load-timeout S]]`` calls ``list_models``
+(or load/unload). Both talk DDS: source ``scripts/dds_env.sh`` first so discovery stays on
+loopback, and use ``--namespace`` (or ``--ros-args -r __ns:=/robot1``) when the node runs in a
+namespace.
+
+``--timeout S`` (default 10) bounds the wait for a node offering the service, then the wait for
+its answer. A load or unload may take longer than a call (a model load takes seconds; the
+engine gives up on one after its ``timeouts.model_load_s``, 60 s by default): its answer is
+awaited ``--load-timeout`` seconds (default 90), and never less than ``--timeout``.
+Every wait must be a number of seconds > 0 and <= 86400; bad arguments (a bad wait, an empty
+model id, an invalid namespace, bad ``--ros-args``) are refused before any DDS traffic.
 
 Exit codes: 0 success, 1 the node answered with an error (``CODE: message`` on stderr),
-2 no node answered (not running, other ROS_DOMAIN_ID, or timeout).
+2 no node answered (not running, other ROS_DOMAIN_ID, or timeout) or bad arguments (usage
+message on stderr).
 """
 from __future__ import annotations
 
@@ -17,13 +26,23 @@ from typing import List, Optional
 
 import rclpy
 from rclpy.context import Context
+from rclpy.exceptions import InvalidNamespaceException
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import QoSProfile
 from rclpy.utilities import remove_ros_args
+from rclpy.validate_namespace import validate_namespace
 
 from akidb_ros.ros.conversions import embeddings_from_response
 from akidb_ros.ros.first_contact import FirstContact
 from akidb_ros.srv import Embed, ListModels, LoadModel, UnloadModel
+
+DEFAULT_TIMEOUT_S = 10.0
+# The engine abandons a load after timeouts.model_load_s (60 s by default) and the node then
+# answers MODEL_LOAD_FAILED: wait a little longer than that, so that answer is what is shown.
+DEFAULT_LOAD_TIMEOUT_S = 90.0
+MAX_TIMEOUT_S = 86400.0   # rclpy's waits overflow (or return at once) beyond ~9.2e9 s
+EPILOG = ('exit status: 0 success, 1 the node answered with an error (CODE: message on stderr), '
+          '2 no node answered in time, or bad arguments')
 
 
 def client_executor(kind: str, context: Context):
@@ -66,9 +85,14 @@ class EmbeddingClient:
             name = f'{self._base}/{name}'
         return FirstContact(self.node.create_client(srv_type, name, qos_profile=self._qos))
 
-    def call(self, service: str, request, timeout_s: float = 10.0):
-        """Call one of the node's own services (``embed``, ``list_models`` ...)."""
-        return self._wait(self.clients[service], request, timeout_s)
+    def call(self, service: str, request, timeout_s: float = 10.0,
+             discovery_s: Optional[float] = None):
+        """Call one of the node's own services (``embed``, ``list_models`` ...).
+
+        Waits ``discovery_s`` (default ``timeout_s``) for a node offering the service, then
+        ``timeout_s`` for its answer; raises :class:`NoAnswer` when either runs out.
+        """
+        return self._wait(self.clients[service], request, timeout_s, discovery_s)
 
     def call_service(self, srv_type, name: str, request, timeout_s: float = 10.0):
         """Call any service, e.g. the node's parameter or lifecycle services.
@@ -81,16 +105,31 @@ class EmbeddingClient:
             self._other_clients[key] = self._client(srv_type, name)
         return self._wait(self._other_clients[key], request, timeout_s)
 
-    def _wait(self, client: FirstContact, request, timeout_s: float):
-        if not client.wait_for_service(timeout_sec=timeout_s):
-            raise NoAnswer(f'no node offers {client.srv_name} (is it running, same '
-                           f'ROS_DOMAIN_ID, loopback DDS env sourced?)')
+    def _wait(self, client: FirstContact, request, timeout_s: float,
+              discovery_s: Optional[float] = None):
+        discovery_s = timeout_s if discovery_s is None else discovery_s
+        for name, value in (('timeout_s', timeout_s), ('discovery_s', discovery_s)):
+            # rclpy treats nan/<= 0 as "do not wait" and inf as "do not wait" or an overflow
+            if not (0.0 < value <= MAX_TIMEOUT_S):
+                raise ValueError(f'{name} must be > 0 and <= {MAX_TIMEOUT_S:g} s, not {value!r}')
+        name = self._resolved(client.srv_name)
+        if not client.wait_for_service(timeout_sec=discovery_s):
+            raise NoAnswer(f'no node offers {name} within {discovery_s:g} s (is it running, '
+                           f'same ROS_DOMAIN_ID, loopback DDS env sourced? discovering it can '
+                           f'take a new process a second or more)')
         future = client.call_async(request)
         self.executor.spin_until_future_complete(future, timeout_sec=timeout_s)
         if not future.done():
             client.forget(future)
-            raise NoAnswer(f'{client.srv_name} did not answer within {timeout_s:.1f} s')
+            raise NoAnswer(f'{name} did not answer within {timeout_s:g} s')
         return future.result()
+
+    def _resolved(self, srv_name: str) -> str:
+        """Return the full name of a service (for messages), e.g. ``embed`` -> ``/embed``."""
+        try:
+            return self.node.resolve_service_name(srv_name)
+        except Exception:   # only a message: never fail a call for it
+            return srv_name
 
     def embed(self, inputs: List[str], model: str = '', normalize: bool = True,
               truncate: bool = True, timeout_s: float = 10.0, input_type: str = ''):
@@ -110,15 +149,55 @@ class EmbeddingClient:
         self.close()
 
 
-def _split_args(argv: Optional[List[str]]):
+def _split_args(p: argparse.ArgumentParser, argv: Optional[List[str]]):
+    """Split ``argv`` into the CLI's own arguments and the ROS ones (for rclpy.init)."""
     argv = list(sys.argv if argv is None else argv)
     ros_args = argv[:1] + argv[argv.index('--ros-args'):] if '--ros-args' in argv else argv[:1]
-    return remove_ros_args(argv)[1:], ros_args
+    try:
+        return remove_ros_args(argv)[1:], ros_args
+    except Exception as exc:   # rclpy's RCLInvalidROSArgsError, UnknownROSArgsError
+        what = 'unknown ROS arguments' if type(exc).__name__ == 'UnknownROSArgsError' \
+            else 'invalid --ros-args'
+        p.error(f'{what}: {exc}')
+
+
+def _seconds(text: str) -> float:
+    """Parse a wait (argparse type): a finite number of seconds > 0 and <= MAX_TIMEOUT_S."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number of seconds') from None
+    if not (0.0 < value <= MAX_TIMEOUT_S):     # also refuses nan and inf
+        raise argparse.ArgumentTypeError(
+            f'{text!r}: must be a number of seconds > 0 and <= {MAX_TIMEOUT_S:g}')
+    return value
+
+
+def _model_id(text: str) -> str:
+    """Parse a model id of --load/--unload (argparse type): never empty or blank."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError('a model id must not be empty (see akidb-models)')
+    return text
+
+
+def _namespace(text: str) -> str:
+    """Parse --namespace (argparse type): '' or '/' (none), or a valid ROS namespace."""
+    ns = text.rstrip('/')
+    if ns:
+        try:
+            validate_namespace(ns if ns.startswith('/') else '/' + ns)
+        except InvalidNamespaceException as exc:
+            why = str(exc).splitlines()[0].replace('Invalid namespace: ', '').rstrip(':')
+            raise argparse.ArgumentTypeError(f'{text!r} is not a ROS namespace: {why}') from None
+    return ns
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument('--namespace', default='', help='namespace of the node (default: none)')
-    p.add_argument('--timeout', type=float, default=10.0, help='seconds to wait (default 10)')
+    p.add_argument('--namespace', default='', type=_namespace,
+                   help='namespace of the node, e.g. /robot1 (default: none)')
+    p.add_argument('--timeout', type=_seconds, default=DEFAULT_TIMEOUT_S, metavar='S',
+                   help=f'seconds to wait for a node offering the service, then for its answer '
+                        f'(default {DEFAULT_TIMEOUT_S:g}; > 0, <= {MAX_TIMEOUT_S:g})')
     p.add_argument('--json', action='store_true', help='print JSON')
 
 
@@ -132,8 +211,8 @@ def _fail(resp, as_json: bool) -> int:
 
 def embed_main(argv: Optional[List[str]] = None) -> int:
     """``akidb-embed``: embed texts with the node's ``embed`` service."""
-    args, ros_args = _split_args(argv)
-    p = argparse.ArgumentParser(prog='akidb-embed', description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(prog='akidb-embed', description=__doc__.split('\n')[0],
+                                epilog=EPILOG)
     p.add_argument('texts', nargs='+', help='text(s) to embed')
     p.add_argument('--model', default='', help='model id (default: the node default)')
     p.add_argument('--no-normalize', action='store_true', help='raw pooled vectors')
@@ -141,6 +220,7 @@ def embed_main(argv: Optional[List[str]] = None) -> int:
                    help='fail with INPUT_TOO_LONG instead of truncating long input')
     p.add_argument('--input-type', default='', choices=['', 'none', 'query', 'passage'])
     _common(p)
+    args, ros_args = _split_args(p, argv)
     opts = p.parse_args(args)
     try:
         with EmbeddingClient(opts.namespace, ros_args) as cli:
@@ -169,23 +249,35 @@ def embed_main(argv: Optional[List[str]] = None) -> int:
 
 def models_main(argv: Optional[List[str]] = None) -> int:
     """``akidb-models``: list the node's models, or load/unload one."""
-    args, ros_args = _split_args(argv)
-    p = argparse.ArgumentParser(prog='akidb-models', description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(prog='akidb-models', description=__doc__.split('\n')[0],
+                                epilog=EPILOG)
     g = p.add_mutually_exclusive_group()
-    g.add_argument('--load', metavar='ID', help='load (and warm) a model')
-    g.add_argument('--unload', metavar='ID', help='unload a model')
+    g.add_argument('--load', metavar='ID', type=_model_id, help='load (and warm) a model')
+    g.add_argument('--unload', metavar='ID', type=_model_id, help='unload a model')
+    p.add_argument('--load-timeout', type=_seconds, metavar='S',
+                   help=f'with --load/--unload: seconds to wait for the answer once a node is '
+                        f'found (a load takes seconds, and the engine gives up on one after its '
+                        f'timeouts.model_load_s, 60 by default; default {DEFAULT_LOAD_TIMEOUT_S:g}'
+                        f', never less than --timeout)')
     _common(p)
+    args, ros_args = _split_args(p, argv)
     opts = p.parse_args(args)
+    admin = opts.load is not None or opts.unload is not None
+    if opts.load_timeout is not None and not admin:
+        p.error('--load-timeout applies only to --load or --unload')
     try:
         with EmbeddingClient(opts.namespace, ros_args) as cli:
-            if opts.load or opts.unload:
-                service, srv = ('load_model', LoadModel) if opts.load else \
+            if admin:
+                service, srv = ('load_model', LoadModel) if opts.load is not None else \
                     ('unload_model', UnloadModel)
-                resp = cli.call(service, srv.Request(model=opts.load or opts.unload),
-                                max(opts.timeout, 60.0))
+                answer_s = max(opts.timeout, DEFAULT_LOAD_TIMEOUT_S if opts.load_timeout is None
+                               else opts.load_timeout)
+                # discovery is bounded by --timeout, the answer by the load wait
+                resp = cli.call(service, srv.Request(model=opts.load or opts.unload), answer_s,
+                                discovery_s=opts.timeout)
                 if not resp.success:
                     return _fail(resp, opts.json)
-                models, default = [resp.model_info], ''
+                models, default = [resp.model_info], None
                 if not opts.json:
                     print(resp.message)
             else:
@@ -198,8 +290,11 @@ def models_main(argv: Optional[List[str]] = None) -> int:
               'latency_p95_ms', 'throughput_qps', 'status', 'provider', 'pooling',
               'is_default', 'in_flight', 'error')
     if opts.json:
-        print(json.dumps({'default_model': default,
-                          'models': [{f: getattr(m, f) for f in fields} for m in models]}))
+        rows = [{f: getattr(m, f) for f in fields} for m in models]
+        # a load/unload answer names no default model: say what happened instead of a false ''
+        head = ({'success': True, 'message': resp.message} if default is None
+                else {'default_model': default})
+        print(json.dumps({**head, 'models': rows}))
         return 0
     print(f'{"id":<24} {"dim":>5} {"status":<12} {"provider":<26} {"p95 ms":>8} '
           f'{"qps":>8}  default')

@@ -4,20 +4,26 @@ Services (relative names, so namespaces and remaps apply): ``embed``, ``list_mod
 ``load_model``, ``unload_model``. Diagnostics on ``/diagnostics``.
 
 Lifecycle: ``configure`` builds the :class:`EmbeddingEngine` and loads (and warms) the default
-model; ``activate`` creates the services and serves; ``deactivate`` answers new calls with
-``UNAVAILABLE`` (services stay, so no caller hangs); ``cleanup``/``shutdown`` wait for the calls
-in flight, destroy the services and close the engine. Run directly, the node configures and
-activates itself (parameter ``autostart``, default true).
+model; ``activate`` creates the services (the first time) and serves; ``deactivate`` answers new
+calls with ``UNAVAILABLE``; ``cleanup``/``shutdown`` stop serving at once and close the engine on
+a helper thread (``engine.close`` answers every call it accepted). The services, once created,
+stay until the node is destroyed, so no caller hangs and no reply is sent on a destroyed
+service: out of the active state they answer ``UNAVAILABLE`` (``list_models``: the configured
+engine's models, none when unconfigured). Run directly, the node configures and activates
+itself (parameter ``autostart``, default true).
 
 Callbacks never block the executor: an ``Embed`` call is validated and submitted to the engine
 (``engine.submit`` returns a ``concurrent.futures.Future``) and the callback returns at once. The
 response is sent when the future resolves, from a responder thread (see
 :mod:`akidb_ros.ros.replies`, which also re-sends a reply DDS dropped on first contact). So
 concurrent calls reach the engine together and are batched, with no executor thread parked per
-call and no polling.
+call and no polling. A large call (over ``LARGE_CALL_CHARS`` characters) or one for a model that
+is not loaded is submitted from a helper thread instead: tokenising or loading never holds the
+executor.
 
-SIGINT/SIGTERM: stop accepting (new calls get ``UNAVAILABLE``), answer every call in flight,
-close the engine, exit 0.
+SIGINT/SIGTERM: stop accepting (new calls get ``UNAVAILABLE``), let the engine finish the calls
+in flight for up to ``shutdown_timeout_s`` from the signal, answer those still unfinished then
+``UNAVAILABLE``, exit 0.
 """
 from __future__ import annotations
 
@@ -30,12 +36,22 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Optional
 
+if __name__ == '__main__' or os.path.basename(sys.argv[0]) == 'embedding_node':
+    # Started as the node's executable. The imports below take about half a second; a SIGINT
+    # or SIGTERM meanwhile ends the process at once, quietly, with 0: nothing has started yet.
+    # run() installs the graceful handlers before it starts anything.
+    if threading.current_thread() is threading.main_thread():
+        for _sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(_sig, lambda signum, frame: os._exit(0))
+        del _sig
+
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.logging import LoggingSeverity
 from rclpy.qos import QoSProfile
 from rclpy.signals import SignalHandlerOptions
 
@@ -49,6 +65,14 @@ from akidb_ros.ros.replies import Deferred, DeferringService, Responder
 from akidb_ros.srv import Embed, ListModels, LoadModel, UnloadModel
 
 NODE_NAME = 'embedding_node'
+# An Embed call with more characters than this (all inputs together) is submitted from a helper
+# thread: tokenising it would hold the executor (about 1 ms per 5,000 characters on the 2-core
+# development machine; a 256 x 32,000-character call held every service for 1.7 s). Calls of a
+# few sentences stay on the executor's fast path.
+LARGE_CALL_CHARS = 4096
+# Large calls waiting for a helper thread; one more is refused OVERLOADED (each holds its text).
+MAX_LARGE_WAITING = 16
+_DEBUG = LoggingSeverity.DEBUG
 
 
 def process_uptime_s() -> float:
@@ -81,7 +105,13 @@ class EmbeddingNode(LifecycleNode):
         self._shutting_down = False
         self._cb = ReentrantCallbackGroup()
         self._diag_cb = MutuallyExclusiveCallbackGroup()
+        self._log = self.get_logger()
+        # model loads (load_model, calls for a model not loaded yet) and large calls' tokenising
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix='akidb-ros-admin')
+        self._prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix='akidb-ros-prep')
+        self._large_waiting = 0
+        self._closers = []              # (engine, thread) closing engines the node let go of
+        self._closers_lock = threading.Lock()
         self.responder = Responder(self.get_logger(),
                                    self.get_parameter('resend_window_s').value)
         self._stats_lock = threading.Lock()
@@ -191,97 +221,219 @@ class EmbeddingNode(LifecycleNode):
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._teardown()
+        self._release_engine('cleanup')
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._teardown()
+        self._release_engine('shutdown')
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._teardown()
+        self._release_engine('error')
         return TransitionCallbackReturn.SUCCESS
 
-    def _teardown(self) -> None:
-        """Stop serving, answer what is in flight, destroy services, close the engine."""
+    def _release_engine(self, why: str) -> None:
+        """Stop serving at once and let the engine go; never blocks the executor.
+
+        An engine the node owns is closed on a helper thread: ``engine.close`` finishes (or fails
+        ``UNAVAILABLE``) every call it accepted, and the responder sends those replies on the
+        services, which stay up (answering ``UNAVAILABLE``) for the node's lifetime.
+        """
         self._serving = False
+        engine, self.engine = self.engine, None
+        if engine is not None and engine is not self._external_engine:
+            self._close_engine(engine)
+        if engine is not None and not self._shutting_down:
+            self._log.info(f'{why}: not serving; calls in flight are answered as they finish')
+
+    def _close_engine(self, engine: EmbeddingEngine) -> None:
+        """Close ``engine`` on a helper thread (once), bounded by ``shutdown_timeout_s``."""
         timeout = self.get_parameter('shutdown_timeout_s').value
-        if self.engine is not None and self.engine is not self._external_engine:
-            self.engine.close(timeout=timeout)      # finishes (or fails) everything accepted
-        if not self.responder.wait_idle(timeout=max(1.0, timeout)):
-            self.get_logger().warning(f'{self.responder.outstanding} responses still pending')
-        for srv in self._ak_services:
-            self.destroy_service(srv)
-        self._ak_services = []
-        self.engine = None
+        with self._closers_lock:
+            if any(e is engine for e, _ in self._closers):
+                return
+            thread = threading.Thread(target=self._run_close, args=(engine, timeout),
+                                      name='akidb-ros-close', daemon=True)
+            self._closers.append((engine, thread))
+            thread.start()
+
+    def _run_close(self, engine: EmbeddingEngine, timeout: float) -> None:
+        try:
+            engine.close(timeout=timeout)
+        except Exception as exc:
+            self._log.error(f'closing the engine failed: {exc!r}')
+
+    @property
+    def closing(self) -> bool:
+        """True while an engine the node let go of is still being closed (answering calls)."""
+        with self._closers_lock:
+            self._closers = [(e, t) for e, t in self._closers if t.is_alive()]
+            return bool(self._closers)
+
+    def idle(self) -> bool:
+        """Every accepted call has been answered and every released engine is closed."""
+        return self.responder.outstanding == 0 and not self.closing
+
+    @property
+    def lifecycle_state(self) -> str:
+        """Label of the current lifecycle state ('unconfigured', 'active', 'finalized', ...)."""
+        return self._state_machine.current_state[1]
 
     def begin_shutdown(self) -> None:
-        """First step of a signal shutdown: refuse new calls (UNAVAILABLE) from now on."""
+        """First step of a signal shutdown: refuse new calls (UNAVAILABLE) from now on.
+
+        An engine the node owns starts closing now (it finishes the calls it accepted); it stays
+        attached, so ``list_models`` still answers until the ``shutdown`` transition.
+        """
         self._shutting_down = True
         self._serving = False
+        engine = self.engine
+        if engine is not None and engine is not self._external_engine:
+            self._close_engine(engine)
+
+    def finish_calls(self, timeout: float,
+                     spin: Optional[Callable[[float], None]] = None) -> int:
+        """Wait up to ``timeout`` s until :meth:`idle`, then answer the calls still unfinished.
+
+        Those get ``UNAVAILABLE`` (their engine work, if any, is abandoned). ``spin(seconds)``
+        keeps the executor turning meanwhile, when the caller's thread is the one spinning it.
+        Returns how many calls were cut short.
+        """
+        def wait(cond: Callable[[], bool], until: float) -> bool:
+            while not cond():
+                left = until - time.monotonic()
+                if left <= 0:
+                    return False
+                (spin or time.sleep)(min(left, 0.02))
+            return True
+
+        if wait(self.idle, time.monotonic() + timeout):
+            return 0
+        cut = self.responder.expire(EngineError(
+            ErrorCode.UNAVAILABLE, 'the node stopped before this call finished '
+            f'(shutdown_timeout_s={timeout:g})', retry_after_s=1.0))
+        # the responder thread sends those at once; re-sends still pending are given up later
+        wait(lambda: self.responder.outstanding == 0, time.monotonic() + 0.5)
+        return cut
 
     # --- services --------------------------------------------------------------------------
-    def _refusal(self) -> Optional[EngineError]:
+    def _refusal(self, engine: Optional[EmbeddingEngine]) -> Optional[EngineError]:
+        # ``engine``: read once by the caller (a transition may let it go meanwhile)
         if self._shutting_down:
             return EngineError(ErrorCode.UNAVAILABLE, 'embedding node is shutting down',
                                retry_after_s=1.0)
-        if not self._serving or self.engine is None:
+        if not self._serving or engine is None:
             return EngineError(ErrorCode.UNAVAILABLE, 'embedding node is not active',
                                retry_after_s=1.0)
         return None
 
-    def _submit(self, engine: EmbeddingEngine, req) -> Future:
+    def _submit(self, engine: EmbeddingEngine, req, span=None) -> Future:
         """engine.submit without blocking the executor on a (lazy) model load."""
         try:
-            # validates + tokenises: sub-millisecond; never loads here (load=False), so a model
-            # evicted or unloaded a moment ago cannot hold the executor for a whole load
-            return engine.submit(req, load=False)
+            # validates + tokenises a small call: sub-millisecond; never loads here (load=False),
+            # so a model evicted or unloaded a moment ago cannot hold the executor for a load
+            if span is None:
+                return engine.submit(req, load=False)
+            return _in_span(span, lambda: engine.submit(req, load=False))
         except ModelNotLoaded:
             pass                  # nothing was admitted: load it on the pool, answer later
+        return self._off_executor(self._pool, engine, req, span)
+
+    def _submit_large(self, engine: EmbeddingEngine, req, span=None) -> Future:
+        """Submit a large call from a helper thread (tokenising it would hold the executor)."""
+        with self._stats_lock:
+            waiting = self._large_waiting
+            if waiting >= MAX_LARGE_WAITING:
+                raise EngineError(ErrorCode.OVERLOADED,
+                                  f'{waiting} large calls are already waiting to be tokenised',
+                                  retry_after_s=1.0)
+            self._large_waiting += 1
+
+        def started() -> None:
+            with self._stats_lock:
+                self._large_waiting -= 1
+        return self._off_executor(self._prep_pool, engine, req, span, started)
+
+    def _off_executor(self, pool: ThreadPoolExecutor, engine: EmbeddingEngine, req, span=None,
+                      started: Optional[Callable[[], None]] = None) -> Future:
+        """``engine.submit`` (loading the model if need be) on a ``pool`` thread."""
         outer: Future = Future()
 
-        def cold():
+        def submit():
+            if started is not None:
+                started()
             try:
-                inner = engine.submit(req)
+                inner = engine.submit(req) if span is None else _in_span(
+                    span, engine.submit, req)
             except BaseException as exc:
                 outer.set_exception(exc)
                 return
             inner.add_done_callback(lambda f: _chain(f, outer))
-        self._pool.submit(cold)
+        try:
+            pool.submit(submit)
+        except BaseException:
+            if started is not None:
+                started()
+            raise
         return outer
 
     def _on_embed(self, request, response):
         t0 = time.perf_counter()
         span = _start_span(request) if request.traceparent else None
+        rid, model = request.request_id, request.model
         try:
-            refusal = self._refusal()
+            engine = self.engine
+            refusal = self._refusal(engine)
             if refusal:
                 raise refusal
-            engine = self.engine
             req = conv.embed_request_from_msg(request)
-            fut = self._submit(engine, req) if span is None else _in_span(
-                span, self._submit, engine, req)
+            if sum(map(len, req.inputs)) > LARGE_CALL_CHARS:
+                fut = self._submit_large(engine, req, span)
+            else:
+                fut = self._submit(engine, req, span)
         except Exception as exc:
-            return self._embed_failed(response, exc, t0, span)
+            return self._embed_failed(response, exc, t0, span, rid, model)
 
         def build(f: Future):
             try:
                 conv.fill_embed_response(response, f.result())
             except Exception as exc:
-                return self._embed_failed(response, exc, t0, span)
+                return self._embed_failed(response, exc, t0, span, rid, model)
             response.duration_ms = (time.perf_counter() - t0) * 1000.0
             self._record(response.model, None, t0)
+            if self._log.is_enabled_for(_DEBUG):
+                self._log.debug(
+                    f'embed ok: request_id={rid[:128]!r} model={response.model} '
+                    f'inputs={len(response.embeddings)} tokens={response.total_tokens} '
+                    f'latency_ms={response.duration_ms:.1f}')
             _end_span(span, None)
             return response
         return Deferred(fut, build)
 
-    def _embed_failed(self, response, exc: BaseException, t0: float, span=None):
+    def _embed_failed(self, response, exc: BaseException, t0: float, span=None,
+                      request_id: str = '', model: str = ''):
         err = exc if isinstance(exc, EngineError) else _internal(self, exc)
         conv.fill_error(response, err)
         response.duration_ms = (time.perf_counter() - t0) * 1000.0
         self._record('', err, t0)
+        self._log_failure(err, f'embed failed: request_id={request_id[:128]!r} '
+                          f'model={model.strip()[:128] or "(default)"!r}',
+                          response.duration_ms)
         _end_span(span, err)
         return response
+
+    def _log_failure(self, err: EngineError, what: str, latency_ms: float) -> None:
+        """One line per failed call, at its code's level in the error table (errors.py)."""
+        message = err.message if len(err.message) <= 300 else err.message[:297] + '...'
+        line = f'{what} code={err.code.name} latency_ms={latency_ms:.1f}: {message}'
+        # one call site per severity: rclpy's logger refuses a site that changes severity
+        level = err.code.log_level
+        if level == 'error':
+            self._log.error(line)
+        elif level == 'warning':
+            self._log.warning(line)
+        else:
+            self._log.info(line)
 
     def _record(self, model: str, err: Optional[EngineError], t0: float) -> None:
         """Door metrics (transport 'ros'); model labels stay bounded to known ids."""
@@ -310,18 +462,19 @@ class EmbeddingNode(LifecycleNode):
         return response
 
     def _admin(self, op: str, request, response):
+        t0 = time.perf_counter()
+        model = request.model.strip()
         try:
-            refusal = self._refusal()
+            engine = self.engine
+            refusal = self._refusal(engine)
             if refusal:
                 raise refusal
-            engine = self.engine
-            model = request.model.strip()
             if not model:
                 raise EngineError(ErrorCode.INVALID_INPUT, 'model must not be empty')
             fn = engine.load_model if op == 'load' else engine.unload_model
             fut = self._pool.submit(fn, model)
         except Exception as exc:
-            return _admin_failed(self, response, exc)
+            return self._admin_failed(op, model, response, exc, t0)
 
         def build(f: Future):
             try:
@@ -331,9 +484,16 @@ class EmbeddingNode(LifecycleNode):
                 response.message = f'{model} {op}ed'
                 self.get_logger().info(response.message)
             except Exception as exc:
-                _admin_failed(self, response, exc)
+                self._admin_failed(op, model, response, exc, t0)
             return response
         return Deferred(fut, build)
+
+    def _admin_failed(self, op: str, model: str, response, exc: BaseException, t0: float):
+        err = exc if isinstance(exc, EngineError) else _internal(self, exc)
+        conv.fill_error(response, err)
+        self._log_failure(err, f'{op}_model failed: model={model[:128]!r}',
+                          (time.perf_counter() - t0) * 1000.0)
+        return response
 
     def _on_load_model(self, request, response):
         return self._admin('load', request, response)
@@ -353,7 +513,8 @@ class EmbeddingNode(LifecycleNode):
                   'calls_ok': str(self.calls_ok), 'calls_failed': str(self.calls_failed)}
         engine = self.engine
         if engine is None:
-            st.level, st.message = DiagnosticStatus.WARN, 'not configured'
+            st.level, st.message = DiagnosticStatus.WARN, (
+                'shutting down' if self._shutting_down else 'not configured')
         else:
             try:
                 h = engine.health()
@@ -390,8 +551,9 @@ class EmbeddingNode(LifecycleNode):
         # also called by the context on a node whose __init__ failed half-way
         if getattr(self, 'responder', None) is not None:
             self.responder.stop()
-        if getattr(self, '_pool', None) is not None:
-            self._pool.shutdown(wait=False)
+        for pool in (getattr(self, '_pool', None), getattr(self, '_prep_pool', None)):
+            if pool is not None:
+                pool.shutdown(wait=False)
         if getattr(self, '_metrics_server', None) is not None:
             try:
                 self._metrics_server[0].shutdown()
@@ -478,11 +640,6 @@ def _internal(node: EmbeddingNode, exc: BaseException) -> EngineError:
     return EngineError(ErrorCode.INTERNAL, f'internal error: {type(exc).__name__}: {exc}')
 
 
-def _admin_failed(node: EmbeddingNode, response, exc: BaseException):
-    err = exc if isinstance(exc, EngineError) else _internal(node, exc)
-    return conv.fill_error(response, err)
-
-
 class _Stop:
     """Turns SIGINT/SIGTERM into an event (rclpy's own handlers would kill calls in flight)."""
 
@@ -540,7 +697,7 @@ class InProcessNode:
         if not self._running:
             return
         self.node.begin_shutdown()
-        self.node.responder.wait_idle(timeout)
+        self.node.finish_calls(timeout)     # the executor keeps spinning in its thread
         self._running = False
         self._thread.join(timeout=5.0)
         try:
@@ -601,26 +758,27 @@ def run(args=None) -> int:
                           flush=True)
             while rc == 0 and rclpy.ok() and not stop.event.is_set():
                 executor.spin_once(timeout_sec=0.1)
-            # Graceful stop: refuse new calls, finish accepted ones, keep answering meanwhile.
+            # Graceful stop, one budget from the signal: refuse new calls, let the engine finish
+            # the accepted ones (engines released by earlier cleanups too) and keep answering
+            # meanwhile; at the deadline answer the calls still unfinished UNAVAILABLE.
             t_stop = time.monotonic()
             node.begin_shutdown()
-            if node.engine is not None:
-                timeout = node.get_parameter('shutdown_timeout_s').value
-                closer = threading.Thread(target=node.engine.close, args=(timeout,),
-                                          name='akidb-ros-close', daemon=True)
-                closer.start()
-                _spin_until(executor, lambda: not closer.is_alive()
-                            and node.responder.outstanding == 0, timeout + 2.0)
+            cut = node.finish_calls(node.get_parameter('shutdown_timeout_s').value,
+                                    spin=lambda s: executor.spin_once(timeout_sec=s))
             # Answer calls still in transit (UNAVAILABLE) for a moment, then go.
             _spin_until(executor, lambda: False, 0.1)
+            node.responder.stop()       # sends what is queued; re-sends still due are given up
             if stop.signame:
                 log.info(f'{stop.signame}: stopped in {time.monotonic() - t_stop:.2f} s '
-                         f'({node.calls_ok} calls answered ok, {node.calls_failed} failed)')
+                         f'({node.calls_ok} calls answered ok, {node.calls_failed} failed'
+                         f'{f", {cut} of them cut short by shutdown_timeout_s" if cut else ""}'
+                         f', {node.responder.undelivered} replies undelivered)')
         except (KeyboardInterrupt, ExternalShutdownException):
             forced = True
             log.warning('interrupted again: exiting without waiting for calls in flight')
         finally:
-            if not forced:
+            # (a node a lifecycle manager already shut down is 'finalized': nothing to do)
+            if not forced and node.lifecycle_state in ('unconfigured', 'inactive', 'active'):
                 try:
                     node.trigger_shutdown()
                 except Exception as exc:

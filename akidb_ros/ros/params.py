@@ -21,6 +21,9 @@ from akidb_ros.engine.config import DEVICES   # the engine's list is the one sou
 
 INT_MAX = 2 ** 31 - 1
 EXECUTORS = ('multi_threaded', 'events')
+# Shortest /diagnostics period: the timer runs on the node's executor, and a period of
+# microseconds would keep it (and a core) busy publishing.
+MIN_DIAGNOSTICS_PERIOD_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -105,8 +108,10 @@ PARAMS: List[ParamSpec] = [
     # --- node ---
     ParamSpec('autostart', True, 'Configure and activate at start (False: wait for lifecycle '
               'transitions, e.g. from a lifecycle manager)', read_only=True),
-    ParamSpec('diagnostics_period_s', 1.0, 'Period of /diagnostics (0 = off); applies at once',
-              range=(0.0, 3600.0)),
+    ParamSpec('diagnostics_period_s', 1.0, 'Period of /diagnostics (0 = off, else at least '
+              f'{MIN_DIAGNOSTICS_PERIOD_S} s); applies at once',
+              range=(0.0, 3600.0),
+              constraints=f'0 (off) or {MIN_DIAGNOSTICS_PERIOD_S}..3600'),
     ParamSpec('metrics_port', 0, 'Prometheus /metrics port (0 = off)', range=(0, 65535),
               read_only=True),
     ParamSpec('metrics_address', '127.0.0.1', 'Address the metrics server binds',
@@ -123,7 +128,9 @@ PARAMS: List[ParamSpec] = [
               'discovery yet) is sent again before it is given up and logged (0 = never '
               'again); applies at once',
               range=(0.0, 60.0)),
-    ParamSpec('shutdown_timeout_s', 10.0, 'On SIGINT/SIGTERM: longest wait for calls in flight',
+    ParamSpec('shutdown_timeout_s', 10.0, 'On SIGINT/SIGTERM: how long, from the signal, calls in '
+              'flight may take to finish (then they are answered UNAVAILABLE); also bounds the '
+              'wait of an engine closed by cleanup/shutdown for its calls',
               range=(0.0, 600.0)),
 ]
 
@@ -141,6 +148,10 @@ def validate_value(name: str, value: Any) -> Optional[str]:
         return f"executor must be one of {', '.join(EXECUTORS)} (got {value!r})"
     if name == 'device' and value not in ('',) + DEVICES:
         return f"device must be one of '', {', '.join(DEVICES)} (got {value!r})"
+    if name == 'diagnostics_period_s' and isinstance(value, (int, float)) \
+            and 0 < value < MIN_DIAGNOSTICS_PERIOD_S:
+        return (f'diagnostics_period_s must be 0 (off) or in range '
+                f'{MIN_DIAGNOSTICS_PERIOD_S}..3600 (got {value})')
     spec = PARAMS_BY_NAME.get(name)
     if spec is not None and spec.engine_key and spec.range is not None \
             and isinstance(value, (int, float)) and value != spec.unset and value < 0:

@@ -13,7 +13,13 @@ a client whose QoS can never match). The client would then wait out its own time
 answer that was computed. So every reply of our services goes through :func:`send_reply`, which
 turns that one warning into a ``False`` result, and the responder sends the reply again, with
 backoff, until it is delivered or ``resend_window_s`` has passed. A reply given up is logged as
-an error and counted (``akidb_ros_replies_undelivered_total``), never lost silently.
+an error and counted (``akidb_ros_replies_undelivered_total``), never lost silently; so is one
+that cannot be sent at all (a service handle already destroyed): a failed send never raises
+into the executor.
+
+Deadlines: :meth:`Responder.expire` answers every deferred call whose future has not resolved
+yet with an error (the node's shutdown budget); the future's own answer, if it comes later, is
+dropped, so each call is answered exactly once.
 """
 from __future__ import annotations
 
@@ -86,6 +92,15 @@ class Deferred:
         self.build = build
 
 
+class _Call:
+    """A deferred call: what to build and where to send it."""
+
+    __slots__ = ('deferred', 'header', 'service')
+
+    def __init__(self, deferred: Deferred, header, service: Service):
+        self.deferred, self.header, self.service = deferred, header, service
+
+
 class _Resend:
     __slots__ = ('service', 'name', 'response', 'header', 'give_up_at', 'gap', 'tries')
 
@@ -112,11 +127,12 @@ class Responder:
         self.resend_window_s = resend_window_s
         self._lock = threading.Condition()
         self._outstanding = 0
+        self._waiting: set = set()      # deferred calls whose future has not resolved yet
         self._resends: list = []        # heap of (due, seq, _Resend)
         self._seq = itertools.count()
         self._stopping = False
         self.resent = 0                 # replies delivered on a later try
-        self.undelivered = 0            # replies given up
+        self.undelivered = 0            # replies given up, or that could not be sent at all
         self._thread = threading.Thread(target=self._run, name='akidb-ros-responder',
                                         daemon=True)
         self._resender = threading.Thread(target=self._run_resends,
@@ -130,14 +146,47 @@ class Responder:
         return self._outstanding
 
     def defer(self, deferred: Deferred, header, service: Service) -> None:
-        """Send ``deferred``'s reply once its future resolves."""
+        """Send ``deferred``'s reply once its future resolves (or :meth:`expire` answers it)."""
+        call = _Call(deferred, header, service)
         with self._lock:
             self._outstanding += 1
-        deferred.future.add_done_callback(lambda _f: self._q.put((deferred, header, service)))
+            self._waiting.add(call)
+        deferred.future.add_done_callback(lambda f: self._resolved(call, f))
+
+    def _resolved(self, call: _Call, future: Future) -> None:
+        with self._lock:
+            if call not in self._waiting:
+                return                  # already answered by expire()
+            self._waiting.discard(call)
+        self._q.put((call, future))
+
+    def expire(self, error: BaseException) -> int:
+        """Answer every deferred call still waiting for its future with ``error``.
+
+        Each call's own ``build`` turns the error into its response (as if its future had
+        failed with it); the replies are sent by the responder thread, after those already
+        queued. Returns how many calls were expired.
+        """
+        with self._lock:
+            calls = list(self._waiting)
+            self._waiting.clear()
+        for call in calls:
+            failed: Future = Future()
+            failed.set_exception(error)
+            self._q.put((call, failed))
+        return len(calls)
 
     def send_now(self, service: Service, response, header) -> None:
-        """Send a reply that is ready (on the caller's thread); re-send it later if dropped."""
-        if not send_reply(service, response, header):
+        """Send a reply that is ready (on the caller's thread); re-send it later if dropped.
+
+        Never raises: a reply that cannot be sent at all is logged and counted as undelivered.
+        """
+        try:
+            delivered = send_reply(service, response, header)
+        except Exception as exc:  # a destroyed service handle, a vanished client
+            self.undeliverable(service, exc)
+            return
+        if not delivered:
             with self._lock:
                 self._outstanding += 1
             self._dropped(service, response, header)
@@ -172,15 +221,26 @@ class Responder:
             item = self._q.get()
             if item is None:
                 return
-            deferred, header, service = item
+            call, future = item
             try:
-                response = deferred.build(deferred.future)
-                if not send_reply(service, response, header):
-                    self._dropped(service, response, header)
+                response = call.deferred.build(future)
+                if not send_reply(call.service, response, call.header):
+                    self._dropped(call.service, response, call.header)
                     continue                    # _dropped ends it, now or after re-sends
             except Exception as exc:  # a vanished client or a destroyed service
-                self._logger.warning(f'could not send a response: {exc!r}')
+                self.undeliverable(call.service, exc)
             self._done()
+
+    def undeliverable(self, service: Service, exc: BaseException) -> None:
+        """Report a reply that could not be sent at all: logged and counted, never raised."""
+        name = _service_name(service)
+        with self._lock:
+            self.undelivered += 1
+        try:
+            M.ROS_REPLIES_UNDELIVERED.labels(name).inc()
+        except Exception:  # metrics must never fail a reply
+            pass
+        self._logger.error(f'{name}: reply not delivered: could not send it: {exc!r}')
 
     def _dropped(self, service: Service, response, header) -> None:
         item = _Resend(service, response, header, self.resend_window_s)
@@ -222,7 +282,7 @@ class Responder:
         try:
             delivered = send_reply(item.service, item.response, item.header)
         except Exception as exc:  # a destroyed service
-            self._logger.warning(f'could not send a response: {exc!r}')
+            self.undeliverable(item.service, exc)
             self._done()
             return
         name = item.name
@@ -259,7 +319,11 @@ class DeferringService(Service):
     responder: Optional[Responder] = None
 
     def send_response(self, response, header) -> None:
-        if isinstance(response, Deferred):
-            self.responder.defer(response, header, self)
-        else:
-            self.responder.send_now(self, response, header)
+        # Called by the executor: nothing may raise out of here (it would end the spin loop).
+        try:
+            if isinstance(response, Deferred):
+                self.responder.defer(response, header, self)
+            else:
+                self.responder.send_now(self, response, header)
+        except Exception as exc:
+            self.responder.undeliverable(self, exc)

@@ -172,6 +172,55 @@ def test_long_input_truncated_by_default(client):
     assert resp.success and resp.truncated_inputs == 1 and len(resp.embeddings) == 2
 
 
+def test_a_large_call_does_not_hold_the_node(client):
+    """A legal 256 x 32,000-character call is tokenised off the executor: the node answers
+    other calls meanwhile (tokenised on the executor, it held every service for ~1.7 s)."""
+    # an answered call first: a client's first request is sent again after 0.5 s if unanswered
+    # (first_contact.py), and each copy of this one is 8 MB for the client to send
+    assert embed(client, ['warm']).success
+    big = Embed.Request(inputs=['word ' * 6400] * 256, truncate=False, timeout_s=120.0)
+    fut = client.clients['embed'].call_async(big)
+    answered_at = []
+    fut.add_done_callback(lambda f: answered_at.append(time.perf_counter()))
+    probes = []                 # when each list_models answer came back
+    deadline = time.monotonic() + 120
+    while not fut.done() and time.monotonic() < deadline:
+        client.call('list_models', ListModels.Request())
+        probes.append(time.perf_counter())
+    client.executor.spin_until_future_complete(fut, timeout_sec=120)
+    resp = fut.result()
+    # every input was tokenised (none fits 256 tokens), then the call failed: no inference
+    assert (resp.success, resp.error_code) == (False, 'INPUT_TOO_LONG'), resp.message
+    # The node spent duration_ms on the call, nearly all of it tokenising; list_models calls
+    # answered inside that window show the executor was free. (Not the longest round trip:
+    # the 8 MB request's UDP burst can cost a datagram and a repair of a second or more.)
+    busy_s = resp.duration_ms / 1000.0
+    assert busy_s > 0.3, f'the call took {busy_s:.2f} s: too fast to tell'
+    start, end = answered_at[0] - busy_s + 0.05, answered_at[0] - 0.05
+    during = [t for t in probes if start <= t <= end]
+    gaps = sorted(((b - a, a - answered_at[0]) for a, b in zip(probes, probes[1:])),
+                  reverse=True)[:3]
+    assert len(during) >= 10, (f'{len(during)} list_models answered during the {busy_s:.2f} s '
+                               f'the node spent on the large call ({len(probes)} in all; '
+                               f'longest gaps, s (gap, start relative to its answer): {gaps})')
+
+
+def test_failed_calls_are_logged_with_their_request_id(client, node):
+    """request_id is echoed into the node's log: failures at their code's level (INFO for a
+    caller's mistake), successes only at DEBUG (not at the default INFO level)."""
+    bad = client.call('embed', Embed.Request(inputs=['   '], request_id='rid-bad-7'))
+    assert bad.error_code == 'INVALID_INPUT'
+    assert client.call('embed', Embed.Request(inputs=['hi'], request_id='rid-ok-7')).success
+    deadline = time.monotonic() + 10
+    while not any('rid-bad-7' in ln for ln in node.lines) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (line,) = [ln for ln in node.lines if 'rid-bad-7' in ln]
+    assert line.startswith('[INFO]') and 'embed failed' in line, line
+    assert "model='(default)'" in line and 'code=INVALID_INPUT' in line, line
+    assert re.search(r'latency_ms=\d+\.\d', line), line
+    assert not any('rid-ok-7' in ln for ln in node.lines)
+
+
 def test_concurrent_clients_match_single_calls_and_batch(client, metrics_port):
     """16 clients at once get the same vectors as single calls, and the engine batches them."""
     single = {s: embeddings_from_response(embed(client, [s]))[0] for s in SENTENCES}
@@ -269,7 +318,8 @@ def _set(client, **params):
 
 @pytest.mark.parametrize('name,value', [
     ('batching__max_batch_size', 5000), ('batching__max_batch_size', -3),
-    ('diagnostics_period_s', -1.0), ('queue__capacity', 2_000_000),
+    ('diagnostics_period_s', -1.0), ('diagnostics_period_s', 1e-6),
+    ('diagnostics_period_s', 0.05), ('queue__capacity', 2_000_000),
     ('batching__max_wait_ms', 5000.0), ('resend_window_s', 100.0)])
 def test_out_of_range_parameter_refused(client, name, value):
     (res,) = _set(client, **{name: value})
@@ -288,6 +338,8 @@ def test_parameter_checks(client):
     (res,) = _set(client, batching__max_wait_ms=-1.0)
     assert res.successful
     (res,) = _set(client, batching__max_batch_size=16)      # in range: accepted
+    assert res.successful
+    (res,) = _set(client, diagnostics_period_s=0.0)          # 0 = off
     assert res.successful
     (res,) = _set(client, diagnostics_period_s=1.0)
     assert res.successful

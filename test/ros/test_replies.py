@@ -170,3 +170,62 @@ def test_deferring_service_routes_both_kinds_of_reply(log):
         fut.set_result(None)
         assert responder.wait_idle(5.0)
         assert [h for _, h in srv.handle.sent] == ['b', 'a']
+
+
+class _DestroyedHandle(_Handle):
+    """A handle whose destruction was requested: rclpy refuses to use it (``InvalidHandle``)."""
+
+    def __enter__(self):
+        from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
+        raise _rclpy.InvalidHandle('cannot use Destroyable because destruction was requested')
+
+
+def _destroyed_service():
+    srv = _Service(drops=0)
+    srv.handle = _DestroyedHandle(0)
+    return srv
+
+
+def test_a_reply_to_a_destroyed_service_never_raises_and_is_counted(log):
+    """The executor sends a ready reply for a request taken just before its service was
+    destroyed: nothing may raise out of the executor (it ended the node's spin loop)."""
+    with _responder(log) as responder:
+        srv = _destroyed_service()
+        srv.responder = responder
+        DeferringService.send_response(srv, Embed.Response(), 'a')          # ready reply
+        fut = Future()
+        DeferringService.send_response(srv, Deferred(fut, lambda f: Embed.Response()), 'b')
+        fut.set_result(None)                                                 # deferred reply
+        assert responder.wait_idle(5.0)
+        assert responder.undelivered == 2
+        errors = [m for level, m in log.lines if level == 'error']
+        assert len(errors) == 2 and all('not delivered' in m and 'InvalidHandle' in m
+                                        for m in errors), errors
+
+
+def test_expire_answers_unfinished_calls_once_with_the_error(log):
+    with _responder(log) as responder:
+        srv = _Service(drops=0)
+        built = []
+
+        def build(f):
+            try:
+                f.result()
+                built.append('result')
+                return Embed.Response(success=True)
+            except Exception as exc:
+                built.append(str(exc))
+                return Embed.Response(success=False, error_code='UNAVAILABLE')
+        done, pending = Future(), Future()
+        responder.defer(Deferred(done, build), 'done', srv)
+        responder.defer(Deferred(pending, build), 'pending', srv)
+        done.set_result(None)
+        assert _wait(lambda: len(srv.handle.sent) == 1)
+        assert responder.expire(RuntimeError('stopped')) == 1        # only the unfinished one
+        assert responder.wait_idle(5.0)
+        pending.set_result(None)                 # its late answer is not sent a second time
+        time.sleep(0.1)
+        assert [(h, r.success) for r, h in srv.handle.sent] == [('done', True),
+                                                                ('pending', False)]
+        assert built == ['result', 'stopped'] and responder.outstanding == 0
+        assert responder.expire(RuntimeError('again')) == 0

@@ -1,14 +1,21 @@
-"""Start-up and shutdown of the node: cold start, SIGINT/SIGTERM when idle, SIGTERM under load."""
+"""Start-up and shutdown of the node: cold start, SIGINT/SIGTERM when idle, SIGTERM under load,
+lifecycle transitions under load."""
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
-from ros_support import NodeProcess
+from lifecycle_msgs.msg import State, Transition
+from lifecycle_msgs.srv import ChangeState, GetState
+from ros_support import call, NodeProcess, PARAMS_FILE, ROOT
 
 from akidb_ros.ros.cli import EmbeddingClient
 from akidb_ros.ros.loadgen import ConcurrentCaller
-from akidb_ros.srv import Embed
+from akidb_ros.srv import Embed, ListModels
 
 COLD_START_LIMIT_S = 10.0      # PRD: cold start to ready on the default model
 IDLE_STOP_LIMIT_S = 1.0        # PRD: exit within 1 s of SIGINT/SIGTERM when idle
@@ -98,6 +105,178 @@ def test_sigterm_under_load_answers_every_accepted_call():
         node.stop()
 
 
+def _change(client, ns: str, transition: int) -> bool:
+    return call(client, ChangeState, f'{ns}/embedding_node/change_state',
+                ChangeState.Request(transition=Transition(id=transition)), timeout=30).success
+
+
+def _state(client, ns: str) -> int:
+    return call(client, GetState, f'{ns}/embedding_node/get_state',
+                GetState.Request()).current_state.id
+
+
+def _spin_for(client, seconds: float) -> None:
+    """Wait while the client keeps taking replies (a pause in spinning can cost it its own)."""
+    # rmw_fastrtps delivers a service's every reply to every client of it, which discards the
+    # others' on take: a client that stops taking while 16 others get ~500 replies/s can see its
+    # own reply pushed out of its reader's history (depth 100) before it looks.
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        client.executor.spin_once(timeout_sec=0.05)
+
+
+def test_lifecycle_transitions_under_load_answer_every_call():
+    """16 clients keep calling while a lifecycle manager deactivates, cleans up, configures,
+    activates and shuts the node down: the node never dies (a reply sent on a service cleanup
+    had destroyed ended its spin loop), every call is answered (a result, or UNAVAILABLE while
+    not active), and a later SIGINT exits 0 without a failed shutdown transition."""
+    ns = '/lcload'
+    node = NodeProcess('-p', 'shutdown_timeout_s:=5.0', '-p', 'qos_depth:=5000', namespace=ns)
+    node.wait_ready()
+    stop = threading.Event()
+    records = []
+
+    def make_request(i, seq):
+        time.sleep(0.002)       # paced: 16 calls stay in flight without spinning a core
+        return Embed.Request(inputs=['go to the kitchen %d' % (i % 4)], request_id=f'c{i}-{seq}')
+
+    try:
+        with EmbeddingClient(ns, node_name='akidb_lc_manager') as mgr, \
+                ConcurrentCaller(16, namespace=ns, node_name='akidb_lc_load') as lg:
+            assert lg.wait_ready(30)
+            runner = threading.Thread(target=lambda: records.extend(
+                lg.run(make_request, stop=stop, timeout_s=30)))
+            runner.start()
+            time.sleep(1.5)
+            # a call worth seconds of inference is still in flight through deactivate and cleanup
+            long_text = 'the robot moves along the corridor and reports every door it passes ' * 20
+            assert mgr.call('embed', Embed.Request(inputs=['first contact'])).success
+            slow = mgr.clients['embed'].call_async(Embed.Request(
+                inputs=[f'{long_text} {k}' for k in range(48)], timeout_s=60.0))
+            _spin_for(mgr, 0.3)
+            assert _change(mgr, ns, Transition.TRANSITION_DEACTIVATE)
+            _spin_for(mgr, 0.5)
+            t0 = time.perf_counter()
+            assert _change(mgr, ns, Transition.TRANSITION_CLEANUP)
+            cleanup_s = time.perf_counter() - t0
+            # the transition does not wait for the engine to close (it held the executor)
+            assert cleanup_s < 1.0, (cleanup_s, node.output[-3000:])
+            _spin_for(mgr, 1.0)
+            assert node.proc.poll() is None, node.output[-3000:]
+            assert _state(mgr, ns) == State.PRIMARY_STATE_UNCONFIGURED
+            listed = call(mgr, ListModels, f'{ns}/list_models', ListModels.Request())
+            assert (list(listed.models), listed.default_model) == ([], '')
+            refused = mgr.call('embed', Embed.Request(inputs=['hello']))
+            assert (refused.success, refused.error_code) == (False, 'UNAVAILABLE')
+            assert _change(mgr, ns, Transition.TRANSITION_CONFIGURE)
+            assert _change(mgr, ns, Transition.TRANSITION_ACTIVATE)
+            assert mgr.call('embed', Embed.Request(inputs=['serving again'])).success
+            _spin_for(mgr, 1.0)
+            assert _change(mgr, ns, Transition.TRANSITION_ACTIVE_SHUTDOWN)
+            _spin_for(mgr, 1.0)
+            assert node.proc.poll() is None, node.output[-3000:]
+            assert _state(mgr, ns) == State.PRIMARY_STATE_FINALIZED
+            mgr.executor.spin_until_future_complete(slow, timeout_sec=60)
+            assert slow.done() and slow.result().success, node.output[-3000:]
+            stop.set()
+            runner.join(timeout=40)
+        assert not runner.is_alive()
+        lost = [r for r in records if r.response is None]
+        assert not lost, f'{len(lost)} of {len(records)} calls got no answer:\n' + \
+            node.output[-3000:]
+        codes = {r.response.error_code for r in records if not r.response.success}
+        assert codes == {'UNAVAILABLE'}, codes
+        assert any(r.response.success for r in records)
+        # refusals are logged with the caller's request_id, at UNAVAILABLE's level (warning)
+        assert re.search(r"\[WARN\].*embed failed: request_id='c\d+-\d+'.*code=UNAVAILABLE",
+                         node.output), node.output[-3000:]
+        node.send(signal.SIGINT)
+        assert node.wait_exit(timeout=15) == 0, node.output[-3000:]
+        out = node.output
+        assert 'Traceback' not in out and 'shutdown transition failed' not in out, out[-3000:]
+        assert 'SIGINT: stopped' in out
+    finally:
+        stop.set()
+        node.stop()
+
+
+def test_sigterm_under_long_calls_is_bounded_by_shutdown_timeout():
+    """Calls that would take the engine far longer than shutdown_timeout_s (their own timeout_s
+    is 600 s): SIGTERM answers every one within about shutdown_timeout_s (finished, or
+    UNAVAILABLE), logs 'stopped' once that is true, and exits 0 (it took twice the timeout, and
+    lost the replies sent after the services were destroyed)."""
+    budget = 2.0
+    ns = '/bounded'
+    node = NodeProcess('-p', f'shutdown_timeout_s:={budget}', namespace=ns)
+    node.wait_ready()
+    text = 'the robot moves along the corridor and reports every door it passes ' * 20
+    try:
+        with ConcurrentCaller(16, namespace=ns, node_name='akidb_bounded_load') as lg:
+            assert lg.wait_ready(30)
+            warm = lg.run(lambda i, seq: Embed.Request(inputs=['warm %d' % i]),
+                          calls_per_client=1, timeout_s=30)
+            assert all(r.response is not None and r.response.success for r in warm)
+            out = []
+            # 16 calls x 16 inputs of 256 tokens: many seconds of inference on this CPU
+            runner = threading.Thread(target=lambda: out.extend(lg.run(
+                lambda i, seq: Embed.Request(inputs=[f'{text} {i} {k}' for k in range(16)],
+                                             timeout_s=600.0),
+                calls_per_client=1, timeout_s=20)))
+            runner.start()
+            time.sleep(1.0)
+            t_sig = time.perf_counter()
+            node.send(signal.SIGTERM)
+            rc = node.wait_exit(timeout=30)
+            t_exit = time.perf_counter()
+            runner.join(timeout=40)
+            assert not runner.is_alive()
+        assert rc == 0, node.output[-3000:]
+        assert len(out) == 16
+        lost = [r for r in out if r.response is None]
+        assert not lost, f'{len(lost)} calls got no answer:\n{node.output[-3000:]}'
+        codes = {r.response.error_code for r in out if not r.response.success}
+        assert codes <= {'UNAVAILABLE'}, codes
+        last = max(r.t_done for r in out) - t_sig
+        print(f'\nSIGTERM with long calls: exit after {t_exit - t_sig:.2f} s, last answer '
+              f'{last:.2f} s, {sum(r.response.success for r in out)} finished')
+        assert 'UNAVAILABLE' in codes, 'all calls finished within the budget: nothing tested'
+        assert t_exit - t_sig < budget + 1.5, node.output[-3000:]
+        stopped = re.search(r'SIGTERM: stopped in ([\d.]+) s .*cut short', node.output)
+        assert stopped and float(stopped.group(1)) <= budget + 0.5, node.output[-3000:]
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize('sig,how', [(signal.SIGINT, 'module'), (signal.SIGTERM, 'module'),
+                                     (signal.SIGTERM, 'script')])
+def test_a_signal_during_start_up_exits_0_quietly(sig, how):
+    """A signal while the node's imports are still loading (rclpy's extension mapped, the
+    engine's not yet) ends it with 0 and no traceback, before it starts anything."""
+    args = ['--ros-args', '--params-file', str(PARAMS_FILE), '-r', '__ns:=/early']
+    cmd = [sys.executable, '-m', 'akidb_ros.ros.node', *args] if how == 'module' else \
+        [str(Path(sys.executable).parent / 'embedding_node'), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with open(f'/proc/{proc.pid}/maps') as f:
+                    if '_rclpy_pybind11' in f.read():
+                        break
+            except OSError:
+                break
+            time.sleep(0.002)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert 'Traceback' not in out and 'ready in' not in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_out_of_range_parameter_at_start_is_refused():
     node = NodeProcess('-p', 'batching.max_batch_size:=5000', namespace='/badparam')
     try:
@@ -180,8 +359,9 @@ def test_default_model_that_cannot_load_fails_configure_and_exits_1():
 def test_traceparent_is_continued_by_the_node():
     """A request's W3C traceparent becomes the parent of the node's 'ros /embed' span."""
     trace_id, parent = 'ab' * 16, 'cd' * 8
-    node = NodeProcess(namespace='/traced', env={'OTEL_TRACES_EXPORTER': 'console',
-                                                 'OTEL_BSP_SCHEDULE_DELAY': '50'})
+    # the node's own logger at DEBUG: successful calls are logged there, with request_id
+    node = NodeProcess('--log-level', 'traced.embedding_node:=debug', namespace='/traced',
+                       env={'OTEL_TRACES_EXPORTER': 'console', 'OTEL_BSP_SCHEDULE_DELAY': '50'})
     try:
         node.wait_ready()
         with EmbeddingClient('/traced', node_name='akidb_traced_client') as c:
@@ -193,5 +373,7 @@ def test_traceparent_is_continued_by_the_node():
         out = node.output
         assert '"name": "ros /embed"' in out and f'"trace_id": "0x{trace_id}"' in out, out
         assert f'"parent_id": "0x{parent}"' in out and 'req-42' in out
+        assert re.search(r"\[DEBUG\].*embed ok: request_id='req-42' model=all-minilm-l6-v2 "
+                         r'inputs=1 tokens=\d+ latency_ms=', out), out
     finally:
         node.stop()
