@@ -172,37 +172,53 @@ def test_long_input_truncated_by_default(client):
     assert resp.success and resp.truncated_inputs == 1 and len(resp.embeddings) == 2
 
 
-def test_a_large_call_does_not_hold_the_node(client):
-    """A legal 256 x 32,000-character call is tokenised off the executor: the node answers
-    other calls meanwhile (tokenised on the executor, it held every service for ~1.7 s)."""
-    # an answered call first: a client's first request is sent again after 0.5 s if unanswered
-    # (first_contact.py), and each copy of this one is 8 MB for the client to send
-    assert embed(client, ['warm']).success
-    big = Embed.Request(inputs=['word ' * 6400] * 256, truncate=False, timeout_s=120.0)
+def _probe_during_large_call(client, big):
+    """Send ``big``; call list_models meanwhile. Returns (response, answers inside the window
+    the node spent on ``big``, note for a failure message)."""
     fut = client.clients['embed'].call_async(big)
     answered_at = []
     fut.add_done_callback(lambda f: answered_at.append(time.perf_counter()))
     probes = []                 # when each list_models answer came back
     deadline = time.monotonic() + 120
     while not fut.done() and time.monotonic() < deadline:
-        client.call('list_models', ListModels.Request())
+        client.call('list_models', ListModels.Request(), timeout_s=60)
         probes.append(time.perf_counter())
     client.executor.spin_until_future_complete(fut, timeout_sec=120)
     resp = fut.result()
-    # every input was tokenised (none fits 256 tokens), then the call failed: no inference
-    assert (resp.success, resp.error_code) == (False, 'INPUT_TOO_LONG'), resp.message
     # The node spent duration_ms on the call, nearly all of it tokenising; list_models calls
-    # answered inside that window show the executor was free. (Not the longest round trip:
-    # the 8 MB request's UDP burst can cost a datagram and a repair of a second or more.)
+    # answered inside that window show the executor was free.
     busy_s = resp.duration_ms / 1000.0
-    assert busy_s > 0.3, f'the call took {busy_s:.2f} s: too fast to tell'
     start, end = answered_at[0] - busy_s + 0.05, answered_at[0] - 0.05
     during = [t for t in probes if start <= t <= end]
-    gaps = sorted(((b - a, a - answered_at[0]) for a, b in zip(probes, probes[1:])),
-                  reverse=True)[:3]
-    assert len(during) >= 10, (f'{len(during)} list_models answered during the {busy_s:.2f} s '
+    gaps = sorted(((round(b - a, 3), round(a - answered_at[0], 3))
+                   for a, b in zip(probes, probes[1:])), reverse=True)[:3]
+    return resp, len(during), (f'{len(during)} list_models answered during the {busy_s:.2f} s '
                                f'the node spent on the large call ({len(probes)} in all; '
-                               f'longest gaps, s (gap, start relative to its answer): {gaps})')
+                               f'longest gaps (s, start relative to its answer): {gaps})')
+
+
+def test_a_large_call_does_not_hold_the_node(client):
+    """A large call (256 x 8,000 characters) is tokenised off the executor: the node answers
+    other calls meanwhile (tokenised on the executor, it held every service: a legal
+    256 x 32,000-character call for ~1.7 s)."""
+    # an answered call first: a client's first request is sent again after 0.5 s if unanswered
+    # (first_contact.py), and each copy of this one is 2 MB for the client to send
+    assert embed(client, ['warm']).success
+    assert client.call('list_models', ListModels.Request()).models
+    big = Embed.Request(inputs=['word ' * 1600] * 256, truncate=False, timeout_s=120.0)
+    notes = []
+    # A second try only where the first saw too few answers: on a loaded machine the request's
+    # UDP burst has cost a list_models datagram and a ~3 s repair, whoever tokenised it. A node
+    # that tokenises on its executor answers none in the window, every time.
+    for _ in range(2):
+        resp, during, note = _probe_during_large_call(client, big)
+        # every input was tokenised (none fits 256 tokens), then the call failed: no inference
+        assert (resp.success, resp.error_code) == (False, 'INPUT_TOO_LONG'), resp.message
+        assert resp.duration_ms > 150, f'the call took {resp.duration_ms:.0f} ms: too fast'
+        notes.append(note)
+        if during >= 10:
+            break
+    assert during >= 10, notes
 
 
 def test_failed_calls_are_logged_with_their_request_id(client, node):
