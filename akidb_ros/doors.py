@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Set, Tuple
 
+from akidb_ros.backends import DEFAULT_TIMEOUT_S
 from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.observability import metrics as m
 from akidb_ros.observability.logs import log_request
@@ -68,11 +69,12 @@ class DoorCall:
     started: float = field(default_factory=time.perf_counter)
 
 
-def caller_deadline(asked_s: float, budget_s: float) -> bool:
-    """Whether a caller's own deadline is well below the server's budget (under 90 %: a gRPC
-    deadline equal to the budget arrives a little spent): its TIMEOUT is then the caller's
-    choice, not a sign of a sick model (``DoorCall.caller_deadline``)."""
-    return asked_s < 0.9 * budget_s
+def caller_deadline(asked_s: float, budget_s: Optional[float]) -> bool:
+    """Whether a caller's own deadline is well below the server's budget (``None``: the
+    engine's default, ``DEFAULT_TIMEOUT_S``; under 90 %: a gRPC deadline equal to the budget
+    arrives a little spent): its TIMEOUT is then the caller's choice, not a sign of a sick model
+    (``DoorCall.caller_deadline``)."""
+    return asked_s < 0.9 * (DEFAULT_TIMEOUT_S if budget_s is None else budget_s)
 
 
 def run_guard(guard: Optional[GuardHook], call: DoorCall):

@@ -1,6 +1,8 @@
 """The one base of the server's interceptors: each method's handler wrapped once, not per call."""
 from __future__ import annotations
 
+import abc
+
 import grpc
 
 
@@ -11,8 +13,9 @@ class WrappingInterceptor(grpc.ServerInterceptor):
     def __init__(self):
         self._wrapped: dict = {}
 
+    @abc.abstractmethod
     def _wrap(self, method: str, handler):
-        raise NotImplementedError
+        """Return the handler that serves ``method`` in place of ``handler``."""
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)

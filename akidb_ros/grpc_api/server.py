@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from akidb_ros.backends import DEFAULT_TIMEOUT_S, Backend, wait_result
+from akidb_ros.backends import Backend, wait_result
 from akidb_ros.doors import (DoorCall, GuardHook, ModelLabels, caller_deadline, record,
                              request_id_from, run_guard)
 from akidb_ros.engine.errors import EngineError, ErrorCode
@@ -123,10 +123,11 @@ def _safe_deserializer(deserialize):
     return decode
 
 
-def _refuse(context, err: EngineError) -> None:
-    """Abort a call refused before its handler ran, counted like the doors' failed calls."""
+def _refuse(context, err: EngineError, request_id: Optional[str] = None) -> None:
+    """Abort a call outside the doors' own accounting (refused before its handler ran, or a
+    stream ended idle), counted like the doors' failed calls."""
     m.REQUEST_ERRORS.labels(TRANSPORT, err.code.name).inc()
-    rid = request_id_from(_metadata(context).get('x-request-id'))
+    rid = request_id or request_id_from(_metadata(context).get('x-request-id'))
     _abort(context, err, (('x-request-id', rid),))
 
 
@@ -344,8 +345,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         call.model = self.labels.breaker_key(model, self._default_model())
         call.n_inputs, call.n_bytes = len(texts), sum(len(t) for t in texts)
         timeout = _timeout(context, self.default_timeout_s)
-        budget = self.default_timeout_s or DEFAULT_TIMEOUT_S
-        call.caller_deadline = timeout is not None and caller_deadline(timeout, budget)
+        call.caller_deadline = (timeout is not None
+                                and caller_deadline(timeout, self.default_timeout_s))
         # proto3 bool has no "unset": the PRD field is taken literally (false = raw vectors)
         return EmbedRequest(inputs=texts, model=model, normalize=bool(request.normalize),
                             timeout_s=timeout, request_id=call.request_id, transport=TRANSPORT)
@@ -491,10 +492,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     stop.set()
                     err = EngineError(ErrorCode.TIMEOUT, 'EmbedStream idle: no request for '
                                       f'{self.stream_idle_timeout_s:g} s')
-                    m.REQUEST_ERRORS.labels(TRANSPORT, err.code.name).inc()
                     log.info('EmbedStream closed after %g s idle', self.stream_idle_timeout_s,
                              extra={'request_id': call0.request_id})
-                    _abort(context, err, (('x-request-id', call0.request_id),))
+                    _refuse(context, err, call0.request_id)
                 i, call, label, req, fut, done, err = item
                 if err is None:
                     try:

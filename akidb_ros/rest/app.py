@@ -21,7 +21,7 @@ from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from akidb_ros.backends import DEFAULT_TIMEOUT_S, Backend, wait_result
+from akidb_ros.backends import Backend, wait_result
 from akidb_ros.doors import (REQUEST_ID_HEADER, DoorCall, GuardHook, ModelLabels,
                              caller_deadline, record, request_id_from, run_guard)
 from akidb_ros.engine.errors import EngineError, ErrorCode
@@ -276,8 +276,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
             raise EngineError(ErrorCode.INVALID_INPUT,
                               'X-Request-Timeout-Ms must be in (0, 600000]')
         # the caller may ask for less time than the server's per-request budget, never more
-        budget = default_timeout_s if default_timeout_s is not None else DEFAULT_TIMEOUT_S
-        call.caller_deadline = caller_deadline(ms / 1000.0, budget)
+        call.caller_deadline = caller_deadline(ms / 1000.0, default_timeout_s)
         return ms / 1000.0 if default_timeout_s is None else min(ms / 1000.0, default_timeout_s)
 
     def do_embed(call: DoorCall, req: EmbedRequest):

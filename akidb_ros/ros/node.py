@@ -299,21 +299,14 @@ class EmbeddingNode(LifecycleNode):
         keeps the executor turning meanwhile, when the caller's thread is the one spinning it.
         Returns how many calls were cut short.
         """
-        def wait(cond: Callable[[], bool], until: float) -> bool:
-            while not cond():
-                left = until - time.monotonic()
-                if left <= 0:
-                    return False
-                (spin or time.sleep)(min(left, 0.02))
-            return True
-
-        if wait(self.idle, time.monotonic() + timeout):
+        pause = spin or time.sleep
+        if _wait_until(self.idle, timeout, pause):
             return 0
         cut = self.responder.expire(EngineError(
             ErrorCode.UNAVAILABLE, 'the node stopped before this call finished '
             f'(shutdown_timeout_s={timeout:g})', retry_after_s=1.0))
         # the responder thread sends those at once; re-sends still pending are given up later
-        wait(lambda: self.responder.outstanding == 0, time.monotonic() + 0.5)
+        _wait_until(lambda: self.responder.outstanding == 0, 0.5, pause)
         return cut
 
     # --- services --------------------------------------------------------------------------
@@ -721,13 +714,23 @@ def start_in_process(engine: EmbeddingEngine, args=None, namespace: str = '') ->
     return InProcessNode(engine, args=args, namespace=namespace)
 
 
-def _spin_until(executor, cond: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
+def _wait_until(cond: Callable[[], bool], timeout: float, pause: Callable[[float], None],
+                step: float = 0.02) -> bool:
+    """Pause until ``cond()`` holds or ``timeout`` has passed; return whether it holds.
+
+    ``pause(seconds)`` is a sleep, or a spin of the executor.
+    """
     deadline = time.monotonic() + timeout
     while not cond():
-        if time.monotonic() >= deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             return False
-        executor.spin_once(timeout_sec=step)
+        pause(min(left, step))
     return True
+
+
+def _spin_until(executor, cond: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
+    return _wait_until(cond, timeout, lambda s: executor.spin_once(timeout_sec=s), step)
 
 
 def run(args=None) -> int:

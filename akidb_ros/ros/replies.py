@@ -233,14 +233,17 @@ class Responder:
 
     def undeliverable(self, service: Service, exc: BaseException) -> None:
         """Report a reply that could not be sent at all: logged and counted, never raised."""
-        name = _service_name(service)
+        self._count_undelivered(_service_name(service), f': could not send it: {exc!r}')
+
+    def _count_undelivered(self, name: str, detail: str) -> None:
+        """One reply lost for good: counted (attribute and metric) and logged as an error."""
         with self._lock:
             self.undelivered += 1
         try:
             M.ROS_REPLIES_UNDELIVERED.labels(name).inc()
         except Exception:  # metrics must never fail a reply
             pass
-        self._logger.error(f'{name}: reply not delivered: could not send it: {exc!r}')
+        self._logger.error(f'{name}: reply not delivered{detail}')
 
     def _dropped(self, service: Service, response, header) -> None:
         item = _Resend(service, response, header, self.resend_window_s)
@@ -299,11 +302,8 @@ class Responder:
             self._schedule(item)
 
     def _give_up(self, item: _Resend, why: str) -> None:
-        self.undelivered += 1
-        M.ROS_REPLIES_UNDELIVERED.labels(item.name).inc()
-        self._logger.error(f'{item.name}: reply not delivered after {item.tries} tries: {why} '
-                           '(a client whose reply QoS cannot match, or one still being '
-                           'discovered)')
+        self._count_undelivered(item.name, f' after {item.tries} tries: {why} (a client whose '
+                                'reply QoS cannot match, or one still being discovered)')
         self._done()
 
 
