@@ -238,12 +238,16 @@ class DoorInterceptor(WrappingInterceptor):
       calls and health checks always find threads.
     * ``grpc.health.v1`` Check runs on ``health_pool`` (it only reads a dict), so a probe is
       answered even while every handler thread is busy with slow unary calls.
+    * ``checks``: the guard chain's ``admit(method, context)`` (e.g. ``GuardInterceptor``),
+      run before a stream is refused for want of a slot, so that the chain's order holds
+      there too (a caller without credentials hears UNAUTHENTICATED, not OVERLOADED).
     """
 
-    def __init__(self, slots: StreamSlots, health_pool=None):
+    def __init__(self, slots: StreamSlots, health_pool=None, checks: Sequence = ()):
         super().__init__()
         self.slots = slots
         self.health_pool = health_pool
+        self.checks = tuple(checks)
         self.inner = UndecodableRefusal()
 
     def _wrap(self, method: str, handler):
@@ -251,7 +255,7 @@ class DoorInterceptor(WrappingInterceptor):
         behavior = getattr(handler, kind)
         streaming = handler.request_streaming or handler.response_streaming
         if streaming and not getattr(behavior, 'experimental_non_blocking', False):
-            behavior = self._limited(behavior, handler.response_streaming)
+            behavior = self._limited(method, behavior, handler.response_streaming)
         elif method == HEALTH_CHECK_METHOD and self.health_pool is not None:
             inner = behavior
             behavior = _with_attrs(lambda *args: inner(*args), inner)
@@ -260,11 +264,13 @@ class DoorInterceptor(WrappingInterceptor):
             behavior, request_deserializer=_safe_deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer)
 
-    def _limited(self, behavior, response_streaming: bool):
-        slots = self.slots
+    def _limited(self, method: str, behavior, response_streaming: bool):
+        slots, checks = self.slots, self.checks
 
         def run(arg, context):
             if not slots.try_acquire():
+                for admit in checks:        # aborts the call if the guard refuses it
+                    admit(method, context)
                 log.warning('gRPC streaming call refused: %d streams at once is the limit',
                             slots.limit)
                 _refuse(context, EngineError(
@@ -601,7 +607,8 @@ class GrpcServer:
             max_workers=HEALTH_CHECK_THREADS, thread_name_prefix='akidb-grpc-health-check')
         # the door's interceptor outermost: it sees every handler as the others (the guard)
         # left it; its refusal of undecodable requests innermost: after the guard's checks
-        door = DoorInterceptor(self.stream_slots, self._health_pool)
+        door = DoorInterceptor(self.stream_slots, self._health_pool, checks=[
+            i.admit for i in interceptors if callable(getattr(i, 'admit', None))])
         self._server = grpc.server(futures.ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix='akidb-grpc'), options=options,
             maximum_concurrent_rpcs=max_workers * 4,

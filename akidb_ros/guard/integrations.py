@@ -161,7 +161,8 @@ def _make_interceptor_class():
             super().__init__()      # the guarded wrapper is built once per method
             self.guard = guard
 
-        def _check(self, method: str, context: Any) -> Decision:
+        def admit(self, method: str, context: Any) -> Decision:
+            """The guard's decision for a call of ``method``; aborts it when refused."""
             creds = credentials_from_grpc(context)
             rid = ''
             for m in context.invocation_metadata() or ():
@@ -175,7 +176,7 @@ def _make_interceptor_class():
                 raise  # abort raises; keeps linters calm
 
         def _wrap(self, method: str, handler):
-            check = self._check
+            check = self.admit
 
             def unary_response(behavior):
                 def run(request, context):

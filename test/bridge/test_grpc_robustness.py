@@ -223,6 +223,46 @@ def test_idle_stream_times_out(local_backend):
 
 
 # ------------------------------------------------------------------ requests that cannot decode
+def test_full_stream_share_still_meets_the_guard_first(local_backend, tmp_path):
+    """With every stream slot taken, a caller the guard refuses hears the guard's answer
+    (UNAUTHENTICATED, PERMISSION_DENIED), one it admits hears OVERLOADED."""
+    from akidb_ros.guard import Guard, GuardInterceptor
+    from akidb_ros.guard.apikeys import create_key
+    from akidb_ros.guard.identity import Role
+    keys = str(tmp_path / 'keys.yaml')
+    dev = create_key(keys, Role('developer'), 'streams')[1]
+    viewer = create_key(keys, Role('viewer'), 'streams')[1]
+    guard = Guard({'auth': {'enabled': True, 'api_keys': {'enabled': True, 'file': keys}},
+                   'rate_limit': {'enabled': False}, 'audit': {'enabled': False}})
+    srv = GrpcServer(local_backend, host='127.0.0.1', port=0, guard=guard.door_hook,
+                     max_workers=4, max_streams=1,
+                     interceptors=[GuardInterceptor(guard)]).start()
+    release = threading.Event()
+    ch = grpc.insecure_channel(f'127.0.0.1:{srv.port}')
+    stub = pb_grpc.EmbeddingServiceStub(ch)
+    held = stub.EmbedStream(_Idle(release), timeout=30, metadata=[('x-api-key', dev)])
+    try:
+        end = time.monotonic() + 5
+        while srv.stream_slots.active < 1:
+            assert time.monotonic() < end, 'the first stream never took its slot'
+            time.sleep(0.02)
+        for metadata, status, code in (
+                ((), grpc.StatusCode.UNAUTHENTICATED, 'UNAUTHENTICATED'),
+                ((('x-api-key', viewer),), grpc.StatusCode.PERMISSION_DENIED, 'PERMISSION_DENIED'),
+                ((('x-api-key', dev),), grpc.StatusCode.RESOURCE_EXHAUSTED, 'OVERLOADED')):
+            with pytest.raises(grpc.RpcError) as ei:
+                list(stub.EmbedStream(iter([pb.EmbedRequest(inputs=['x'])]), timeout=5,
+                                      metadata=metadata))
+            assert ei.value.code() == status, metadata
+            assert dict(ei.value.trailing_metadata())['akidb-error-code'] == code
+        assert not held.done()
+    finally:
+        release.set()
+        held.cancel()
+        ch.close()
+        srv.stop(grace_s=0)
+
+
 @pytest.mark.parametrize('payload', [BAD_UTF8, CORRUPT], ids=['bad-utf8', 'corrupt'])
 def test_undecodable_unary_embed_is_invalid_input(grpc_target, payload):
     ch = grpc.insecure_channel(grpc_target)
