@@ -6,6 +6,20 @@ import abc
 import grpc
 
 
+def with_conventions(run, behavior):
+    """Give ``run`` the calling conventions of ``behavior`` (gRPC reads them off the function:
+    ``experimental_non_blocking`` handlers get a send callback and hold no thread,
+    ``experimental_thread_pool`` ones run on their own pool)."""
+    for attr in ('experimental_non_blocking', 'experimental_thread_pool'):
+        if hasattr(behavior, attr):
+            setattr(run, attr, getattr(behavior, attr))
+    return run
+
+
+def is_non_blocking(behavior) -> bool:
+    return bool(getattr(behavior, 'experimental_non_blocking', False))
+
+
 class WrappingInterceptor(grpc.ServerInterceptor):
     """Wrap each method's handler once (``_wrap``), and again only when the handler it wraps
     changes: ``intercept_service`` runs on gRPC's one polling thread for every call."""

@@ -35,7 +35,8 @@ from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.types import EmbedRequest, ModelStatus
 from akidb_ros.grpc_api import embedding_pb2 as pb
 from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
-from akidb_ros.grpc_api.interceptor_base import WrappingInterceptor
+from akidb_ros.grpc_api.interceptor_base import WrappingInterceptor, is_non_blocking, \
+    with_conventions
 from akidb_ros.observability import metrics as m
 from akidb_ros.observability.tracing import extract_from_metadata, tracer
 
@@ -131,14 +132,6 @@ def _refuse(context, err: EngineError, request_id: Optional[str] = None) -> None
     _abort(context, err, (('x-request-id', rid),))
 
 
-def _with_attrs(run, behavior):
-    """Keep gRPC's calling conventions of ``behavior`` (non-blocking, own thread pool)."""
-    for attr in ('experimental_non_blocking', 'experimental_thread_pool'):
-        if hasattr(behavior, attr):
-            setattr(run, attr, getattr(behavior, attr))
-    return run
-
-
 def _refusing_undecodable(behavior, request_streaming: bool):
     """Wrap a handler that does not expect :class:`Undecodable`: such a request is refused."""
     if request_streaming:
@@ -155,7 +148,7 @@ def _refusing_undecodable(behavior, request_streaming: bool):
             if isinstance(request, Undecodable):
                 _refuse(context, request.error())
             return behavior(request, context, *more)
-    return _with_attrs(run, behavior)
+    return with_conventions(run, behavior)
 
 
 def _release_after(responses, release):
@@ -193,6 +186,69 @@ class StreamSlots:
                 self.active -= 1
 
         return release
+
+
+class IdleReaper:
+    """Ends request-streaming calls whose handler has waited for the client's next message
+    longer than ``idle_s`` (EmbedStream aside: it ends itself ``TIMEOUT``).
+
+    gRPC's request iterator cannot time out, so one thread looks at the waiting calls a few
+    times per ``idle_s`` and cancels those idle too long (the client hears ``CANCELLED``): an
+    idle reflection stream gives its slot back like an idle EmbedStream.
+    """
+
+    def __init__(self, idle_s: Optional[float]):
+        self.idle_s = idle_s or None
+        self._waiting: dict = {}        # key -> (monotonic time the wait began, context)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def watch(self, requests, context):
+        """``requests``, with each wait for the next message watched."""
+        if self.idle_s is None:
+            return requests
+        key = object()
+        it = iter(requests)
+
+        def watched():
+            try:
+                while True:
+                    with self._lock:
+                        self._waiting[key] = (time.monotonic(), context)
+                        if self._thread is None:
+                            self._thread = threading.Thread(
+                                target=self._run, name='akidb-grpc-idle', daemon=True)
+                            self._thread.start()
+                    try:
+                        item = next(it)
+                    except StopIteration:
+                        return
+                    finally:
+                        with self._lock:
+                            self._waiting.pop(key, None)
+                    yield item
+            finally:
+                with self._lock:
+                    self._waiting.pop(key, None)
+
+        return watched()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.idle_s / 4)):
+            now = time.monotonic()
+            with self._lock:
+                idle = [(k, ctx) for k, (since, ctx) in self._waiting.items()
+                        if now - since >= self.idle_s]
+                for k, _ in idle:
+                    del self._waiting[k]
+            for _, ctx in idle:
+                log.info('gRPC stream idle for %.0f s: cancelled', self.idle_s)
+                m.REQUEST_ERRORS.labels(TRANSPORT, ErrorCode.TIMEOUT.name).inc()
+                ctx.cancel()
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 _METHOD_HANDLERS = {
@@ -243,29 +299,33 @@ class DoorInterceptor(WrappingInterceptor):
       there too (a caller without credentials hears UNAUTHENTICATED, not OVERLOADED).
     """
 
-    def __init__(self, slots: StreamSlots, health_pool=None, checks: Sequence = ()):
+    def __init__(self, slots: StreamSlots, health_pool=None, checks: Sequence = (),
+                 reaper: Optional[IdleReaper] = None):
         super().__init__()
         self.slots = slots
         self.health_pool = health_pool
         self.checks = tuple(checks)
+        self.reaper = reaper
         self.inner = UndecodableRefusal()
 
     def _wrap(self, method: str, handler):
         kind = _method_kind(handler)
         behavior = getattr(handler, kind)
         streaming = handler.request_streaming or handler.response_streaming
-        if streaming and not getattr(behavior, 'experimental_non_blocking', False):
-            behavior = self._limited(method, behavior, handler.response_streaming)
+        if streaming and not is_non_blocking(behavior):
+            behavior = self._limited(method, behavior, handler.response_streaming,
+                                     handler.request_streaming and method not in _SELF_CHECKED)
         elif method == HEALTH_CHECK_METHOD and self.health_pool is not None:
             inner = behavior
-            behavior = _with_attrs(lambda *args: inner(*args), inner)
+            behavior = with_conventions(lambda *args: inner(*args), inner)
             behavior.experimental_thread_pool = self.health_pool
         return _METHOD_HANDLERS[kind](
             behavior, request_deserializer=_safe_deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer)
 
-    def _limited(self, method: str, behavior, response_streaming: bool):
+    def _limited(self, method: str, behavior, response_streaming: bool, watch_idle: bool):
         slots, checks = self.slots, self.checks
+        reaper = self.reaper if watch_idle else None
 
         def run(arg, context):
             if not slots.try_acquire():
@@ -280,6 +340,8 @@ class DoorInterceptor(WrappingInterceptor):
             # the slot is given back when the handler ends, or at the latest when the call does
             if not context.add_callback(release):
                 release()
+            if reaper is not None:
+                arg = reaper.watch(arg, context)
             try:
                 result = behavior(arg, context)
             except BaseException:
@@ -607,8 +669,10 @@ class GrpcServer:
             max_workers=HEALTH_CHECK_THREADS, thread_name_prefix='akidb-grpc-health-check')
         # the door's interceptor outermost: it sees every handler as the others (the guard)
         # left it; its refusal of undecodable requests innermost: after the guard's checks
+        self._reaper = IdleReaper(stream_idle_timeout_s)
         door = DoorInterceptor(self.stream_slots, self._health_pool, checks=[
-            i.admit for i in interceptors if callable(getattr(i, 'admit', None))])
+            i.admit for i in interceptors if callable(getattr(i, 'admit', None))],
+            reaper=self._reaper)
         self._server = grpc.server(futures.ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix='akidb-grpc'), options=options,
             maximum_concurrent_rpcs=max_workers * 4,
@@ -661,6 +725,7 @@ class GrpcServer:
     def stop(self, grace_s: float = 5.0) -> None:
         """Refuse new calls, finish in-flight ones (up to ``grace_s``), then close."""
         self._stop.set()
+        self._reaper.stop()
         self.health.enter_graceful_shutdown()
         t0 = time.monotonic()
         self._server.stop(grace_s).wait(grace_s + 1)

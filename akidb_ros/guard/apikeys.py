@@ -23,14 +23,21 @@ Key file (YAML, written atomically with mode 0600)::
 The store checks the file's (mtime, size, inode) at most every ``reload_interval_s`` and
 reloads when it changed, so ``akidb-keys revoke`` takes effect without a restart. A file that
 fails to parse on reload is ignored (the previous set stays) and reported once.
+
+Every change (create, revoke, rotate) is one read-modify-write under an exclusive ``flock`` on
+``<key file>.lock``, so concurrent ``akidb-keys`` runs never lose each other's keys or
+revocations. Readers need no lock: the file is replaced atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 import secrets
@@ -50,9 +57,46 @@ KEY_PREFIX = 'akidb'
 _KEY_RE = re.compile(r'akidb\.(k[0-9a-f]{12})\.([A-Za-z0-9_\-]{43})')
 _DUMMY_HASH = hashlib.sha256(b'akidb.dummy').hexdigest()
 
+# Management limits: a key lives 1 day to 10 years (0/None = never expires); a rotated key keeps
+# working at most 30 days more; client and note are one printable line (they reach terminals,
+# logs and the audit).
+MIN_EXPIRES_DAYS, MAX_EXPIRES_DAYS = 1.0, 3650.0
+MAX_GRACE_S = 30 * 86400.0
+MAX_CLIENT_LEN, MAX_NOTE_LEN = 128, 256
+
 
 class KeyFileError(ValueError):
     pass
+
+
+class KeyStateError(ValueError):
+    """The key's state forbids the change (rotating a revoked or expired key)."""
+
+
+def check_expires_days(days: Optional[float]) -> Optional[float]:
+    """None (never) for 0/None, else the days if finite and within the limits."""
+    if not days:  # nan is truthy, so it is checked below
+        return None
+    if not math.isfinite(days) or not MIN_EXPIRES_DAYS <= days <= MAX_EXPIRES_DAYS:
+        raise ValueError(
+            f'expiry must be 0 (never) or {MIN_EXPIRES_DAYS:g} to {MAX_EXPIRES_DAYS:g} days'
+        )
+    return float(days)
+
+
+def check_grace_s(grace_s: float) -> float:
+    if not math.isfinite(grace_s) or not 0 <= grace_s <= MAX_GRACE_S:
+        raise ValueError(f'grace must be 0 to {MAX_GRACE_S:.0f} seconds (30 days)')
+    return float(grace_s)
+
+
+def check_text(value: str, what: str, max_len: int, required: bool = True) -> str:
+    """One printable line: no newlines, escapes or other control characters."""
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise ValueError(f'{what} must not be empty')
+    if len(value) > max_len or not value.isprintable():
+        raise ValueError(f'{what}: at most {max_len} printable characters, no control codes')
+    return value
 
 
 def utcnow() -> _dt.datetime:
@@ -157,10 +201,15 @@ class ApiKeyRecord:
 class VerifyResult:
     """Why a key was refused (for metrics/audit), or the matching record."""
 
-    __slots__ = ('record', 'reason')
+    __slots__ = ('record', 'reason', 'key_id')
 
-    def __init__(self, record: Optional[ApiKeyRecord], reason: str):
+    def __init__(
+        self, record: Optional[ApiKeyRecord], reason: str, key_id: Optional[str] = None
+    ):
         self.record, self.reason = record, reason
+        # The id the caller presented (ids are not secret), also on a wrong secret: the audit
+        # can name the key under attack while the caller gets the same answer as an unknown id.
+        self.key_id = key_id or (record.id if record else None)
 
     @property
     def ok(self) -> bool:
@@ -275,7 +324,7 @@ class ApiKeyStore:
         if key_id is None:
             return VerifyResult(None, 'malformed')
         if rec is None or not match:
-            return VerifyResult(None, 'unknown_key')
+            return VerifyResult(None, 'unknown_key', key_id)
         status = rec.status(self._now())
         if status != 'active':
             return VerifyResult(rec, status)
@@ -290,20 +339,30 @@ class ApiKeyStore:
         return len(self.records())
 
 
-# ---- management (used by akidb-keys; always read-modify-write of the file) ----
+# ---- management (used by akidb-keys; each change is one locked read-modify-write) ----
 
 
-def create_key(
-    path: str,
+@contextlib.contextmanager
+def locked(path: str):
+    """Hold an exclusive lock on ``<path>.lock`` (never deleted: a deleted lock file could be
+    locked by two writers at once). Closing the descriptor releases it, even on a crash."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(path + '.lock', os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _new_record(
+    records: Dict[str, ApiKeyRecord],
     role: Role,
     client: str,
-    expires_days: Optional[float] = None,
-    note: str = '',
-    now: Optional[_dt.datetime] = None,
+    expires_days: Optional[float],
+    note: str,
+    now: _dt.datetime,
 ) -> tuple:
-    """Add a key; returns (record, full key). The full key is not stored anywhere."""
-    now = now or utcnow()
-    records = read_key_file(path)
     key_id, key = generate_key()
     while key_id in records:  # 48-bit id: collision is theoretical
         key_id, key = generate_key()
@@ -319,16 +378,36 @@ def create_key(
         note=note,
     )
     records[key_id] = rec
-    write_key_file(path, records)
+    return rec, key
+
+
+def create_key(
+    path: str,
+    role: Role,
+    client: str,
+    expires_days: Optional[float] = None,
+    note: str = '',
+    now: Optional[_dt.datetime] = None,
+) -> tuple:
+    """Add a key; returns (record, full key). The full key is not stored anywhere."""
+    now = now or utcnow()
+    client = check_text(client, 'client', MAX_CLIENT_LEN)
+    note = check_text(note, 'note', MAX_NOTE_LEN, required=False)
+    expires_days = check_expires_days(expires_days)
+    with locked(path):
+        records = read_key_file(path)
+        rec, key = _new_record(records, role, client, expires_days, note, now)
+        write_key_file(path, records)
     return rec, key
 
 
 def revoke_key(path: str, key_id: str) -> ApiKeyRecord:
-    records = read_key_file(path)
-    if key_id not in records:
-        raise KeyError(key_id)
-    records[key_id] = replace(records[key_id], revoked=True)
-    write_key_file(path, records)
+    with locked(path):
+        records = read_key_file(path)
+        if key_id not in records:
+            raise KeyError(key_id)
+        records[key_id] = replace(records[key_id], revoked=True)
+        write_key_file(path, records)
     return records[key_id]
 
 
@@ -339,26 +418,29 @@ def rotate_key(
     expires_days: Optional[float] = None,
     now: Optional[_dt.datetime] = None,
 ) -> tuple:
-    """New key for the same role/client; the old one is revoked now, or expires after grace_s."""
+    """New key for the same role/client; the old one is revoked now, or expires after grace_s.
+
+    Only an active key rotates: a revoked or expired one gets no successor (that would
+    resurrect access it lost); create a new key deliberately instead.
+    """
     now = now or utcnow()
-    records = read_key_file(path)
-    if key_id not in records:
-        raise KeyError(key_id)
-    old = records[key_id]
-    new, key = create_key(
-        path,
-        old.role,
-        old.client,
-        expires_days=expires_days,
-        note=f'rotated from {key_id}',
-        now=now,
-    )
-    records = read_key_file(path)
-    if grace_s > 0:
-        until = now + _dt.timedelta(seconds=grace_s)
-        if old.expires is None or old.expires > until:
-            records[key_id] = replace(old, expires=until.replace(microsecond=0))
-    else:
-        records[key_id] = replace(old, revoked=True)
-    write_key_file(path, records)
+    grace_s, expires_days = check_grace_s(grace_s), check_expires_days(expires_days)
+    with locked(path):
+        records = read_key_file(path)
+        if key_id not in records:
+            raise KeyError(key_id)
+        old = records[key_id]
+        status = old.status(now)
+        if status != 'active':
+            raise KeyStateError(f'key {key_id} is {status}; only an active key can be rotated')
+        new, key = _new_record(
+            records, old.role, old.client, expires_days, f'rotated from {key_id}', now
+        )
+        if grace_s > 0:
+            until = now + _dt.timedelta(seconds=grace_s)
+            if old.expires is None or old.expires > until:
+                records[key_id] = replace(old, expires=until.replace(microsecond=0))
+        else:
+            records[key_id] = replace(old, revoked=True)
+        write_key_file(path, records)
     return records[key_id], new, key

@@ -11,8 +11,11 @@ actions. One JSON object per line::
 
 Never a secret: fields whose name looks secret (``key``, ``token``, ``secret``, ``password``,
 ``authorization``, ``cookie``) are dropped to ``"[redacted]"``, and any string value that looks
-like an API key or a JWT is redacted too, wherever it appears. The file is opened in append
-mode with 0600 permissions and rotated by size (``max_bytes``, ``backups`` old files kept).
+like an API key or a JWT is redacted too, wherever it appears. Identifiers are kept: a name
+ending in ``_id``/``_ids`` (``key_id``, ``previous_key_id``) names a secret without being one,
+and rotation records need the old key's id (its value is still scrubbed by shape). The file is
+opened in append mode with 0600 permissions and rotated by size (``max_bytes``, ``backups`` old
+files kept).
 """
 
 from __future__ import annotations
@@ -32,12 +35,19 @@ _SECRET_NAME = re.compile(
     re.IGNORECASE,
 )
 _SAFE_NAMES = frozenset({'key_id', 'event', 'reason'})
+_ID_NAME = re.compile(r'(^|_)ids?$', re.IGNORECASE)
 _SECRET_VALUE = re.compile(
     r'akidb\.k[0-9a-f]{12}\.[A-Za-z0-9_\-]{8,}'  # our API keys
     r'|eyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]*'  # JWTs (header.payload.sig)
     r'|-----BEGIN [A-Z ]*PRIVATE KEY-----'
 )
 REDACTED = '[redacted]'
+
+
+def _secret_name(name: str) -> bool:
+    if name in _SAFE_NAMES or _ID_NAME.search(name):
+        return False
+    return bool(_SECRET_NAME.search(name))
 
 
 def scrub(value: Any, depth: int = 0) -> Any:
@@ -48,7 +58,7 @@ def scrub(value: Any, depth: int = 0) -> Any:
         out = {}
         for k, v in value.items():
             k = str(k)
-            if k not in _SAFE_NAMES and _SECRET_NAME.search(k):
+            if _secret_name(k):
                 out[k] = REDACTED
             else:
                 out[k] = scrub(v, depth + 1)

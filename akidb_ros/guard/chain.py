@@ -13,7 +13,7 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Optional, Union
 
 from akidb_ros.engine.errors import EngineError, ErrorCode
@@ -62,6 +62,9 @@ class Decision:
     permission: Permission
     rate: Optional[RateLimitDecision] = None
     headers: Dict[str, str] = field(default_factory=dict)  # X-RateLimit-* to add to the reply
+    # its rate-limit token went to a request already: each further request of the same call
+    # (the messages of an EmbedStream) takes a token of its own
+    spent: bool = False
 
     @property
     def priority(self) -> Priority:
@@ -124,6 +127,16 @@ class Guard:
             ),
             clock=clock,
         )
+        # refusals (401/403) per peer host: beyond this, 429 and no audit line per refusal
+        self.failure_limiter = RateLimiter(
+            RateLimitSettings(
+                enabled=rl['enabled'],
+                per_client=BucketSpec(**rl['auth_failures']),
+                max_clients=rl['max_clients'],
+                use_global=False,
+            ),
+            clock=clock,
+        )
         b = cfg['breaker']
         self.breakers_enabled = b['enabled']
         self.breakers = BreakerRegistry(
@@ -170,6 +183,12 @@ class Guard:
         metrics.AUTH_FAILURES.labels(
             method=method, reason=reason, transport=transport or 'none'
         ).inc()
+        d = self.failure_limiter.check(f'fail:{peer or "unknown"}')
+        if not d.allowed:
+            # a flood of refused credentials: 429, counted but not audited line by line
+            d = replace(d, scope='auth_failures')
+            metrics.RATE_LIMITED.labels(scope=d.scope, transport=transport or 'none').inc()
+            return RateLimitedError(d)
         event = 'auth_failure' if code is ErrorCode.UNAUTHENTICATED else 'permission_denied'
         self.audit.record(
             event,
@@ -245,7 +264,7 @@ class Guard:
             if not res.ok:
                 actor = {
                     'method': 'api_key',
-                    'key_id': res.record.id if res.record else None,
+                    'key_id': res.key_id,
                     'peer': peer,
                 }
                 msg = {'expired': 'API key expired', 'revoked': 'API key revoked'}.get(
@@ -396,6 +415,11 @@ class Guard:
                 peer=call.peer or '',
             )
             decision = pre
+            if pre.spent:       # a later request of the same call (stream): its own token
+                d = self.rate_limit(pre.identity, transport=call.transport,
+                                    request_id=call.request_id)
+                decision = Decision(pre.identity, pre.permission, d, d.headers(), spent=True)
+            pre.spent = True
         else:
             creds = credentials_from_headers(
                 call.headers or {},

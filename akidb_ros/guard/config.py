@@ -116,6 +116,7 @@ SCHEMA: Dict[str, Any] = {
                 'enabled': {'type': 'boolean'},
                 'per_client': _BUCKET,
                 'global': _BUCKET,
+                'auth_failures': _BUCKET,
                 'roles': {
                     'type': 'object',
                     'additionalProperties': _BUCKET,
@@ -186,6 +187,9 @@ DEFAULTS: Dict[str, Any] = {
         'enabled': True,
         'per_client': {'rate': 100, 'burst': 20},
         'global': {'rate': 1000, 'burst': 200},
+        # refused credentials per peer host: past this a caller hears 429 and is not audited
+        # line by line (a flood of bad keys must not rotate the audit trail away)
+        'auth_failures': {'rate': 1, 'burst': 20},
         'roles': {},
         'max_clients': 10000,
     },

@@ -147,11 +147,16 @@ def parse_bearer(value: Any) -> Optional[str]:
 
 
 def _lookup(items: Iterable[Tuple[Any, Any]], name: str) -> Tuple[bool, Any]:
-    for key, value in items:
+    """(present, value) of header ``name``; a header sent twice has no usable value (None):
+    gRPC keeps repeated metadata apart where WSGI joins them, and neither copy may win."""
+    found, value = False, None
+    for key, v in items:
         k = key.decode('latin-1') if isinstance(key, bytes) else str(key)
         if k.lower() == name:
-            return True, value
-    return False, None
+            if found:
+                return True, None
+            found, value = True, v
+    return found, value
 
 
 def credentials_from_headers(

@@ -64,6 +64,10 @@ def error_headers(exc: EngineError) -> dict:
 
 
 # ------------------------------------------------------------------------------------ Flask
+_WWW_AUTHENTICATE = 'Bearer realm="akidb", ApiKey header="X-API-Key"'
+_NO_BODY_METHODS = frozenset(('GET', 'HEAD', 'OPTIONS'))
+
+
 def install_flask(
     app: Any,
     guard: Guard,
@@ -76,11 +80,48 @@ def install_flask(
     ``front``: the :class:`~akidb_ros.guard.tls_front.TLSFront` when REST is served over TLS
     (the peer certificate and the real client address come from it; requests that did not
     pass through it are refused). Unmatched URLs are left to Flask (404/405).
+
+    Refusals are rendered by the app's ``extensions['akidb_error_response']`` (``create_app``
+    sets it: the error shape of the route, OpenAI's on ``/v1/...``), else as ``{error, code}``.
+
+    Also sets ``app.extensions['akidb_early_check']``, which the REST server
+    (``akidb_ros.rest.server``) calls when a request's head is complete and a body follows,
+    before the body is read: a caller whose credentials are missing or refused for the route is
+    answered 401/403 there, without its body ever being buffered (authentication and
+    authorisation only: no rate-limit token is taken; the full chain runs in Flask as before).
     """
     from flask import Response, g, request
+    from werkzeug.exceptions import HTTPException
+
+    from akidb_ros.doors import REQUEST_ID_HEADER, request_id_from
+
+    from . import rbac
+    from .rbac import Permission
 
     if hsts is None:
         hsts = front is not None
+
+    def credentials(environ):
+        if front is not None:
+            return front.credentials(environ, api_key_header=guard.api_key_header)
+        return credentials_from_wsgi(
+            {k: v for k, v in environ.items() if k != 'SSL_CLIENT_CERT'},
+            api_key_header=guard.api_key_header,
+        )
+
+    def refusal(exc: EngineError, path: str):
+        count_refusal('rest', exc)
+        render = app.extensions.get('akidb_error_response')
+        if render is not None:
+            resp = render(exc, path)
+        else:
+            resp = Response(
+                json.dumps(exc.to_dict()), status=exc.code.http_status, mimetype='application/json'
+            )
+            resp.headers.update(error_headers(exc))
+        if resp.status_code == 401:
+            resp.headers['WWW-Authenticate'] = _WWW_AUTHENTICATE
+        return resp
 
     @app.before_request
     def _akidb_guard():
@@ -89,27 +130,12 @@ def install_flask(
             return None
         key = f'{request.method} {rule.rule}'
         try:
-            if front is not None:
-                creds = front.credentials(request.environ, api_key_header=guard.api_key_header)
-            else:
-                creds = credentials_from_wsgi(
-                    {k: v for k, v in request.environ.items() if k != 'SSL_CLIENT_CERT'},
-                    api_key_header=guard.api_key_header,
-                )
+            creds = credentials(request.environ)
             d = guard.check(
                 key, creds, transport='rest', request_id=getattr(g, 'request_id', '') or ''
             )
         except EngineError as exc:
-            count_refusal('rest', exc)
-            resp = Response(
-                json.dumps(exc.to_dict()), status=exc.code.http_status, mimetype='application/json'
-            )
-            resp.headers.update(error_headers(exc))
-            if exc.code.http_status == 401:
-                resp.headers['WWW-Authenticate'] = (
-                    'Bearer realm="akidb", ApiKey header="X-API-Key"'
-                )
-            return resp
+            return refusal(exc, request.path)
         g.akidb_guard_token = _CURRENT.set(d)
         g.akidb_guard = d
         return None
@@ -117,6 +143,51 @@ def install_flask(
     fixed = list(SECURITY_HEADERS.items()) if security_headers else []
     if security_headers and hsts:
         fixed.append(('Strict-Transport-Security', 'max-age=31536000'))
+
+    def run_app(environ):
+        """The app's answer to a request whose answer cannot depend on its body (not read)."""
+        out: dict = {}
+
+        def start_response(status, headers, exc_info=None):
+            out['status'], out['headers'] = status, headers
+
+        result = app(environ, start_response)
+        try:
+            body = b''.join(result)
+        finally:
+            if hasattr(result, 'close'):
+                result.close()
+        return out['status'], list(out['headers']), body
+
+    def early_check(environ):
+        """``None``: read the body and serve the request; else ``(status, headers, body)``, the
+        answer to send at once (the body is then never read)."""
+        req = app.request_class(environ)
+        try:
+            rule, _args = app.create_url_adapter(req).match(return_rule=True)
+        except HTTPException:
+            return run_app(environ)     # 404 / 405: no handler reads a body
+        key = f'{req.method} {rule.rule}'
+        perm = rbac.permission_for(key)
+        if perm is Permission.PUBLIC:
+            # liveness, OPTIONS: answered without the body; a PUBLIC POST would need it
+            return run_app(environ) if req.method in _NO_BODY_METHODS else None
+        rid = request_id_from(environ.get('HTTP_' + REQUEST_ID_HEADER.upper().replace('-', '_')))
+        try:
+            creds = credentials(environ)
+            identity = guard.authenticate(creds, transport='rest', request_id=rid, action=key)
+            guard.authorize(identity, perm, transport='rest', request_id=rid, peer=creds.peer)
+        except EngineError as exc:
+            resp = refusal(exc, req.path)
+            present = {k.lower() for k in resp.headers.keys()}
+            for k, v in fixed:
+                if k.lower() not in present:
+                    resp.headers[k] = v
+            resp.headers[REQUEST_ID_HEADER] = rid
+            return resp.status, resp.headers.to_wsgi_list(), resp.get_data()
+        return None
+
+    app.extensions['akidb_early_check'] = early_check
 
     @app.after_request
     def _akidb_headers(resp):
@@ -152,7 +223,8 @@ def _grpc_abort(context: Any, exc: EngineError) -> None:
 def _make_interceptor_class():
     import grpc
 
-    from akidb_ros.grpc_api.interceptor_base import WrappingInterceptor
+    from akidb_ros.grpc_api.interceptor_base import WrappingInterceptor, is_non_blocking, \
+        with_conventions
 
     class GuardInterceptor(WrappingInterceptor):
         """Checks every RPC (by its full method name) before the servicer runs."""
@@ -179,6 +251,9 @@ def _make_interceptor_class():
             check = self.admit
 
             def unary_response(behavior):
+                if is_non_blocking(behavior):
+                    return non_blocking(behavior)
+
                 def run(request, context):
                     token = _CURRENT.set(check(method, context))
                     try:
@@ -188,7 +263,22 @@ def _make_interceptor_class():
 
                 return run
 
+            def non_blocking(behavior):
+                # a handler that answers through gRPC's send callback (health Watch) holds no
+                # thread: checked here, it stays that way (no stream slot, no pool thread)
+                def run(request, context, *more):
+                    token = _CURRENT.set(check(method, context))
+                    try:
+                        return behavior(request, context, *more)
+                    finally:
+                        _CURRENT.reset(token)
+
+                return with_conventions(run, behavior)
+
             def stream_response(behavior):
+                if is_non_blocking(behavior):
+                    return non_blocking(behavior)
+
                 def run(request, context):
                     token = _CURRENT.set(check(method, context))
                     try:

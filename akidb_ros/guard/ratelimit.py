@@ -5,13 +5,16 @@ A request takes one token from its client's bucket AND one from the global bucke
 when either is empty nothing is taken and the caller gets RATE_LIMITED (HTTP 429 / gRPC
 RESOURCE_EXHAUSTED) with ``Retry-After`` = time until both buckets hold a token again.
 
-Headers (all integers, seconds):
-  X-RateLimit-Limit      sustained rate of the client's bucket (requests per second)
-  X-RateLimit-Remaining  whole tokens left in the client's bucket after this request
-  X-RateLimit-Reset      seconds until the client's bucket is full again
+Headers (all integers, seconds), about the client's bucket (on a refusal by the global
+bucket, about that one):
+  X-RateLimit-Limit      sustained rate of the bucket (requests per second)
+  X-RateLimit-Remaining  whole tokens left in the bucket after this request
+  X-RateLimit-Reset      seconds until the bucket is full again
   Retry-After            (refusals only) seconds until a retry can succeed, rounded up
 Buckets of idle clients are dropped (bounded memory, ``max_clients``); a dropped bucket would
-have been full anyway once idle for burst/rate seconds.
+have been full anyway once idle for burst/rate seconds. A client whose role changes (two keys of
+one client with different roles) keeps its bucket's tokens under the new role's spec: switching
+keys never refills it.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ class TokenBucket:
 @dataclass(frozen=True)
 class RateLimitDecision:
     allowed: bool
-    scope: str  # 'client' | 'global' | 'none' (limits off)
+    scope: str  # 'client' | 'global' | 'auth_failures' | 'none' (limits off)
     limit: float
     remaining: int
     reset_s: float
@@ -105,6 +108,7 @@ class RateLimitSettings:
     global_: BucketSpec = field(default_factory=lambda: BucketSpec(1000.0, 200))
     roles: Dict[str, BucketSpec] = field(default_factory=dict)  # role name -> per-client spec
     max_clients: int = 10000
+    use_global: bool = True     # False: per-client buckets only (the auth-failure limiter)
 
 
 class RateLimiter:
@@ -132,28 +136,37 @@ class RateLimiter:
         with self._lock:
             now = self._clock()
             bucket = self._clients.get(client)
-            if bucket is None or bucket.spec != spec:
+            if bucket is None:
                 bucket = TokenBucket(spec, now)
                 self._clients[client] = bucket
                 while len(self._clients) > s.max_clients:
                     self._clients.popitem(last=False)
+            elif bucket.spec != spec:
+                # same client, another role: keep what is left, never a fresh full bucket
+                bucket.refill(now)
+                bucket.spec, bucket.tokens = spec, min(bucket.tokens, float(spec.burst))
             self._clients.move_to_end(client)
             bucket.refill(now)
             self._global.refill(now)
-            wait_client, wait_global = bucket.wait_for(cost), self._global.wait_for(cost)
+            wait_client = bucket.wait_for(cost)
+            wait_global = self._global.wait_for(cost) if s.use_global else 0.0
             if wait_client == 0.0 and wait_global == 0.0:
                 bucket.tokens = max(0.0, bucket.tokens - cost)
-                self._global.tokens = max(0.0, self._global.tokens - cost)
+                if s.use_global:
+                    self._global.tokens = max(0.0, self._global.tokens - cost)
                 return RateLimitDecision(
                     True, 'client', spec.rate, int(bucket.tokens + 1e-9), bucket.time_to_full()
                 )
-            scope = 'client' if wait_client >= wait_global else 'global'
+            if wait_client >= wait_global:
+                scope, full = 'client', bucket
+            else:           # the headers describe the bucket that refused
+                scope, full = 'global', self._global
             return RateLimitDecision(
                 False,
                 scope,
-                spec.rate,
-                int(bucket.tokens + 1e-9),
-                bucket.time_to_full(),
+                full.spec.rate,
+                int(full.tokens + 1e-9),
+                full.time_to_full(),
                 max(wait_client, wait_global),
             )
 

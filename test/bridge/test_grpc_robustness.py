@@ -138,34 +138,104 @@ def test_idle_reflection_streams_do_not_starve_unary_calls(small_pool):
         ch.close()
 
 
-def test_health_watches_behind_the_guard_count_as_streams(local_backend):
-    """The guard's interceptor hides Watch's non-blocking form, so each Watch holds a thread:
-    Watches beyond the share are refused and Check, Embed and ListModels are still served."""
+def test_health_watches_behind_the_guard_hold_no_thread(local_backend, tmp_path):
+    """The guard keeps Watch's non-blocking form: Watches hold neither a handler thread nor a
+    stream slot (one viewer cannot fill the share with them), and each still meets the guard."""
     from akidb_ros.guard import Guard, GuardInterceptor
-    guard = Guard({'auth': {'enabled': False}, 'rate_limit': {'enabled': False},
-                   'audit': {'enabled': False}})
+    from akidb_ros.guard.apikeys import create_key
+    from akidb_ros.guard.identity import Role
+    keys = str(tmp_path / 'keys.yaml')
+    viewer = create_key(keys, Role('viewer'), 'watcher')[1]
+    dev = create_key(keys, Role('developer'), 'streamer')[1]
+    guard = Guard({'auth': {'enabled': True, 'api_keys': {'enabled': True, 'file': keys}},
+                   'rate_limit': {'enabled': False}, 'audit': {'enabled': False}})
     srv = GrpcServer(local_backend, host='127.0.0.1', port=0, max_workers=4,
                      interceptors=[GuardInterceptor(guard)]).start()
     target = f'127.0.0.1:{srv.port}'
     ch = grpc.insecure_channel(target)
     hs = health_pb2_grpc.HealthStub(ch)
-    calls = [hs.Watch(health_pb2.HealthCheckRequest(service=''), timeout=30) for _ in range(5)]
+    calls = [hs.Watch(health_pb2.HealthCheckRequest(service=''), timeout=30,
+                      metadata=[('x-api-key', viewer)]) for _ in range(8)]
     try:
-        _wait_done(calls, 3)
-        time.sleep(0.3)     # no more than the share's excess ends
-        refused = [c for c in calls if c.done()]
-        assert len(refused) == 3
-        for c in calls:
-            if c not in refused:
-                assert next(c).status == health_pb2.HealthCheckResponse.SERVING
-        assert {dict(c.trailing_metadata())['akidb-error-code'] for c in refused} == \
-            {'OVERLOADED'}
-        _assert_others_served(target)
+        for c in calls:         # 8 Watches on a pool of 4 threads, 2 stream slots
+            assert next(c).status == health_pb2.HealthCheckResponse.SERVING
+        assert srv.stream_slots.active == 0
+        with pytest.raises(grpc.RpcError) as ei:
+            next(hs.Watch(health_pb2.HealthCheckRequest(service=''), timeout=5))
+        assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        outs = list(pb_grpc.EmbeddingServiceStub(ch).EmbedStream(
+            iter([pb.EmbedRequest(inputs=['served'])] * 2), timeout=10,
+            metadata=[('x-api-key', dev)]))
+        assert len(outs) == 2
+        stub = pb_grpc.EmbeddingServiceStub(ch)
+        assert stub.ListModels(pb.ListModelsRequest(), timeout=3,
+                               metadata=[('x-api-key', viewer)]).models
     finally:
         for c in calls:
             c.cancel()
         ch.close()
         srv.stop(grace_s=0)
+
+
+def test_an_idle_reflection_stream_gives_its_slot_back(local_backend):
+    """gRPC's request iterator cannot time out: the door cancels a reflection stream whose
+    client sent nothing for the idle limit, and its slot serves the next stream."""
+    srv = GrpcServer(local_backend, host='127.0.0.1', port=0, max_workers=4, max_streams=1,
+                     stream_idle_timeout_s=1.0).start()
+    release = threading.Event()
+    ch = grpc.insecure_channel(f'127.0.0.1:{srv.port}')
+    try:
+        idle = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            _Idle(release), timeout=30)
+        end = time.monotonic() + 5
+        while srv.stream_slots.active < 1:
+            assert time.monotonic() < end
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        assert _wait_done([idle], 1, timeout_s=5)
+        assert idle.code() == grpc.StatusCode.CANCELLED and time.monotonic() - t0 < 4
+        end = time.monotonic() + 3
+        while srv.stream_slots.active:
+            assert time.monotonic() < end, 'the slot was not given back'
+            time.sleep(0.02)
+        outs = list(pb_grpc.EmbeddingServiceStub(ch).EmbedStream(
+            iter([pb.EmbedRequest(inputs=['next'])]), timeout=10))
+        assert len(outs) == 1
+    finally:
+        release.set()
+        ch.close()
+        srv.stop(grace_s=0)
+
+
+def test_each_stream_message_takes_a_rate_limit_token(local_backend, tmp_path):
+    """An EmbedStream cannot go past the caller's rate limit: each message takes a token and
+    the first one over the limit ends the stream RATE_LIMITED at its index."""
+    from akidb_ros.guard import Guard, GuardInterceptor
+    from akidb_ros.guard.apikeys import create_key
+    from akidb_ros.guard.identity import Role
+    keys = str(tmp_path / 'keys.yaml')
+    dev = create_key(keys, Role('developer'), 'streamer')[1]
+    guard = Guard({'auth': {'enabled': True, 'api_keys': {'enabled': True, 'file': keys}},
+                   'rate_limit': {'per_client': {'rate': 0.1, 'burst': 5}},
+                   'audit': {'enabled': False}})
+    srv = GrpcServer(local_backend, host='127.0.0.1', port=0, guard=guard.door_hook,
+                     interceptors=[GuardInterceptor(guard)]).start()
+    ch = grpc.insecure_channel(f'127.0.0.1:{srv.port}')
+    got = []
+    try:
+        with pytest.raises(grpc.RpcError) as ei:
+            for resp in pb_grpc.EmbeddingServiceStub(ch).EmbedStream(
+                    iter([pb.EmbedRequest(inputs=[f'text {i}']) for i in range(12)]),
+                    timeout=20, metadata=[('x-api-key', dev)]):
+                got.append(resp)
+    finally:
+        ch.close()
+        srv.stop(grace_s=0)
+    assert len(got) == 5            # the burst: 5 tokens, the stream's own check included
+    assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    md = dict(ei.value.trailing_metadata())
+    assert md['akidb-error-code'] == 'RATE_LIMITED' and md['akidb-stream-index'] == '5'
+    assert int(md['retry-after']) >= 1
 
 
 def test_stream_share_is_configurable_and_checked(local_backend):

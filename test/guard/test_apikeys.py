@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from akidb_ros.guard import apikeys
@@ -148,3 +149,89 @@ def test_cli_create_list_revoke_rotate(tmp_path):
     assert '"key_rotated"' in log and '"key_revoked"' in log
     r = _cli('--file', f, 'list', '--json')
     assert all(row['status'] == 'revoked' for row in __import__('json').loads(r.stdout))
+
+
+def _race_worker(path, barrier, victim, n_creates, out):
+    """One concurrent `akidb-keys` user: creates keys, revokes its victim, creates more."""
+    barrier.wait()
+    made = [apikeys.create_key(path, Role.VIEWER, 'racer')[0].id for _ in range(n_creates)]
+    apikeys.revoke_key(path, victim)
+    made += [apikeys.create_key(path, Role.VIEWER, 'racer')[0].id for _ in range(n_creates)]
+    out.put(made)
+
+
+def _rotate_worker(path, barrier, key_id, out):
+    barrier.wait()
+    old, new, _ = apikeys.rotate_key(path, key_id)
+    out.put([new.id])
+
+
+def test_concurrent_processes_lose_no_change(key_file):
+    """Read-modify-writes from separate processes are serialised: every created key stays and
+    every revocation (rotation included) holds."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context('spawn')
+    victims = [apikeys.create_key(key_file, Role.ADMIN, f'leaked-{i}')[0].id for i in range(6)]
+    rotated = apikeys.create_key(key_file, Role.ADMIN, 'rotated')[0].id
+    barrier, out = ctx.Barrier(7), ctx.Queue()
+    procs = [
+        ctx.Process(target=_race_worker, args=(key_file, barrier, v, 3, out)) for v in victims
+    ]
+    procs.append(ctx.Process(target=_rotate_worker, args=(key_file, barrier, rotated, out)))
+    for p in procs:
+        p.start()
+    made = [kid for _ in procs for kid in out.get(timeout=120)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    records = apikeys.read_key_file(key_file)
+    assert len(made) == 6 * 6 + 1 and set(made) <= set(records)
+    assert all(records[v].revoked for v in victims + [rotated])
+    assert len(records) == 6 + 1 + len(made)
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+
+
+def test_wrong_secret_carries_the_presented_key_id(key_file, clock):
+    """The audit can name the key under attack; the caller still sees an unknown key."""
+    rec, key = apikeys.create_key(key_file, Role.ADMIN, 'ops')
+    store = apikeys.ApiKeyStore(key_file, clock=clock)
+    res = store.verify(key[:-1] + ('A' if key[-1] != 'A' else 'B'))
+    assert (res.ok, res.record, res.reason, res.key_id) == (False, None, 'unknown_key', rec.id)
+    other_id, other = apikeys.generate_key()
+    res = store.verify(other)
+    assert (res.record, res.reason, res.key_id) == (None, 'unknown_key', other_id)
+    assert store.verify('akidb.nonsense').key_id is None
+    assert store.verify(key).key_id == rec.id
+
+
+def test_rotate_refuses_revoked_and_expired_keys(key_file):
+    past = apikeys.utcnow() - dt.timedelta(days=2)
+    expired, _ = apikeys.create_key(key_file, Role.ADMIN, 'old', expires_days=1, now=past)
+    revoked, _ = apikeys.create_key(key_file, Role.ADMIN, 'gone')
+    apikeys.revoke_key(key_file, revoked.id)
+    before = open(key_file).read()
+    for rec, status in ((expired, 'expired'), (revoked, 'revoked')):
+        with pytest.raises(apikeys.KeyStateError, match=status):
+            apikeys.rotate_key(key_file, rec.id, grace_s=3600)
+    assert open(key_file).read() == before  # nothing minted
+
+
+@pytest.mark.parametrize('kwargs', [
+    {'client': ''}, {'client': '   '}, {'client': 'evil\n\x1b[31mRED'}, {'client': 'x' * 129},
+    {'note': 'a\rb'}, {'expires_days': -5}, {'expires_days': float('inf')},
+    {'expires_days': float('nan')}, {'expires_days': 1e9}, {'expires_days': 0.5},
+])
+def test_create_key_validates_its_input(key_file, kwargs):
+    args = {'client': 'robot', **kwargs}
+    with pytest.raises(ValueError):
+        apikeys.create_key(key_file, Role.VIEWER, **args)
+    assert apikeys.read_key_file(key_file) == {}
+
+
+@pytest.mark.parametrize('grace_s', [-1, float('inf'), float('nan'), 31 * 86400])
+def test_rotate_validates_grace(key_file, grace_s):
+    rec, _ = apikeys.create_key(key_file, Role.VIEWER, 'robot')
+    with pytest.raises(ValueError):
+        apikeys.rotate_key(key_file, rec.id, grace_s=grace_s)
+    assert list(apikeys.read_key_file(key_file)) == [rec.id]

@@ -162,3 +162,17 @@ def test_startup_banner_says_what_is_on():
     prod = config.load(env={'AKIDB_SECURITY_PROFILE': 'prod'})
     b = startup_banner(prod, '0.0.0.0', 8443)
     assert 'api_keys+jwt+mtls' in b and 'TLS 1.3 + client certificates' in b
+
+
+def test_scrub_keeps_ids_and_redacts_secrets():
+    """Key ids are not secrets (rotation records must name the old key); secrets stay hidden."""
+    _, key = apikeys.generate_key()
+    ids = {'key_id': 'k0123456789ab', 'previous_key_id': 'k111111111111',
+           'new_key_id': 'k222222222222', 'key_ids': ['k333333333333'], 'api_key_id': 'k4'}
+    secrets = {'key': 'a', 'api_key': 'b', 'previous_key': 'c', 'new_api_key': 'd',
+               'secret_key': 'e', 'private_key': 'f', 'token': 'g', 'key_secret': 'h'}
+    out = scrub({**ids, **secrets, 'actor': {'key_id': 'k5'}})
+    assert {k: out[k] for k in ids} == ids and out['actor'] == {'key_id': 'k5'}
+    assert all(out[k] == REDACTED for k in secrets)
+    # an id field holding a key by mistake is still caught by its shape
+    assert scrub({'previous_key_id': key})['previous_key_id'] == REDACTED

@@ -264,3 +264,80 @@ def test_jwt_and_mtls_through_the_chain(tmp_path, rsa_keys, pki, clock):
     call.peer_cert = cert
     guard.door_hook(call)
     assert call.principal.method is AuthMethod.MTLS and call.principal.subject == 'operator-client'
+
+
+def test_refused_credentials_are_rate_limited_per_peer(setup, clock):
+    """A flood of bad keys from one host: past the auth-failure burst it hears 429 and writes
+    no audit line per refusal (the trail is not rotated away); other hosts, and good keys
+    from that host, are unaffected."""
+    guard, keys, _, audit_path, _ = setup
+    bad = {'x-api-key': 'akidb.k0123456789ab.' + 'B' * 43}
+    codes = []
+    for _ in range(30):
+        try:
+            guard.door_hook(door_call('embed', bad))
+        except EngineError as exc:
+            codes.append(exc.code)
+    assert codes == [ErrorCode.UNAUTHENTICATED] * 20 + [ErrorCode.RATE_LIMITED] * 10
+    lines = [json.loads(x) for x in open(audit_path)]
+    assert sum(x['event'] == 'auth_failure' for x in lines) == 20
+    with pytest.raises(EngineError) as e:
+        guard.door_hook(door_call('embed', bad))
+    assert e.value.headers['Retry-After'] == '1'
+    guard.door_hook(door_call('embed', {'x-api-key': keys['developer']}))    # still served
+    from akidb_ros.doors import DoorCall
+    other = DoorCall(transport='rest', operation='embed', request_id='r', headers=bad,
+                     peer='10.9.9.9')
+    with pytest.raises(EngineError) as e:
+        guard.door_hook(other)
+    assert e.value.code is ErrorCode.UNAUTHENTICATED
+    clock.advance(1.0)          # 1 refusal a second refills
+    with pytest.raises(EngineError) as e:
+        guard.door_hook(door_call('embed', bad))
+    assert e.value.code is ErrorCode.UNAUTHENTICATED
+
+
+def test_each_request_of_one_guarded_call_takes_a_token(setup):
+    """A stream's messages share the transport's decision (one check per call), yet each of
+    them takes a rate-limit token of its own: a stream cannot go past the limit."""
+    from akidb_ros.guard.integrations import _CURRENT
+    guard, keys, _, _, _ = setup
+    from akidb_ros.guard.identity import credentials_from_headers
+    pre = guard.check('/akidb.embedding.v1.EmbeddingService/EmbedStream',
+                      credentials_from_headers({'x-api-key': keys['developer']}, peer='p'),
+                      transport='grpc')
+    token = _CURRENT.set(pre)
+    try:
+        served = 0
+        with pytest.raises(EngineError) as e:
+            for _ in range(40):
+                guard.door_hook(door_call('embed', transport='grpc'))
+                served += 1
+    finally:
+        _CURRENT.reset(token)
+    assert served == 20 and e.value.code is ErrorCode.RATE_LIMITED    # the burst, 20 in all
+
+
+@pytest.mark.parametrize('name', ['x-api-key', 'authorization'])
+def test_a_credential_sent_twice_is_malformed(setup, name):
+    """gRPC keeps repeated metadata apart (WSGI joins them): neither copy may win."""
+    from akidb_ros.guard.identity import credentials_from_headers
+    guard, keys, _, _, _ = setup
+    value = keys['developer'] if name == 'x-api-key' else 'Bearer a.b.c'
+    creds = credentials_from_headers([(name, value), (name.upper(), value)], peer='p')
+    assert creds.malformed == ('api_key' if name == 'x-api-key' else 'authorization',)
+    with pytest.raises(EngineError) as e:
+        guard.check('/akidb.embedding.v1.EmbeddingService/Embed', creds, transport='grpc')
+    assert e.value.code is ErrorCode.UNAUTHENTICATED and 'malformed' in e.value.message
+
+
+def test_a_wrong_secret_for_a_real_key_id_is_audited_with_that_id(setup):
+    """The caller hears the same 401 as for an unknown key; the audit names the key id."""
+    guard, keys, recs, audit_path, _ = setup
+    kid = recs['developer'].id
+    forged = f'akidb.{kid}.' + 'A' * 43
+    with pytest.raises(EngineError) as e:
+        guard.door_hook(door_call('embed', {'x-api-key': forged}))
+    assert e.value.code is ErrorCode.UNAUTHENTICATED and e.value.message == 'invalid API key'
+    last = [json.loads(x) for x in open(audit_path)][-1]
+    assert last['event'] == 'auth_failure' and last['actor']['key_id'] == kid

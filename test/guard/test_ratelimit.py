@@ -126,3 +126,26 @@ def test_measured_global_rate_real_time():
     allowed, elapsed = _hammer(rl, [f'c{i}' for i in range(50)], 1.5)
     expected = 200 + 1000 * elapsed
     assert abs(allowed - expected) <= 0.10 * expected, (allowed, expected)
+
+
+def test_switching_roles_never_refills_a_clients_bucket(clock):
+    """Two keys of one client with different roles share one bucket: alternating them takes
+    from it like one key would, under the spec of the role of each request."""
+    rl = RateLimiter(RateLimitSettings(per_client=BucketSpec(100, 20),
+                                       roles={'viewer': BucketSpec(10, 2)}), clock=clock)
+    allowed = sum(rl.check('svc', role).allowed
+                  for role in ['developer', 'viewer'] * 30)
+    assert allowed <= 20
+    assert not rl.check('svc', 'viewer').allowed and not rl.check('svc', 'developer').allowed
+
+
+def test_a_global_refusal_reports_the_global_bucket(clock):
+    rl = RateLimiter(RateLimitSettings(per_client=BucketSpec(100, 20),
+                                       global_=BucketSpec(10, 5)), clock=clock)
+    for i in range(5):
+        assert rl.check(f'c{i}').allowed
+    d = rl.check('fresh')
+    assert not d.allowed and d.scope == 'global'
+    h = d.headers()
+    assert h['X-RateLimit-Limit'] == '10' and h['X-RateLimit-Remaining'] == '0'
+    assert h['X-RateLimit-Reset'] == '1' and h['Retry-After'] == '1'

@@ -154,3 +154,123 @@ def test_admin_callers_take_the_priority_lane(tmp_path):
         assert set(snap) == {'sick'} and snap['sick']['window_calls'] == 2
     finally:
         engine.close()
+
+
+# --- the guard over real HTTP (akidb_ros.server.Bridges wires it as in production) ----------
+
+@pytest.fixture
+def served(tmp_path, clock):
+    """The guarded REST door on a real loopback port, wired by Bridges(security=guard)."""
+    from akidb_ros.backends import LocalBackend
+    from akidb_ros.guard import Guard
+    from akidb_ros.guard.apikeys import create_key
+    from akidb_ros.guard.identity import Role
+    from akidb_ros.server import Bridges
+
+    engine = build_engine(tmp_path)
+    keys = str(tmp_path / 'keys.yaml')
+    made = {r: create_key(keys, Role(r), f'{r}-svc')[1] for r in ('viewer', 'developer')}
+    guard = Guard(
+        {
+            'auth': {'enabled': True, 'api_keys': {'enabled': True, 'file': keys}},
+            'rate_limit': {'roles': {'developer': {'rate': 1, 'burst': 2}}},
+            'breaker': {'enabled': False},
+            'audit': {'enabled': False},
+        },
+        clock=clock,
+    )
+    bridges = Bridges(LocalBackend(engine), host='127.0.0.1', rest_port=0, grpc_port=None,
+                      security=guard).start()
+    yield f'http://127.0.0.1:{bridges.rest_port}', bridges.rest_port, made
+    bridges.stop(grace_s=1)
+    engine.close()
+
+
+def _openai_error(r, status, code, kind):
+    body = r.json()
+    assert r.status_code == status, r.text
+    assert body['code'] == code and set(body['error']) == {'message', 'type', 'param', 'code'}
+    assert body['error']['code'] == code and body['error']['type'] == kind, body
+    return body
+
+
+def test_guard_refusals_on_the_openai_route_have_openai_shape(served):
+    import requests
+
+    url, _port, keys = served
+    body = {'input': 'hello', 'model': 'sick'}
+    r = requests.post(url + '/v1/embeddings', json=body, timeout=10)
+    _openai_error(r, 401, 'UNAUTHENTICATED', 'authentication_error')
+    assert r.headers['WWW-Authenticate'].startswith('Bearer')
+    r = requests.post(url + '/v1/embeddings', json=body, headers={'X-API-Key': keys['viewer']},
+                      timeout=10)
+    _openai_error(r, 403, 'PERMISSION_DENIED', 'permission_error')
+    dev = {'X-API-Key': keys['developer']}
+    for _ in range(2):      # the burst (the corrupt model answers 503, in the same shape)
+        r = requests.post(url + '/v1/embeddings', json=body, headers=dev, timeout=30)
+        _openai_error(r, 503, 'MODEL_LOAD_FAILED', 'server_error')
+    r = requests.post(url + '/v1/embeddings', json=body, headers=dev, timeout=10)
+    _openai_error(r, 429, 'RATE_LIMITED', 'rate_limit_error')
+    assert int(r.headers['Retry-After']) >= 1 and r.headers['X-RateLimit-Remaining'] == '0'
+    # the native route keeps {error, code}
+    r = requests.post(url + '/api/v1/embed', json={'inputs': ['hello']}, timeout=10)
+    assert r.status_code == 401 and r.json() == {'error': 'authentication required',
+                                                 'code': 'UNAUTHENTICATED'}
+
+
+def _head_only(port, head: bytes, timeout: float = 3.0) -> bytes:
+    """Send a request head (and no body); what the server answers within ``timeout``."""
+    import socket
+
+    with socket.create_connection(('127.0.0.1', port), timeout=timeout) as s:
+        s.sendall(head)
+        out = b''
+        try:
+            while b'\r\n\r\n' not in out or not out.rstrip().endswith(b'}'):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+        except socket.timeout:
+            pass
+        return out
+
+
+def test_a_refused_caller_is_answered_before_its_body_is_read(served):
+    """No credentials (or not enough): 401/403 on the head alone, with the route's error shape,
+    the connection closed; the 30 MB the head announces are never waited for nor buffered."""
+    import json
+
+    _url, port, keys = served
+    t0 = time.perf_counter()
+    out = _head_only(port, b'POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n'
+                           b'Content-Type: application/json\r\nContent-Length: 30000000\r\n\r\n')
+    assert time.perf_counter() - t0 < 2.5, 'the server waited for the body'
+    head, body = out.split(b'\r\n\r\n', 1)
+    assert head.startswith(b'HTTP/1.1 401 '), head
+    assert b'WWW-Authenticate: Bearer' in head and b'Connection: close' in head
+    assert b'X-Content-Type-Options: nosniff' in head and b'X-Request-ID: ' in head
+    got = json.loads(body)
+    assert got['code'] == 'UNAUTHENTICATED' and got['error']['type'] == 'authentication_error'
+    # a known caller without the permission, native route, Expect: 100-continue: 403, no 100
+    out = _head_only(port, b'POST /api/v1/embed HTTP/1.1\r\nHost: x\r\n'
+                           b'X-API-Key: ' + keys['viewer'].encode() + b'\r\n'
+                           b'Content-Type: application/json\r\nExpect: 100-continue\r\n'
+                           b'Content-Length: 30000000\r\n\r\n')
+    assert out.startswith(b'HTTP/1.1 403 '), out[:200]
+    assert json.loads(out.split(b'\r\n\r\n', 1)[1])['code'] == 'PERMISSION_DENIED'
+
+
+def test_the_early_check_takes_no_rate_limit_token(served):
+    """An accepted caller's request with a body is checked twice (head, then the full chain in
+    Flask) but takes one token: a burst of 2 serves 2 requests, the 3rd is 429."""
+    import requests
+
+    url, _port, keys = served
+    dev = {'X-API-Key': keys['developer']}
+    remaining = []
+    for _ in range(3):
+        r = requests.post(url + '/api/v1/embed', json={'inputs': ['hello'], 'model': 'sick'},
+                          headers=dev, timeout=30)
+        remaining.append((r.status_code, r.headers.get('X-RateLimit-Remaining')))
+    assert remaining == [(503, '1'), (503, '0'), (429, '0')], remaining

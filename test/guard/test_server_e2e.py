@@ -96,6 +96,9 @@ def _security_config(d, certs, keys_file, audit_file, jwt_pem):
                     ca_file='absent/ca.crt')
     assert s['rate_limit']['roles']['viewer'] == {'rate': 10, 'burst': 2}   # used below
     s['breaker']['open_s'] = OPEN_S                # test-only: 2 s instead of 30 s
+    # test-only: the RBAC matrices below send hundreds of refused calls from 127.0.0.1
+    assert s['rate_limit']['auth_failures'] == {'rate': 1, 'burst': 20}
+    s['rate_limit']['auth_failures'] = {'rate': 1000, 'burst': 10000}
     s['audit']['file'] = audit_file
     path = os.path.join(d, 'security.yaml')
     with open(path, 'w') as f:
@@ -665,7 +668,9 @@ def test_probe_port_serves_nothing_else(server):
 
 
 def test_probe_readiness_follows_the_default_model(server):
-    """An operator unloads the default model: the probe says 503 not_ready until it is back."""
+    """An operator unloads the default model: the probe says 503 not_ready until it is back,
+    which it is by itself (the readiness look starts its load: no traffic reaches a pod that
+    is not ready)."""
     s = _plain()
     sess = server.session()
     admin = {'X-API-Key': server.keys['admin']}
@@ -676,6 +681,10 @@ def test_probe_readiness_follows_the_default_model(server):
         assert (r.status_code, r.json()['status'], r.json()['code']) == \
             (503, 'not_ready', 'UNAVAILABLE')
         assert s.get(server.probe + '/health/live', timeout=10).status_code == 200
+        end = time.monotonic() + 30
+        while s.get(server.probe + '/health/ready', timeout=10).status_code != 200:
+            assert time.monotonic() < end, 'the default model did not come back by itself'
+            time.sleep(0.1)
     finally:
         assert sess.post(server.base + '/admin/models/load', json={'model': DEFAULT},
                          headers=admin, timeout=60).status_code == 200
