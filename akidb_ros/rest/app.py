@@ -10,6 +10,7 @@ import base64
 import json
 import logging
 import math
+import re
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -160,16 +161,60 @@ def json_response(body: Dict[str, Any], status: int = 200) -> Response:
     return Response(json.dumps(body), status=status, mimetype='application/json')
 
 
-def http_error(status: int, message: str, code: str) -> Response:
-    """The ``{error, code}`` body for a refusal that happens before any handler runs."""
-    return json_response({'error': message, 'code': code}, status)
+# -- the error shape, decided by route in this one place ---------------------------------------
+OPENAI_PREFIX = '/v1/'
 
 
-def http_exception_response(exc: HTTPException) -> Response:
+def is_openai_path(path: str) -> bool:
+    """Whether ``path`` is on the OpenAI-compatible surface (``/v1/...``, the SDKs' base URL),
+    whose every error, from the app, the guard or the server itself, has OpenAI's shape."""
+    return path.startswith(OPENAI_PREFIX)
+
+
+def error_body(path: str, code: ErrorCode, message: str,
+               param: Optional[str] = None) -> Dict[str, Any]:
+    """The error document of a refusal on ``path``: ``{error, code}``, or on the OpenAI routes
+    ``{"error": {message, type, param, code}, "code"}`` (the table code in both places)."""
+    if is_openai_path(path):
+        return {'error': {'message': message, 'type': _openai_type(code), 'param': param,
+                          'code': code.name}, 'code': code.name}
+    return {'error': message, 'code': code.name}
+
+
+def error_bytes(path: str, code: ErrorCode, message: str) -> bytes:
+    """``error_body`` as JSON bytes (the WSGI server's own refusals: 400, 405, 413, 431)."""
+    return json.dumps(error_body(path, code, message)).encode()
+
+
+def engine_error_response(err: EngineError, path: str) -> Response:
+    """An EngineError as a response on ``path``: status from the table, ``Retry-After`` on
+    retryable 429/503s and ``err.headers`` (X-RateLimit-*). ``err.param`` (when set) names the
+    request field on the OpenAI routes."""
+    body = error_body(path, err.code, err.message, getattr(err, 'param', None))
+    resp = Response(json.dumps(body), status=err.code.http_status, mimetype='application/json')
+    if err.retry_after_s is not None or (err.code.retryable
+                                         and err.code.http_status in (429, 503)):
+        resp.headers['Retry-After'] = str(max(1, math.ceil(err.retry_after_s or 1)))
+    # door-level refusals (429) carry X-RateLimit-*; never override Retry-After above
+    for k, v in (getattr(err, 'headers', None) or {}).items():
+        resp.headers.setdefault(k, v)
+    return resp
+
+
+def http_error(status: int, message: str, code: str, path: str = '') -> Response:
+    """The error body (by route, see ``error_body``) of a refusal before any handler runs."""
+    try:
+        ecode = ErrorCode[code]
+    except KeyError:
+        ecode = ErrorCode.INTERNAL
+    return json_response(error_body(path, ecode, message), status)
+
+
+def http_exception_response(exc: HTTPException, path: str = '') -> Response:
     """Werkzeug's routing/parsing errors (404, 405, 413, ...) in the service's error shape."""
     code = _HTTP_CODES.get(exc.code, 'INVALID_INPUT' if 400 <= (exc.code or 0) < 500
                            else ErrorCode.INTERNAL.name)
-    resp = http_error(exc.code or 500, exc.description or exc.name, code)
+    resp = http_error(exc.code or 500, exc.description or exc.name, code, path)
     if getattr(exc, 'valid_methods', None):     # a 405 says what is allowed (RFC 9110)
         resp.headers['Allow'] = ', '.join(exc.valid_methods)
     return resp
@@ -193,12 +238,23 @@ def metrics_response() -> Response:
     return Response(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
 
 
+class _RestFlask(Flask):
+    """Flask whose automatic ``OPTIONS`` answer is ``204 No Content`` with ``Allow`` (Flask's
+    own is a 200 with an empty ``text/html`` body)."""
+
+    def make_default_options_response(self) -> Response:
+        resp = super().make_default_options_response()
+        resp.status_code = 204
+        resp.headers.pop('Content-Type', None)
+        return resp
+
+
 def create_app(backend: Backend, guard: Optional[GuardHook] = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                default_timeout_s: Optional[float] = None) -> Flask:
     """Build the Flask app around a backend (LocalBackend or RosBackend)."""
     # no static folder: its /static/<path> route would be an undeclared (default-deny) route
-    app = Flask('akidb_ros.rest', static_folder=None)
+    app = _RestFlask('akidb_ros.rest', static_folder=None)
     disable_redirects(app)          # /api/v1//embed is a JSON 404, not an HTML 308
     app.config['MAX_CONTENT_LENGTH'] = max_body_bytes
     app.json.sort_keys = False
@@ -206,21 +262,11 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
     openapi_doc = json.dumps(build_openapi())
 
     # -- helpers ------------------------------------------------------------------------------
-    def error_response(err: EngineError, openai: bool = False) -> Response:
-        if openai:
-            body = {'error': {'message': err.message, 'type': _openai_type(err.code),
-                              'param': None, 'code': err.code.name}, 'code': err.code.name}
-        else:
-            body = {'error': err.message, 'code': err.code.name}
-        resp = Response(json.dumps(body), status=err.code.http_status,
-                        mimetype='application/json')
-        if err.retry_after_s is not None or (err.code.retryable
-                                             and err.code.http_status in (429, 503)):
-            resp.headers['Retry-After'] = str(max(1, math.ceil(err.retry_after_s or 1)))
-        # door-level refusals (429) carry X-RateLimit-*; never override Retry-After above
-        for k, v in (getattr(err, 'headers', None) or {}).items():
-            resp.headers.setdefault(k, v)
-        return resp
+    # the install_flask guard (akidb_ros.guard.integrations) renders its refusals with it too
+    app.extensions['akidb_error_response'] = engine_error_response
+
+    def error_response(err: EngineError) -> Response:
+        return engine_error_response(err, request.path)
 
     def parse_body(kind: str) -> dict:
         media_error = json_media_type_error(request.environ.get('CONTENT_TYPE', ''))
@@ -250,7 +296,9 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
                               'malformed JSON: nested too deeply') from None
         err = _VALIDATORS[kind].first_error(body)
         if err is not None:
-            raise EngineError(ErrorCode.INVALID_INPUT, _schema_error(err))
+            exc = EngineError(ErrorCode.INVALID_INPUT, _schema_error(err))
+            exc.param = _schema_param(err)
+            raise exc
         return body
 
     def check_texts(texts) -> int:
@@ -262,6 +310,37 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
                 raise EngineError(ErrorCode.INVALID_INPUT,
                                   f'inputs[{i}]: not valid Unicode (lone surrogate)') from None
         return total
+
+    def check_model(model: str) -> None:
+        try:
+            model.encode('utf-8')
+        except UnicodeEncodeError:
+            exc = EngineError(ErrorCode.INVALID_INPUT, 'model: not valid Unicode (lone surrogate)')
+            exc.param = 'model'
+            raise exc from None
+
+    dim_cache: Dict[str, Any] = {'at': -1e9, 'dims': {}}
+
+    def model_dimension(model_id: str) -> int:
+        """A model's dimension from the backend's model list (its catalogue entry, known before
+        the model is loaded), cached 30 s; 0 when unknown (then checked on the answer)."""
+        now = time.monotonic()
+        dims, age = dim_cache['dims'], now - dim_cache['at']
+        if age > 30.0 or (model_id not in dims and age > 1.0):
+            try:
+                dims = {mi.id: int(mi.dimension or 0) for mi in backend.list_models()}
+            except Exception:   # backend unreachable: the call itself will say so
+                pass
+            dim_cache.update(at=now, dims=dims)
+        return dims.get(model_id, 0)
+
+    def check_dimensions(wanted: Optional[int], model_id: str, dimension: int) -> None:
+        if wanted is not None and dimension and wanted != dimension:
+            exc = EngineError(ErrorCode.INVALID_INPUT,
+                              f'dimensions={wanted}: model {model_id} has {dimension} '
+                              '(reduction is not supported)')
+            exc.param = 'dimensions'
+            raise exc
 
     def timeout_from_header(call: DoorCall) -> Optional[float]:
         raw = g.headers.get('x-request-timeout-ms')
@@ -302,6 +381,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
                         peer=request.remote_addr or '')
         span = trace.get_current_span()
         model_label = 'default'
+        body = None
         try:
             body = parse_body(kind)
             if openai:
@@ -316,6 +396,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
                 input_type = InputType(body.get('input_type', 'none'))
             call.n_bytes = check_texts(texts)
             call.n_inputs = len(texts)
+            check_model(model)
             model = labels.resolve(model)
             # the breaker is keyed by the model that will really serve the call
             call.model = labels.breaker_key(model, backend_default_model())
@@ -325,17 +406,21 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
             req = EmbedRequest(inputs=texts, model=model, normalize=normalize, truncate=truncate,
                                input_type=input_type, timeout_s=timeout_from_header(call),
                                request_id=g.request_id, transport=TRANSPORT)
+            if openai and body.get('dimensions') is not None:
+                # before the work: the dimension is the catalogue's (the answer's is checked too)
+                model_id = model or backend_default_model()
+                check_dimensions(body['dimensions'], model_id, model_dimension(model_id))
             res = do_embed(call, req)
             model_label = labels.label(res.model)
-            if openai and body.get('dimensions') not in (None, res.dimension):
-                raise EngineError(ErrorCode.INVALID_INPUT,
-                                  f"dimensions={body['dimensions']}: model {res.model} has "
-                                  f'{res.dimension} (reduction is not supported)')
+            if openai:
+                check_dimensions(body.get('dimensions'), res.model, res.dimension)
         except EngineError as e:
+            if openai and body is not None:
+                e = _openai_input_error(e, single=isinstance(body.get('input'), str))
             span.set_attribute('akidb.error_code', e.code.name)
             span.set_status(trace.StatusCode.ERROR, e.code.name)
             record(call, model_label, e)
-            resp = error_response(e, openai=openai)
+            resp = error_response(e)
             resp.headers.update(call.response_headers or {})
             return resp, e
         if openai:
@@ -417,7 +502,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
 
     @app.errorhandler(HTTPException)
     def _http_exc(exc: HTTPException):
-        return http_exception_response(exc)
+        return http_exception_response(exc, request.path)
 
     @app.errorhandler(EngineError)
     def _engine_exc(exc: EngineError):
@@ -427,7 +512,8 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
     def _unexpected(exc: Exception):
         log.exception('unhandled error', extra={'request_id': getattr(g, 'request_id', '')})
         return http_error(500, f'internal error ({type(exc).__name__}); request id '
-                               f'{getattr(g, "request_id", "")}', ErrorCode.INTERNAL.name)
+                               f'{getattr(g, "request_id", "")}', ErrorCode.INTERNAL.name,
+                          request.path)
 
     # -- routes -------------------------------------------------------------------------------
     @app.post('/api/v1/embed')
@@ -477,6 +563,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         err: Optional[EngineError] = None
         try:
             body = parse_body('admin')
+            check_model(body['model'])
             model = labels.resolve(body['model'])
             if call is not None:
                 call.model = model          # for the admin audit record
@@ -514,6 +601,52 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         return Response(openapi_doc, mimetype='application/json')
 
     return app
+
+
+_INPUT_INDEX = re.compile(r'\binputs\[(\d+)\]')
+_MODEL_CODES = (ErrorCode.MODEL_NOT_FOUND, ErrorCode.MODEL_UNAVAILABLE)
+
+
+def _openai_input_error(err: EngineError, single: bool) -> EngineError:
+    """An error of a parsed OpenAI request in OpenAI's terms.
+
+    The engine and the door name texts ``inputs[i]`` (the native field): here the field is
+    ``input`` (``input[3]``, or ``input`` when a single string was sent), and ``param`` names
+    it. Limits on the inputs (count, characters, total bytes: ``INPUT_TOO_LARGE``, 413 on the
+    native route) are ``400 INVALID_INPUT``, as OpenAI answers a batch or input over its limits,
+    so its SDKs raise ``BadRequestError``. A body over the byte limit, refused before it is
+    parsed, stays 413.
+    """
+    msg = err.message
+    names_input = 'inputs' in msg
+    if names_input:
+        msg = _INPUT_INDEX.sub('input' if single else r'input[\1]', msg)
+    code = ErrorCode.INVALID_INPUT if err.code is ErrorCode.INPUT_TOO_LARGE else err.code
+    if msg != err.message or code is not err.code:
+        new = EngineError(code, msg, err.retry_after_s)
+        if getattr(err, 'headers', None):
+            new.headers = err.headers
+        err = new
+    if getattr(err, 'param', None) is None:
+        if names_input or code is ErrorCode.INPUT_TOO_LONG or err.code is not code:
+            err.param = 'input'
+        elif err.code in _MODEL_CODES:
+            err.param = 'model'
+    return err
+
+
+def _schema_param(err: jsonschema.ValidationError) -> Optional[str]:
+    """The top-level request field a schema error is about (None for the body itself)."""
+    if err.absolute_path:
+        first = err.absolute_path[0]
+        return first if isinstance(first, str) else None
+    if err.validator == 'required' and isinstance(err.instance, dict):
+        missing = [k for k in err.validator_value if k not in err.instance]
+        return missing[0] if missing else None
+    if err.validator == 'additionalProperties' and isinstance(err.instance, dict):
+        extra = [k for k in err.instance if k not in (err.schema.get('properties') or {})]
+        return extra[0] if extra else None
+    return None
 
 
 def _openai_type(code: ErrorCode) -> str:

@@ -11,6 +11,8 @@ _COMMON_ERRORS = {
     '401': 'UNAUTHENTICATED (when a guard is configured)',
     '403': 'PERMISSION_DENIED (when a guard is configured)',
     '404': 'MODEL_NOT_FOUND / MODEL_UNAVAILABLE',
+    '405': 'METHOD_NOT_ALLOWED: another method on this path (any method not declared here; '
+           'the Allow header lists those that are)',
     '409': 'MODEL_IN_USE',
     '413': 'Body or input too large (INPUT_TOO_LARGE)',
     '415': 'UNSUPPORTED_MEDIA_TYPE: the body is not sent as JSON (Content-Type application/json '
@@ -29,6 +31,38 @@ _REQUEST_ID = {
 }
 
 
+_TIMEOUT = {
+    'name': 'X-Request-Timeout-Ms', 'in': 'header', 'required': False,
+    'schema': {'type': 'number', 'exclusiveMinimum': 0, 'maximum': 600000},
+    'description': "A budget for this call in milliseconds, in (0, 600000]: never more than "
+                   "the server's own; a budget the call cannot meet is 504 TIMEOUT",
+}
+_ALLOW = {'Allow': {'schema': {'type': 'string'},
+                    'description': 'The methods of this path, e.g. "OPTIONS, POST"'}}
+_405 = _COMMON_ERRORS['405']
+
+
+def _options(op_id: str) -> dict:
+    """``OPTIONS`` on a path: 204, no body, ``Allow`` (public, also behind the guard)."""
+    return {'operationId': f'{op_id}_options', 'summary': 'The methods this path allows',
+            'responses': {'204': {'description': 'No content; Allow lists the methods',
+                                  'headers': _ALLOW}}}
+
+
+def _with_options(paths: dict) -> dict:
+    """Every path answers OPTIONS, and every operation declares the 405 of its path."""
+    for item in paths.values():
+        for op in list(item.values()):
+            error_ref = op['responses'].get('400', {}).get('content', {}).get(
+                'application/json', {}).get('schema', {}).get('$ref', '').rsplit('/', 1)[-1]
+            op['responses'].setdefault('405', {'description': _405,
+                                               'content': _json(error_ref or 'Error'),
+                                               'headers': _ALLOW})
+        op_id = next(iter(item.values()))['operationId']
+        item['options'] = _options(op_id)
+    return paths
+
+
 def _json(schema_ref: str) -> dict:
     return {'application/json': {'schema': {'$ref': f'#/components/schemas/{schema_ref}'}}}
 
@@ -38,6 +72,8 @@ def _responses(ok_ref: str, ok_desc: str, errors=None, error_ref: str = 'Error')
                    'headers': {'X-Request-ID': {'schema': {'type': 'string'}}}}}
     for code in (errors or _COMMON_ERRORS):
         out[code] = {'description': _COMMON_ERRORS[code], 'content': _json(error_ref)}
+        if code == '405':
+            out[code]['headers'] = _ALLOW
     return out
 
 
@@ -50,19 +86,23 @@ def build_openapi(server_url: str = '') -> dict:
             'title': 'akidb_ros REST bridge',
             'version': __version__,
             'description': 'Text embeddings for robots and non-ROS clients. Errors are '
-                           '`{error, code}` with the status from the one error table.',
+                           '`{error, code}` with the status from the one error table; on the '
+                           'OpenAI-compatible routes (`/v1/...`) every error, the guard\'s and '
+                           'the server\'s included, has OpenAI\'s shape `{"error": {message, '
+                           'type, param, code}, "code"}`. Every path answers OPTIONS with 204 '
+                           'and `Allow`, and any undeclared method with 405 and `Allow`.',
         },
         'paths': {
             '/api/v1/embed': {'post': {
                 'operationId': 'embed', 'summary': 'Embed texts',
-                'parameters': [_REQUEST_ID],
+                'parameters': [_REQUEST_ID, _TIMEOUT],
                 'requestBody': {'required': True, 'content': _json('EmbedRequest')},
                 'responses': _responses('EmbedResponse', 'Embeddings, in input order',
                                         embed_errors),
             }},
             '/v1/embeddings': {'post': {
                 'operationId': 'openai_embeddings', 'summary': 'OpenAI-compatible embeddings',
-                'parameters': [_REQUEST_ID],
+                'parameters': [_REQUEST_ID, _TIMEOUT],
                 'requestBody': {'required': True, 'content': _json('OpenAIEmbeddingRequest')},
                 'responses': _responses('OpenAIEmbeddingResponse', 'OpenAI embedding list',
                                         embed_errors, error_ref='OpenAIError'),
@@ -103,6 +143,12 @@ def build_openapi(server_url: str = '') -> dict:
                 'responses': {'200': {'description': 'metrics', 'content': {
                     'text/plain': {'schema': {'type': 'string'}}}}},
             }},
+            '/openapi.json': {'get': {
+                'operationId': 'openapi', 'summary': 'This document (OpenAPI 3.1)',
+                'responses': {'200': {'description': 'the OpenAPI document',
+                                      'content': {'application/json': {
+                                          'schema': {'type': 'object'}}}}},
+            }},
         },
         'components': {'schemas': {
             'EmbedRequest': s.EMBED_REQUEST, 'EmbedResponse': s.EMBED_RESPONSE,
@@ -113,6 +159,7 @@ def build_openapi(server_url: str = '') -> dict:
             'Probe': s.PROBE_RESPONSE, 'Error': s.ERROR, 'OpenAIError': s.OPENAI_ERROR,
         }},
     }
+    _with_options(doc['paths'])
     if server_url:
         doc['servers'] = [{'url': server_url}]
     return copy.deepcopy(doc)

@@ -28,6 +28,7 @@ from akidb_ros.engine.errors import ErrorCode
 from akidb_ros.rest.app import (disable_redirects, http_error, http_exception_response,
                                 live_response, metrics_response, ready_response)
 from akidb_ros.rest.server import RestServer
+from akidb_ros.rest.wsgi_server import plain_error_body
 
 log = logging.getLogger('akidb_ros.rest.probe')
 
@@ -80,4 +81,5 @@ class ProbeServer(RestServer):
         # HEALTHCHECK and Prometheus from queueing behind one another
         super().__init__(create_probe_app(backend), host=host, port=port, threads=threads,
                          connection_limit=64, max_body_bytes=_MAX_BODY_BYTES,
-                         channel_timeout=15, name='probe port')
+                         channel_timeout=15, name='probe port',
+                         error_body=plain_error_body)   # no OpenAI surface here: {error, code}

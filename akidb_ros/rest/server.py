@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
+from akidb_ros.engine.errors import ErrorCode
+from akidb_ros.rest.app import error_bytes
 from akidb_ros.rest.wsgi_server import ThreadedWSGIServer
 
 log = logging.getLogger('akidb_ros.rest')
@@ -24,11 +26,21 @@ class RestServer:
 
     def __init__(self, app, host: str = '127.0.0.1', port: int = 8080, threads: int = 32,
                  connection_limit: int = 512, max_body_bytes: int = 16 * 1024 * 1024,
-                 channel_timeout: int = 120, name: str = 'REST bridge'):
+                 channel_timeout: int = 120, name: str = 'REST bridge',
+                 error_body: Callable[[str, ErrorCode, str], bytes] = error_bytes):
+        """``error_body(path, code, message)``: the body of the server's own refusals (the REST
+        door's error shape by route by default; the probe port passes the plain one)."""
+        def early_check():
+            # registered by akidb_ros.guard.integrations.install_flask, which akidb_ros.server
+            # calls after this server is built: looked up once a connection
+            return (getattr(app, 'extensions', None) or {}).get('akidb_early_check')
+
         self._server = ThreadedWSGIServer(
             app, host=host, port=port, threads=threads, connection_limit=connection_limit,
-            # the server's own limit sits above Flask's so that Flask answers 413 as JSON
-            max_body_bytes=max_body_bytes * 2, idle_timeout_s=channel_timeout)
+            # the server's own limit sits above Flask's so that Flask answers 413 as JSON (with
+            # the route's error shape either way); its 413 names the limit callers are told
+            max_body_bytes=max_body_bytes * 2, stated_body_bytes=max_body_bytes,
+            idle_timeout_s=channel_timeout, early_check=early_check, error_body=error_body)
         self.host = host
         self.port = self._server.port
         self.name = name

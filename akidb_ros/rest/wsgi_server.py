@@ -18,6 +18,14 @@ waitress), ``threads`` requests inside the app at once, ``max_header_bytes`` per
 (431), ``max_body_bytes`` per body (413, before the body is read when its declared length is
 over), ``idle_timeout_s`` per read, pipelined requests answered in order.
 
+Early check (``early_check``): when a request's head is complete and a body follows, the hook
+(the REST door wires the guard's authentication and authorisation to it, see
+``akidb_ros.guard.integrations.install_flask``) sees the environ before the body is read; an
+answer it returns (a 401 for a caller without credentials) is sent at once and the connection
+closes, the body dropped unbuffered, so a caller the guard refuses cannot make the server hold
+its body. Refusals of the server itself have their body shaped by ``error_body`` (the REST door
+passes its own: OpenAI's shape on the OpenAI routes).
+
 No protocol is ever switched: ``Upgrade`` (``curl --http2``'s h2c offer, a websocket handshake)
 is ignored as RFC 9110 §7.8 allows, and the request, body included, is served as HTTP/1.1; the
 app does not see the header. ``CONNECT`` (this is not a proxy) is answered ``405`` with an
@@ -34,7 +42,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Callable, Deque, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 from urllib.parse import unquote_to_bytes
 
 import httptools
@@ -54,6 +62,22 @@ _REASONS = {400: 'Bad Request', 405: 'Method Not Allowed', 413: 'Content Too Lar
             431: 'Request Header Fields Too Large'}
 HEAD_TOO_LARGE = 431    # not in the error table: its code is INVALID_INPUT (400 elsewhere)
 
+Answer = Tuple[str, List[Tuple[str, str]], bytes]       # (status line, headers, body)
+EarlyCheck = Callable[[Dict[str, Any]], Optional[Answer]]
+
+
+def plain_error_body(path: str, code: ErrorCode, message: str) -> bytes:
+    """The service's ``{error, code}`` body (``ThreadedWSGIServer``'s default ``error_body``)."""
+    return json.dumps({'error': message, 'code': code.name}).encode()
+
+
+def _path_of(url: bytes) -> str:
+    """The decoded path of a request target, '' when it has none this server can read."""
+    try:
+        return unquote_to_bytes(httptools.parse_url(url).path or b'/').decode('latin-1')
+    except Exception:   # '*', an authority form, a malformed target: no route's path
+        return ''
+
 
 class _Refusal(Exception):
     """A request answered before the app runs (then the connection closes).
@@ -68,6 +92,15 @@ class _Refusal(Exception):
         self.code, self.message = code, message
         self.status = status or code.http_status
         self.headers = headers
+        self.url = b''          # the refused request's target, when known (its error shape)
+        self.answer: Optional[Answer] = None    # the early check's answer, sent as it is
+        self.head_only = False                  # that answer is to a HEAD request
+
+
+def _early_answer(answer: Answer) -> _Refusal:
+    refusal = _Refusal(ErrorCode.INVALID_INPUT, 'answered before the body was read')
+    refusal.answer = answer
+    return refusal
 
 
 class _Request:
@@ -97,10 +130,14 @@ class _Reader:
     request, and what follows as the next pipelined requests.
     """
 
-    def __init__(self, max_header_bytes: int, max_body_bytes: int):
+    def __init__(self, max_header_bytes: int, max_body_bytes: int,
+                 stated_body_bytes: Optional[int] = None,
+                 on_head: Optional[Callable[['_Request'], None]] = None):
         self.parser = httptools.HttpRequestParser(self)
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
+        self.stated_body_bytes = stated_body_bytes or max_body_bytes
+        self.on_head = on_head      # a complete head with a body to come (may raise _Refusal)
         self.done: Deque[_Request] = collections.deque()
         self.current: Optional[_Request] = None
         self.head_bytes = 0          # bytes fed while a request head is incomplete
@@ -118,14 +155,15 @@ class _Reader:
                 return
             except httptools.HttpParserCallbackError as exc:
                 if isinstance(exc.__context__, _Refusal):
-                    raise exc.__context__ from None
-                raise _Refusal(ErrorCode.INVALID_INPUT,
-                               f'malformed HTTP request: {exc.__context__ or exc}') from None
+                    raise self._located(exc.__context__) from None
+                raise self._located(_Refusal(
+                    ErrorCode.INVALID_INPUT,
+                    f'malformed HTTP request: {exc.__context__ or exc}')) from None
             except httptools.HttpParserUpgrade as exc:
                 data = self._reopen_upgrade() + data[exc.args[0]:]
             except httptools.HttpParserError as exc:
-                raise _Refusal(ErrorCode.INVALID_INPUT,
-                               f'malformed HTTP request: {exc}') from None
+                raise self._located(_Refusal(ErrorCode.INVALID_INPUT,
+                                             f'malformed HTTP request: {exc}')) from None
 
     def _reopen_upgrade(self) -> bytes:
         """Reopen the upgrade request llhttp just completed; the head to feed before its body."""
@@ -137,13 +175,20 @@ class _Reader:
         self.reopened = req
         return b'POST / HTTP/1.1\r\n' + b''.join(framing) + b'\r\n'
 
+    def _located(self, refusal: _Refusal) -> _Refusal:
+        if self.current is not None and not refusal.url:
+            refusal.url = self.current.url
+        return refusal
+
     def _head_too_large(self) -> _Refusal:
         return _Refusal(ErrorCode.INVALID_INPUT,
                         f'request head larger than {self.max_header_bytes} bytes', HEAD_TOO_LARGE)
 
     def _body_too_large(self) -> _Refusal:
+        # the stated limit (the REST door's documented one, which its app enforces below
+        # this hard cap) is true of a body over the cap too
         return _Refusal(ErrorCode.INPUT_TOO_LARGE,
-                        f'request body larger than {self.max_body_bytes} bytes')
+                        f'request body larger than {self.stated_body_bytes} bytes')
 
     # -- httptools callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -179,13 +224,19 @@ class _Reader:
             raise _Refusal(ErrorCode.METHOD_NOT_ALLOWED,
                            'CONNECT is not supported: this server is not a proxy',
                            headers=(('Allow', ''),))   # no method applies to a tunnel target
+        has_body = False
         for name, value in req.headers:
             lname = name.lower()
             if lname == b'content-length':
                 if int(value) > self.max_body_bytes:    # llhttp has validated the digits
                     raise self._body_too_large()
+                has_body = has_body or int(value) > 0
+            elif lname == b'transfer-encoding':
+                has_body = True
             elif lname == b'expect' and value.lower() == b'100-continue':
                 req.expect_continue = True
+        if has_body and self.on_head is not None:
+            self.on_head(req)       # before a byte of the body is read (or 100 Continue sent)
 
     def on_body(self, body: bytes) -> None:
         req = self.current
@@ -206,8 +257,18 @@ class ThreadedWSGIServer:
     def __init__(self, app: Callable, host: str = '127.0.0.1', port: int = 8080,
                  threads: int = 32, connection_limit: int = 512,
                  max_body_bytes: int = 32 * 1024 * 1024, max_header_bytes: int = 64 * 1024,
-                 idle_timeout_s: float = 120.0, ident: str = 'akidb'):
+                 idle_timeout_s: float = 120.0, ident: str = 'akidb',
+                 early_check: Optional[Callable[[], Optional[EarlyCheck]]] = None,
+                 error_body: Callable[[str, ErrorCode, str], bytes] = plain_error_body,
+                 stated_body_bytes: Optional[int] = None):
+        """``early_check``: returns the early-check hook (or None), asked once a connection, so
+        a hook registered on the app after the server was built is found. ``error_body(path,
+        code, message)``: the body of the server's own refusals. ``stated_body_bytes``: the
+        body limit its 413 names (default ``max_body_bytes``)."""
         self.app = app
+        self.early_check = early_check
+        self.error_body = error_body
+        self.stated_body_bytes = stated_body_bytes
         self.max_body_bytes = max_body_bytes
         self.max_header_bytes = max_header_bytes
         self.idle_timeout_s = idle_timeout_s
@@ -301,7 +362,10 @@ class ThreadedWSGIServer:
                 self._conns[conn] = busy
 
     def _serve_connection(self, conn: socket.socket, peer) -> None:
-        reader = _Reader(self.max_header_bytes, self.max_body_bytes)
+        hook = self.early_check() if self.early_check is not None else None
+        on_head = (lambda req: self._early(hook, req, peer)) if hook is not None else None
+        reader = _Reader(self.max_header_bytes, self.max_body_bytes, self.stated_body_bytes,
+                         on_head)
         try:
             while True:
                 while not reader.done:
@@ -339,11 +403,26 @@ class ThreadedWSGIServer:
             except OSError:
                 pass
 
+    def _early(self, hook: EarlyCheck, req: _Request, peer) -> None:
+        """Run the early check on a complete head; raise its answer (a ``_Refusal``)."""
+        environ = self._environ(req, peer)      # a bad target: refused now as it would be later
+        try:
+            with self._app_slots:
+                answer = hook(environ)
+        except Exception:   # the app's own checks still run on the whole request
+            log.exception('early check failed')
+            return
+        if answer is not None:
+            refusal = _early_answer(answer)
+            refusal.head_only = req.method == b'HEAD'
+            raise refusal
+
     def _serve_or_refuse(self, conn: socket.socket, peer, req: _Request) -> bool:
         """Serve one request, or refuse one the environ cannot describe; returns keep-alive."""
         try:
             return self._serve(conn, peer, req)
         except _Refusal as refusal:
+            refusal.url = refusal.url or req.url
             self._refuse(conn, refusal)
             return False
 
@@ -353,15 +432,20 @@ class ThreadedWSGIServer:
         with self._app_slots:
             status, headers, body = self._call_app(environ)
         keep = req.keep_alive and not self._stopping
+        return self._write(conn, req.method == b'HEAD', req.version, keep, status, headers, body,
+                           environ['PATH_INFO'])
+
+    def _write(self, conn: socket.socket, is_head: bool, version: str, keep: bool, status: str,
+               headers, body: bytes, path: str = '') -> bool:
+        """Send an app's answer; returns keep-alive."""
         head = [f'HTTP/1.1 {status}\r\n']
-        is_head = req.method == b'HEAD'
         for name, value in headers:
             lname = name.lower()
             if lname in _HOP_HEADERS or (lname == 'content-length' and not is_head):
                 continue
             if '\n' in value or '\r' in value or '\n' in name or '\r' in name:
                 log.error('WSGI app sent a header with a line break: %r', name)
-                status, _headers, body = self._internal_error()
+                status, _headers, body = self._internal_error(path)
                 return self._send_error(conn, status, body)
             head.append(f'{name}: {value}\r\n')
         no_body = is_head or status[:3] in ('204', '304') or status[0] == '1'
@@ -370,7 +454,7 @@ class ThreadedWSGIServer:
         head.append(f'Server: {self.ident}\r\nDate: {_http_date()}\r\n')
         if not keep:
             head.append('Connection: close\r\n')
-        elif req.version == '1.0':
+        elif version == '1.0':
             head.append('Connection: keep-alive\r\n')
         head.append('\r\n')
         payload = ''.join(head).encode('latin-1')
@@ -431,11 +515,10 @@ class ThreadedWSGIServer:
             return started['status'], started['headers'], b''.join(chunks)
         except Exception:
             log.exception('WSGI app failed')
-            return self._internal_error()
+            return self._internal_error(environ.get('PATH_INFO', ''))
 
-    @staticmethod
-    def _internal_error() -> Tuple[str, list, bytes]:
-        body = json.dumps({'error': 'internal error', 'code': ErrorCode.INTERNAL.name}).encode()
+    def _internal_error(self, path: str) -> Tuple[str, list, bytes]:
+        body = self.error_body(path, ErrorCode.INTERNAL, 'internal error')
         return '500 Internal Server Error', [('Content-Type', 'application/json')], body
 
     def _send_error(self, conn, status: str, body: bytes, headers=()) -> bool:
@@ -453,10 +536,14 @@ class ThreadedWSGIServer:
         its body would see the reset, not the answer: shut the sending side, then read and drop
         what arrives for a moment (bounded in time and bytes) before closing.
         """
-        body = json.dumps({'error': refusal.message, 'code': refusal.code.name}).encode()
         try:
-            self._send_error(conn, f'{refusal.status} {_REASONS[refusal.status]}', body,
-                             refusal.headers)
+            if refusal.answer is not None:      # the early check's, as the app would send it
+                status, headers, body = refusal.answer
+                self._write(conn, refusal.head_only, '1.1', False, status, headers, body)
+            else:
+                body = self.error_body(_path_of(refusal.url), refusal.code, refusal.message)
+                self._send_error(conn, f'{refusal.status} {_REASONS[refusal.status]}', body,
+                                 refusal.headers)
             conn.shutdown(socket.SHUT_WR)
             conn.settimeout(0.2)
             deadline, dropped = time.monotonic() + 1.0, 0

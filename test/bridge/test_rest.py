@@ -338,8 +338,10 @@ ODD_PATHS = ['/', '//', '/api/v1//embed', '/api//v1/embed', '/api/v1/embed/', '/
 ODD_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'PATCH', 'OPTIONS', 'TRACE', 'FOO']
 
 
-def _assert_json_error(resp, method, what):
-    """A refusal: JSON ``{error, code}`` (no werkzeug HTML, no redirect)."""
+def _assert_json_error(resp, method, what, path=''):
+    """A refusal: JSON ``{error, code}`` (no werkzeug HTML, no redirect); under ``/v1/`` (the
+    REST door's OpenAI surface; ``path`` is '' on the probe port, which has none) OpenAI's
+    ``{"error": {message, type, param, code}, "code"}``."""
     assert not 300 <= resp.status < 400, (what, resp.status, resp.getheader('Location'))
     body = resp.read()
     if resp.status < 300:
@@ -347,7 +349,13 @@ def _assert_json_error(resp, method, what):
     assert resp.getheader('Content-Type', '').startswith('application/json'), (what, body[:200])
     if method != 'HEAD':
         got = json.loads(body)
-        assert isinstance(got['error'], str) and isinstance(got['code'], str), (what, got)
+        assert isinstance(got['code'], str), (what, got)
+        # (a request line the parser refuses before its target, e.g. method FOO, has no path)
+        if path.startswith('/v1/') and not str(got['error']).startswith('malformed HTTP'):
+            assert set(got['error']) == {'message', 'type', 'param', 'code'}, (what, got)
+            assert got['error']['code'] == got['code'], (what, got)
+        else:
+            assert isinstance(got['error'], str), (what, got)
 
 
 def test_every_refusal_is_json_on_odd_paths_and_methods(with_probe):
@@ -359,7 +367,8 @@ def test_every_refusal_is_json_on_odd_paths_and_methods(with_probe):
                 conn.request(method, path, body=b'{"inputs": ["x"]}',
                              headers={'Content-Type': 'application/json'})
                 resp = conn.getresponse()
-                _assert_json_error(resp, method, (port, method, path))
+                _assert_json_error(resp, method, (port, method, path),
+                                   path if port == with_probe.rest_port else '')
                 if resp.getheader('Connection') == 'close':
                     conn.close()
         conn.close()
@@ -377,3 +386,132 @@ def test_connect_is_a_json_405(with_probe):
         head, body = out.split(b'\r\n\r\n', 1)
         assert head.startswith(b'HTTP/1.1 405 '), head
         assert json.loads(body)['code'] == 'METHOD_NOT_ALLOWED'
+
+
+# --- OpenAI route: errors in OpenAI's terms (audit 2026-11) ----------------------------------
+
+def _openai_error(r, status, code):
+    body = r.json()
+    assert r.status_code == status, r.text
+    assert set(body) == {'error', 'code'} and body['code'] == code, body
+    assert set(body['error']) == {'message', 'type', 'param', 'code'}, body
+    assert body['error']['code'] == code
+    return body['error']
+
+
+def test_server_413_on_the_openai_route_has_its_shape_and_the_documented_limit(rest_url):
+    """A body over the server's own cap (2 x the limit) is refused before it is read, in the
+    route's error shape, naming the documented limit (16 MiB), not the cap."""
+    import socket
+    port = int(rest_url.rsplit(':', 1)[1])
+    for path, openai in (('/v1/embeddings', True), ('/api/v1/embed', False)):
+        with socket.create_connection(('127.0.0.1', port), timeout=10) as s:
+            s.sendall(f'POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                      f'Content-Length: {40 << 20}\r\n\r\n'.encode())
+            out = read_to_close(s)
+        head, body = out.split(b'\r\n\r\n', 1)
+        assert head.startswith(b'HTTP/1.1 413 '), head
+        got = json.loads(body)
+        assert got['code'] == 'INPUT_TOO_LARGE'
+        message = got['error']['message'] if openai else got['error']
+        if openai:
+            assert got['error']['type'] == 'invalid_request_error'
+        assert message == f'request body larger than {16 << 20} bytes', message
+
+
+def test_openai_errors_name_the_input_field_and_param(rest_url):
+    texts = ['a', 'b', 'c', '\ud800x']
+    raw = json.dumps({'input': texts, 'model': DEFAULT_MODEL}).encode()   # a lone surrogate
+    err = _openai_error(post(rest_url, '/v1/embeddings', raw=raw), 400, 'INVALID_INPUT')
+    assert err['message'].startswith('input[3]'), err
+    assert err['param'] == 'input'
+    # the native route keeps its own field name
+    raw = json.dumps({'inputs': texts}).encode()
+    assert post(rest_url, '/api/v1/embed', raw=raw).json()['error'].startswith('inputs[3]')
+    # one string: the field itself; over the character limit: 400 on this route (below)
+    err = _openai_error(post(rest_url, '/v1/embeddings', {'input': 'x' * 40000,
+                                                          'model': DEFAULT_MODEL}),
+                        400, 'INVALID_INPUT')
+    assert err['message'].startswith('input has 40000 characters'), err
+    assert err['param'] == 'input'
+    # schema errors name their field
+    err = _openai_error(post(rest_url, '/v1/embeddings', {'input': 'x', 'model': DEFAULT_MODEL,
+                                                          'encoding_format': 'hex'}),
+                        400, 'INVALID_INPUT')
+    assert err['param'] == 'encoding_format'
+    err = _openai_error(post(rest_url, '/v1/embeddings', {'input': 'x'}), 400, 'INVALID_INPUT')
+    assert err['param'] == 'model'
+    err = _openai_error(post(rest_url, '/v1/embeddings', {'input': 'x', 'model': 'nope'}),
+                        404, 'MODEL_NOT_FOUND')
+    assert err['param'] == 'model'
+
+
+def test_openai_too_many_inputs_is_a_400_and_the_sdk_raises_bad_request(rest_url):
+    """OpenAI answers a batch over its limit 400 invalid_request_error: so does this route
+    (the native route keeps the table's 413, test_too_many_inputs_413)."""
+    import openai
+    err = _openai_error(post(rest_url, '/v1/embeddings', {'input': ['a'] * 257,
+                                                          'model': DEFAULT_MODEL}),
+                        400, 'INVALID_INPUT')
+    assert err['message'] == '257 inputs exceed the limit of 256'
+    assert err['type'] == 'invalid_request_error' and err['param'] == 'input'
+    client = openai.OpenAI(base_url=rest_url + '/v1', api_key='unused', max_retries=0)
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model=DEFAULT_MODEL, input=['a'] * 257)
+
+
+def test_openai_dimensions_are_checked_before_the_model_runs(rest_url):
+    """A ``dimensions`` the model does not have is refused from the catalogue, before the
+    embedding is computed: a model not loaded stays unloaded."""
+    requests.post(rest_url + '/admin/models/unload', json={'model': SECOND_MODEL}, timeout=60)
+    assert _model_status(rest_url, SECOND_MODEL) == 'available'
+    err = _openai_error(post(rest_url, '/v1/embeddings', {'input': 'x', 'model': SECOND_MODEL,
+                                                          'dimensions': 384}),
+                        400, 'INVALID_INPUT')
+    assert _model_status(rest_url, SECOND_MODEL) == 'available'    # never loaded for it
+    assert err['message'].startswith(f'dimensions=384: model {SECOND_MODEL} has 768'), err
+    assert err['param'] == 'dimensions'
+    r = post(rest_url, '/v1/embeddings', {'input': 'x', 'model': DEFAULT_MODEL,
+                                          'dimensions': 384})
+    assert r.status_code == 200 and len(r.json()['data'][0]['embedding']) == 384
+
+
+@pytest.mark.parametrize('path,body', [
+    ('/api/v1/embed', '{"inputs": ["a"], "model": "\\ud800"}'),
+    ('/v1/embeddings', '{"input": "a", "model": "\\ud800"}'),
+    ('/admin/models/load', '{"model": "\\ud800"}'),
+])
+def test_a_model_name_with_a_lone_surrogate_is_invalid_input(rest_url, path, body):
+    r = post(rest_url, path, raw=body.encode())
+    assert r.status_code == 400, r.text
+    assert r.json()['code'] == 'INVALID_INPUT'
+
+
+def test_options_is_204_with_allow(rest_url):
+    for path, method in (('/api/v1/embed', 'POST'), ('/v1/embeddings', 'POST'),
+                         ('/models', 'GET')):
+        r = requests.options(rest_url + path, timeout=10)
+        assert r.status_code == 204, (path, r.status_code, r.headers)
+        assert r.content == b'' and 'Content-Type' not in r.headers, r.headers
+        assert method in r.headers['Allow'] and 'OPTIONS' in r.headers['Allow']
+
+
+def test_openapi_declares_itself_the_timeout_header_405_and_options(rest_url):
+    import jsonschema
+    doc = requests.get(rest_url + '/openapi.json', timeout=10).json()
+    assert 'get' in doc['paths']['/openapi.json']
+    for path in ('/api/v1/embed', '/v1/embeddings'):
+        names = [p['name'] for p in doc['paths'][path]['post']['parameters']]
+        assert 'X-Request-Timeout-Ms' in names, names
+    for path, item in doc['paths'].items():
+        assert '204' in item['options']['responses'], path
+        for method, op in item.items():
+            if method != 'options':
+                assert '405' in op['responses'], (path, method)
+    # and the 405 answered is the one declared (OpenAI's shape on the OpenAI route)
+    r = requests.get(rest_url + '/v1/embeddings', timeout=10)
+    assert r.status_code == 405 and 'POST' in r.headers['Allow']
+    schema = doc['paths']['/v1/embeddings']['post']['responses']['405']['content'][
+        'application/json']['schema']
+    jsonschema.validate(r.json(), {**schema, 'components': doc['components']})
+    assert r.json()['error']['type'] == 'invalid_request_error'

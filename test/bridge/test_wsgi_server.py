@@ -325,3 +325,42 @@ def test_requests_before_a_malformed_one_are_answered_first(server):
     (head1, body1), (head2, body2) = _responses(out)
     assert head1.startswith(b'HTTP/1.1 200 ') and json.loads(body1)['path'] == '/first'
     assert head2.startswith(b'HTTP/1.1 400 ') and json.loads(body2)['code'] == 'INVALID_INPUT'
+
+
+def test_the_413_names_the_stated_limit_not_the_hard_cap(server):
+    """RestServer's hard cap is twice its limit (the app answers between): a body over the cap
+    is refused naming the limit callers are told (1024 here), which it is over too."""
+    out = _raw(server.port, b'POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 999999\r\n\r\n')
+    assert json.loads(out.split(b'\r\n\r\n', 1)[1])['error'] == \
+        'request body larger than 1024 bytes'
+
+
+def test_the_early_check_answers_on_the_head_of_a_request_with_a_body():
+    """The hook sees each request that has a body when its head is complete (before the body
+    is read); its answer is sent at once and the connection closes. Requests without a body,
+    and requests it lets through, are served as usual."""
+    from akidb_ros.rest.wsgi_server import ThreadedWSGIServer
+    seen = []
+
+    def hook(environ):
+        seen.append((environ['REQUEST_METHOD'], environ['PATH_INFO']))
+        if environ.get('HTTP_X_KEY') != 'ok':
+            return '401 Unauthorized', [('Content-Type', 'application/json'),
+                                        ('WWW-Authenticate', 'ApiKey')], b'{"code": "NO"}'
+        return None
+
+    srv = ThreadedWSGIServer(_app, port=0, max_body_bytes=1 << 26, early_check=lambda: hook)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        out = _raw(srv.port, b'GET /a HTTP/1.1\r\nHost: x\r\n\r\n'
+                             b'POST /b HTTP/1.1\r\nHost: x\r\nX-Key: ok\r\nContent-Length: 2\r\n'
+                             b'\r\nhi'
+                             b'POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n\r\n',
+                   timeout=3)
+        (h1, b1), (h2, b2), (h3, b3) = _responses(out)
+        assert json.loads(b1)['path'] == '/a' and json.loads(b2)['body'] == 'hi'
+        assert h3.startswith(b'HTTP/1.1 401 ') and b3 == b'{"code": "NO"}'
+        assert b'WWW-Authenticate: ApiKey' in h3 and b'Connection: close' in h3
+        assert seen == [('POST', '/b'), ('POST', '/c')]
+    finally:
+        srv.close()
