@@ -6,13 +6,18 @@
     grpc_client = GrpcClient('127.0.0.1:9090')
     vecs = grpc_client.embed(['pick up the red cup']).embeddings
 
-Timeouts on every call, retries (exponential backoff with full jitter) only on retryable codes,
-the server's Retry-After honoured, and typed errors (:mod:`akidb_ros.client.errors`).
+An overall budget on every call (``timeout_s``: connect, wait, read the whole answer and every
+retry), retries (exponential backoff with full jitter) only on retryable codes, the server's
+Retry-After honoured, TLS options (``ca_file``, ``client_cert``, ``client_key``), typed errors
+(:mod:`akidb_ros.client.errors`) for everything the server or the network does, and
+``TypeError``/``ValueError`` at once for a caller's mistake (bytes for text, ``timeout_s=None``,
+a URL without ``http://``, a closed client).
 """
 from akidb_ros.client.errors import (AkidbError, AuthenticationError, ConflictError,
                                      DeadlineExceededError, InvalidRequestError,
                                      ModelNotFoundError, OverloadedError, PermissionDeniedError,
-                                     RateLimitedError, ServerError, ServiceUnavailableError)
+                                     ProtocolError, RateLimitedError, ServerError,
+                                     ServiceUnavailableError, TLSError)
 from akidb_ros.client.retry import NO_RETRY, RetryPolicy
 from akidb_ros.client.rest import Embeddings, RestClient
 
@@ -26,5 +31,6 @@ def __getattr__(name):   # the gRPC client imports grpc lazily
 
 __all__ = ['AkidbError', 'AuthenticationError', 'ConflictError', 'DeadlineExceededError',
            'Embeddings', 'GrpcClient', 'InvalidRequestError', 'ModelNotFoundError',
-           'NO_RETRY', 'OverloadedError', 'PermissionDeniedError', 'RateLimitedError',
-           'RestClient', 'RetryPolicy', 'ServerError', 'ServiceUnavailableError']
+           'NO_RETRY', 'OverloadedError', 'PermissionDeniedError', 'ProtocolError',
+           'RateLimitedError', 'RestClient', 'RetryPolicy', 'ServerError',
+           'ServiceUnavailableError', 'TLSError']

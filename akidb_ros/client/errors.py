@@ -10,12 +10,13 @@ class AkidbError(Exception):
     ``code``: the error-table name (``INVALID_INPUT``, ``RATE_LIMITED`` ...; transport failures
     are ``UNAVAILABLE``/``TIMEOUT``), ``status``: HTTP status or gRPC status name,
     ``retryable``: whether the call may be retried, ``retry_after_s``: the server's hint,
-    ``request_id``: the id to quote in a bug report.
+    ``request_id``: the id to quote in a bug report, ``stream_index``: in a gRPC
+    ``EmbedStream``, the 0-based index of the batch that failed (else None).
     """
 
     def __init__(self, message: str, code: str = 'INTERNAL', status=None,
                  retryable: bool = False, retry_after_s: Optional[float] = None,
-                 request_id: str = ''):
+                 request_id: str = '', stream_index: Optional[int] = None):
         super().__init__(message)
         self.message = message
         self.code = code
@@ -23,6 +24,7 @@ class AkidbError(Exception):
         self.retryable = retryable
         self.retry_after_s = retry_after_s
         self.request_id = request_id
+        self.stream_index = stream_index
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}({self.code}, {self.message!r}, status={self.status})'
@@ -57,7 +59,8 @@ class OverloadedError(AkidbError):
 
 
 class ServiceUnavailableError(AkidbError):
-    """503 — UNAVAILABLE / MODEL_LOAD_FAILED, or the server cannot be reached (retryable)."""
+    """503 — UNAVAILABLE / MODEL_LOAD_FAILED, a proxy's 502, or the server cannot be reached
+    (retryable)."""
 
 
 class DeadlineExceededError(AkidbError):
@@ -68,6 +71,17 @@ class ServerError(AkidbError):
     """500 — INTERNAL or an unexpected answer."""
 
 
+class ProtocolError(ServerError):
+    """BAD_RESPONSE — a success status whose body is not the answer the API defines (not JSON,
+    a field missing or of the wrong type: a proxy's page, a different server). Not retried."""
+
+
+class TLSError(AkidbError):
+    """TLS_ERROR — the TLS handshake failed: the server's certificate is not trusted (wrong
+    ``ca_file``, wrong host name), the server refused the client certificate (or none was
+    given), or one side does not speak TLS. A configuration problem: not retried."""
+
+
 _BY_CODE: Dict[str, Type[AkidbError]] = {
     'INVALID_INPUT': InvalidRequestError, 'INPUT_TOO_LONG': InvalidRequestError,
     'INPUT_TOO_LARGE': InvalidRequestError, 'MODEL_NOT_FOUND': ModelNotFoundError,
@@ -76,7 +90,7 @@ _BY_CODE: Dict[str, Type[AkidbError]] = {
     'RATE_LIMITED': RateLimitedError, 'OVERLOADED': OverloadedError,
     'CIRCUIT_OPEN': OverloadedError, 'UNAVAILABLE': ServiceUnavailableError,
     'MODEL_LOAD_FAILED': ServiceUnavailableError, 'TIMEOUT': DeadlineExceededError,
-    'INTERNAL': ServerError,
+    'INTERNAL': ServerError, 'BAD_RESPONSE': ProtocolError, 'TLS_ERROR': TLSError,
     # the REST door's transport refusals: a client calling a wrong path/method/body type
     'NOT_FOUND': InvalidRequestError, 'METHOD_NOT_ALLOWED': InvalidRequestError,
     'UNSUPPORTED_MEDIA_TYPE': InvalidRequestError,
@@ -89,7 +103,9 @@ RETRYABLE_CODES = frozenset({'MODEL_LOAD_FAILED', 'MODEL_IN_USE', 'RATE_LIMITED'
 
 _BY_HTTP = {400: 'INVALID_INPUT', 401: 'UNAUTHENTICATED', 403: 'PERMISSION_DENIED',
             404: 'MODEL_NOT_FOUND', 409: 'MODEL_IN_USE', 413: 'INPUT_TOO_LARGE',
-            429: 'RATE_LIMITED', 503: 'UNAVAILABLE', 504: 'TIMEOUT'}
+            429: 'RATE_LIMITED', 503: 'UNAVAILABLE', 504: 'TIMEOUT',
+            # a proxy's "bad gateway": the upstream is down or restarting, as transient as 503
+            502: 'UNAVAILABLE'}
 
 _BY_GRPC = {'INVALID_ARGUMENT': 'INVALID_INPUT', 'NOT_FOUND': 'MODEL_NOT_FOUND',
             'FAILED_PRECONDITION': 'MODEL_UNAVAILABLE', 'UNAUTHENTICATED': 'UNAUTHENTICATED',
@@ -99,15 +115,22 @@ _BY_GRPC = {'INVALID_ARGUMENT': 'INVALID_INPUT', 'NOT_FOUND': 'MODEL_NOT_FOUND',
 
 
 def make_error(message: str, code: str, status=None, retry_after_s: Optional[float] = None,
-               request_id: str = '') -> AkidbError:
+               request_id: str = '', stream_index: Optional[int] = None) -> AkidbError:
     cls = _BY_CODE.get(code, ServerError)
     return cls(message, code=code, status=status, retryable=code in RETRYABLE_CODES,
-               retry_after_s=retry_after_s, request_id=request_id)
+               retry_after_s=retry_after_s, request_id=request_id, stream_index=stream_index)
 
 
 def code_from_http(status: int) -> str:
     return _BY_HTTP.get(status, 'INTERNAL' if status >= 500 else 'INVALID_INPUT')
 
 
-def code_from_grpc(status_name: str) -> str:
+def code_from_grpc(status_name: str, details: str = '') -> str:
+    """The error-table code of a gRPC status that came without an ``akidb-error-code``.
+
+    gRPC's own message-size refusal ("Received/Sent message larger than max", on either side)
+    is RESOURCE_EXHAUSTED too, but resending the same message cannot help: INPUT_TOO_LARGE.
+    """
+    if status_name == 'RESOURCE_EXHAUSTED' and 'larger than max' in (details or ''):
+        return 'INPUT_TOO_LARGE'
     return _BY_GRPC.get(status_name, 'INTERNAL')

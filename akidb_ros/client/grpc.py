@@ -7,12 +7,32 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 import grpc
 import numpy as np
 
-from akidb_ros.client.errors import (AkidbError, DeadlineExceededError, code_from_grpc,
-                                     make_error)
-from akidb_ros.client.rest import Embeddings
+from akidb_ros.client.errors import (AkidbError, DeadlineExceededError, TLSError,
+                                     code_from_grpc, make_error)
+from akidb_ros.client.rest import (Embeddings, check_inputs, check_timeout, check_tls_files,
+                                   probe_tls)
 from akidb_ros.client.retry import RetryPolicy, call_with_retry
 from akidb_ros.grpc_api import embedding_pb2 as pb
 from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
+
+# what gRPC's UNAVAILABLE details say when the TLS handshake failed (not a transient outage)
+_TLS_MARKERS = ('Ssl handshake failed', 'SSL_ERROR_SSL', 'CERTIFICATE_VERIFY_FAILED',
+                'TSI_PROTOCOL_FAILURE', 'WRONG_VERSION_NUMBER', 'tlsv13 alert',
+                'tlsv1 alert', 'TLSV13_ALERT', 'TLSV1_ALERT', 'handshake failed')
+
+
+def _tls_reason(details: str) -> Optional[str]:
+    if not any(m in details for m in _TLS_MARKERS):
+        return None
+    if 'CERTIFICATE_VERIFY_FAILED' in details:
+        return (f"the server's certificate is not trusted ({details}): pass ca_file= the CA "
+                'that signed it')
+    if 'WRONG_VERSION_NUMBER' in details:
+        return f'one side does not speak TLS ({details}): check the port and TLS options'
+    if 'alert' in details.lower():
+        return (f'the server refused the TLS handshake ({details}): it may require a client '
+                'certificate signed by its CA (client_cert=, client_key=)')
+    return f'TLS handshake failed ({details})'
 
 
 def error_from_rpc(err: grpc.RpcError, request_id: str = '') -> AkidbError:
@@ -22,16 +42,31 @@ def error_from_rpc(err: grpc.RpcError, request_id: str = '') -> AkidbError:
         md = {k: v for k, v in (err.trailing_metadata() or ())}
     except Exception:
         pass
-    code = md.get('akidb-error-code') or code_from_grpc(status.name)
+    details = (err.details() if hasattr(err, 'details') else str(err)) or ''
+    rid = md.get('x-request-id', request_id)
+    stream_index = None
+    if md.get('akidb-stream-index'):
+        try:
+            stream_index = int(md['akidb-stream-index'])
+        except ValueError:
+            pass
+    if not md.get('akidb-error-code') and status == grpc.StatusCode.UNAVAILABLE:
+        why = _tls_reason(details)
+        if why is not None:
+            return TLSError(f'TLS failed: {why}', code='TLS_ERROR', status=status.name,
+                            retryable=False, request_id=rid)
+    code = md.get('akidb-error-code') or code_from_grpc(status.name, details)
+    if code == 'INPUT_TOO_LARGE' and not md.get('akidb-error-code'):
+        details += (' (gRPC message limit: the server\'s --max-body-bytes, or this client\'s '
+                    'max_message_bytes for what it sends and receives)')
     retry_after = None
     if md.get('retry-after'):
         try:
             retry_after = float(md['retry-after'])
         except ValueError:
             pass
-    details = err.details() if hasattr(err, 'details') else str(err)
     return make_error(details or status.name, code, status=status.name,
-                      retry_after_s=retry_after, request_id=md.get('x-request-id', request_id))
+                      retry_after_s=retry_after, request_id=rid, stream_index=stream_index)
 
 
 def _to_embeddings(resp: pb.EmbedResponse, request_id: str = '') -> Embeddings:
@@ -43,8 +78,42 @@ def _to_embeddings(resp: pb.EmbedResponse, request_id: str = '') -> Embeddings:
                       duration_ms=float(resp.usage.duration_ms), request_id=request_id)
 
 
+def _read(path: Optional[str]) -> Optional[bytes]:
+    if path is None:
+        return None
+    with open(path, 'rb') as fh:
+        return fh.read()
+
+
+def _host_port(target: str):
+    """(host, port) of a plain ``host:port`` / ``[v6]:port`` target, else None."""
+    for prefix in ('dns:///', 'dns:', 'ipv4:', 'ipv6:'):
+        if target.startswith(prefix):
+            target = target[len(prefix):]
+    host, sep, port = target.rpartition(':')
+    if not sep or not port.isdigit() or not host or ',' in host or '/' in host:
+        return None
+    return host.strip('[]'), int(port)
+
+
+def _check_batch(batch, index: int) -> List[str]:
+    if isinstance(batch, (str, bytes, bytearray)):
+        raise TypeError(f'batch {index} is a bare {type(batch).__name__} {batch!r:.60}: '
+                        'embed_stream takes an iterable of batches, each a list of str, e.g. '
+                        "[['hello', 'robot']] (one batch) or [['hello'], ['robot']] (two)")
+    return check_inputs(batch, what=f'batch {index}')
+
+
 class GrpcClient:
     """Thread-safe. Deadlines on every call; retries only on retryable codes.
+
+    ``timeout_s``: the overall budget of a call (retries and backoff included; for
+    :meth:`embed_stream`, the whole stream), a finite number > 0 (None is refused).
+    TLS: ``ca_file`` (the CA that signed the server's certificate; default: gRPC's roots),
+    ``client_cert`` + ``client_key`` (PEM files: mutual TLS), ``tls=True`` (TLS with the
+    default roots and no files), ``server_name`` (the name to check the certificate against
+    when ``target`` is an address), or a ready ``channel`` (then none of these).
+    ``with GrpcClient(...) as c:`` closes it; a closed client raises ``ValueError``.
 
     >>> c = GrpcClient('127.0.0.1:9090')
     >>> c.embed(['hello robot'], normalize=True).embeddings.shape   # doctest: +SKIP
@@ -55,19 +124,42 @@ class GrpcClient:
                  retry: Optional[RetryPolicy] = None,
                  metadata: Optional[Dict[str, str]] = None,
                  max_message_bytes: int = 16 * 1024 * 1024,
-                 channel: Optional[grpc.Channel] = None):
+                 channel: Optional[grpc.Channel] = None, *, ca_file: Optional[str] = None,
+                 client_cert: Optional[str] = None, client_key: Optional[str] = None,
+                 tls: bool = False, server_name: Optional[str] = None):
         self.target = target
-        self.timeout_s = timeout_s
+        self.timeout_s = check_timeout(timeout_s)
         self.retry = retry or RetryPolicy()
         self.metadata = list((metadata or {}).items())
-        self._channel = channel or grpc.insecure_channel(target, options=[
+        self._closed = False
+        self._tls_files = None
+        use_tls = bool(tls or ca_file or client_cert or client_key or server_name)
+        if channel is not None and use_tls:
+            raise ValueError('channel= is a ready channel: give TLS options (ca_file, '
+                             'client_cert, client_key, tls, server_name) or a channel, not both')
+        options = [
             ('grpc.max_receive_message_length', max_message_bytes),
             ('grpc.max_send_message_length', max_message_bytes),
             ('grpc.enable_retries', 0),   # retries are ours (backoff + jitter + Retry-After)
-        ])
+        ]
+        if channel is not None:
+            self._channel = channel
+        elif use_tls:
+            check_tls_files(ca_file, client_cert, client_key)
+            self._tls_files = (ca_file, client_cert, client_key, server_name)
+            creds = grpc.ssl_channel_credentials(root_certificates=_read(ca_file),
+                                                 private_key=_read(client_key),
+                                                 certificate_chain=_read(client_cert))
+            if server_name:
+                options.append(('grpc.ssl_target_name_override', server_name))
+            self._channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.EmbeddingServiceStub(self._channel)
 
     def close(self) -> None:
+        """Close the channel; calls after this raise ``ValueError``."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self):
@@ -76,9 +168,34 @@ class GrpcClient:
     def __exit__(self, *exc):
         self.close()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError('GrpcClient is closed: make a new one')
+
+    def _error(self, err: grpc.RpcError, request_id: str) -> AkidbError:
+        out = error_from_rpc(err, request_id)
+        if self._tls_files is not None and out.code == 'UNAVAILABLE' and \
+                not isinstance(out, TLSError) and 'Socket closed' in out.message:
+            # TLS 1.3: a server refusing our certificate (or its absence) closes the socket
+            # after the handshake and gRPC says only "Socket closed"; one handshake of our own
+            # hears the server's alert, which tells a refusal from an outage
+            ca_file, client_cert, client_key, server_name = self._tls_files
+            addr = _host_port(self.target)
+            why = None if addr is None else probe_tls(addr, ca_file, True, client_cert,
+                                                      client_key, server_name, alpn=['h2'])
+            if why is not None:
+                return TLSError(f'TLS with {self.target} failed: {why}', code='TLS_ERROR',
+                                status=out.status, retryable=False,
+                                request_id=out.request_id)
+        return out
+
+    def _budget(self, timeout_s: Optional[float]) -> float:
+        self._check_open()
+        return self.timeout_s if timeout_s is None else check_timeout(timeout_s)
+
     def _unary(self, method, request, timeout_s: Optional[float], retry: Optional[RetryPolicy],
                request_id: str):
-        total = timeout_s if timeout_s is not None else self.timeout_s
+        total = self._budget(timeout_s)
         md = self.metadata + [('x-request-id', request_id)]
 
         def attempt(remaining: Optional[float]):
@@ -89,17 +206,19 @@ class GrpcClient:
             try:
                 return method(request, timeout=budget, metadata=md)
             except grpc.RpcError as err:
-                raise error_from_rpc(err, request_id) from None
+                raise self._error(err, request_id) from None
+            except ValueError:      # "Cannot invoke RPC on closed channel!": close() raced us
+                self._check_open()
+                raise
 
         return call_with_retry(attempt, retry or self.retry, deadline_s=total)
 
     def embed(self, inputs: Sequence[str], model: str = '', normalize: bool = True,
               timeout_s: Optional[float] = None, request_id: Optional[str] = None,
               retry: Optional[RetryPolicy] = None) -> Embeddings:
-        if isinstance(inputs, str):
-            inputs = [inputs]
+        """Embed ``inputs`` (a str, or a sequence of str; bytes are refused with TypeError)."""
         rid = request_id or uuid.uuid4().hex
-        req = pb.EmbedRequest(model=model, inputs=list(inputs), normalize=normalize)
+        req = pb.EmbedRequest(model=model, inputs=check_inputs(inputs), normalize=normalize)
         return _to_embeddings(self._unary(self.stub.Embed, req, timeout_s, retry, rid), rid)
 
     def embed_stream(self, batches: Iterable[Sequence[str]], model: str = '',
@@ -107,18 +226,49 @@ class GrpcClient:
                      ) -> Iterator[Embeddings]:
         """Send one EmbedRequest per batch over one bidi stream; yield answers in order.
 
-        No retry (a stream is not idempotent as a whole); the first error is raised.
+        ``batches``: an iterable of batches, each a list of str (``[['a'], ['b', 'c']]``); a
+        bare str batch is refused with ``TypeError`` (at once for a list or tuple, when it is
+        reached for a generator). ``timeout_s`` (default: the client's) bounds the whole
+        stream. No retry (a stream is not idempotent as a whole); the first error is raised,
+        its ``stream_index`` saying which batch failed.
         """
+        total = self._budget(timeout_s)
+        if isinstance(batches, (str, bytes, bytearray)):
+            raise TypeError('embed_stream takes an iterable of batches, each a list of str '
+                            f"(e.g. [['hello', 'robot']]), not a bare {type(batches).__name__}")
+        if isinstance(batches, (list, tuple)):
+            checked = [_check_batch(b, i) for i, b in enumerate(batches)]
+            return self._stream(iter(checked), model, normalize, total, [])
+        refused: List[Exception] = []
+
+        def lazy():
+            for i, b in enumerate(batches):
+                try:
+                    yield _check_batch(b, i)
+                except TypeError as exc:
+                    refused.append(exc)     # end the stream here; raised once it is answered
+                    return
+        return self._stream(lazy(), model, normalize, total, refused)
+
+    def _stream(self, batches: Iterator[List[str]], model: str, normalize: bool, total: float,
+                refused: List[Exception]) -> Iterator[Embeddings]:
         rid = uuid.uuid4().hex
-        reqs = (pb.EmbedRequest(model=model, inputs=list(b), normalize=normalize)
-                for b in batches)
-        call = self.stub.EmbedStream(reqs, timeout=timeout_s or None,
-                                     metadata=self.metadata + [('x-request-id', rid)])
+        reqs = (pb.EmbedRequest(model=model, inputs=b, normalize=normalize) for b in batches)
+        try:
+            call = self.stub.EmbedStream(reqs, timeout=total,
+                                         metadata=self.metadata + [('x-request-id', rid)])
+        except ValueError:
+            self._check_open()
+            raise
         try:
             for resp in call:
                 yield _to_embeddings(resp, rid)
         except grpc.RpcError as err:
-            raise error_from_rpc(err, rid) from None
+            raise self._error(err, rid) from None
+        finally:
+            call.cancel()       # a caller that stops early ends the stream (no-op when done)
+        if refused:
+            raise refused[0]
 
     def list_models(self, timeout_s: Optional[float] = None) -> List[pb.ModelInfo]:
         return list(self._unary(self.stub.ListModels, pb.ListModelsRequest(), timeout_s, None,
@@ -131,9 +281,13 @@ class GrpcClient:
     def serving(self, service: str = '', timeout_s: float = 2.0) -> bool:
         """Ask the standard grpc.health.v1 service whether ``service`` is SERVING."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
+        timeout_s = self._budget(timeout_s)
         try:
             resp = health_pb2_grpc.HealthStub(self._channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         except grpc.RpcError:
             return False
+        except ValueError:
+            self._check_open()
+            raise
         return resp.status == health_pb2.HealthCheckResponse.SERVING
