@@ -35,6 +35,7 @@ DEFAULT_TIMEOUT_S = 5.0
 # participant, while a fresh one found it within 0.6 s. A restarted node needs none of this.
 REJOIN_AFTER_S = 4.0
 REJOIN_EVERY_S = 10.0
+PRESENCE_CHECK_S = 0.25    # how often the sidecar looks whether the node is still in the graph
 
 
 @runtime_checkable
@@ -153,10 +154,8 @@ class LocalBackend:
         return self.engine.default_model
 
     def ready(self) -> bool:
-        default = self.engine.default_model
         try:
-            return any(mi.id == default and _status(mi) == ModelStatus.LOADED.value
-                       for mi in self.engine.list_models())
+            return self.engine.keep_default_loaded() and not self.engine.closed
         except Exception:
             return False
 
@@ -178,6 +177,10 @@ class RosBackend:
     """Forwards to the embedding node's services over DDS (sidecar mode).
 
     * node down (no server for the service): UNAVAILABLE at once, retryable;
+    * node leaving the graph (killed, frozen past its lease) with calls in flight: those calls
+      UNAVAILABLE as soon as the bridge sees it (within ``PRESENCE_CHECK_S``), and a call that
+      outlives a departure and return of the node is UNAVAILABLE too, never TIMEOUT (its request
+      may never have reached the node; TIMEOUT would count against the model's breaker);
     * node slow (no answer within the request's timeout): TIMEOUT, the pending request dropped;
     * the node coming back is picked up by DDS discovery: no restart of the bridge needed.
 
@@ -226,6 +229,11 @@ class RosBackend:
             return _RosLink(ctx, node, clients, ex)
         self._connect = connect
         self._link = connect()
+        self._pending: set = set()          # _PendingCall in flight
+        self._pending_lock = threading.Lock()
+        self._presence = True               # the node's embed server seen at the last check
+        self._departures = 0                # times the node left the graph since start
+        self._presence_checked = 0.0
         self._retired: List[_RosLink] = []     # replaced links, disposed by the spin thread
         self._rejoin_lock = threading.Lock()
         self._down_since: Optional[float] = None
@@ -263,6 +271,32 @@ class RosBackend:
                     time.sleep(0.05)
             while self._retired:          # here, so no spin_once runs on a link being closed
                 self._retired.pop().close()
+            now = time.monotonic()
+            if now - self._presence_checked >= PRESENCE_CHECK_S:
+                self._presence_checked = now
+                self._check_presence()
+
+    def _check_presence(self) -> None:
+        """Fail the calls in flight at once when the node leaves the graph (they cannot be
+        answered: their request or its reply died with the node's participant)."""
+        try:
+            up = self._clients['embed'].service_is_ready()
+        except Exception:   # a link being replaced: look again next time
+            return
+        if up or not self._presence:
+            self._presence = up
+            return
+        self._presence = False
+        self._departures += 1
+        with self._pending_lock:
+            calls = list(self._pending)
+        if calls:
+            log.warning('embedding node left the DDS graph: %d calls in flight answered '
+                        'UNAVAILABLE', len(calls))
+        for call in calls:
+            call.settle(EngineError(
+                ErrorCode.UNAVAILABLE, f'embedding node left the DDS graph with '
+                f'{call.client.srv_name} in flight', retry_after_s=1.0))
 
     def _up(self, service: str) -> bool:
         client = self._clients[service]
@@ -331,9 +365,17 @@ class RosBackend:
 
         ros_future.add_done_callback(on_done)
         # A little past the node's own deadline, so that its TIMEOUT answer (if any) wins.
-        self._deadlines.watch(_PendingCall(self, service, client, ros_future, out,
-                                           time.monotonic() + timeout_s + 0.25, timeout_s))
+        call = _PendingCall(self, service, client, ros_future, out,
+                            time.monotonic() + timeout_s + 0.25, timeout_s, self._departures)
+        with self._pending_lock:
+            self._pending.add(call)
+        out.add_done_callback(lambda _f: self._forget(call))
+        self._deadlines.watch(call)
         return out
+
+    def _forget(self, call: '_PendingCall') -> None:
+        with self._pending_lock:
+            self._pending.discard(call)
 
     def _call_sync(self, service: str, request, timeout_s: Optional[float] = None):
         t = timeout_s or self.timeout_s
@@ -455,14 +497,17 @@ class RosBackend:
         default = next((mi for mi in models if mi.id == resp.default_model), None)
         provider = default.provider if default else ''
         loaded = default is not None and _status(default) == ModelStatus.LOADED.value
+        state = getattr(resp, 'node_state', '') or 'active'   # (a node built before the field)
+        serving = state == 'active'
         checks = normalise_checks({
             'embedding_provider': 'ok' if loaded else 'default model not loaded',
             # the PRD's value, as the in-process engine reports it
             'model_cache': 'failed' if default is not None
             and _status(default) == ModelStatus.FAILED.value else 'ok',
-            'node': 'ok'}, provider)
-        return HealthInfo(status='healthy' if loaded else 'degraded', checks=checks,
-                          version=_version(), provider=provider, default_model=resp.default_model)
+            'node': 'ok' if serving else f'{state}: not serving'}, provider)
+        status = ('unhealthy' if not serving else 'healthy' if loaded else 'degraded')
+        return HealthInfo(status=status, checks=checks, version=_version(), provider=provider,
+                          default_model=resp.default_model)
 
     def default_model(self) -> str:
         if not self._default:
@@ -512,13 +557,15 @@ class _RosLink:
 class _PendingCall:
     """One DDS call in flight, watched for its deadline (``deadlines.DeadlineWatcher``)."""
 
-    __slots__ = ('backend', 'service', 'client', 'ros_future', 'out', 'deadline', 'timeout_s')
+    __slots__ = ('backend', 'service', 'client', 'ros_future', 'out', 'deadline', 'timeout_s',
+                 'departures')
 
     def __init__(self, backend: RosBackend, service: str, client, ros_future, out: Future,
-                 deadline: float, timeout_s: float):
+                 deadline: float, timeout_s: float, departures: int = 0):
         self.backend, self.service, self.client = backend, service, client
         self.ros_future, self.out = ros_future, out
         self.deadline, self.timeout_s = deadline, timeout_s
+        self.departures = departures    # the backend's count of node departures at sending
 
     @property
     def done(self) -> bool:
@@ -541,7 +588,8 @@ class _PendingCall:
         # model open after the node is back.
         client = self.client
         try:
-            gone = not self.backend._up(self.service)
+            gone = (not self.backend._up(self.service)
+                    or self.backend._departures != self.departures)   # left and came back
         except Exception:   # context already shut down
             gone = True
         self.settle(EngineError(

@@ -233,7 +233,24 @@ class EmbeddingEngine:
     def unload_model(self, model: str) -> ModelInfo:
         return self.manager.unload(model)
 
+    def keep_default_loaded(self) -> bool:
+        """True when the default model is loaded; else start loading it and return False.
+
+        Readiness means the default model is loaded, and a pod that is not ready gets no
+        traffic to load it lazily: so every readiness look (health, probes, the node's
+        ``list_models``) brings an unloaded default back by itself.
+        """
+        if self.manager.loaded(self.default_model) is not None:
+            return True
+        if not self._closed:
+            try:
+                self.manager.load_in_background(self.default_model)
+            except EngineError:
+                pass            # not installed: health says so
+        return False
+
     def health(self) -> HealthInfo:
+        self.keep_default_loaded()
         default = self.manager.info(self.manager.config.model(self.default_model))
         lm = self.manager.loaded(self.default_model)
         provider = lm.onnx.provider if lm else ''

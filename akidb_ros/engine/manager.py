@@ -130,26 +130,26 @@ class ModelManager:
         (for threads that must never wait for a load, e.g. a ROS executor).
         """
         cfg = self.resolve(model)
-        with self._lock:
-            lm = self._loaded.get(cfg.id)
-            if lm is not None:
-                self._loaded.move_to_end(cfg.id)
-                lm.in_flight += 1
-                lm.last_used = time.monotonic()
-                lm.cache_hits.inc()
-                return lm
-            if not load:
-                raise ModelNotLoaded(cfg.id)
-            metrics.MODEL_CACHE_MISSES.labels(model=cfg.id).inc()
-            fut = self._start_load(cfg)
-        lm = self._await_load(cfg, fut)
-        with self._lock:
-            current = self._loaded.get(cfg.id)
-            if current is None:   # unloaded between load and now: load again
-                return self.acquire(cfg.id)
-            current.in_flight += 1
-            current.last_used = time.monotonic()
-            return current
+        give_up = None
+        while True:
+            with self._lock:
+                lm = self._loaded.get(cfg.id)
+                if lm is not None:
+                    self._loaded.move_to_end(cfg.id)
+                    lm.in_flight += 1
+                    lm.last_used = time.monotonic()
+                    lm.cache_hits.inc()
+                    return lm
+                if not load:
+                    raise ModelNotLoaded(cfg.id)
+                metrics.MODEL_CACHE_MISSES.labels(model=cfg.id).inc()
+                fut = self._start_load(cfg)
+            # Wait with the lock free (everything else needs it: releases, other models'
+            # loads, deadlines); a model unloaded between its load and now is loaded again,
+            # within one load timeout in all.
+            if give_up is None:
+                give_up = time.monotonic() + self.settings.timeouts.model_load_s
+            self._await_load(cfg, fut, give_up - time.monotonic())
 
     def release(self, lm: LoadedModel, latency_s: Optional[float] = None) -> None:
         with self._lock:
@@ -157,7 +157,7 @@ class ModelManager:
             if latency_s is not None:
                 lm.record(latency_s)
             if lm.in_flight == 0:
-                self._enforce_limits()
+                self._enforce_limits(keep_newest=False)
 
     # --- load ----------------------------------------------------------------------------
     def _start_load(self, cfg: ModelConfig) -> Future:
@@ -184,10 +184,10 @@ class ModelManager:
             threads.add(thread)
         thread.start()
 
-    def _await_load(self, cfg: ModelConfig, fut: Future) -> LoadedModel:
+    def _await_load(self, cfg: ModelConfig, fut: Future, wait_s: float) -> LoadedModel:
         timeout = self.settings.timeouts.model_load_s
         try:
-            return fut.result(timeout=timeout)
+            return fut.result(timeout=max(0.0, wait_s))
         except EngineError:
             raise
         except TimeoutError:
@@ -265,6 +265,15 @@ class ModelManager:
             log.error('%s', exc.message)
             fut.set_exception(exc)
 
+    def load_in_background(self, model: str) -> None:
+        """Start loading ``model`` unless it is loaded, loading, or its last load failed."""
+        cfg = self.resolve(model)
+        with self._lock:
+            if cfg.id not in self._loaded and cfg.id not in self._loading \
+                    and cfg.id not in self._failed:
+                log.info('loading %s again (readiness needs it)', cfg.id)
+                self._start_load(cfg)
+
     def load(self, model: str) -> ModelInfo:
         """Hot load (idempotent): returns once the model serves."""
         lm = self.acquire(model)
@@ -285,17 +294,26 @@ class ModelManager:
     def _retire(self, lm: LoadedModel) -> None:
         # Batcher.stop drains the queue, so every accepted request is still answered; the
         # overlap session may still be building, hence a tracked thread.
+        # Requests that pinned the model before it left the cache may not have reached its
+        # batcher yet: it keeps serving until they have (bounded by their budget).
         def retire():
+            give_up = time.monotonic() + self.settings.timeouts.inference_s + LOAD_JOIN_S
+            while lm.in_flight > 0 and time.monotonic() < give_up:
+                time.sleep(0.01)
             lm.batcher.stop()
             lm.onnx.wait_overlap(LOAD_JOIN_S)
         self._start_tracked(self._retiring, retire, f'akidb-retire-{lm.cfg.id}')
 
-    def _enforce_limits(self) -> None:
+    def _enforce_limits(self, keep_newest: bool = True) -> None:
         """Evict least-recently-used idle models until count and memory budgets hold.
 
-        The most recently used model always stays (it was just loaded or asked for), and a
-        model with work in flight is never evicted: the cache may run over its budget until
-        that work is answered, and is trimmed on the release that ends it.
+        The default model is never evicted: readiness means it is loaded, and a probe that
+        says "not ready" takes the traffic away that would have loaded it again. A model with
+        work in flight is never evicted either, nor (``keep_newest``, after a load) the most
+        recently used one, which its caller is about to take: the cache may run over its
+        budget until that work is answered, and is trimmed on the release that ends it. So a
+        budget too small for the default and one more model serves the others one request
+        (or batch of concurrent requests) at a time.
         """
         cache = self.settings.cache
 
@@ -303,12 +321,13 @@ class ModelManager:
             mem = sum(m.memory_mb for m in self._loaded.values())
             return len(self._loaded) > cache.max_loaded_models or mem > cache.max_memory_mb
 
-        for model_id in list(self._loaded)[:-1]:   # [-1] is the most recently used
+        order = list(self._loaded)
+        for model_id in order[:-1] if keep_newest else order:   # [-1]: most recently used
             if not over():
                 break
             lm = self._loaded[model_id]
-            if lm.in_flight > 0:
-                continue   # never evict a model with work in flight
+            if lm.in_flight > 0 or model_id == self.config.default_model:
+                continue   # never evict a model with work in flight, nor the default
             del self._loaded[model_id]
             metrics.MODEL_EVICTIONS.labels(model=model_id).inc()
             log.info('evicted %s (LRU)', model_id)

@@ -446,8 +446,12 @@ class EmbeddingNode(LifecycleNode):
 
     def _on_list_models(self, request, response):
         engine = self.engine
+        state = self.lifecycle_state
+        response.node_state = 'stopping' if state == 'active' and not self._serving else state
         if engine is not None:
             try:
+                if self._serving:       # a readiness look: bring an unloaded default back
+                    engine.keep_default_loaded()
                 response.models = [conv.model_info_to_msg(m) for m in engine.list_models()]
                 response.default_model = engine.default_model
             except Exception as exc:

@@ -207,6 +207,88 @@ def test_calls_in_flight_cost_no_thread_each_and_are_answered_at_close(node):
         backend.close()
 
 
+def test_calls_in_flight_fail_unavailable_when_the_node_leaves_the_graph(node):
+    """A node frozen past its DDS lease leaves the graph: the calls it held are answered
+    UNAVAILABLE then (not TIMEOUT at the end of their budget: their requests may never have
+    reached it, and a TIMEOUT would count against the model's circuit breaker)."""
+    from akidb_ros.backends import RosBackend
+    backend = RosBackend(prefix=node.namespace, timeout_s=30.0)
+    try:
+        assert wait_until(backend.ready, 60, 0.2)
+        os.kill(node.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        futures = [backend.submit(EmbedRequest(inputs=[f'held {i}'], timeout_s=30.0))
+                   for i in range(8)]
+        for f in futures:
+            with pytest.raises(EngineError) as err:
+                f.result(timeout=15)
+            assert err.value.code is ErrorCode.UNAVAILABLE
+            assert 'left the DDS graph' in err.value.message
+        assert time.monotonic() - t0 < 8.0         # the 2 s lease and a check, not 30 s
+    finally:
+        os.kill(node.proc.pid, signal.SIGCONT)
+        backend.close()
+    assert wait_until(lambda: _node_answers(node), 20)
+
+
+def _node_answers(node) -> bool:
+    from akidb_ros.backends import RosBackend
+    b = RosBackend(prefix=node.namespace, timeout_s=2.0)
+    try:
+        return wait_until(b.ready, 10, 0.2)
+    finally:
+        b.close()
+
+
+def _change_state(node, transition: int) -> bool:
+    """A lifecycle manager's call: change the node's state."""
+    import rclpy
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+    from rclpy.context import Context
+    ctx = Context()
+    rclpy.init(context=ctx, args=[])
+    try:
+        n = rclpy.create_node('akidb_test_lc_manager', context=ctx)
+        cli = n.create_client(ChangeState, f'{node.namespace}/embedding_node/change_state')
+        assert cli.wait_for_service(timeout_sec=10)
+        fut = cli.call_async(ChangeState.Request(transition=Transition(id=transition)))
+        from rclpy.executors import SingleThreadedExecutor
+        ex = SingleThreadedExecutor(context=ctx)
+        ex.add_node(n)
+        ex.spin_until_future_complete(fut, timeout_sec=20)
+        ok = fut.done() and fut.result().success
+        ex.shutdown()
+        n.destroy_node()
+        return ok
+    finally:
+        rclpy.try_shutdown(context=ctx)
+
+
+def test_bridge_health_follows_the_nodes_lifecycle_and_default_model(node, sidecar):
+    """An inactive node answers every call UNAVAILABLE: the bridge is unhealthy and not ready
+    then (it said "healthy"); an unloaded default model comes back by itself, without traffic
+    (a not-ready pod gets none)."""
+    from lifecycle_msgs.msg import Transition
+    url = f'http://127.0.0.1:{sidecar.rest_port}'
+    assert _change_state(node, Transition.TRANSITION_DEACTIVATE)
+    try:
+        assert wait_until(lambda: requests.get(url + '/health/ready', timeout=10).status_code
+                          == 503, 10)
+        h = requests.get(url + '/health', timeout=10).json()
+        assert h['status'] == 'unhealthy' and h['checks']['node'] == 'inactive: not serving'
+    finally:
+        assert _change_state(node, Transition.TRANSITION_ACTIVATE)
+    assert wait_until(lambda: requests.get(url + '/health/ready', timeout=10).status_code
+                      == 200, 10)
+    r = requests.post(url + '/admin/models/unload', json={'model': DEFAULT_MODEL}, timeout=30)
+    assert r.status_code == 200
+    # no embed call from here on: the bridge's own health looks bring the default back
+    assert wait_until(lambda: requests.get(url + '/health/ready', timeout=10).status_code
+                      == 200, 30)
+    assert requests.get(url + '/health', timeout=10).json()['status'] == 'healthy'
+
+
 def test_node_down_unavailable_then_recovers(node, sidecar, side_rest, side_grpc):
     url = f'http://127.0.0.1:{sidecar.rest_port}'
     node.stop(signal.SIGTERM)

@@ -54,15 +54,37 @@ def test_submit_without_load_refuses_a_model_that_is_not_loaded(tmp_path):
         eng.close()
 
 
-def test_lru_by_count_and_lazy_reload(tmp_path):
+def test_lru_by_count_never_evicts_the_default(tmp_path):
+    """Room for one model: the default stays (readiness needs it), another model is served
+    and goes again once idle, and is loaded again lazily when asked for."""
     eng = make_engine(tmp_path, lambda r: r['engine']['cache'].update(max_loaded_models=1))
     try:
-        eng.embed(EmbedRequest(inputs=['x'], model=MPNET))
-        st = status(eng)
-        assert st[MPNET] is ModelStatus.LOADED and st[MINILM] is ModelStatus.AVAILABLE
-        eng.embed(EmbedRequest(inputs=['x']))                  # lazy reload of the default
+        before = load_count(MPNET)[1]
+        assert eng.embed(EmbedRequest(inputs=['x'], model=MPNET)).dimension == 768
         st = status(eng)
         assert st[MINILM] is ModelStatus.LOADED and st[MPNET] is ModelStatus.AVAILABLE
+        assert eng.embed(EmbedRequest(inputs=['x'], model=MPNET)).dimension == 768
+        assert load_count(MPNET)[1] == before + 2
+        assert status(eng)[MINILM] is ModelStatus.LOADED
+    finally:
+        eng.close()
+
+
+def test_an_unloaded_default_comes_back_at_the_next_readiness_look(tmp_path):
+    """An operator unloads the default: not ready, and with no traffic nothing would load it
+    again (a not-ready pod gets none); a readiness look starts its load."""
+    eng = make_engine(tmp_path)
+    try:
+        eng.unload_model(MINILM)
+        assert status(eng)[MINILM] is ModelStatus.AVAILABLE
+        assert eng.keep_default_loaded() is False          # not yet: its load has started
+        end = time.monotonic() + 30
+        while not eng.keep_default_loaded():
+            assert time.monotonic() < end, 'the default model did not come back'
+            time.sleep(0.05)
+        assert eng.health().status == 'healthy'
+        eng.unload_model(MPNET)                              # not loaded: nothing to do
+        assert eng.health().status == 'healthy'
     finally:
         eng.close()
 
@@ -101,10 +123,10 @@ def test_lru_evicts_the_least_recently_used(tmp_path):
         st = status(eng)
         assert (st[MINILM], st[copy], st[MPNET]) == (
             ModelStatus.LOADED, ModelStatus.AVAILABLE, ModelStatus.LOADED)
-        eng.embed(EmbedRequest(inputs=['x'], model=copy))     # back, evicting MINILM now
-        st = status(eng)
+        eng.embed(EmbedRequest(inputs=['x'], model=copy))     # back, evicting MPNET (the
+        st = status(eng)                                      # default MINILM always stays)
         assert (st[MINILM], st[copy], st[MPNET]) == (
-            ModelStatus.AVAILABLE, ModelStatus.LOADED, ModelStatus.LOADED)
+            ModelStatus.LOADED, ModelStatus.LOADED, ModelStatus.AVAILABLE)
     finally:
         eng.close()
 
@@ -113,28 +135,38 @@ def test_lru_by_memory_budget(tmp_path):
     eng = make_engine(tmp_path, lambda r: r['engine']['cache'].update(
         max_loaded_models=4, max_memory_mb=500))              # 90 + 440 MB > 500 MB
     try:
-        eng.load_model(MPNET)
+        info = eng.load_model(MPNET)      # loaded and served, then over the budget once idle
         st = status(eng)
-        assert st[MPNET] is ModelStatus.LOADED and st[MINILM] is ModelStatus.AVAILABLE
+        assert info.status is ModelStatus.AVAILABLE and st[MPNET] is ModelStatus.AVAILABLE
+        assert st[MINILM] is ModelStatus.LOADED
     finally:
         eng.close()
 
 
 def test_never_evicts_a_model_with_work_in_flight(tmp_path):
-    eng = make_engine(tmp_path, lambda r: r['engine']['cache'].update(max_loaded_models=1))
+    copy = 'minilm-copy'
+
+    def mutate(raw):
+        raw['engine']['cache'].update(max_loaded_models=2, max_memory_mb=4096)
+        raw['models'].append(dict(raw['models'][0], id=copy, name='copy/all-MiniLM-L6-v2'))
+    eng = make_engine(tmp_path, mutate)
     try:
-        gate = Gate(eng.manager.loaded(MINILM).batcher)
+        eng.load_model(copy)
+        gate = Gate(eng.manager.loaded(copy).batcher)
         gate.close()
-        held = eng.submit(EmbedRequest(inputs=['in flight']))
+        held = eng.submit(EmbedRequest(inputs=['in flight'], model=copy))
         assert gate.entered.wait(5)
-        eng.load_model(MPNET)
+        # a third model: the least recently used one (copy) has work in flight, so the cache
+        # runs over budget while MPNET serves, and MPNET goes when idle, not copy
+        assert eng.load_model(MPNET).dimension == 768
         st = status(eng)
-        assert st[MINILM] is ModelStatus.LOADED and st[MPNET] is ModelStatus.LOADED
+        assert (st[MINILM], st[copy], st[MPNET]) == (
+            ModelStatus.LOADED, ModelStatus.LOADED, ModelStatus.AVAILABLE)
         gate.open.set()
         assert held.result(10).embeddings.shape == (1, 384)
         time.sleep(0.05)
-        st = status(eng)   # released: the limit is enforced again, the LRU one goes
-        assert st[MINILM] is ModelStatus.AVAILABLE and st[MPNET] is ModelStatus.LOADED
+        st = status(eng)   # within budget again: nothing more goes
+        assert (st[MINILM], st[copy]) == (ModelStatus.LOADED, ModelStatus.LOADED)
     finally:
         eng.close()
 
@@ -281,3 +313,68 @@ def test_batch_hold_only_where_one_run_has_the_device(tmp_path, runners):
         assert vectors.shape == (2, 384)
     finally:
         eng.close()
+
+
+def test_a_model_unloaded_right_after_its_load_is_loaded_again_without_holding_the_lock(
+        tmp_path):
+    """A request whose model is unloaded between its load and its turn loads it again; it waits
+    with the manager's lock free, so that load (and everything else) can finish. Held, the
+    lock froze the engine until the load timeout (the auditor's unload/load race under load)."""
+    eng = make_engine(tmp_path, lambda r: r['engine']['timeouts'].update(model_load_s=20),
+                      preload=False)
+    mgr = eng.manager
+    real_await = mgr._await_load
+    unloaded = []
+
+    def await_then_unload(cfg, fut, wait_s):
+        lm = real_await(cfg, fut, wait_s)
+        if not unloaded:                # once: an unload wins the race with this request
+            unloaded.append(eng.unload_model(MINILM).status)
+        return lm
+
+    mgr._await_load = await_then_unload
+    try:
+        t0 = time.monotonic()
+        res = eng.embed(EmbedRequest(inputs=['loaded twice']))
+        assert res.embeddings.shape == (1, 384)
+        assert unloaded == [ModelStatus.AVAILABLE]
+        assert time.monotonic() - t0 < 10, 'the reload waited out the load timeout'
+        assert status(eng)[MINILM] is ModelStatus.LOADED
+    finally:
+        eng.close()
+
+
+def test_requests_survive_a_model_unloaded_and_loaded_in_a_loop(tmp_path):
+    """Six callers on a model that an admin unloads and loads over and over: every call is
+    answered with a vector within its budget (a load or two at most), none fails."""
+    eng = make_engine(tmp_path)
+    stop = threading.Event()
+    errors, slow = [], []
+
+    def caller(i):
+        n = 0
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                assert eng.embed(EmbedRequest(inputs=[f'caller {i} call {n}'])).dimension == 384
+            except Exception as exc:     # noqa: BLE001 - collected and asserted below
+                errors.append(repr(exc))
+            if time.monotonic() - t0 > 8:
+                slow.append(time.monotonic() - t0)
+            n += 1
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        end = time.monotonic() + 4
+        while time.monotonic() < end:
+            eng.unload_model(MINILM)
+            eng.load_model(MINILM)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        eng.close()
+    assert not any(t.is_alive() for t in threads)
+    assert errors == [] and slow == []

@@ -380,11 +380,15 @@ def test_lifecycle_deactivate_refuses_activate_serves(client):
         assert _state(client) == State.PRIMARY_STATE_INACTIVE
         resp = embed(client, ['hello'])
         assert (resp.success, resp.error_code) == (False, 'UNAVAILABLE')
+        # list_models says so (a sidecar bridge's health and readiness follow it)
+        listed = call(client, ListModels, 'list_models', ListModels.Request())
+        assert listed.node_state == 'inactive' and listed.default_model == DEFAULT
     finally:
         res = call(client, ChangeState, 'embedding_node/change_state',
                    ChangeState.Request(transition=Transition(id=Transition.TRANSITION_ACTIVATE)))
     assert res.success and _state(client) == State.PRIMARY_STATE_ACTIVE
     assert embed(client, ['hello']).success
+    assert call(client, ListModels, 'list_models', ListModels.Request()).node_state == 'active'
 
 
 def _cli(*args):

@@ -48,7 +48,8 @@ def test_model_info_and_admin_interfaces():
         assert name in fields
     assert ModelInfo.STATUS_LOADED == 'loaded' and ModelInfo.STATUS_FAILED == 'failed'
     assert ListModels.Response.get_fields_and_field_types() == {
-        'models': 'sequence<akidb_ros/ModelInfo>', 'default_model': 'string'}
+        'models': 'sequence<akidb_ros/ModelInfo>', 'default_model': 'string',
+        'node_state': 'string'}
     for srv in (LoadModel, UnloadModel):
         assert srv.Request.get_fields_and_field_types() == {'model': 'string'}
         assert srv.Response.get_fields_and_field_types() == {

@@ -166,6 +166,7 @@ def test_lifecycle_transitions_under_load_answer_every_call():
             assert _state(mgr, ns) == State.PRIMARY_STATE_UNCONFIGURED
             listed = call(mgr, ListModels, f'{ns}/list_models', ListModels.Request())
             assert (list(listed.models), listed.default_model) == ([], '')
+            assert listed.node_state == 'unconfigured'
             refused = mgr.call('embed', Embed.Request(inputs=['hello']))
             assert (refused.success, refused.error_code) == (False, 'UNAVAILABLE')
             assert _change(mgr, ns, Transition.TRANSITION_CONFIGURE)
@@ -176,6 +177,9 @@ def test_lifecycle_transitions_under_load_answer_every_call():
             _spin_for(mgr, 1.0)
             assert node.proc.poll() is None, node.output[-3000:]
             assert _state(mgr, ns) == State.PRIMARY_STATE_FINALIZED
+            # a finalized node stays until signalled (ROS semantics) and says it is finalized
+            assert call(mgr, ListModels, f'{ns}/list_models',
+                        ListModels.Request()).node_state == 'finalized'
             mgr.executor.spin_until_future_complete(slow, timeout_sec=60)
             assert slow.done() and slow.result().success, node.output[-3000:]
             stop.set()
