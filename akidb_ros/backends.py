@@ -7,6 +7,7 @@ failures through the one error table.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -210,11 +211,16 @@ class RosBackend:
         qos = QoSProfile(depth=qos_depth)
         node_name = node_name or f'akidb_bridge_{os.getpid()}_{uuid.uuid4().hex[:6]}'
 
+        joins = itertools.count()
+
         def connect() -> _RosLink:
             """A DDS participant of our own: context, node, clients, executor."""
             ctx = Context()
             rclpy.init(context=ctx, args=[])
-            node = rclpy.create_node(node_name, context=ctx)
+            # a rejoin's node gets a name of its own (one name twice in a process: rosout warns)
+            k = next(joins)
+            node = rclpy.create_node(node_name if k == 0 else f'{node_name}_rejoin{k}',
+                                     context=ctx)
             # FirstContact: a request sent before a (new) node has matched our client is sent
             # again instead of timing out (akidb_ros.ros.first_contact)
             clients = {

@@ -102,6 +102,7 @@ class EmbeddingNode(LifecycleNode):
         self._external_engine = engine
         self._ak_services = []
         self._serving = False          # active and accepting calls
+        self._twins_logged = 1         # servers of embed seen at the last diagnostics
         self._shutting_down = False
         self._cb = ReentrantCallbackGroup()
         self._diag_cb = MutuallyExclusiveCallbackGroup()
@@ -509,9 +510,10 @@ class EmbeddingNode(LifecycleNode):
                   'replies_undelivered': str(self.responder.undelivered),
                   'calls_ok': str(self.calls_ok), 'calls_failed': str(self.calls_failed)}
         engine = self.engine
+        twins = self._embed_servers() if self._serving else 1
         if engine is None:
             st.level, st.message = DiagnosticStatus.WARN, (
-                'shutting down' if self._shutting_down else 'not configured')
+                'shutting down' if self._shutting_down else self.lifecycle_state)
         else:
             try:
                 h = engine.health()
@@ -526,6 +528,10 @@ class EmbeddingNode(LifecycleNode):
                     st.level, st.message = DiagnosticStatus.WARN, 'shutting down'
                 elif not self._serving:
                     st.level, st.message = DiagnosticStatus.WARN, 'inactive'
+                elif twins > 1:
+                    st.level, st.message = DiagnosticStatus.WARN, (
+                        f'{twins} servers of embed on this ROS domain and namespace: each '
+                        'call reaches any of them')
                 elif h.status == 'healthy':
                     st.level, st.message = DiagnosticStatus.OK, \
                         f'serving {h.default_model} on {h.provider}'
@@ -535,8 +541,24 @@ class EmbeddingNode(LifecycleNode):
                     st.level, st.message = DiagnosticStatus.ERROR, h.status
             except Exception as exc:
                 st.level, st.message = DiagnosticStatus.ERROR, f'health check failed: {exc}'
+        values['embed_servers'] = str(twins)
         st.values = [KeyValue(key=k, value=v) for k, v in values.items()]
         return st
+
+    def _embed_servers(self) -> int:
+        """Servers of our ``embed`` in the graph (ours included); more than one is logged once
+        per change: two nodes in one namespace answer calls at random, with no error."""
+        try:
+            n = self.count_services('embed')
+        except Exception:       # graph query during shutdown
+            return 1
+        if n != self._twins_logged:
+            self._twins_logged = n
+            if n > 1:
+                self._log.warning(f'{n} servers of {self.resolve_service_name("embed")} on '
+                                  'this ROS domain: calls reach any of them (give each node '
+                                  'its own namespace)')
+        return n
 
     def publish_diagnostics(self) -> None:
         msg = DiagnosticArray()

@@ -323,7 +323,25 @@ def test_diagnostics(client):
     assert st.level == st.OK, st.message
     assert values['default_model'] == DEFAULT and values['provider']
     assert int(values['queue_size']) >= 0 and int(values['queue_capacity']) > 0
-    assert values['serving'] == 'true'
+    assert values['serving'] == 'true' and values['embed_servers'] == '1'
+
+
+def test_a_second_node_in_the_same_namespace_is_reported():
+    """Two nodes serving one namespace answer calls at random with no error: each says so
+    (a warning in its log, WARN on /diagnostics with embed_servers=2)."""
+    from ros_support import NodeProcess
+    ns = '/twins'
+    nodes = [NodeProcess('-p', 'diagnostics_period_s:=0.5', namespace=ns) for _ in range(2)]
+    try:
+        for n in nodes:
+            n.wait_ready()
+        end = time.monotonic() + 20
+        while not all('2 servers of /twins/embed' in n.output for n in nodes):
+            assert time.monotonic() < end, nodes[0].output[-2000:]
+            time.sleep(0.2)
+    finally:
+        for n in nodes:
+            n.stop()
 
 
 def _set(client, **params):
