@@ -84,8 +84,8 @@ def install_flask(
     Refusals are rendered by the app's ``extensions['akidb_error_response']`` (``create_app``
     sets it: the error shape of the route, OpenAI's on ``/v1/...``), else as ``{error, code}``.
 
-    Also sets ``app.extensions['akidb_early_check']``, which the REST server
-    (``akidb_ros.rest.server``) calls when a request's head is complete and a body follows,
+    With authentication on, also sets ``app.extensions['akidb_early_check']``, which the REST
+    server (``akidb_ros.rest.server``) calls when a request's head is complete and a body follows,
     before the body is read: a caller whose credentials are missing or refused for the route is
     answered 401/403 there, without its body ever being buffered (authentication and
     authorisation only: no rate-limit token is taken; the full chain runs in Flask as before).
@@ -187,7 +187,10 @@ def install_flask(
             return resp.status, resp.headers.to_wsgi_list(), resp.get_data()
         return None
 
-    app.extensions['akidb_early_check'] = early_check
+    if guard.cfg['auth']['enabled']:
+        # (without authentication every caller has the configured role: nothing to refuse
+        # before the body that the chain in Flask would not refuse as cheaply)
+        app.extensions['akidb_early_check'] = early_check
 
     @app.after_request
     def _akidb_headers(resp):
