@@ -181,7 +181,9 @@ class RosBackend:
     * node leaving the graph (killed, frozen past its lease) with calls in flight: those calls
       UNAVAILABLE as soon as the bridge sees it (within ``PRESENCE_CHECK_S``), and a call that
       outlives a departure and return of the node is UNAVAILABLE too, never TIMEOUT (its request
-      may never have reached the node; TIMEOUT would count against the model's breaker);
+      may never have reached the node; TIMEOUT would count against the model's breaker), and
+      so is one sent to a node process that has since been replaced (``node_instance`` of
+      ``ListModels``: a node killed and restarted at once never leaves the graph's view);
     * node slow (no answer within the request's timeout): TIMEOUT, the pending request dropped;
     * the node coming back is picked up by DDS discovery: no restart of the bridge needed.
 
@@ -238,6 +240,7 @@ class RosBackend:
         self._pending: set = set()          # _PendingCall in flight
         self._pending_lock = threading.Lock()
         self._presence = True               # the node's embed server seen at the last check
+        self._instance = ''                 # the node process last heard of (ListModels)
         self._departures = 0                # times the node left the graph since start
         self._presence_checked = 0.0
         self._retired: List[_RosLink] = []     # replaced links, disposed by the spin thread
@@ -461,6 +464,7 @@ class RosBackend:
     def _list(self, timeout_s: Optional[float] = None):
         resp = self._call_sync('list_models', self._srv['ListModels'].Request(), timeout_s)
         self._default = resp.default_model or self._default
+        self._instance = getattr(resp, 'node_instance', '') or self._instance
         return resp
 
     def list_models(self) -> List[ModelInfo]:
@@ -564,7 +568,7 @@ class _PendingCall:
     """One DDS call in flight, watched for its deadline (``deadlines.DeadlineWatcher``)."""
 
     __slots__ = ('backend', 'service', 'client', 'ros_future', 'out', 'deadline', 'timeout_s',
-                 'departures')
+                 'departures', 'instance')
 
     def __init__(self, backend: RosBackend, service: str, client, ros_future, out: Future,
                  deadline: float, timeout_s: float, departures: int = 0):
@@ -572,6 +576,7 @@ class _PendingCall:
         self.ros_future, self.out = ros_future, out
         self.deadline, self.timeout_s = deadline, timeout_s
         self.departures = departures    # the backend's count of node departures at sending
+        self.instance = backend._instance   # the node process it was sent to, as far as known
 
     @property
     def done(self) -> bool:
@@ -594,8 +599,10 @@ class _PendingCall:
         # model open after the node is back.
         client = self.client
         try:
-            gone = (not self.backend._up(self.service)
-                    or self.backend._departures != self.departures)   # left and came back
+            b = self.backend
+            gone = (not b._up(self.service)
+                    or b._departures != self.departures     # left the graph and came back
+                    or b._instance != self.instance)        # killed and restarted at once
         except Exception:   # context already shut down
             gone = True
         self.settle(EngineError(

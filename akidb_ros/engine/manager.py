@@ -278,7 +278,16 @@ class ModelManager:
         """Hot load (idempotent): returns once the model serves."""
         lm = self.acquire(model)
         self.release(lm)
-        return self.info(lm.cfg)
+        info = self.info(lm.cfg)
+        if info.status is ModelStatus.AVAILABLE:    # loaded, served, and at once over budget
+            cache = self.settings.cache
+            raise EngineError(      # not retryable: only a larger budget helps
+                ErrorCode.INVALID_INPUT,
+                f'model {lm.cfg.id} ({lm.memory_mb} MB) cannot stay loaded within the cache '
+                f'budget (max_loaded_models={cache.max_loaded_models}, max_memory_mb='
+                f'{cache.max_memory_mb}) beside the default model, which is never evicted: '
+                'it is loaded for each request instead')
+        return info
 
     # --- unload / eviction ---------------------------------------------------------------
     def unload(self, model: str) -> ModelInfo:

@@ -33,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Optional
 
@@ -103,6 +104,7 @@ class EmbeddingNode(LifecycleNode):
         self._ak_services = []
         self._serving = False          # active and accepting calls
         self._twins_logged = 1         # servers of embed seen at the last diagnostics
+        self.instance = uuid.uuid4().hex[:16]   # ListModels.node_instance: new at each start
         self._shutting_down = False
         self._cb = ReentrantCallbackGroup()
         self._diag_cb = MutuallyExclusiveCallbackGroup()
@@ -191,10 +193,13 @@ class EmbeddingNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self.engine = engine
         health = engine.health()
+        loaded = [m.id for m in engine.list_models() if m.status.value == 'loaded']
+        evicted = [m for m in preload if m not in loaded]
         self.get_logger().info(
             f'engine ready: default model {engine.default_model} on {health.provider}'
             f'{" (" + health.provider_note + ")" if health.provider_note else ""}'
-            f', loaded {", ".join(preload)} in {time.monotonic() - t0:.2f} s')
+            f', loaded {", ".join(loaded)} in {time.monotonic() - t0:.2f} s'
+            f'{"; over the cache budget, not kept: " + ", ".join(evicted) if evicted else ""}')
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -449,6 +454,7 @@ class EmbeddingNode(LifecycleNode):
         engine = self.engine
         state = self.lifecycle_state
         response.node_state = 'stopping' if state == 'active' and not self._serving else state
+        response.node_instance = self.instance
         if engine is not None:
             try:
                 if self._serving:       # a readiness look: bring an unloaded default back
@@ -530,8 +536,8 @@ class EmbeddingNode(LifecycleNode):
                     st.level, st.message = DiagnosticStatus.WARN, 'inactive'
                 elif twins > 1:
                     st.level, st.message = DiagnosticStatus.WARN, (
-                        f'{twins} servers of embed on this ROS domain and namespace: each '
-                        'call reaches any of them')
+                        f'{twins} servers of embed on this ROS domain and namespace: every '
+                        'call runs on each of them')
                 elif h.status == 'healthy':
                     st.level, st.message = DiagnosticStatus.OK, \
                         f'serving {h.default_model} on {h.provider}'
@@ -546,8 +552,12 @@ class EmbeddingNode(LifecycleNode):
         return st
 
     def _embed_servers(self) -> int:
-        """Servers of our ``embed`` in the graph (ours included); more than one is logged once
-        per change: two nodes in one namespace answer calls at random, with no error."""
+        """Count the servers of our ``embed`` in the graph (ours included).
+
+        More than one is logged once per change: DDS delivers each request to every server, so
+        two nodes in one namespace both run every call and the caller takes whichever answer
+        comes first, with no error.
+        """
         try:
             n = self.count_services('embed')
         except Exception:       # graph query during shutdown
@@ -556,8 +566,9 @@ class EmbeddingNode(LifecycleNode):
             self._twins_logged = n
             if n > 1:
                 self._log.warning(f'{n} servers of {self.resolve_service_name("embed")} on '
-                                  'this ROS domain: calls reach any of them (give each node '
-                                  'its own namespace)')
+                                  'this ROS domain: every call runs on each of them and the '
+                                  'caller takes the first answer (give each node its own '
+                                  'namespace)')
         return n
 
     def publish_diagnostics(self) -> None:

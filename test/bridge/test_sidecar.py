@@ -289,6 +289,35 @@ def test_bridge_health_follows_the_nodes_lifecycle_and_default_model(node, sidec
     assert requests.get(url + '/health', timeout=10).json()['status'] == 'healthy'
 
 
+def test_a_node_killed_and_restarted_at_once_fails_its_calls_unavailable(node):
+    """A supervisor restarts a killed node at once: the new node may be in the graph before the
+    old one's lease runs out, so the bridge need not see "no server". The calls the old process
+    held are answered UNAVAILABLE all the same (the node's instance id in ListModels changed),
+    never TIMEOUT (a TIMEOUT counts against the model's breaker: 30 s of CIRCUIT_OPEN)."""
+    from akidb_ros.backends import RosBackend
+    backend = RosBackend(prefix=node.namespace, timeout_s=30.0)
+    try:
+        assert wait_until(backend.ready, 60, 0.2)
+        # answered once: from now on a lost request is not sent again (first contact is over)
+        assert backend.embed(EmbedRequest(inputs=['first contact'])).dimension == 384
+        before = backend._instance
+        os.kill(node.proc.pid, signal.SIGSTOP)       # it holds the calls, then dies
+        futures = [backend.submit(EmbedRequest(inputs=[f'held {i}'], timeout_s=6.0))
+                   for i in range(8)]
+        time.sleep(0.3)
+        node.stop(signal.SIGKILL)
+        node.start()
+        # the bridge's health looks (its gRPC health poller, probes) hear the new instance
+        assert wait_until(lambda: backend.health().status == 'healthy'
+                          and backend._instance != before, 30, 0.2)
+        for f in futures:
+            with pytest.raises(EngineError) as err:
+                f.result(timeout=15)
+            assert err.value.code is ErrorCode.UNAVAILABLE, err.value
+    finally:
+        backend.close()
+
+
 def test_node_down_unavailable_then_recovers(node, sidecar, side_rest, side_grpc):
     url = f'http://127.0.0.1:{sidecar.rest_port}'
     node.stop(signal.SIGTERM)

@@ -135,10 +135,14 @@ def test_lru_by_memory_budget(tmp_path):
     eng = make_engine(tmp_path, lambda r: r['engine']['cache'].update(
         max_loaded_models=4, max_memory_mb=500))              # 90 + 440 MB > 500 MB
     try:
-        info = eng.load_model(MPNET)      # loaded and served, then over the budget once idle
+        # a hot load that cannot stay (the default is never evicted) says so, not "200 ok"
+        with pytest.raises(EngineError) as err:
+            eng.load_model(MPNET)
+        assert err.value.code is ErrorCode.INVALID_INPUT
+        assert 'cannot stay loaded' in err.value.message
         st = status(eng)
-        assert info.status is ModelStatus.AVAILABLE and st[MPNET] is ModelStatus.AVAILABLE
-        assert st[MINILM] is ModelStatus.LOADED
+        assert st[MPNET] is ModelStatus.AVAILABLE and st[MINILM] is ModelStatus.LOADED
+        assert eng.embed(EmbedRequest(inputs=['x'], model=MPNET)).dimension == 768
     finally:
         eng.close()
 
@@ -158,7 +162,8 @@ def test_never_evicts_a_model_with_work_in_flight(tmp_path):
         assert gate.entered.wait(5)
         # a third model: the least recently used one (copy) has work in flight, so the cache
         # runs over budget while MPNET serves, and MPNET goes when idle, not copy
-        assert eng.load_model(MPNET).dimension == 768
+        with pytest.raises(EngineError):    # served, then over the budget: cannot stay
+            eng.load_model(MPNET)
         st = status(eng)
         assert (st[MINILM], st[copy], st[MPNET]) == (
             ModelStatus.LOADED, ModelStatus.LOADED, ModelStatus.AVAILABLE)

@@ -49,7 +49,7 @@ def test_model_info_and_admin_interfaces():
     assert ModelInfo.STATUS_LOADED == 'loaded' and ModelInfo.STATUS_FAILED == 'failed'
     assert ListModels.Response.get_fields_and_field_types() == {
         'models': 'sequence<akidb_ros/ModelInfo>', 'default_model': 'string',
-        'node_state': 'string'}
+        'node_state': 'string', 'node_instance': 'string'}
     for srv in (LoadModel, UnloadModel):
         assert srv.Request.get_fields_and_field_types() == {'model': 'string'}
         assert srv.Response.get_fields_and_field_types() == {
