@@ -375,7 +375,7 @@ class RosBackend:
         ros_future.add_done_callback(on_done)
         # A little past the node's own deadline, so that its TIMEOUT answer (if any) wins.
         call = _PendingCall(self, service, client, ros_future, out,
-                            time.monotonic() + timeout_s + 0.25, timeout_s, self._departures)
+                            time.monotonic() + timeout_s + 0.25, timeout_s)
         with self._pending_lock:
             self._pending.add(call)
         out.add_done_callback(lambda _f: self._forget(call))
@@ -571,12 +571,12 @@ class _PendingCall:
                  'departures', 'instance')
 
     def __init__(self, backend: RosBackend, service: str, client, ros_future, out: Future,
-                 deadline: float, timeout_s: float, departures: int = 0):
+                 deadline: float, timeout_s: float):
         self.backend, self.service, self.client = backend, service, client
         self.ros_future, self.out = ros_future, out
         self.deadline, self.timeout_s = deadline, timeout_s
-        self.departures = departures    # the backend's count of node departures at sending
-        self.instance = backend._instance   # the node process it was sent to, as far as known
+        # what the backend knew at sending: node departures so far, the node process in use
+        self.departures, self.instance = backend._departures, backend._instance
 
     @property
     def done(self) -> bool:

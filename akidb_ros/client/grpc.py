@@ -44,12 +44,7 @@ def error_from_rpc(err: grpc.RpcError, request_id: str = '') -> AkidbError:
         pass
     details = (err.details() if hasattr(err, 'details') else str(err)) or ''
     rid = md.get('x-request-id', request_id)
-    stream_index = None
-    if md.get('akidb-stream-index'):
-        try:
-            stream_index = int(md['akidb-stream-index'])
-        except ValueError:
-            pass
+    stream_index = _md_number(md, 'akidb-stream-index', int)
     if not md.get('akidb-error-code') and status == grpc.StatusCode.UNAVAILABLE:
         why = _tls_reason(details)
         if why is not None:
@@ -59,14 +54,17 @@ def error_from_rpc(err: grpc.RpcError, request_id: str = '') -> AkidbError:
     if code == 'INPUT_TOO_LARGE' and not md.get('akidb-error-code'):
         details += (' (gRPC message limit: the server\'s --max-body-bytes, or this client\'s '
                     'max_message_bytes for what it sends and receives)')
-    retry_after = None
-    if md.get('retry-after'):
-        try:
-            retry_after = float(md['retry-after'])
-        except ValueError:
-            pass
+    retry_after = _md_number(md, 'retry-after', float)
     return make_error(details or status.name, code, status=status.name,
                       retry_after_s=retry_after, request_id=rid, stream_index=stream_index)
+
+
+def _md_number(md: dict, key: str, cast):
+    """A number from trailing metadata, None when absent or not a number."""
+    try:
+        return cast(md[key]) if md.get(key) else None
+    except ValueError:
+        return None
 
 
 def _to_embeddings(resp: pb.EmbedResponse, request_id: str = '') -> Embeddings:

@@ -64,6 +64,16 @@ def error_headers(exc: EngineError) -> dict:
 
 
 # ------------------------------------------------------------------------------------ Flask
+def _add_missing(headers: Any, pairs) -> None:
+    """Add each (name, value) whose name ``headers`` lacks: what the handler set wins (one
+    pass over the response's headers, not one per name)."""
+    present = {k.lower() for k in headers.keys()}
+    for k, v in pairs:
+        if k.lower() not in present:
+            headers.add(k, v)
+            present.add(k.lower())
+
+
 _WWW_AUTHENTICATE = 'Bearer realm="akidb", ApiKey header="X-API-Key"'
 _NO_BODY_METHODS = frozenset(('GET', 'HEAD', 'OPTIONS'))
 
@@ -179,10 +189,7 @@ def install_flask(
             guard.authorize(identity, perm, transport='rest', request_id=rid, peer=creds.peer)
         except EngineError as exc:
             resp = refusal(exc, req.path)
-            present = {k.lower() for k in resp.headers.keys()}
-            for k, v in fixed:
-                if k.lower() not in present:
-                    resp.headers[k] = v
+            _add_missing(resp.headers, fixed)
             resp.headers[REQUEST_ID_HEADER] = rid
             return resp.status, resp.headers.to_wsgi_list(), resp.get_data()
         return None
@@ -195,12 +202,7 @@ def install_flask(
     @app.after_request
     def _akidb_headers(resp):
         d = g.get('akidb_guard')
-        # what the handler set wins; one pass over the response's headers, not one per name
-        present = {k.lower() for k in resp.headers.keys()}
-        for k, v in (*(d.headers.items() if d is not None else ()), *fixed):
-            if k.lower() not in present:
-                resp.headers.add(k, v)
-                present.add(k.lower())
+        _add_missing(resp.headers, (*(d.headers.items() if d is not None else ()), *fixed))
         return resp
 
     @app.teardown_request

@@ -296,28 +296,14 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
                               'malformed JSON: nested too deeply') from None
         err = _VALIDATORS[kind].first_error(body)
         if err is not None:
-            exc = EngineError(ErrorCode.INVALID_INPUT, _schema_error(err))
-            exc.param = _schema_param(err)
-            raise exc
+            raise _invalid(_schema_error(err), _schema_param(err))
         return body
 
     def check_texts(texts) -> int:
-        total = 0
-        for i, t in enumerate(texts):
-            try:
-                total += len(t.encode('utf-8'))
-            except UnicodeEncodeError:
-                raise EngineError(ErrorCode.INVALID_INPUT,
-                                  f'inputs[{i}]: not valid Unicode (lone surrogate)') from None
-        return total
+        return sum(_utf8_len(t, f'inputs[{i}]') for i, t in enumerate(texts))
 
     def check_model(model: str) -> None:
-        try:
-            model.encode('utf-8')
-        except UnicodeEncodeError:
-            exc = EngineError(ErrorCode.INVALID_INPUT, 'model: not valid Unicode (lone surrogate)')
-            exc.param = 'model'
-            raise exc from None
+        _utf8_len(model, 'model', param='model')
 
     dim_cache: Dict[str, Any] = {'at': -1e9, 'dims': {}}
 
@@ -336,11 +322,8 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
 
     def check_dimensions(wanted: Optional[int], model_id: str, dimension: int) -> None:
         if wanted is not None and dimension and wanted != dimension:
-            exc = EngineError(ErrorCode.INVALID_INPUT,
-                              f'dimensions={wanted}: model {model_id} has {dimension} '
-                              '(reduction is not supported)')
-            exc.param = 'dimensions'
-            raise exc
+            raise _invalid(f'dimensions={wanted}: model {model_id} has {dimension} '
+                           '(reduction is not supported)', 'dimensions')
 
     def timeout_from_header(call: DoorCall) -> Optional[float]:
         raw = g.headers.get('x-request-timeout-ms')
@@ -601,6 +584,21 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         return Response(openapi_doc, mimetype='application/json')
 
     return app
+
+
+def _invalid(message: str, param: Optional[str] = None) -> EngineError:
+    """INVALID_INPUT naming the request field (``param`` on the OpenAI routes)."""
+    exc = EngineError(ErrorCode.INVALID_INPUT, message)
+    exc.param = param
+    return exc
+
+
+def _utf8_len(text: str, field: str, param: Optional[str] = None) -> int:
+    """Bytes of ``text`` in UTF-8; INVALID_INPUT for a lone surrogate (JSON allows it)."""
+    try:
+        return len(text.encode('utf-8'))
+    except UnicodeEncodeError:
+        raise _invalid(f'{field}: not valid Unicode (lone surrogate)', param) from None
 
 
 _INPUT_INDEX = re.compile(r'\binputs\[(\d+)\]')
