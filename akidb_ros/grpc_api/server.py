@@ -628,6 +628,63 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         return out
 
 
+class _HealthServicer(health.HealthServicer):
+    """grpc_health's servicer with non-blocking Watches that sends outside its lock.
+
+    Upstream sends each Watch update holding its lock and waits there for gRPC to complete the
+    send; the completion comes from gRPC's polling thread, which may meanwhile be running the
+    close callback of a cancelled Watch, which takes that lock: both wait for good (seen as
+    ``GrpcServer.stop`` hanging in ``enter_graceful_shutdown``). Here the lock only guards the
+    table of watchers; sends happen after it is released.
+    """
+
+    def __init__(self):
+        super().__init__(experimental_non_blocking=True)
+
+    def _send(self, callbacks, status) -> None:
+        response = health_pb2.HealthCheckResponse(status=status)
+        for send in callbacks:
+            send(response)
+
+    def set(self, service, status):
+        with self._lock:
+            if self._gracefully_shutting_down:
+                return
+            self._server_status[service] = status
+            callbacks = list(self._send_response_callbacks.get(service, ()))
+        self._send(callbacks, status)
+
+    def enter_graceful_shutdown(self):
+        with self._lock:
+            if self._gracefully_shutting_down:
+                return
+            self._gracefully_shutting_down = True
+            not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+            sends = []
+            for service in self._server_status:
+                self._server_status[service] = not_serving
+                sends.append(list(self._send_response_callbacks.get(service, ())))
+        for callbacks in sends:
+            self._send(callbacks, not_serving)
+
+    def Watch(self, request, context, send_response_callback=None):   # noqa: N802 (gRPC's)
+        if send_response_callback is None:      # blocking form: upstream's own
+            return super().Watch(request, context)
+        service = request.service
+        unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        with self._lock:
+            status = self._server_status.get(service, unknown)
+            self._send_response_callbacks.setdefault(service, set()).add(send_response_callback)
+            context.add_callback(self._on_close_callback(send_response_callback, service))
+        while True:     # a set() between the lock and this send may have sent a newer status
+            self._send([send_response_callback], status)
+            with self._lock:
+                latest = self._server_status.get(service, unknown)
+            if latest == status:
+                return None
+            status = latest
+
+
 class GrpcServer:
     """The gRPC server (EmbeddingService + health + reflection). ``port=0`` picks a free port."""
 
@@ -680,7 +737,7 @@ class GrpcServer:
         self.servicer = EmbeddingServicer(backend, guard, default_timeout_s,
                                           stream_idle_timeout_s=stream_idle_timeout_s)
         pb_grpc.add_EmbeddingServiceServicer_to_server(self.servicer, self._server)
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.health = _HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
