@@ -635,7 +635,7 @@ class _HealthServicer(health.HealthServicer):
     send; the completion comes from gRPC's polling thread, which may meanwhile be running the
     close callback of a cancelled Watch, which takes that lock: both wait for good (seen as
     ``GrpcServer.stop`` hanging in ``enter_graceful_shutdown``). Here the lock only guards the
-    table of watchers; sends happen after it is released.
+    table of watchers; sends happen after it is released, one at a time per Watch.
     """
 
     def __init__(self):
@@ -672,12 +672,22 @@ class _HealthServicer(health.HealthServicer):
             return super().Watch(request, context)
         service = request.service
         unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        one_at_a_time = threading.Lock()
+
+        def send(response):
+            # gRPC allows one send in flight per call (a second one kills its polling thread);
+            # the end of the call (None) never waits, since it runs on that polling thread
+            if response is None:
+                return send_response_callback(None)
+            with one_at_a_time:
+                return send_response_callback(response)
+
         with self._lock:
             status = self._server_status.get(service, unknown)
-            self._send_response_callbacks.setdefault(service, set()).add(send_response_callback)
-            context.add_callback(self._on_close_callback(send_response_callback, service))
+            self._send_response_callbacks.setdefault(service, set()).add(send)
+            context.add_callback(self._on_close_callback(send, service))
         while True:     # a set() between the lock and this send may have sent a newer status
-            self._send([send_response_callback], status)
+            self._send([send], status)
             with self._lock:
                 latest = self._server_status.get(service, unknown)
             if latest == status:

@@ -462,3 +462,53 @@ def test_server_options(monkeypatch):
     monkeypatch.setenv('AKIDB_GRPC_STREAM_IDLE_S', '12.5')
     args = build_parser().parse_args([])
     assert args.grpc_max_streams == 5 and args.grpc_stream_idle == 12.5
+
+
+def test_health_watches_cancelled_while_status_changes_never_hang_the_server():
+    """Watches opened and cancelled while the status flips and the server stops: no deadlock
+    (grpc_health sent under its lock, which a cancelled Watch's close callback on gRPC's
+    polling thread needs) and no two sends at once on one Watch (that kills the polling
+    thread)."""
+    from concurrent import futures
+    from akidb_ros.grpc_api.server import _HealthServicer
+    hs = _HealthServicer()
+    srv = grpc.server(futures.ThreadPoolExecutor(8))
+    health_pb2_grpc.add_HealthServicer_to_server(hs, srv)
+    port = srv.add_insecure_port('127.0.0.1:0')
+    srv.start()
+    stop = threading.Event()
+
+    def flip():
+        statuses = (health_pb2.HealthCheckResponse.SERVING,
+                    health_pb2.HealthCheckResponse.NOT_SERVING)
+        i = 0
+        while not stop.is_set():
+            hs.set('', statuses[i % 2])
+            i += 1
+
+    flipper = threading.Thread(target=flip, daemon=True)
+    flipper.start()
+    ch = grpc.insecure_channel(f'127.0.0.1:{port}')
+    stub = health_pb2_grpc.HealthStub(ch)
+    try:
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            calls = [stub.Watch(health_pb2.HealthCheckRequest(service=''), timeout=5)
+                     for _ in range(8)]
+            for c in calls:
+                try:
+                    next(c)
+                except grpc.RpcError:
+                    pass
+                c.cancel()
+        stop.set()
+        flipper.join(5)
+        assert not flipper.is_alive(), 'set() is stuck'
+        stopped = threading.Event()
+        threading.Thread(target=lambda: (hs.enter_graceful_shutdown(), srv.stop(0).wait(2),
+                                         stopped.set()), daemon=True).start()
+        assert stopped.wait(10), 'the server did not stop'
+    finally:
+        stop.set()
+        ch.close()
+        srv.stop(0)
