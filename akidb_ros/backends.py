@@ -177,7 +177,9 @@ def _status(mi: ModelInfo) -> str:
 class RosBackend:
     """Forwards to the embedding node's services over DDS (sidecar mode).
 
-    * node down (no server for the service): UNAVAILABLE at once, retryable;
+    * node down (no server for the service): UNAVAILABLE at once, retryable — except within
+      ``discovery_timeout_s`` of the bridge's start, when a call waits (within its budget) for
+      discovery to find the node: the constructor does not block, so the doors bind at once;
     * node leaving the graph (killed, frozen past its lease) with calls in flight: those calls
       UNAVAILABLE as soon as the bridge sees it (within ``PRESENCE_CHECK_S``), and a call that
       outlives a departure and return of the node is UNAVAILABLE too, never TIMEOUT (its request
@@ -259,8 +261,10 @@ class RosBackend:
         self._health_cache = (0.0, None)
         self._health_lock = threading.Lock()
         self._default = ''
-        if discovery_timeout_s > 0:
-            self._clients['embed'].wait_for_service(timeout_sec=discovery_timeout_s)
+        # Start-up grace: the bridge serves (and binds its ports) at once; a call made before
+        # discovery has matched a node that is already running waits for it, within its own
+        # budget, instead of being refused UNAVAILABLE. Readiness stays false until then.
+        self._discovery_until = time.monotonic() + max(0.0, discovery_timeout_s)
 
     # -- plumbing -----------------------------------------------------------------------------
     @property
@@ -344,6 +348,8 @@ class RosBackend:
         if not self._running:
             raise EngineError(ErrorCode.UNAVAILABLE, 'bridge is shutting down')
         up = self._up(service)
+        if not up and time.monotonic() < self._discovery_until:
+            up = self._await_discovery(service, timeout_s)
         client = self._clients[service]     # read after _up: a rejoin there replaces the link
         if not up:
             raise EngineError(ErrorCode.UNAVAILABLE,
@@ -381,6 +387,13 @@ class RosBackend:
         out.add_done_callback(lambda _f: self._forget(call))
         self._deadlines.watch(call)
         return out
+
+    def _await_discovery(self, service: str, timeout_s: float) -> bool:
+        """Within the start-up grace: wait for the node's server (at most the call's budget)."""
+        left = min(self._discovery_until - time.monotonic(), timeout_s)
+        if left > 0:
+            self._clients[service].wait_for_service(timeout_sec=left)
+        return self._up(service)
 
     def _forget(self, call: '_PendingCall') -> None:
         with self._pending_lock:

@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                     default=os.environ.get('AKIDB_ROS_EXECUTOR', 'events'),
                     help="sidecar: the bridge's rclpy executor: events (rclpy's C++ "
                          'EventsExecutor) or single (SingleThreadedExecutor)')
+    ap.add_argument('--discovery-grace', type=float,
+                    default=float(os.environ.get('AKIDB_DISCOVERY_GRACE_S') or 5.0),
+                    help='sidecar: seconds after start during which a call waits (within its '
+                         'budget) for DDS discovery to find the node instead of failing '
+                         'UNAVAILABLE; the doors bind at once either way (default 5)')
     ap.add_argument('--timeout', type=float, default=float(os.environ.get('AKIDB_TIMEOUT_S', 5.0)),
                     help='default per-request timeout in seconds (clients may ask for less)')
     ap.add_argument('--rest-threads', type=int, default=_env_int('AKIDB_REST_THREADS', 32))
@@ -319,7 +324,7 @@ def build(args, security=None) -> Bridges:
         from akidb_ros.backends import RosBackend
         engine = None
         backend = RosBackend(prefix=args.ros_prefix, timeout_s=args.timeout,
-                             discovery_timeout_s=5.0, executor=args.ros_executor)
+                             discovery_timeout_s=args.discovery_grace, executor=args.ros_executor)
     try:
         bridges = Bridges(backend, host=args.host,
                           rest_port=None if args.no_rest else args.rest_port,
@@ -387,8 +392,10 @@ def main(argv=None) -> int:
     if args.grpc_max_streams is not None and not 1 <= args.grpc_max_streams < args.grpc_workers:
         parser.error(f'--grpc-max-streams must be at least 1 and less than --grpc-workers '
                      f'({args.grpc_workers}): unary calls need threads too')
-    if args.grpc_stream_idle < 0 or args.timeout <= 0 or (args.grace or 0) < 0:
-        parser.error('--grpc-stream-idle and --grace must be >= 0, --timeout > 0')
+    if min(args.grpc_stream_idle, args.grace or 0, args.discovery_grace) < 0 \
+            or args.timeout <= 0:
+        parser.error('--grpc-stream-idle, --grace and --discovery-grace must be >= 0, '
+                     '--timeout > 0')
     configure_logging()
     args.grace = grace_for(args)
     security = load_security(args)

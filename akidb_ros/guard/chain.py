@@ -71,6 +71,14 @@ class Decision:
         return Priority.ADMIN if self.identity.role is Role.ADMIN else Priority.NORMAL
 
 
+def _rate_limited(d: RateLimitDecision, transport: str) -> RateLimitedError:
+    """A refused token: counted by scope and transport, as the error the doors answer 429."""
+    from akidb_ros.observability import metrics
+
+    metrics.RATE_LIMITED.labels(scope=d.scope, transport=transport or 'none').inc()
+    return RateLimitedError(d)
+
+
 class Guard:
     def __init__(
         self,
@@ -186,9 +194,7 @@ class Guard:
         d = self.failure_limiter.check(f'fail:{peer or "unknown"}')
         if not d.allowed:
             # a flood of refused credentials: 429, counted but not audited line by line
-            d = replace(d, scope='auth_failures')
-            metrics.RATE_LIMITED.labels(scope=d.scope, transport=transport or 'none').inc()
-            return RateLimitedError(d)
+            return _rate_limited(replace(d, scope='auth_failures'), transport)
         event = 'auth_failure' if code is ErrorCode.UNAUTHENTICATED else 'permission_denied'
         self.audit.record(
             event,
@@ -360,10 +366,7 @@ class Guard:
         role = identity.role.value if identity.role else None
         d = self.limiter.check(identity.client_id, role)
         if not d.allowed:
-            from akidb_ros.observability import metrics
-
-            metrics.RATE_LIMITED.labels(scope=d.scope, transport=transport or 'none').inc()
-            raise RateLimitedError(d)
+            raise _rate_limited(d, transport)
         return d
 
     # ------------------------------------------------------------------ 5. breaker

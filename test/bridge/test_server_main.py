@@ -186,6 +186,32 @@ def test_sidecar_mode_process(tmp_path):
         node.stop()
 
 
+def test_sidecar_bridge_binds_at_once_and_waits_for_a_node_that_starts_later(tmp_path):
+    """No node yet: the bridge still binds and answers at once (live, not ready); a call made
+    as the node starts, within the discovery grace, waits for discovery and is served instead of
+    failing UNAVAILABLE. (The bridge used to block in discovery before binding its ports.)"""
+    ns = '/akidb_late_' + uuid.uuid4().hex[:8]
+    node = NodeProcess(ns, str(tmp_path))
+    t0 = time.monotonic()
+    proc, info = start_server(tmp_path, '--mode', 'sidecar', '--ros-prefix', ns,
+                              '--discovery-grace', '60', '--timeout', '40')
+    try:
+        assert time.monotonic() - t0 < 30, 'the bridge waited for discovery before binding'
+        url = f'http://127.0.0.1:{info["rest_port"]}'
+        assert requests.get(url + '/health/live', timeout=5).status_code == 200
+        ready = requests.get(url + '/health/ready', timeout=10)
+        assert ready.status_code == 503 and ready.json()['code'] == 'UNAVAILABLE'
+        node.start()
+        r = requests.post(url + '/api/v1/embed', json={'inputs': ['the node came later']},
+                          timeout=60)
+        assert r.status_code == 200, r.text
+        assert len(r.json()['embeddings'][0]) == 384
+        assert requests.get(url + '/health/ready', timeout=10).status_code == 200
+    finally:
+        assert stop_server(proc) == 0
+        node.stop()
+
+
 def test_bad_arguments_fail_cleanly(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'akidb_ros.server', '--mode', 'nope'],
                        cwd=ROOT, capture_output=True, timeout=60)
@@ -193,7 +219,8 @@ def test_bad_arguments_fail_cleanly(tmp_path):
     for bad, says in ((['--grpc-workers', '8', '--grpc-max-streams', '8'], b'less than'),
                       (['--grpc-max-streams', '0'], b'at least 1'),
                       (['--timeout', '0'], b'--timeout > 0'),
-                      (['--grpc-stream-idle', '-1'], b'must be >= 0')):
+                      (['--grpc-stream-idle', '-1'], b'must be >= 0'),
+                      (['--discovery-grace', '-1'], b'must be >= 0')):
         r = subprocess.run([sys.executable, '-m', 'akidb_ros.server', *bad],
                            cwd=ROOT, capture_output=True, timeout=60)
         assert r.returncode == 2 and says in r.stderr and b'Traceback' not in r.stderr, bad
