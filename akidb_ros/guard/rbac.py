@@ -32,14 +32,14 @@ class Permission(str, enum.Enum):
     MODELS_ADMIN = 'models:admin'  # load / unload models
 
 
+# The PRD's hierarchy: viewer "read-only (health, metrics)" < operator "viewer + operational
+# tasks" (models read) < developer "operator + embedding generation" < admin "full access".
+_VIEWER = frozenset({Permission.HEALTH_READ, Permission.METRICS_READ, Permission.API_DOCS})
+_OPERATOR = _VIEWER | {Permission.MODELS_READ}
 ROLE_PERMISSIONS: Dict[Role, FrozenSet[Permission]] = {
-    Role.VIEWER: frozenset({Permission.HEALTH_READ, Permission.MODELS_READ, Permission.API_DOCS}),
-    Role.OPERATOR: frozenset(
-        {Permission.HEALTH_READ, Permission.METRICS_READ, Permission.API_DOCS}
-    ),
-    Role.DEVELOPER: frozenset(
-        {Permission.HEALTH_READ, Permission.MODELS_READ, Permission.API_DOCS, Permission.EMBED}
-    ),
+    Role.VIEWER: _VIEWER,
+    Role.OPERATOR: _OPERATOR,
+    Role.DEVELOPER: _OPERATOR | {Permission.EMBED},
     Role.ADMIN: frozenset(Permission),
 }
 

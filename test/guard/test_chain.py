@@ -104,10 +104,10 @@ def test_401_403_codes_audit_and_metrics(setup):
 
 def test_revoked_key_refused_on_next_request_without_restart(setup):
     guard, keys, recs, _, key_file = setup
-    guard.door_hook(door_call('list_models', {'x-api-key': keys['viewer']}))
+    guard.door_hook(door_call('health', {'x-api-key': keys['viewer']}))
     revoke_key(key_file, recs['viewer'].id)
     with pytest.raises(EngineError) as e:
-        guard.door_hook(door_call('list_models', {'x-api-key': keys['viewer']}))
+        guard.door_hook(door_call('health', {'x-api-key': keys['viewer']}))
     assert e.value.code is ErrorCode.UNAUTHENTICATED and 'revoked' in e.value.message
 
 

@@ -18,8 +18,8 @@ ALL = set(ROLES)
 PUBLIC = 'public'
 SVC = '/akidb.embedding.v1.EmbeddingService/'
 
-# PRD: admin full access; developer read + write embeddings; viewer read-only;
-# operator health checks + metrics. Liveness open for probes.
+# PRD (week 6): viewer "read-only (health, metrics)"; operator "viewer + operational tasks"
+# (models read); developer "operator + embedding generation"; admin full access. Liveness open.
 EXPECTED = {
     # REST
     'GET /health/live': PUBLIC,
@@ -27,16 +27,16 @@ EXPECTED = {
     'GET /health': ALL,
     'POST /api/v1/embed': {'developer', 'admin'},
     'POST /v1/embeddings': {'developer', 'admin'},
-    'GET /models': {'viewer', 'developer', 'admin'},
+    'GET /models': {'operator', 'developer', 'admin'},
     'POST /admin/models/load': {'admin'},
     'POST /admin/models/unload': {'admin'},
-    'GET /metrics': {'operator', 'admin'},
+    'GET /metrics': ALL,
     'GET /openapi.json': ALL,
     # gRPC
     SVC + 'Embed': {'developer', 'admin'},
     SVC + 'EmbedStream': {'developer', 'admin'},
     SVC + 'Health': ALL,
-    SVC + 'ListModels': {'viewer', 'developer', 'admin'},
+    SVC + 'ListModels': {'operator', 'developer', 'admin'},
     '/grpc.health.v1.Health/Check': PUBLIC,
     '/grpc.health.v1.Health/Watch': ALL,
     '/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo': ALL,

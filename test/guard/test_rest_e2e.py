@@ -82,7 +82,10 @@ def test_auth_codes_through_rest(rest):
         headers={'Authorization': 'Bearer not-a-jwt'},
     )
     assert r.status_code == 401
-    assert client.get('/models', headers={'X-API-Key': keys['viewer']}).status_code == 200
+    assert client.get('/metrics', headers={'X-API-Key': keys['viewer']}).status_code == 200
+    # PRD: a viewer reads health and metrics, not the models (operator and up)
+    assert client.get('/models', headers={'X-API-Key': keys['viewer']}).status_code == 403
+    assert client.get('/models', headers={'X-API-Key': keys['developer']}).status_code == 200
 
 
 def test_rate_limit_through_rest(rest):
@@ -95,11 +98,11 @@ def test_rate_limit_through_rest(rest):
     client, keys, _ = rest
     before = refused()
     codes = [
-        client.get('/models', headers={'X-API-Key': keys['viewer']}).status_code for _ in range(5)
+        client.get('/metrics', headers={'X-API-Key': keys['viewer']}).status_code for _ in range(5)
     ]
     assert codes == [200, 200, 200, 429, 429]
     assert refused() == before + 2      # every failed call, by its code (audit, stop 24)
-    r = client.get('/models', headers={'X-API-Key': keys['viewer']})
+    r = client.get('/metrics', headers={'X-API-Key': keys['viewer']})
     assert r.get_json()['code'] == 'RATE_LIMITED' and int(r.headers['Retry-After']) >= 1
 
 

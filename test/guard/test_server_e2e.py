@@ -469,7 +469,7 @@ def test_rate_limit_429_with_headers(server):
     hdr = {'X-API-Key': server.keys['viewer']}
     time.sleep(0.3)
     t1 = time.monotonic()
-    rest = [sess.get(server.base + '/models', headers=hdr, timeout=10) for _ in range(12)]
+    rest = [sess.get(server.base + '/health', headers=hdr, timeout=10) for _ in range(12)]
     elapsed_rest = time.monotonic() - t1
     served = sum(r.status_code == 200 for r in rest)
     assert 2 <= served <= 2 + 10 * elapsed_rest + 1, (served, elapsed_rest)
@@ -480,7 +480,7 @@ def test_rate_limit_429_with_headers(server):
     assert int(r.headers['Retry-After']) >= 1
     assert r.headers['X-RateLimit-Limit'] == '10' and r.headers['X-RateLimit-Remaining'] == '0'
     time.sleep(0.3)
-    r = sess.get(server.base + '/models', headers=hdr, timeout=10)
+    r = sess.get(server.base + '/metrics', headers=hdr, timeout=10)
     assert r.status_code == 200 and r.headers['X-RateLimit-Limit'] == '10'
     print(f'rate limit: gRPC {ok}/80 served in {elapsed:.3f}s (bound {20 + 100 * elapsed:.0f}); '
           f'REST viewer {served}/12 in {elapsed_rest:.3f}s (bound {2 + 10 * elapsed_rest:.1f})')

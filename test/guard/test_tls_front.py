@@ -89,7 +89,8 @@ def test_https_with_client_cert_identity_and_keepalive(stack, pki):
             and body['subject'] == 'operator-client'
             and body['peer'] == '127.0.0.1'
         )
-    conn.request('GET', '/models')  # operator lacks models:read
+    conn.request('POST', '/api/v1/embed', body=b'{"inputs": ["x"]}',
+                 headers={'Content-Type': 'application/json'})  # operator lacks embed
     r = conn.getresponse()
     assert r.status == 403 and json.loads(r.read())['code'] == 'PERMISSION_DENIED'
     assert conn.sock.version() == 'TLSv1.3'

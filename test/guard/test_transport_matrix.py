@@ -127,7 +127,7 @@ def test_rest_success_carries_rate_limit_headers(creds, tmp_path, clock):
         install_flask(app, guard)
         c = app.test_client()
         hdr = {'X-API-Key': creds[1]['viewer']}
-        r = c.get('/models', headers=hdr)
+        r = c.get('/health', headers=hdr)
         assert r.status_code == 200 and r.headers['X-RateLimit-Limit'] == '100'
         assert r.headers['X-RateLimit-Remaining'] == '19'  # ONE token per request, not two
         for _ in range(19):
@@ -223,7 +223,7 @@ def test_grpc_rate_limit_is_resource_exhausted(creds):
     try:
         with grpc.insecure_channel(f'127.0.0.1:{port}') as ch:
             call = ch.unary_unary('/akidb.embedding.v1.EmbeddingService/ListModels')
-            md = (('x-api-key', creds[1]['viewer']),)
+            md = (('x-api-key', creds[1]['operator']),)
             assert call(b'', metadata=md, timeout=5) == b'ok'
             assert call(b'', metadata=md, timeout=5) == b'ok'
             labels = {'transport': 'grpc', 'code': 'RATE_LIMITED'}
