@@ -7,7 +7,7 @@
     vecs = grpc_client.embed(['pick up the red cup']).embeddings
 
 An overall budget on every call (``timeout_s``: connect, wait, read the whole answer and every
-retry), retries (exponential backoff with full jitter) only on retryable codes, the server's
+retry), retries (exponential backoff with ±25 % jitter) only on retryable codes, the server's
 Retry-After honoured, TLS options (``ca_file``, ``client_cert``, ``client_key``), typed errors
 (:mod:`akidb_ros.client.errors`) for everything the server or the network does, and
 ``TypeError``/``ValueError`` at once for a caller's mistake (bytes for text, ``timeout_s=None``,

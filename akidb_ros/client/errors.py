@@ -35,7 +35,7 @@ class InvalidRequestError(AkidbError):
 
 
 class ModelNotFoundError(AkidbError):
-    """404 — MODEL_NOT_FOUND / MODEL_UNAVAILABLE."""
+    """MODEL_NOT_FOUND (HTTP 400, gRPC NOT_FOUND) / MODEL_UNAVAILABLE (HTTP 404)."""
 
 
 class ConflictError(AkidbError):

@@ -1,6 +1,8 @@
-"""Retry policy: exponential backoff with full jitter, only on retryable errors.
+"""Retry policy: exponential backoff with jitter, only on retryable errors.
 
-The server's Retry-After is honoured; retries are bounded by attempts and an overall deadline.
+Defaults are the week-6 PRD's retry pattern: 3 retries, base delay 100 ms, max delay 5 s,
+jitter ±25 %. The server's Retry-After is honoured; retries are bounded by attempts and an
+overall deadline.
 """
 from __future__ import annotations
 
@@ -16,18 +18,24 @@ T = TypeVar('T')
 
 @dataclass
 class RetryPolicy:
-    max_attempts: int = 4            # 1 = no retry
-    initial_backoff_s: float = 0.05
-    max_backoff_s: float = 2.0
+    max_attempts: int = 4            # 1 = no retry; 4 = the PRD's "max retries: 3"
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 5.0
     multiplier: float = 2.0
     max_retry_after_s: float = 30.0  # never sleep longer than this on a server hint
-    jitter: bool = True
+    jitter: float = 0.25             # each delay drawn within ±25 % of its step; 0 = none
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.jitter) <= 1.0:
+            raise ValueError(f'jitter must be a fraction in [0, 1], not {self.jitter!r}')
 
     def backoff(self, attempt: int, retry_after_s: Optional[float] = None,
                 rng: Callable[[], float] = random.random) -> float:
         """Sleep before retry number ``attempt`` (1-based)."""
-        cap = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
-        delay = cap * rng() if self.jitter else cap   # "full jitter"
+        step = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
+        # ±jitter around the step, so callers that failed together spread out, yet no retry
+        # comes (almost) at once as full jitter's would
+        delay = step * (1.0 + float(self.jitter) * (2.0 * rng() - 1.0))
         if retry_after_s is not None:
             delay = max(delay, min(float(retry_after_s), self.max_retry_after_s))
         return delay

@@ -34,7 +34,7 @@ class ErrorCode(enum.Enum):
     INVALID_INPUT = (400, 'INVALID_ARGUMENT', False, 'info')
     INPUT_TOO_LONG = (400, 'INVALID_ARGUMENT', False, 'info')
     INPUT_TOO_LARGE = (413, 'INVALID_ARGUMENT', False, 'info')
-    MODEL_NOT_FOUND = (404, 'NOT_FOUND', False, 'info')
+    MODEL_NOT_FOUND = (400, 'NOT_FOUND', False, 'info')     # 400: the PRD's contract
     MODEL_UNAVAILABLE = (404, 'FAILED_PRECONDITION', False, 'info')
     MODEL_LOAD_FAILED = (503, 'UNAVAILABLE', True, 'error')
     MODEL_IN_USE = (409, 'FAILED_PRECONDITION', True, 'info')

@@ -186,12 +186,25 @@ def error_bytes(path: str, code: ErrorCode, message: str) -> bytes:
     return json.dumps(error_body(path, code, message)).encode()
 
 
+# Where OpenAI's API answers another status than the PRD's table, its SDKs expect OpenAI's: an
+# unknown model is their 404 (``NotFoundError``), the PRD's 400 elsewhere.
+OPENAI_STATUS = {ErrorCode.MODEL_NOT_FOUND: 404}
+
+
+def http_status(code: ErrorCode, path: str) -> int:
+    """The HTTP status of ``code`` on ``path``: the error table's, OpenAI's on its routes."""
+    if is_openai_path(path):
+        return OPENAI_STATUS.get(code, code.http_status)
+    return code.http_status
+
+
 def engine_error_response(err: EngineError, path: str) -> Response:
-    """An EngineError as a response on ``path``: status from the table, ``Retry-After`` on
-    retryable 429/503s and ``err.headers`` (X-RateLimit-*). ``err.param`` (when set) names the
-    request field on the OpenAI routes."""
+    """An EngineError as a response on ``path``: status from the table (``http_status``),
+    ``Retry-After`` on retryable 429/503s and ``err.headers`` (X-RateLimit-*). ``err.param``
+    (when set) names the request field on the OpenAI routes."""
     body = error_body(path, err.code, err.message, getattr(err, 'param', None))
-    resp = Response(json.dumps(body), status=err.code.http_status, mimetype='application/json')
+    resp = Response(json.dumps(body), status=http_status(err.code, path),
+                    mimetype='application/json')
     if err.retry_after_s is not None or (err.code.retryable
                                          and err.code.http_status in (429, 503)):
         resp.headers['Retry-After'] = str(max(1, math.ceil(err.retry_after_s or 1)))

@@ -7,10 +7,13 @@ from akidb_ros import __version__
 from akidb_ros.rest import schemas as s
 
 _COMMON_ERRORS = {
-    '400': 'Malformed JSON, schema violation or invalid input (INVALID_INPUT, INPUT_TOO_LONG)',
+    '400': 'Malformed JSON, schema violation, invalid input (INVALID_INPUT, INPUT_TOO_LONG) or '
+           'an unknown model (MODEL_NOT_FOUND, as the PRD says; 404 on the OpenAI routes, as '
+           "OpenAI's API answers)",
     '401': 'UNAUTHENTICATED (when a guard is configured)',
     '403': 'PERMISSION_DENIED (when a guard is configured)',
-    '404': 'MODEL_NOT_FOUND / MODEL_UNAVAILABLE',
+    '404': 'MODEL_UNAVAILABLE (in the catalogue, files not installed); on the OpenAI routes '
+           'also MODEL_NOT_FOUND; an unknown path (NOT_FOUND)',
     '405': 'METHOD_NOT_ALLOWED: another method on this path (any method not declared here; '
            'the Allow header lists those that are)',
     '409': 'MODEL_IN_USE',

@@ -24,12 +24,20 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_backoff_is_exponential_with_full_jitter_and_honours_retry_after():
-    p = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=1.0, multiplier=2.0)
-    assert [p.backoff(a, rng=lambda: 1.0) for a in (1, 2, 3, 4, 5)] == [0.1, 0.2, 0.4, 0.8, 1.0]
-    assert p.backoff(3, rng=lambda: 0.0) == 0.0
+def test_backoff_is_the_prds_pattern_and_honours_retry_after():
+    """PRD (week 6): max retries 3, base delay 100 ms, max delay 5 s, jitter ±25 %."""
+    p = RetryPolicy()
+    assert p.max_attempts == 4
+    mid = [p.backoff(a, rng=lambda: 0.5) for a in range(1, 9)]
+    assert mid == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0])
+    assert p.backoff(1, rng=lambda: 0.0) == pytest.approx(0.075)
+    assert p.backoff(1, rng=lambda: 1.0) == pytest.approx(0.125)
+    assert p.backoff(7, rng=lambda: 1.0) == pytest.approx(6.25)
     draws = [p.backoff(3) for _ in range(200)]
-    assert 0 <= min(draws) < max(draws) <= 0.4 and len(set(draws)) > 100
+    assert 0.3 <= min(draws) < max(draws) <= 0.5 and len(set(draws)) > 100
+    assert RetryPolicy(jitter=0).backoff(3, rng=lambda: 0.0) == pytest.approx(0.4)
+    with pytest.raises(ValueError):
+        RetryPolicy(jitter=2)
     assert p.backoff(1, retry_after_s=2.0, rng=lambda: 0.5) == 2.0
     assert p.backoff(1, retry_after_s=999, rng=lambda: 0.5) == p.max_retry_after_s
 
@@ -47,7 +55,7 @@ def test_embed_and_typed_errors(rest):
     assert out.embeddings.shape == (1, 384) and out.request_id
     with pytest.raises(ModelNotFoundError) as ei:
         rest.embed(['x'], model='nope')
-    assert ei.value.status == 404 and not ei.value.retryable and ei.value.request_id
+    assert ei.value.status == 400 and not ei.value.retryable and ei.value.request_id
     with pytest.raises(InvalidRequestError):
         rest.embed([''])
 
@@ -66,7 +74,7 @@ def test_caller_mistake_is_not_retried(rest_url):
 def test_unreachable_server_is_retried_then_typed():
     port = _closed_port()
     c = RestClient(f'http://127.0.0.1:{port}', timeout_s=5,
-                   retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.05, jitter=False))
+                   retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.05, jitter=0))
     t0 = time.monotonic()
     with pytest.raises(ServiceUnavailableError) as ei:
         c.embed(['x'])

@@ -186,7 +186,7 @@ def test_rest_timeout_header_capped_at_the_server_maximum(rest_url):
 # -- 4. oversized gRPC messages -------------------------------------------------------------------
 def test_grpc_message_over_the_limit_is_input_too_large_and_not_retried(grpc_target):
     texts = ['€' * 32000] * 200          # ~19 MB: over the server's 16 MiB
-    slow_retry = RetryPolicy(max_attempts=4, initial_backoff_s=1.0, jitter=False)
+    slow_retry = RetryPolicy(max_attempts=4, initial_backoff_s=1.0, jitter=0)
     for c in (GrpcClient(grpc_target, timeout_s=30, retry=slow_retry,
                          max_message_bytes=64 << 20),      # the server refuses it
               GrpcClient(grpc_target, timeout_s=30, retry=slow_retry)):   # refused here
@@ -269,7 +269,7 @@ def test_mtls_calls_succeed_with_both_clients(tls_doors):
 
 def test_untrusted_server_certificate_is_a_typed_error_and_not_retried(tls_doors):
     t = tls_doors
-    slow_retry = RetryPolicy(max_attempts=4, initial_backoff_s=1.0, jitter=False)
+    slow_retry = RetryPolicy(max_attempts=4, initial_backoff_s=1.0, jitter=0)
     before = t['front'].stats['accepted']
     for rest in (RestClient(t['rest'], timeout_s=20, retry=slow_retry, ca_file=t['rogue_ca'],
                             client_cert=t['cert'], client_key=t['key']),
@@ -291,7 +291,7 @@ def test_untrusted_server_certificate_is_a_typed_error_and_not_retried(tls_doors
 
 def test_client_certificate_refused_by_the_server_is_a_typed_error(tls_doors):
     t = tls_doors
-    slow_retry = RetryPolicy(max_attempts=4, initial_backoff_s=1.0, jitter=False)
+    slow_retry = RetryPolicy(max_attempts=4, initial_backoff_s=1.0, jitter=0)
     for kw in ({}, dict(client_cert=t['rogue_cert'], client_key=t['rogue_key'])):
         rest = RestClient(t['rest'], timeout_s=20, retry=slow_retry, ca_file=t['ca'], **kw)
         t0 = time.monotonic()

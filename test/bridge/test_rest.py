@@ -73,7 +73,7 @@ def test_request_id_echoed_and_generated(rest_url):
     (b'{"inputs": ["a"], "bogus": 1}', 400, 'INVALID_INPUT'),        # unknown field
     (b'{"inputs": ["   "]}', 400, 'INVALID_INPUT'),                  # blank text
     (b'{"inputs": ["\\ud800"]}', 400, 'INVALID_INPUT'),              # lone surrogate
-    (b'{"inputs": ["a"], "model": "no-such-model"}', 404, 'MODEL_NOT_FOUND'),
+    (b'{"inputs": ["a"], "model": "no-such-model"}', 400, 'MODEL_NOT_FOUND'),   # the PRD's 400
     (b'{"inputs": ["a"], "model": "qwen3-embedding-4b"}', 404, 'MODEL_UNAVAILABLE'),
     (b'[' * 100000, 400, 'INVALID_INPUT'),                           # nested too deep
 ])
@@ -155,7 +155,7 @@ def test_admin_load_embed_unload(rest_url):
     r = post(rest_url, '/admin/models/unload', {'model': SECOND_MODEL})
     assert r.status_code == 200 and r.json()['model']['status'] == 'available'
     r = post(rest_url, '/admin/models/load', {'model': 'nope'})
-    assert r.status_code == 404 and r.json()['code'] == 'MODEL_NOT_FOUND'
+    assert r.status_code == 400 and r.json()['code'] == 'MODEL_NOT_FOUND'
     r = post(rest_url, '/admin/models/load', {'model': 5})
     assert r.status_code == 400
 
@@ -182,7 +182,7 @@ def test_openai_float_and_base64(rest_url):
 
 def test_openai_errors(rest_url):
     r = post(rest_url, '/v1/embeddings', {'input': 'x', 'model': 'text-embedding-3-small'})
-    assert r.status_code == 404
+    assert r.status_code == 404         # OpenAI's status (its SDKs raise NotFoundError)
     assert r.json()['error']['code'] == 'MODEL_NOT_FOUND' and r.json()['code'] == 'MODEL_NOT_FOUND'
     assert r.json()['error']['type'] == 'invalid_request_error'
     r = post(rest_url, '/v1/embeddings', {'input': [[1, 2, 3]], 'model': DEFAULT_MODEL})

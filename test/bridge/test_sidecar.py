@@ -121,7 +121,7 @@ def test_same_answers_as_inprocess(side_rest, side_grpc, rest, engine):
 def test_errors_cross_the_dds_hop(sidecar):
     url = f'http://127.0.0.1:{sidecar.rest_port}'
     r = requests.post(url + '/api/v1/embed', json={'inputs': ['x'], 'model': 'nope'}, timeout=10)
-    assert r.status_code == 404 and r.json()['code'] == 'MODEL_NOT_FOUND'
+    assert r.status_code == 400 and r.json()['code'] == 'MODEL_NOT_FOUND'
     r = requests.post(url + '/api/v1/embed', json={'inputs': ['a'] * 300}, timeout=10)
     assert r.status_code == 413 and r.json()['code'] == 'INPUT_TOO_LARGE'
 

@@ -16,7 +16,7 @@ def live_server():
     try:
         for i in range(5):
             assert srv.embed([f'warm up {i}', 'the robot reached the dock']) == 200
-        assert srv.embed(['x'], model='no-such-model') == 404
+        assert srv.embed(['x'], model='no-such-model') == 400
         yield srv
     finally:
         srv.stop()

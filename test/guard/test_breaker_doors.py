@@ -84,7 +84,7 @@ def test_unknown_model_names_share_one_breaker(real_rest):
     for i in range(40):
         r = client.post('/api/v1/embed', json={'inputs': ['x'], 'model': f'rand-{i}-' + '-' * 200},
                         headers=hdr)
-        assert (r.status_code, r.get_json()['code']) == (404, 'MODEL_NOT_FOUND')
+        assert (r.status_code, r.get_json()['code']) == (400, 'MODEL_NOT_FOUND')
     assert set(guard.breakers.snapshot()) <= {'unknown', MODEL}
     assert breaker_series() - before <= {'unknown'}
 

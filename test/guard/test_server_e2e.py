@@ -220,11 +220,11 @@ REST_BODY = {
     'POST /api/v1/embed': {'inputs': ['hello world']},
     'POST /v1/embeddings': {'input': 'hello world', 'model': DEFAULT},
     'POST /admin/models/load': {'model': DEFAULT},         # already loaded: 200, cheap
-    'POST /admin/models/unload': {'model': 'no-such-model'},  # guard passed -> 404 NOT_FOUND
+    'POST /admin/models/unload': {'model': 'no-such-model'},  # guard passed -> 400 NOT_FOUND
 }
 # what an ALLOWED caller gets (the guard let the call through to the handler)
 REST_ALLOWED = {k: 200 for k in EXPECTED if not k.startswith('/')}
-REST_ALLOWED['POST /admin/models/unload'] = 404
+REST_ALLOWED['POST /admin/models/unload'] = 400
 
 
 _last_viewer_call = [0.0]
@@ -593,7 +593,7 @@ def test_audit_log_records_denials_and_admin_actions_without_secrets(server):
     assert sess.post(server.base + '/admin/models/load', json={'model': DEFAULT}, headers=a,
                      timeout=30).status_code == 200
     assert sess.post(server.base + '/admin/models/unload', json={'model': 'nope'}, headers=a,
-                     timeout=30).status_code == 404
+                     timeout=30).status_code == 400
     time.sleep(0.2)
     with open(server.audit_file) as f:
         text = f.read()
@@ -602,7 +602,7 @@ def test_audit_log_records_denials_and_admin_actions_without_secrets(server):
     assert {'auth_failure', 'permission_denied', 'admin_action'} <= events, events
     assert any(x.get('event') == 'auth_failure' and x.get('reason') == 'revoked' for x in lines)
     admin = [x for x in lines if x.get('event') == 'admin_action']
-    assert {x['outcome'] for x in admin} == {'success', 'failure'}   # load ok, unload 404
+    assert {x['outcome'] for x in admin} == {'success', 'failure'}   # load ok, unload 400
     for x in lines:
         assert x['ts'] and x['outcome'] and 'request_id' in x, x
     for secret in server.secrets:
