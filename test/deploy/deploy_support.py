@@ -163,6 +163,103 @@ class LiveServer:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+# --- security material for a rendered/installed security profile -----------------------------
+SECURITY_PATH_KEYS = (('auth', 'api_keys', 'file'), ('auth', 'jwt', 'public_key_file'),
+                      ('auth', 'jwt', 'jwks_file'), ('tls', 'cert_file'), ('tls', 'key_file'),
+                      ('tls', 'ca_file'), ('audit', 'file'))
+
+
+def security_paths(section: dict) -> Dict[tuple, str]:
+    """{key path: file} of every file a ``security:`` mapping names (set values only)."""
+    out = {}
+    for keys in SECURITY_PATH_KEYS:
+        node = section
+        for k in keys:
+            node = (node or {}).get(k) if isinstance(node, dict) else None
+        if node:
+            out[keys] = str(node)
+    return out
+
+
+def paths_in_use(cfg) -> Dict[tuple, str]:
+    """The files a loaded SecurityConfig will open at start: those of the enabled controls."""
+    a, t = cfg['auth'], cfg['tls']
+    used = {}
+    if a['enabled'] and a['api_keys']['enabled']:
+        used[('auth', 'api_keys', 'file')] = a['api_keys']['file']
+    if a['enabled'] and a['jwt']['enabled']:
+        for k in ('public_key_file', 'jwks_file'):
+            if a['jwt'][k]:
+                used[('auth', 'jwt', k)] = a['jwt'][k]
+    if t['enabled']:
+        used[('tls', 'cert_file')] = t['cert_file']
+        used[('tls', 'key_file')] = t['key_file']
+        if t['require_client_cert']:
+            used[('tls', 'ca_file')] = t['ca_file']
+    if cfg['audit']['enabled'] and cfg['audit']['file']:
+        used[('audit', 'file')] = cfg['audit']['file']
+    return used
+
+
+JWT_ISSUER = 'https://auth.example.com/'
+
+
+class SecurityMaterial:
+    """Real key, token and certificate files, made once: an API key file with one developer
+    key, a JWKS (RSA 2048), a CA and a server certificate + key it signed (test/guard/certs)."""
+
+    def __init__(self, folder: Path):
+        import importlib.util
+        from akidb_ros.guard import apikeys, jwt
+        from akidb_ros.guard.identity import Role
+        spec = importlib.util.spec_from_file_location('guard_certs',
+                                                      ROOT / 'test' / 'guard' / 'certs.py')
+        certs = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
+        spec.loader.exec_module(certs)     # (a dataclass needs its module in sys.modules)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.files = {}
+        keys = folder / 'api_keys.yaml'
+        _, self.api_key = apikeys.create_key(str(keys), Role.DEVELOPER, 'robot-1')
+        self.files[('auth', 'api_keys', 'file')] = keys
+        self.jwt_key = certs.make_rsa_key()
+        jwks = folder / 'jwks.json'
+        jwt.write_jwks(str(jwks), {'k1': self.jwt_key.public_key()})
+        self.files[('auth', 'jwt', 'jwks_file')] = jwks
+        pem = folder / 'jwt_public.pem'
+        pem.write_bytes(certs.public_pem(self.jwt_key))
+        self.files[('auth', 'jwt', 'public_key_file')] = pem
+        ca = certs.make_ca(str(folder))
+        cert, key, _ = certs.make_leaf(str(folder), ca, 'localhost', server=True, name='server')
+        self.files[('tls', 'cert_file')] = Path(cert)
+        self.files[('tls', 'key_file')] = Path(key)
+        self.files[('tls', 'ca_file')] = Path(ca.path)
+
+    def place(self, key: tuple, path: Path) -> None:
+        """Copy the file for ``key`` (audit: none, the server creates it) to ``path``."""
+        if key == ('audit', 'file'):
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.files[key], path)
+        os.chmod(path, 0o600)
+
+
+def start_guard(config_file: Path, monkeypatch, host: str = '0.0.0.0'):
+    """What ``akidb-server`` does with its security config before it binds: load it from
+    AKIDB_SECURITY_CONFIG with the real loader, check the bind address, build the Guard (opens
+    the key file, the JWKS and the audit log) and the TLS context (reads certificate, key, CA).
+    Returns (config, guard, TLS context or None)."""
+    from akidb_ros.guard import Guard, ReloadingTLSContext, check_bind, load_security_config
+    for name in ('AKIDB_SECURITY_PROFILE', 'AKIDB_TLS_CERT', 'AKIDB_TLS_KEY', 'AKIDB_TLS_CA'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('AKIDB_SECURITY_CONFIG', str(config_file))
+    cfg = load_security_config()
+    check_bind(cfg, host)
+    guard = Guard(cfg)
+    tls = guard.tls_settings()
+    ctx = ReloadingTLSContext(tls) if tls is not None else None
+    return cfg, guard, ctx
+
+
 def checkov_summary(stdout: str):
     """(summed summary, failed check ids) of checkov's JSON output."""
     reports = json.loads(stdout)

@@ -6,11 +6,13 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from deploy_support import ROOT, checkov_summary, dpython, dtool, run, systool
+from deploy_support import (ROOT, SecurityMaterial, checkov_summary, dpython, dtool, paths_in_use,
+                            run, security_paths, start_guard, systool)
 
 DOCKERFILES = ['docker/Dockerfile', 'docker/Dockerfile.gpu', 'docker/Dockerfile.jetson']
 
@@ -185,3 +187,44 @@ def test_compose_prometheus_config(tmp_path):
     jobs = {j['job_name']: j['static_configs'][0]['targets'] for j in cfg['scrape_configs']}
     # the bridge's /metrics on its plain-HTTP probe port (the REST door wants an API key)
     assert jobs == {'akidb-node': ['node:9100'], 'akidb-bridge': ['node:8081']}
+
+
+def test_compose_security_profile_starts_the_guard(tmp_path, monkeypatch):
+    """docker/compose/security.yaml as the bridge container sees it: every file it opens is in
+    a volume or secret of the bridge (a writable volume for the audit log, the root filesystem
+    is read-only), and with real files there the server's loader, bind check (AKIDB_HOST
+    0.0.0.0) and Guard accept it, with config/security.prod.yaml's rate limits (role
+    overrides included)."""
+    from akidb_ros.guard import config as G
+    doc = yaml.safe_load((ROOT / 'docker/docker-compose.yml').read_text())
+    bridge = doc['services']['bridge']
+    env = bridge['environment']
+    conf_in = env['AKIDB_SECURITY_CONFIG']
+    mounts = {}
+    for v in bridge['volumes']:
+        src, dst, *mode = v.split(':')
+        mounts[dst] = {'source': src, 'ro': mode == ['ro']}
+    for s in bridge['secrets']:
+        mounts[s['target']] = {'source': s['source'], 'ro': True}
+    assert mounts[conf_in]['source'] == './compose/security.yaml'
+    text = (ROOT / 'docker/compose/security.yaml').read_text()
+    material = SecurityMaterial(tmp_path / 'material')
+    box = tmp_path / 'container'
+    for key, path in security_paths(yaml.safe_load(text)['security']).items():
+        text = text.replace(path, str(box) + path)
+    conf = box / conf_in.lstrip('/')
+    conf.parent.mkdir(parents=True)
+    conf.write_text(text)
+    for key, path in paths_in_use(G.load(str(conf), env={})).items():
+        inside = path[len(str(box)):]
+        where = next((m for m in mounts if inside == m or inside.startswith(m + '/')), None)
+        assert where is not None, f'{".".join(key)} {inside} is in no volume of the bridge'
+        if key == ('audit', 'file'):
+            assert not mounts[where]['ro'] and not mounts[where]['source'].startswith('.'), where
+        material.place(key, Path(path))
+    cfg, guard, _ = start_guard(conf, monkeypatch, host=env['AKIDB_HOST'])
+    guard.audit.close()
+    assert cfg['rate_limit'] == G.load(str(ROOT / 'config/security.prod.yaml'),
+                                       env={})['rate_limit']
+    assert cfg['rate_limit']['roles'] == {'admin': {'rate': 1000, 'burst': 200},
+                                          'viewer': {'rate': 10, 'burst': 2}}

@@ -2,11 +2,17 @@
 offline Kubernetes schema validation, checkov, and the chart's promises read from the rendered
 manifests; the rendered node parameters and security profile go through the project's own
 validators."""
+import itertools
+import json
+import ssl
+from pathlib import Path
+
 import pytest
 import yaml
 
-from deploy_support import (CHART, ROOT, VALUES, checkov_summary, docs, dpython, dtool, render,
-                            run)
+from deploy_support import (CHART, JWT_ISSUER, ROOT, VALUES, SecurityMaterial, checkov_summary,
+                            docs, dpython, dtool, paths_in_use, render, run, security_paths,
+                            start_guard)
 
 
 def by_kind(values):
@@ -208,20 +214,232 @@ def test_rendered_node_parameters_are_valid_node_parameters(values):
         assert P.validate_value(name, value) is None, name
 
 
-@pytest.mark.parametrize('values', VALUES)
-def test_rendered_security_profile_passes_the_guard_validator(values):
+@pytest.fixture(scope='module')
+def material(tmp_path_factory):
+    return SecurityMaterial(tmp_path_factory.mktemp('security-material'))
+
+
+def render_with(tmp_path, extra: dict, values: str = 'values-cpu.yaml', check: bool = True):
+    """`helm template` with a values file and ``extra`` on top (as a second -f file)."""
+    f = tmp_path / 'extra-values.yaml'
+    f.write_text(yaml.safe_dump(extra))
+    return run([str(ROOT / 'scripts/helm'), 'template', 'akidb', str(CHART), '-f',
+                str(CHART / values), '-f', str(f), '-n', 'akidb'], check=check)
+
+
+def boot_rendered_profile(rendered: list, tmp_path, monkeypatch, material):
+    """The rendered security.yaml as the bridge container sees it: every file it names must be
+    in a volume the bridge mounts (the root filesystem is read-only): Secrets for what it reads,
+    a writable volume for the audit log. The Pod's files are laid out under tmp_path (a real
+    key file, JWKS, certificate, key and CA at the paths the profile names) and the profile is
+    loaded the way the server loads it (start_guard)."""
+    cm = next(d for d in rendered if d['kind'] == 'ConfigMap')
+    dep = next(d for d in rendered if d['kind'] == 'Deployment')
+    spec = dep['spec']['template']['spec']
+    bridge = next(c for c in spec['containers'] if c['name'] == 'bridge')
+    env = {e['name']: e.get('value') for e in bridge['env']}
+    mounts = bridge['volumeMounts']
+    volumes = {v['name']: v for v in spec['volumes']}
+    cfg_mount = next(m for m in mounts if env['AKIDB_SECURITY_CONFIG'].startswith(
+        m['mountPath'] + '/'))
+    assert volumes[cfg_mount['name']]['configMap']['name'] == cm['metadata']['name']
+    text = cm['data']['security.yaml']
+    section = yaml.safe_load(text)['security']
+    pod = tmp_path / 'pod'
+    for key, path in security_paths(section).items():
+        assert path.startswith('/'), (key, path)
+        text = text.replace(path, str(pod) + path)
+    conf = pod / env['AKIDB_SECURITY_CONFIG'].lstrip('/')
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(text)
     from akidb_ros.guard import config as G
-    cm = by_kind(values)['ConfigMap'][0]
-    doc = yaml.safe_load(cm['data']['security.yaml'])
-    cfg = G.from_dict(doc['security'], base_dir='/', source=f'chart {values}')
+    used = paths_in_use(G.load(str(conf), env={}))
+    for key, path in used.items():
+        in_pod = path[len(str(pod)):]
+        mount = next((m for m in mounts if in_pod.startswith(m['mountPath'] + '/')), None)
+        assert mount is not None, f'{".".join(key)} {in_pod} is in no volume of the bridge'
+        vol = volumes[mount['name']]
+        if key == ('audit', 'file'):
+            writable = 'emptyDir' in vol or 'persistentVolumeClaim' in vol
+            assert writable and not mount.get('readOnly'), (in_pod, mount, vol)
+        else:
+            assert 'secret' in vol and mount.get('readOnly'), (in_pod, mount, vol)
+        material.place(key, Path(path))
+    return start_guard(conf, monkeypatch, host=env['AKIDB_HOST'])
+
+
+def prod_rate_limit():
+    from akidb_ros.guard import config as G
+    return G.load(str(ROOT / 'config/security.prod.yaml'), env={})['rate_limit']
+
+
+@pytest.mark.parametrize('values', VALUES)
+def test_rendered_security_profile_starts_the_guard(values, tmp_path, monkeypatch, material):
+    cfg, guard, _ = boot_rendered_profile(docs(values), tmp_path, monkeypatch, material)
     assert cfg.auth_enabled, 'a Pod IP is not loopback: the chart must enable authentication'
-    G.check_bind(cfg, '0.0.0.0')
+    assert cfg['rate_limit'] == prod_rate_limit()
+    guard.audit.close()
+
+
+SWITCHES = list(itertools.product((False, True), repeat=4))
+
+
+def _switch_id(sw):
+    names = ('keys', 'jwks', 'tls', 'clientcert')
+    return '+'.join(n for n, on in zip(names, sw) if on) or 'none'
+
+
+@pytest.mark.parametrize('keys,jwks,tls,client_cert', SWITCHES, ids=map(_switch_id, SWITCHES))
+def test_every_security_switch_combination_renders_a_profile_the_server_starts_with(
+        keys, jwks, tls, client_cert, tmp_path, monkeypatch, material):
+    """security.apiKeysSecret x jwksSecret x tlsSecret x requireClientCert: the chart either
+    refuses at render time with the reason, or renders a profile that the server's own loader,
+    bind check, Guard and TLS context accept with real files at the mounted paths, and that
+    serves what was switched on (an API key, an RS256 token of the configured issuer, TLS 1.3
+    with or without client certificates), with config/security.prod.yaml's rate limits."""
+    from akidb_ros.guard import Credentials
+    from akidb_ros.guard.jwt import issue_token
+    cp = render_with(tmp_path, {'security': {
+        'apiKeysSecret': 'akidb-api-keys' if keys else '',
+        'jwksSecret': 'akidb-jwks' if jwks else '',
+        'jwtIssuer': JWT_ISSUER if jwks else '',
+        'tlsSecret': 'akidb-tls' if tls else '',
+        'requireClientCert': client_cert}}, check=False)
+    if client_cert and not tls:
+        assert cp.returncode == 1, cp.stdout[-500:]
+        assert 'security.requireClientCert needs security.tlsSecret' in cp.stderr, cp.stderr
+        return
+    if not (keys or jwks or (tls and client_cert)):
+        assert cp.returncode == 1, cp.stdout[-500:]
+        assert 'needs a way to authenticate' in cp.stderr, cp.stderr
+        return
+    assert cp.returncode == 0, cp.stderr
+    rendered = [d for d in yaml.safe_load_all(cp.stdout) if d]
+    cfg, guard, ctx = boot_rendered_profile(rendered, tmp_path, monkeypatch, material)
+    try:
+        a = cfg['auth']
+        assert a['enabled']
+        assert (a['api_keys']['enabled'], a['jwt']['enabled'], a['mtls']['enabled']) == (
+            keys, jwks, tls and client_cert)
+        assert cfg.tls_enabled is tls and (ctx is not None) is tls
+        if tls:
+            assert cfg['tls']['require_client_cert'] is client_cert
+            assert (ctx.context.verify_mode == ssl.CERT_REQUIRED) is client_cert
+        assert cfg['rate_limit'] == prod_rate_limit()
+        assert {r: (b.rate, b.burst) for r, b in guard.limiter.settings.roles.items()} == {
+            'admin': (1000, 200), 'viewer': (10, 2)}
+        if keys:
+            d = guard.check('POST /api/v1/embed', Credentials(api_key=material.api_key),
+                            transport='rest')
+            assert d.identity.role.value == 'developer'
+        if jwks:
+            token = issue_token(material.jwt_key, subject='robot-2', role='developer',
+                                issuer=JWT_ISSUER, audience='akidb', kid='k1')
+            d = guard.check('POST /api/v1/embed', Credentials(bearer=token), transport='rest')
+            assert d.identity.subject == 'robot-2'
+    finally:
+        guard.audit.close()
+
+
+@pytest.mark.parametrize('extra,reason', [
+    ({'security': {'jwksSecret': 'akidb-jwks'}},
+     'security.jwtIssuer is required with security.jwksSecret'),
+    ({'security': {'jwksSecret': 'akidb-jwks', 'jwtIssuer': JWT_ISSUER, 'jwtAudience': ''}},
+     'security.jwtAudience is required with security.jwksSecret'),
+    ({'security': {'profile': 'dev'}}, 'the chart renders the prod profile only'),
+], ids=['jwks-without-issuer', 'jwks-without-audience', 'dev-profile'])
+def test_chart_refuses_a_profile_the_server_would_refuse(extra, reason, tmp_path):
+    cp = render_with(tmp_path, extra, check=False)
+    assert cp.returncode == 1 and reason in cp.stderr, cp.stderr
+
+
+def test_chart_rate_limits_follow_values(tmp_path, monkeypatch, material):
+    """security.rateLimit.roles adds a role's bucket; null drops a default override."""
+    cp = render_with(tmp_path, {'security': {'rateLimit': {'roles': {
+        'viewer': None, 'developer': {'rate': 50, 'burst': 5}}}}})
+    rendered = [d for d in yaml.safe_load_all(cp.stdout) if d]
+    cfg, guard, _ = boot_rendered_profile(rendered, tmp_path, monkeypatch, material)
+    guard.audit.close()
+    assert cfg['rate_limit']['roles'] == {'admin': {'rate': 1000, 'burst': 200},
+                                          'developer': {'rate': 50, 'burst': 5}}
 
 
 def test_security_validator_rejects_a_typo():
     from akidb_ros.guard import config as G
     with pytest.raises(G.SecurityConfigError):
         G.from_dict({'auth': {'enabled': True, 'api_kyes': {}}}, base_dir='/')
+
+
+SCHEMA = CHART / 'values.schema.json'
+
+
+def _merged_values(values):
+    def merge(base, over):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(
+                out.get(k), dict) else v
+        return out
+    base = yaml.safe_load((CHART / 'values.yaml').read_text())
+    return merge(base, yaml.safe_load((CHART / values).read_text()) if values else {})
+
+
+def test_values_schema_covers_every_key_and_rejects_unknown_ones():
+    """values.yaml promises that values.schema.json checks every key: the schema is draft-07
+    (what Helm reads), values.yaml and each shipped values file (merged as Helm merges them)
+    pass it, every key of values.yaml is declared, and every mapping the schema lists key by
+    key refuses keys it does not list."""
+    import jsonschema
+    schema = json.loads(SCHEMA.read_text())
+    assert schema['$schema'] == 'http://json-schema.org/draft-07/schema#'
+    jsonschema.Draft7Validator.check_schema(schema)
+    validator = jsonschema.Draft7Validator(schema)
+    for values in (None, *VALUES):
+        errors = [f'{"/".join(map(str, e.absolute_path))}: {e.message}'
+                  for e in validator.iter_errors(_merged_values(values))]
+        assert not errors, (values, errors)
+
+    def resolve(node):
+        while '$ref' in node:
+            node = schema['definitions'][node['$ref'].rsplit('/', 1)[1]]
+        return node
+
+    def walk(value, node, path):
+        node = resolve(node)
+        if not isinstance(value, dict):
+            return
+        if 'properties' in node:
+            assert node.get('additionalProperties') is False, f'{path or "/"} accepts any key'
+        for k, v in value.items():
+            sub = node.get('properties', {}).get(k)
+            if sub is None:
+                sub = node.get('additionalProperties')
+                assert isinstance(sub, dict), f'{path}{k} is not in values.schema.json'
+            walk(v, sub, f'{path}{k}.')
+
+    walk(yaml.safe_load((CHART / 'values.yaml').read_text()), schema, '')
+
+
+@pytest.mark.parametrize('cmd', ['template', 'lint'])
+@pytest.mark.parametrize('setting,error', [
+    ('device=gpu', "at '/device': value must be one of 'auto', 'cpu', 'cuda', 'tensorrt'"),
+    ('security.profile=staging', "at '/security/profile': value must be one of"),
+    ('logLevel=verbose', "at '/logLevel': value must be one of"),
+    ('replicaCount=two', "at '/replicaCount': got string, want integer"),
+    ('security.requireClientCert=yes', "at '/security/requireClientCert': got string, want"),
+    ('bridge.restPortt=8080', "additional properties 'restPortt' not allowed"),
+    ('securty.profile=prod', "additional properties 'securty' not allowed"),
+    ('bridge.probePort=70000', "at '/bridge/probePort': maximum"),
+    ('security.rateLimit.roles.robot.rate=1', "invalid propertyName 'robot'"),
+], ids=['enum-typo', 'profile-typo', 'loglevel-typo', 'type-int', 'type-bool', 'unknown-key',
+        'unknown-top-key', 'port-range', 'unknown-role'])
+def test_values_schema_refuses_a_typo(cmd, setting, error):
+    dpython()
+    args = ['template', 'akidb'] if cmd == 'template' else ['lint']
+    cp = run([str(ROOT / 'scripts/helm'), *args, str(CHART), '-f',
+              str(CHART / 'values-cpu.yaml'), '--set', setting], check=False)
+    assert cp.returncode == 1, (cp.stdout[-800:], cp.stderr[-800:])
+    assert error in cp.stdout + cp.stderr, (cp.stdout[-800:], cp.stderr[-800:])
 
 
 def test_values_files_only_use_keys_the_chart_knows():

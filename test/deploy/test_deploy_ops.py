@@ -37,6 +37,102 @@ def test_systemd_units_drain_and_respawn():
     assert 'AKIDB_HOST=127.0.0.1' in bridge
 
 
+def unit_settings(path) -> dict:
+    """{key: [values]} of a unit's [Service] section (repeated keys kept in order; Environment=
+    split into its NAME=value assignments)."""
+    import shlex
+    out, section = {}, None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(('#', ';')):
+            continue
+        if line.startswith('['):
+            section = line.strip('[]')
+            continue
+        key, _, value = line.partition('=')
+        if section == 'Service':
+            parts = shlex.split(value) if key == 'Environment' else value.split()
+            out.setdefault(key, []).extend(parts)
+    return out
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip('/') + '/')
+
+
+def test_systemd_bridge_security_config_fits_the_sandbox(tmp_path, monkeypatch):
+    """The security config akidb-bridge.service starts with, as it resolves on the robot: the
+    files it writes (the audit log) are in the unit's writable paths (ReadWritePaths, the
+    LogsDirectory/StateDirectory/CacheDirectory it creates; under ProtectSystem=strict all else
+    is read-only, /opt/akidb_ros explicitly), the files it reads are under /etc/akidb and not
+    hidden (ProtectHome, PrivateTmp), and the deployment guide installs the shipped file there.
+    Then, with real files at those paths (under tmp_path), the server's loader, bind check,
+    Guard and TLS context accept it."""
+    from deploy_support import SecurityMaterial, paths_in_use, security_paths, start_guard
+    from akidb_ros.guard import config as G
+    unit = unit_settings(ROOT / 'deploy/systemd/akidb-bridge.service')
+    env = dict(a.split('=', 1) for a in unit['Environment'])
+    home = unit['WorkingDirectory'][0]                      # the checkout (REPO_ROOT)
+    assert unit['ProtectSystem'] == ['strict'] and home in unit['ReadOnlyPaths']
+    writable = list(unit.get('ReadWritePaths', []))
+    for key, base in (('LogsDirectory', '/var/log'), ('StateDirectory', '/var/lib'),
+                      ('CacheDirectory', '/var/cache'), ('RuntimeDirectory', '/run')):
+        writable += [f'{base}/{d}' for d in unit.get(key, [])]
+    writable = sorted(set(writable))
+    hidden = []
+    if unit.get('ProtectHome', ['no'])[0] in ('yes', 'true', 'tmpfs', 'read-only'):
+        hidden += ['/home', '/root', '/run/user']
+    if unit.get('PrivateTmp', ['no'])[0] in ('yes', 'true'):
+        hidden += ['/tmp', '/var/tmp']        # the unit's own, empty: nothing installed shows
+    hidden += unit.get('InaccessiblePaths', [])
+
+    # which file the server loads there (akidb_ros.guard.config.load's search order)
+    if 'AKIDB_SECURITY_CONFIG' in env:
+        installed = env['AKIDB_SECURITY_CONFIG']
+    else:
+        installed = f"{home}/config/security.{env.get('AKIDB_SECURITY_PROFILE', 'dev')}.yaml"
+    if _inside(installed, home):
+        source = ROOT / installed[len(home) + 1:]
+    else:
+        guide = (ROOT / 'docs/operations/deployment.md').read_text()
+        m = re.search(r'install [^\n]*?(\S+) ' + re.escape(installed) + r'\b', guide)
+        assert m, f'docs/operations/deployment.md does not say what to install as {installed}'
+        source = ROOT / m.group(1)
+    assert source.is_file(), source
+
+    robot = tmp_path / 'robot'                 # the robot's filesystem, under tmp_path
+    text = source.read_text()
+    for path in security_paths(yaml.safe_load(text)['security']).values():
+        if path.startswith('/'):
+            text = text.replace(path, str(robot) + path)
+    conf = robot / installed.lstrip('/')
+    conf.parent.mkdir(parents=True)
+    conf.write_text(text)
+    used = {k: p[len(str(robot)):] for k, p in paths_in_use(G.load(str(conf), env={})).items()}
+    assert ('audit', 'file') in used, 'the bridge keeps no audit log'
+    problems = []
+    for key, path in used.items():
+        name = '.'.join(key)
+        if key == ('audit', 'file'):
+            if not any(_inside(path, w) for w in writable):
+                problems.append(f'{name} {path} is not in a writable path {writable}')
+        elif not _inside(path, '/etc/akidb'):
+            problems.append(f'{name} {path} is not under /etc/akidb')
+        if any(_inside(path, h) for h in hidden):
+            problems.append(f'{name} {path} is hidden from the unit')
+    assert not problems, problems
+
+    material = SecurityMaterial(tmp_path / 'material')
+    for key, path in used.items():
+        material.place(key, robot / path.lstrip('/'))
+    cfg, guard, ctx = start_guard(conf, monkeypatch, host=env.get('AKIDB_HOST', '127.0.0.1'))
+    guard.audit.close()
+    assert cfg.auth_enabled and cfg['audit']['file'] == str(robot) + used[('audit', 'file')]
+    assert (robot / used[('audit', 'file')].lstrip('/')).exists()
+    assert cfg['rate_limit'] == G.load(str(ROOT / 'config/security.prod.yaml'),
+                                       env={})['rate_limit']
+
+
 def chaos_docs():
     out = []
     for f in sorted(CHAOS.glob('*.yaml')):
@@ -89,6 +185,7 @@ def test_yamllint_deploy_assets():
     cp = run([yl, '-s', '-c', 'deploy/yamllint.yaml', 'deploy/chaos', 'deploy/prometheus',
               'deploy/helm/akidb-ros/Chart.yaml', *map(str, (ROOT / 'deploy/helm/akidb-ros')
                                                        .glob('values*.yaml')),
+              'deploy/systemd/security.yaml',
               'docker/docker-compose.yml', 'docker/compose', 'docker/hadolint.yaml',
               'deploy/checkov.yaml', 'deploy/yamllint.yaml'], check=False)
     assert cp.returncode == 0, cp.stdout
