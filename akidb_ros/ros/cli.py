@@ -20,7 +20,9 @@ message on stderr).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -209,6 +211,22 @@ def _fail(resp, as_json: bool) -> int:
     return 1
 
 
+def _closed_pipe_is_fine(main):
+    """``akidb-embed ... | head``: a reader that stops early is no error (exit 0, no traceback)."""
+    @functools.wraps(main)
+    def wrapper(argv: Optional[List[str]] = None) -> int:
+        try:
+            rc = main(argv)
+            sys.stdout.flush()
+            return rc
+        except BrokenPipeError:
+            # Python flushes stdout once more at exit: point it at /dev/null, so that is quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+    return wrapper
+
+
+@_closed_pipe_is_fine
 def embed_main(argv: Optional[List[str]] = None) -> int:
     """``akidb-embed``: embed texts with the node's ``embed`` service."""
     p = argparse.ArgumentParser(prog='akidb-embed', description=__doc__.split('\n')[0],
@@ -247,6 +265,7 @@ def embed_main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+@_closed_pipe_is_fine
 def models_main(argv: Optional[List[str]] = None) -> int:
     """``akidb-models``: list the node's models, or load/unload one."""
     p = argparse.ArgumentParser(prog='akidb-models', description=__doc__.split('\n')[0],

@@ -109,6 +109,10 @@ class EmbeddingNode(LifecycleNode):
         self._cb = ReentrantCallbackGroup()
         self._diag_cb = MutuallyExclusiveCallbackGroup()
         self._log = self.get_logger()
+        unknown = P.unknown_overrides(self)
+        if unknown:
+            self._log.warning(f'unknown parameter(s) ignored: {", ".join(unknown)} (misspelt? '
+                              '`embedding_node --help` lists the parameters)')
         # model loads (load_model, calls for a model not loaded yet) and large calls' tokenising
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix='akidb-ros-admin')
         self._prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix='akidb-ros-prep')
@@ -559,13 +563,16 @@ class EmbeddingNode(LifecycleNode):
         comes first, with no error.
         """
         try:
-            n = self.count_services('embed')
+            # the name as served: count_services expands a relative name but applies no remap
+            # (-r embed:=other), so it would look for servers of a name nobody serves
+            name = self.resolve_service_name('embed')
+            n = self.count_services(name)
         except Exception:       # graph query during shutdown
             return 1
         if n != self._twins_logged:
             self._twins_logged = n
             if n > 1:
-                self._log.warning(f'{n} servers of {self.resolve_service_name("embed")} on '
+                self._log.warning(f'{n} servers of {name} on '
                                   'this ROS domain: every call runs on each of them and the '
                                   'caller takes the first answer (give each node its own '
                                   'namespace)')

@@ -142,6 +142,22 @@ def declare_all(node) -> None:
     node.declare_parameters('', [(p.name, p.default, p.descriptor()) for p in PARAMS])
 
 
+# Parameters every rclpy node has (or is given by its tools), never a misspelling of ours.
+_STANDARD_PARAMS = ('use_sim_time', 'start_type_description_service')
+
+
+def unknown_overrides(node) -> List[str]:
+    """Names given to ``node`` (params file, ``-p``) that it never declared.
+
+    rclpy drops them silently, so a misspelt name (``max_batch_sise``) would leave the default
+    in force with no sign. They are warned about, not refused: a params file's ``/**``
+    section may rightly hold parameters for other nodes too.
+    """
+    given = getattr(node, '_parameter_overrides', {})     # rclpy has no public accessor
+    return sorted(n for n in given if not node.has_parameter(n)
+                  and n not in _STANDARD_PARAMS and not n.startswith('qos_overrides.'))
+
+
 def validate_value(name: str, value: Any) -> Optional[str]:
     """Check what a descriptor cannot express; return why a value is refused, or None."""
     if name == 'executor' and value not in EXECUTORS:

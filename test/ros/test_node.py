@@ -326,17 +326,34 @@ def test_diagnostics(client):
     assert values['serving'] == 'true' and values['embed_servers'] == '1'
 
 
-def test_a_second_node_in_the_same_namespace_is_reported():
-    """Two nodes serving one namespace answer calls at random with no error: each says so
-    (a warning in its log, WARN on /diagnostics with embed_servers=2)."""
+def test_a_misspelt_parameter_is_warned_about():
+    """rclpy ignores an override the node never declares: a typo kept the default silently."""
     from ros_support import NodeProcess
-    ns = '/twins'
-    nodes = [NodeProcess('-p', 'diagnostics_period_s:=0.5', namespace=ns) for _ in range(2)]
+    node = NodeProcess('-p', 'batching.max_batch_sise:=4', '-p', 'diagnostics_period_s:=0.0',
+                       namespace='/typo')
+    try:
+        node.wait_ready()
+    finally:
+        node.stop()
+    assert 'unknown parameter(s) ignored: batching.max_batch_sise' in node.output, node.output
+    assert 'use_sim_time' not in node.output
+
+
+@pytest.mark.parametrize('remap', ['', 'my_embed'])
+def test_a_second_node_in_the_same_namespace_is_reported(remap):
+    """Two nodes serving one namespace answer calls at random with no error: each says so
+    (a warning in its log, WARN on /diagnostics with embed_servers=2), also when the service
+    is renamed (-r embed:=my_embed; the count once looked for the unrenamed name)."""
+    from ros_support import NodeProcess
+    ns = f'/twins_{remap or "plain"}'
+    extra = ('-r', f'embed:={remap}') if remap else ()
+    nodes = [NodeProcess('-p', 'diagnostics_period_s:=0.5', *extra, namespace=ns)
+             for _ in range(2)]
     try:
         for n in nodes:
             n.wait_ready()
         end = time.monotonic() + 20
-        while not all('2 servers of /twins/embed' in n.output for n in nodes):
+        while not all(f'2 servers of {ns}/{remap or "embed"}' in n.output for n in nodes):
             assert time.monotonic() < end, nodes[0].output[-2000:]
             time.sleep(0.2)
     finally:
@@ -437,6 +454,17 @@ def test_cli_embed_and_models(client):
     assert {m['id'] for m in listed['models']} >= {DEFAULT, MPNET}
     p = _cli('models')
     assert p.returncode == 0 and DEFAULT in p.stdout
+
+
+def test_cli_output_into_a_closed_pipe_exits_0(client):
+    """`akidb-embed a b c | head -c 10`: the reader left early; no traceback, exit 0."""
+    code = 'import sys; from akidb_ros.ros.cli import embed_main; sys.exit(embed_main())'
+    proc = subprocess.Popen([sys.executable, '-c', code, 'one', 'two', 'three', '--json',
+                             '--namespace', NS], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()             # the reader is gone before the answer is printed
+    err = proc.stderr.read()
+    assert proc.wait(60) == 0 and 'Traceback' not in err, err
 
 
 def test_cli_no_node_exits_2(client):

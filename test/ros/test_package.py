@@ -4,6 +4,7 @@ The linter tests mirror ament_flake8 / ament_pep257 / ament_xmllint, which are n
 """
 import ast
 import importlib.metadata
+import json
 import shutil
 import subprocess
 import sys
@@ -110,6 +111,25 @@ def test_every_ros_package_the_code_imports_is_declared():
     assert ros - declared == set()
     if list((ROOT / 'launch').glob('*.launch.xml')):
         assert 'launch_xml' in declared
+
+
+def test_every_pip_package_the_node_loads_is_named_in_package_xml():
+    """What has no rosdep key is named in package.xml's comment (opentelemetry was missing)."""
+    code = ('import sys, json, importlib.metadata as md; import akidb_ros.ros.node; '
+            'd = md.packages_distributions(); '
+            'print(json.dumps(sorted({x for m in list(sys.modules) '
+            'for x in d.get(m.split(".")[0], [])})))')
+    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    loaded = {d.lower().replace('_', '-') for d in json.loads(out.splitlines()[-1])}
+    rosdep_keyed = {'numpy', 'pyyaml', 'jsonschema'}          # python3-* exec_depends
+    brought_along = {'attrs', 'idna', 'referencing', 'rpds-py', 'jsonschema-specifications',
+                     'typing-extensions', 'setuptools'}       # dependencies of the above
+    pip_only = {d for d in loaded - rosdep_keyed - brought_along - {'akidb-ros'}
+                if not d.startswith('ros-') and f'ros-{d}' not in loaded}
+    assert {'onnxruntime', 'tokenizers', 'opentelemetry-sdk'} <= pip_only   # the scan sees them
+    text = (ROOT / 'package.xml').read_text().lower()
+    assert sorted(d for d in pip_only if d not in text and d.split('-')[0] not in text) == []
 
 
 def test_cmake_generates_every_interface():
