@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Protocol, runtime_checkable
 import numpy as np
 
 from akidb_ros.engine.deadlines import DeadlineWatcher
+from akidb_ros.engine.engine import check_ros_strings
 from akidb_ros.engine.errors import EngineError, ErrorCode, error_from_code
 from akidb_ros.engine.types import (EmbedRequest, EmbedResult, HealthInfo, ModelInfo,
                                     ModelStatus)
@@ -409,6 +410,9 @@ class RosBackend:
         from akidb_ros.observability.tracing import inject_carrier, tracer
         from opentelemetry import trace
 
+        # a ROS string ends at its first NUL (silently) and cannot hold a lone surrogate:
+        # refused here, as the engine refuses them, instead of the node embedding a cut text
+        check_ros_strings(req.inputs, req.model or '')
         Embed = self._srv['Embed']
         r = Embed.Request()
         r.model = req.model or ''

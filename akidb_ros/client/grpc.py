@@ -67,13 +67,35 @@ def _md_number(md: dict, key: str, cast):
         return None
 
 
-def _to_embeddings(resp: pb.EmbedResponse, request_id: str = '') -> Embeddings:
+# REST's truncate and input_type, which the PRD's EmbedRequest has no field for, travel as
+# request metadata; the server sends the count of truncated inputs as trailing metadata
+TRUNCATE_MD = 'akidb-truncate'
+INPUT_TYPE_MD = 'akidb-input-type'
+TRUNCATED_MD = 'akidb-truncated-inputs'
+
+
+def _options_metadata(truncate: bool, input_type: Optional[str]) -> List[tuple]:
+    """The metadata asking for ``truncate`` and ``input_type`` (none for the defaults)."""
+    if not isinstance(truncate, bool):
+        raise TypeError(f'truncate must be a bool, got {type(truncate).__name__}')
+    if input_type is not None and not isinstance(input_type, str):
+        raise TypeError(f'input_type must be a str (none, query or passage) or None, got '
+                        f'{type(input_type).__name__}')
+    md = [] if truncate else [(TRUNCATE_MD, 'false')]
+    if input_type:
+        md.append((INPUT_TYPE_MD, input_type))     # the server checks the value
+    return md
+
+
+def _to_embeddings(resp: pb.EmbedResponse, request_id: str = '',
+                   truncated_inputs: int = 0) -> Embeddings:
     if resp.embeddings:
         emb = np.asarray([v.values for v in resp.embeddings], dtype=np.float32)
     else:
         emb = np.zeros((0, 0), np.float32)
     return Embeddings(embeddings=emb, model=resp.model, total_tokens=resp.usage.total_tokens,
-                      duration_ms=float(resp.usage.duration_ms), request_id=request_id)
+                      duration_ms=float(resp.usage.duration_ms),
+                      truncated_inputs=truncated_inputs, request_id=request_id)
 
 
 def _read(path: Optional[str]) -> Optional[bytes]:
@@ -192,9 +214,10 @@ class GrpcClient:
         return self.timeout_s if timeout_s is None else check_timeout(timeout_s)
 
     def _unary(self, method, request, timeout_s: Optional[float], retry: Optional[RetryPolicy],
-               request_id: str):
+               request_id: str, extra_metadata: Sequence[tuple] = ()):
+        """The answer; ``method`` may be a ``with_call`` (then ``(answer, call)``)."""
         total = self._budget(timeout_s)
-        md = self.metadata + [('x-request-id', request_id)]
+        md = self.metadata + [('x-request-id', request_id), *extra_metadata]
 
         def attempt(remaining: Optional[float]):
             budget = total if remaining is None else remaining
@@ -213,14 +236,25 @@ class GrpcClient:
 
     def embed(self, inputs: Sequence[str], model: str = '', normalize: bool = True,
               timeout_s: Optional[float] = None, request_id: Optional[str] = None,
-              retry: Optional[RetryPolicy] = None) -> Embeddings:
-        """Embed ``inputs`` (a str, or a sequence of str; bytes are refused with TypeError)."""
+              retry: Optional[RetryPolicy] = None, *, truncate: bool = True,
+              input_type: Optional[str] = None) -> Embeddings:
+        """Embed ``inputs`` (a str, or a sequence of str; bytes are refused with TypeError).
+
+        ``truncate=False``: an input over the model's max length is refused
+        (``INPUT_TOO_LONG``) instead of cut; ``input_type`` (``none``, ``query``, ``passage``):
+        the model's prompt prefix. Both go as request metadata (the PRD's message has no field
+        for them); the answer's ``truncated_inputs`` comes from the trailing metadata.
+        """
         rid = request_id or uuid.uuid4().hex
+        md = _options_metadata(truncate, input_type)
         req = pb.EmbedRequest(model=model, inputs=check_inputs(inputs), normalize=normalize)
-        return _to_embeddings(self._unary(self.stub.Embed, req, timeout_s, retry, rid), rid)
+        resp, call = self._unary(self.stub.Embed.with_call, req, timeout_s, retry, rid, md)
+        trailing = {k: v for k, v in (call.trailing_metadata() or ())}
+        return _to_embeddings(resp, rid, _md_number(trailing, TRUNCATED_MD, int) or 0)
 
     def embed_stream(self, batches: Iterable[Sequence[str]], model: str = '',
-                     normalize: bool = True, timeout_s: Optional[float] = None
+                     normalize: bool = True, timeout_s: Optional[float] = None, *,
+                     truncate: bool = True, input_type: Optional[str] = None
                      ) -> Iterator[Embeddings]:
         """Send one EmbedRequest per batch over one bidi stream; yield answers in order.
 
@@ -228,15 +262,19 @@ class GrpcClient:
         bare str batch is refused with ``TypeError`` (at once for a list or tuple, when it is
         reached for a generator). ``timeout_s`` (default: the client's) bounds the whole
         stream. No retry (a stream is not idempotent as a whole); the first error is raised,
-        its ``stream_index`` saying which batch failed.
+        its ``stream_index`` saying which batch failed. ``truncate`` and ``input_type`` as in
+        :meth:`embed`, for every batch; the answers' ``truncated_inputs`` stay 0 (the server
+        reports only the stream's total, in its trailing metadata, once every answer is out):
+        pass ``truncate=False`` to be told of an over-long input.
         """
         total = self._budget(timeout_s)
+        md = _options_metadata(truncate, input_type)
         if isinstance(batches, (str, bytes, bytearray)):
             raise TypeError('embed_stream takes an iterable of batches, each a list of str '
                             f"(e.g. [['hello', 'robot']]), not a bare {type(batches).__name__}")
         if isinstance(batches, (list, tuple)):
             checked = [_check_batch(b, i) for i, b in enumerate(batches)]
-            return self._stream(iter(checked), model, normalize, total, [])
+            return self._stream(iter(checked), model, normalize, total, [], md)
         refused: List[Exception] = []
 
         def lazy():
@@ -246,15 +284,16 @@ class GrpcClient:
                 except TypeError as exc:
                     refused.append(exc)     # end the stream here; raised once it is answered
                     return
-        return self._stream(lazy(), model, normalize, total, refused)
+        return self._stream(lazy(), model, normalize, total, refused, md)
 
     def _stream(self, batches: Iterator[List[str]], model: str, normalize: bool, total: float,
-                refused: List[Exception]) -> Iterator[Embeddings]:
+                refused: List[Exception], extra_metadata: List[tuple]) -> Iterator[Embeddings]:
         rid = uuid.uuid4().hex
         reqs = (pb.EmbedRequest(model=model, inputs=b, normalize=normalize) for b in batches)
         try:
-            call = self.stub.EmbedStream(reqs, timeout=total,
-                                         metadata=self.metadata + [('x-request-id', rid)])
+            call = self.stub.EmbedStream(
+                reqs, timeout=total,
+                metadata=self.metadata + [('x-request-id', rid), *extra_metadata])
         except ValueError:
             self._check_open()
             raise

@@ -48,8 +48,45 @@ def has_text(text: str) -> bool:
     return _BLANK.fullmatch(text) is None
 
 
+_SURROGATE = re.compile('[\ud800-\udfff]')
+
+
+def _surrogate_error(i: int) -> EngineError:
+    return EngineError(ErrorCode.INVALID_INPUT,
+                       f'inputs[{i}] is not valid Unicode (lone surrogate)')
+
+
+def _nul_error(field: str, text: str) -> EngineError:
+    return EngineError(ErrorCode.INVALID_INPUT,
+                       f'{field} contains U+0000 (NUL) at character {text.index(chr(0))}: '
+                       'a ROS string ends at the first NUL, so no door takes it')
+
+
+def check_ros_strings(inputs, model: str) -> None:
+    """Refuse what a ROS string cannot carry, with :func:`check_limits`' codes and messages.
+
+    rosidl copies a string up to its first NUL (the rest is dropped without an error) and cannot
+    encode a lone surrogate: the sidecar bridge calls this before the DDS hop, so the node never
+    embeds a cut text. Only these two checks: the node's engine runs all of
+    :func:`check_limits` (count first) on what arrives; the bridge does not know the node's
+    limits, so a request over them that also holds a NUL hears INVALID_INPUT from it.
+    """
+    for i, text in enumerate(inputs):
+        if '\x00' in text:
+            raise _nul_error(f'inputs[{i}]', text)
+        if _SURROGATE.search(text):
+            raise _surrogate_error(i)
+    if '\x00' in model:
+        raise _nul_error('model', model)
+
+
 def check_limits(request: EmbedRequest, limits: LimitsConfig) -> None:
-    """Reject bad input before it costs anything; every rejection names the offending input."""
+    """Reject bad input before it costs anything; every rejection names the offending input.
+
+    The order is the contract every door keeps (they all end here): the list itself, then the
+    count, then each input in turn (type, NUL, characters, valid Unicode, total bytes, blank),
+    then the model name and the options.
+    """
     inputs = request.inputs
     if not isinstance(inputs, (list, tuple)):
         raise EngineError(ErrorCode.INVALID_INPUT, 'inputs must be a list of strings')
@@ -62,6 +99,9 @@ def check_limits(request: EmbedRequest, limits: LimitsConfig) -> None:
     for i, text in enumerate(inputs):
         if not isinstance(text, str):
             raise EngineError(ErrorCode.INVALID_INPUT, f'inputs[{i}] is not a string')
+        if '\x00' in text:
+            # a ROS string ends at a NUL: the ROS door and the sidecar would embed a cut text
+            raise _nul_error(f'inputs[{i}]', text)
         if len(text) > limits.max_input_chars:
             raise EngineError(ErrorCode.INPUT_TOO_LARGE,
                               f'inputs[{i}] has {len(text)} characters, over the limit of '
@@ -69,8 +109,7 @@ def check_limits(request: EmbedRequest, limits: LimitsConfig) -> None:
         try:
             total += len(text.encode('utf-8'))
         except UnicodeEncodeError:
-            raise EngineError(ErrorCode.INVALID_INPUT,
-                              f'inputs[{i}] is not valid Unicode (lone surrogate)') from None
+            raise _surrogate_error(i) from None
         if total > limits.max_total_bytes:
             raise EngineError(ErrorCode.INPUT_TOO_LARGE,
                               f'inputs exceed {limits.max_total_bytes} bytes in total')
@@ -81,6 +120,8 @@ def check_limits(request: EmbedRequest, limits: LimitsConfig) -> None:
         raise EngineError(ErrorCode.INVALID_INPUT,
                           f'model must be a model id or name of at most {MAX_MODEL_NAME_CHARS} '
                           'characters')
+    if '\x00' in request.model:
+        raise _nul_error('model', request.model)
     if not isinstance(request.input_type, InputType):
         raise EngineError(ErrorCode.INVALID_INPUT, 'input_type must be none, query or passage')
     if request.timeout_s is not None and not request.timeout_s > 0:

@@ -38,6 +38,13 @@ class TextEncoder:
         self._tok.enable_truncation(max_length=cfg.max_tokens)
         self.pad_id = self._tok.padding['pad_id'] if self._tok.padding else (
             self._tok.token_to_id('<pad>') or self._tok.token_to_id('[PAD]') or 0)
+        # What the tokeniser makes of a text that gives it nothing (its special tokens, e.g.
+        # [CLS] [SEP] or <s> </s>, after the prompt prefix if any), per input type: a text
+        # encoded to exactly this was reduced to nothing (combining marks, a variation
+        # selector, private-use characters, U+FFFD ... that the normaliser drops) and would be
+        # embedded as the empty string. Not "any special id": [UNK] (an emoji, a 200-letter
+        # word) or a literal "[SEP]" in the text are the text's own tokens.
+        self._nothing = {t: self._tok.encode(self.prefix(t)).ids for t in InputType}
 
     def prefix(self, input_type: InputType) -> str:
         if input_type is InputType.QUERY:
@@ -60,7 +67,7 @@ class TextEncoder:
             texts = [prefix + t for t in texts]
         texts = list(texts)
         if deadline is None or sum(map(len, texts)) <= SLICE_CHARS:
-            return self._encode(texts)
+            return self._refuse_nothing(self._encode(texts), input_type)
         out: List[Encoded] = []
         start = size = 0
         for i, t in enumerate(texts):
@@ -73,6 +80,19 @@ class TextEncoder:
                                       retry_after_s=1.0)
                 out += self._encode(texts[start:i + 1])
                 start, size = i + 1, 0
+        return self._refuse_nothing(out, input_type)
+
+    def _refuse_nothing(self, out: List[Encoded], input_type: InputType) -> List[Encoded]:
+        """INVALID_INPUT, like a blank text, for an input the tokeniser reduced to nothing."""
+        nothing = self._nothing[input_type]
+        n = len(nothing)
+        for i, e in enumerate(out):
+            # a length compare per input (~40 ns); the ids only when the length matches
+            if len(e.ids) == n and e.ids == nothing:
+                raise EngineError(ErrorCode.INVALID_INPUT,
+                                  f'inputs[{i}] is empty once tokenised: the tokenizer drops '
+                                  'every character of it (only combining marks, variation '
+                                  'selectors, private-use or replacement characters ...)')
         return out
 
     def _encode(self, texts: List[str]) -> List[Encoded]:

@@ -32,7 +32,7 @@ from akidb_ros.backends import Backend, wait_result
 from akidb_ros.doors import (DoorCall, GuardHook, ModelLabels, caller_deadline, record,
                              request_id_from, run_guard)
 from akidb_ros.engine.errors import EngineError, ErrorCode
-from akidb_ros.engine.types import EmbedRequest, ModelStatus
+from akidb_ros.engine.types import EmbedRequest, InputType, ModelStatus
 from akidb_ros.grpc_api import embedding_pb2 as pb
 from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
 from akidb_ros.grpc_api.interceptor_base import WrappingInterceptor, is_non_blocking, \
@@ -81,6 +81,35 @@ def _timeout(context, default: Optional[float]) -> Optional[float]:
         raise EngineError(ErrorCode.TIMEOUT, 'deadline already exceeded')
     # the client's deadline may be shorter than the server's per-request budget, never longer
     return remaining if default is None else min(remaining, default)
+
+
+# REST's `truncate` and `input_type`, which the PRD's EmbedRequest has no field for, as request
+# metadata (the whole call: every message of an EmbedStream); the count of truncated inputs goes
+# back as trailing metadata
+TRUNCATE_MD = 'akidb-truncate'
+INPUT_TYPE_MD = 'akidb-input-type'
+TRUNCATED_MD = 'akidb-truncated-inputs'
+_TRUNCATE_VALUES = {'true': True, 'false': False}
+_INPUT_TYPES = {t.value: t for t in InputType}
+
+
+def _options(md: dict):
+    """``(truncate, input_type)`` from a call's metadata; INVALID_INPUT for a bad value."""
+    truncate, input_type = True, InputType.NONE
+    raw = md.get(TRUNCATE_MD)
+    if raw is not None:
+        truncate = _TRUNCATE_VALUES.get(raw.strip().lower())
+        if truncate is None:
+            raise EngineError(ErrorCode.INVALID_INPUT,
+                              f'metadata {TRUNCATE_MD} must be true or false, not {raw[:40]!r}')
+    raw = md.get(INPUT_TYPE_MD)
+    if raw is not None:
+        input_type = _INPUT_TYPES.get(raw.strip().lower())
+        if input_type is None:
+            raise EngineError(ErrorCode.INVALID_INPUT,
+                              f'metadata {INPUT_TYPE_MD} must be none, query or passage, '
+                              f'not {raw[:40]!r}')
+    return truncate, input_type
 
 
 def _response(res) -> pb.EmbedResponse:
@@ -401,12 +430,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def _prepare(self, request: pb.EmbedRequest, call: DoorCall, context) -> EmbedRequest:
         if isinstance(request, Undecodable):
             raise request.error()
+        # the texts are checked by the engine (the sidecar: before the DDS hop too), count first,
+        # so every door answers a request with the same code
         texts = list(request.inputs)
-        if not texts:
-            raise EngineError(ErrorCode.INVALID_INPUT, 'inputs: at least one text is required')
-        for i, t in enumerate(texts):
-            if not t:
-                raise EngineError(ErrorCode.INVALID_INPUT, f'inputs[{i}]: empty text')
+        truncate, input_type = _options(call.headers)
         model = self.labels.resolve(request.model)
         # the breaker is keyed by the model that will really serve the call ('unknown' for a
         # name the backend does not know: bounded, whatever callers send)
@@ -417,7 +444,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                                 and caller_deadline(timeout, self.default_timeout_s))
         # proto3 bool has no "unset": the PRD field is taken literally (false = raw vectors)
         return EmbedRequest(inputs=texts, model=model, normalize=bool(request.normalize),
-                            timeout_s=timeout, request_id=call.request_id, transport=TRANSPORT)
+                            truncate=truncate, input_type=input_type, timeout_s=timeout,
+                            request_id=call.request_id, transport=TRANSPORT)
 
     def _default_model(self) -> str:
         try:
@@ -484,6 +512,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     record(call, label, e)
                     _abort(context, e, (('x-request-id', call.request_id),))
                 record(call, label, None, tokens=int(res.total_tokens))
+                context.set_trailing_metadata((('x-request-id', call.request_id),
+                                               (TRUNCATED_MD, str(int(res.truncated_inputs)))))
                 return out
         finally:
             otel_context.detach(token)
@@ -551,10 +581,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         t = threading.Thread(target=contextvars.copy_context().run, args=(reader,),
                              name='akidb-grpc-stream', daemon=True)
         t.start()
+        truncated = 0       # the PRD's EmbedResponse has no field for it: the stream's total
         try:
             while True:
                 item = _take(pending, last, self.stream_idle_timeout_s)
                 if item is None:
+                    context.set_trailing_metadata(((TRUNCATED_MD, str(truncated)),))
                     return
                 if item is _IDLE:
                     stop.set()
@@ -576,8 +608,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 if err is not None:
                     record(call, label, err)
                     stop.set()
-                    _abort(context, err, (('akidb-stream-index', str(i)),))
+                    _abort(context, err, (('akidb-stream-index', str(i)),
+                                          (TRUNCATED_MD, str(truncated))))
                 record(call, label, None, tokens=int(res.total_tokens))
+                truncated += int(res.truncated_inputs)
                 last[0] = time.monotonic()
                 yield _response(res)
         finally:

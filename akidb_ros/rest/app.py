@@ -312,8 +312,10 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
             raise _invalid(_schema_error(err), _schema_param(err))
         return body
 
-    def check_texts(texts) -> int:
-        return sum(_utf8_len(t, f'inputs[{i}]') for i, t in enumerate(texts))
+    def text_bytes(texts) -> int:
+        # only counted here (for the guard): the engine (or the sidecar, before the DDS hop)
+        # refuses bad texts, lone surrogates included, after the count check, as on every door
+        return sum(len(t.encode('utf-8', 'surrogatepass')) for t in texts)
 
     def check_model(model: str) -> None:
         _utf8_len(model, 'model', param='model')
@@ -390,7 +392,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
                 normalize = body.get('normalize', True)
                 truncate = body.get('truncate', True)
                 input_type = InputType(body.get('input_type', 'none'))
-            call.n_bytes = check_texts(texts)
+            call.n_bytes = text_bytes(texts)
             call.n_inputs = len(texts)
             check_model(model)
             model = labels.resolve(model)

@@ -14,9 +14,13 @@ EMBED_REQUEST = {
     'required': ['inputs'],
     'properties': {
         'model': MODEL_ID,
+        # no minLength on the texts: the engine refuses empty and blank texts after it checks
+        # the count, so a request both too long and holding '' gets the same code on every door
         'inputs': {'type': 'array', 'minItems': 1,
-                   'items': {'type': 'string', 'minLength': 1},
-                   'description': 'Texts to embed (one vector per input, in order)'},
+                   'items': {'type': 'string'},
+                   'description': 'Texts to embed (one vector per input, in order); empty or '
+                                  'blank texts, or texts holding U+0000, are refused '
+                                  'INVALID_INPUT'},
         'normalize': {'type': 'boolean', 'default': True,
                       'description': 'L2-normalise the vectors (default true)'},
         'truncate': {'type': 'boolean', 'default': True,

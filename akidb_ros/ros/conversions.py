@@ -20,7 +20,12 @@ _INPUT_TYPES = {'': InputType.NONE, 'none': InputType.NONE, 'query': InputType.Q
 
 
 def embed_request_from_msg(msg, transport: str = 'ros') -> EmbedRequest:
-    """Build the engine request. ROS has no 'unset' bool: ``normalize`` is sent explicitly."""
+    """Build the engine request. ROS has no 'unset' bool: ``normalize`` is sent explicitly.
+
+    The texts arrive as rosidl delivered them: a ROS string ends at its first NUL, so a text
+    with U+0000 was already cut by the sender's client library (no ROS client can send one;
+    the sidecar bridge refuses such a text before the DDS hop).
+    """
     try:
         input_type = _INPUT_TYPES[msg.input_type.strip().lower()]
     except KeyError:
@@ -30,7 +35,8 @@ def embed_request_from_msg(msg, transport: str = 'ros') -> EmbedRequest:
     timeout = float(msg.timeout_s)
     return EmbedRequest(
         inputs=list(msg.inputs),
-        model=msg.model.strip(),
+        # as sent: REST, gRPC and the engine do not strip a model name either (' x' is unknown)
+        model=msg.model,
         normalize=bool(msg.normalize),
         truncate=bool(msg.truncate),
         input_type=input_type,

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import requests
 
-from akidb_ros.client import GrpcClient, OverloadedError, RestClient, ServiceUnavailableError
+from akidb_ros.client import (GrpcClient, InvalidRequestError, OverloadedError, RestClient,
+                              ServiceUnavailableError)
 from akidb_ros.client.retry import NO_RETRY, RetryPolicy
 from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.types import EmbedRequest
@@ -124,6 +125,60 @@ def test_errors_cross_the_dds_hop(sidecar):
     assert r.status_code == 400 and r.json()['code'] == 'MODEL_NOT_FOUND'
     r = requests.post(url + '/api/v1/embed', json={'inputs': ['a'] * 300}, timeout=10)
     assert r.status_code == 413 and r.json()['code'] == 'INPUT_TOO_LARGE'
+
+
+def _side_codes(sidecar, inputs, model=''):
+    """(REST code, gRPC code) of the sidecar's doors for one request ('OK' for an answer)."""
+    import grpc
+    from akidb_ros.grpc_api import embedding_pb2 as pb
+    from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
+    r = requests.post(f'http://127.0.0.1:{sidecar.rest_port}/api/v1/embed',
+                      json={'inputs': inputs, 'model': model}, timeout=30)
+    stub = pb_grpc.EmbeddingServiceStub(grpc.insecure_channel(f'127.0.0.1:{sidecar.grpc_port}'))
+    try:
+        stub.Embed(pb.EmbedRequest(inputs=inputs, model=model, normalize=True), timeout=30)
+        g = 'OK'
+    except grpc.RpcError as err:
+        g = dict(err.trailing_metadata())['akidb-error-code']
+    return ('OK' if r.status_code == 200 else r.json()['code']), g
+
+
+def test_a_nul_is_refused_before_the_dds_hop(sidecar, side_rest, side_grpc):
+    """A ROS string ends at its first NUL: the node would embed 'Go to the kitchen' and answer
+    200; the bridge refuses the text as the in-process doors do, naming it."""
+    texts = ['fine', 'Go to the kitchen\x00 and bring me the red cup']
+    for client in (side_rest, side_grpc):
+        with pytest.raises(InvalidRequestError) as ei:
+            client.embed(texts)
+        assert ei.value.code == 'INVALID_INPUT'
+        assert ei.value.message.startswith('inputs[1] contains U+0000 (NUL) at character 17')
+    # a model name cut at a NUL would be a known model
+    assert _side_codes(sidecar, ['x'], DEFAULT_MODEL + '\x00junk') == (
+        'INVALID_INPUT', 'INVALID_INPUT')
+    # a lone surrogate (REST only: protobuf cannot carry one) is refused too, not a 500
+    r = requests.post(f'http://127.0.0.1:{sidecar.rest_port}/api/v1/embed', timeout=30,
+                      data=b'{"inputs": ["\\ud800"]}',
+                      headers={'Content-Type': 'application/json'})
+    assert (r.status_code, r.json()['code']) == (400, 'INVALID_INPUT')
+
+
+def test_same_codes_as_inprocess_through_the_node(sidecar):
+    """Count first, names as sent, texts that tokenise to nothing refused: the node's engine
+    decides, and its answer is the in-process doors' (test_same_answer.py)."""
+    assert _side_codes(sidecar, ['x'] * 299 + ['']) == ('INPUT_TOO_LARGE', 'INPUT_TOO_LARGE')
+    assert _side_codes(sidecar, ['x'], ' ' + DEFAULT_MODEL) == (
+        'MODEL_NOT_FOUND', 'MODEL_NOT_FOUND')
+    for text in ('\u0301\u0308', '\ufe0f', '\ue000', '\ufffd'):
+        assert _side_codes(sidecar, ['ok', text]) == ('INVALID_INPUT', 'INVALID_INPUT'), text
+
+
+def test_grpc_options_and_truncated_count_cross_the_dds_hop(side_grpc):
+    long_text = ' '.join(['The quick brown fox jumps over the lazy dog.'] * 80)
+    assert side_grpc.embed([long_text, 'short']).truncated_inputs == 1
+    with pytest.raises(InvalidRequestError) as ei:
+        side_grpc.embed(['short', long_text], truncate=False)
+    assert ei.value.code == 'INPUT_TOO_LONG'
+    assert side_grpc.embed(['x'], input_type='query').embeddings.shape == (1, 384)
 
 
 def test_health_models_and_admin(sidecar, side_rest, side_grpc):

@@ -11,7 +11,18 @@ from akidb_ros.engine.errors import error_from_code
     (dict(inputs=['ok', '   ']), ErrorCode.INVALID_INPUT, 'inputs[1] is empty'),
     # only characters a tokeniser drops: it would embed the empty string (audit, stop 24)
     (dict(inputs=['ok', '\u200b']), ErrorCode.INVALID_INPUT, 'inputs[1] is empty'),
-    (dict(inputs=['\x00']), ErrorCode.INVALID_INPUT, 'inputs[0] is empty'),
+    # a ROS string ends at a NUL: refused wherever it is, so every door answers alike
+    (dict(inputs=['\x00']), ErrorCode.INVALID_INPUT, 'inputs[0] contains U+0000 (NUL)'),
+    (dict(inputs=['ok', 'Go to the kitchen\x00 and bring me the red cup']),
+     ErrorCode.INVALID_INPUT, 'inputs[1] contains U+0000 (NUL) at character 17'),
+    (dict(inputs=['x'], model='all-minilm-l6-v2\x00'), ErrorCode.INVALID_INPUT,
+     'model contains U+0000 (NUL)'),
+    # the count comes first, then each input in turn: the same code on every door
+    (dict(inputs=['x'] * 299 + ['']), ErrorCode.INPUT_TOO_LARGE, '300 inputs exceed'),
+    (dict(inputs=['x'] * 299 + ['a\x00b']), ErrorCode.INPUT_TOO_LARGE, '300 inputs exceed'),
+    # a model name is taken as sent: a stray space is an unknown model on every door
+    (dict(inputs=['x'], model=' all-minilm-l6-v2'), ErrorCode.MODEL_NOT_FOUND,
+     'all-minilm-l6-v2'),
     (dict(inputs=['\ufeff \u2060\x07\u3000']), ErrorCode.INVALID_INPUT, 'inputs[0] is empty'),
     (dict(inputs=['\U000e0001\u200c']), ErrorCode.INVALID_INPUT, 'inputs[0] is empty'),
     (dict(inputs=['x'], model='m' * 257), ErrorCode.INVALID_INPUT, 'at most 256 characters'),
@@ -74,3 +85,50 @@ def test_codes_with_equal_mappings_stay_distinct():
     assert ErrorCode.UNAVAILABLE.name == 'UNAVAILABLE'
     assert ErrorCode.INPUT_TOO_LONG.name == 'INPUT_TOO_LONG'
     assert len({c.name for c in ErrorCode}) == len(ErrorCode.__members__)
+
+
+# Texts the tokenizer reduces to nothing (its normaliser drops every character) but that hold a
+# visible character: embedded as the empty string before; refused like a blank text now.
+NOTHING_ONCE_TOKENISED = {'combining marks': '\u0301\u0308', 'variation selector': '\ufe0f',
+                          'private use': '\ue000\uf8ff', 'replacement char': '\ufffd',
+                          'mixed': '\u0301 \ufffd \ue000'}
+
+
+@pytest.mark.parametrize('model', ['all-minilm-l6-v2', 'all-mpnet-base-v2'])
+@pytest.mark.parametrize('name', list(NOTHING_ONCE_TOKENISED))
+def test_a_text_the_tokenizer_reduces_to_nothing_is_refused(engine, model, name):
+    pending = engine.admission.pending
+    with pytest.raises(EngineError) as err:
+        engine.embed(EmbedRequest(inputs=['ok', NOTHING_ONCE_TOKENISED[name]], model=model))
+    assert err.value.code is ErrorCode.INVALID_INPUT
+    assert err.value.message.startswith('inputs[1] is empty once tokenised'), err.value.message
+    assert engine.admission.pending == pending
+
+
+@pytest.mark.parametrize('text', ['\U0001F916\U0001F50B', 'x' * 200, '\uffff', '[SEP]', '<s>',
+                                  '</s>', '[PAD]', 'cafe\u0301', '\u0301a'])
+def test_texts_made_of_unknown_or_special_looking_tokens_are_still_embedded(engine, text):
+    """[UNK] (an emoji, a 200-letter word) and a literal "[SEP]" are the text's own tokens."""
+    for model in ('all-minilm-l6-v2', 'all-mpnet-base-v2'):
+        res = engine.embed(EmbedRequest(inputs=[text], model=model))
+        assert res.embeddings.shape[0] == 1 and res.total_tokens >= 3, (model, text)
+
+
+def test_nothing_once_tokenised_is_found_after_a_prompt_prefix_too():
+    """With a prefix the ids are the prefix's, not only special tokens: still refused."""
+    import dataclasses
+    from akidb_ros.engine import load_config
+    from akidb_ros.engine.text import TextEncoder
+    from akidb_ros.engine.types import InputType
+    cfg = load_config().model('all-minilm-l6-v2')
+    enc = TextEncoder(dataclasses.replace(cfg, query_prefix='query: ', passage_prefix='p:'))
+    for input_type in InputType:
+        with pytest.raises(EngineError) as err:
+            enc.encode(['fine', 'also fine', '\u0301'], input_type)
+        assert err.value.message.startswith('inputs[2] is empty once tokenised')
+        assert len(enc.encode(['\u0301a'], input_type)) == 1
+    # past a slice boundary (a deadline makes encode() go in slices): the index is the request's
+    many = ['word ' * 4000] * 5 + ['\ufe0f']
+    with pytest.raises(EngineError) as err:
+        enc.encode(many, InputType.QUERY, deadline=float('inf'))
+    assert err.value.message.startswith('inputs[5] is empty once tokenised')

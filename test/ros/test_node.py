@@ -153,13 +153,29 @@ LONG = ' '.join(['word'] * 600)     # > 256 tokens of all-MiniLM-L6-v2
     (['hi'] * 257, {}, 'INPUT_TOO_LARGE'),
     ([LONG], {'truncate': False}, 'INPUT_TOO_LONG'),
     (['hello'], {'input_type': 'question'}, 'INVALID_INPUT'),
+    # the same answers as REST, gRPC and the engine: a model name is taken as sent, the count
+    # comes first, a text the tokenizer reduces to nothing is refused like a blank one
+    (['hello'], {'model': ' ' + DEFAULT}, 'MODEL_NOT_FOUND'),
+    (['hi'] * 299 + [''], {}, 'INPUT_TOO_LARGE'),
+    (['ok', '\u0301\u0308'], {}, 'INVALID_INPUT'),
 ], ids=['empty-list', 'empty-string', 'blank-string', 'unknown-model', 'oversized-input',
-        'too-many-inputs', 'too-long-no-truncate', 'bad-input-type'])
+        'too-many-inputs', 'too-long-no-truncate', 'bad-input-type', 'model-with-a-space',
+        'count-first', 'tokenises-to-nothing'])
 def test_bad_input_answered_with_its_code(client, inputs, kw, code):
     resp = embed(client, inputs, **kw)
     assert not resp.success
     assert resp.error_code == code, resp.message
     assert resp.message and len(resp.embeddings) == 0
+
+
+def test_a_ros_client_cannot_send_a_nul(client):
+    """rosidl sends a string up to its first NUL, silently: the node gets the cut text and
+    cannot tell (documented; the sidecar bridge refuses such a text before the DDS hop)."""
+    cut = embed(client, ['Go to the kitchen\x00 and bring me the red cup'])
+    whole = embed(client, ['Go to the kitchen'])
+    assert cut.success and whole.success
+    assert cut.total_tokens == whole.total_tokens
+    assert np.abs(embeddings_from_response(cut) - embeddings_from_response(whole)).max() == 0
 
 
 def test_negative_timeout_refused(client):
