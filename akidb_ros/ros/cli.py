@@ -135,6 +135,10 @@ class EmbeddingClient:
 
     def embed(self, inputs: List[str], model: str = '', normalize: bool = True,
               truncate: bool = True, timeout_s: float = 10.0, input_type: str = ''):
+        for i, text in enumerate([model, *inputs]):
+            if '\x00' in text:     # rosidl would send the text cut at the NUL, with no error
+                where = 'model' if i == 0 else f'inputs[{i - 1}]'
+                raise ValueError(f'{where} contains U+0000 (NUL): a ROS string ends there')
         req = Embed.Request(model=model, inputs=list(inputs), normalize=normalize,
                             truncate=truncate, input_type=input_type)
         return self.call('embed', req, timeout_s)

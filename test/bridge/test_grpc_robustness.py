@@ -169,7 +169,7 @@ def test_health_watches_behind_the_guard_hold_no_thread(local_backend, tmp_path)
         assert len(outs) == 2
         stub = pb_grpc.EmbeddingServiceStub(ch)
         assert stub.ListModels(pb.ListModelsRequest(), timeout=3,
-                               metadata=[('x-api-key', viewer)]).models
+                               metadata=[('x-api-key', dev)]).models
     finally:
         for c in calls:
             c.cancel()

@@ -171,7 +171,9 @@ def test_bad_input_answered_with_its_code(client, inputs, kw, code):
 def test_a_ros_client_cannot_send_a_nul(client):
     """rosidl sends a string up to its first NUL, silently: the node gets the cut text and
     cannot tell (documented; the sidecar bridge refuses such a text before the DDS hop)."""
-    cut = embed(client, ['Go to the kitchen\x00 and bring me the red cup'])
+    # a raw request (EmbeddingClient.embed refuses the NUL: test below)
+    cut = client.call('embed', Embed.Request(
+        inputs=['Go to the kitchen\x00 and bring me the red cup'], normalize=True, truncate=True))
     whole = embed(client, ['Go to the kitchen'])
     assert cut.success and whole.success
     assert cut.total_tokens == whole.total_tokens
@@ -470,6 +472,14 @@ def test_cli_embed_and_models(client):
     assert {m['id'] for m in listed['models']} >= {DEFAULT, MPNET}
     p = _cli('models')
     assert p.returncode == 0 and DEFAULT in p.stdout
+
+
+def test_the_python_client_refuses_a_nul_it_could_not_send(client):
+    """rosidl cuts a string at its first NUL: EmbeddingClient says so instead of sending less."""
+    with pytest.raises(ValueError, match=r'inputs\[1\] contains U\+0000'):
+        client.embed(['fine', 'cut\x00here'])
+    with pytest.raises(ValueError, match='model contains U'):
+        client.embed(['fine'], model='all-minilm-l6-v2\x00x')
 
 
 def test_cli_output_into_a_closed_pipe_exits_0(client):
