@@ -408,6 +408,7 @@ class RosBackend:
     def submit(self, req: EmbedRequest,
                caller_waits: bool = False) -> Future:   # a DDS call: nothing to run here
         from akidb_ros.observability.tracing import inject_carrier, tracer
+        from akidb_ros.ros.conversions import mark_forwarded
         from opentelemetry import trace
 
         # a ROS string ends at its first NUL (silently) and cannot hold a lone surrogate:
@@ -421,7 +422,9 @@ class RosBackend:
         r.truncate = bool(req.truncate)
         timeout_s = req.timeout_s if req.timeout_s is not None else self.timeout_s
         if self._has_request_id:
-            r.request_id = req.request_id or ''
+            # marked as forwarded: the node counts it under transport 'sidecar', since this
+            # bridge's door counted it already (akidb_ros.ros.conversions.FORWARDED_MARK)
+            r.request_id = mark_forwarded(req.request_id or '')
         if self._has_timeout:
             r.timeout_s = float(timeout_s)
         if self._has_input_type:

@@ -91,12 +91,18 @@ def run_guard(guard: Optional[GuardHook], call: DoorCall):
 
 
 class ModelLabels:
-    """Bounded metric labels: only model ids the backend knows become label values."""
+    """Bounded metric labels: only model ids the backend knows become label values.
+
+    A call is labelled with the model that serves it (or would have): a call that names no
+    model with the default model's id, as its success is; a name the backend does not know
+    with ``unknown``; ``default`` only while the backend's model list cannot be read.
+    """
 
     def __init__(self, backend, refresh_s: float = 30.0):
         self._backend = backend
         self._known: Set[str] = set()
         self._names: Dict[str, str] = {}
+        self._default = ''
         self._ts = 0.0
         self._refresh_s = refresh_s
 
@@ -110,6 +116,7 @@ class ModelLabels:
             return
         self._known = {mi.id for mi in models}
         self._names = {mi.name: mi.id for mi in models}
+        self._default = next((mi.id for mi in models if mi.is_default), '')
 
     def resolve(self, model: str) -> str:
         """Accept a model's display name (``sentence-transformers/all-MiniLM-L6-v2``) too."""
@@ -121,9 +128,10 @@ class ModelLabels:
         return self._names.get(model, model)
 
     def label(self, model: str) -> str:
-        if not model:
-            return 'default'
+        """The ``model`` label of a call that named ``model`` ('' = none: the default's)."""
         self.refresh()
+        if not model:
+            return self._default or 'default'
         return model if model in self._known else 'unknown'
 
     def breaker_key(self, model: str, default_model: str) -> str:
@@ -147,6 +155,20 @@ def _request_metrics(model_label: str, transport: str, status: str) -> Tuple[Any
             m.EMBED_REQUESTS.labels(model_label, transport, status),
             m.EMBED_LATENCY.labels(model_label, transport))
     return children
+
+
+def record_refusal(transport: str, request_id: str, error: EngineError, started: float,
+                   **log_fields) -> None:
+    """A call refused before a door's handler ran (the guard's 401, 403 and 429): counted by its
+    code in ``akidb_request_errors_total`` and written as the one access-log line each request
+    gets (``model`` empty: nothing of the request was read). ``started``: its
+    ``time.perf_counter()`` at arrival. ``akidb_embed_requests_total`` counts the calls the
+    doors handled, so SLO ratios are not moved by callers' credentials or rate limits."""
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    m.REQUEST_ERRORS.labels(transport, error.code.name).inc()
+    log_request(transport, request_id, '', elapsed_ms, 'error', code=error.code.name,
+                level=LOG_LEVELS.get(error.code.log_level, logging.WARNING),
+                error=error.message, **log_fields)
 
 
 def record(call: DoorCall, model_label: str, error: Optional[EngineError],

@@ -322,6 +322,10 @@ def build(args, security=None) -> Bridges:
         backend = LocalBackend(engine, own_engine=True)
     else:
         from akidb_ros.backends import RosBackend
+        from akidb_ros.observability.metrics import drop_engine_families
+        # no engine in this process: its families would be exported as zeros next to the
+        # node's real ones (the node's metrics port has them)
+        drop_engine_families()
         engine = None
         backend = RosBackend(prefix=args.ros_prefix, timeout_s=args.timeout,
                              discovery_timeout_s=args.discovery_grace, executor=args.ros_executor)

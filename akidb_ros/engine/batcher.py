@@ -37,6 +37,7 @@ class Admission:
 
     def __init__(self, capacity: int, shed_threshold: float):
         self.capacity = capacity
+        self.shed_threshold = shed_threshold
         self.shed_at = int(capacity * shed_threshold)
         self._pending = 0
         self._lock = threading.Lock()
@@ -58,9 +59,11 @@ class Admission:
                 self._pending += 1
                 return
         metrics.LOAD_SHED.labels(reason=reason).inc()
+        state = 'full' if reason == 'full' else \
+            f'at its shed threshold ({self.shed_threshold * 100:g}% full)'
         raise EngineError(ErrorCode.OVERLOADED,
-                          f'engine queue is {"full" if reason == "full" else "over 95% full"} '
-                          f'({self._pending}/{self.capacity}); retry later', retry_after_s=1.0)
+                          f'engine queue is {state} ({self._pending}/{self.capacity}); '
+                          'retry later', retry_after_s=1.0)
 
     def release(self) -> None:
         with self._lock:

@@ -122,6 +122,12 @@ class ModelManager:
                               'installed')
         return m
 
+    def label(self, model: str) -> str:
+        """A bounded metric label for a requested id or HF name ('' = the default model): its
+        catalogue id, or 'unknown' for a name the catalogue does not have."""
+        m = self._by_key.get(model or self.config.default_model)
+        return m.id if m is not None else 'unknown'
+
     # --- acquire / release (the request path) ---------------------------------------------
     def acquire(self, model: str, load: bool = True) -> LoadedModel:
         """Return the loaded model pinned against eviction; loads it if needed (deduplicated).

@@ -30,7 +30,7 @@ from opentelemetry import trace
 
 from akidb_ros.backends import Backend, wait_result
 from akidb_ros.doors import (DoorCall, GuardHook, ModelLabels, caller_deadline, record,
-                             request_id_from, run_guard)
+                             record_refusal, request_id_from, run_guard)
 from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.types import EmbedRequest, InputType, ModelStatus
 from akidb_ros.grpc_api import embedding_pb2 as pb
@@ -155,9 +155,9 @@ def _safe_deserializer(deserialize):
 
 def _refuse(context, err: EngineError, request_id: Optional[str] = None) -> None:
     """Abort a call outside the doors' own accounting (refused before its handler ran, or a
-    stream ended idle), counted like the doors' failed calls."""
-    m.REQUEST_ERRORS.labels(TRANSPORT, err.code.name).inc()
+    stream ended idle), counted like the doors' failed calls, with its access-log line."""
     rid = request_id or request_id_from(_metadata(context).get('x-request-id'))
+    record_refusal(TRANSPORT, rid, err, time.perf_counter())
     _abort(context, err, (('x-request-id', rid),))
 
 
@@ -484,7 +484,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         call = self._call(context, 'embed')
         context.set_trailing_metadata((('x-request-id', call.request_id),))
         _INFLIGHT.inc()
-        label = 'default'
+        label = self.labels.label('')       # until the request names a model: the default's
         ctx, span_cm = self._span(context, 'Embed', call)
         token = otel_context.attach(ctx)
         try:
@@ -543,7 +543,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     call = DoorCall(transport=TRANSPORT, operation='embed',
                                     request_id=f'{call0.request_id}-{i}', headers=call0.headers,
                                     peer=call0.peer, peer_cert=call0.peer_cert)
-                    label = 'default'
+                    label = self.labels.label('')
                     with tracer().start_as_current_span(
                             f'{SERVICE_NAME}/EmbedStream', kind=trace.SpanKind.SERVER,
                             attributes={'rpc.system': 'grpc', 'rpc.method': 'EmbedStream',

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextvars
 import json
 import math
+import time
 from typing import Any, Optional
 
 from akidb_ros.engine.errors import EngineError
@@ -47,13 +48,16 @@ def current_decision() -> Optional[Decision]:
     return _CURRENT.get()
 
 
-def count_refusal(transport: str, exc: EngineError) -> None:
+def count_refusal(transport: str, exc: EngineError, request_id: str = '',
+                  started: Optional[float] = None, route: str = '') -> None:
     """A call refused before its handler (401, 403, 429) is a failed call by its table code
-    (``akidb_request_errors_total``); ``akidb_embed_requests_total`` counts the embed calls the
-    doors handled, so that SLO ratios are not moved by callers' credentials or rate limits."""
-    from akidb_ros.observability import metrics
+    (``akidb_request_errors_total``) with its one access-log line (``route``: the route or full
+    method name); ``akidb_embed_requests_total`` counts the embed calls the doors handled, so
+    that SLO ratios are not moved by callers' credentials or rate limits."""
+    from akidb_ros.doors import record_refusal
 
-    metrics.REQUEST_ERRORS.labels(transport, exc.code.name).inc()
+    record_refusal(transport, request_id, exc,
+                   time.perf_counter() if started is None else started, route=route)
 
 
 def error_headers(exc: EngineError) -> dict:
@@ -119,8 +123,9 @@ def install_flask(
             api_key_header=guard.api_key_header,
         )
 
-    def refusal(exc: EngineError, path: str):
-        count_refusal('rest', exc)
+    def refusal(exc: EngineError, path: str, request_id: str, started: Optional[float],
+                route: str):
+        count_refusal('rest', exc, request_id, started, route)
         render = app.extensions.get('akidb_error_response')
         if render is not None:
             resp = render(exc, path)
@@ -139,13 +144,13 @@ def install_flask(
         if rule is None:
             return None
         key = f'{request.method} {rule.rule}'
+        rid = getattr(g, 'request_id', '') or ''
         try:
             creds = credentials(request.environ)
-            d = guard.check(
-                key, creds, transport='rest', request_id=getattr(g, 'request_id', '') or ''
-            )
+            d = guard.check(key, creds, transport='rest', request_id=rid)
         except EngineError as exc:
-            return refusal(exc, request.path)
+            # (the app's own before_request, which runs first, set g.request_id and g.t0)
+            return refusal(exc, request.path, rid, g.get('t0'), key)
         g.akidb_guard_token = _CURRENT.set(d)
         g.akidb_guard = d
         return None
@@ -172,6 +177,7 @@ def install_flask(
     def early_check(environ):
         """``None``: read the body and serve the request; else ``(status, headers, body)``, the
         answer to send at once (the body is then never read)."""
+        started = time.perf_counter()
         req = app.request_class(environ)
         try:
             rule, _args = app.create_url_adapter(req).match(return_rule=True)
@@ -188,7 +194,7 @@ def install_flask(
             identity = guard.authenticate(creds, transport='rest', request_id=rid, action=key)
             guard.authorize(identity, perm, transport='rest', request_id=rid, peer=creds.peer)
         except EngineError as exc:
-            resp = refusal(exc, req.path)
+            resp = refusal(exc, req.path, rid, started, key)
             _add_missing(resp.headers, fixed)
             resp.headers[REQUEST_ID_HEADER] = rid
             return resp.status, resp.headers.to_wsgi_list(), resp.get_data()
@@ -216,10 +222,14 @@ def install_flask(
 
 
 # ------------------------------------------------------------------------------------ gRPC
-def _grpc_abort(context: Any, exc: EngineError) -> None:
+def _grpc_abort(context: Any, exc: EngineError, request_id: str = '') -> None:
+    """Abort a refused call with the table's status and trailing metadata (its request id
+    echoed, as on every other answer of the gRPC door)."""
     import grpc
 
     md = [('akidb-error-code', exc.code.name)]
+    if request_id:
+        md.append(('x-request-id', request_id))
     md += [(k.lower(), v) for k, v in error_headers(exc).items()]
     context.set_trailing_metadata(tuple(md))
     context.abort(getattr(grpc.StatusCode, exc.code.grpc_status), exc.message)
@@ -228,6 +238,7 @@ def _grpc_abort(context: Any, exc: EngineError) -> None:
 def _make_interceptor_class():
     import grpc
 
+    from akidb_ros.doors import request_id_from
     from akidb_ros.grpc_api.interceptor_base import WrappingInterceptor, is_non_blocking, \
         with_conventions
 
@@ -240,16 +251,19 @@ def _make_interceptor_class():
 
         def admit(self, method: str, context: Any) -> Decision:
             """The guard's decision for a call of ``method``; aborts it when refused."""
+            started = time.perf_counter()
             creds = credentials_from_grpc(context)
-            rid = ''
+            sent = None
             for m in context.invocation_metadata() or ():
                 if m.key == 'x-request-id' and isinstance(m.value, str):
-                    rid = m.value[:128]
+                    sent = m.value
+            # the servicer's rule: the caller's id when it is sane, else a fresh one
+            rid = request_id_from(sent)
             try:
                 return self.guard.check(method, creds, transport='grpc', request_id=rid)
             except EngineError as exc:
-                count_refusal('grpc', exc)
-                _grpc_abort(context, exc)
+                count_refusal('grpc', exc, rid, started, method)
+                _grpc_abort(context, exc, rid)
                 raise  # abort raises; keeps linters calm
 
         def _wrap(self, method: str, handler):

@@ -43,10 +43,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+def log_format(fmt: Optional[str] = None) -> str:
+    """The log format in effect: ``fmt``, else ``AKIDB_LOG_FORMAT``, else ``json``."""
+    return (fmt or os.environ.get('AKIDB_LOG_FORMAT') or 'json').lower()
+
+
 def configure_logging(level: Optional[str] = None, fmt: Optional[str] = None, stream=None) -> None:
     """Install the JSON (or text) handler on the root logger; idempotent."""
     level = (level or os.environ.get('AKIDB_LOG_LEVEL') or 'INFO').upper()
-    fmt = (fmt or os.environ.get('AKIDB_LOG_FORMAT') or 'json').lower()
+    fmt = log_format(fmt)
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, '_akidb', False):

@@ -1,9 +1,11 @@
 """Prometheus metric families (names from the Week 5/6 PRDs), created once per process.
 
 The engine records where the work happens (queue, batch, runtime, model cache); doors record
-requests and latency. All families live in the default registry so one ``/metrics`` shows all.
+requests and latency. All families live in the default registry so one ``/metrics`` shows all;
+a process without an engine (the sidecar bridge) drops the engine's (``ENGINE_FAMILIES``,
+``drop_engine_families``).
 """
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -84,3 +86,26 @@ RATE_LIMITED = Counter(
 AUTH_FAILURES = Counter(
     'akidb_auth_failures_total', 'Refused credentials (401) and permission denials (403)',
     ['method', 'reason', 'transport'])
+
+
+# Families only a process with an engine (the node, the in-process server) ever moves. A
+# sidecar bridge would export the unlabelled ones as zeros next to the node's real values
+# (0 models loaded, a queue of capacity 0, so NaN queue ratios on its dashboards): it drops
+# them all. The guard's (breaker, rate limits, credentials) and the doors' stay: the bridge
+# records those itself.
+ENGINE_FAMILIES = (
+    MODEL_CACHE_HITS, MODEL_CACHE_MISSES, MODEL_CACHE_SIZE, MODEL_LOAD_SECONDS, MODEL_EVICTIONS,
+    BATCH_SIZE, INFERENCE_BATCH_SIZE, TOKENS_PROCESSED, INFERENCE_SECONDS, QUEUE_WAIT_SECONDS,
+    QUEUE_SIZE, QUEUE_CAPACITY, LOAD_SHED,
+    GPU_MEMORY_USED, GPU_UTILIZATION, TENSORRT_ENGINE_BUILDS, TENSORRT_ENGINE_CACHE_HITS,
+)
+
+
+def drop_engine_families(registry=REGISTRY) -> None:
+    """Stop exporting ``ENGINE_FAMILIES`` from ``registry`` (a process that has no engine);
+    idempotent. Anything recorded on them afterwards is simply not exported."""
+    for family in ENGINE_FAMILIES:
+        try:
+            registry.unregister(family)
+        except KeyError:    # dropped already
+            pass

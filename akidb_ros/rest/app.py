@@ -24,7 +24,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from akidb_ros.backends import Backend, wait_result
 from akidb_ros.doors import (REQUEST_ID_HEADER, DoorCall, GuardHook, ModelLabels,
-                             caller_deadline, record, request_id_from, run_guard)
+                             caller_deadline, record, record_refusal, request_id_from,
+                             run_guard)
 from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.types import EmbedRequest, InputType, ModelInfo, ModelStatus
 from akidb_ros.observability import metrics as m
@@ -53,6 +54,7 @@ except ImportError:  # pragma: no cover - orjson is in requirements.txt
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 TRANSPORT = 'rest'
 _INFLIGHT = m.INFLIGHT_REQUESTS.labels(TRANSPORT)
+EMBED_ROUTES = frozenset((('POST', '/api/v1/embed'), ('POST', '/v1/embeddings')))
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND.name, 405: ErrorCode.METHOD_NOT_ALLOWED.name,
                413: ErrorCode.INPUT_TOO_LARGE.name, 415: ErrorCode.UNSUPPORTED_MEDIA_TYPE.name}
 
@@ -378,7 +380,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
                         headers=g.headers,
                         peer=request.remote_addr or '')
         span = trace.get_current_span()
-        model_label = 'default'
+        model_label = labels.label('')      # until the body names a model: the default's
         body = None
         try:
             body = parse_body(kind)
@@ -479,6 +481,25 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         _call, done = guard_call(operation, model)
         if callable(done):
             done(None)
+
+    def server_refusal(environ, code: ErrorCode, message: str):
+        """The REST server refused a request before this app saw it (a body over the limit by
+        its declared length): it gets its request id, its access-log line and its count as
+        the app's own refusal of such a body would (on the embed routes a failed embed call,
+        labelled with the default model: the body naming any other was not read)."""
+        headers = lower_headers(environ)
+        rid = request_id_from(headers.get(_REQUEST_ID_KEY))
+        err = EngineError(code, message)
+        method, path = environ.get('REQUEST_METHOD', ''), environ.get('PATH_INFO', '')
+        if (method, path) in EMBED_ROUTES:
+            record(DoorCall(transport=TRANSPORT, operation='embed', request_id=rid,
+                            headers=headers, peer=environ.get('REMOTE_ADDR', '')),
+                   labels.label(''), err)
+        else:
+            record_refusal(TRANSPORT, rid, err, time.perf_counter(), route=f'{method} {path}')
+        return ((REQUEST_ID_HEADER, rid),)
+
+    app.extensions['akidb_server_refusal'] = server_refusal
 
     # -- hooks --------------------------------------------------------------------------------
     @app.before_request

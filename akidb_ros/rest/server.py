@@ -35,12 +35,18 @@ class RestServer:
             # calls after this server is built: looked up once a connection
             return (getattr(app, 'extensions', None) or {}).get('akidb_early_check')
 
+        def on_refusal(environ, code, message):
+            # create_app's: a body refused by its length gets a request id, a log line, metrics
+            hook = (getattr(app, 'extensions', None) or {}).get('akidb_server_refusal')
+            return hook(environ, code, message) if hook is not None else ()
+
         self._server = ThreadedWSGIServer(
             app, host=host, port=port, threads=threads, connection_limit=connection_limit,
             # the server's own limit sits above Flask's so that Flask answers 413 as JSON (with
             # the route's error shape either way); its 413 names the limit callers are told
             max_body_bytes=max_body_bytes * 2, stated_body_bytes=max_body_bytes,
-            idle_timeout_s=channel_timeout, early_check=early_check, error_body=error_body)
+            idle_timeout_s=channel_timeout, early_check=early_check, error_body=error_body,
+            on_refusal=on_refusal)
         self.host = host
         self.port = self._server.port
         self.name = name

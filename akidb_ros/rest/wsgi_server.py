@@ -64,6 +64,8 @@ HEAD_TOO_LARGE = 431    # not in the error table: its code is INVALID_INPUT (400
 
 Answer = Tuple[str, List[Tuple[str, str]], bytes]       # (status line, headers, body)
 EarlyCheck = Callable[[Dict[str, Any]], Optional[Answer]]
+# (environ of the request's head, code, message) -> headers to add to the server's refusal
+OnRefusal = Callable[[Dict[str, Any], ErrorCode, str], Tuple[Tuple[str, str], ...]]
 
 
 def plain_error_body(path: str, code: ErrorCode, message: str) -> bytes:
@@ -95,6 +97,7 @@ class _Refusal(Exception):
         self.url = b''          # the refused request's target, when known (its error shape)
         self.answer: Optional[Answer] = None    # the early check's answer, sent as it is
         self.head_only = False                  # that answer is to a HEAD request
+        self.request: Optional['_Request'] = None   # its complete head (see ``on_refusal``)
 
 
 def _early_answer(answer: Answer) -> _Refusal:
@@ -187,8 +190,10 @@ class _Reader:
     def _body_too_large(self) -> _Refusal:
         # the stated limit (the REST door's documented one, which its app enforces below
         # this hard cap) is true of a body over the cap too
-        return _Refusal(ErrorCode.INPUT_TOO_LARGE,
-                        f'request body larger than {self.stated_body_bytes} bytes')
+        refusal = _Refusal(ErrorCode.INPUT_TOO_LARGE,
+                           f'request body larger than {self.stated_body_bytes} bytes')
+        refusal.request = self.current      # its head is complete: a request to account for
+        return refusal
 
     # -- httptools callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -260,12 +265,17 @@ class ThreadedWSGIServer:
                  idle_timeout_s: float = 120.0, ident: str = 'akidb',
                  early_check: Optional[Callable[[], Optional[EarlyCheck]]] = None,
                  error_body: Callable[[str, ErrorCode, str], bytes] = plain_error_body,
-                 stated_body_bytes: Optional[int] = None):
+                 stated_body_bytes: Optional[int] = None,
+                 on_refusal: Optional[OnRefusal] = None):
         """``early_check``: returns the early-check hook (or None), asked once a connection, so
         a hook registered on the app after the server was built is found. ``error_body(path,
         code, message)``: the body of the server's own refusals. ``stated_body_bytes``: the
-        body limit its 413 names (default ``max_body_bytes``)."""
+        body limit its 413 names (default ``max_body_bytes``). ``on_refusal(environ, code,
+        message)``: called for a refusal of a request whose head was read (a body over the
+        limit: 413), which the app never sees, so that it is accounted for (request id, logs,
+        metrics); returns headers to add to the answer."""
         self.app = app
+        self.on_refusal = on_refusal
         self.early_check = early_check
         self.error_body = error_body
         self.stated_body_bytes = stated_body_bytes
@@ -382,7 +392,7 @@ class ThreadedWSGIServer:
                         while reader.done:
                             if not self._serve_or_refuse(conn, peer, reader.done.popleft()):
                                 return
-                        self._refuse(conn, refusal)
+                        self._refuse(conn, refusal, peer)
                         return
                     cur = reader.current
                     if cur is not None and cur.expect_continue and not reader.in_head \
@@ -423,7 +433,7 @@ class ThreadedWSGIServer:
             return self._serve(conn, peer, req)
         except _Refusal as refusal:
             refusal.url = refusal.url or req.url
-            self._refuse(conn, refusal)
+            self._refuse(conn, refusal, peer)
             return False
 
     def _serve(self, conn: socket.socket, peer, req: _Request) -> bool:
@@ -460,6 +470,16 @@ class ThreadedWSGIServer:
         payload = ''.join(head).encode('latin-1')
         conn.sendall(payload if no_body else payload + body)
         return keep
+
+    def _head_environ(self, req: _Request, peer) -> Optional[dict]:
+        """The environ of a request's head alone (its body unread), or None if it has none."""
+        head = _Request()
+        head.url, head.headers, head.method, head.version = \
+            req.url, req.headers, req.method, req.version
+        try:
+            return self._environ(head, peer)
+        except _Refusal:
+            return None
 
     def _environ(self, req: _Request, peer) -> dict:
         try:
@@ -529,7 +549,7 @@ class ThreadedWSGIServer:
         conn.sendall(head.encode('latin-1') + body)
         return False
 
-    def _refuse(self, conn, refusal: _Refusal) -> None:
+    def _refuse(self, conn, refusal: _Refusal, peer=('', 0)) -> None:
         """Answer a request refused before the app, then close (its body stays unread).
 
         Closing a socket with unread input resets the connection, and a client still sending
@@ -541,9 +561,19 @@ class ThreadedWSGIServer:
                 status, headers, body = refusal.answer
                 self._write(conn, refusal.head_only, '1.1', False, status, headers, body)
             else:
+                headers = refusal.headers
+                environ = (self._head_environ(refusal.request, peer)
+                           if refusal.request is not None and self.on_refusal is not None
+                           else None)
+                if environ is not None:
+                    try:
+                        headers = (*headers, *self.on_refusal(environ, refusal.code,
+                                                              refusal.message))
+                    except Exception:   # accounting must not cost the caller its answer
+                        log.exception('on_refusal failed')
                 body = self.error_body(_path_of(refusal.url), refusal.code, refusal.message)
                 self._send_error(conn, f'{refusal.status} {_REASONS[refusal.status]}', body,
-                                 refusal.headers)
+                                 headers)
             conn.shutdown(socket.SHUT_WR)
             conn.settimeout(0.2)
             deadline, dropped = time.monotonic() + 1.0, 0

@@ -18,6 +18,26 @@ from akidb_ros.msg import ModelInfo as ModelInfoMsg
 _INPUT_TYPES = {'': InputType.NONE, 'none': InputType.NONE, 'query': InputType.QUERY,
                 'passage': InputType.PASSAGE}
 
+# The sidecar bridge forwards calls that its REST/gRPC doors have already counted. It says so
+# at the end of the call's ``request_id`` (after a space: the doors' request ids have none), and
+# the node counts such a call under transport ``sidecar`` instead of ``ros``: the shipped
+# Prometheus rules count front doors only (rest, grpc, ros), so a request is counted once
+# whether robots call the node, or a bridge in this process or in front of it serves it.
+FORWARDED_MARK = ' via=sidecar'
+FORWARDED_TRANSPORT = 'sidecar'
+
+
+def mark_forwarded(request_id: str) -> str:
+    """Mark ``request_id`` as the bridge's, for a call it forwards (see ``FORWARDED_MARK``)."""
+    return request_id + FORWARDED_MARK
+
+
+def split_forwarded(request_id: str):
+    """``(caller's request id, forwarded by the bridge?)`` of a received ``request_id``."""
+    if request_id.endswith(FORWARDED_MARK):
+        return request_id[:-len(FORWARDED_MARK)], True
+    return request_id, False
+
 
 def embed_request_from_msg(msg, transport: str = 'ros') -> EmbedRequest:
     """Build the engine request. ROS has no 'unset' bool: ``normalize`` is sent explicitly.
@@ -25,6 +45,7 @@ def embed_request_from_msg(msg, transport: str = 'ros') -> EmbedRequest:
     The texts arrive as rosidl delivered them: a ROS string ends at its first NUL, so a text
     with U+0000 was already cut by the sender's client library (no ROS client can send one;
     the sidecar bridge refuses such a text before the DDS hop).
+    The request id is the caller's (a bridge's forwarding mark taken off).
     """
     try:
         input_type = _INPUT_TYPES[msg.input_type.strip().lower()]
@@ -42,7 +63,7 @@ def embed_request_from_msg(msg, transport: str = 'ros') -> EmbedRequest:
         input_type=input_type,
         # 0 = engine default; anything else (negative, NaN) is passed on for the engine to refuse
         timeout_s=None if timeout == 0.0 else timeout,
-        request_id=msg.request_id,
+        request_id=split_forwarded(msg.request_id)[0],
         transport=transport,
     )
 

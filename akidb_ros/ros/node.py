@@ -88,13 +88,93 @@ def process_uptime_s() -> float:
         return float('nan')
 
 
+PY_LOGGER = 'akidb_ros.ros.node'     # the node's lines in Python logging (NodeLog)
+DISABLE_STDOUT_LOGS = '--disable-stdout-logs'
+ENABLE_STDOUT_LOGS = '--enable-stdout-logs'
+
+
+class NodeLog:
+    """The node's log lines: to its rclpy logger and, with ``to_python``, to Python logging.
+
+    rclpy's logger writes to /rosout, the ROS log files and rcl's console (stderr, rcutils'
+    text format) unless the process passed ``--disable-stdout-logs``. The node's process and
+    the in-process server pass it when their logs are JSON (``AKIDB_LOG_FORMAT``, default
+    ``json``; :func:`ros_console_args`), so that stderr stays one JSON object per line; the
+    node's lines then reach stderr through the Python logger ``akidb_ros.ros.node``, as JSON
+    with the rest of the process' lines. A line goes to Python only when rclpy logged it:
+    ``--log-level`` keeps deciding which of the node's lines are written. One rclpy call site
+    per severity (rclpy refuses a site that changes severity).
+    """
+
+    def __init__(self, ros_logger, to_python: bool = False):
+        """Wrap ``ros_logger`` (a node's ``get_logger()``)."""
+        self.ros = ros_logger
+        self.name = ros_logger.name
+        self._py = logging.getLogger(PY_LOGGER) if to_python else None
+        if self._py is not None and self._py.level == logging.NOTSET:
+            self._py.setLevel(logging.DEBUG)    # rclpy's level has filtered already
+
+    def is_enabled_for(self, severity) -> bool:
+        """Whether rclpy writes lines of ``severity`` (a ``LoggingSeverity``)."""
+        return self.ros.is_enabled_for(severity)
+
+    def debug(self, message: str) -> None:
+        """Log ``message`` at DEBUG."""
+        self._forward(self.ros.debug(message), logging.DEBUG, message)
+
+    def info(self, message: str) -> None:
+        """Log ``message`` at INFO."""
+        self._forward(self.ros.info(message), logging.INFO, message)
+
+    def warning(self, message: str) -> None:
+        """Log ``message`` at WARN."""
+        self._forward(self.ros.warning(message), logging.WARNING, message)
+
+    def error(self, message: str) -> None:
+        """Log ``message`` at ERROR."""
+        self._forward(self.ros.error(message), logging.ERROR, message)
+
+    def fatal(self, message: str) -> None:
+        """Log ``message`` at FATAL (Python's CRITICAL)."""
+        self._forward(self.ros.fatal(message), logging.CRITICAL, message)
+
+    def _forward(self, logged: bool, level: int, message: str) -> None:
+        if logged and self._py is not None:
+            self._py.log(level, message, extra={'ros_logger': self.name})
+
+
+def ros_console_args(args) -> tuple:
+    """``(args for rclpy.init, whether the node's lines go to Python logging)``.
+
+    With JSON logs (``AKIDB_LOG_FORMAT``, default ``json``) rcl's console output is turned
+    off (``--disable-stdout-logs``: its text lines would break the JSON stream) and the node's
+    lines go through Python logging instead (:class:`NodeLog`); /rosout and the ROS log files
+    keep them either way. With ``text``, or an explicit ``--enable-stdout-logs``, ROS's usual
+    console output stays. ``args``: the process' arguments (``None``: ``sys.argv``).
+    """
+    from akidb_ros.observability.logs import log_format
+    args = list(sys.argv if args is None else args)
+    if ENABLE_STDOUT_LOGS in args:
+        return args, False
+    if DISABLE_STDOUT_LOGS in args:
+        return args, True
+    if log_format() != 'json':
+        return args, False
+    return [*args, '--ros-args', DISABLE_STDOUT_LOGS], True
+
+
 class EmbeddingNode(LifecycleNode):
     """Managed node exposing the embedding engine over ROS 2 services."""
 
     def __init__(self, node_name: str = NODE_NAME, engine: Optional[EmbeddingEngine] = None,
-                 **kwargs):
-        """Create the node; ``engine``: serve a started engine owned by the caller."""
+                 python_logs: bool = False, **kwargs):
+        """Create the node; ``engine``: serve a started engine owned by the caller.
+
+        ``python_logs``: write the node's log lines to Python logging too (see
+        :class:`NodeLog`), where rcl's console output is off (:func:`ros_console_args`).
+        """
         super().__init__(node_name, **kwargs)
+        self._log = NodeLog(self.get_logger(), python_logs)
         self.engine: Optional[EmbeddingEngine] = None
         self._diag_timer = None
         # registered first, so values from params files and -p go through the same checks
@@ -108,7 +188,6 @@ class EmbeddingNode(LifecycleNode):
         self._shutting_down = False
         self._cb = ReentrantCallbackGroup()
         self._diag_cb = MutuallyExclusiveCallbackGroup()
-        self._log = self.get_logger()
         unknown = P.unknown_overrides(self)
         if unknown:
             self._log.warning(f'unknown parameter(s) ignored: {", ".join(unknown)} (misspelt? '
@@ -119,7 +198,7 @@ class EmbeddingNode(LifecycleNode):
         self._large_waiting = 0
         self._closers = []              # (engine, thread) closing engines the node let go of
         self._closers_lock = threading.Lock()
-        self.responder = Responder(self.get_logger(),
+        self.responder = Responder(self._log,
                                    self.get_parameter('resend_window_s').value)
         self._stats_lock = threading.Lock()
         self.calls_ok = 0
@@ -146,7 +225,7 @@ class EmbeddingNode(LifecycleNode):
                 self.responder.resend_window_s = p.value
             elif P.PARAMS_BY_NAME.get(p.name) and P.PARAMS_BY_NAME[p.name].engine_key \
                     and self.engine is not None:
-                self.get_logger().info(
+                self._log.info(
                     f'{p.name}={p.value!r} takes effect at the next configure')
         return SetParametersResult(successful=True)
 
@@ -162,9 +241,9 @@ class EmbeddingNode(LifecycleNode):
         try:
             from prometheus_client import start_http_server
             self._metrics_server = start_http_server(port, addr=address)
-            self.get_logger().info(f'metrics on http://{address}:{port}/metrics')
+            self._log.info(f'metrics on http://{address}:{port}/metrics')
         except Exception as exc:
-            self.get_logger().error(f'metrics server not started on {address}:{port}: {exc}')
+            self._log.error(f'metrics server not started on {address}:{port}: {exc}')
 
     def engine_config(self):
         """Engine config: the YAML file, AKIDB_* env, then the node's parameter overrides."""
@@ -177,7 +256,7 @@ class EmbeddingNode(LifecycleNode):
         t0 = time.monotonic()
         if self._external_engine is not None:
             self.engine = self._external_engine
-            self.get_logger().info(
+            self._log.info(
                 f'serving a shared engine (default model {self.engine.default_model}); '
                 'engine parameters of this node do not apply')
             return TransitionCallbackReturn.SUCCESS
@@ -193,13 +272,13 @@ class EmbeddingNode(LifecycleNode):
                 engine.close(timeout=1.0)
                 raise
         except Exception as exc:
-            self.get_logger().error(f'configure failed: {exc}')
+            self._log.error(f'configure failed: {exc}')
             return TransitionCallbackReturn.FAILURE
         self.engine = engine
         health = engine.health()
         loaded = [m.id for m in engine.list_models() if m.status.value == 'loaded']
         evicted = [m for m in preload if m not in loaded]
-        self.get_logger().info(
+        self._log.info(
             f'engine ready: default model {engine.default_model} on {health.provider}'
             f'{" (" + health.provider_note + ")" if health.provider_note else ""}'
             f', loaded {", ".join(loaded)} in {time.monotonic() - t0:.2f} s'
@@ -220,14 +299,14 @@ class EmbeddingNode(LifecycleNode):
                 self._ak_services.append(srv)
         self._serving = True
         self.ready_s = process_uptime_s()
-        self.get_logger().info(
+        self._log.info(
             f'serving {", ".join(s.srv_name for s in self._ak_services)} '
             f'({self.ready_s:.2f} s after start)')
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._serving = False
-        self.get_logger().info('inactive: new calls are answered UNAVAILABLE')
+        self._log.info('inactive: new calls are answered UNAVAILABLE')
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -283,6 +362,11 @@ class EmbeddingNode(LifecycleNode):
     def idle(self) -> bool:
         """Every accepted call has been answered and every released engine is closed."""
         return self.responder.outstanding == 0 and not self.closing
+
+    @property
+    def log(self) -> NodeLog:
+        """The node's logger (rclpy's, and Python logging's where the console is off)."""
+        return self._log
 
     @property
     def lifecycle_state(self) -> str:
@@ -383,27 +467,30 @@ class EmbeddingNode(LifecycleNode):
     def _on_embed(self, request, response):
         t0 = time.perf_counter()
         span = _start_span(request) if request.traceparent else None
-        rid, model = request.request_id, request.model
+        # a call the sidecar bridge forwards was counted by its door: 'sidecar', not 'ros'
+        rid, forwarded = conv.split_forwarded(request.request_id)
+        transport = conv.FORWARDED_TRANSPORT if forwarded else 'ros'
+        model = request.model
         try:
             engine = self.engine
             refusal = self._refusal(engine)
             if refusal:
                 raise refusal
-            req = conv.embed_request_from_msg(request)
+            req = conv.embed_request_from_msg(request, transport)
             if sum(map(len, req.inputs)) > LARGE_CALL_CHARS:
                 fut = self._submit_large(engine, req, span)
             else:
                 fut = self._submit(engine, req, span)
         except Exception as exc:
-            return self._embed_failed(response, exc, t0, span, rid, model)
+            return self._embed_failed(response, exc, t0, span, rid, model, transport)
 
         def build(f: Future):
             try:
                 conv.fill_embed_response(response, f.result())
             except Exception as exc:
-                return self._embed_failed(response, exc, t0, span, rid, model)
+                return self._embed_failed(response, exc, t0, span, rid, model, transport)
             response.duration_ms = (time.perf_counter() - t0) * 1000.0
-            self._record(response.model, None, t0)
+            self._record(response.model, None, t0, transport)
             if self._log.is_enabled_for(_DEBUG):
                 self._log.debug(
                     f'embed ok: request_id={rid[:128]!r} model={response.model} '
@@ -414,11 +501,11 @@ class EmbeddingNode(LifecycleNode):
         return Deferred(fut, build)
 
     def _embed_failed(self, response, exc: BaseException, t0: float, span=None,
-                      request_id: str = '', model: str = ''):
+                      request_id: str = '', model: str = '', transport: str = 'ros'):
         err = exc if isinstance(exc, EngineError) else _internal(self, exc)
         conv.fill_error(response, err)
         response.duration_ms = (time.perf_counter() - t0) * 1000.0
-        self._record('', err, t0)
+        self._record(self._model_label(model), err, t0, transport)
         self._log_failure(err, f'embed failed: request_id={request_id[:128]!r} '
                           f'model={model.strip()[:128] or "(default)"!r}',
                           response.duration_ms)
@@ -438,8 +525,27 @@ class EmbeddingNode(LifecycleNode):
         else:
             self._log.info(line)
 
-    def _record(self, model: str, err: Optional[EngineError], t0: float) -> None:
-        """Door metrics (transport 'ros'); model labels stay bounded to known ids."""
+    def _model_label(self, model: str) -> str:
+        """Label a failed call with the model that would have served it.
+
+        That is the default's id when it names none (as its success would be labelled),
+        ``unknown`` for a name the catalogue does not have, or when no engine is configured:
+        bounded.
+        """
+        engine = self.engine
+        if engine is None:
+            return 'unknown'
+        try:
+            return engine.manager.label(model.strip())
+        except Exception:   # metrics must never fail a call
+            return 'unknown'
+
+    def _record(self, model: str, err: Optional[EngineError], t0: float,
+                transport: str = 'ros') -> None:
+        """Record door metrics; ``model``: an engine model id or 'unknown' (bounded).
+
+        Transport 'ros', or 'sidecar' for a call the bridge forwarded (its door counted it).
+        """
         with self._stats_lock:
             if err is None:
                 self.calls_ok += 1
@@ -447,10 +553,10 @@ class EmbeddingNode(LifecycleNode):
                 self.calls_failed += 1
         try:
             label = model or 'unknown'
-            M.EMBED_REQUESTS.labels(label, 'ros', 'error' if err else 'success').inc()
-            M.EMBED_LATENCY.labels(label, 'ros').observe(time.perf_counter() - t0)
+            M.EMBED_REQUESTS.labels(label, transport, 'error' if err else 'success').inc()
+            M.EMBED_LATENCY.labels(label, transport).observe(time.perf_counter() - t0)
             if err is not None:
-                M.REQUEST_ERRORS.labels('ros', err.code.name).inc()
+                M.REQUEST_ERRORS.labels(transport, err.code.name).inc()
         except Exception:  # metrics must never fail a call
             pass
 
@@ -490,7 +596,7 @@ class EmbeddingNode(LifecycleNode):
                 response.success = True
                 response.error_code = ''
                 response.message = f'{model} {op}ed'
-                self.get_logger().info(response.message)
+                self._log.info(response.message)
             except Exception as exc:
                 self._admin_failed(op, model, response, exc, t0)
             return response
@@ -625,7 +731,7 @@ def _start_span(request):
             kind=trace.SpanKind.SERVER,
             attributes={'rpc.system': 'ros2', 'rpc.service': 'akidb_ros/srv/Embed',
                         'akidb.model': request.model, 'akidb.inputs': len(request.inputs),
-                        'akidb.request_id': request.request_id})
+                        'akidb.request_id': conv.split_forwarded(request.request_id)[0]})
     except Exception:
         return None
 
@@ -673,7 +779,7 @@ def _chain(src: Future, dst: Future) -> None:
 
 
 def _internal(node: EmbeddingNode, exc: BaseException) -> EngineError:
-    node.get_logger().error(f'internal error: {exc!r}')
+    node.log.error(f'internal error: {exc!r}')
     return EngineError(ErrorCode.INTERNAL, f'internal error: {type(exc).__name__}: {exc}')
 
 
@@ -711,10 +817,12 @@ class InProcessNode:
     def __init__(self, engine: EmbeddingEngine, args=None, namespace: str = ''):
         from rclpy.context import Context
         self.context = Context()
+        args, python_logs = ros_console_args(args)
         rclpy.init(args=args, context=self.context,
                    signal_handler_options=SignalHandlerOptions.NO)
         kwargs = {'namespace': namespace} if namespace else {}
-        self.node = EmbeddingNode(engine=engine, context=self.context, **kwargs)
+        self.node = EmbeddingNode(engine=engine, context=self.context,
+                                  python_logs=python_logs, **kwargs)
         self.executor = make_executor(self.node, self.context)
         self.executor.add_node(self.node)
         if self.node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
@@ -785,15 +893,16 @@ def run(args=None) -> int:
     rc = 0
     forced = False
     traced = _setup_tracing()
+    args, python_logs = ros_console_args(args)
     with rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO):
         try:
-            node = EmbeddingNode()
+            node = EmbeddingNode(python_logs=python_logs)
         except Exception as exc:    # e.g. a parameter override outside its descriptor's range
             print(f'embedding_node: invalid parameters: {exc}', file=sys.stderr, flush=True)
             return 2
         executor = make_executor(node)
         executor.add_node(node)
-        log = node.get_logger()
+        log = node.log
         try:
             if node.get_parameter('autostart').value and not stop.event.is_set():
                 if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
@@ -866,6 +975,8 @@ def main(args=None) -> int:
         # Print, never start: a node started here would join DDS with whatever env it has.
         print(usage())
         return 0
+    from akidb_ros.observability.logs import configure_logging
+    configure_logging()     # the engine's Python loggers, and the node's lines (NodeLog)
     try:
         rc = run(argv)
     except KeyboardInterrupt:

@@ -112,3 +112,42 @@ def test_gpu_and_tensorrt_families_exposed(rest_url):
     samples = scrape(text)
     # CPU-only host: no GPU samples (they only move where a GPU exists)
     assert total(samples, 'akidb_gpu_memory_used_bytes') == 0
+
+
+def test_failed_calls_are_labelled_with_the_model_that_would_serve_them(rest_url, grpc_target):
+    """A failed call that names no model is labelled with the default model's id, as its
+    successes are (it was 'default'); an unknown name is 'unknown' (bounded labels)."""
+    import grpc
+
+    from akidb_ros.grpc_api import embedding_pb2 as pb
+    from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
+    from bridge_support import DEFAULT_MODEL
+
+    before = scrape(metrics_text(rest_url))
+    long = 'word ' * 400
+    r = requests.post(rest_url + '/api/v1/embed', json={'inputs': [long], 'truncate': False},
+                      timeout=10)
+    assert r.json()['code'] == 'INPUT_TOO_LONG'
+    r = requests.post(rest_url + '/api/v1/embed', data=b'{not json',
+                      headers={'Content-Type': 'application/json'}, timeout=10)
+    assert r.json()['code'] == 'INVALID_INPUT'
+    r = requests.post(rest_url + '/api/v1/embed', json={'inputs': ['x'], 'model': 'no-such'},
+                      timeout=10)
+    assert r.json()['code'] == 'MODEL_NOT_FOUND'
+    with grpc.insecure_channel(grpc_target) as ch:
+        stub = pb_grpc.EmbeddingServiceStub(ch)
+        for req in (pb.EmbedRequest(inputs=['']), pb.EmbedRequest(inputs=['x'], model='nope')):
+            try:
+                stub.Embed(req, timeout=10)
+            except grpc.RpcError:
+                pass
+    after = scrape(metrics_text(rest_url))
+
+    def errors(transport, model):
+        return total(after, 'akidb_embed_requests_total', transport=transport, model=model,
+                     status='error') - total(before, 'akidb_embed_requests_total',
+                                             transport=transport, model=model, status='error')
+
+    assert errors('rest', DEFAULT_MODEL) == 2 and errors('rest', 'unknown') == 1
+    assert errors('grpc', DEFAULT_MODEL) == 1 and errors('grpc', 'unknown') == 1
+    assert errors('rest', 'default') == errors('grpc', 'default') == 0

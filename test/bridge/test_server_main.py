@@ -78,6 +78,11 @@ def test_inprocess_one_engine_three_doors(tmp_path):
     log = (tmp_path / 'server.log').read_text()
     assert '"akidb-server stopped"' in log
     assert '"probe listener on http://127.0.0.1:' in log
+    # one JSON object per line, the in-process node's lines included: rcl's console output is
+    # off (--disable-stdout-logs), the node's lines come through Python logging
+    for line in filter(str.strip, log.splitlines()):
+        assert isinstance(json.loads(line), dict), line
+    assert '"logger": "akidb_ros.ros.node"' in log and '"msg": "serving embed' in log
     with pytest.raises(requests.ConnectionError):    # stopped with the doors
         requests.get(probe + '/health/live', timeout=5)
     # make run's development profile says so at start-up, with the real address
@@ -160,8 +165,12 @@ def test_dev_profile_refuses_a_non_loopback_bind(tmp_path):
 
 
 def test_sidecar_mode_process(tmp_path):
+    from bridge_support import scrape, total
+    from test_sidecar import free_port
+
     ns = '/akidb_side_' + uuid.uuid4().hex[:8]
-    node = NodeProcess(ns, str(tmp_path))
+    node_port = free_port()
+    node = NodeProcess(ns, str(tmp_path), '-p', f'metrics_port:={node_port}')
     node.start()
     proc = None
     try:
@@ -173,6 +182,23 @@ def test_sidecar_mode_process(tmp_path):
                           == 200, 90, 0.3)
         out = RestClient(url, timeout_s=30).embed(['over the sidecar'])
         assert out.embeddings.shape == (1, 384)
+        # the bridge has no engine: it exports no engine family (they would read 0 models
+        # loaded, a queue of capacity 0); the node's metrics port has them
+        bridge_text = requests.get(f'http://127.0.0.1:{info["probe_port"]}/metrics',
+                                   timeout=10).text
+        node_text = requests.get(f'http://127.0.0.1:{node_port}/metrics', timeout=10).text
+        for fam in ('akidb_model_cache_size', 'akidb_queue_capacity', 'akidb_queue_size',
+                    'akidb_batch_size', 'akidb_load_shed_total', 'akidb_gpu_memory_used_bytes'):
+            assert f'# TYPE {fam} ' not in bridge_text, fam
+            assert f'# TYPE {fam} ' in node_text, fam
+        assert total(scrape(node_text), 'akidb_model_cache_size') == 1
+        bridge = scrape(bridge_text)
+        assert total(bridge, 'akidb_embed_requests_total', transport='rest') == 1
+        assert total(bridge, 'akidb_backend_up', backend='sidecar') == 1
+        # the node counted the forwarded call as the bridge's ('sidecar'), not a robot's
+        node_calls = scrape(node_text)
+        assert total(node_calls, 'akidb_embed_requests_total', transport='sidecar') == 1
+        assert total(node_calls, 'akidb_embed_requests_total', transport='ros') == 0
         assert requests.get(url + '/health', timeout=5).json()['mode'] == 'sidecar'
         # the probe's readiness is the backend's: the node answers over DDS ...
         assert requests.get(probe, timeout=10).json() == {'status': 'ready'}

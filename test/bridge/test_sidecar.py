@@ -33,9 +33,10 @@ SENTENCES = ['Grasp the blue box.', 'The battery is low, return to the dock.']
 class NodeProcess:
     """The real embedding node (python -m akidb_ros.ros.node) in its own namespace."""
 
-    def __init__(self, namespace: str, log_dir):
+    def __init__(self, namespace: str, log_dir, *extra_args: str):
         self.namespace = namespace
         self.log_dir = log_dir
+        self.extra_args = extra_args        # more --ros-args (parameters)
         self.proc = None
         self.starts = 0
 
@@ -44,7 +45,8 @@ class NodeProcess:
         self.log = open(os.path.join(self.log_dir, f'node{self.starts}.log'), 'wb')
         self.proc = subprocess.Popen(
             [sys.executable, '-m', 'akidb_ros.ros.node', '--ros-args',
-             '-r', f'__ns:={self.namespace}', '-p', 'diagnostics_period_s:=0.0'],
+             '-r', f'__ns:={self.namespace}', '-p', 'diagnostics_period_s:=0.0',
+             *self.extra_args],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ))
 
     def stop(self, sig=signal.SIGTERM, timeout=15):
@@ -73,10 +75,19 @@ def wait_until(cond, timeout, step=0.1):
     return False
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope='module')
 def node(tmp_path_factory):
     ns = '/akidb_test_' + uuid.uuid4().hex[:8]
-    n = NodeProcess(ns, str(tmp_path_factory.mktemp('node')))
+    port = free_port()
+    n = NodeProcess(ns, str(tmp_path_factory.mktemp('node')), '-p', f'metrics_port:={port}')
+    n.metrics_port = port
     n.start()
     yield n
     n.stop()
@@ -179,6 +190,60 @@ def test_grpc_options_and_truncated_count_cross_the_dds_hop(side_grpc):
         side_grpc.embed(['short', long_text], truncate=False)
     assert ei.value.code == 'INPUT_TOO_LONG'
     assert side_grpc.embed(['x'], input_type='query').embeddings.shape == (1, 384)
+
+
+def test_a_forwarded_call_is_counted_once_by_the_front_doors(
+        node, sidecar, side_rest, side_grpc):
+    """The bridge's doors count its calls (rest, grpc); the node counts the calls the bridge
+    forwards under transport 'sidecar', which the shipped rules leave out, and a robot's own
+    call under 'ros': a request is counted once by the front doors. A failed call that named no
+    model is labelled with the default model's id on both sides (it was 'default' on the bridge,
+    'unknown' on the node)."""
+    from akidb_ros.ros.cli import EmbeddingClient
+    from akidb_ros.srv import Embed
+    from bridge_support import scrape, total
+
+    def scrape_all():
+        bridge = requests.get(f'http://127.0.0.1:{sidecar.rest_port}/metrics', timeout=10)
+        node_m = requests.get(f'http://127.0.0.1:{node.metrics_port}/metrics', timeout=10)
+        return scrape(bridge.text), scrape(node_m.text)
+
+    def moved(a, b, **labels):
+        return total(b, 'akidb_embed_requests_total', **labels) - \
+            total(a, 'akidb_embed_requests_total', **labels)
+
+    bridge0, node0 = scrape_all()
+    side_rest.embed(['forwarded over rest'])
+    side_grpc.embed(['forwarded over grpc'])
+    r = requests.post(f'http://127.0.0.1:{sidecar.rest_port}/api/v1/embed',
+                      json={'inputs': ['word ' * 400], 'truncate': False},
+                      headers={'X-Request-ID': 'fwd-rid-1'}, timeout=10)
+    assert r.json()['code'] == 'INPUT_TOO_LONG'
+    with EmbeddingClient(node.namespace, node_name='akidb_sidecar_robot') as robot:
+        assert robot.call('embed', Embed.Request(inputs=['a robot calls the node'])).success
+        bad = robot.call('embed', Embed.Request(inputs=['   '], request_id='robot-bad-1'))
+        assert bad.error_code == 'INVALID_INPUT'
+    bridge1, node1 = scrape_all()
+    ok = dict(model=DEFAULT_MODEL, status='success')
+    failed = dict(model=DEFAULT_MODEL, status='error')
+    assert moved(bridge0, bridge1, transport='rest', **ok) == 1
+    assert moved(bridge0, bridge1, transport='grpc', **ok) == 1
+    assert moved(bridge0, bridge1, transport='rest', **failed) == 1
+    assert moved(node0, node1, transport='sidecar', **ok) == 2
+    assert moved(node0, node1, transport='sidecar', **failed) == 1
+    assert moved(node0, node1, transport='ros', **ok) == 1
+    assert moved(node0, node1, transport='ros', **failed) == 1
+    assert moved(node0, node1, model='unknown') == moved(bridge0, bridge1, model='default') == 0
+    # what the shipped rules sum (every transport but 'sidecar', over both targets): 5 calls
+    front = sum(moved(a, b, transport=t) for a, b in ((bridge0, bridge1), (node0, node1))
+                for t in ('rest', 'grpc', 'ros'))
+    assert front == 5
+    # the node's log names the caller's request id (the bridge's mark taken off)
+    log_path = os.path.join(node.log_dir, f'node{node.starts}.log')
+    assert wait_until(lambda: 'fwd-rid-1' in open(log_path).read(), 10)
+    logged = [ln for ln in open(log_path) if 'fwd-rid-1' in ln]
+    assert len(logged) == 1 and "request_id='fwd-rid-1' " in logged[0], logged
+    assert 'via=' not in logged[0] and 'code=INPUT_TOO_LONG' in logged[0]
 
 
 def test_health_models_and_admin(sidecar, side_rest, side_grpc):

@@ -165,6 +165,24 @@ def test_shedding_at_95_percent_and_admin_lane(small_engine):
     assert eng.admission.pending == 0
 
 
+def test_shed_message_names_the_configured_threshold():
+    """The OVERLOADED message says the threshold admission really uses (it said 95 % always)."""
+    from akidb_ros.engine.batcher import Admission
+    adm = Admission(capacity=4, shed_threshold=0.5)
+    adm.admit(Priority.NORMAL)
+    adm.admit(Priority.NORMAL)
+    with pytest.raises(EngineError) as err:
+        adm.admit(Priority.NORMAL)
+    assert err.value.code is ErrorCode.OVERLOADED
+    assert err.value.message == ('engine queue is at its shed threshold (50% full) (2/4); '
+                                 'retry later'), err.value.message
+    adm.admit(Priority.ADMIN)
+    adm.admit(Priority.ADMIN)
+    with pytest.raises(EngineError) as full:
+        adm.admit(Priority.ADMIN)
+    assert full.value.message == 'engine queue is full (4/4); retry later'
+
+
 def test_sixteen_concurrent_callers_match_single_calls(engine):
     texts = [f'{t} #{i}' for i, t in enumerate(TEXTS * 3)][:16]
     singles = {t: engine.embed(EmbedRequest(inputs=[t])).embeddings[0] for t in texts}

@@ -210,6 +210,8 @@ def test_dev_profile_everyone_is_the_disabled_role(clock):
     d = guard.check('POST /admin/models/load', Credentials(peer='ipv4:127.0.0.1:5000'))
     assert d.identity.method is AuthMethod.DISABLED and d.identity.role is Role.ADMIN
     assert d.identity.client_id == 'peer:127.0.0.1'
+    # admin in RBAC, not in the engine's queue: that lane would hold every caller's work
+    assert d.priority is Priority.NORMAL
     for _ in range(19):
         guard.check('GET /models', Credentials(peer='127.0.0.1'))
     with pytest.raises(EngineError) as e:  # rate limits still apply, per peer

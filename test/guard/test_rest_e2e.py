@@ -7,8 +7,9 @@ import time
 import pytest
 
 
-def build_engine(tmp_path):
-    """A real engine whose only model file is corrupt (ONNX Runtime refuses to load it)."""
+def build_engine(tmp_path, queue=None):
+    """A real engine whose only model file is corrupt (ONNX Runtime refuses to load it);
+    ``queue``: its admission settings (``capacity``, ``shed_threshold``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from akidb_ros.engine import EmbeddingEngine
@@ -25,7 +26,7 @@ def build_engine(tmp_path):
         {
             'default_model': 'sick',
             'models_dir': str(tmp_path / 'models'),
-            'engine': {'device': 'cpu'},
+            'engine': {'device': 'cpu', **({'queue': queue} if queue else {})},
             'models': [
                 {
                     'id': 'sick',
@@ -156,6 +157,54 @@ def test_admin_callers_take_the_priority_lane(tmp_path):
         snap = guard.breakers.snapshot()     # keyed by the default model 'sick', not 'default'
         assert set(snap) == {'sick'} and snap['sick']['window_calls'] == 2
     finally:
+        engine.close()
+
+
+def test_dev_profile_callers_are_shed_at_the_threshold_admins_keep_their_lane(tmp_path):
+    """Authentication off (make run's profile): every caller's role is admin, but the engine's
+    admin lane is for authenticated admins only, so the dev caller is shed OVERLOADED at the
+    configured threshold (50 % of 4 here) like any normal work, and the message names that
+    threshold; an API-key admin is still admitted past it. Over real HTTP, wired by Bridges."""
+    import requests
+
+    from akidb_ros.backends import LocalBackend
+    from akidb_ros.engine.types import Priority
+    from akidb_ros.guard import Guard
+    from akidb_ros.guard.apikeys import create_key
+    from akidb_ros.guard.identity import Role
+    from akidb_ros.observability import metrics
+    from akidb_ros.server import Bridges
+
+    engine = build_engine(tmp_path, queue={'capacity': 4, 'shed_threshold': 0.5})
+    keys = str(tmp_path / 'keys.yaml')
+    admin_key = create_key(keys, Role.ADMIN, 'admin-svc')[1]
+    guards = {'dev': Guard({'audit': {'enabled': False}}),
+              'prod': Guard({'auth': {'enabled': True,
+                                      'api_keys': {'enabled': True, 'file': keys}},
+                             'audit': {'enabled': False}, 'breaker': {'enabled': False}})}
+    doors = {k: Bridges(LocalBackend(engine), host='127.0.0.1', rest_port=0, grpc_port=None,
+                        security=g).start() for k, g in guards.items()}
+    shed = metrics.LOAD_SHED.labels(reason='shed')
+    try:
+        for _ in range(2):      # two normal requests pending: the queue is at its threshold
+            engine.admission.admit(Priority.NORMAL)
+        before = shed._value.get()
+        r = requests.post(f'http://127.0.0.1:{doors["dev"].rest_port}/api/v1/embed',
+                          json={'inputs': ['hello']}, timeout=30)
+        assert (r.status_code, r.json()['code']) == (503, 'OVERLOADED'), r.text
+        assert 'shed threshold (50% full)' in r.json()['error'] and '95' not in r.text
+        assert shed._value.get() == before + 1
+        # an authenticated admin passes the threshold (then meets the corrupt model)
+        r = requests.post(f'http://127.0.0.1:{doors["prod"].rest_port}/api/v1/embed',
+                          json={'inputs': ['hello']}, headers={'X-API-Key': admin_key},
+                          timeout=30)
+        assert (r.status_code, r.json()['code']) == (503, 'MODEL_LOAD_FAILED'), r.text
+        assert shed._value.get() == before + 1
+    finally:
+        for b in doors.values():
+            b.stop(grace_s=1)
+        while engine.admission.pending:
+            engine.admission.release()
         engine.close()
 
 

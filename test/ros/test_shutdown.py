@@ -192,7 +192,8 @@ def test_lifecycle_transitions_under_load_answer_every_call():
         assert codes == {'UNAVAILABLE'}, codes
         assert any(r.response.success for r in records)
         # refusals are logged with the caller's request_id, at UNAVAILABLE's level (warning)
-        assert re.search(r"\[WARN\].*embed failed: request_id='c\d+-\d+'.*code=UNAVAILABLE",
+        assert re.search(r'"level": "warning", "logger": "akidb_ros.ros.node", '
+                         r"\"msg\": \"embed failed: request_id='c\d+-\d+'.*code=UNAVAILABLE",
                          node.output), node.output[-3000:]
         node.send(signal.SIGINT)
         assert node.wait_exit(timeout=15) == 0, node.output[-3000:]
@@ -377,7 +378,8 @@ def test_traceparent_is_continued_by_the_node():
         out = node.output
         assert '"name": "ros /embed"' in out and f'"trace_id": "0x{trace_id}"' in out, out
         assert f'"parent_id": "0x{parent}"' in out and 'req-42' in out
-        assert re.search(r"\[DEBUG\].*embed ok: request_id='req-42' model=all-minilm-l6-v2 "
+        assert re.search(r'"level": "debug", "logger": "akidb_ros.ros.node", '
+                         r"\"msg\": \"embed ok: request_id='req-42' model=all-minilm-l6-v2 "
                          r'inputs=1 tokens=\d+ latency_ms=', out), out
     finally:
         node.stop()
