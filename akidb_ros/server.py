@@ -318,7 +318,13 @@ def build(args, security=None) -> Bridges:
         from akidb_ros.backends import LocalBackend
         from akidb_ros.engine import EmbeddingEngine, load_config
         engine = EmbeddingEngine(load_config(args.config))
-        engine.start()
+        try:
+            engine.start()
+        except BaseException:
+            # A load that failed or timed out may still be running inside ONNX Runtime; the
+            # process must not exit before close() has waited for it (it would abort).
+            engine.close()
+            raise
         backend = LocalBackend(engine, own_engine=True)
     else:
         from akidb_ros.backends import RosBackend
@@ -408,8 +414,10 @@ def main(argv=None) -> int:
     try:
         bridges = build(args, security=security)
     except Exception as exc:
-        # a bad file or an engine error says all in its message; anything else is a bug
-        expected = hasattr(exc, 'code') or isinstance(exc, mtls.TLSFilesError)
+        # a bad config file or variable, TLS files or an engine error say all in their
+        # message; anything else is a bug
+        from akidb_ros.engine.config import ConfigError
+        expected = hasattr(exc, 'code') or isinstance(exc, (mtls.TLSFilesError, ConfigError))
         log.error('startup failed: %s', exc, exc_info=not expected)
         return 1
     stop = threading.Event()

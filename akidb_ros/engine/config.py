@@ -7,11 +7,14 @@ into the configuration reference.
 from __future__ import annotations
 
 import copy
+import json
+import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Tuple
 
 import jsonschema
 import yaml
@@ -21,6 +24,10 @@ DEFAULT_CONFIG_PATH = REPO_ROOT / 'config' / 'models.yaml'
 
 POOLING_MODES = ('mean', 'cls', 'last_token')
 DEVICES = ('auto', 'cpu', 'cuda', 'tensorrt')
+# max_tokens of a model from AKIDB_MODEL_PATH when neither the environment nor its files say
+FALLBACK_MAX_TOKENS = 512
+
+log = logging.getLogger('akidb_ros.engine.config')
 
 
 class ConfigError(ValueError):
@@ -222,18 +229,77 @@ class EngineConfig:
         return None
 
 
+def _is_integer(_checker, value) -> bool:
+    # JSON Schema counts 2.0 as an integer; the engine would then compute with a float
+    # (range(2.0) raises in a loader thread, a float dimension fails every request).
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(_checker, value) -> bool:
+    # NaN passes every minimum/maximum comparison (all are False) and infinity is no timeout.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many(
+        {'integer': _is_integer, 'number': _is_number}))
+
+
 def _error_path(err: jsonschema.ValidationError) -> str:
     parts = [str(p) if not isinstance(p, int) else f'[{p}]' for p in err.absolute_path]
     return '.'.join(parts).replace('.[', '[') or '<root>'
 
 
+def _error_message(err: jsonschema.ValidationError) -> str:
+    value = err.instance
+    if err.validator == 'type' and isinstance(value, bool) \
+            and err.validator_value in ('integer', 'number'):
+        kind = 'an integer' if err.validator_value == 'integer' else 'a number'
+        return f'{value} is a boolean, not {kind}'
+    if err.validator == 'type' and isinstance(value, float):
+        if not math.isfinite(value):
+            return f'{value} is not a finite number'
+        if err.validator_value == 'integer':
+            hint = f' (write {int(value)})' if value.is_integer() else ''
+            return f'{value} is not an integer{hint}'
+    return err.message
+
+
 def validate(raw: Any, source: str = '<dict>') -> None:
-    """Raise ConfigError listing every schema violation with its key path."""
-    validator = jsonschema.Draft202012Validator(CONFIG_SCHEMA)
-    errors = sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))
+    """Raise ConfigError listing every schema violation with its key path.
+
+    Integers must be ints (``2``, not ``2.0`` nor ``true``); numbers must be finite.
+    """
+    errors = sorted(_Validator(CONFIG_SCHEMA).iter_errors(raw),
+                    key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f'{_error_path(e)}: {e.message}' for e in errors]
+        lines = [f'{_error_path(e)}: {_error_message(e)}' for e in errors]
         raise ConfigError(f'invalid config {source}:\n  ' + '\n  '.join(lines))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one, so
+    a repeated ``default_model:`` further down would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == 'tag:yaml.org,2002:merge':
+                    continue        # '<<' merges: explicit keys may override merged ones
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:
+                    continue        # an unhashable key: the base class reports it
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        'while constructing a mapping', node.start_mark,
+                        f'found duplicate key {key!r} (first given on line {first.line + 1})',
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 def _deep_merge(base: dict, overrides: Mapping) -> dict:
@@ -250,56 +316,228 @@ def _slug(name: str) -> str:
     return re.sub(r'[^A-Za-z0-9._-]+', '-', name.split('/')[-1]).strip('-').lower() or 'model'
 
 
-def apply_env(raw: dict, env: Mapping[str, str]) -> dict:
-    """Apply the PRD's AKIDB_* variables on top of the file (env wins)."""
-    raw = copy.deepcopy(raw)
-    engine = raw.setdefault('engine', {})
-    if env.get('AKIDB_TENSORRT_CACHE'):
-        engine['tensorrt_cache'] = env['AKIDB_TENSORRT_CACHE']
-    if env.get('AKIDB_DEVICE'):
-        engine['device'] = env['AKIDB_DEVICE']
-    if env.get('AKIDB_MODELS_DIR'):
-        raw['models_dir'] = env['AKIDB_MODELS_DIR']
-    if env.get('AKIDB_MODEL_PATH'):
-        name = env.get('AKIDB_MODEL_NAME') or Path(env['AKIDB_MODEL_PATH']).stem
-        tok = env.get('AKIDB_TOKENIZER_PATH') or str(
-            Path(env['AKIDB_MODEL_PATH']).with_name('tokenizer.json'))
-        known = next((m for m in raw.get('models', []) if m.get('name') == name
-                      or m.get('id') == name), None)
-        dim_text = env.get('AKIDB_MODEL_DIMENSION', '')
-        if not dim_text and known and known.get('dimension'):
-            dim_text = str(known['dimension'])     # a catalogue model: its dimension is known
-        if not dim_text.isdigit() or int(dim_text) == 0:
+MAX_DIMENSION = MODEL_SCHEMA['properties']['dimension']['maximum']
+MAX_TOKENS = MODEL_SCHEMA['properties']['max_tokens']['maximum']
+# config.json model types whose position ids start after the padding index (RoBERTa's scheme):
+# of their max_position_embeddings rows, the first pad_token_id + 1 are never a token's
+_PADDING_OFFSET_TYPES = ('roberta', 'xlm-roberta', 'camembert', 'mpnet')
+
+
+def _env_path(env: Mapping[str, str], name: str) -> Optional[str]:
+    """A path from the environment, made absolute: ``~`` expanded, a relative one taken from the
+    working directory (where whoever set the variable stands; the file's own paths are relative
+    to the file)."""
+    value = env.get(name, '').strip()
+    return os.path.abspath(os.path.expanduser(value)) if value else None
+
+
+def _env_int(env: Mapping[str, str], name: str, maximum: int) -> Optional[int]:
+    text = env.get(name, '').strip()
+    if not text:
+        return None
+    if not re.fullmatch(r'[0-9]+', text) or not 1 <= int(text) <= maximum:
+        raise ConfigError(f'{name} must be an integer from 1 to {maximum} (got {text!r})')
+    return int(text)
+
+
+def _models_dir(raw: dict, base_dir: Path) -> Path:
+    models_dir = Path(os.path.expanduser(raw.get('models_dir', 'models')))
+    return models_dir if models_dir.is_absolute() else (base_dir / models_dir).resolve()
+
+
+def _in_models_dir(path: str, models_dir: Path) -> Path:
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() else models_dir / p
+
+
+def _same_file(a: Path, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):       # not installed, or not a path at all
+        return False
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _token_count(value: Any) -> Optional[int]:
+    ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_TOKENS
+    return value if ok else None
+
+
+def max_tokens_from_files(model_path: str, tokenizer_path: str) -> Tuple[Optional[int], str]:
+    """What a model's own files say its max_tokens is: (tokens, where it was read) or (None, '').
+
+    In this order: sentence-transformers' ``sentence_bert_config.json`` (``max_seq_length``,
+    what sentence-transformers truncates at) next to the ONNX file or the tokenizer, the
+    tokenizer's saved truncation (``tokenizer.json`` ``truncation.max_length``), then the
+    architecture's limit (``config.json`` ``max_position_embeddings``, less the positions
+    RoBERTa-style models reserve for padding).
+    """
+    folders = list(dict.fromkeys((Path(model_path).parent, Path(tokenizer_path).parent)))
+    for folder in folders:
+        st = _read_json(folder / 'sentence_bert_config.json') or {}
+        if _token_count(st.get('max_seq_length')):
+            return st['max_seq_length'], f'{folder / "sentence_bert_config.json"} max_seq_length'
+    truncation = (_read_json(Path(tokenizer_path)) or {}).get('truncation')
+    if isinstance(truncation, dict) and _token_count(truncation.get('max_length')):
+        return truncation['max_length'], f'{tokenizer_path} truncation.max_length'
+    for folder in folders:
+        cfg = _read_json(folder / 'config.json') or {}
+        tokens = _token_count(cfg.get('max_position_embeddings'))
+        if tokens and cfg.get('model_type') in _PADDING_OFFSET_TYPES \
+                and _token_count(cfg.get('pad_token_id')) is not None:
+            tokens = _token_count(tokens - cfg['pad_token_id'] - 1)
+        if tokens:
+            return tokens, f'{folder / "config.json"} max_position_embeddings'
+    return None, ''
+
+
+def _env_model(raw: dict, models: List[dict], env: Mapping[str, str],
+               base_dir: Path) -> Optional[dict]:
+    """The catalogue entry the model variables add or pick (it becomes the default), or None."""
+    name = env.get('AKIDB_MODEL_NAME', '').strip()
+    named = next((m for m in models if name in (m.get('id'), m.get('name'))), None) \
+        if name else None
+    model_path = _env_path(env, 'AKIDB_MODEL_PATH')
+    tokenizer = _env_path(env, 'AKIDB_TOKENIZER_PATH')
+    if model_path is None:
+        if tokenizer is not None:
             raise ConfigError(
-                f'AKIDB_MODEL_DIMENSION must be a positive integer when AKIDB_MODEL_PATH names '
-                f'a model outside the catalogue (got {dim_text!r})')
-        entry = dict(known) if known else {'id': _slug(name), 'name': name, 'max_tokens': 512}
-        entry.update({'path': env['AKIDB_MODEL_PATH'], 'tokenizer': tok,
-                      'dimension': int(dim_text)})
-        raw['models'] = [m for m in raw.get('models', []) if m is not known] + [entry]
-        raw['default_model'] = entry['id']
-    elif env.get('AKIDB_MODEL_NAME'):
-        wanted = env['AKIDB_MODEL_NAME']
-        match = next((m for m in raw.get('models', [])
-                      if wanted in (m.get('id'), m.get('name'))), None)
-        if match is None:
-            raise ConfigError(f'AKIDB_MODEL_NAME={wanted!r} names no model in the catalogue')
-        raw['default_model'] = match['id']
-    if env.get('AKIDB_DEFAULT_MODEL'):
-        raw['default_model'] = env['AKIDB_DEFAULT_MODEL']
+                'AKIDB_TOKENIZER_PATH is set without AKIDB_MODEL_PATH: it is the tokenizer of '
+                'the ONNX file AKIDB_MODEL_PATH names (a catalogue model\'s tokenizer is its '
+                '`tokenizer` key in the config file)')
+        if not name:
+            return None
+        if named is None:
+            raise ConfigError(
+                f'AKIDB_MODEL_NAME={name!r} names no model in the catalogue (ids: '
+                f'{", ".join(str(m.get("id")) for m in models)}); to serve a model from '
+                'another file set AKIDB_MODEL_PATH too')
+        raw['default_model'] = named['id']
+        return named
+    if not os.path.isfile(model_path):
+        where = '' if os.path.isabs(env['AKIDB_MODEL_PATH'].strip()) else \
+            f' (a relative path is taken from the working directory, {os.getcwd()})'
+        raise ConfigError(f'AKIDB_MODEL_PATH: no such file {model_path}{where}')
+    models_dir = _models_dir(raw, base_dir) if isinstance(raw.get('models_dir', ''), str) \
+        else None
+    in_file = next((m for m in models if models_dir is not None and isinstance(m.get('path'), str)
+                    and _same_file(_in_models_dir(m['path'], models_dir), model_path)), None)
+    if in_file is not None and named is not None and named is not in_file:
+        raise ConfigError(
+            f'AKIDB_MODEL_PATH {model_path} is the file of catalogue model {in_file.get("id")}, '
+            f'but AKIDB_MODEL_NAME={name!r} names catalogue model {named.get("id")}')
+    beside = str(Path(model_path).with_name('tokenizer.json'))
+    known = in_file or named
+    if known is not None:
+        # The catalogue's settings for it (max_tokens, pooling, prefixes); a name of the
+        # operator's own relabels the catalogue entry of this very file.
+        entry = dict(known, path=model_path)
+        if in_file is not None and named is None and name:
+            entry.update(id=_slug(name), name=name)
+        if tokenizer is not None or in_file is None:    # another file: its own tokenizer
+            entry['tokenizer'] = tokenizer or beside
+    else:
+        stem = Path(model_path).stem
+        label = name or (Path(model_path).parent.name if stem == 'model' else stem)
+        entry = {'id': _slug(label), 'name': name or _slug(label), 'path': model_path,
+                 'tokenizer': tokenizer or beside}
+        dimension = _env_int(env, 'AKIDB_MODEL_DIMENSION', MAX_DIMENSION)
+        if dimension is None:
+            raise ConfigError(
+                'AKIDB_MODEL_DIMENSION must be a positive integer when AKIDB_MODEL_PATH names '
+                f'a model outside the catalogue ({model_path})')
+        entry['dimension'] = dimension
+    tok_path = _in_models_dir(str(entry.get('tokenizer', '')), models_dir or Path.cwd())
+    if not tok_path.is_file():
+        said = 'AKIDB_TOKENIZER_PATH' if tokenizer else (
+            'beside AKIDB_MODEL_PATH; set AKIDB_TOKENIZER_PATH' if in_file is None else
+            f'catalogue model {in_file.get("id")}\'s tokenizer; set AKIDB_TOKENIZER_PATH')
+        raise ConfigError(f'no tokenizer file {tok_path} ({said})')
+    if known is None and _env_int(env, 'AKIDB_MODEL_MAX_TOKENS', MAX_TOKENS) is None:
+        tokens, source = max_tokens_from_files(model_path, str(tok_path))
+        if tokens:
+            log.info('model %s: max_tokens %d from %s (AKIDB_MODEL_MAX_TOKENS overrides it)',
+                     entry['id'], tokens, source)
+        else:
+            tokens = FALLBACK_MAX_TOKENS
+            log.warning('model %s: max_tokens %d: neither AKIDB_MODEL_MAX_TOKENS nor the '
+                        "model's files (sentence_bert_config.json, tokenizer.json truncation, "
+                        'config.json) say; set AKIDB_MODEL_MAX_TOKENS', entry['id'], tokens)
+        entry['max_tokens'] = tokens
+    for other in models:
+        if other is not known and other.get('id') == entry['id']:
+            raise ConfigError(
+                f'the model AKIDB_MODEL_PATH names ({model_path}) would get the id '
+                f'{entry["id"]!r} of catalogue model {other.get("name")}, whose file is '
+                f'another: set AKIDB_MODEL_NAME to another name (or to {entry["id"]} to serve '
+                'this file with that catalogue entry\'s settings)')
+    raw['models'] = [m for m in models if m is not known] + [entry]
+    raw['default_model'] = entry['id']
+    return entry
+
+
+def apply_env(raw: dict, env: Mapping[str, str], base_dir: Optional[Path] = None) -> dict:
+    """Apply the PRD's AKIDB_* variables on top of the file (env wins).
+
+    Paths in variables are relative to the working directory; ``base_dir`` (the config file's
+    folder) only places the catalogue's own files. The model variables describe one model, which
+    becomes the default: ``AKIDB_MODEL_PATH`` names its ONNX file (a catalogue entry's file
+    keeps that entry's settings), or ``AKIDB_MODEL_NAME`` alone picks a catalogue model (else the
+    default model is meant); ``AKIDB_MODEL_DIMENSION`` must match that model and
+    ``AKIDB_MODEL_MAX_TOKENS`` sets its max_tokens. A variable that cannot apply is an error,
+    never ignored.
+    """
+    raw = copy.deepcopy(raw)
+    base_dir = Path.cwd() if base_dir is None else base_dir
+    engine = raw.setdefault('engine', {})
+    if isinstance(engine, dict):            # else the schema check says what is wrong
+        if env.get('AKIDB_TENSORRT_CACHE'):
+            engine['tensorrt_cache'] = _env_path(env, 'AKIDB_TENSORRT_CACHE')
+        if env.get('AKIDB_DEVICE'):
+            engine['device'] = env['AKIDB_DEVICE']
+    if env.get('AKIDB_MODELS_DIR'):
+        raw['models_dir'] = _env_path(env, 'AKIDB_MODELS_DIR')
+    models = raw.get('models')
+    if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+        return raw                          # the schema check reports it
+    entry = _env_model(raw, models, env, base_dir)
+    default = env.get('AKIDB_DEFAULT_MODEL', '').strip()
+    if default and entry is None:
+        raw['default_model'] = default
+    elif default and default not in (entry.get('id'), entry.get('name')):
+        var = 'AKIDB_MODEL_PATH' if env.get('AKIDB_MODEL_PATH', '').strip() \
+            else 'AKIDB_MODEL_NAME'
+        raise ConfigError(
+            f'{var} makes {entry.get("id")} the default model, but AKIDB_DEFAULT_MODEL='
+            f'{default!r} picks another: make them agree or unset AKIDB_DEFAULT_MODEL (the Helm '
+            'chart sets it from defaultModel)')
+    if entry is None:       # no model variable picked one: the rest describe the default model
+        entry = next((m for m in raw['models'] if m.get('id') == raw.get('default_model')), None)
+    dimension = _env_int(env, 'AKIDB_MODEL_DIMENSION', MAX_DIMENSION)
+    max_tokens = _env_int(env, 'AKIDB_MODEL_MAX_TOKENS', MAX_TOKENS)
+    if entry is not None and dimension is not None and entry.get('dimension') != dimension:
+        raise ConfigError(
+            f'AKIDB_MODEL_DIMENSION={dimension}, but the model served ({entry.get("id")}, file '
+            f'{entry.get("path")}) has dimension {entry.get("dimension")} in the catalogue')
+    if entry is not None and max_tokens is not None:
+        entry['max_tokens'] = max_tokens
     return raw
 
 
 def build(raw: dict, base_dir: Path, source: str = '<dict>') -> EngineConfig:
     """Validate a raw dict and turn it into typed config (paths resolved)."""
     validate(raw, source)
-    models_dir = Path(os.path.expanduser(raw.get('models_dir', 'models')))
-    if not models_dir.is_absolute():
-        models_dir = (base_dir / models_dir).resolve()
+    models_dir = _models_dir(raw, base_dir)
 
     def resolve(p: str) -> Path:
-        path = Path(os.path.expanduser(p))
-        return path if path.is_absolute() else models_dir / path
+        return _in_models_dir(p, models_dir)
 
     models, seen = [], set()
     for m in raw['models']:
@@ -353,12 +591,13 @@ def load_config(path: Optional[os.PathLike] = None,
     except OSError as exc:
         raise ConfigError(f'cannot read config {path}: {exc.strerror or exc}') from exc
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f'config {path} is not valid YAML: {exc}') from exc
     if not isinstance(raw, dict):
         raise ConfigError(f'invalid config {path}: the top level must be a mapping')
-    raw = apply_env(raw, env)
+    base_dir = path.resolve().parent
+    raw = apply_env(raw, env, base_dir)
     if overrides:
         raw = _deep_merge(raw, overrides)
-    return build(raw, path.resolve().parent, str(path))
+    return build(raw, base_dir, str(path))

@@ -5,19 +5,50 @@ to this output, so the reference cannot drift from the code.
 """
 from __future__ import annotations
 
-from .config import CONFIG_SCHEMA, EngineSettings
+from .config import CONFIG_SCHEMA, FALLBACK_MAX_TOKENS, EngineSettings
 
 ENV_VARS = [
     ('AKIDB_CONFIG', 'path of the YAML file (default `config/models.yaml`)'),
-    ('AKIDB_MODEL_PATH', 'ONNX file of a model that becomes the default model'),
-    ('AKIDB_TOKENIZER_PATH', "its tokenizer.json (default: beside the model)"),
-    ('AKIDB_MODEL_NAME', 'its name; alone, picks a catalogue model (id or name) as default'),
+    ('AKIDB_MODEL_PATH',
+     'ONNX file of the model to serve as the default model. A catalogue entry\'s file (the '
+     'same file as its `path`), or any file with AKIDB_MODEL_NAME naming a catalogue entry, '
+     'is served with that entry\'s settings (`max_tokens`, `pooling`, prefixes); otherwise it '
+     'adds a model'),
+    ('AKIDB_TOKENIZER_PATH',
+     "its tokenizer.json (default: the catalogue entry's, else `tokenizer.json` beside the "
+     'ONNX file); only with AKIDB_MODEL_PATH (set alone: a config error)'),
+    ('AKIDB_MODEL_NAME',
+     'its name: with AKIDB_MODEL_PATH, the name (and id: the part after the last `/`, '
+     'lower-cased) it is served under, or a catalogue entry\'s id or name (served under that '
+     'entry\'s id); without AKIDB_MODEL_PATH, picks a catalogue model (id or name) as the '
+     'default model'),
     ('AKIDB_MODEL_DIMENSION',
-     'its dimension (required with AKIDB_MODEL_PATH unless the model is in the catalogue)'),
+     'its dimension: required for a model outside the catalogue; for a catalogue model (with '
+     'no other model variable: the default model) it must equal the catalogue\'s, else a '
+     'config error at start'),
+    ('AKIDB_MODEL_MAX_TOKENS',
+     f'its `max_tokens`. A model outside the catalogue otherwise takes what its files say '
+     f'(`sentence_bert_config.json` max_seq_length, `tokenizer.json` truncation.max_length, '
+     f'`config.json` max_position_embeddings), else {FALLBACK_MAX_TOKENS} (logged)'),
     ('AKIDB_TENSORRT_CACHE', '`engine.tensorrt_cache`'),
     ('AKIDB_MODELS_DIR', '`models_dir`'),
     ('AKIDB_DEVICE', '`engine.device`'),
-    ('AKIDB_DEFAULT_MODEL', '`default_model`'),
+    ('AKIDB_DEFAULT_MODEL',
+     '`default_model`; with AKIDB_MODEL_PATH or AKIDB_MODEL_NAME it must name the same '
+     'model (else a config error)'),
+]
+
+NOTES = [
+    'Model `path` and `tokenizer` are relative to `models_dir`, which is relative to the config '
+    "file's folder; a relative path in a variable is relative to the working directory.",
+    '',
+    'Integers are written as integers (`2`, not `2.0` nor `true`) and numbers are finite (no '
+    '`.nan` or `.inf`); a key appears at most once in a mapping. Any of these mistakes, and a '
+    'variable that cannot apply, is a config error that names the key and stops the start.',
+    '',
+    "A model's `max_tokens` may not exceed the positions its graph has (its position-embedding "
+    'table): loading it fails `MODEL_LOAD_FAILED`, naming the limit, instead of failing each '
+    'long input later (models with rotary positions, e.g. Qwen, have no table to check).',
 ]
 
 
@@ -69,9 +100,8 @@ def render() -> str:
     lines += ['', '## Each entry of `models`', '', '| key | type | required |', '|---|---|---|']
     lines += [f'| `{k}` | {t} | {r} |' for k, t, r, _ in
               _rows(model, '', set(model['required']), {})]
-    lines += ['', 'Model `path` and `tokenizer` are relative to `models_dir`, which is '
-              'relative to the config file\'s folder.', '', '## Environment overrides', '',
-              '| variable | sets |', '|---|---|']
+    lines += ['', *NOTES, '', '## Environment overrides', '', '| variable | sets |',
+              '|---|---|']
     lines += [f'| `{k}` | {v} |' for k, v in ENV_VARS]
     return '\n'.join(lines) + '\n'
 

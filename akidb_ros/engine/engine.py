@@ -292,8 +292,7 @@ class EmbeddingEngine:
 
     def health(self) -> HealthInfo:
         self.keep_default_loaded()
-        default = self.manager.info(self.manager.config.model(self.default_model))
-        lm = self.manager.loaded(self.default_model)
+        default, lm = self.manager.describe(self.config.model(self.default_model))
         provider = lm.onnx.provider if lm else ''
         note = lm.onnx.provider_note if lm else ''
         on_gpu = bool(provider) and provider != CPU

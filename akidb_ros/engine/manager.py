@@ -234,17 +234,23 @@ class ModelManager:
             tokens_done.inc(tokens)
             run_seconds.observe(seconds)
 
-        onnx.warm_up(encoder.pad_id)
-        onnx.build_overlap(encoder.pad_id)
-        # Holding a batch open for more callers pays where one run uses the whole device. Where
-        # runners overlap on a CPU's cores, a runner that holds leaves a core idle (both, between
-        # runs) while sentences queue up during the other's run anyway: in interleaved A/Bs on
-        # 2 cores, no hold served 5-6 % more sentences/s through REST and gRPC
-        # (docs/benchmarks.md).
-        wait_ms = 0.0 if onnx.runs_share_cores else b.max_wait_ms
-        batcher = Batcher(cfg.id, onnx.run, encoder.pad_id, onnx.uses_type_ids, cfg.pooling,
-                          b.max_batch_size, b.max_batch_tokens, wait_ms,
-                          b.max_padding_ratio, on_batch, b.split_policy, b.runners)
+        try:
+            onnx.warm_up(encoder.pad_id)
+            onnx.build_overlap(encoder.pad_id)
+            # Holding a batch open for more callers pays where one run uses the whole device.
+            # Where runners overlap on a CPU's cores, a runner that holds leaves a core idle
+            # (both, between runs) while sentences queue up during the other's run anyway: in
+            # interleaved A/Bs on 2 cores, no hold served 5-6 % more sentences/s through REST
+            # and gRPC (docs/benchmarks.md).
+            wait_ms = 0.0 if onnx.runs_share_cores else b.max_wait_ms
+            batcher = Batcher(cfg.id, onnx.run, encoder.pad_id, onnx.uses_type_ids,
+                              cfg.pooling, b.max_batch_size, b.max_batch_tokens, wait_ms,
+                              b.max_padding_ratio, on_batch, b.split_policy, b.runners)
+        except BaseException:
+            # A failed load leaves nothing running: the overlap session may still be building,
+            # and a thread inside ONNX Runtime when the process exits aborts it (exit 134).
+            onnx.wait_overlap(LOAD_JOIN_S)
+            raise
         seconds = time.perf_counter() - t0
         metrics.MODEL_LOAD_SECONDS.labels(model=cfg.id).observe(seconds)
         if onnx.trt_engine_built is True:
@@ -355,6 +361,10 @@ class ModelManager:
             return self._loaded.get(model_id)
 
     def info(self, cfg: ModelConfig) -> ModelInfo:
+        return self.describe(cfg)[0]
+
+    def describe(self, cfg: ModelConfig) -> Tuple[ModelInfo, Optional[LoadedModel]]:
+        """The model's info and, when loaded, the model itself (one consistent look)."""
         with self._lock:
             lm = self._loaded.get(cfg.id)
             loading = cfg.id in self._loading
@@ -376,7 +386,7 @@ class ModelManager:
             latency_p95_ms=round(p95, 3), throughput_qps=round(qps, 3), status=status,
             provider=lm.onnx.provider if lm else '', pooling=cfg.pooling,
             is_default=cfg.id == self.config.default_model, error=failed,
-            in_flight=lm.in_flight if lm else 0)
+            in_flight=lm.in_flight if lm else 0), lm
 
     def list(self) -> List[ModelInfo]:
         return [self.info(m) for m in self.config.models]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -107,6 +108,76 @@ def plan_providers(device: str, available: List[str], model: ModelConfig,
     return chosen, note
 
 
+def _varint(buf, i: int) -> Tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
+def _fields(buf, i: int, end: int):
+    """(field number, wire type, value) of one protobuf message; a length-delimited value is its
+    (start, end) span, so weights are skipped, never read."""
+    while i < end:
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            value, i = (i, i + size), i + size
+        elif wire in (1, 5):
+            value, i = None, i + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f'protobuf wire type {wire}')
+        yield number, wire, value
+
+
+def position_table(path: Path) -> Optional[Tuple[str, int]]:
+    """(name, rows) of the ONNX graph's learnt position-embedding table, None when it has none.
+
+    A model with such a table (BERT, MPNet, RoBERTa, E5, BGE ...) cannot run longer inputs than
+    it has rows, and ONNX Runtime only fails at the first run that long. Read from the file's
+    graph (ModelProto.graph = 7, GraphProto.initializer = 5, TensorProto.dims = 1, name = 8):
+    no ``onnx`` package, and external or embedded weights are skipped. Rotary models (Qwen)
+    have no table: None.
+    """
+    found = []
+    try:
+        with open(path, 'rb') as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            for number, wire, graph in _fields(buf, 0, len(buf)):
+                if number != 7 or wire != 2:
+                    continue
+                for g_number, g_wire, tensor in _fields(buf, *graph):
+                    if g_number != 5 or g_wire != 2:
+                        continue
+                    name, dims = '', []
+                    for t_number, t_wire, value in _fields(buf, *tensor):
+                        if t_number == 8 and t_wire == 2:
+                            name = bytes(buf[value[0]:value[1]]).decode('utf-8', 'replace')
+                        elif t_number == 1 and t_wire == 0:
+                            dims.append(value)
+                        elif t_number == 1 and t_wire == 2:     # packed dims
+                            j = value[0]
+                            while j < value[1]:
+                                dim, j = _varint(buf, j)
+                                dims.append(dim)
+                    if 'position_embeddings' in name and len(dims) == 2:
+                        found.append((name, dims[0]))
+    except (OSError, ValueError, IndexError) as exc:   # the session reports a bad file
+        log.debug('%s: no position table read (%s)', path, exc)
+        return None
+    return min(found, key=lambda f: f[1]) if found else None
+
+
+# Positions that RoBERTa-style models (MPNet, XLM-R) keep for padding at the table's start.
+PADDING_POSITIONS = 2
+
+
 def _usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -128,6 +199,19 @@ class OnnxModel:
     def __init__(self, model: ModelConfig, settings: EngineSettings, runners: int = 1):
         self.cfg = model
         self._settings = settings
+        # Refused here, before any session (a TensorRT profile spans max_tokens): a longer
+        # max_tokens than the model has positions would fail each long input INTERNAL. Refused,
+        # not clamped: max_tokens is what truncation and truncate=false answer by, and what
+        # /models reports; the operator fixes the number once, at start.
+        self.position_table = position_table(model.path)
+        if self.position_table and model.max_tokens > self.position_table[1]:
+            table, rows = self.position_table
+            raise errors.EngineError(
+                errors.ErrorCode.MODEL_LOAD_FAILED,
+                f'model {model.id}: max_tokens {model.max_tokens} is more than the model takes '
+                f'(its position table {table} has {rows} rows): set max_tokens to at most '
+                f'{rows} ({rows - PADDING_POSITIONS} for RoBERTa-style models such as MPNet, '
+                f'which keep {PADDING_POSITIONS} rows for padding)')
         opts = self._options(settings.intra_op_threads)
         available = ort.get_available_providers()
         if settings.device != 'cpu' and CUDA in available:
@@ -238,6 +322,24 @@ class OnnxModel:
         """The first runs pay for allocations and kernel selection: make the loader pay, not a
         caller."""
         self._warm(self.session, pad_id)
+        if self.position_table and \
+                self.cfg.max_tokens > self.position_table[1] - PADDING_POSITIONS:
+            # Within the rows a RoBERTa-style model keeps for padding: only a run that long
+            # tells whether it takes max_tokens (one sequence; it fails at once if not). Any
+            # small id but the pad id, which such models map to a padding position.
+            ids = np.full((1, self.cfg.max_tokens), 2 if pad_id == 1 else 1, dtype=np.int64)
+            try:
+                self.session.run(None, self._feeds(ids, np.ones_like(ids), None))
+            except Exception as exc:
+                table, rows = self.position_table
+                log.error('model %s: a run of max_tokens=%d tokens fails: %s', self.cfg.id,
+                          self.cfg.max_tokens, exc)
+                raise errors.EngineError(
+                    errors.ErrorCode.MODEL_LOAD_FAILED,
+                    f'model {self.cfg.id}: max_tokens {self.cfg.max_tokens} is more than the '
+                    f'model takes (a run that long fails; its position table {table} has '
+                    f'{rows} rows, of which RoBERTa-style models keep {PADDING_POSITIONS} for '
+                    f'padding): set max_tokens to at most {rows - PADDING_POSITIONS}') from None
 
     def build_overlap(self, pad_id: int) -> None:
         """Build and warm the overlap session on a background thread (no-op where none is due)."""

@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 import requests
+import yaml
 
 from akidb_ros.client import GrpcClient, RestClient
 
@@ -250,3 +251,48 @@ def test_bad_arguments_fail_cleanly(tmp_path):
         r = subprocess.run([sys.executable, '-m', 'akidb_ros.server', *bad],
                            cwd=ROOT, capture_output=True, timeout=60)
         assert r.returncode == 2 and says in r.stderr and b'Traceback' not in r.stderr, bad
+
+
+def _failed_start(tmp_path, env=None, *args):
+    r = subprocess.run([sys.executable, '-m', 'akidb_ros.server', '--no-ros', '--rest-port', '0',
+                        '--grpc-port', '0', '--probe-port', 'off', *args], cwd=ROOT,
+                       env=dict(os.environ, AKIDB_LOG_FORMAT='json', **(env or {})),
+                       capture_output=True, text=True, timeout=120)
+    errors = [json.loads(line) for line in r.stderr.splitlines()
+              if line.startswith('{') and json.loads(line)['level'] == 'error']
+    return r, errors
+
+
+def test_a_bad_config_fails_the_start_in_one_clean_line(tmp_path):
+    """A config error (file or AKIDB_* variable) is the operator's to fix: one line that names
+    it and exit 1, no traceback (it logged one: ConfigError did not count as expected)."""
+    raw = yaml.safe_load((ROOT / 'config' / 'models.yaml').read_text())
+    raw['models_dir'] = str(ROOT / 'models')
+    raw['engine']['batching']['runners'] = 2.0
+    bad = tmp_path / 'models.yaml'
+    bad.write_text(yaml.safe_dump(raw))
+    for env, args, says in (
+            ({'AKIDB_DEVICE': 'gpu'}, (), "engine.device: 'gpu' is not one of"),
+            ({'AKIDB_MODEL_NAME': 'nope'}, (), "AKIDB_MODEL_NAME='nope' names no model"),
+            ({}, ('--config', str(bad)), 'engine.batching.runners: 2.0 is not an integer')):
+        r, errors = _failed_start(tmp_path, env, *args)
+        assert r.returncode == 1, r.stderr[-2000:]
+        assert [e['msg'].startswith('startup failed: ') and says in e['msg'] for e in errors] \
+            == [True], r.stderr[-2000:]
+        assert 'exc' not in errors[0] and 'Traceback' not in r.stderr
+
+
+def test_a_start_whose_load_times_out_exits_1_cleanly(tmp_path):
+    """The default model's load outran engine.timeouts.model_load_s: the start failed, but the
+    load went on inside ONNX Runtime while the process exited, which aborted it (exit 134,
+    "terminate called without an active exception"). The failed start closes the engine."""
+    raw = yaml.safe_load((ROOT / 'config' / 'models.yaml').read_text())
+    raw['models_dir'] = str(ROOT / 'models')
+    raw['engine']['timeouts']['model_load_s'] = 0.01
+    cfg = tmp_path / 'models.yaml'
+    cfg.write_text(yaml.safe_dump(raw))
+    for _ in range(2):
+        r, errors = _failed_start(tmp_path, {}, '--config', str(cfg))
+        assert r.returncode == 1 and 'terminate called' not in r.stderr, r.stderr[-2000:]
+        assert [e['msg'] for e in errors] == [
+            'startup failed: model all-minilm-l6-v2 did not load within 0.01 s']

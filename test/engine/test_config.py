@@ -1,9 +1,12 @@
 """Config validation errors name the key; AKIDB_* env vars override the file."""
+import json
+import shutil
+
 import pytest
 
 from akidb_ros.engine import ConfigError, load_config
 from akidb_ros.engine.config import DEFAULT_CONFIG_PATH
-from engine_support import MINILM, MODELS, write_config
+from engine_support import MINILM, MODELS, MPNET, write_config
 
 
 def test_shipped_config_is_valid():
@@ -36,6 +39,22 @@ def test_shipped_config_is_valid():
     (lambda r: r['models'][1].update(pooling='max'), "models[1].pooling: 'max' is not one of"),
     (lambda r: r.update(default_model='ghost'), "default_model: 'ghost' is not one of the models"),
     (lambda r: r['models'].append(dict(r['models'][0])), "duplicate model id 'all-minilm-l6-v2'"),
+    # integers written as floats, and NaN/infinity, passed the schema and then broke the engine
+    # (a float runner count killed the process at the load, a float dimension failed every
+    # request INTERNAL, a NaN load timeout read "did not load within nan s")
+    (lambda r: r['engine']['batching'].update(runners=2.0),
+     'engine.batching.runners: 2.0 is not an integer (write 2)'),
+    (lambda r: r['models'][0].update(dimension=384.0),
+     'models[0].dimension: 384.0 is not an integer (write 384)'),
+    (lambda r: r['models'][0].update(max_tokens=256.5), 'models[0].max_tokens: 256.5 is not an'),
+    (lambda r: r['models'][0].update(dimension=True),
+     'models[0].dimension: True is a boolean, not an integer'),
+    (lambda r: r['engine']['timeouts'].update(model_load_s=float('nan')),
+     'engine.timeouts.model_load_s: nan is not a finite number'),
+    (lambda r: r['engine']['queue'].update(shed_threshold=float('nan')),
+     'engine.queue.shed_threshold: nan is not a finite number'),
+    (lambda r: r['engine'].update(gpu_metrics_interval_s=float('-inf')),
+     'engine.gpu_metrics_interval_s: -inf is not a finite number'),
 ])
 def test_invalid_config_names_the_key(tmp_path, mutate, fragment):
     with pytest.raises(ConfigError) as err:
@@ -55,6 +74,25 @@ def test_unreadable_and_malformed_files(tmp_path):
         load_config(bad, env={})
 
 
+def test_a_key_given_twice_is_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second ``default_model:`` lower down silently
+    won. Each mapping, nested ones too, takes a key once; merge keys still work."""
+    text = DEFAULT_CONFIG_PATH.read_text().replace('models_dir: ../models',
+                                                   f'models_dir: {MODELS}')
+    path = tmp_path / 'models.yaml'
+    path.write_text(text + '\ndefault_model: all-mpnet-base-v2\n')
+    with pytest.raises(ConfigError, match="found duplicate key 'default_model' "
+                                          r'\(first given on line \d+\)'):
+        load_config(path, env={})
+    path.write_text(text.replace('    runners: 2 ', '    runners: 2\n    runners: 1 '))
+    with pytest.raises(ConfigError, match="duplicate key 'runners'"):
+        load_config(path, env={})
+    # a merge key's entries may be overridden by the mapping's own keys: not a duplicate
+    path.write_text(text.replace('  - id: all-minilm-l6-v2', '  - &mini\n    id: all-minilm-l6-v2')
+                    + '\n  - <<: *mini\n    id: mini-copy\n')
+    assert load_config(path, env={}).model('mini-copy').dimension == 384
+
+
 def test_prd_env_vars_define_the_default_model(tmp_path):
     env = {
         'AKIDB_MODEL_PATH': str(MODELS / 'all-mpnet-base-v2' / 'model.onnx'),
@@ -70,20 +108,143 @@ def test_prd_env_vars_define_the_default_model(tmp_path):
     assert str(cfg.engine.tensorrt_cache) == str(tmp_path / 'trt')
     env2 = dict(env, AKIDB_MODEL_NAME='my-org/custom-model', AKIDB_MODEL_DIMENSION='768')
     cfg2 = load_config(write_config(tmp_path), env=env2)
-    assert cfg2.default_model == 'custom-model' and cfg2.model('custom-model').dimension == 768
+    assert cfg2.default_model == 'custom-model'
+    m2 = cfg2.model('custom-model')      # the catalogue's file under the operator's own name
+    assert (m2.name, m2.dimension, m2.max_tokens) == ('my-org/custom-model', 768, 384)
+    assert cfg2.model('all-mpnet-base-v2') is None      # one entry per file
     # a catalogue model's dimension is known: the variable may be left out
     env3 = {k: v for k, v in env.items() if k != 'AKIDB_MODEL_DIMENSION'}
     assert load_config(write_config(tmp_path), env=env3).model('all-mpnet-base-v2').dimension \
         == 768
 
 
-def test_env_errors_are_clear(tmp_path):
+def test_env_model_path_of_a_catalogue_file_serves_that_entry(tmp_path, monkeypatch):
+    """AKIDB_MODEL_PATH alone, on a catalogue model's file: that entry, with its max_tokens
+    (sentence-transformers' 384 for mpnet; it was served as a new model 'model' with 512), and a
+    relative path is taken from the working directory (it was taken from models_dir)."""
+    monkeypatch.chdir(MODELS.parent)
+    for path in (str(MODELS / 'all-mpnet-base-v2' / 'model.onnx'),
+                 'models/all-mpnet-base-v2/model.onnx'):
+        cfg = load_config(write_config(tmp_path), env={'AKIDB_MODEL_PATH': path})
+        assert cfg.default_model == 'all-mpnet-base-v2'
+        m = cfg.model('all-mpnet-base-v2')
+        assert (m.name, m.dimension, m.max_tokens, m.pooling) == (
+            'sentence-transformers/all-mpnet-base-v2', 768, 384, 'mean')
+        assert m.installed and m.tokenizer == MODELS / 'all-mpnet-base-v2' / 'tokenizer.json'
+        assert len(cfg.models) == len(load_config(write_config(tmp_path), env={}).models)
+
+
+def _outside_model(folder, *extra):
+    """A model outside the catalogue: its own copy of MiniLM's graph (the weights linked)."""
+    folder.mkdir()
+    src = MODELS / 'all-MiniLM-L6-v2'
+    shutil.copy(src / 'model.onnx', folder / 'model.onnx')
+    (folder / 'model.onnx.data').symlink_to(src / 'model.onnx.data')
+    tok = json.loads((src / 'tokenizer.json').read_text())
+    tok['truncation'] = None
+    (folder / 'tokenizer.json').write_text(json.dumps(tok))
+    for name, data in extra:
+        (folder / name).write_text(json.dumps(data))
+    return {'AKIDB_MODEL_PATH': str(folder / 'model.onnx'), 'AKIDB_MODEL_DIMENSION': '384'}
+
+
+def test_env_model_outside_the_catalogue_takes_max_tokens_from_its_files(tmp_path, caplog):
+    """max_tokens was always 512: the variable, then what the model's files say, then 512 with
+    a warning. Its id is its folder's name when the file is just model.onnx."""
+    cases = [
+        ([], 512),
+        ([('config.json', {'model_type': 'bert', 'max_position_embeddings': 512})], 512),
+        ([('config.json', {'model_type': 'mpnet', 'max_position_embeddings': 514,
+                           'pad_token_id': 1})], 512),
+        ([('config.json', {'max_position_embeddings': 512}),
+          ('sentence_bert_config.json', {'max_seq_length': 256})], 256),
+    ]
+    for i, (files, tokens) in enumerate(cases):
+        env = _outside_model(tmp_path / f'my-model-{i}', *files)
+        with caplog.at_level('INFO', logger='akidb_ros.engine.config'):
+            caplog.clear()
+            cfg = load_config(write_config(tmp_path), env=env)
+        m = cfg.model(cfg.default_model)
+        assert (m.id, m.name, m.dimension, m.max_tokens) == (
+            f'my-model-{i}', f'my-model-{i}', 384, tokens), files
+        assert ('AKIDB_MODEL_MAX_TOKENS' in caplog.text) and (
+            ('neither' in caplog.text) == (not files)), caplog.text
+        assert load_config(write_config(tmp_path), env=dict(
+            env, AKIDB_MODEL_MAX_TOKENS='200')).model(m.id).max_tokens == 200
+    # the tokenizer's own truncation comes after sentence-transformers' setting
+    tok = json.loads((MODELS / 'all-MiniLM-L6-v2' / 'tokenizer.json').read_text())
+    env = _outside_model(tmp_path / 'truncating')
+    (tmp_path / 'truncating' / 'tokenizer.json').write_text(json.dumps(tok))    # max_length 128
+    assert load_config(write_config(tmp_path), env=env).model('truncating').max_tokens == 128
+
+
+def test_env_model_variables_are_never_silently_ignored(tmp_path):
+    """The PRD's Helm values set AKIDB_MODEL_NAME + AKIDB_MODEL_DIMENSION only: a dimension that
+    is not the model's (or a tokenizer without a model file) was accepted without a word."""
+    minilm = str(MODELS / 'all-MiniLM-L6-v2' / 'model.onnx')
+    cases = [
+        ({'AKIDB_MODEL_NAME': MINILM, 'AKIDB_MODEL_DIMENSION': '768'},
+         'AKIDB_MODEL_DIMENSION=768, but the model served (all-minilm-l6-v2, file '
+         'all-MiniLM-L6-v2/model.onnx) has dimension 384'),
+        ({'AKIDB_MODEL_DIMENSION': '4096'}, 'AKIDB_MODEL_DIMENSION=4096, but the model served '
+                                            '(all-minilm-l6-v2'),
+        ({'AKIDB_MODEL_PATH': minilm, 'AKIDB_MODEL_NAME': 'Qwen/Qwen2.5-4B',
+          'AKIDB_MODEL_DIMENSION': '4096'}, 'AKIDB_MODEL_DIMENSION=4096, but the model served '
+                                            '(qwen2.5-4b'),
+        ({'AKIDB_TOKENIZER_PATH': str(MODELS / 'all-MiniLM-L6-v2' / 'tokenizer.json')},
+         'AKIDB_TOKENIZER_PATH is set without AKIDB_MODEL_PATH'),
+        ({'AKIDB_MODEL_PATH': minilm, 'AKIDB_MODEL_NAME': 'all-mpnet-base-v2'},
+         'is the file of catalogue model all-minilm-l6-v2, but AKIDB_MODEL_NAME='
+         "'all-mpnet-base-v2' names catalogue model all-mpnet-base-v2"),
+        ({'AKIDB_MODEL_PATH': minilm, 'AKIDB_MODEL_NAME': 'my-org/all-mpnet-base-v2'},
+         "would get the id 'all-mpnet-base-v2' of catalogue model "
+         'sentence-transformers/all-mpnet-base-v2'),
+        ({'AKIDB_MODEL_NAME': 'all-mpnet-base-v2', 'AKIDB_DEFAULT_MODEL': MINILM},
+         "AKIDB_MODEL_NAME makes all-mpnet-base-v2 the default model, but AKIDB_DEFAULT_MODEL="
+         "'all-minilm-l6-v2' picks another"),
+        ({'AKIDB_MODEL_PATH': str(MODELS / 'all-mpnet-base-v2' / 'model.onnx'),
+          'AKIDB_DEFAULT_MODEL': MINILM}, 'AKIDB_MODEL_PATH makes all-mpnet-base-v2 the default'),
+        ({'AKIDB_MODEL_PATH': minilm, 'AKIDB_TOKENIZER_PATH': str(tmp_path / 'none.json')},
+         f'no tokenizer file {tmp_path / "none.json"} (AKIDB_TOKENIZER_PATH)'),
+    ]
+    for env, message in cases:
+        with pytest.raises(ConfigError) as err:
+            load_config(write_config(tmp_path), env=env)
+        assert message in str(err.value), env
+    # what does apply: the dimension that matches, a max_tokens for the model NAME picks
+    cfg = load_config(write_config(tmp_path), env={'AKIDB_MODEL_DIMENSION': '384'})
+    assert cfg.default_model == MINILM
+    cfg = load_config(write_config(tmp_path), env={   # they agree (by id or name)
+        'AKIDB_MODEL_NAME': MPNET,
+        'AKIDB_DEFAULT_MODEL': 'sentence-transformers/all-mpnet-base-v2'})
+    assert cfg.default_model == MPNET
+    cfg = load_config(write_config(tmp_path), env={
+        'AKIDB_MODEL_NAME': 'sentence-transformers/all-mpnet-base-v2',
+        'AKIDB_MODEL_DIMENSION': '768', 'AKIDB_MODEL_MAX_TOKENS': '128'})
+    assert cfg.default_model == 'all-mpnet-base-v2'
+    assert cfg.model('all-mpnet-base-v2').max_tokens == 128
+
+
+def test_env_errors_are_clear(tmp_path, monkeypatch):
+    env = _outside_model(tmp_path / 'custom')
+    del env['AKIDB_MODEL_DIMENSION']
     with pytest.raises(ConfigError, match='AKIDB_MODEL_DIMENSION must be a positive integer'):
+        load_config(write_config(tmp_path), env=env)
+    for bad in ('0', '-3', 'big', '384.0', '70000'):
+        with pytest.raises(ConfigError, match='AKIDB_MODEL_DIMENSION must be an integer from '
+                                              f"1 to 65536 \\(got '{bad}'\\)"):
+            load_config(write_config(tmp_path), env=dict(env, AKIDB_MODEL_DIMENSION=bad))
+    with pytest.raises(ConfigError, match='AKIDB_MODEL_MAX_TOKENS must be an integer'):
+        load_config(write_config(tmp_path), env=dict(env, AKIDB_MODEL_DIMENSION='384',
+                                                     AKIDB_MODEL_MAX_TOKENS='256.0'))
+    # a missing file is named (it read "model nope is in the catalogue but its files are not
+    # installed" at the first load)
+    with pytest.raises(ConfigError, match='AKIDB_MODEL_PATH: no such file /x/model.onnx$'):
         load_config(write_config(tmp_path), env={'AKIDB_MODEL_PATH': '/x/model.onnx'})
-    for bad in ('0', '-3', 'big'):
-        with pytest.raises(ConfigError, match='AKIDB_MODEL_DIMENSION'):
-            load_config(write_config(tmp_path), env={'AKIDB_MODEL_PATH': '/x/model.onnx',
-                                                     'AKIDB_MODEL_DIMENSION': bad})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f'no such file {tmp_path}/nope.onnx \\(a relative '
+                                          'path is taken from the working directory'):
+        load_config(write_config(tmp_path), env={'AKIDB_MODEL_PATH': 'nope.onnx'})
     with pytest.raises(ConfigError, match="AKIDB_MODEL_NAME='nope' names no model"):
         load_config(write_config(tmp_path), env={'AKIDB_MODEL_NAME': 'nope'})
 

@@ -273,6 +273,62 @@ def test_load_timeout_is_reported(tmp_path):
         eng.close()
 
 
+def test_max_tokens_beyond_the_models_positions_is_refused_at_load(tmp_path):
+    """max_tokens 100000 for MiniLM (512 positions) loaded, then each long input failed
+    INTERNAL. The load refuses it, naming the limit; a max_tokens the model takes still loads,
+    and a RoBERTa-style model (MPNet: 514 rows, 2 kept for padding) is tried at its edge."""
+    def mutate(raw):
+        raw['models'][0]['max_tokens'] = 100000
+        raw['models'][1]['max_tokens'] = 514
+        raw['models'].append(dict(raw['models'][0], id='minilm-512', max_tokens=512))
+    eng = make_engine(tmp_path, mutate, preload=False)
+    try:
+        with pytest.raises(EngineError) as err:
+            eng.start()
+        assert err.value.code is ErrorCode.MODEL_LOAD_FAILED
+        assert 'max_tokens 100000 is more than the model takes (its position table ' \
+            'inner.embeddings.position_embeddings.weight has 512 rows)' in err.value.message
+        with pytest.raises(EngineError) as err:
+            eng.load_model(MPNET)
+        assert err.value.code is ErrorCode.MODEL_LOAD_FAILED
+        assert 'max_tokens 514 is more than the model takes (a run that long fails' \
+            in err.value.message and 'set max_tokens to at most 512' in err.value.message
+        eng.load_model('minilm-512')
+        res = eng.embed(EmbedRequest(inputs=['word ' * 600], model='minilm-512'))
+        assert res.embeddings.shape == (1, 384) and res.total_tokens == 512
+    finally:
+        eng.close()
+
+
+def test_a_failed_load_leaves_no_overlap_build_running(tmp_path, monkeypatch):
+    """The overlap session is built on its own thread once the main one is warm; a step after
+    it that failed left that thread inside ONNX Runtime, and the process aborted at exit
+    ("terminate called without an active exception", exit 134). The failed load waits for it."""
+    from akidb_ros.engine import manager, runtime
+    real_build = runtime.OnnxModel._build_overlap
+
+    def slow_build(self, pad_id):
+        time.sleep(0.5)              # still building when the load fails
+        return real_build(self, pad_id)
+
+    def broken_batcher(*args, **kwargs):
+        raise RuntimeError('a step after the overlap build failed')
+    monkeypatch.setattr(runtime.OnnxModel, '_build_overlap', slow_build)
+    monkeypatch.setattr(manager, 'Batcher', broken_batcher)
+    eng = make_engine(tmp_path, lambda r: (r['engine'].update(intra_op_threads=2),
+                                           r['engine']['batching'].update(runners=2)),
+                      preload=False)
+    try:
+        with pytest.raises(EngineError) as err:
+            eng.start()
+        assert err.value.code is ErrorCode.MODEL_LOAD_FAILED
+        building = [t.name for t in threading.enumerate()
+                    if t.name.startswith('akidb-overlap-') and t.is_alive()]
+        assert building == []
+    finally:
+        eng.close()
+
+
 def test_cache_hit_is_cheap(engine):
     engine.manager.release(engine.manager.acquire(MINILM))
     t0 = time.perf_counter()
