@@ -88,10 +88,10 @@ def test_grpc_refusals_echo_the_request_id_and_are_logged(served, access_log):
             assert trailing.get('x-request-id') == rid, (rid, trailing)
         # a method the viewer may call: its bucket (burst 1, next token in 1000 s) is spent
         # by the first call, the second is RATE_LIMITED
-        list_models = ch.unary_unary('/akidb.embedding.v1.EmbeddingService/ListModels')
-        list_models(b'', metadata=(('x-api-key', keys['viewer']),), timeout=5)
+        health = ch.unary_unary('/akidb.embedding.v1.EmbeddingService/Health')
+        health(b'', metadata=(('x-api-key', keys['viewer']),), timeout=5)
         with pytest.raises(grpc.RpcError) as e:
-            list_models(b'', metadata=(('x-api-key', keys['viewer']),
+            health(b'', metadata=(('x-api-key', keys['viewer']),
                                        ('x-request-id', 'rid-429-1')), timeout=5)
         trailing = dict(e.value.trailing_metadata() or ())
         assert trailing['akidb-error-code'] == 'RATE_LIMITED'
@@ -120,8 +120,8 @@ def test_rest_refusals_are_logged(served, access_log):
                       headers={'X-Request-ID': 'rid-rest-401'}, timeout=10)
     assert (r.status_code, r.headers['X-Request-ID']) == (401, 'rid-rest-401')
     # no body: refused in Flask (the chain's before_request)
-    r = requests.get(url + '/metrics', headers={'X-API-Key': keys['developer'],
-                                                'X-Request-ID': 'rid-rest-403'}, timeout=10)
+    r = requests.get(url + '/models', headers={'X-API-Key': keys['viewer'],
+                                               'X-Request-ID': 'rid-rest-403'}, timeout=10)
     assert (r.status_code, r.headers['X-Request-ID']) == (403, 'rid-rest-403')
     lines = access_log()
     line = the_line(lines, 'rid-rest-401')
@@ -129,7 +129,7 @@ def test_rest_refusals_are_logged(served, access_log):
         ('rest', 'error', 'UNAUTHENTICATED')
     assert line['route'] == 'POST /api/v1/embed' and line['latency_ms'] >= 0
     line = the_line(lines, 'rid-rest-403')
-    assert (line['code'], line['route']) == ('PERMISSION_DENIED', 'GET /metrics')
+    assert (line['code'], line['route']) == ('PERMISSION_DENIED', 'GET /models')
 
 
 def test_a_body_refused_by_its_declared_length_is_accounted_for(served, access_log):
