@@ -106,10 +106,17 @@ class Job:
             self._is_settled = True
             return True
 
+    def _done(self) -> None:
+        # The deadline watcher's heap keeps a settled job until its deadline: the callback (and
+        # the model copy it pins) must not live that long, or an unloaded model's memory
+        # outlives its unload by up to the request budget.
+        on_done, self._on_done = self._on_done, None
+        on_done(self)
+
     def fail(self, error: EngineError) -> bool:
         if not self._settle():
             return False
-        self._on_done(self)
+        self._done()
         try:
             self.future.set_exception(error)
         except InvalidStateError:  # a caller cancelled the future; the answer is still counted
@@ -125,7 +132,7 @@ class Job:
     def complete(self) -> bool:
         if not self._settle():
             return False
-        self._on_done(self)
+        self._done()
         result = EmbedResult(
             embeddings=self.vectors, model=self.model_id, dimension=self.vectors.shape[1],
             total_tokens=self.total_tokens, truncated_inputs=self.truncated,

@@ -15,6 +15,7 @@ from .batcher import Admission, Job
 from .config import EngineConfig, LimitsConfig
 from .deadlines import DeadlineWatcher
 from .errors import EngineError, ErrorCode
+from .malloc_tuning import tune_malloc
 from .manager import ModelManager
 from .runtime import CPU
 from .types import EmbedRequest, EmbedResult, HealthInfo, InputType, ModelInfo, ModelStatus
@@ -132,6 +133,7 @@ class EmbeddingEngine:
     """Thread-safe. ``submit`` never blocks on inference; ``embed`` waits for the answer."""
 
     def __init__(self, config: EngineConfig):
+        tune_malloc()       # before any model is loaded: unloads must give memory back
         self.config = config
         self.manager = ModelManager(config)
         queue = config.engine.queue
@@ -247,6 +249,8 @@ class EmbeddingEngine:
                 self.manager.release(lm)
                 if attempt:
                     raise
+                # drop the unloaded copy now, not when the retry's load is done
+                lm = job = on_done = None
                 continue
             self._deadlines.watch(job)
             return job.future

@@ -1,4 +1,5 @@
 """Model manager: LRU by count and memory, in-flight pinning, one load per model, hot swaps."""
+import os
 import shutil
 import subprocess
 import sys
@@ -439,3 +440,45 @@ def test_requests_survive_a_model_unloaded_and_loaded_in_a_loop(tmp_path):
         eng.close()
     assert not any(t.is_alive() for t in threads)
     assert errors == [] and slow == []
+
+
+def test_an_unloaded_copy_is_freed_once_its_requests_are_answered(tmp_path):
+    """Answered jobs stay in the deadline watcher's heap until their deadline; their callback
+    pinned the model copy they ran on, so an unload's ~0.4-0.9 GB (mpnet) outlived it by up
+    to the request budget (under churn, two copies at once)."""
+    import gc
+    import weakref
+    copy = 'minilm-copy'
+
+    def mutate(raw):
+        raw['models'].append(dict(raw['models'][0], id=copy, name='copy/all-MiniLM-L6-v2'))
+    eng = make_engine(tmp_path, mutate)
+    try:
+        futures = [eng.submit(EmbedRequest(inputs=[f'queued {i}'], model=copy, timeout_s=120))
+                   for i in range(6)]       # queued (not run inline): watched until answered
+        for f in futures:
+            f.result(timeout=60)
+        gone = weakref.ref(eng.manager.loaded(copy))
+        eng.unload_model(copy)
+        deadline = time.monotonic() + 30
+        while eng.manager._retiring and time.monotonic() < deadline:
+            time.sleep(0.05)
+        gc.collect()
+        assert gone() is None, [type(r).__name__ for r in gc.get_referrers(gone())]
+    finally:
+        eng.close()
+
+
+def test_malloc_thresholds_are_fixed_unless_the_operator_chose(tmp_path):
+    """Freed weight buffers go back to the system: fixed glibc thresholds (malloc_tuning)."""
+    from akidb_ros.engine import malloc_tuning
+    assert malloc_tuning.tune_malloc().startswith('applied')     # this Linux, glibc
+    assert malloc_tuning.operator_choice({'MALLOC_TRIM_THRESHOLD_': '1'}) == \
+        'MALLOC_TRIM_THRESHOLD_ is set'
+    assert malloc_tuning.operator_choice({'LD_PRELOAD': '/usr/lib/libjemalloc.so.2'})
+    assert malloc_tuning.operator_choice({}) is None
+    code = 'from akidb_ros.engine import malloc_tuning as m; print(m.tune_malloc())'
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         env={**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536'}, timeout=60,
+                         cwd=REPO_ROOT)
+    assert out.stdout.strip() == 'not applied: MALLOC_MMAP_THRESHOLD_ is set', out
