@@ -894,7 +894,12 @@ def run(args=None) -> int:
     forced = False
     traced = _setup_tracing()
     args, python_logs = ros_console_args(args)
-    with rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO):
+    try:
+        ros = rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    except Exception as exc:    # RCLError: a params file that does not parse, a bad --ros-args
+        print(f'embedding_node: invalid --ros-args: {exc}', file=sys.stderr, flush=True)
+        return 2
+    with ros:
         try:
             node = EmbeddingNode(python_logs=python_logs)
         except Exception as exc:    # e.g. a parameter override outside its descriptor's range

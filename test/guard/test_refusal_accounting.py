@@ -92,7 +92,7 @@ def test_grpc_refusals_echo_the_request_id_and_are_logged(served, access_log):
         health(b'', metadata=(('x-api-key', keys['viewer']),), timeout=5)
         with pytest.raises(grpc.RpcError) as e:
             health(b'', metadata=(('x-api-key', keys['viewer']),
-                                       ('x-request-id', 'rid-429-1')), timeout=5)
+                                  ('x-request-id', 'rid-429-1')), timeout=5)
         trailing = dict(e.value.trailing_metadata() or ())
         assert trailing['akidb-error-code'] == 'RATE_LIMITED'
         assert trailing.get('x-request-id') == 'rid-429-1', trailing

@@ -293,6 +293,17 @@ def test_out_of_range_parameter_at_start_is_refused():
         node.stop()
 
 
+@pytest.mark.parametrize('bad', [('--params-file', '/nonexistent/params.yaml'),
+                                 ('-r', '__ns:=bad'), ('-p', 'nonsense')])
+def test_ros_args_rcl_cannot_parse_exit_2_in_one_line(bad):
+    """A typo in the params file's path or a malformed --ros-args: rcl refuses them in
+    rclpy.init, which ended in a traceback and exit 1 (the code for 'could not configure')."""
+    out = subprocess.run([sys.executable, '-m', 'akidb_ros.ros.node', '--ros-args', *bad],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out
+    assert 'embedding_node: invalid --ros-args:' in out.stderr and 'Traceback' not in out.stderr
+
+
 def test_in_process_node_serves_a_shared_engine():
     """akidb_ros.server --mode inprocess hosts the node on its engine (start_in_process)."""
     from akidb_ros.engine import EmbeddingEngine, EmbedRequest, load_config
