@@ -591,7 +591,11 @@ def load_config(path: Optional[os.PathLike] = None,
     except OSError as exc:
         raise ConfigError(f'cannot read config {path}: {exc.strerror or exc}') from exc
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+        loader = _UniqueKeyLoader(text)     # a SafeLoader that refuses duplicate keys
+        try:
+            raw = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise ConfigError(f'config {path} is not valid YAML: {exc}') from exc
     if not isinstance(raw, dict):
