@@ -41,6 +41,25 @@ def _env_int(name: str, default: int) -> int:
         raise SystemExit(f'{name}={raw!r} is not an integer')
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, '')
+    try:
+        return float(raw) if raw.strip() else default
+    except ValueError:
+        raise SystemExit(f'{name}={raw!r} is not a number')
+
+
+def _env_choice(name: str, default: str, choices) -> str:
+    """A variable that stands for a ``choices=`` option: argparse never checks a default, so a
+    typo (``AKIDB_MODE=inproces``) would otherwise run as whatever the code does with it."""
+    raw = os.environ.get(name, '').strip()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise SystemExit(f'{name}={raw!r} is not one of {", ".join(choices)}')
+    return raw
+
+
 PROBE_OFF = 'off'
 
 
@@ -87,7 +106,7 @@ def probe_port_of(args) -> Optional[int]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='akidb-server', description=__doc__.split('\n\n')[0])
     ap.add_argument('--mode', choices=('inprocess', 'sidecar'),
-                    default=os.environ.get('AKIDB_MODE', 'inprocess'))
+                    default=_env_choice('AKIDB_MODE', 'inprocess', ('inprocess', 'sidecar')))
     ap.add_argument('--host', default=os.environ.get('AKIDB_HOST', '127.0.0.1'),
                     help='bind address (default 127.0.0.1; a non-loopback address needs '
                          'the prod security profile)')
@@ -108,15 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument('--ros-prefix', default=os.environ.get('AKIDB_ROS_PREFIX', ''),
                     help="sidecar: namespace of the node's services (default '' = /embed)")
     ap.add_argument('--ros-executor', choices=('events', 'single'),
-                    default=os.environ.get('AKIDB_ROS_EXECUTOR', 'events'),
+                    default=_env_choice('AKIDB_ROS_EXECUTOR', 'events', ('events', 'single')),
                     help="sidecar: the bridge's rclpy executor: events (rclpy's C++ "
                          'EventsExecutor) or single (SingleThreadedExecutor)')
     ap.add_argument('--discovery-grace', type=float,
-                    default=float(os.environ.get('AKIDB_DISCOVERY_GRACE_S') or 5.0),
+                    default=_env_float('AKIDB_DISCOVERY_GRACE_S', 5.0),
                     help='sidecar: seconds after start during which a call waits (within its '
                          'budget) for DDS discovery to find the node instead of failing '
                          'UNAVAILABLE; the doors bind at once either way (default 5)')
-    ap.add_argument('--timeout', type=float, default=float(os.environ.get('AKIDB_TIMEOUT_S', 5.0)),
+    ap.add_argument('--timeout', type=float, default=_env_float('AKIDB_TIMEOUT_S', 5.0),
                     help='default per-request timeout in seconds (clients may ask for less)')
     ap.add_argument('--rest-threads', type=int, default=_env_int('AKIDB_REST_THREADS', 32))
     ap.add_argument('--grpc-workers', type=int, default=_env_int('AKIDB_GRPC_WORKERS', 64))
@@ -126,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                          'each holding a handler thread; the excess is refused OVERLOADED '
                          '(default: half of --grpc-workers; must be less than it)')
     ap.add_argument('--grpc-stream-idle', type=float,
-                    default=float(os.environ.get('AKIDB_GRPC_STREAM_IDLE_S') or 60.0),
+                    default=_env_float('AKIDB_GRPC_STREAM_IDLE_S', 60.0),
                     help='seconds an EmbedStream with nothing in flight may send nothing '
                          'before it ends TIMEOUT (default 60; 0 = never)')
     ap.add_argument('--max-body-bytes', type=int,

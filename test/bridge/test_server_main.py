@@ -253,6 +253,34 @@ def test_bad_arguments_fail_cleanly(tmp_path):
         assert r.returncode == 2 and says in r.stderr and b'Traceback' not in r.stderr, bad
 
 
+def test_bad_environment_fails_in_one_line(monkeypatch):
+    """docs/api.md's variables: a value that is not a number, or not one of the option's
+    choices, stops the start naming the variable (it was a ValueError traceback for the float
+    ones, and AKIDB_MODE=inproces ran the sidecar: argparse never checks a default); an empty
+    one keeps the default, as for the integer ones."""
+    from akidb_ros.server import build_parser
+    for name, value, says in (('AKIDB_TIMEOUT_S', 'abc', 'is not a number'),
+                              ('AKIDB_DISCOVERY_GRACE_S', '5s', 'is not a number'),
+                              ('AKIDB_GRPC_STREAM_IDLE_S', 'never', 'is not a number'),
+                              ('AKIDB_MODE', 'inproces', 'is not one of inprocess, sidecar'),
+                              ('AKIDB_ROS_EXECUTOR', 'multi', 'is not one of events, single')):
+        with monkeypatch.context() as mp:
+            mp.setenv(name, value)
+            with pytest.raises(SystemExit) as ei:
+                build_parser()
+            assert str(ei.value) == f'{name}={value!r} {says}'
+    for name in ('AKIDB_TIMEOUT_S', 'AKIDB_DISCOVERY_GRACE_S', 'AKIDB_GRPC_STREAM_IDLE_S',
+                 'AKIDB_MODE', 'AKIDB_ROS_EXECUTOR'):
+        monkeypatch.setenv(name, '')
+    args = build_parser().parse_args([])
+    assert (args.timeout, args.discovery_grace, args.grpc_stream_idle, args.mode,
+            args.ros_executor) == (5.0, 5.0, 60.0, 'inprocess', 'events')
+    monkeypatch.setenv('AKIDB_MODE', 'sidecar')
+    monkeypatch.setenv('AKIDB_TIMEOUT_S', '2.5')
+    args = build_parser().parse_args([])
+    assert (args.mode, args.timeout) == ('sidecar', 2.5)
+
+
 def _failed_start(tmp_path, env=None, *args):
     r = subprocess.run([sys.executable, '-m', 'akidb_ros.server', '--no-ros', '--rest-port', '0',
                         '--grpc-port', '0', '--probe-port', 'off', *args], cwd=ROOT,
