@@ -453,13 +453,6 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         except Exception:   # backend unreachable: the call itself will say so
             return ''
 
-    def _simple_guard(self, context, operation: str) -> None:
-        if self.guard is None:
-            return
-        done = run_guard(self.guard, self._call(context, operation))
-        if callable(done):
-            done(None)
-
     def _submit(self, call: DoorCall, req: EmbedRequest, caller_waits: bool = False):
         """Run the guard, then backend.submit; returns (future, completion callback)."""
         done = run_guard(self.guard, call)
@@ -586,7 +579,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             while True:
                 item = _take(pending, last, self.stream_idle_timeout_s)
                 if item is None:
-                    context.set_trailing_metadata(((TRUNCATED_MD, str(truncated)),))
+                    context.set_trailing_metadata((('x-request-id', call0.request_id),
+                                                   (TRUNCATED_MD, str(truncated))))
                     return
                 if item is _IDLE:
                     stop.set()
@@ -608,7 +602,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 if err is not None:
                     record(call, label, err)
                     stop.set()
-                    _abort(context, err, (('akidb-stream-index', str(i)),
+                    _abort(context, err, (('x-request-id', call0.request_id),
+                                          ('akidb-stream-index', str(i)),
                                           (TRUNCATED_MD, str(truncated))))
                 record(call, label, None, tokens=int(res.total_tokens))
                 truncated += int(res.truncated_inputs)
@@ -628,10 +623,15 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             _INFLIGHT.dec()
 
     def Health(self, request, context):
+        call = self._call(context, 'health')
+        rid = (('x-request-id', call.request_id),)
+        context.set_trailing_metadata(rid)
         try:
-            self._simple_guard(context, 'health')
+            done = run_guard(self.guard, call)
+            if callable(done):
+                done(None)
         except EngineError as e:
-            _abort(context, e)
+            _abort(context, e, rid)
         try:
             h = self.backend.health()
         except EngineError as e:
@@ -645,13 +645,15 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     def ListModels(self, request, context):
         call = self._call(context, 'list_models')
+        rid = (('x-request-id', call.request_id),)
+        context.set_trailing_metadata(rid)
         try:
             done = run_guard(self.guard, call)
             if callable(done):
                 done(None)
             infos = self.backend.list_models()
         except EngineError as e:
-            _abort(context, e)
+            _abort(context, e, rid)
         out = pb.ListModelsResponse()
         for mi in infos:
             status = mi.status.value if isinstance(mi.status, ModelStatus) else str(mi.status)

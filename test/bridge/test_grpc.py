@@ -206,3 +206,27 @@ def test_request_id_echoed_in_trailing_metadata(grpc_target):
         stub.Embed(pb.EmbedRequest(inputs=['x'], model='nope'), timeout=10,
                    metadata=[('x-request-id', 'grpc-rid-8')])
     assert dict(ei.value.trailing_metadata())['x-request-id'] == 'grpc-rid-8'
+
+
+def test_request_id_on_every_rpc(grpc_target):
+    """docs/api.md: ``x-request-id`` on every answer. Only Embed had it: an EmbedStream (ended
+    or failed), Health and ListModels answered without it."""
+    stub = pb_grpc.EmbeddingServiceStub(grpc.insecure_channel(grpc_target))
+    _, call = stub.Health.with_call(pb.HealthRequest(), timeout=10,
+                                    metadata=[('x-request-id', 'rid-health')])
+    assert dict(call.trailing_metadata())['x-request-id'] == 'rid-health'
+    _, call = stub.ListModels.with_call(pb.ListModelsRequest(), timeout=10,
+                                        metadata=[('x-request-id', 'rid-list')])
+    assert dict(call.trailing_metadata())['x-request-id'] == 'rid-list'
+    stream = stub.EmbedStream(iter([pb.EmbedRequest(inputs=['a']), pb.EmbedRequest(inputs=['b'])]),
+                              timeout=10, metadata=[('x-request-id', 'rid-stream')])
+    assert len(list(stream)) == 2
+    assert dict(stream.trailing_metadata())['x-request-id'] == 'rid-stream'
+    stream = stub.EmbedStream(iter([pb.EmbedRequest(inputs=['a']),
+                                    pb.EmbedRequest(inputs=['b'], model='nope')]),
+                              timeout=10, metadata=[('x-request-id', 'rid-stream-2')])
+    with pytest.raises(grpc.RpcError) as ei:
+        list(stream)
+    md = dict(ei.value.trailing_metadata())
+    assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (md['x-request-id'], md['akidb-stream-index']) == ('rid-stream-2', '1')
