@@ -171,6 +171,10 @@ class _Reader:
     def _reopen_upgrade(self) -> bytes:
         """Reopen the upgrade request llhttp just completed; the head to feed before its body."""
         req = self.done[-1]     # on_message_complete ran before llhttp paused for the upgrade
+        # a fresh parser: llhttp ended that message as the last of the connection when it said
+        # ``Connection: close`` too (``Upgrade, close``), and would refuse its body as "Data
+        # after Connection: close"; the request keeps its own keep-alive verdict
+        self.parser = httptools.HttpRequestParser(self)
         framing = [b'%s: %s\r\n' % (n, v) for n, v in req.headers if n.lower() in _FRAMING]
         if not framing:
             return b''          # no body: the request is complete as it is

@@ -278,6 +278,21 @@ def test_upgrade_header_is_ignored_and_the_body_read(server):
     assert got[0]['headers']['HTTP_HTTP2_SETTINGS']       # other headers reach the app
 
 
+def test_upgrade_with_connection_close_is_served(server):
+    # `Connection: Upgrade, close`: llhttp ended the message as the connection's last and
+    # refused the body fed after it (400 "Data after `Connection: close`")
+    body = b'{"inputs": ["x"]}'
+    out = _raw(server.port, b'POST /cl HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n'
+               b'Connection: Upgrade, HTTP2-Settings, close\r\n'
+               b'HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n'
+               b'Content-Length: %d\r\n\r\n' % len(body) + body)
+    answers = _responses(out)
+    assert len(answers) == 1 and answers[0][0].startswith(b'HTTP/1.1 200 ')
+    assert b'Connection: close' in answers[0][0]
+    got = json.loads(answers[0][1])
+    assert (got['path'], got['body']) == ('/cl', body.decode())
+
+
 def test_upgrade_body_in_later_reads_with_expect_continue(server):
     with socket.create_connection(('127.0.0.1', server.port), timeout=5) as s:
         s.sendall(b'POST /late HTTP/1.1\r\nHost: x\r\n' + H2C + b'Content-Length: 10\r\n'
