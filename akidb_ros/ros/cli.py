@@ -28,7 +28,7 @@ from typing import List, Optional
 
 import rclpy
 from rclpy.context import Context
-from rclpy.exceptions import InvalidNamespaceException
+from rclpy.exceptions import InvalidNamespaceException, ParameterException
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import QoSProfile
 from rclpy.utilities import remove_ros_args
@@ -70,7 +70,11 @@ class EmbeddingClient:
                  node_name: str = 'akidb_cli', qos_depth: int = 100, executor: str = 'events'):
         self.context = Context()
         rclpy.init(args=args if args is not None else [], context=self.context)
-        self.node = rclpy.create_node(node_name, context=self.context)
+        try:
+            self.node = rclpy.create_node(node_name, context=self.context)
+        except BaseException:   # e.g. a -p override of the wrong type: leave no context behind
+            rclpy.try_shutdown(context=self.context)
+            raise
         self.executor = client_executor(executor, self.context)
         self.executor.add_node(self.node)
         self._base = namespace.rstrip('/')
@@ -207,6 +211,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument('--json', action='store_true', help='print JSON')
 
 
+def _client(p: argparse.ArgumentParser, namespace: str, ros_args: List[str]) -> EmbeddingClient:
+    """Make the client; ``--ros-args`` rcl parsed but rclpy refuses are a usage error too.
+
+    A ``-p`` override of the wrong type (``use_sim_time:=maybe``) passes rcl's parser and is
+    refused only when the client's node declares the parameter.
+    """
+    try:
+        return EmbeddingClient(namespace, ros_args)
+    except ParameterException as exc:
+        p.error(f'invalid --ros-args: {exc}')
+
+
 def _fail(resp, as_json: bool) -> int:
     if as_json:
         print(json.dumps({'success': False, 'error_code': resp.error_code,
@@ -245,7 +261,7 @@ def embed_main(argv: Optional[List[str]] = None) -> int:
     args, ros_args = _split_args(p, argv)
     opts = p.parse_args(args)
     try:
-        with EmbeddingClient(opts.namespace, ros_args) as cli:
+        with _client(p, opts.namespace, ros_args) as cli:
             resp = cli.embed(opts.texts, opts.model, not opts.no_normalize,
                              not opts.no_truncate, opts.timeout, opts.input_type)
     except NoAnswer as exc:
@@ -289,7 +305,7 @@ def models_main(argv: Optional[List[str]] = None) -> int:
     if opts.load_timeout is not None and not admin:
         p.error('--load-timeout applies only to --load or --unload')
     try:
-        with EmbeddingClient(opts.namespace, ros_args) as cli:
+        with _client(p, opts.namespace, ros_args) as cli:
             if admin:
                 service, srv = ('load_model', LoadModel) if opts.load is not None else \
                     ('unload_model', UnloadModel)

@@ -115,6 +115,28 @@ def test_bad_ros_args_are_refused(capsys, monkeypatch, ros_args, message):
     assert message in err
 
 
+@pytest.mark.parametrize('main, argv', [(cli.embed_main, ['x']), (cli.models_main, [])])
+def test_ros_args_rclpy_refuses_at_node_creation_are_refused(capsys, main, argv):
+    """A ``-p`` of the wrong type passes rcl's parser; rclpy refuses it when the client's node
+    declares the parameter. It used to end in a traceback and exit 1 ("the node answered with an
+    error"); now it is a usage error, exit 2, and the client's context is shut down."""
+    contexts = []
+    real_init = rclpy.init
+
+    def init(*args, **kwargs):
+        contexts.append(kwargs.get('context'))
+        return real_init(*args, **kwargs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rclpy, 'init', init)
+        with pytest.raises(SystemExit) as exc:
+            main(['prog', *argv, '--ros-args', '-p', 'use_sim_time:=notabool'])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert 'usage:' in err and 'invalid --ros-args' in err and 'use_sim_time' in err, err
+    assert 'Traceback' not in err
+    assert contexts and all(c is not None and not c.ok() for c in contexts)
+
+
 @pytest.mark.parametrize('namespace, expected', [('', ''), ('/', ''), ('/robot1/', '/robot1'),
                                                  ('robot1', 'robot1'), ('/a/b_2', '/a/b_2')])
 def test_valid_namespaces_are_kept(monkeypatch, namespace, expected):

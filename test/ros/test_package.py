@@ -164,12 +164,36 @@ def test_xml_launch_file_parses():
     root = ET.parse(path).getroot()
     assert root.tag == 'launch'
     assert {a.get('name') for a in root.findall('arg')} == LAUNCH_ARGS
-    (node,) = root.findall('lifecycle_node')
+    (node,) = root.iter('lifecycle_node')
     assert (node.get('pkg'), node.get('exec')) == ('akidb_ros', 'embedding_node')
     assert node.get('namespace') == '$(var namespace)'
     assert '$(var log_level)' in node.get('ros_args')
     assert node.find('param').get('from') == '$(var params_file)'
     assert node.get('respawn') == '$(var respawn)' and float(node.get('respawn_delay')) > 0
+
+
+def _python_launch_timeouts() -> dict:
+    tree = ast.parse((ROOT / 'launch' / 'embedding_node.launch.py').read_text())
+    return {k.arg: float(ast.literal_eval(k.value)) for c in ast.walk(tree)
+            if isinstance(c, ast.Call) and getattr(c.func, 'id', '') == 'LifecycleNode'
+            for k in c.keywords if k.arg in ('sigterm_timeout', 'sigkill_timeout')}
+
+
+def test_both_launch_files_give_the_node_time_to_answer_its_calls():
+    """On shutdown launch sends SIGINT, then SIGTERM after ``sigterm_timeout`` (launch's own
+    default 5 s); the node takes a second signal as "exit now", abandoning calls in flight. Both
+    files must wait ``shutdown_timeout_s`` + 2 s at least. The XML file used launch's 5 s (an
+    XML node has no sigterm_timeout attribute: it reads the launch configuration)."""
+    py = _python_launch_timeouts()
+    root = ET.parse(ROOT / 'launch' / 'embedding_node.launch.xml').getroot()
+    (node,) = root.iter('lifecycle_node')
+    scope = {n: p for p in root.iter() for n in p}[node]      # the node's enclosing element
+    lets = {e.get('name'): float(e.get('value')) for e in scope.findall('let')}
+    assert lets == py, 'the XML launch file waits differently from the Python one'
+    params = yaml.safe_load((ROOT / 'config' / 'params.yaml').read_text())
+    shutdown_s = params['/**']['ros__parameters']['shutdown_timeout_s']
+    assert py['sigterm_timeout'] >= shutdown_s + 2
+    assert P.PARAMS_BY_NAME['shutdown_timeout_s'].default + 2 <= py['sigterm_timeout']
 
 
 def test_xmllint_package_xml():
