@@ -33,20 +33,22 @@ from typing import Callable, List, Optional
 log = logging.getLogger('akidb_ros.server')
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default, kind=float, what: str = 'a number'):
+    """``kind(os.environ[name])``; unset or empty keeps ``default``; anything else stops the
+    start in one line naming the variable."""
     raw = os.environ.get(name, '')
     try:
-        return int(raw) if raw.strip() else default
+        return kind(raw) if raw.strip() else default
     except ValueError:
-        raise SystemExit(f'{name}={raw!r} is not an integer')
+        raise SystemExit(f'{name}={raw!r} is not {what}')
+
+
+def _env_int(name: str, default: int) -> int:
+    return _env_number(name, default, int, 'an integer')
 
 
 def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, '')
-    try:
-        return float(raw) if raw.strip() else default
-    except ValueError:
-        raise SystemExit(f'{name}={raw!r} is not a number')
+    return _env_number(name, default)
 
 
 def _env_choice(name: str, default: str, choices) -> str:
