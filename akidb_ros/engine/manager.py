@@ -98,6 +98,7 @@ class ModelManager:
         self._loaded: 'collections.OrderedDict[str, LoadedModel]' = collections.OrderedDict()
         self._loading: Dict[str, Future] = {}
         self._failed: Dict[str, str] = {}
+        self._unloads: Dict[str, int] = {}     # explicit unloads per model id, so far
         self._loaders: Set[threading.Thread] = set()
         # Unloaded/evicted models still draining or still building their overlap session.
         self._retiring: Set[threading.Thread] = set()
@@ -288,10 +289,14 @@ class ModelManager:
 
     def load(self, model: str) -> ModelInfo:
         """Hot load (idempotent): returns once the model serves."""
+        cfg = self.resolve(model)
+        unloads = self._unloads.get(cfg.id, 0)
         lm = self.acquire(model)
         self.release(lm)
         info = self.info(lm.cfg)
-        if info.status is ModelStatus.AVAILABLE:    # loaded, served, and at once over budget
+        if info.status is ModelStatus.AVAILABLE and self._unloads.get(cfg.id, 0) == unloads:
+            # loaded, served, and at once over budget (not unloaded by a concurrent unload,
+            # which is answered as it stands: available)
             cache = self.settings.cache
             raise EngineError(      # not retryable: only a larger budget helps
                 ErrorCode.INVALID_INPUT,
@@ -303,9 +308,21 @@ class ModelManager:
 
     # --- unload / eviction ---------------------------------------------------------------
     def unload(self, model: str) -> ModelInfo:
-        """Hot unload: new requests lazily reload; queued and running work finishes first."""
+        """Hot unload: new requests lazily reload; queued and running work finishes first.
+
+        A load in progress is waited for (within the load timeout) and what it loaded is
+        unloaded: answered "loading", the unload would leave the model loaded afterwards.
+        """
         cfg = self.resolve(model)
         with self._lock:
+            loading = self._loading.get(cfg.id)
+        if loading is not None:
+            try:
+                loading.result(timeout=self.settings.timeouts.model_load_s)
+            except Exception:   # failed (status says so) or still loading: answered as it is
+                pass
+        with self._lock:
+            self._unloads[cfg.id] = self._unloads.get(cfg.id, 0) + 1
             lm = self._loaded.pop(cfg.id, None)
             metrics.MODEL_CACHE_SIZE.set(len(self._loaded))
         if lm is not None:

@@ -482,3 +482,49 @@ def test_malloc_thresholds_are_fixed_unless_the_operator_chose(tmp_path):
                          env={**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536'}, timeout=60,
                          cwd=REPO_ROOT)
     assert out.stdout.strip() == 'not applied: MALLOC_MMAP_THRESHOLD_ is set', out
+
+
+def test_an_unload_during_a_load_waits_for_it_and_leaves_the_model_unloaded(tmp_path):
+    """An admin unloads a model while another loads it: the unload waits for the load and
+    unloads what it loaded (it was answered "loading" and the model stayed loaded), and the
+    load is answered with the model's status, not a cache-budget refusal."""
+    eng = make_engine(tmp_path)
+    mgr = eng.manager
+    real_build, go = mgr._build, threading.Event()
+
+    def gated_build(cfg, t0):
+        if cfg.id == MPNET:
+            assert go.wait(60)
+        return real_build(cfg, t0)
+
+    mgr._build = gated_build
+    answers = {}
+
+    def call(name, fn):
+        try:
+            answers[name] = fn(MPNET).status
+        except EngineError as exc:
+            answers[name] = exc.code
+
+    try:
+        loader = threading.Thread(target=call, args=('load', eng.load_model))
+        loader.start()
+        deadline = time.monotonic() + 10
+        while status(eng)[MPNET] is not ModelStatus.LOADING:
+            assert time.monotonic() < deadline, 'the load did not start'
+            time.sleep(0.01)
+        unloader = threading.Thread(target=call, args=('unload', eng.unload_model))
+        unloader.start()
+        unloader.join(0.5)
+        assert unloader.is_alive() and 'unload' not in answers, answers   # waits for the load
+        go.set()
+        loader.join(120)
+        unloader.join(120)
+        # the load saw its model loaded, or already unloaded: either way no refusal
+        assert answers['load'] in (ModelStatus.LOADED, ModelStatus.AVAILABLE), answers
+        assert answers['unload'] is ModelStatus.AVAILABLE, answers
+        assert status(eng)[MPNET] is ModelStatus.AVAILABLE
+        assert eng.embed(EmbedRequest(inputs=['after'], model=MPNET)).embeddings.shape == (1, 768)
+    finally:
+        go.set()
+        eng.close()
