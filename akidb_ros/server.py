@@ -63,6 +63,8 @@ def _env_choice(name: str, default: str, choices) -> str:
 
 
 PROBE_OFF = 'off'
+MODES = ('inprocess', 'sidecar')
+ROS_EXECUTORS = ('events', 'single')
 
 
 def _probe_port(raw: str):
@@ -107,8 +109,7 @@ def probe_port_of(args) -> Optional[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='akidb-server', description=__doc__.split('\n\n')[0])
-    ap.add_argument('--mode', choices=('inprocess', 'sidecar'),
-                    default=_env_choice('AKIDB_MODE', 'inprocess', ('inprocess', 'sidecar')))
+    ap.add_argument('--mode', choices=MODES, default=_env_choice('AKIDB_MODE', 'inprocess', MODES))
     ap.add_argument('--host', default=os.environ.get('AKIDB_HOST', '127.0.0.1'),
                     help='bind address (default 127.0.0.1; a non-loopback address needs '
                          'the prod security profile)')
@@ -128,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument('--config', default=None, help='engine config (default config/models.yaml)')
     ap.add_argument('--ros-prefix', default=os.environ.get('AKIDB_ROS_PREFIX', ''),
                     help="sidecar: namespace of the node's services (default '' = /embed)")
-    ap.add_argument('--ros-executor', choices=('events', 'single'),
-                    default=_env_choice('AKIDB_ROS_EXECUTOR', 'events', ('events', 'single')),
+    ap.add_argument('--ros-executor', choices=ROS_EXECUTORS,
+                    default=_env_choice('AKIDB_ROS_EXECUTOR', 'events', ROS_EXECUTORS),
                     help="sidecar: the bridge's rclpy executor: events (rclpy's C++ "
                          'EventsExecutor) or single (SingleThreadedExecutor)')
     ap.add_argument('--discovery-grace', type=float,

@@ -453,6 +453,20 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         except Exception:   # backend unreachable: the call itself will say so
             return ''
 
+    def _admit(self, context, operation: str):
+        """A unary RPC other than Embed: the caller's request id on its answer, then the guard
+        (a refusal aborts with it). Returns the request-id trailing metadata."""
+        call = self._call(context, operation)
+        rid = (('x-request-id', call.request_id),)
+        context.set_trailing_metadata(rid)
+        try:
+            done = run_guard(self.guard, call)
+            if callable(done):
+                done(None)
+        except EngineError as e:
+            _abort(context, e, rid)
+        return rid
+
     def _submit(self, call: DoorCall, req: EmbedRequest, caller_waits: bool = False):
         """Run the guard, then backend.submit; returns (future, completion callback)."""
         done = run_guard(self.guard, call)
@@ -623,15 +637,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             _INFLIGHT.dec()
 
     def Health(self, request, context):
-        call = self._call(context, 'health')
-        rid = (('x-request-id', call.request_id),)
-        context.set_trailing_metadata(rid)
-        try:
-            done = run_guard(self.guard, call)
-            if callable(done):
-                done(None)
-        except EngineError as e:
-            _abort(context, e, rid)
+        self._admit(context, 'health')
         try:
             h = self.backend.health()
         except EngineError as e:
@@ -644,13 +650,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         return pb.HealthResponse(status=status, checks=checks, version=h.version or '')
 
     def ListModels(self, request, context):
-        call = self._call(context, 'list_models')
-        rid = (('x-request-id', call.request_id),)
-        context.set_trailing_metadata(rid)
+        rid = self._admit(context, 'list_models')
         try:
-            done = run_guard(self.guard, call)
-            if callable(done):
-                done(None)
             infos = self.backend.list_models()
         except EngineError as e:
             _abort(context, e, rid)
