@@ -288,23 +288,40 @@ class ModelManager:
                 self._start_load(cfg)
 
     def load(self, model: str) -> ModelInfo:
-        """Hot load (idempotent): returns once the model serves."""
+        """Hot load (idempotent): returns once the model serves.
+
+        An unload that lands after this load began wins: the load answers the model's status
+        as it then stands instead of loading it again (acquire() would, and the unload, which
+        waited for this load, would be answered "loading").
+        """
         cfg = self.resolve(model)
-        unloads = self._unloads.get(cfg.id, 0)
-        lm = self.acquire(model)
-        self.release(lm)
-        info = self.info(lm.cfg)
-        if info.status is ModelStatus.AVAILABLE and self._unloads.get(cfg.id, 0) == unloads:
-            # loaded, served, and at once over budget (not unloaded by a concurrent unload,
-            # which is answered as it stands: available)
+        give_up = time.monotonic() + self.settings.timeouts.model_load_s
+        with self._lock:
+            unloads = self._unloads.get(cfg.id, 0)
+        over_budget = False
+        while True:
+            with self._lock:
+                if self._unloads.get(cfg.id, 0) != unloads:
+                    break
+                lm = self._loaded.get(cfg.id)
+                if lm is not None:
+                    self._loaded.move_to_end(cfg.id)
+                    lm.last_used = time.monotonic()
+                    self._enforce_limits(keep_newest=False)
+                    over_budget = cfg.id not in self._loaded
+                    break
+                fut = self._start_load(cfg)
+            # a model evicted between its load and now is loaded again, within one timeout
+            self._await_load(cfg, fut, give_up - time.monotonic())
+        if over_budget:     # loaded, and at once over budget
             cache = self.settings.cache
             raise EngineError(      # not retryable: only a larger budget helps
                 ErrorCode.INVALID_INPUT,
-                f'model {lm.cfg.id} ({lm.memory_mb} MB) cannot stay loaded within the cache '
+                f'model {cfg.id} ({lm.memory_mb} MB) cannot stay loaded within the cache '
                 f'budget (max_loaded_models={cache.max_loaded_models}, max_memory_mb='
                 f'{cache.max_memory_mb}) beside the default model, which is never evicted: '
                 'it is loaded for each request instead')
-        return info
+        return self.info(cfg)
 
     # --- unload / eviction ---------------------------------------------------------------
     def unload(self, model: str) -> ModelInfo:

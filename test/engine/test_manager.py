@@ -484,20 +484,45 @@ def test_malloc_thresholds_are_fixed_unless_the_operator_chose(tmp_path):
     assert out.stdout.strip() == 'not applied: MALLOC_MMAP_THRESHOLD_ is set', out
 
 
-def test_an_unload_during_a_load_waits_for_it_and_leaves_the_model_unloaded(tmp_path):
+@pytest.mark.parametrize('first', ['unload', 'load'])
+def test_an_unload_during_a_load_waits_for_it_and_leaves_the_model_unloaded(tmp_path, first):
     """An admin unloads a model while another loads it: the unload waits for the load and
     unloads what it loaded (it was answered "loading" and the model stayed loaded), and the
-    load is answered with the model's status, not a cache-budget refusal."""
+    load is answered with the model's status, not a cache-budget refusal. Once the load is
+    done, either call may take the lock first: both orders are forced here (when the unload
+    won, the load went round again and loaded the model a second time)."""
     eng = make_engine(tmp_path)
     mgr = eng.manager
     real_build, go = mgr._build, threading.Event()
+    answered = {'load': threading.Event(), 'unload': threading.Event()}
 
     def gated_build(cfg, t0):
         if cfg.id == MPNET:
             assert go.wait(60)
         return real_build(cfg, t0)
 
-    mgr._build = gated_build
+    real_await, real_start = mgr._await_load, mgr._start_load
+
+    def await_load(cfg, fut, wait_s):           # the loader, once its load is done
+        out = real_await(cfg, fut, wait_s)
+        if first == 'unload' and threading.current_thread().name == 'load':
+            assert answered['unload'].wait(60)
+        return out
+
+    def start_load(cfg):                        # the unloader waits on this future
+        fut = real_start(cfg)
+        if not hasattr(fut, 'gated'):
+            fut.gated, real_result = True, fut.result
+
+            def result(timeout=None):
+                out = real_result(timeout)
+                if first == 'load' and threading.current_thread().name == 'unload':
+                    assert answered['load'].wait(60)
+                return out
+            fut.result = result
+        return fut
+
+    mgr._build, mgr._await_load, mgr._start_load = gated_build, await_load, start_load
     answers = {}
 
     def call(name, fn):
@@ -505,15 +530,18 @@ def test_an_unload_during_a_load_waits_for_it_and_leaves_the_model_unloaded(tmp_
             answers[name] = fn(MPNET).status
         except EngineError as exc:
             answers[name] = exc.code
+        finally:
+            answered[name].set()
 
     try:
-        loader = threading.Thread(target=call, args=('load', eng.load_model))
+        loader = threading.Thread(target=call, args=('load', eng.load_model), name='load')
         loader.start()
         deadline = time.monotonic() + 10
         while status(eng)[MPNET] is not ModelStatus.LOADING:
             assert time.monotonic() < deadline, 'the load did not start'
             time.sleep(0.01)
-        unloader = threading.Thread(target=call, args=('unload', eng.unload_model))
+        unloader = threading.Thread(target=call, args=('unload', eng.unload_model),
+                                    name='unload')
         unloader.start()
         unloader.join(0.5)
         assert unloader.is_alive() and 'unload' not in answers, answers   # waits for the load
@@ -521,8 +549,8 @@ def test_an_unload_during_a_load_waits_for_it_and_leaves_the_model_unloaded(tmp_
         loader.join(120)
         unloader.join(120)
         # the load saw its model loaded, or already unloaded: either way no refusal
-        assert answers['load'] in (ModelStatus.LOADED, ModelStatus.AVAILABLE), answers
-        assert answers['unload'] is ModelStatus.AVAILABLE, answers
+        assert answers == {'load': ModelStatus.LOADED if first == 'load' else
+                           ModelStatus.AVAILABLE, 'unload': ModelStatus.AVAILABLE}
         assert status(eng)[MPNET] is ModelStatus.AVAILABLE
         assert eng.embed(EmbedRequest(inputs=['after'], model=MPNET)).embeddings.shape == (1, 768)
     finally:
