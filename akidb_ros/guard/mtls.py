@@ -275,7 +275,11 @@ class GrpcCredentialsReloader:
         self._grpc = grpc
         self.settings = settings
         self._clock = clock
-        self._paths = [p for p in (settings.cert_file, settings.key_file, settings.ca_file) if p]
+        # The client CA only with client certificates required, as on REST: a TLS-only secret
+        # (kubectl create secret tls) has no ca.crt, and gRPC would otherwise ask clients for
+        # certificates it does not need.
+        self._ca_file = settings.ca_file if settings.require_client_cert else None
+        self._paths = [p for p in (settings.cert_file, settings.key_file, self._ca_file) if p]
         self._sig = _file_sig(self._paths)
         self._next_check = clock() + settings.reload_interval_s
         self.generation = 0
@@ -284,7 +288,7 @@ class GrpcCredentialsReloader:
     def _config(self):
         return self._grpc.ssl_server_certificate_configuration(
             [(_read(self.settings.key_file), _read(self.settings.cert_file))],
-            root_certificates=_read(self.settings.ca_file),
+            root_certificates=_read(self._ca_file),
         )
 
     def fetch(self):

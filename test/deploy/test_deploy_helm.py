@@ -324,6 +324,9 @@ def test_every_security_switch_combination_renders_a_profile_the_server_starts_w
         assert cfg.tls_enabled is tls and (ctx is not None) is tls
         if tls:
             assert cfg['tls']['require_client_cert'] is client_cert
+            # the client CA only with mTLS: a plain TLS secret (kubectl create secret tls)
+            # has no ca.crt
+            assert bool(cfg['tls']['ca_file']) is client_cert
             assert (ctx.context.verify_mode == ssl.CERT_REQUIRED) is client_cert
         assert cfg['rate_limit'] == prod_rate_limit()
         assert {r: (b.rate, b.burst) for r, b in guard.limiter.settings.roles.items()} == {

@@ -19,6 +19,8 @@ from akidb_ros.guard.mtls import CertIdentitySettings, identity_from_cert  # noq
 
 def who(request, context):
     creds = credentials_from_grpc(context)
+    if creds.peer_cert is None:     # TLS without client certificates
+        return f'||{creds.api_key or ""}'.encode()
     ident = identity_from_cert(creds.peer_cert, CertIdentitySettings())
     return (
         f'{ident.subject}|{ident.role.value if ident.role else ""}|{creds.api_key or ""}'.encode()
@@ -27,7 +29,9 @@ def who(request, context):
 
 def main():
     cert, key, ca, interval = sys.argv[1:5]
-    settings = mtls.TLSSettings(cert, key, ca, True, reload_interval_s=float(interval))
+    require_client_cert = sys.argv[5:6] != ['no-client-cert']
+    settings = mtls.TLSSettings(cert, key, ca, require_client_cert,
+                                reload_interval_s=float(interval))
     try:
         creds = mtls.grpc_server_credentials(settings)
     except RuntimeError as exc:

@@ -266,12 +266,13 @@ def test_dev_cert_script_output_works(tmp_path):
 
 
 class GrpcServerProc:
-    def __init__(self, cert, key, ca, interval='0', env_extra=None):
+    def __init__(self, cert, key, ca, interval='0', env_extra=None, client_cert=True):
         env = dict(os.environ)
         env.pop('GRPC_SSL_CIPHER_SUITES', None)
         env.update(env_extra or {})
         self.p = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, 'grpc_tls_server.py'), cert, key, ca, interval],
+            [sys.executable, os.path.join(HERE, 'grpc_tls_server.py'), cert, key, ca, interval]
+            + ([] if client_cert else ['no-client-cert']),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -344,6 +345,26 @@ def test_grpc_client_without_cert_refused(grpc_server, pki):
         with pytest.raises(grpc.RpcError) as e:
             ch.unary_unary('/t.Echo/Who')(b'', timeout=10)
     assert e.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_grpc_tls_without_client_certs_needs_no_client_ca(tmp_path, pki):
+    """TLS without mTLS: a client CA named in the config but absent (a Kubernetes TLS secret
+    without ca.crt) is not read, as on REST, and a client without a certificate is served (the
+    gRPC server failed to start on the missing file)."""
+    import grpc
+
+    sc, sk, _ = pki['server']
+    srv = GrpcServerProc(sc, sk, str(tmp_path / 'absent-ca.crt'), client_cert=False)
+    try:
+        assert srv.port, srv.line
+        creds = grpc.ssl_channel_credentials(open(pki['ca'].path, 'rb').read())
+        with grpc.secure_channel(f'localhost:{srv.port}', creds) as ch:
+            out = ch.unary_unary('/t.Echo/Who')(b'', timeout=10, metadata=(('x-api-key', 'k'),))
+        assert out == b'||k'        # no client certificate, the API key passed through
+        version, _, _ = connect(srv.port, pki['ca'].path, None, alpn=['h2'])
+        assert version == 'TLSv1.3'
+    finally:
+        srv.close()
 
 
 def test_grpc_refuses_to_start_when_tls12_could_not_be_closed(pki):
