@@ -15,6 +15,11 @@ from deploy_support import (CHART, JWT_ISSUER, ROOT, VALUES, SecurityMaterial, c
                             start_guard)
 
 
+# PVCs rendered per values file (models + TensorRT cache); Jetson uses per-Jetson folders
+PVCS = {'values-cpu.yaml': 2, 'values-gpu.yaml': 2, 'values-jetson.yaml': 0}
+HOSTNAME = 'kubernetes.io/hostname'
+
+
 def by_kind(values):
     out = {}
     for d in docs(values):
@@ -82,10 +87,14 @@ def test_checkov_no_failed_check(values, tmp_path):
 @pytest.mark.parametrize('values', VALUES)
 def test_every_required_object_is_rendered(values):
     kinds = {k: len(v) for k, v in by_kind(values).items()}
-    for kind in ('Deployment', 'ConfigMap', 'PersistentVolumeClaim', 'PodDisruptionBudget',
-                 'NetworkPolicy', 'ServiceAccount', 'Role', 'RoleBinding'):
+    for kind in ('Deployment', 'ConfigMap', 'PodDisruptionBudget', 'NetworkPolicy',
+                 'ServiceAccount', 'Role', 'RoleBinding'):
         assert kinds.get(kind), f'{kind} missing'
-    assert kinds['Service'] == 3 and kinds['PersistentVolumeClaim'] == 2
+    assert kinds['Service'] == 3
+    # models + TensorRT cache claims; Jetson: a folder on each Jetson instead (hostPath)
+    assert kinds.get('PersistentVolumeClaim', 0) == PVCS[values]
+    for pvc in by_kind(values).get('PersistentVolumeClaim', []):
+        assert pvc['metadata']['annotations']['helm.sh/resource-policy'] == 'keep'
     svc_ports = {s['metadata']['name'].rsplit('-', 1)[1]: [p['port'] for p in s['spec']['ports']]
                  for s in by_kind(values)['Service']}
     assert svc_ports == {'rest': [8080], 'grpc': [9090], 'metrics': [9100, 8081]}
@@ -145,8 +154,16 @@ def test_security_context_and_secret_references(values):
         assert sc['capabilities']['drop'] == ['ALL']
     vols = {v['name']: v for v in spec['volumes']}
     assert vols['api-keys']['secret']['secretName'] == 'akidb-api-keys'
-    assert vols['models']['persistentVolumeClaim']['readOnly'] is True
-    assert 'persistentVolumeClaim' in vols['trt-cache']
+    node = {c['name']: c for c in spec['containers']}['node']
+    mounts = {m['name']: m for m in node['volumeMounts']}
+    assert mounts['models']['readOnly'] is True and not mounts['trt-cache'].get('readOnly')
+    if PVCS[values]:
+        assert vols['models']['persistentVolumeClaim']['readOnly'] is True
+        assert 'persistentVolumeClaim' in vols['trt-cache']
+    else:
+        # must already exist on the node (not created root-owned, unwritable for UID 10001)
+        assert vols['models']['hostPath'] == {'path': '/opt/akidb/models', 'type': 'Directory'}
+        assert vols['trt-cache']['hostPath'] == {'path': '/var/cache/akidb', 'type': 'Directory'}
     # no Secret object is created by the chart: keys and certificates are references only
     assert 'Secret' not in by_kind(values)
 
@@ -164,6 +181,88 @@ def test_gpu_and_jetson_scheduling():
             in spec['tolerations']
     assert deployment('values-jetson.yaml')['spec']['template']['spec']['nodeSelector'][
         'kubernetes.io/arch'] == 'arm64'
+
+
+def unschedulable_volumes(rendered: list) -> list:
+    """The volumes that keep replicas Pending or ContainerCreating: with more than one replica
+    (replicas, or the HPA's minReplicas) that must run on different nodes (a hostname topology
+    spread with DoNotSchedule, or required pod anti-affinity on the hostname), every volume must
+    be one each node can mount: a hostPath, an existingClaim (not rendered: the operator's), or a
+    claim many nodes can attach (ReadWriteMany; ReadOnlyMany mounted read-only). A rendered
+    ReadWriteOnce claim is one volume on one node for all replicas."""
+    kinds = {}
+    for d in rendered:
+        kinds.setdefault(d['kind'], []).append(d)
+    dep = kinds['Deployment'][0]
+    spec = dep['spec']['template']['spec']
+    replicas = max([dep['spec'].get('replicas', 1)] + [
+        h['spec'].get('minReplicas', 1) for h in kinds.get('HorizontalPodAutoscaler', [])])
+    anti = ((spec.get('affinity') or {}).get('podAntiAffinity') or {}).get(
+        'requiredDuringSchedulingIgnoredDuringExecution') or []
+    one_per_node = any(c['topologyKey'] == HOSTNAME and c['whenUnsatisfiable'] == 'DoNotSchedule'
+                       for c in spec.get('topologySpreadConstraints') or []) or any(
+        t['topologyKey'] == HOSTNAME for t in anti)
+    if replicas < 2 or not one_per_node:
+        return []
+    claims = {c['metadata']['name']: c for c in kinds.get('PersistentVolumeClaim', [])}
+    bad = []
+    for vol in spec['volumes']:
+        pvc = vol.get('persistentVolumeClaim')
+        if pvc is None or pvc['claimName'] not in claims:
+            continue                # hostPath, emptyDir, Secret ...; or an existingClaim
+        modes = set(claims[pvc['claimName']]['spec']['accessModes'])
+        if 'ReadWriteMany' in modes or ('ReadOnlyMany' in modes and pvc.get('readOnly')):
+            continue
+        bad.append(f"{vol['name']}: claim {pvc['claimName']} {sorted(modes)} shared by "
+                   f'{replicas} replicas on different nodes')
+    return bad
+
+
+@pytest.mark.parametrize('values', VALUES)
+def test_every_values_file_can_schedule_its_replicas(values):
+    """A shipped values file runs as written: replicas kept on different nodes do not share a
+    claim only one node can attach (values-jetson.yaml's local-path claims once left the second
+    Jetson's replica Pending)."""
+    assert unschedulable_volumes(docs(values)) == []
+
+
+def test_schedulability_check_catches_a_shared_node_local_claim(tmp_path):
+    """The check above flags the shape values-jetson.yaml had: 2 replicas, one per Jetson, on
+    ONE local-path claim of each kind; an existingClaim or ReadWriteMany passes."""
+    def rendered(persistence):
+        cp = render_with(tmp_path, {'persistence': persistence}, values='values-jetson.yaml')
+        return [d for d in yaml.safe_load_all(cp.stdout) if d]
+    local = {'hostPath': '', 'storageClass': 'local-path'}
+    bad = unschedulable_volumes(rendered({'models': local, 'tensorrtCache': local}))
+    assert [b.split(':')[0] for b in bad] == ['models', 'trt-cache'], bad
+    assert unschedulable_volumes(rendered({
+        'models': {'hostPath': '', 'existingClaim': 'models-nfs'},
+        'tensorrtCache': {'hostPath': '', 'accessModes': ['ReadWriteMany']}})) == []
+
+
+@pytest.mark.parametrize('extra', [[], ['--set', 'persistence.models.existingClaim=ignored',
+                                        '--set', 'persistence.models.storageClass=ignored']],
+                         ids=['hostpath', 'hostpath-wins-over-claim-settings'])
+def test_models_host_path_replaces_the_models_claim(extra, tmp_path):
+    """persistence.models.hostPath on the default values: the models volume is that folder
+    (type Directory: it must exist), still mounted read-only, no models PVC is rendered, and
+    the TensorRT cache keeps its claim; the result matches the Kubernetes schemas."""
+    cp = run([str(ROOT / 'scripts/helm'), 'template', 'akidb', str(CHART), '-n', 'akidb',
+              '--set', 'persistence.models.hostPath=/x', *extra])
+    rendered = [d for d in yaml.safe_load_all(cp.stdout) if d]
+    pvcs = [d['metadata']['name'] for d in rendered if d['kind'] == 'PersistentVolumeClaim']
+    assert pvcs == ['akidb-akidb-ros-trt-cache']
+    spec = next(d for d in rendered if d['kind'] == 'Deployment')['spec']['template']['spec']
+    vols = {v['name']: v for v in spec['volumes']}
+    assert vols['models'] == {'name': 'models', 'hostPath': {'path': '/x', 'type': 'Directory'}}
+    assert vols['trt-cache']['persistentVolumeClaim'] == {'claimName': pvcs[0]}
+    node = {c['name']: c for c in spec['containers']}['node']
+    mount = next(m for m in node['volumeMounts'] if m['name'] == 'models')
+    assert mount == {'name': 'models', 'mountPath': '/opt/akidb/models', 'readOnly': True}
+    f = tmp_path / 'rendered.yaml'
+    f.write_text(cp.stdout)
+    cp = run([dtool('kubernetes-validate'), '--strict', '-k', '1.31.0', str(f)], check=False)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
 
 
 def test_network_policy_default_denies_and_opens_only_the_doors():
@@ -350,7 +449,9 @@ def test_every_security_switch_combination_renders_a_profile_the_server_starts_w
     ({'security': {'jwksSecret': 'akidb-jwks', 'jwtIssuer': JWT_ISSUER, 'jwtAudience': ''}},
      'security.jwtAudience is required with security.jwksSecret'),
     ({'security': {'profile': 'dev'}}, 'the chart renders the prod profile only'),
-], ids=['jwks-without-issuer', 'jwks-without-audience', 'dev-profile'])
+    ({'persistence': {'tensorrtCache': {'enabled': False, 'hostPath': '/var/cache/akidb'}}},
+     'persistence.tensorrtCache.hostPath needs persistence.tensorrtCache.enabled'),
+], ids=['jwks-without-issuer', 'jwks-without-audience', 'dev-profile', 'hostpath-disabled'])
 def test_chart_refuses_a_profile_the_server_would_refuse(extra, reason, tmp_path):
     cp = render_with(tmp_path, extra, check=False)
     assert cp.returncode == 1 and reason in cp.stderr, cp.stderr
@@ -434,8 +535,9 @@ def test_values_schema_covers_every_key_and_rejects_unknown_ones():
     ('securty.profile=prod', "additional properties 'securty' not allowed"),
     ('bridge.probePort=70000', "at '/bridge/probePort': maximum"),
     ('security.rateLimit.roles.robot.rate=1', "invalid propertyName 'robot'"),
+    ('persistence.models.hostPath=opt/models', "at '/persistence/models/hostPath': 'opt/models'"),
 ], ids=['enum-typo', 'profile-typo', 'loglevel-typo', 'type-int', 'type-bool', 'unknown-key',
-        'unknown-top-key', 'port-range', 'unknown-role'])
+        'unknown-top-key', 'port-range', 'unknown-role', 'relative-hostpath'])
 def test_values_schema_refuses_a_typo(cmd, setting, error):
     dpython()
     args = ['template', 'akidb'] if cmd == 'template' else ['lint']
