@@ -40,6 +40,8 @@ log = logging.getLogger('akidb_ros.guard.tls_front')
 
 _CHUNK = 65536
 _MAX_BUFFER = 1 << 20
+# A stop waits this long (at most) for the handshakes of connections it took from the backlog.
+STOP_HANDSHAKE_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,9 @@ class TLSFront:
         self._peers: Dict[int, PeerInfo] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # connections between accept and their upstream connection (a stop waits for them)
+        self._handshakes = threading.Condition()
+        self._handshaking = 0
         family = socket.AF_INET6 if ':' in listen[0] else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -88,13 +93,30 @@ class TLSFront:
         return self
 
     def stop(self) -> None:
+        """Stop accepting. Connections the kernel completed before the stop are taken first
+        (closing the listener would reset them, requests perhaps already sent), and their
+        handshakes are waited for (a bounded while), so that they reach the upstream server
+        before it stops in turn."""
         self._stop.set()
+        try:
+            self._sock.settimeout(0)        # the accept loop sees an error and ends
+            while True:
+                try:
+                    conn, addr = self._sock.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    break
+                self._take(conn, addr)
+        except OSError:
+            pass                            # already closed
         try:
             self._sock.close()
         except OSError:
             pass
         if self._thread:
             self._thread.join(timeout=2)
+        with self._handshakes:
+            self._handshakes.wait_for(lambda: self._handshaking == 0,
+                                      timeout=min(self.handshake_timeout_s, STOP_HANDSHAKE_WAIT_S))
 
     # ---------------------------------------------------------------- identity
     def peer(self, environ: Mapping[str, Any]) -> Optional[PeerInfo]:
@@ -143,18 +165,29 @@ class TLSFront:
                 if self._stop.is_set():
                     return
                 continue
-            if not self._slots.acquire(blocking=False):
-                self.stats['rejected_busy'] += 1
-                conn.close()
-                continue
-            self.stats['accepted'] += 1
-            threading.Thread(
-                target=self._serve, args=(conn, addr), daemon=True, name='akidb-tls-conn'
-            ).start()
+            self._take(conn, addr)
+
+    def _take(self, conn: socket.socket, addr) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.stats['rejected_busy'] += 1
+            conn.close()
+            return
+        self.stats['accepted'] += 1
+        with self._handshakes:
+            self._handshaking += 1
+        threading.Thread(
+            target=self._serve, args=(conn, addr), daemon=True, name='akidb-tls-conn'
+        ).start()
+
+    def _handshake_over(self) -> None:
+        with self._handshakes:
+            self._handshaking -= 1
+            self._handshakes.notify_all()
 
     def _serve(self, conn: socket.socket, addr) -> None:
         tls_sock = up = None
         port = None
+        handshaking = True
         try:
             conn.settimeout(self.handshake_timeout_s)
             try:
@@ -163,7 +196,11 @@ class TLSFront:
                 self.stats['handshake_failures'] += 1
                 log.info('TLS handshake from %s refused: %s', addr[0], getattr(exc, 'reason', exc))
                 return
-            up = socket.create_connection(self.upstream, timeout=5)
+            try:
+                up = socket.create_connection(self.upstream, timeout=5)
+            finally:
+                handshaking = False
+                self._handshake_over()
             port = up.getsockname()[1]
             with self._lock:
                 self._peers[port] = PeerInfo(
@@ -174,6 +211,8 @@ class TLSFront:
             if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
                 log.debug('TLS relay for %s ended: %s', addr[0], exc)
         finally:
+            if handshaking:
+                self._handshake_over()
             if port is not None:
                 with self._lock:
                     self._peers.pop(port, None)

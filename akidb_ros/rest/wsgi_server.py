@@ -52,6 +52,10 @@ from akidb_ros.engine.errors import ErrorCode
 log = logging.getLogger('akidb_ros.rest')
 
 RECV_BYTES = 64 * 1024
+# At a stop: how long a connection accepted without a request yet is waited for (its client
+# connected before the stop and is sending), and for the accept loop to close the listener.
+FIRST_REQUEST_WAIT_S = 1.0
+LISTENER_CLOSE_WAIT_S = 2.0
 LINGER_BYTES = 4 * 1024 * 1024      # dropped after a refusal, so the client reads the answer
 _HOP_HEADERS = frozenset(('connection', 'transfer-encoding', 'keep-alive'))
 # request headers kept out of the WSGI environ: the framing (in CONTENT_LENGTH and the body
@@ -294,9 +298,12 @@ class ThreadedWSGIServer:
         self.port = self._sock.getsockname()[1]
         self._wake_r, self._wake_w = socket.socketpair()
         self._lock = threading.Condition()
-        self._conns: dict = {}          # socket -> True while a request is read or served
+        # socket -> True while a request is read or served, False between requests, or the
+        # monotonic time it was accepted until its first bytes arrive
+        self._conns: dict = {}
         self._stopping = False
         self._serving = False
+        self._listener_closed = threading.Event()
 
     # -- life cycle -------------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -322,31 +329,76 @@ class ThreadedWSGIServer:
                     if self._stopping:
                         return
                     raise
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn.settimeout(self.idle_timeout_s)
-                with self._lock:
-                    self._conns[conn] = False
-                threading.Thread(target=self._serve_connection, args=(conn, peer),
-                                 name='akidb-http', daemon=True).start()
+                self._start_connection(conn, peer)
         finally:
+            if self._stopping:
+                self._drain_backlog()
             sel.close()
             self._close_wake()
+            self._listener_closed.set()
 
-    def stop_accepting(self) -> None:
-        """Close the listening socket; requests on open connections are still answered."""
-        self._stopping = True
-        for fn in (lambda: self._wake_w.send(b'x'), self._sock.close):
+    def _start_connection(self, conn: socket.socket, peer) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(self.idle_timeout_s)
+        with self._lock:
+            self._conns[conn] = time.monotonic()
+        threading.Thread(target=self._serve_connection, args=(conn, peer),
+                         name='akidb-http', daemon=True).start()
+
+    def _drain_backlog(self) -> None:
+        """Take the connections the kernel completed before the stop, then close the listener.
+
+        Closing a listener resets the connections still in its backlog, whose clients may
+        already have sent a request: from their side an accepted call cut without an answer.
+        Taken here, each is answered (with ``Connection: close``) within the stop's grace.
+        """
+        try:
+            self._sock.setblocking(False)
+            while True:
+                try:
+                    conn, peer = self._sock.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    break
+                self._start_connection(conn, peer)
+        except OSError:
+            pass                            # the listener is gone: nothing left to take
+        finally:
             try:
-                fn()
+                self._sock.close()
             except OSError:
                 pass
+
+    def stop_accepting(self) -> None:
+        """Stop accepting: connections already completed by the kernel are still taken (see
+        ``_drain_backlog``), then the listener closes; requests on open connections are still
+        answered."""
+        self._stopping = True
+        try:
+            self._wake_w.send(b'x')
+        except OSError:
+            pass
         with self._lock:
             self._lock.notify_all()
+        if not self._serving:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+        elif not self._listener_closed.wait(LISTENER_CLOSE_WAIT_S):
+            log.warning('the listener did not close within %.0f s', LISTENER_CLOSE_WAIT_S)
+            try:
+                self._sock.close()
+            except OSError:
+                pass
 
     def busy(self) -> bool:
-        """Whether any connection is reading, serving or answering a request."""
+        """Whether any connection is reading, serving or answering a request, or was accepted
+        within FIRST_REQUEST_WAIT_S and has not sent its request yet (its client connected
+        before the stop and is about to)."""
+        now = time.monotonic()
         with self._lock:
-            return any(self._conns.values())
+            return any(v is True or (v is not False and now - v < FIRST_REQUEST_WAIT_S)
+                       for v in self._conns.values())
 
     def connections(self) -> int:
         with self._lock:
@@ -380,12 +432,14 @@ class ThreadedWSGIServer:
         on_head = (lambda req: self._early(hook, req, peer)) if hook is not None else None
         reader = _Reader(self.max_header_bytes, self.max_body_bytes, self.stated_body_bytes,
                          on_head)
+        first = True        # until the first bytes, the accept time marks the connection
         try:
             while True:
                 while not reader.done:
-                    if reader.current is None:
+                    if reader.current is None and not first:
                         self._set_busy(conn, False)     # between requests: nothing to answer
                     data = conn.recv(RECV_BYTES)    # idle timeout: socket.timeout (OSError)
+                    first = False
                     if not data:
                         return
                     self._set_busy(conn, True)

@@ -241,6 +241,51 @@ def test_stop_answers_the_request_in_flight_then_refuses_new_connections():
         socket.create_connection(('127.0.0.1', srv.port), timeout=1)
 
 
+def test_stop_answers_the_connections_waiting_in_the_backlog():
+    """A client whose connection the kernel completed before the stop, and which sent its
+    request, is answered: closing the listener with it still in the backlog reset it (a call
+    the client had sent, cut without an answer; the chaos suite's server_sigterm saw it)."""
+    srv = RestServer(_app, port=0, connection_limit=1).start()
+    idle = socket.create_connection(('127.0.0.1', srv.port))
+    deadline = time.monotonic() + 5
+    while srv._server.connections() < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queued = socket.create_connection(('127.0.0.1', srv.port), timeout=10)
+    try:
+        queued.sendall(b'GET /queued HTTP/1.1\r\nHost: x\r\n\r\n')   # in the backlog
+        time.sleep(0.1)
+        assert srv._server.connections() == 1
+        srv.stop(grace_s=5)
+        head, body = _responses(read_to_close(queued))[0]
+        assert head.startswith(b'HTTP/1.1 200') and b'Connection: close' in head, head
+        assert json.loads(body)['path'] == '/queued'
+        assert idle.recv(10) == b''
+    finally:
+        queued.close()
+        idle.close()
+
+
+def test_stop_waits_for_the_request_of_a_connection_just_accepted():
+    """A connection accepted just before the stop whose request is still on its way is
+    answered (the stop saw nothing busy and cut it at once)."""
+    srv = RestServer(_app, port=0).start()
+    s = socket.create_connection(('127.0.0.1', srv.port), timeout=10)
+    try:
+        deadline = time.monotonic() + 5
+        while srv._server.connections() < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stopper = threading.Thread(target=srv.stop, kwargs={'grace_s': 5})
+        stopper.start()
+        time.sleep(0.2)
+        s.sendall(b'GET /late HTTP/1.1\r\nHost: x\r\n\r\n')
+        head, body = _responses(read_to_close(s))[0]
+        assert head.startswith(b'HTTP/1.1 200') and b'Connection: close' in head, head
+        stopper.join(10)
+        assert not stopper.is_alive()
+    finally:
+        s.close()
+
+
 def test_a_client_still_sending_a_refused_body_reads_the_answer(server):
     conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=5)
     conn.request('POST', '/big', body=b'z' * 300_000)       # no reset while it sends
