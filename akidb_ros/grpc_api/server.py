@@ -9,7 +9,8 @@
   (``RESOURCE_EXHAUSTED``, ``OVERLOADED``); an EmbedStream that sends nothing for
   ``stream_idle_timeout_s`` ends ``TIMEOUT``; ``grpc.health.v1`` Check runs on threads of its own;
 * bytes that do not decode as the method's message are ``INVALID_INPUT``, not INTERNAL;
-* ``stop(grace)`` stops accepting and lets in-flight calls finish.
+* ``stop(grace)`` stops accepting and lets in-flight calls finish; an open EmbedStream takes no
+  more requests, answers those it took and ends ``UNAVAILABLE`` at once.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ HEALTH_CHECK_THREADS = 2
 # methods that answer an undecodable request themselves (metrics, x-request-id, stream index)
 _SELF_CHECKED = frozenset(f'/{SERVICE_NAME}/{m}' for m in ('Embed', 'EmbedStream'))
 _IDLE = object()          # EmbedStream: the stream went idle (see _take)
+_DRAIN = object()         # EmbedStream: the server is stopping (see EmbeddingServicer.drain)
 
 
 def _metadata(context) -> dict:
@@ -153,12 +155,13 @@ def _safe_deserializer(deserialize):
     return decode
 
 
-def _refuse(context, err: EngineError, request_id: Optional[str] = None) -> None:
+def _refuse(context, err: EngineError, request_id: Optional[str] = None, extra=()) -> None:
     """Abort a call outside the doors' own accounting (refused before its handler ran, or a
-    stream ended idle), counted like the doors' failed calls, with its access-log line."""
+    stream ended idle or by a graceful stop), counted like the doors' failed calls, with its
+    access-log line."""
     rid = request_id or request_id_from(_metadata(context).get('x-request-id'))
     record_refusal(TRANSPORT, rid, err, time.perf_counter())
-    _abort(context, err, (('x-request-id', rid),))
+    _abort(context, err, (('x-request-id', rid), *extra))
 
 
 def _refusing_undecodable(behavior, request_streaming: bool):
@@ -401,6 +404,15 @@ def _take(pending: 'queue.Queue', last: list, idle_s: Optional[float]):
                 return _IDLE
 
 
+def _end_stopping(context, request_id: str, index: int, truncated: int) -> None:
+    """End an EmbedStream that a graceful stop drained: ``UNAVAILABLE`` (retryable), with
+    ``akidb-stream-index`` = the first request it did not take."""
+    _refuse(context, EngineError(
+        ErrorCode.UNAVAILABLE, f'the server is stopping: this stream took no request from index '
+        f'{index} on; send them again', retry_after_s=1.0), request_id,
+        (('akidb-stream-index', str(index)), (TRUNCATED_MD, str(truncated))))
+
+
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def __init__(self, backend: Backend, guard: Optional[GuardHook] = None,
                  default_timeout_s: Optional[float] = None,
@@ -415,6 +427,24 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self.default_timeout_s = default_timeout_s
         self.stream_idle_timeout_s = stream_idle_timeout_s
         self.labels = ModelLabels(backend)
+        self._draining = threading.Event()
+        self._streams_lock = threading.Lock()
+        self._streams: set = set()      # the request queues of the open EmbedStreams
+
+    def drain(self) -> None:
+        """A graceful stop: each open EmbedStream takes no more requests, answers those it
+        took, then ends ``UNAVAILABLE`` with ``akidb-stream-index`` = the first request it did
+        not take (to be sent again elsewhere). An open stream otherwise held the stop for its
+        whole grace, and was cut off there with a request taken, answered and logged, but never
+        sent."""
+        self._draining.set()
+        with self._streams_lock:
+            streams = list(self._streams)
+        for pending in streams:
+            try:
+                pending.put_nowait(_DRAIN)      # wake a stream waiting for its next request
+            except queue.Full:
+                pass        # busy: it looks at the flag again before it waits
 
     # -- helpers ------------------------------------------------------------------------------
     def _call(self, context, operation: str) -> DoorCall:
@@ -531,44 +561,56 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
         A request that cannot be decoded or is invalid ends the stream with its error (and
         ``akidb-stream-index``) after the requests before it are answered; a stream with nothing
-        in flight that sends nothing for ``stream_idle_timeout_s`` ends ``TIMEOUT``.
+        in flight that sends nothing for ``stream_idle_timeout_s`` ends ``TIMEOUT``; a graceful
+        stop ends it ``UNAVAILABLE`` once the requests it took are answered (:meth:`drain`).
         """
         call0 = self._call(context, 'embed')
         ctx = extract_from_metadata(context.invocation_metadata())
         pending: 'queue.Queue' = queue.Queue(maxsize=STREAM_WINDOW)
         stop = threading.Event()
+        # held by the reader from a request's arrival until it is queued, so that a stream a
+        # graceful stop ends has no request taken and not answered
+        taking = threading.Lock()
         last = [time.monotonic()]       # latest request read or answered (idle timeout)
         _INFLIGHT.inc()
+
+        def offer(item) -> None:
+            while not stop.is_set():    # give up once the consumer is gone
+                try:
+                    pending.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
 
         def reader():
             token = otel_context.attach(ctx)
             try:
                 for i, request in enumerate(request_iterator):
                     last[0] = time.monotonic()
-                    if stop.is_set():
-                        break
-                    call = DoorCall(transport=TRANSPORT, operation='embed',
-                                    request_id=f'{call0.request_id}-{i}', headers=call0.headers,
-                                    peer=call0.peer, peer_cert=call0.peer_cert)
-                    label = self.labels.label('')
-                    with tracer().start_as_current_span(
-                            f'{SERVICE_NAME}/EmbedStream', kind=trace.SpanKind.SERVER,
-                            attributes={'rpc.system': 'grpc', 'rpc.method': 'EmbedStream',
-                                        'akidb.stream_index': i,
-                                        'akidb.request_id': call.request_id}):
-                        try:
-                            req = self._prepare(request, call, context)
-                            label = self.labels.label(req.model)
-                            fut, done = self._submit(call, req)
-                            item = (i, call, label, req, fut, done, None)
-                        except EngineError as e:
-                            item = (i, call, label, None, None, None, e)
-                    while not stop.is_set():
-                        try:
-                            pending.put(item, timeout=0.1)
+                    with taking:
+                        if stop.is_set():
                             break
-                        except queue.Full:
-                            continue
+                        if self._draining.is_set():
+                            offer(i)        # the server is stopping: the first request not taken
+                            break
+                        call = DoorCall(transport=TRANSPORT, operation='embed',
+                                        request_id=f'{call0.request_id}-{i}',
+                                        headers=call0.headers, peer=call0.peer,
+                                        peer_cert=call0.peer_cert)
+                        label = self.labels.label('')
+                        with tracer().start_as_current_span(
+                                f'{SERVICE_NAME}/EmbedStream', kind=trace.SpanKind.SERVER,
+                                attributes={'rpc.system': 'grpc', 'rpc.method': 'EmbedStream',
+                                            'akidb.stream_index': i,
+                                            'akidb.request_id': call.request_id}):
+                            try:
+                                req = self._prepare(request, call, context)
+                                label = self.labels.label(req.model)
+                                fut, done = self._submit(call, req)
+                                item = (i, call, label, req, fut, done, None)
+                            except EngineError as e:
+                                item = (i, call, label, None, None, None, e)
+                        offer(item)
                     if item[-1] is not None:
                         break
             except Exception as exc:  # client cancelled / stream broken
@@ -576,22 +618,29 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     log.debug('EmbedStream reader ended: %s', exc)
             finally:
                 otel_context.detach(token)
-                while True:     # end marker; give up once the consumer is gone
-                    try:
-                        pending.put(None, timeout=0.1)
-                        break
-                    except queue.Full:
-                        if stop.is_set():
-                            break
+                offer(None)     # end marker
 
         # the reader runs in the handler's context (e.g. a guard decision kept in a ContextVar)
         t = threading.Thread(target=contextvars.copy_context().run, args=(reader,),
                              name='akidb-grpc-stream', daemon=True)
         t.start()
         truncated = 0       # the PRD's EmbedResponse has no field for it: the stream's total
+        answered = 0        # the index of the next request to answer
+        with self._streams_lock:
+            self._streams.add(pending)
         try:
             while True:
+                if self._draining.is_set() and pending.empty():
+                    with taking:        # nor a request between its arrival and the queue
+                        if pending.empty():
+                            stop.set()
+                            _end_stopping(context, call0.request_id, answered, truncated)
                 item = _take(pending, last, self.stream_idle_timeout_s)
+                if item is _DRAIN:
+                    continue        # woken by a graceful stop: look again
+                if isinstance(item, int):     # the reader took no more: the server is stopping
+                    stop.set()
+                    _end_stopping(context, call0.request_id, item, truncated)
                 if item is None:
                     context.set_trailing_metadata((('x-request-id', call0.request_id),
                                                    (TRUNCATED_MD, str(truncated))))
@@ -621,10 +670,13 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                                           (TRUNCATED_MD, str(truncated))))
                 record(call, label, None, tokens=int(res.total_tokens))
                 truncated += int(res.truncated_inputs)
+                answered = i + 1
                 last[0] = time.monotonic()
                 yield _response(res)
         finally:
             stop.set()
+            with self._streams_lock:
+                self._streams.discard(pending)
             # requests accepted but never answered (stream cancelled or failed): release their
             # guard permits once the engine is done with them (not counted as failures)
             while True:
@@ -632,7 +684,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     item = pending.get_nowait()
                 except queue.Empty:
                     break
-                if item is not None and callable(item[5]) and item[4] is not None:
+                if isinstance(item, tuple) and callable(item[5]) and item[4] is not None:
                     item[4].add_done_callback(lambda _f, done=item[5]: done(None))
             _INFLIGHT.dec()
 
@@ -831,6 +883,7 @@ class GrpcServer:
         self._stop.set()
         self._reaper.stop()
         self.health.enter_graceful_shutdown()
+        self.servicer.drain()
         t0 = time.monotonic()
         self._server.stop(grace_s).wait(grace_s + 1)
         self._health_pool.shutdown(wait=False)

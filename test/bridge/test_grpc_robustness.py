@@ -292,6 +292,61 @@ def test_idle_stream_times_out(local_backend):
         srv.stop(grace_s=0)
 
 
+def test_graceful_stop_ends_open_streams_after_their_answers(local_backend):
+    """stop(grace): an open EmbedStream, idle or still sending, takes no more requests, answers
+    those it took and ends UNAVAILABLE at the first request not taken, at once. Both held the
+    stop for its whole grace and were then cut off ('Cancelling all calls', no code, no index),
+    the sending one with a request taken, answered and logged but never sent."""
+    srv = GrpcServer(local_backend, host='127.0.0.1', port=0).start()
+    ch = grpc.insecure_channel(f'127.0.0.1:{srv.port}')
+    stub = pb_grpc.EmbeddingServiceStub(ch)
+    release = threading.Event()
+    counts = {'idle': 0, 'steady': 0}
+    outcomes = {}
+
+    def first_then_idle():
+        yield pb.EmbedRequest(inputs=['one'])
+        release.wait(20)
+
+    def steady():
+        i = 0
+        while not release.is_set():
+            yield pb.EmbedRequest(inputs=[f'tick {i}'])
+            i += 1
+            time.sleep(0.02)
+
+    def consume(name, requests):
+        try:
+            for _ in stub.EmbedStream(requests, timeout=30):
+                counts[name] += 1
+            outcomes[name] = (counts[name], 'OK', {})
+        except grpc.RpcError as e:
+            outcomes[name] = (counts[name], e.code(), dict(e.trailing_metadata() or ()))
+
+    threads = [threading.Thread(target=consume, args=('idle', first_then_idle())),
+               threading.Thread(target=consume, args=('steady', steady()))]
+    try:
+        for t in threads:
+            t.start()
+        end = time.monotonic() + 10
+        while (counts['idle'] < 1 or counts['steady'] < 3) and time.monotonic() < end:
+            time.sleep(0.01)        # both streams are answering
+        t0 = time.monotonic()
+        srv.stop(grace_s=8)
+        assert time.monotonic() - t0 < 4
+        for t in threads:
+            t.join(10)
+    finally:
+        release.set()
+        ch.close()
+        srv.stop(grace_s=0)
+    for name, (got, code, md) in outcomes.items():
+        assert code == grpc.StatusCode.UNAVAILABLE, (name, code, md)
+        assert md['akidb-error-code'] == 'UNAVAILABLE' and md['retry-after'] == '1'
+        assert md['akidb-stream-index'] == str(got), (name, got, md)   # nothing taken unanswered
+    assert outcomes['idle'][0] == 1
+
+
 # ------------------------------------------------------------------ requests that cannot decode
 def test_full_stream_share_still_meets_the_guard_first(local_backend, tmp_path):
     """With every stream slot taken, a caller the guard refuses hears the guard's answer
