@@ -280,7 +280,14 @@ class IdleReaper:
                 ctx.cancel()
 
     def stop(self) -> None:
+        """Stop watching, and cancel the calls waiting for their next message now: they have
+        nothing in flight, and a graceful stop would otherwise wait its whole grace for them."""
         self._stop.set()
+        with self._lock:
+            waiting = [ctx for _, ctx in self._waiting.values()]
+            self._waiting.clear()
+        for ctx in waiting:
+            ctx.cancel()
 
 
 _METHOD_HANDLERS = {
@@ -725,6 +732,9 @@ class _HealthServicer(health.HealthServicer):
     close callback of a cancelled Watch, which takes that lock: both wait for good (seen as
     ``GrpcServer.stop`` hanging in ``enter_graceful_shutdown``). Here the lock only guards the
     table of watchers; sends happen after it is released, one at a time per Watch.
+
+    A graceful stop sends every Watch ``NOT_SERVING`` and then ends it (OK): the server's stop
+    waits for every call, and one open Watch held it for the whole grace.
     """
 
     def __init__(self):
@@ -753,8 +763,12 @@ class _HealthServicer(health.HealthServicer):
             for service in self._server_status:
                 self._server_status[service] = not_serving
                 sends.append(list(self._send_response_callbacks.get(service, ())))
+            watches = [send for callbacks in self._send_response_callbacks.values()
+                       for send in callbacks]
         for callbacks in sends:
             self._send(callbacks, not_serving)
+        for send in watches:
+            getattr(send, 'finish', lambda: None)()
 
     def Watch(self, request, context, send_response_callback=None):   # noqa: N802 (gRPC's)
         if send_response_callback is None:      # blocking form: upstream's own
@@ -762,15 +776,28 @@ class _HealthServicer(health.HealthServicer):
         service = request.service
         unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
         one_at_a_time = threading.Lock()
+        open_call = [True]
 
         def send(response):
             # gRPC allows one send in flight per call (a second one kills its polling thread);
             # the end of the call (None) never waits, since it runs on that polling thread
             if response is None:
-                return send_response_callback(None)
+                return end()
             with one_at_a_time:
                 return send_response_callback(response)
 
+        def end():
+            try:
+                open_call.pop()     # once: a stop's finish() and the call's close both end it
+            except IndexError:
+                return None
+            return send_response_callback(None)
+
+        def finish():       # a graceful stop: end the call after the status it sent last
+            with one_at_a_time:
+                end()
+
+        send.finish = finish
         with self._lock:
             status = self._server_status.get(service, unknown)
             self._send_response_callbacks.setdefault(service, set()).add(send)
@@ -780,8 +807,11 @@ class _HealthServicer(health.HealthServicer):
             with self._lock:
                 latest = self._server_status.get(service, unknown)
             if latest == status:
-                return None
+                break
             status = latest
+        if self._gracefully_shutting_down:      # began while this Watch was being set up
+            finish()
+        return None
 
 
 class GrpcServer:
@@ -881,8 +911,8 @@ class GrpcServer:
     def stop(self, grace_s: float = 5.0) -> None:
         """Refuse new calls, finish in-flight ones (up to ``grace_s``), then close."""
         self._stop.set()
+        self.health.enter_graceful_shutdown()     # NOT_SERVING first, then the Watches end
         self._reaper.stop()
-        self.health.enter_graceful_shutdown()
         self.servicer.drain()
         t0 = time.monotonic()
         self._server.stop(grace_s).wait(grace_s + 1)

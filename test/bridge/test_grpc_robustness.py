@@ -292,6 +292,21 @@ def test_idle_stream_times_out(local_backend):
         srv.stop(grace_s=0)
 
 
+def _stop_promptly(srv, threads, ready, grace_s: float = 8.0):
+    """Start ``threads`` (each holding a call open), wait until ``ready()``, then stop ``srv``
+    with a long grace: the stop must not wait that grace for the calls held open."""
+    for t in threads:
+        t.start()
+    end = time.monotonic() + 10
+    while not ready() and time.monotonic() < end:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    srv.stop(grace_s=grace_s)
+    assert time.monotonic() - t0 < grace_s / 2
+    for t in threads:
+        t.join(10)
+
+
 def test_graceful_stop_ends_open_streams_after_their_answers(local_backend):
     """stop(grace): an open EmbedStream, idle or still sending, takes no more requests, answers
     those it took and ends UNAVAILABLE at the first request not taken, at once. Both held the
@@ -326,16 +341,7 @@ def test_graceful_stop_ends_open_streams_after_their_answers(local_backend):
     threads = [threading.Thread(target=consume, args=('idle', first_then_idle())),
                threading.Thread(target=consume, args=('steady', steady()))]
     try:
-        for t in threads:
-            t.start()
-        end = time.monotonic() + 10
-        while (counts['idle'] < 1 or counts['steady'] < 3) and time.monotonic() < end:
-            time.sleep(0.01)        # both streams are answering
-        t0 = time.monotonic()
-        srv.stop(grace_s=8)
-        assert time.monotonic() - t0 < 4
-        for t in threads:
-            t.join(10)
+        _stop_promptly(srv, threads, lambda: counts['idle'] >= 1 and counts['steady'] >= 3)
     finally:
         release.set()
         ch.close()
@@ -501,6 +507,50 @@ def test_health_watch_sends_only_changes(local_backend):
         srv.stop(grace_s=0)
     S = health_pb2.HealthCheckResponse
     assert got == [S.SERVING, S.NOT_SERVING, S.SERVING]
+
+
+def test_graceful_stop_ends_health_watches_and_idle_reflection_streams(local_backend):
+    """stop(grace): a health Watch hears NOT_SERVING and then ends (OK), an idle reflection
+    stream is cancelled, both at once. Each held the stop for its whole grace: one health
+    watcher connected kept every rolling update waiting."""
+    from grpc_reflection.v1alpha import reflection_pb2
+    srv = GrpcServer(local_backend, host='127.0.0.1', port=0).start()
+    ch = grpc.insecure_channel(f'127.0.0.1:{srv.port}')
+    release = threading.Event()
+    S = health_pb2.HealthCheckResponse
+    got, ends = {'watch': [], 'reflection': []}, {}
+
+    def watch():
+        try:
+            for r in health_pb2_grpc.HealthStub(ch).Watch(
+                    health_pb2.HealthCheckRequest(service=''), timeout=30):
+                got['watch'].append(r.status)
+            ends['watch'] = grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            ends['watch'] = e.code()
+
+    def first_then_idle():
+        yield reflection_pb2.ServerReflectionRequest(list_services='')
+        release.wait(20)
+
+    def reflect():
+        try:
+            for r in reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                    first_then_idle(), timeout=30):
+                got['reflection'].append(r)
+            ends['reflection'] = grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            ends['reflection'] = e.code()
+
+    threads = [threading.Thread(target=watch), threading.Thread(target=reflect)]
+    try:
+        _stop_promptly(srv, threads, lambda: got['watch'] and got['reflection'])
+    finally:
+        release.set()
+        ch.close()
+        srv.stop(grace_s=0)
+    assert got['watch'] == [S.SERVING, S.NOT_SERVING] and ends['watch'] == grpc.StatusCode.OK
+    assert len(got['reflection']) == 1 and ends['reflection'] == grpc.StatusCode.CANCELLED
 
 
 def test_server_options(monkeypatch):
