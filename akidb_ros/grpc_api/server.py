@@ -411,6 +411,16 @@ def _take(pending: 'queue.Queue', last: list, idle_s: Optional[float]):
                 return _IDLE
 
 
+def _record_in(span, call: DoorCall, label: str, err: Optional[EngineError], **fields) -> None:
+    """``record`` an EmbedStream request's answer in its span (its trace and span ids on the
+    access-log line, as a unary call's), then end the span."""
+    with trace.use_span(span, end_on_exit=True):
+        if err is not None:
+            span.set_attribute('akidb.error_code', err.code.name)
+            span.set_status(trace.StatusCode.ERROR, err.code.name)
+        record(call, label, err, **fields)
+
+
 def _end_stopping(context, request_id: str, index: int, truncated: int) -> None:
     """End an EmbedStream that a graceful stop drained: ``UNAVAILABLE`` (retryable), with
     ``akidb-stream-index`` = the first request it did not take."""
@@ -605,20 +615,22 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                                         headers=call0.headers, peer=call0.peer,
                                         peer_cert=call0.peer_cert)
                         label = self.labels.label('')
+                        # the request's span lasts until it is answered (_record_in ends it)
                         with tracer().start_as_current_span(
                                 f'{SERVICE_NAME}/EmbedStream', kind=trace.SpanKind.SERVER,
                                 attributes={'rpc.system': 'grpc', 'rpc.method': 'EmbedStream',
                                             'akidb.stream_index': i,
-                                            'akidb.request_id': call.request_id}):
+                                            'akidb.request_id': call.request_id},
+                                end_on_exit=False) as span:
                             try:
                                 req = self._prepare(request, call, context)
                                 label = self.labels.label(req.model)
                                 fut, done = self._submit(call, req)
-                                item = (i, call, label, req, fut, done, None)
+                                item = (i, call, label, req, fut, done, None, span)
                             except EngineError as e:
-                                item = (i, call, label, None, None, None, e)
+                                item = (i, call, label, None, None, None, e, span)
                         offer(item)
-                    if item[-1] is not None:
+                    if item[6] is not None:
                         break
             except Exception as exc:  # client cancelled / stream broken
                 if not stop.is_set():
@@ -659,7 +671,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     log.info('EmbedStream closed after %g s idle', self.stream_idle_timeout_s,
                              extra={'request_id': call0.request_id})
                     _refuse(context, err, call0.request_id)
-                i, call, label, req, fut, done, err = item
+                i, call, label, req, fut, done, err, span = item
                 if err is None:
                     try:
                         res = wait_result(fut, req.timeout_s)
@@ -670,12 +682,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                         if callable(done):
                             done(err)
                 if err is not None:
-                    record(call, label, err)
+                    _record_in(span, call, label, err)
                     stop.set()
                     _abort(context, err, (('x-request-id', call0.request_id),
                                           ('akidb-stream-index', str(i)),
                                           (TRUNCATED_MD, str(truncated))))
-                record(call, label, None, tokens=int(res.total_tokens))
+                _record_in(span, call, label, None, tokens=int(res.total_tokens))
                 truncated += int(res.truncated_inputs)
                 answered = i + 1
                 last[0] = time.monotonic()
@@ -691,7 +703,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     item = pending.get_nowait()
                 except queue.Empty:
                     break
-                if isinstance(item, tuple) and callable(item[5]) and item[4] is not None:
+                if not isinstance(item, tuple):
+                    continue
+                item[7].end()
+                if callable(item[5]) and item[4] is not None:
                     item[4].add_done_callback(lambda _f, done=item[5]: done(None))
             _INFLIGHT.dec()
 

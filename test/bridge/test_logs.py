@@ -6,12 +6,20 @@ import json
 import logging
 import uuid
 
+from contextlib import contextmanager
+
+import grpc
+import pytest
 import requests
 
+from akidb_ros.grpc_api import embedding_pb2 as pb
+from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
 from akidb_ros.observability.logs import ACCESS_LOGGER, JsonFormatter, configure_logging
 
 
-def test_access_log_is_json_with_request_fields(rest_url):
+@contextmanager
+def _access_lines():
+    """The access-log lines written inside the block, as dicts (appended when it ends)."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
@@ -19,23 +27,47 @@ def test_access_log_is_json_with_request_fields(rest_url):
     old_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    trace_id = uuid.uuid4().hex
+    lines = []
     try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        lines.extend(json.loads(x) for x in stream.getvalue().splitlines())
+
+
+def test_access_log_is_json_with_request_fields(rest_url):
+    trace_id = uuid.uuid4().hex
+    with _access_lines() as lines:
         requests.post(rest_url + '/api/v1/embed', json={'inputs': ['log me']}, timeout=10,
                       headers={'X-Request-ID': 'log-ok-1',
                                'traceparent': f'00-{trace_id}-{"cd" * 8}-01'})
         requests.post(rest_url + '/api/v1/embed', json={'inputs': ['x'], 'model': 'nope'},
                       headers={'X-Request-ID': 'log-err-1'}, timeout=10)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-    lines = [json.loads(x) for x in stream.getvalue().splitlines()]
     ok = next(x for x in lines if x.get('request_id') == 'log-ok-1')
     assert ok['outcome'] == 'success' and ok['model'] == 'all-minilm-l6-v2'
     assert ok['transport'] == 'rest' and ok['latency_ms'] > 0 and ok['level'] == 'info'
     assert ok['trace_id'] == trace_id and ok['tokens'] > 0
     err = next(x for x in lines if x.get('request_id') == 'log-err-1')
     assert err['outcome'] == 'error' and err['code'] == 'MODEL_NOT_FOUND' and err['error']
+
+
+def test_stream_access_lines_carry_the_trace_id(grpc_target):
+    """Each EmbedStream request's line carries the caller's trace id and a span id of its
+    own, as a unary call's (docs/api.md: trace ids in every line). They carried neither: the
+    request's span had ended before its answer was logged."""
+    trace_id = uuid.uuid4().hex
+    reqs = [pb.EmbedRequest(inputs=['one']), pb.EmbedRequest(inputs=['two']),
+            pb.EmbedRequest(inputs=['x'], model='nope')]
+    md = [('x-request-id', 'log-stream'), ('traceparent', f'00-{trace_id}-{"cd" * 8}-01')]
+    with grpc.insecure_channel(grpc_target) as ch, _access_lines() as lines:
+        with pytest.raises(grpc.RpcError):
+            list(pb_grpc.EmbeddingServiceStub(ch).EmbedStream(iter(reqs), timeout=10, metadata=md))
+    ours = {x['request_id']: x for x in lines if x['request_id'].startswith('log-stream-')}
+    assert [ours[f'log-stream-{i}']['outcome'] for i in range(3)] == \
+        ['success', 'success', 'error']
+    assert {x.get('trace_id') for x in ours.values()} == {trace_id}
+    assert len({x['span_id'] for x in ours.values()}) == 3
 
 
 def test_configure_logging_json_and_text():
