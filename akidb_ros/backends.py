@@ -38,6 +38,7 @@ DEFAULT_TIMEOUT_S = 5.0
 REJOIN_AFTER_S = 4.0
 REJOIN_EVERY_S = 10.0
 PRESENCE_CHECK_S = 0.25    # how often the sidecar looks whether the node is still in the graph
+DISCOVERY_POLL_S = 0.1     # how often a call in the start-up grace looks for the node
 
 
 @runtime_checkable
@@ -314,7 +315,11 @@ class RosBackend:
 
     def _up(self, service: str) -> bool:
         client = self._clients[service]
-        up = client.service_is_ready()
+        try:
+            up = client.service_is_ready()
+        except Exception:   # its link was retired this instant (a rejoin): ask the new one
+            client = self._clients[service]
+            up = client.service_is_ready()
         if not up:
             client.reset()      # the node that comes back is a new first contact
             self._absent()
@@ -390,11 +395,20 @@ class RosBackend:
         return out
 
     def _await_discovery(self, service: str, timeout_s: float) -> bool:
-        """Within the start-up grace: wait for the node's server (at most the call's budget)."""
-        left = min(self._discovery_until - time.monotonic(), timeout_s)
-        if left > 0:
-            self._clients[service].wait_for_service(timeout_sec=left)
-        return self._up(service)
+        """Within the start-up grace: wait for the node's server (at most the call's budget).
+
+        Looks at the current link every ``DISCOVERY_POLL_S`` instead of blocking in one
+        client's ``wait_for_service``: a node still absent after ``REJOIN_AFTER_S`` makes the
+        bridge rejoin with a new participant and close the old one, and a call waiting on the
+        old client then failed with rclpy's ``InvalidHandle`` (a 500 ``INTERNAL``).
+        """
+        until = time.monotonic() + min(self._discovery_until - time.monotonic(), timeout_s)
+        while not self._up(service):
+            left = until - time.monotonic()
+            if left <= 0 or not self._running:
+                return False
+            time.sleep(min(DISCOVERY_POLL_S, left))
+        return True
 
     def _forget(self, call: '_PendingCall') -> None:
         with self._pending_lock:

@@ -361,6 +361,42 @@ def test_calls_in_flight_fail_unavailable_when_the_node_leaves_the_graph(node):
     assert wait_until(lambda: _node_answers(node), 20)
 
 
+def test_calls_waiting_for_discovery_outlive_a_rejoin(monkeypatch):
+    """Calls made in the start-up grace wait for a node; one still absent after REJOIN_AFTER_S
+    makes the bridge rejoin the DDS graph with a new participant and close the old one. The
+    waiting calls are answered UNAVAILABLE when their wait ends; they used to fail with rclpy's
+    InvalidHandle (REST 500 INTERNAL, gRPC UNKNOWN): they were blocked in the old participant's
+    wait_for_service when it was closed."""
+    import threading
+    from akidb_ros import backends
+    monkeypatch.setattr(backends, 'REJOIN_AFTER_S', 0.5)
+    backend = backends.RosBackend(prefix='/akidb_nobody_' + uuid.uuid4().hex[:8], timeout_s=3.0,
+                                  discovery_timeout_s=3.0)
+    outcomes = []
+
+    def call():
+        t0 = time.monotonic()
+        try:
+            backend.embed(EmbedRequest(inputs=['anyone there?'], timeout_s=2.0))
+            outcomes.append(('answered', time.monotonic() - t0))
+        except Exception as exc:    # noqa: BLE001 - what the door would turn into a status
+            outcomes.append((exc, time.monotonic() - t0))
+    try:
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for t in threads:
+            t.start()
+        # the bridge's own looks (probes, health) while the calls wait: the rejoin happens
+        assert wait_until(lambda: backend._up('embed') or backend._last_rejoin > 0, 5, 0.05)
+        for t in threads:
+            t.join(10)
+        assert len(outcomes) == 4
+        for exc, took in outcomes:
+            assert isinstance(exc, EngineError) and exc.code is ErrorCode.UNAVAILABLE, exc
+            assert took < 2.0 + 1.0
+    finally:
+        backend.close()
+
+
 def _node_answers(node) -> bool:
     from akidb_ros.backends import RosBackend
     b = RosBackend(prefix=node.namespace, timeout_s=2.0)
