@@ -213,6 +213,12 @@ class RosBackend:
         self.timeout_s = timeout_s
         self._latency = m.BACKEND_LATENCY.labels(self.name)
         self._deadlines = DeadlineWatcher(name='akidb-bridge-deadlines')
+        # Embed calls in flight, at most the service's history depth: DDS keeps the last
+        # qos_depth requests a server has not taken yet (and replies a client has not) and drops
+        # older ones silently, so a bridge with more in flight than the node's depth lost calls
+        # (each a TIMEOUT after its budget). The node's default qos_depth is the same, 1000.
+        self._max_embeds = qos_depth
+        self._embed_slots = threading.BoundedSemaphore(qos_depth)
         base = prefix.rstrip('/')
         qos = QoSProfile(depth=qos_depth)
         node_name = node_name or f'akidb_bridge_{os.getpid()}_{uuid.uuid4().hex[:6]}'
@@ -350,7 +356,25 @@ class RosBackend:
             self._rejoin_lock.release()
 
     def _call(self, service: str, request, timeout_s: float) -> Future:
-        """call_async → concurrent Future with a deadline. UNAVAILABLE when no server."""
+        """call_async → concurrent Future with a deadline. UNAVAILABLE when no server;
+        ``embed``: OVERLOADED when ``qos_depth`` calls already wait on the node (one more could
+        push an unanswered request out of the node's request history: lost, not refused)."""
+        if service != 'embed':
+            return self._send(service, request, timeout_s)
+        if not self._embed_slots.acquire(blocking=False):
+            raise EngineError(ErrorCode.OVERLOADED,
+                              f'{self._max_embeds} calls already wait on the embedding node, '
+                              'the most its DDS service carries without dropping one',
+                              retry_after_s=1.0)
+        try:
+            out = self._send(service, request, timeout_s)
+        except BaseException:
+            self._embed_slots.release()
+            raise
+        out.add_done_callback(lambda _f: self._embed_slots.release())
+        return out
+
+    def _send(self, service: str, request, timeout_s: float) -> Future:
         if not self._running:
             raise EngineError(ErrorCode.UNAVAILABLE, 'bridge is shutting down')
         up = self._up(service)

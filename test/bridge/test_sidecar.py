@@ -278,6 +278,50 @@ def test_trace_context_crosses_dds(sidecar, span_exporter):
     assert hop.parent.span_id == server.context.span_id
 
 
+def _outcome(future) -> str:
+    try:
+        future.result(timeout=30)
+        return 'OK'
+    except EngineError as err:
+        return err.code.name
+
+
+def test_a_burst_through_the_dds_hop_loses_no_call(node):
+    """A bridge sends calls as its doors get them (EmbedStreams pipeline 64 each): the node's
+    service keeps its last qos_depth requests not yet taken and DDS drops older ones silently.
+    With the old default depth (100) a burst of 300 lost 16-101 calls, each a TIMEOUT after its
+    budget; the default is now 1000, and a bridge keeps at most its own depth in flight,
+    refusing one more OVERLOADED at once instead of losing it."""
+    from akidb_ros.backends import RosBackend
+    backend = RosBackend(prefix=node.namespace, timeout_s=10.0)
+    try:
+        assert wait_until(backend.ready, 60, 0.2)
+        assert backend.embed(EmbedRequest(inputs=['first contact'])).dimension == 384
+        futures = [backend.submit(EmbedRequest(inputs=[f'burst {i}'], timeout_s=10.0))
+                   for i in range(400)]
+        outcomes = [_outcome(f) for f in futures]
+        assert outcomes.count('OK') == 400, sorted(set(outcomes))
+    finally:
+        backend.close()
+    # more calls than the bridge's depth: the excess is refused at once, the rest answered
+    backend = RosBackend(prefix=node.namespace, timeout_s=10.0, qos_depth=16)
+    try:
+        assert wait_until(backend.ready, 60, 0.2)
+        assert backend.embed(EmbedRequest(inputs=['first contact'])).dimension == 384
+        texts = ['The robot waits at the charging dock for its next goal. ' * 6] * 8
+        futures, refused = [], 0
+        for _ in range(64):
+            try:
+                futures.append(backend.submit(EmbedRequest(inputs=texts, timeout_s=10.0)))
+            except EngineError as err:
+                assert err.code is ErrorCode.OVERLOADED and err.retry_after_s, err
+                refused += 1
+        assert refused and len(futures) >= 16
+        assert {_outcome(f) for f in futures} == {'OK'}
+    finally:
+        backend.close()
+
+
 def test_slow_node_gives_timeout_then_recovers(node, sidecar, side_rest, side_grpc):
     os.kill(node.proc.pid, signal.SIGSTOP)          # the node hangs (no crash, no goodbye)
     try:
