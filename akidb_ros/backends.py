@@ -263,6 +263,7 @@ class RosBackend:
         self._has_timeout = 'timeout_s' in fields
         self._has_input_type = 'input_type' in fields
         self._running = True
+        self._stopping = False              # fail_waiting: a graceful stop's grace is over
         self._spin_thread = threading.Thread(target=self._spin, name='akidb-ros-bridge',
                                              daemon=True)
         self._spin_thread.start()
@@ -375,7 +376,7 @@ class RosBackend:
         return out
 
     def _send(self, service: str, request, timeout_s: float) -> Future:
-        if not self._running:
+        if not self._running or self._stopping:
             raise EngineError(ErrorCode.UNAVAILABLE, 'bridge is shutting down')
         up = self._up(service)
         if not up and time.monotonic() < self._discovery_until:
@@ -429,7 +430,7 @@ class RosBackend:
         until = time.monotonic() + min(self._discovery_until - time.monotonic(), timeout_s)
         while not self._up(service):
             left = until - time.monotonic()
-            if left <= 0 or not self._running:
+            if left <= 0 or not self._running or self._stopping:
                 return False
             time.sleep(min(DISCOVERY_POLL_S, left))
         return True
@@ -589,6 +590,17 @@ class RosBackend:
         if not self._up('embed'):
             return False
         return self.health().status == 'healthy'
+
+    def fail_waiting(self) -> None:
+        """A graceful stop's grace is over: take no more calls and answer the calls still waiting
+        on the node UNAVAILABLE now, while the doors can send those answers (``close`` comes
+        after the doors have closed their connections)."""
+        self._stopping = True
+        with self._pending_lock:
+            calls = list(self._pending)
+        for call in calls:
+            call.settle(EngineError(ErrorCode.UNAVAILABLE, 'bridge shut down before the '
+                                    'embedding node answered', retry_after_s=1.0))
 
     def close(self) -> None:
         if not self._running:

@@ -405,6 +405,64 @@ def test_calls_in_flight_fail_unavailable_when_the_node_leaves_the_graph(node):
     assert wait_until(lambda: _node_answers(node), 20)
 
 
+def test_a_stopping_bridge_answers_the_calls_still_waiting_when_its_grace_ends(node):
+    """A graceful stop whose grace is shorter than the calls' budget: when the grace is over,
+    the calls still waiting on the node are answered UNAVAILABLE (REST 503, gRPC UNAVAILABLE
+    with akidb-error-code) before the doors close. The doors used to close first: a REST
+    caller's connection was reset unanswered, a gRPC call cancelled without a code."""
+    import threading
+    import grpc
+    from akidb_ros.backends import RosBackend
+    from akidb_ros.grpc_api import embedding_pb2 as pb
+    from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
+    from akidb_ros.server import ANSWER_S, Bridges
+    backend = RosBackend(prefix=node.namespace, timeout_s=30.0)
+    bridges = Bridges(backend, host='127.0.0.1', rest_port=0, grpc_port=0,
+                      timeout_s=30.0).start()
+    bridges.on_close(backend.close)
+    outcomes = []
+
+    def rest_call():
+        try:
+            r = requests.post(f'http://127.0.0.1:{bridges.rest_port}/api/v1/embed',
+                              json={'inputs': ['held at the stop']}, timeout=20)
+            outcomes.append(('rest', r.status_code, r.json()['code']))
+        except requests.RequestException as exc:
+            outcomes.append(('rest', type(exc).__name__, None))
+
+    def grpc_call():
+        with grpc.insecure_channel(f'127.0.0.1:{bridges.grpc_port}') as channel:
+            try:
+                pb_grpc.EmbeddingServiceStub(channel).Embed(
+                    pb.EmbedRequest(inputs=['held at the stop'], normalize=True), timeout=20)
+                outcomes.append(('grpc', 'OK', None))
+            except grpc.RpcError as err:
+                outcomes.append(('grpc', err.code().name,
+                                 dict(err.trailing_metadata() or ()).get('akidb-error-code')))
+    stopped = False
+    try:
+        assert wait_until(backend.ready, 60, 0.2)
+        assert backend.embed(EmbedRequest(inputs=['first contact'])).dimension == 384
+        os.kill(node.proc.pid, signal.SIGSTOP)     # it holds the calls (within its DDS lease)
+        threads = [threading.Thread(target=fn) for fn in (rest_call, grpc_call) * 3]
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: len(backend._pending) == 6, 1.0, 0.02)
+        t0 = time.monotonic()
+        bridges.stop(grace_s=0.3)
+        stopped = True
+        for t in threads:
+            t.join(10)
+        assert time.monotonic() - t0 < 0.3 + ANSWER_S + 0.5
+    finally:
+        os.kill(node.proc.pid, signal.SIGCONT)
+        if not stopped:
+            bridges.stop(0)
+    assert sorted(outcomes) == [('grpc', 'UNAVAILABLE', 'UNAVAILABLE')] * 3 + \
+        [('rest', 503, 'UNAVAILABLE')] * 3, outcomes
+    assert wait_until(lambda: _node_answers(node), 20)
+
+
 def test_calls_waiting_for_discovery_outlive_a_rejoin(monkeypatch):
     """Calls made in the start-up grace wait for a node; one still absent after REJOIN_AFTER_S
     makes the bridge rejoin the DDS graph with a new participant and close the old one. The
