@@ -38,6 +38,7 @@ DEFAULT_TIMEOUT_S = 5.0
 REJOIN_AFTER_S = 4.0
 REJOIN_EVERY_S = 10.0
 PRESENCE_CHECK_S = 0.25    # how often the sidecar looks whether the node is still in the graph
+DISCOVERY_POLL_S = 0.1     # how often a call in the start-up grace looks for the node
 
 
 @runtime_checkable
@@ -212,6 +213,12 @@ class RosBackend:
         self.timeout_s = timeout_s
         self._latency = m.BACKEND_LATENCY.labels(self.name)
         self._deadlines = DeadlineWatcher(name='akidb-bridge-deadlines')
+        # Embed calls in flight, at most the service's history depth: DDS keeps the last
+        # qos_depth requests a server has not taken yet (and replies a client has not) and drops
+        # older ones silently, so a bridge with more in flight than the node's depth lost calls
+        # (each a TIMEOUT after its budget). The node's default qos_depth is the same, 1000.
+        self._max_embeds = qos_depth
+        self._embed_slots = threading.BoundedSemaphore(qos_depth)
         base = prefix.rstrip('/')
         qos = QoSProfile(depth=qos_depth)
         node_name = node_name or f'akidb_bridge_{os.getpid()}_{uuid.uuid4().hex[:6]}'
@@ -256,6 +263,7 @@ class RosBackend:
         self._has_timeout = 'timeout_s' in fields
         self._has_input_type = 'input_type' in fields
         self._running = True
+        self._stopping = False              # fail_waiting: a graceful stop's grace is over
         self._spin_thread = threading.Thread(target=self._spin, name='akidb-ros-bridge',
                                              daemon=True)
         self._spin_thread.start()
@@ -314,7 +322,11 @@ class RosBackend:
 
     def _up(self, service: str) -> bool:
         client = self._clients[service]
-        up = client.service_is_ready()
+        try:
+            up = client.service_is_ready()
+        except Exception:   # its link was retired this instant (a rejoin): ask the new one
+            client = self._clients[service]
+            up = client.service_is_ready()
         if not up:
             client.reset()      # the node that comes back is a new first contact
             self._absent()
@@ -345,8 +357,26 @@ class RosBackend:
             self._rejoin_lock.release()
 
     def _call(self, service: str, request, timeout_s: float) -> Future:
-        """call_async → concurrent Future with a deadline. UNAVAILABLE when no server."""
-        if not self._running:
+        """call_async → concurrent Future with a deadline. UNAVAILABLE when no server;
+        ``embed``: OVERLOADED when ``qos_depth`` calls already wait on the node (one more could
+        push an unanswered request out of the node's request history: lost, not refused)."""
+        if service != 'embed':
+            return self._send(service, request, timeout_s)
+        if not self._embed_slots.acquire(blocking=False):
+            raise EngineError(ErrorCode.OVERLOADED,
+                              f'{self._max_embeds} calls already wait on the embedding node, '
+                              'the most its DDS service carries without dropping one',
+                              retry_after_s=1.0)
+        try:
+            out = self._send(service, request, timeout_s)
+        except BaseException:
+            self._embed_slots.release()
+            raise
+        out.add_done_callback(lambda _f: self._embed_slots.release())
+        return out
+
+    def _send(self, service: str, request, timeout_s: float) -> Future:
+        if not self._running or self._stopping:
             raise EngineError(ErrorCode.UNAVAILABLE, 'bridge is shutting down')
         up = self._up(service)
         if not up and time.monotonic() < self._discovery_until:
@@ -390,11 +420,20 @@ class RosBackend:
         return out
 
     def _await_discovery(self, service: str, timeout_s: float) -> bool:
-        """Within the start-up grace: wait for the node's server (at most the call's budget)."""
-        left = min(self._discovery_until - time.monotonic(), timeout_s)
-        if left > 0:
-            self._clients[service].wait_for_service(timeout_sec=left)
-        return self._up(service)
+        """Within the start-up grace: wait for the node's server (at most the call's budget).
+
+        Looks at the current link every ``DISCOVERY_POLL_S`` instead of blocking in one
+        client's ``wait_for_service``: a node still absent after ``REJOIN_AFTER_S`` makes the
+        bridge rejoin with a new participant and close the old one, and a call waiting on the
+        old client then failed with rclpy's ``InvalidHandle`` (a 500 ``INTERNAL``).
+        """
+        until = time.monotonic() + min(self._discovery_until - time.monotonic(), timeout_s)
+        while not self._up(service):
+            left = until - time.monotonic()
+            if left <= 0 or not self._running or self._stopping:
+                return False
+            time.sleep(min(DISCOVERY_POLL_S, left))
+        return True
 
     def _forget(self, call: '_PendingCall') -> None:
         with self._pending_lock:
@@ -551,6 +590,17 @@ class RosBackend:
         if not self._up('embed'):
             return False
         return self.health().status == 'healthy'
+
+    def fail_waiting(self) -> None:
+        """A graceful stop's grace is over: take no more calls and answer the calls still waiting
+        on the node UNAVAILABLE now, while the doors can send those answers (``close`` comes
+        after the doors have closed their connections)."""
+        self._stopping = True
+        with self._pending_lock:
+            calls = list(self._pending)
+        for call in calls:
+            call.settle(EngineError(ErrorCode.UNAVAILABLE, 'bridge shut down before the '
+                                    'embedding node answered', retry_after_s=1.0))
 
     def close(self) -> None:
         if not self._running:

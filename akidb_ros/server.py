@@ -64,6 +64,9 @@ def _env_choice(name: str, default: str, choices) -> str:
 
 PROBE_OFF = 'off'
 MODES = ('inprocess', 'sidecar')
+# After a graceful stop's grace, the time the doors get to send the answers a backend gave its
+# calls still waiting (Bridges.stop)
+ANSWER_S = 1.0
 ROS_EXECUTORS = ('events', 'single')
 
 
@@ -288,21 +291,34 @@ class Bridges:
         """Doors first (finish in-flight calls), then whatever they sit on (node, engine).
 
         The probe listener stops with the doors: a draining server is not ready, and the
-        backend it asks is closed right after.
+        backend it asks is closed right after. A backend whose calls wait on another process
+        (the sidecar's node: ``RosBackend.fail_waiting``) answers those still waiting when
+        ``grace_s`` is over, ``UNAVAILABLE``, and the doors get ``ANSWER_S`` more to send the
+        answers (they used to close first: a REST caller's connection was reset unanswered).
         """
         stoppers = []
+        door_grace = grace_s
+        fail_waiting = getattr(self.backend, 'fail_waiting', None)
+        timer = None
+        if fail_waiting is not None:
+            timer = threading.Timer(grace_s, fail_waiting)
+            timer.daemon = True
+            timer.start()
+            door_grace = grace_s + ANSWER_S
         if self.tls_front is not None:
             self.tls_front.stop()     # no new TLS connections; open ones finish upstream
         if self.grpc:
-            stoppers.append(threading.Thread(target=self.grpc.stop, args=(grace_s,)))
+            stoppers.append(threading.Thread(target=self.grpc.stop, args=(door_grace,)))
         if self.rest:
-            stoppers.append(threading.Thread(target=self.rest.stop, args=(grace_s,)))
+            stoppers.append(threading.Thread(target=self.rest.stop, args=(door_grace,)))
         if self.probe:
             stoppers.append(threading.Thread(target=self.probe.stop, args=(min(grace_s, 2.0),)))
         for t in stoppers:
             t.start()
         for t in stoppers:
-            t.join(grace_s + 5)
+            t.join(door_grace + 5)
+        if timer is not None:
+            timer.cancel()
         for fn in reversed(self._closers):
             try:
                 fn()

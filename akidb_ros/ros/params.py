@@ -116,7 +116,8 @@ PARAMS: List[ParamSpec] = [
               read_only=True),
     ParamSpec('metrics_address', '127.0.0.1', 'Address the metrics server binds',
               read_only=True),
-    ParamSpec('qos_depth', 100, 'History depth of the service QoS (>= peak calls in flight)',
+    ParamSpec('qos_depth', 1000, 'History depth of the service QoS (>= peak calls in flight: '
+              'DDS drops the oldest untaken request beyond it, silently)',
               range=(16, 100_000), read_only=True),
     ParamSpec('executor', 'events', 'Executor spinning the node',
               constraints="multi_threaded (MultiThreadedExecutor, executor_threads threads) | "

@@ -278,6 +278,50 @@ def test_trace_context_crosses_dds(sidecar, span_exporter):
     assert hop.parent.span_id == server.context.span_id
 
 
+def _outcome(future) -> str:
+    try:
+        future.result(timeout=30)
+        return 'OK'
+    except EngineError as err:
+        return err.code.name
+
+
+def test_a_burst_through_the_dds_hop_loses_no_call(node):
+    """A bridge sends calls as its doors get them (EmbedStreams pipeline 64 each): the node's
+    service keeps its last qos_depth requests not yet taken and DDS drops older ones silently.
+    With the old default depth (100) a burst of 300 lost 16-101 calls, each a TIMEOUT after its
+    budget; the default is now 1000, and a bridge keeps at most its own depth in flight,
+    refusing one more OVERLOADED at once instead of losing it."""
+    from akidb_ros.backends import RosBackend
+    backend = RosBackend(prefix=node.namespace, timeout_s=10.0)
+    try:
+        assert wait_until(backend.ready, 60, 0.2)
+        assert backend.embed(EmbedRequest(inputs=['first contact'])).dimension == 384
+        futures = [backend.submit(EmbedRequest(inputs=[f'burst {i}'], timeout_s=10.0))
+                   for i in range(400)]
+        outcomes = [_outcome(f) for f in futures]
+        assert outcomes.count('OK') == 400, sorted(set(outcomes))
+    finally:
+        backend.close()
+    # more calls than the bridge's depth: the excess is refused at once, the rest answered
+    backend = RosBackend(prefix=node.namespace, timeout_s=10.0, qos_depth=16)
+    try:
+        assert wait_until(backend.ready, 60, 0.2)
+        assert backend.embed(EmbedRequest(inputs=['first contact'])).dimension == 384
+        texts = ['The robot waits at the charging dock for its next goal. ' * 6] * 8
+        futures, refused = [], 0
+        for _ in range(64):
+            try:
+                futures.append(backend.submit(EmbedRequest(inputs=texts, timeout_s=10.0)))
+            except EngineError as err:
+                assert err.code is ErrorCode.OVERLOADED and err.retry_after_s, err
+                refused += 1
+        assert refused and len(futures) >= 16
+        assert {_outcome(f) for f in futures} == {'OK'}
+    finally:
+        backend.close()
+
+
 def test_slow_node_gives_timeout_then_recovers(node, sidecar, side_rest, side_grpc):
     os.kill(node.proc.pid, signal.SIGSTOP)          # the node hangs (no crash, no goodbye)
     try:
@@ -359,6 +403,100 @@ def test_calls_in_flight_fail_unavailable_when_the_node_leaves_the_graph(node):
         os.kill(node.proc.pid, signal.SIGCONT)
         backend.close()
     assert wait_until(lambda: _node_answers(node), 20)
+
+
+def test_a_stopping_bridge_answers_the_calls_still_waiting_when_its_grace_ends(node):
+    """A graceful stop whose grace is shorter than the calls' budget: when the grace is over,
+    the calls still waiting on the node are answered UNAVAILABLE (REST 503, gRPC UNAVAILABLE
+    with akidb-error-code) before the doors close. The doors used to close first: a REST
+    caller's connection was reset unanswered, a gRPC call cancelled without a code."""
+    import threading
+    import grpc
+    from akidb_ros.backends import RosBackend
+    from akidb_ros.grpc_api import embedding_pb2 as pb
+    from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
+    from akidb_ros.server import ANSWER_S, Bridges
+    backend = RosBackend(prefix=node.namespace, timeout_s=30.0)
+    bridges = Bridges(backend, host='127.0.0.1', rest_port=0, grpc_port=0,
+                      timeout_s=30.0).start()
+    bridges.on_close(backend.close)
+    outcomes = []
+
+    def rest_call():
+        try:
+            r = requests.post(f'http://127.0.0.1:{bridges.rest_port}/api/v1/embed',
+                              json={'inputs': ['held at the stop']}, timeout=20)
+            outcomes.append(('rest', r.status_code, r.json()['code']))
+        except requests.RequestException as exc:
+            outcomes.append(('rest', type(exc).__name__, None))
+
+    def grpc_call():
+        with grpc.insecure_channel(f'127.0.0.1:{bridges.grpc_port}') as channel:
+            try:
+                pb_grpc.EmbeddingServiceStub(channel).Embed(
+                    pb.EmbedRequest(inputs=['held at the stop'], normalize=True), timeout=20)
+                outcomes.append(('grpc', 'OK', None))
+            except grpc.RpcError as err:
+                outcomes.append(('grpc', err.code().name,
+                                 dict(err.trailing_metadata() or ()).get('akidb-error-code')))
+    stopped = False
+    try:
+        assert wait_until(backend.ready, 60, 0.2)
+        assert backend.embed(EmbedRequest(inputs=['first contact'])).dimension == 384
+        os.kill(node.proc.pid, signal.SIGSTOP)     # it holds the calls (within its DDS lease)
+        threads = [threading.Thread(target=fn) for fn in (rest_call, grpc_call) * 3]
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: len(backend._pending) == 6, 1.0, 0.02)
+        t0 = time.monotonic()
+        bridges.stop(grace_s=0.3)
+        stopped = True
+        for t in threads:
+            t.join(10)
+        assert time.monotonic() - t0 < 0.3 + ANSWER_S + 0.5
+    finally:
+        os.kill(node.proc.pid, signal.SIGCONT)
+        if not stopped:
+            bridges.stop(0)
+    assert sorted(outcomes) == [('grpc', 'UNAVAILABLE', 'UNAVAILABLE')] * 3 + \
+        [('rest', 503, 'UNAVAILABLE')] * 3, outcomes
+    assert wait_until(lambda: _node_answers(node), 20)
+
+
+def test_calls_waiting_for_discovery_outlive_a_rejoin(monkeypatch):
+    """Calls made in the start-up grace wait for a node; one still absent after REJOIN_AFTER_S
+    makes the bridge rejoin the DDS graph with a new participant and close the old one. The
+    waiting calls are answered UNAVAILABLE when their wait ends; they used to fail with rclpy's
+    InvalidHandle (REST 500 INTERNAL, gRPC UNKNOWN): they were blocked in the old participant's
+    wait_for_service when it was closed."""
+    import threading
+    from akidb_ros import backends
+    monkeypatch.setattr(backends, 'REJOIN_AFTER_S', 0.5)
+    backend = backends.RosBackend(prefix='/akidb_nobody_' + uuid.uuid4().hex[:8], timeout_s=3.0,
+                                  discovery_timeout_s=3.0)
+    outcomes = []
+
+    def call():
+        t0 = time.monotonic()
+        try:
+            backend.embed(EmbedRequest(inputs=['anyone there?'], timeout_s=2.0))
+            outcomes.append(('answered', time.monotonic() - t0))
+        except Exception as exc:    # noqa: BLE001 - what the door would turn into a status
+            outcomes.append((exc, time.monotonic() - t0))
+    try:
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for t in threads:
+            t.start()
+        # the bridge's own looks (probes, health) while the calls wait: the rejoin happens
+        assert wait_until(lambda: backend._up('embed') or backend._last_rejoin > 0, 5, 0.05)
+        for t in threads:
+            t.join(10)
+        assert len(outcomes) == 4
+        for exc, took in outcomes:
+            assert isinstance(exc, EngineError) and exc.code is ErrorCode.UNAVAILABLE, exc
+            assert took < 2.0 + 1.0
+    finally:
+        backend.close()
 
 
 def _node_answers(node) -> bool:

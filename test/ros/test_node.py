@@ -416,7 +416,7 @@ def test_parameter_checks(client):
     got = call(client, GetParameters, 'embedding_node/get_parameters',
                GetParameters.Request(names=['batching.max_batch_size', 'qos_depth']))
     assert got.values[0].type == ParameterType.PARAMETER_INTEGER
-    assert [v.integer_value for v in got.values] == [16, 100]
+    assert [v.integer_value for v in got.values] == [16, 1000]
     _set(client, batching__max_batch_size=0)
 
 
