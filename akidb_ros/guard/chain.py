@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Optional, Union
+from urllib.parse import unquote
 
 from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.types import Priority
@@ -42,11 +43,15 @@ _PEER_HOST = re.compile(r'^(?:ipv4:|ipv6:)?\[?([^\]]*?)\]?(?::\d+)?$')
 
 
 def peer_host(peer: str) -> str:
-    """'ipv4:10.0.0.7:5123' / '10.0.0.7' / 'ipv6:[::1]:5' -> the host part."""
+    """'ipv4:10.0.0.7:5123' / '10.0.0.7' / 'ipv6:[::1]:5' -> the host part.
+
+    gRPC percent-encodes the brackets of an IPv6 peer ('ipv6:%5B::1%5D:5'): decoded here, or
+    every connection (every port) of one host would count as a host of its own.
+    """
     if not peer:
         return 'unknown'
     if peer.startswith('ipv6:'):
-        rest = peer[5:]
+        rest = unquote(peer[5:])
         return rest[1:rest.index(']')] if rest.startswith('[') and ']' in rest else rest
     if peer.count(':') > 1 and not peer.startswith(('ipv4:', '[')):
         return peer  # bare IPv6 address

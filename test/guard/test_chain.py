@@ -299,6 +299,27 @@ def test_refused_credentials_are_rate_limited_per_peer(setup, clock):
     assert e.value.code is ErrorCode.UNAUTHENTICATED
 
 
+def test_refusals_from_one_ipv6_host_share_its_bucket_whatever_the_port(setup):
+    """gRPC names an IPv6 peer ``ipv6:%5B<address>%5D:<port>`` (the brackets percent-encoded):
+    the auth-failure limit is per host, so a new connection (a new port) gets no fresh bucket,
+    and the audit names the host."""
+    from akidb_ros.guard.chain import peer_host
+    assert peer_host('ipv6:%5B2001:db8::7%5D:40001') == '2001:db8::7'
+    assert peer_host('ipv6:[2001:db8::7]:40001') == '2001:db8::7'
+    guard, _, _, audit_path, _ = setup
+    bad = 'akidb.k0123456789ab.' + 'B' * 43
+    codes = []
+    for port in range(40000, 40030):        # a connection of its own for each attempt
+        creds = Credentials(api_key=bad, peer=f'ipv6:%5B2001:db8::7%5D:{port}')
+        try:
+            guard.check('/akidb.embedding.v1.EmbeddingService/Embed', creds, transport='grpc')
+        except EngineError as exc:
+            codes.append(exc.code)
+    assert codes == [ErrorCode.UNAUTHENTICATED] * 20 + [ErrorCode.RATE_LIMITED] * 10
+    lines = [json.loads(x) for x in open(audit_path)]
+    assert {x['peer'] for x in lines if x['event'] == 'auth_failure'} == {'2001:db8::7'}
+
+
 def test_each_request_of_one_guarded_call_takes_a_token(setup):
     """A stream's messages share the transport's decision (one check per call), yet each of
     them takes a rate-limit token of its own: a stream cannot go past the limit."""
