@@ -67,8 +67,8 @@ class Decision:
     permission: Permission
     rate: Optional[RateLimitDecision] = None
     headers: Dict[str, str] = field(default_factory=dict)  # X-RateLimit-* to add to the reply
-    # its rate-limit token went to a request already: each further request of the same call
-    # (the messages of an EmbedStream) takes a token of its own
+    # it served a request already: each further request of the same call (the messages of an
+    # EmbedStream) is checked again by ``door_hook`` (credentials, role, a token of its own)
     spent: bool = False
 
     @property
@@ -420,7 +420,7 @@ class Guard:
         from .integrations import current_decision
 
         pre = current_decision()
-        if pre is not None:
+        if pre is not None and not pre.spent:
             # the transport layer (install_flask / GuardInterceptor) already authenticated,
             # authorised the route and took a rate-limit token: check the operation only
             self.authorize(
@@ -431,12 +431,11 @@ class Guard:
                 peer=call.peer or '',
             )
             decision = pre
-            if pre.spent:       # a later request of the same call (stream): its own token
-                d = self.rate_limit(pre.identity, transport=call.transport,
-                                    request_id=call.request_id)
-                decision = Decision(pre.identity, pre.permission, d, d.headers(), spent=True)
             pre.spent = True
         else:
+            # no transport check, or a later request of the same call (the messages of an
+            # EmbedStream): the whole chain again, so a key revoked or a token expired while
+            # the stream is open stops it at its next message, and each takes its own token
             creds = credentials_from_headers(
                 call.headers or {},
                 peer=call.peer or '',
