@@ -86,13 +86,18 @@ def load_jwks_keys(path: str) -> Dict[Optional[str], rsa.RSAPublicKey]:
         raise ValueError(f'{path}: not a JWKS (an object with a "keys" list)')
     keys: Dict[Optional[str], rsa.RSAPublicKey] = {}
     for i, jwk in enumerate(doc['keys']):
+        if not isinstance(jwk, dict):
+            raise ValueError(f'{path}: key {i} is not a JSON object')
         if jwk.get('kty') != 'RSA' or jwk.get('use', 'sig') != 'sig':
             continue
         if jwk.get('alg', ALGORITHM) != ALGORITHM:
             continue
         if 'd' in jwk:
             raise ValueError(f'{path}: key {i} contains a private part; publish public keys only')
-        key = pyjwt.PyJWK(jwk, algorithm=ALGORITHM).key
+        try:
+            key = pyjwt.PyJWK(jwk, algorithm=ALGORITHM).key
+        except pyjwt.PyJWTError as exc:     # a key without n or e, say
+            raise ValueError(f'{path}: key {i}: {exc}') from None
         keys[jwk.get('kid')] = _check_rsa(key, f'{path} key {i}')
     if not keys:
         raise NoSigningKeysError(f'{path}: no RS256 signing keys')

@@ -235,6 +235,31 @@ def test_a_jwks_with_every_key_removed_refuses_every_token(tmp_path, rsa_keys, c
         JwtVerifier(JwtSettings(issuer=ISS, audience=AUD, jwks_file=path))
 
 
+@pytest.mark.parametrize('bad', [{'kty': 'RSA', 'kid': 'k9'}, 'not an object', None])
+def test_a_jwks_entry_that_does_not_load_keeps_the_old_keys(tmp_path, rsa_keys, clock, bad):
+    """A key entry PyJWK cannot build (no ``n``/``e``), or one that is not an object, makes
+    the file one that does not load: the previous keys stay and tokens are still answered
+    (before, the exception escaped ``verify``: a 500 for the caller once a reload interval);
+    at start it stops the server with the file named."""
+    path = str(tmp_path / 'jwks.json')
+    k1 = rsa_keys['good']
+    write_jwks(path, {'k1': k1.public_key()})
+    v = JwtVerifier(
+        JwtSettings(issuer=ISS, audience=AUD, jwks_file=path, reload_interval_s=1.0), clock=clock
+    )
+    tok = issue_token(k1, subject='a', role='viewer', issuer=ISS, audience=AUD, kid='k1')
+    with open(path) as fh:
+        doc = json.load(fh)
+    doc['keys'].append(bad)
+    with open(path, 'w') as fh:
+        json.dump(doc, fh)
+    for _ in range(2):
+        clock.advance(1.01)
+        assert v.identity(tok).role is Role.VIEWER
+    with pytest.raises(ValueError, match='jwks.json: key 1'):
+        JwtVerifier(JwtSettings(issuer=ISS, audience=AUD, jwks_file=path))
+
+
 def test_weak_or_private_keys_refused_at_load(tmp_path):
     weak = make_rsa_key(1024)
     p = tmp_path / 'weak.pem'
