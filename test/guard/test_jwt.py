@@ -205,17 +205,23 @@ def test_jwks_kid_selection_and_rotation_without_restart(tmp_path, rsa_keys, clo
     assert e.value.reason == 'bad_signature'
 
 
+def _one_key_jwks(tmp_path, key, clock):
+    """(JWKS path holding ``key`` as k1, a verifier reloading it each second, an admin token)."""
+    path = str(tmp_path / 'jwks.json')
+    write_jwks(path, {'k1': key.public_key()})
+    v = JwtVerifier(
+        JwtSettings(issuer=ISS, audience=AUD, jwks_file=path, reload_interval_s=1.0), clock=clock
+    )
+    return path, v, issue_token(key, subject='a', role='admin', issuer=ISS, audience=AUD,
+                                kid='k1')
+
+
 def test_a_jwks_with_every_key_removed_refuses_every_token(tmp_path, rsa_keys, clock):
     """Taking the last key out of the JWKS (a leaked signing key, say) distrusts it at the next
     reload, as taking one of several out does; only a file that does not load keeps the keys
     the verifier had (a half-written file must not lock everyone out)."""
-    path = str(tmp_path / 'jwks.json')
     k1 = rsa_keys['good']
-    write_jwks(path, {'k1': k1.public_key()})
-    v = JwtVerifier(
-        JwtSettings(issuer=ISS, audience=AUD, jwks_file=path, reload_interval_s=1.0), clock=clock
-    )
-    tok = issue_token(k1, subject='a', role='admin', issuer=ISS, audience=AUD, kid='k1')
+    path, v, tok = _one_key_jwks(tmp_path, k1, clock)
     assert v.identity(tok).role is Role.ADMIN
     for junk in ('{"keys": [', '[]', '{}'):      # not JSON, not a JWKS: the old keys stay
         with open(path, 'w') as fh:
@@ -241,13 +247,7 @@ def test_a_jwks_entry_that_does_not_load_keeps_the_old_keys(tmp_path, rsa_keys, 
     the file one that does not load: the previous keys stay and tokens are still answered
     (before, the exception escaped ``verify``: a 500 for the caller once a reload interval);
     at start it stops the server with the file named."""
-    path = str(tmp_path / 'jwks.json')
-    k1 = rsa_keys['good']
-    write_jwks(path, {'k1': k1.public_key()})
-    v = JwtVerifier(
-        JwtSettings(issuer=ISS, audience=AUD, jwks_file=path, reload_interval_s=1.0), clock=clock
-    )
-    tok = issue_token(k1, subject='a', role='viewer', issuer=ISS, audience=AUD, kid='k1')
+    path, v, tok = _one_key_jwks(tmp_path, rsa_keys['good'], clock)
     with open(path) as fh:
         doc = json.load(fh)
     doc['keys'].append(bad)
@@ -255,7 +255,7 @@ def test_a_jwks_entry_that_does_not_load_keeps_the_old_keys(tmp_path, rsa_keys, 
         json.dump(doc, fh)
     for _ in range(2):
         clock.advance(1.01)
-        assert v.identity(tok).role is Role.VIEWER
+        assert v.identity(tok).role is Role.ADMIN
     with pytest.raises(ValueError, match='jwks.json: key 1'):
         JwtVerifier(JwtSettings(issuer=ISS, audience=AUD, jwks_file=path))
 
