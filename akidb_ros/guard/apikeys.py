@@ -290,7 +290,8 @@ class ApiKeyStore:
                 return False
             try:
                 records = read_key_file(self.path)
-            except (OSError, yaml.YAMLError, KeyFileError) as exc:
+            # ValueError: KeyFileError, bytes that are not UTF-8, a date YAML cannot build
+            except (OSError, yaml.YAMLError, ValueError) as exc:
                 if self.last_error != str(exc):
                     log.error(
                         'API key file %s not reloaded (keeping %d keys): %s',

@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Optional, Union
+from urllib.parse import unquote
 
 from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.types import Priority
@@ -42,11 +43,15 @@ _PEER_HOST = re.compile(r'^(?:ipv4:|ipv6:)?\[?([^\]]*?)\]?(?::\d+)?$')
 
 
 def peer_host(peer: str) -> str:
-    """'ipv4:10.0.0.7:5123' / '10.0.0.7' / 'ipv6:[::1]:5' -> the host part."""
+    """'ipv4:10.0.0.7:5123' / '10.0.0.7' / 'ipv6:[::1]:5' -> the host part.
+
+    gRPC percent-encodes the brackets of an IPv6 peer ('ipv6:%5B::1%5D:5'): decoded here, or
+    every connection (every port) of one host would count as a host of its own.
+    """
     if not peer:
         return 'unknown'
     if peer.startswith('ipv6:'):
-        rest = peer[5:]
+        rest = unquote(peer[5:])
         return rest[1:rest.index(']')] if rest.startswith('[') and ']' in rest else rest
     if peer.count(':') > 1 and not peer.startswith(('ipv4:', '[')):
         return peer  # bare IPv6 address
@@ -62,8 +67,8 @@ class Decision:
     permission: Permission
     rate: Optional[RateLimitDecision] = None
     headers: Dict[str, str] = field(default_factory=dict)  # X-RateLimit-* to add to the reply
-    # its rate-limit token went to a request already: each further request of the same call
-    # (the messages of an EmbedStream) takes a token of its own
+    # it served a request already: each further request of the same call (the messages of an
+    # EmbedStream) is checked again by ``door_hook`` (credentials, role, a token of its own)
     spent: bool = False
 
     @property
@@ -415,7 +420,7 @@ class Guard:
         from .integrations import current_decision
 
         pre = current_decision()
-        if pre is not None:
+        if pre is not None and not pre.spent:
             # the transport layer (install_flask / GuardInterceptor) already authenticated,
             # authorised the route and took a rate-limit token: check the operation only
             self.authorize(
@@ -426,12 +431,11 @@ class Guard:
                 peer=call.peer or '',
             )
             decision = pre
-            if pre.spent:       # a later request of the same call (stream): its own token
-                d = self.rate_limit(pre.identity, transport=call.transport,
-                                    request_id=call.request_id)
-                decision = Decision(pre.identity, pre.permission, d, d.headers(), spent=True)
             pre.spent = True
         else:
+            # no transport check, or a later request of the same call (the messages of an
+            # EmbedStream): the whole chain again, so a key revoked or a token expired while
+            # the stream is open stops it at its next message, and each takes its own token
             creds = credentials_from_headers(
                 call.headers or {},
                 peer=call.peer or '',

@@ -5,6 +5,8 @@ key - and every other algorithm are refused before any key is used), ``exp`` (re
 ``nbf``, ``iat``, ``iss``, ``aud``, a maximum lifetime (``exp - iat``, default 1 h as in the
 PRD), and the role claim (one of the four roles). The key file reloads when it changes, so
 signing keys rotate without a restart (publish the new key in the JWKS before signing with it).
+A JWKS with every signing key removed trusts none from then on; a file that does not load (not
+JSON, a private part, a weak key) keeps the previous keys.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 
 ALGORITHM = 'RS256'
 MIN_RSA_BITS = 2048
+
+
+class NoSigningKeysError(ValueError):
+    """A well-formed JWKS without one RS256 signing key: every token is to be refused."""
 
 
 class TokenError(Exception):
@@ -76,18 +82,25 @@ def load_pem_keys(path: str) -> Dict[Optional[str], rsa.RSAPublicKey]:
 def load_jwks_keys(path: str) -> Dict[Optional[str], rsa.RSAPublicKey]:
     with open(path, 'r', encoding='utf-8') as fh:
         doc = json.load(fh)
+    if not isinstance(doc, dict) or not isinstance(doc.get('keys'), list):
+        raise ValueError(f'{path}: not a JWKS (an object with a "keys" list)')
     keys: Dict[Optional[str], rsa.RSAPublicKey] = {}
-    for i, jwk in enumerate(doc.get('keys', []) if isinstance(doc, dict) else []):
+    for i, jwk in enumerate(doc['keys']):
+        if not isinstance(jwk, dict):
+            raise ValueError(f'{path}: key {i} is not a JSON object')
         if jwk.get('kty') != 'RSA' or jwk.get('use', 'sig') != 'sig':
             continue
         if jwk.get('alg', ALGORITHM) != ALGORITHM:
             continue
         if 'd' in jwk:
             raise ValueError(f'{path}: key {i} contains a private part; publish public keys only')
-        key = pyjwt.PyJWK(jwk, algorithm=ALGORITHM).key
+        try:
+            key = pyjwt.PyJWK(jwk, algorithm=ALGORITHM).key
+        except pyjwt.PyJWTError as exc:     # a key without n or e, say
+            raise ValueError(f'{path}: key {i}: {exc}') from None
         keys[jwk.get('kid')] = _check_rsa(key, f'{path} key {i}')
     if not keys:
-        raise ValueError(f'{path}: no RS256 signing keys')
+        raise NoSigningKeysError(f'{path}: no RS256 signing keys')
     return keys
 
 
@@ -123,6 +136,14 @@ class JwtVerifier:
                 if self.settings.jwks_file
                 else load_pem_keys(self._path)
             )
+        except NoSigningKeysError as exc:
+            if force and not self._keys:
+                raise
+            # every key was taken out (all of them distrusted): keeping the old ones would
+            # keep honouring tokens signed with a key its owner withdrew
+            log.error('JWT key file %s: %s; every token is refused until one is published',
+                      self._path, exc)
+            keys = {}
         except (OSError, ValueError) as exc:
             if force and not self._keys:
                 raise

@@ -238,6 +238,47 @@ def test_each_stream_message_takes_a_rate_limit_token(local_backend, tmp_path):
     assert int(md['retry-after']) >= 1
 
 
+def test_a_key_revoked_while_its_stream_is_open_ends_the_stream(local_backend, tmp_path):
+    """A leaked key cannot outlive its revocation in a stream opened before it: the next
+    message after ``akidb-keys revoke`` ends the stream UNAUTHENTICATED at its index."""
+    from akidb_ros.guard import Guard, GuardInterceptor
+    from akidb_ros.guard.apikeys import create_key, revoke_key
+    from akidb_ros.guard.identity import Role
+    keys = str(tmp_path / 'keys.yaml')
+    rec, dev = create_key(keys, Role('developer'), 'leaky')
+    guard = Guard({'auth': {'enabled': True, 'api_keys': {'enabled': True, 'file': keys,
+                                                          'reload_interval_s': 0}},
+                   'audit': {'enabled': False}})
+    srv = GrpcServer(local_backend, host='127.0.0.1', port=0, guard=guard.door_hook,
+                     interceptors=[GuardInterceptor(guard)]).start()
+    ch = grpc.insecure_channel(f'127.0.0.1:{srv.port}')
+    answered = threading.Semaphore(0)
+
+    def requests():
+        for i in range(4):
+            if i == 2:
+                answered.acquire(timeout=10)
+                answered.acquire(timeout=10)    # both answers are in: revoke the key
+                revoke_key(keys, rec.id)
+            yield pb.EmbedRequest(inputs=[f'text {i}'])
+
+    got = []
+    try:
+        with pytest.raises(grpc.RpcError) as ei:
+            for resp in pb_grpc.EmbeddingServiceStub(ch).EmbedStream(
+                    requests(), timeout=20, metadata=[('x-api-key', dev)]):
+                got.append(resp)
+                answered.release()
+    finally:
+        ch.close()
+        srv.stop(grace_s=0)
+    assert len(got) == 2
+    assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert ei.value.details() == 'API key revoked'
+    md = dict(ei.value.trailing_metadata())
+    assert md['akidb-error-code'] == 'UNAUTHENTICATED' and md['akidb-stream-index'] == '2'
+
+
 def test_stream_share_is_configurable_and_checked(local_backend):
     with pytest.raises(ValueError):
         GrpcServer(local_backend, host='127.0.0.1', port=0, max_workers=4, max_streams=4)

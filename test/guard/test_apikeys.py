@@ -73,6 +73,25 @@ def test_corrupt_key_file_keeps_previous_set(key_file, clock):
     assert store.last_error
 
 
+@pytest.mark.parametrize('junk', [
+    b'\xff\xfe not UTF-8',
+    b'keys:\n  - {id: k0123456789ab, expires: 2026-13-45}\n',     # YAML cannot build the date
+])
+def test_a_key_file_that_does_not_decode_keeps_previous_set(key_file, clock, junk):
+    """Corrupt in ways that are not YAML syntax errors: the last good set still serves (before,
+    the UnicodeDecodeError / ValueError escaped verify: a 500 once a reload interval)."""
+    rec, key = apikeys.create_key(key_file, Role.DEVELOPER, 'robot')
+    store = apikeys.ApiKeyStore(key_file, reload_interval_s=0, clock=clock)
+    with open(key_file, 'wb') as fh:
+        fh.write(junk)
+    for _ in range(2):
+        clock.advance(1.0)
+        assert store.verify(key).ok
+    assert store.last_error
+    with pytest.raises(apikeys.KeyFileError):       # at start: no good set, the error stops it
+        apikeys.ApiKeyStore(key_file)
+
+
 def test_rotation_with_and_without_grace(key_file, clock):
     rec, key = apikeys.create_key(key_file, Role.DEVELOPER, 'robot')
     old, new, new_key = apikeys.rotate_key(key_file, rec.id)

@@ -299,25 +299,72 @@ def test_refused_credentials_are_rate_limited_per_peer(setup, clock):
     assert e.value.code is ErrorCode.UNAUTHENTICATED
 
 
+def test_refusals_from_one_ipv6_host_share_its_bucket_whatever_the_port(setup):
+    """gRPC names an IPv6 peer ``ipv6:%5B<address>%5D:<port>`` (the brackets percent-encoded):
+    the auth-failure limit is per host, so a new connection (a new port) gets no fresh bucket,
+    and the audit names the host."""
+    from akidb_ros.guard.chain import peer_host
+    assert peer_host('ipv6:%5B2001:db8::7%5D:40001') == '2001:db8::7'
+    assert peer_host('ipv6:[2001:db8::7]:40001') == '2001:db8::7'
+    guard, _, _, audit_path, _ = setup
+    bad = 'akidb.k0123456789ab.' + 'B' * 43
+    codes = []
+    for port in range(40000, 40030):        # a connection of its own for each attempt
+        creds = Credentials(api_key=bad, peer=f'ipv6:%5B2001:db8::7%5D:{port}')
+        try:
+            guard.check('/akidb.embedding.v1.EmbeddingService/Embed', creds, transport='grpc')
+        except EngineError as exc:
+            codes.append(exc.code)
+    assert codes == [ErrorCode.UNAUTHENTICATED] * 20 + [ErrorCode.RATE_LIMITED] * 10
+    lines = [json.loads(x) for x in open(audit_path)]
+    assert {x['peer'] for x in lines if x['event'] == 'auth_failure'} == {'2001:db8::7'}
+
+
 def test_each_request_of_one_guarded_call_takes_a_token(setup):
-    """A stream's messages share the transport's decision (one check per call), yet each of
-    them takes a rate-limit token of its own: a stream cannot go past the limit."""
+    """A stream's first message uses the transport's decision (one check per call), and each
+    later one takes a rate-limit token of its own: a stream cannot go past the limit."""
     from akidb_ros.guard.integrations import _CURRENT
     guard, keys, _, _, _ = setup
     from akidb_ros.guard.identity import credentials_from_headers
+    md = {'x-api-key': keys['developer']}       # every message's DoorCall carries the call's
     pre = guard.check('/akidb.embedding.v1.EmbeddingService/EmbedStream',
-                      credentials_from_headers({'x-api-key': keys['developer']}, peer='p'),
-                      transport='grpc')
+                      credentials_from_headers(md, peer='p'), transport='grpc')
     token = _CURRENT.set(pre)
     try:
         served = 0
         with pytest.raises(EngineError) as e:
             for _ in range(40):
-                guard.door_hook(door_call('embed', transport='grpc'))
+                guard.door_hook(door_call('embed', md, transport='grpc'))
                 served += 1
     finally:
         _CURRENT.reset(token)
     assert served == 20 and e.value.code is ErrorCode.RATE_LIMITED    # the burst, 20 in all
+
+
+def test_a_key_revoked_while_its_stream_is_open_stops_the_stream(setup):
+    """Revocation applies within reload_interval_s to a call already open too: each later
+    message of an EmbedStream is authenticated again, so a leaked key cannot keep a stream
+    opened before its revocation (or a token one opened before its ``exp``) alive; the refusal
+    is audited like any other."""
+    from akidb_ros.guard.identity import credentials_from_headers
+    from akidb_ros.guard.integrations import _CURRENT
+    guard, keys, recs, audit_path, key_path = setup
+    md = {'x-api-key': keys['developer']}
+    pre = guard.check('/akidb.embedding.v1.EmbeddingService/EmbedStream',
+                      credentials_from_headers(md, peer='p'), transport='grpc')
+    token = _CURRENT.set(pre)
+    try:
+        guard.door_hook(door_call('embed', md, transport='grpc'))      # the call's decision
+        guard.door_hook(door_call('embed', md, transport='grpc'))      # checked again: fine
+        revoke_key(key_path, recs['developer'].id)
+        with pytest.raises(EngineError) as e:
+            guard.door_hook(door_call('embed', md, transport='grpc'))
+    finally:
+        _CURRENT.reset(token)
+    assert e.value.code is ErrorCode.UNAUTHENTICATED and e.value.message == 'API key revoked'
+    last = [json.loads(x) for x in open(audit_path)][-1]
+    assert last['event'] == 'auth_failure' and last['reason'] == 'revoked'
+    assert last['actor']['key_id'] == recs['developer'].id
 
 
 @pytest.mark.parametrize('name', ['x-api-key', 'authorization'])

@@ -205,6 +205,61 @@ def test_jwks_kid_selection_and_rotation_without_restart(tmp_path, rsa_keys, clo
     assert e.value.reason == 'bad_signature'
 
 
+def _one_key_jwks(tmp_path, key, clock):
+    """(JWKS path holding ``key`` as k1, a verifier reloading it each second, an admin token)."""
+    path = str(tmp_path / 'jwks.json')
+    write_jwks(path, {'k1': key.public_key()})
+    v = JwtVerifier(
+        JwtSettings(issuer=ISS, audience=AUD, jwks_file=path, reload_interval_s=1.0), clock=clock
+    )
+    return path, v, issue_token(key, subject='a', role='admin', issuer=ISS, audience=AUD,
+                                kid='k1')
+
+
+def test_a_jwks_with_every_key_removed_refuses_every_token(tmp_path, rsa_keys, clock):
+    """Taking the last key out of the JWKS (a leaked signing key, say) distrusts it at the next
+    reload, as taking one of several out does; only a file that does not load keeps the keys
+    the verifier had (a half-written file must not lock everyone out)."""
+    k1 = rsa_keys['good']
+    path, v, tok = _one_key_jwks(tmp_path, k1, clock)
+    assert v.identity(tok).role is Role.ADMIN
+    for junk in ('{"keys": [', '[]', '{}'):      # not JSON, not a JWKS: the old keys stay
+        with open(path, 'w') as fh:
+            fh.write(junk)
+        clock.advance(1.01)
+        assert v.identity(tok).role is Role.ADMIN
+    write_jwks(path, {})                          # {"keys": []}: every key withdrawn
+    clock.advance(1.01)
+    with pytest.raises(TokenError) as e:
+        v.verify(tok)
+    assert e.value.reason == 'unknown_kid'
+    write_jwks(path, {'k1': k1.public_key()})     # published again: trusted again
+    clock.advance(1.01)
+    assert v.identity(tok).role is Role.ADMIN
+    write_jwks(path, {})
+    with pytest.raises(ValueError):               # at start, no key is a configuration error
+        JwtVerifier(JwtSettings(issuer=ISS, audience=AUD, jwks_file=path))
+
+
+@pytest.mark.parametrize('bad', [{'kty': 'RSA', 'kid': 'k9'}, 'not an object', None])
+def test_a_jwks_entry_that_does_not_load_keeps_the_old_keys(tmp_path, rsa_keys, clock, bad):
+    """A key entry PyJWK cannot build (no ``n``/``e``), or one that is not an object, makes
+    the file one that does not load: the previous keys stay and tokens are still answered
+    (before, the exception escaped ``verify``: a 500 for the caller once a reload interval);
+    at start it stops the server with the file named."""
+    path, v, tok = _one_key_jwks(tmp_path, rsa_keys['good'], clock)
+    with open(path) as fh:
+        doc = json.load(fh)
+    doc['keys'].append(bad)
+    with open(path, 'w') as fh:
+        json.dump(doc, fh)
+    for _ in range(2):
+        clock.advance(1.01)
+        assert v.identity(tok).role is Role.ADMIN
+    with pytest.raises(ValueError, match='jwks.json: key 1'):
+        JwtVerifier(JwtSettings(issuer=ISS, audience=AUD, jwks_file=path))
+
+
 def test_weak_or_private_keys_refused_at_load(tmp_path):
     weak = make_rsa_key(1024)
     p = tmp_path / 'weak.pem'
