@@ -32,6 +32,11 @@ from akidb_ros.observability.logs import log_request
 
 GuardHook = Callable[['DoorCall'], Optional[Callable[[Optional[EngineError]], None]]]
 
+
+class BindError(OSError):
+    """A door could not bind its port (gRPC does not say why: in use, or not this host's)."""
+
+
 _REQUEST_ID_RE = re.compile(r'^[A-Za-z0-9._:/+=-]{1,128}$')
 REQUEST_ID_HEADER = 'X-Request-ID'
 LOG_LEVELS = {'info': logging.INFO, 'warning': logging.WARNING, 'error': logging.ERROR}

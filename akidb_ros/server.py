@@ -20,6 +20,7 @@ NOT_SERVING, new calls are refused, in-flight calls finish (``--grace``), then t
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -63,6 +64,8 @@ def _env_choice(name: str, default: str, choices) -> str:
 
 
 PROBE_OFF = 'off'
+# bind failures a start reports in one line: the operator's to fix (another server on the port)
+BIND_ERRNOS = frozenset((errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES))
 MODES = ('inprocess', 'sidecar')
 # After a graceful stop's grace, the time the doors get to send the answers a backend gave its
 # calls still waiting (Bridges.stop)
@@ -432,6 +435,7 @@ def main(argv=None) -> int:
     from akidb_ros.guard import mtls
     mtls.prepare_grpc_tls13()
 
+    from akidb_ros.doors import BindError
     from akidb_ros.observability.logs import configure_logging
     from akidb_ros.observability.tracing import setup_tracing, shutdown_tracing
 
@@ -452,10 +456,12 @@ def main(argv=None) -> int:
     try:
         bridges = build(args, security=security)
     except Exception as exc:
-        # a bad config file or variable, TLS files or an engine error say all in their
-        # message; anything else is a bug
+        # a bad config file or variable, TLS files, an engine error or a port that cannot be
+        # bound (in use, not this host's address) say all in their message; anything else is
+        # a bug
         from akidb_ros.engine.config import ConfigError
-        expected = hasattr(exc, 'code') or isinstance(exc, (mtls.TLSFilesError, ConfigError))
+        expected = hasattr(exc, 'code') or isinstance(exc, (mtls.TLSFilesError, ConfigError)) \
+            or isinstance(exc, OSError) and exc.errno in BIND_ERRNOS or isinstance(exc, BindError)
         log.error('startup failed: %s', exc, exc_info=not expected)
         return 1
     stop = threading.Event()

@@ -30,8 +30,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from akidb_ros.backends import Backend, wait_result
-from akidb_ros.doors import (DoorCall, GuardHook, ModelLabels, caller_deadline, record,
-                             record_refusal, request_id_from, run_guard)
+from akidb_ros.doors import (BindError, DoorCall, GuardHook, ModelLabels, caller_deadline,
+                             record, record_refusal, request_id_from, run_guard)
 from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.types import EmbedRequest, InputType, ModelStatus
 from akidb_ros.grpc_api import embedding_pb2 as pb
@@ -886,11 +886,15 @@ class GrpcServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         addr = f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
-        self.port = (self._server.add_secure_port(addr, credentials) if credentials is not None
-                     else self._server.add_insecure_port(addr))
+        try:    # gRPC says "Failed to bind" (RuntimeError) or returns 0, never why
+            self.port = (self._server.add_secure_port(addr, credentials)
+                         if credentials is not None else self._server.add_insecure_port(addr))
+        except RuntimeError:
+            self.port = 0
         self.tls = credentials is not None
         if self.port == 0:
-            raise OSError(f'cannot bind gRPC to {addr}')
+            raise BindError(f'cannot bind gRPC to {addr}: the port is in use or the address '
+                            'is not one of this host')
         self.host = host
         self._health_poll_s = health_poll_s
         self._health_status = None      # the status last set (Watch hears only changes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -308,6 +309,21 @@ def test_a_bad_config_fails_the_start_in_one_clean_line(tmp_path):
         assert [e['msg'].startswith('startup failed: ') and says in e['msg'] for e in errors] \
             == [True], r.stderr[-2000:]
         assert 'exc' not in errors[0] and 'Traceback' not in r.stderr
+
+
+@pytest.mark.parametrize('door', ['--rest-port', '--grpc-port'])
+def test_a_port_in_use_fails_the_start_in_one_clean_line(tmp_path, door):
+    """A second server on a port in use (`make run` twice) is the operator's to fix: one line
+    naming the address and exit 1 (it logged a traceback, as for a bug)."""
+    with socket.socket() as busy:
+        busy.bind(('127.0.0.1', 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r, errors = _failed_start(tmp_path, {}, door, str(port))
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert len(errors) == 1 and errors[0]['msg'].startswith('startup failed: '), r.stderr[-2000:]
+    assert str(port) in errors[0]['msg'] and 'in use' in errors[0]['msg'], errors[0]['msg']
+    assert 'exc' not in errors[0] and 'Traceback' not in r.stderr
 
 
 def test_a_start_whose_load_times_out_exits_1_cleanly(tmp_path):
