@@ -1,16 +1,16 @@
 """gRPC client for ``akidb.embedding.v1.EmbeddingService`` (unary, streaming, health)."""
 from __future__ import annotations
 
+import collections
 import uuid
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 import grpc
-import numpy as np
 
-from akidb_ros.client.errors import (AkidbError, DeadlineExceededError, TLSError,
-                                     code_from_grpc, make_error)
+from akidb_ros.client.errors import (AkidbError, DeadlineExceededError, ProtocolError,
+                                     TLSError, code_from_grpc, make_error)
 from akidb_ros.client.rest import (Embeddings, check_inputs, check_timeout, check_tls_files,
-                                   probe_tls)
+                                   embedding_rows, parse_retry_after, probe_tls)
 from akidb_ros.client.retry import RetryPolicy, call_with_retry
 from akidb_ros.grpc_api import embedding_pb2 as pb
 from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
@@ -54,7 +54,7 @@ def error_from_rpc(err: grpc.RpcError, request_id: str = '') -> AkidbError:
     if code == 'INPUT_TOO_LARGE' and not md.get('akidb-error-code'):
         details += (' (gRPC message limit: the server\'s --max-body-bytes, or this client\'s '
                     'max_message_bytes for what it sends and receives)')
-    retry_after = _md_number(md, 'retry-after', float)
+    retry_after = parse_retry_after(md.get('retry-after'))    # as REST's header
     return make_error(details or status.name, code, status=status.name,
                       retry_after_s=retry_after, request_id=rid, stream_index=stream_index)
 
@@ -87,12 +87,13 @@ def _options_metadata(truncate: bool, input_type: Optional[str]) -> List[tuple]:
     return md
 
 
-def _to_embeddings(resp: pb.EmbedResponse, request_id: str = '',
+def _to_embeddings(resp: pb.EmbedResponse, n_inputs: int, request_id: str = '',
                    truncated_inputs: int = 0) -> Embeddings:
-    if resp.embeddings:
-        emb = np.asarray([v.values for v in resp.embeddings], dtype=np.float32)
-    else:
-        emb = np.zeros((0, 0), np.float32)
+    try:
+        emb = embedding_rows([v.values for v in resp.embeddings], n_inputs)
+    except ValueError as exc:
+        raise ProtocolError(f'unexpected answer: not an embedding answer ({exc})',
+                            code='BAD_RESPONSE', status='OK', request_id=request_id) from None
     return Embeddings(embeddings=emb, model=resp.model, total_tokens=resp.usage.total_tokens,
                       duration_ms=float(resp.usage.duration_ms),
                       truncated_inputs=truncated_inputs, request_id=request_id)
@@ -247,10 +248,12 @@ class GrpcClient:
         """
         rid = request_id or uuid.uuid4().hex
         md = _options_metadata(truncate, input_type)
-        req = pb.EmbedRequest(model=model, inputs=check_inputs(inputs), normalize=normalize)
+        texts = check_inputs(inputs)
+        req = pb.EmbedRequest(model=model, inputs=texts, normalize=normalize)
         resp, call = self._unary(self.stub.Embed.with_call, req, timeout_s, retry, rid, md)
         trailing = {k: v for k, v in (call.trailing_metadata() or ())}
-        return _to_embeddings(resp, rid, _md_number(trailing, TRUNCATED_MD, int) or 0)
+        return _to_embeddings(resp, len(texts), rid,
+                              _md_number(trailing, TRUNCATED_MD, int) or 0)
 
     def embed_stream(self, batches: Iterable[Sequence[str]], model: str = '',
                      normalize: bool = True, timeout_s: Optional[float] = None, *,
@@ -289,7 +292,13 @@ class GrpcClient:
     def _stream(self, batches: Iterator[List[str]], model: str, normalize: bool, total: float,
                 refused: List[Exception], extra_metadata: List[tuple]) -> Iterator[Embeddings]:
         rid = uuid.uuid4().hex
-        reqs = (pb.EmbedRequest(model=model, inputs=b, normalize=normalize) for b in batches)
+        sizes: 'collections.deque[int]' = collections.deque()   # of the batches sent, in order
+
+        def messages():
+            for b in batches:
+                sizes.append(len(b))
+                yield pb.EmbedRequest(model=model, inputs=b, normalize=normalize)
+        reqs = messages()
         try:
             call = self.stub.EmbedStream(
                 reqs, timeout=total,
@@ -298,8 +307,13 @@ class GrpcClient:
             self._check_open()
             raise
         try:
-            for resp in call:
-                yield _to_embeddings(resp, rid)
+            for i, resp in enumerate(call):
+                try:
+                    answer = _to_embeddings(resp, sizes.popleft() if sizes else 0, rid)
+                except ProtocolError as err:
+                    err.stream_index = i
+                    raise
+                yield answer
         except grpc.RpcError as err:
             raise self._error(err, rid) from None
         finally:

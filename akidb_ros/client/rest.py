@@ -26,6 +26,10 @@ from akidb_ros.client.retry import RetryPolicy, call_with_retry
 # The server refuses an X-Request-Timeout-Ms above this (its per-request budget is capped by
 # --timeout anyway): a longer client budget still waits as asked, the header says this much.
 MAX_SERVER_TIMEOUT_MS = 600_000
+# The most a REST answer may hold before the client gives up reading it: the largest answer the
+# server gives (256 inputs x 2560 dims as JSON) is ~15 MB; a proxy or a wrong server streaming
+# without end would otherwise fill the client's memory within its budget.
+MAX_RESPONSE_BYTES = 64 << 20
 _READ_CHUNK = 64 * 1024
 
 
@@ -38,6 +42,17 @@ class Embeddings:
     truncated_inputs: int = 0
     request_id: str = ''
     extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def embedding_rows(rows: Any, n_inputs: int) -> np.ndarray:
+    """float32 ``[n_inputs, dim]`` from a server's rows; ``ValueError``/``TypeError`` when the
+    answer is not one vector per input, all of one size > 0 (shared with the gRPC client)."""
+    emb = np.asarray(rows, dtype=np.float32)
+    if n_inputs == 0 and emb.size == 0:
+        return np.zeros((0, 0), np.float32)
+    if emb.ndim != 2 or emb.shape[0] != n_inputs or not emb.shape[1]:
+        raise ValueError(f'embeddings of shape {emb.shape} for {n_inputs} inputs')
+    return emb
 
 
 def parse_retry_after(value: Optional[str]) -> Optional[float]:
@@ -202,8 +217,10 @@ class RestClient:
     with every request (e.g. ``{'X-API-Key': key}``). TLS (``https://`` only): ``ca_file``
     (the CA bundle that signed the server's certificate; default: the system's),
     ``verify=False`` (no check, testing only), ``client_cert`` + ``client_key`` (PEM files:
-    mutual TLS). A usable client after :meth:`close` is a new one; ``with RestClient(...) as
-    c:`` closes it at the end.
+    mutual TLS). ``max_response_bytes``: the most an answer may hold (64 MiB; more is
+    ``InvalidRequestError`` ``INPUT_TOO_LARGE``, not retried). Redirects are not followed (an
+    answer 3xx is a :class:`ProtocolError` naming where it points). A usable client after
+    :meth:`close` is a new one; ``with RestClient(...) as c:`` closes it at the end.
 
     >>> c = RestClient('http://127.0.0.1:8080')
     >>> out = c.embed(['hello robot'])          # doctest: +SKIP
@@ -215,7 +232,7 @@ class RestClient:
                  retry: Optional[RetryPolicy] = None, headers: Optional[Dict[str, str]] = None,
                  connect_timeout_s: float = 2.0, *, ca_file: Optional[str] = None,
                  verify: bool = True, client_cert: Optional[str] = None,
-                 client_key: Optional[str] = None):
+                 client_key: Optional[str] = None, max_response_bytes: int = MAX_RESPONSE_BYTES):
         if not isinstance(base_url, str):
             raise TypeError(f'base_url must be a str, got {type(base_url).__name__}')
         parts = urlsplit(base_url)
@@ -227,6 +244,11 @@ class RestClient:
         self.connect_timeout_s = check_timeout(connect_timeout_s, 'connect_timeout_s')
         self.retry = retry or RetryPolicy()
         self.headers = dict(headers or {})
+        if isinstance(max_response_bytes, bool) or not isinstance(max_response_bytes, int) or \
+                max_response_bytes <= 0:
+            raise ValueError(f'max_response_bytes must be a number of bytes > 0, got '
+                             f'{max_response_bytes!r}')
+        self.max_response_bytes = max_response_bytes
         if not isinstance(verify, bool):
             raise TypeError('verify must be True or False (give a CA bundle as ca_file=)')
         if parts.scheme != 'https' and (ca_file or client_cert or client_key or not verify):
@@ -287,7 +309,7 @@ class RestClient:
         try:
             resp = self._session().request(
                 method, self.base_url + path, json=body, headers=headers, stream=True,
-                verify=self._verify, cert=self._cert,
+                verify=self._verify, cert=self._cert, allow_redirects=False,
                 timeout=(min(self.connect_timeout_s, timeout_s), timeout_s))
         except requests.Timeout as exc:
             raise self._timeout(timeout_s, exc, request_id) from None
@@ -295,6 +317,11 @@ class RestClient:
             raise self._unreachable(exc, request_id) from None
         self._read_body(resp, deadline, timeout_s, request_id)
         resp.akidb_request_id = resp.headers.get('X-Request-ID') or request_id
+        if 300 <= resp.status_code < 400:
+            # followed, a redirect would carry the API key to wherever it points (another
+            # host), turn a POST into a GET, and loop unbounded by the budget
+            raise self._bad_answer(resp, f"a redirect to {resp.headers.get('Location')!r}, "
+                                   'not followed: give that URL as base_url')
         if resp.status_code >= 400 and resp.status_code not in accept:
             raise self._error(resp, request_id)
         return resp
@@ -327,8 +354,12 @@ class RestClient:
         sock = getattr(conn, 'sock', None)
         old_timeout = sock.gettimeout() if sock is not None else None
         chunks: List[bytes] = []
+        size = 0
         done = False
         try:
+            length = resp.headers.get('Content-Length', '')
+            if length.isdigit() and int(length) > self.max_response_bytes:
+                raise self._too_large(resp, request_id)
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -341,6 +372,9 @@ class RestClient:
                     chunk = raw.read(_READ_CHUNK, decode_content=True)
                 if not chunk:
                     break
+                size += len(chunk)
+                if size > self.max_response_bytes:
+                    raise self._too_large(resp, request_id)
                 chunks.append(chunk)
             done = True
         except (urllib3.exceptions.ReadTimeoutError, socket.timeout) as exc:
@@ -361,6 +395,12 @@ class RestClient:
                 resp._content = b''.join(chunks)
                 resp._content_consumed = True
             resp.close()    # back to the pool when read whole, else the connection is dropped
+
+    def _too_large(self, resp: requests.Response, request_id: str) -> AkidbError:
+        return make_error(f'the answer from {self.base_url} (HTTP {resp.status_code}) is over '
+                          f'max_response_bytes ({self.max_response_bytes}): embed fewer inputs '
+                          'per call, or raise max_response_bytes', 'INPUT_TOO_LARGE',
+                          status=resp.status_code, request_id=request_id)
 
     def _json(self, resp: requests.Response) -> Any:
         try:
@@ -421,8 +461,8 @@ class RestClient:
               timeout_s: Optional[float] = None, request_id: Optional[str] = None,
               retry: Optional[RetryPolicy] = None) -> Embeddings:
         """Embed ``inputs`` (a str, or a sequence of str; bytes are refused with TypeError)."""
-        body: Dict[str, Any] = {'inputs': check_inputs(inputs), 'normalize': normalize,
-                                'truncate': truncate}
+        texts = check_inputs(inputs)
+        body: Dict[str, Any] = {'inputs': texts, 'normalize': normalize, 'truncate': truncate}
         if model:
             body['model'] = model
         if input_type:
@@ -432,19 +472,16 @@ class RestClient:
         data = self._json(resp)
         try:
             usage = data.get('usage') or {}
-            emb = np.asarray(data['embeddings'], dtype=np.float32)
-            if emb.ndim != 2 and emb.size:
-                raise ValueError(f'embeddings of shape {emb.shape}')
+            emb = embedding_rows(data['embeddings'], len(texts))
             model_id = data['model']
             if not isinstance(model_id, str):
                 raise TypeError('model is not a str')
-            return Embeddings(embeddings=emb.reshape(len(emb), -1) if emb.size else
-                              np.zeros((0, 0), np.float32), model=model_id,
+            return Embeddings(embeddings=emb, model=model_id,
                               total_tokens=int(usage.get('total_tokens', 0)),
                               duration_ms=float(usage.get('duration_ms', 0)),
                               truncated_inputs=int(usage.get('truncated_inputs', 0)),
                               request_id=rid)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise self._bad_answer(resp, f'not an embedding answer ({exc!r})') from None
 
     def openai_embeddings(self, input, model: str, encoding_format: str = 'float',

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import grpc
 import pytest
 
-from akidb_ros.client import (AkidbError, DeadlineExceededError, GrpcClient,
+from akidb_ros.client import (NO_RETRY, AkidbError, DeadlineExceededError, GrpcClient,
                               InvalidRequestError, OverloadedError, ProtocolError, RestClient,
                               RetryPolicy, ServerError, TLSError)
 
@@ -427,3 +427,125 @@ def test_health_503_is_one_request_with_the_request_id():
         assert len(srv.log) == 1 and srv.log[0][3].get('X-Request-ID')
     finally:
         srv.close()
+
+
+# -- 11. redirects --------------------------------------------------------------------------------
+def test_rest_redirects_are_not_followed():
+    elsewhere = Scripted([_json(200, OK_BODY)])
+    loop = Scripted([(302, {'Location': '/api/v1/embed'}, b'')])
+    away = Scripted([(307, {'Location': elsewhere.url + '/api/v1/embed'}, b'')])
+    try:
+        for srv, status in ((loop, 302), (away, 307)):
+            c = RestClient(srv.url, timeout_s=5, headers={'X-API-Key': 'secret'},
+                           retry=RetryPolicy(initial_backoff_s=0.01))
+            with pytest.raises(ProtocolError) as ei:
+                c.embed(['x'])
+            assert ei.value.status == status and not ei.value.retryable
+            assert 'redirect' in ei.value.message and ei.value.request_id
+            assert len(srv.log) == 1
+        assert elsewhere.log == []          # the key never went to where the 307 pointed
+    finally:
+        for srv in (elsewhere, loop, away):
+            srv.close()
+
+
+# -- 12. an answer without end --------------------------------------------------------------------
+def _endless(length):
+    def serve(conn):
+        try:
+            conn.recv(65536)
+            conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n' +
+                         (b'Content-Length: %d\r\n' % length if length else
+                          b'Connection: close\r\n') + b'\r\n[' + b'1.0,' * 1000)
+            while True:
+                conn.sendall(b'1.0,' * 16384)
+        except OSError:
+            pass
+    return serve
+
+
+@pytest.mark.parametrize('length', [None, 3 << 30])
+def test_rest_answer_over_max_response_bytes_is_refused(length):
+    assert RestClient('http://127.0.0.1:1').max_response_bytes == 64 << 20
+    srv = Listener(_endless(length))
+    try:
+        c = RestClient(f'http://127.0.0.1:{srv.port}', timeout_s=10, max_response_bytes=1 << 20,
+                       retry=RetryPolicy(initial_backoff_s=0.01))
+        t0 = time.monotonic()
+        with pytest.raises(InvalidRequestError) as ei:
+            c.embed(['x'])
+        assert ei.value.code == 'INPUT_TOO_LARGE' and not ei.value.retryable
+        assert 'max_response_bytes' in ei.value.message and ei.value.request_id
+        assert time.monotonic() - t0 < 5 and len(srv.conns) == 1
+    finally:
+        srv.close()
+    with pytest.raises(ValueError, match='max_response_bytes'):
+        RestClient('http://127.0.0.1:1', max_response_bytes=0)
+
+
+# -- 13. answers that are not one vector per input ------------------------------------------------
+@pytest.mark.parametrize('body', [
+    {'embeddings': [[1.0, 0.0]], 'model': 'm'},               # one vector for two inputs
+    {'embeddings': [], 'model': 'm'},
+    {'embeddings': [[], []], 'model': 'm'},
+    {'embeddings': [[1.0, 0.0], [1.0, 0.0]], 'model': 'm', 'usage': {'total_tokens': 1e400}},
+])
+def test_rest_answer_of_the_wrong_shape_is_a_protocol_error(body):
+    srv = Scripted([_json(200, body)])
+    try:
+        with pytest.raises(ProtocolError) as ei:
+            RestClient(srv.url, timeout_s=5).embed(['a', 'b'])
+        assert ei.value.code == 'BAD_RESPONSE' and ei.value.request_id
+    finally:
+        srv.close()
+
+
+def _answer(rows):
+    from akidb_ros.grpc_api import embedding_pb2 as pb
+    resp = pb.EmbedResponse(model='m')
+    for row in rows:
+        resp.embeddings.add(values=row)
+    return resp.SerializeToString()
+
+
+@pytest.mark.parametrize('rows', [[[1.0, 2.0], [1.0]], [[1.0, 2.0]], []])
+def test_grpc_answer_of_the_wrong_shape_is_a_protocol_error(rows):
+    def embed(request, context):
+        return _answer(rows)
+
+    def stream(requests, context):
+        for _ in requests:
+            yield _answer([[1.0, 2.0]])     # right for a batch of one only
+    server, target = _grpc_server({
+        'Embed': grpc.unary_unary_rpc_method_handler(
+            embed, request_deserializer=lambda b: b, response_serializer=lambda b: b),
+        'EmbedStream': grpc.stream_stream_rpc_method_handler(
+            stream, request_deserializer=lambda b: b, response_serializer=lambda b: b)})
+    try:
+        with GrpcClient(target, timeout_s=5) as c:
+            with pytest.raises(ProtocolError) as ei:
+                c.embed(['a', 'b'], request_id='rid-shape')
+            assert ei.value.code == 'BAD_RESPONSE' and ei.value.request_id == 'rid-shape'
+            got = []
+            with pytest.raises(ProtocolError) as ei:
+                for answer in c.embed_stream([['a'], ['b', 'c']]):
+                    got.append(answer.embeddings.shape)
+            assert got == [(1, 2)] and ei.value.stream_index == 1
+    finally:
+        server.stop(0)
+
+
+def test_grpc_retry_after_is_read_as_rests_header():
+    def embed(request, context):
+        context.set_trailing_metadata((('akidb-error-code', 'UNAVAILABLE'),
+                                       ('retry-after', '-5')))
+        context.abort(grpc.StatusCode.UNAVAILABLE, 'draining')
+    server, target = _grpc_server({'Embed': grpc.unary_unary_rpc_method_handler(
+        embed, request_deserializer=lambda b: b, response_serializer=lambda b: b)})
+    try:
+        with GrpcClient(target, timeout_s=5, retry=NO_RETRY) as c:
+            with pytest.raises(AkidbError) as ei:
+                c.embed(['x'])
+        assert ei.value.retryable and ei.value.retry_after_s == 0.0
+    finally:
+        server.stop(0)
