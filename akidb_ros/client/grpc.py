@@ -18,12 +18,16 @@ from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
 # what gRPC's UNAVAILABLE details say when the TLS handshake failed (not a transient outage)
 _TLS_MARKERS = ('Ssl handshake failed', 'SSL_ERROR_SSL', 'CERTIFICATE_VERIFY_FAILED',
                 'TSI_PROTOCOL_FAILURE', 'WRONG_VERSION_NUMBER', 'tlsv13 alert',
-                'tlsv1 alert', 'TLSV13_ALERT', 'TLSV1_ALERT', 'handshake failed')
+                'tlsv1 alert', 'TLSV13_ALERT', 'TLSV1_ALERT', 'handshake failed',
+                'Hostname Verification Check failed')
 
 
 def _tls_reason(details: str) -> Optional[str]:
     if not any(m in details for m in _TLS_MARKERS):
         return None
+    if 'Hostname Verification' in details:
+        return (f"the server's certificate does not name the host ({details}): use the name "
+                'it was issued for, as the target or server_name=')
     if 'CERTIFICATE_VERIFY_FAILED' in details:
         return (f"the server's certificate is not trusted ({details}): pass ca_file= the CA "
                 'that signed it')

@@ -289,6 +289,19 @@ def test_untrusted_server_certificate_is_a_typed_error_and_not_retried(tls_doors
     g.close()
 
 
+def test_grpc_certificate_for_another_host_name_is_a_typed_error_and_not_retried(tls_doors):
+    t = tls_doors
+    g = GrpcClient(t['grpc'], timeout_s=20, ca_file=t['ca'], client_cert=t['cert'],
+                   client_key=t['key'], server_name='wrong.example',
+                   retry=RetryPolicy(max_attempts=4, initial_backoff_s=1.0, jitter=0))
+    t0 = time.monotonic()
+    with pytest.raises(TLSError) as ei:
+        g.embed(['x'])
+    assert not ei.value.retryable and time.monotonic() - t0 < 1.0
+    assert 'server_name' in ei.value.message and ei.value.code == 'TLS_ERROR'
+    g.close()
+
+
 def test_client_certificate_refused_by_the_server_is_a_typed_error(tls_doors):
     t = tls_doors
     slow_retry = RetryPolicy(max_attempts=4, initial_backoff_s=1.0, jitter=0)
