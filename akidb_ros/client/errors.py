@@ -55,7 +55,8 @@ class RateLimitedError(AkidbError):
 
 
 class OverloadedError(AkidbError):
-    """503 — OVERLOADED (load shed) / CIRCUIT_OPEN (retryable)."""
+    """503 — OVERLOADED (load shed, retryable) / CIRCUIT_OPEN (not retried: the PRD's retry
+    pattern; ``retry_after_s`` says when the breaker lets a probe through)."""
 
 
 class ServiceUnavailableError(AkidbError):
@@ -98,8 +99,9 @@ _BY_CODE: Dict[str, Type[AkidbError]] = {
 
 # Which codes a client retries: the server's table says (ErrorCode.retryable); kept here as
 # names so that the client has no engine import.
+# The PRD's retry pattern: 5xx (INTERNAL too), 429 and timeouts; never an open breaker.
 RETRYABLE_CODES = frozenset({'MODEL_LOAD_FAILED', 'MODEL_IN_USE', 'RATE_LIMITED', 'OVERLOADED',
-                             'CIRCUIT_OPEN', 'TIMEOUT', 'UNAVAILABLE'})
+                             'TIMEOUT', 'UNAVAILABLE', 'INTERNAL'})
 
 _BY_HTTP = {400: 'INVALID_INPUT', 401: 'UNAUTHENTICATED', 403: 'PERMISSION_DENIED',
             404: 'MODEL_NOT_FOUND', 409: 'MODEL_IN_USE', 413: 'INPUT_TOO_LARGE',

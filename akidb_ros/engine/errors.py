@@ -42,10 +42,12 @@ class ErrorCode(enum.Enum):
     PERMISSION_DENIED = (403, 'PERMISSION_DENIED', False, 'warning')
     RATE_LIMITED = (429, 'RESOURCE_EXHAUSTED', True, 'info')
     OVERLOADED = (503, 'RESOURCE_EXHAUSTED', True, 'warning')
-    CIRCUIT_OPEN = (503, 'UNAVAILABLE', True, 'warning')
+    # The PRD's retry pattern: retry on 5xx, never on an open circuit breaker (its Retry-After
+    # still says when it lets a probe through)
+    CIRCUIT_OPEN = (503, 'UNAVAILABLE', False, 'warning')
     TIMEOUT = (504, 'DEADLINE_EXCEEDED', True, 'warning')
     UNAVAILABLE = (503, 'UNAVAILABLE', True, 'warning')
-    INTERNAL = (500, 'INTERNAL', False, 'error')
+    INTERNAL = (500, 'INTERNAL', True, 'error')
     # Transport-level refusals (an HTTP route or method that does not exist, a body that is not
     # JSON); listed here so every code a caller can see comes from this one table.
     NOT_FOUND = (404, 'UNIMPLEMENTED', False, 'info')

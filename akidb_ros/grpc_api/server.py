@@ -65,7 +65,7 @@ def _metadata(context) -> dict:
 def _abort(context, err: EngineError, extra=()):
     md = [('akidb-error-code', err.code.name)]
     hdrs = {k.lower(): str(v) for k, v in (getattr(err, 'headers', None) or {}).items()}
-    if err.code.retryable:
+    if err.code.retryable or err.retry_after_s is not None:     # as REST's Retry-After
         md.append(('retry-after', hdrs.pop('retry-after', None)
                    or str(max(1, math.ceil(err.retry_after_s or 1)))))
     hdrs.pop('retry-after', None)

@@ -431,6 +431,28 @@ def test_bad_gateway_is_retried_like_503():
         srv.close()
 
 
+@pytest.mark.parametrize('answer,retried', [
+    (_json(503, {'error': 'breaker open', 'code': 'CIRCUIT_OPEN'}, **{'Retry-After': '1'}), False),
+    (_json(500, {'error': 'bug', 'code': 'INTERNAL'}), True),
+    ((500, {'Content-Type': 'text/html'}, b'<html>proxy error</html>'), True),
+])
+def test_retries_follow_the_prds_pattern(answer, retried):
+    """The week-6 PRD: retry on 5xx, never on an open circuit breaker (CIRCUIT_OPEN was
+    retried, INTERNAL was not)."""
+    srv = Scripted([answer, _json(200, OK_BODY)])
+    try:
+        c = RestClient(srv.url, timeout_s=5, retry=RetryPolicy(initial_backoff_s=0.01))
+        if retried:
+            assert c.embed(['x']).embeddings.shape == (1, 2) and len(srv.log) == 2
+        else:
+            with pytest.raises(OverloadedError) as ei:
+                c.embed(['x'])
+            assert ei.value.code == 'CIRCUIT_OPEN' and not ei.value.retryable
+            assert ei.value.retry_after_s == 1 and len(srv.log) == 1
+    finally:
+        srv.close()
+
+
 # -- 10. health on an unhealthy server ------------------------------------------------------------
 def test_health_503_is_one_request_with_the_request_id():
     srv = Scripted([_json(503, {'status': 'unhealthy', 'models': []})])
