@@ -119,7 +119,10 @@ _BY_GRPC = {'INVALID_ARGUMENT': 'INVALID_INPUT', 'NOT_FOUND': 'MODEL_NOT_FOUND',
 def make_error(message: str, code: str, status=None, retry_after_s: Optional[float] = None,
                request_id: str = '', stream_index: Optional[int] = None) -> AkidbError:
     cls = _BY_CODE.get(code, ServerError)
-    return cls(message, code=code, status=status, retryable=code in RETRYABLE_CODES,
+    # a code this client does not know (a newer server's) on a 5xx: the PRD retries 5xx
+    retryable = code in RETRYABLE_CODES or (
+        code not in _BY_CODE and isinstance(status, int) and status >= 500)
+    return cls(message, code=code, status=status, retryable=retryable,
                retry_after_s=retry_after_s, request_id=request_id, stream_index=stream_index)
 
 
