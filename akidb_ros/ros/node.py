@@ -223,7 +223,7 @@ class EmbeddingNode(LifecycleNode):
                 self._reset_diagnostics_timer(p.value)
             elif p.name == 'resend_window_s' and hasattr(self, 'responder'):
                 self.responder.resend_window_s = p.value
-            elif P.PARAMS_BY_NAME.get(p.name) and P.PARAMS_BY_NAME[p.name].engine_key \
+            elif P.PARAMS_BY_NAME.get(p.name) and P.PARAMS_BY_NAME[p.name].read_at_configure \
                     and self.engine is not None:
                 self._log.info(
                     f'{p.name}={p.value!r} takes effect at the next configure')
