@@ -223,7 +223,7 @@ class EmbeddingNode(LifecycleNode):
                 self._reset_diagnostics_timer(p.value)
             elif p.name == 'resend_window_s' and hasattr(self, 'responder'):
                 self.responder.resend_window_s = p.value
-            elif P.PARAMS_BY_NAME.get(p.name) and P.PARAMS_BY_NAME[p.name].engine_key \
+            elif P.PARAMS_BY_NAME.get(p.name) and P.PARAMS_BY_NAME[p.name].read_at_configure \
                     and self.engine is not None:
                 self._log.info(
                     f'{p.name}={p.value!r} takes effect at the next configure')
@@ -592,7 +592,14 @@ class EmbeddingNode(LifecycleNode):
 
         def build(f: Future):
             try:
-                response.model_info = conv.model_info_to_msg(f.result())
+                info = f.result()
+                if self.engine is not engine:
+                    # cleanup/shutdown let that engine go meanwhile: what it loaded is gone
+                    raise EngineError(ErrorCode.UNAVAILABLE, (
+                        f'the node was cleaned up or shut down while {model} was being '
+                        f'{op}ed: the engine it was {op}ed in is closed; call {op}_model '
+                        'again once the node is active'), retry_after_s=1.0)
+                response.model_info = conv.model_info_to_msg(info)
                 response.success = True
                 response.error_code = ''
                 response.message = f'{model} {op}ed'

@@ -41,6 +41,13 @@ class ParamSpec:
     engine_key: Optional[str] = None
     # value meaning "not set, keep the config file's value"
     unset: Any = None
+    # read when the node configures (builds its engine), not at once: every engine_key parameter
+    # and the two that choose the file and the models to load
+    at_configure: bool = False
+
+    @property
+    def read_at_configure(self) -> bool:
+        return self.at_configure or self.engine_key is not None
 
     @property
     def type(self) -> int:
@@ -60,6 +67,9 @@ class ParamSpec:
             note = (f'overrides {self.engine_key} of the engine config'
                     f' ({self.unset!r} = keep the file value); applied at the next configure')
             constraints = f'{constraints}; {note}' if constraints else note
+        elif self.read_at_configure:
+            note = 'applied at the next configure'
+            constraints = f'{constraints}; {note}' if constraints else note
         d.additional_constraints = constraints
         if self.range is not None:
             lo, hi = self.range
@@ -74,11 +84,13 @@ class ParamSpec:
 PARAMS: List[ParamSpec] = [
     # --- engine (applied when the node configures) ---
     ParamSpec('config_path', '', 'Engine config file (models catalogue + engine settings)',
-              constraints="'' = $AKIDB_CONFIG or the package's config/models.yaml"),
+              constraints="'' = $AKIDB_CONFIG or the package's config/models.yaml",
+              at_configure=True),
     ParamSpec('default_model', '', 'Model used when a request leaves `model` empty',
               engine_key='default_model', unset=''),
     ParamSpec('preload_models', '', 'Extra model ids loaded (and warmed) at configure',
-              constraints='comma-separated ids; the default model is always loaded'),
+              constraints='comma-separated ids; the default model is always loaded',
+              at_configure=True),
     ParamSpec('device', '', 'Execution provider preference',
               constraints="one of '', auto, cpu, cuda, tensorrt (auto: TensorRT > CUDA > CPU)",
               engine_key='engine.device', unset=''),

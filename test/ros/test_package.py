@@ -220,6 +220,9 @@ def test_every_parameter_has_a_descriptor():
         assert d.description and d.type
         if isinstance(spec.default, (int, float)) and not isinstance(spec.default, bool):
             assert d.integer_range or d.floating_point_range, spec.name
+        # the engine's parameters, read at configure (docs/ros.md): describe_parameters says so
+        if spec.engine_key or spec.name in ('config_path', 'preload_models'):
+            assert 'applied at the next configure' in d.additional_constraints, spec.name
     overrides = P.engine_overrides(lambda n: P.PARAMS_BY_NAME[n].default)
     assert overrides == {}          # defaults keep config/models.yaml's values
     got = P.engine_overrides(lambda n: {'batching.max_batch_size': 8, 'device': 'cpu'}.get(

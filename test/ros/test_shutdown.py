@@ -15,7 +15,7 @@ from ros_support import call, NodeProcess, PARAMS_FILE, ROOT
 
 from akidb_ros.ros.cli import EmbeddingClient
 from akidb_ros.ros.loadgen import ConcurrentCaller
-from akidb_ros.srv import Embed, ListModels
+from akidb_ros.srv import Embed, ListModels, LoadModel
 
 COLD_START_LIMIT_S = 10.0      # PRD: cold start to ready on the default model
 IDLE_STOP_LIMIT_S = 1.0        # PRD: exit within 1 s of SIGINT/SIGTERM when idle
@@ -202,6 +202,41 @@ def test_lifecycle_transitions_under_load_answer_every_call():
         assert 'SIGINT: stopped' in out
     finally:
         stop.set()
+        node.stop()
+
+
+def test_a_load_cut_short_by_cleanup_is_not_answered_loaded():
+    """A lifecycle manager cleans the node up while load_model is loading a model: the engine it
+    loads into is closed, so the model is not loaded when the node serves again. The node
+    answered success ('all-mpnet-base-v2 loaded', status loaded) all the same; now
+    UNAVAILABLE, so the caller loads it again."""
+    ns = '/loadcut'
+    mpnet = 'all-mpnet-base-v2'
+    node = NodeProcess(namespace=ns)
+    node.wait_ready()
+    try:
+        with EmbeddingClient(ns, node_name='akidb_loadcut') as mgr:
+            # first contact made: the load below is sent once (no copy after a cleanup)
+            assert mgr.call('load_model', LoadModel.Request(model='')).error_code == \
+                'INVALID_INPUT'
+            pending = mgr.clients['load_model'].call_async(LoadModel.Request(model=mpnet))
+            status, end = '', time.monotonic() + 10
+            while status != 'loading' and time.monotonic() < end:
+                listed = mgr.call('list_models', ListModels.Request())
+                status = {m.id: m.status for m in listed.models}[mpnet]
+            assert status == 'loading', node.output[-3000:]
+            assert _change(mgr, ns, Transition.TRANSITION_DEACTIVATE)
+            assert _change(mgr, ns, Transition.TRANSITION_CLEANUP)
+            mgr.executor.spin_until_future_complete(pending, timeout_sec=60)
+            assert pending.done(), node.output[-3000:]
+            resp = pending.result()
+            assert (resp.success, resp.error_code) == (False, 'UNAVAILABLE'), resp.message
+            assert 'cleaned up' in resp.message
+            assert _change(mgr, ns, Transition.TRANSITION_CONFIGURE)
+            assert _change(mgr, ns, Transition.TRANSITION_ACTIVATE)
+            listed = mgr.call('list_models', ListModels.Request())
+            assert {m.id: m.status for m in listed.models}[mpnet] == 'available'
+    finally:
         node.stop()
 
 
