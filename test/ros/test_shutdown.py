@@ -253,9 +253,18 @@ def test_sigterm_under_long_calls_is_bounded_by_shutdown_timeout():
     try:
         with ConcurrentCaller(16, namespace=ns, node_name='akidb_bounded_load') as lg:
             assert lg.wait_ready(30)
-            warm = lg.run(lambda i, seq: Embed.Request(inputs=['warm %d' % i]),
-                          calls_per_client=1, timeout_s=30)
-            assert all(r.response is not None and r.response.success for r in warm)
+            # set-up, not the subject (16 concurrent calls are tested in test_node): one round
+            # again if a warm call failed (seen once in a CI run, without its reason: now shown)
+            for _ in range(2):
+                warm = lg.run(lambda i, seq: Embed.Request(inputs=['warm %d' % i]),
+                              calls_per_client=1, timeout_s=30)
+                if all(r.response is not None and r.response.success for r in warm):
+                    break
+                print('warm-up failed once:', [
+                    r.response and (r.response.error_code, r.response.message) for r in warm])
+            assert all(r.response is not None and r.response.success for r in warm), (
+                [r.response and (r.response.error_code, r.response.message) for r in warm],
+                node.output[-3000:])
             out = []
             # 16 calls x 16 inputs of 256 tokens: many seconds of inference on this CPU
             runner = threading.Thread(target=lambda: out.extend(lg.run(
