@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Set, Tuple
@@ -35,6 +36,30 @@ GuardHook = Callable[['DoorCall'], Optional[Callable[[Optional[EngineError]], No
 
 class BindError(OSError):
     """A door could not bind its port (gRPC does not say why: in use, or not this host's)."""
+
+
+def drain_backlog(sock: socket.socket, take: Callable[[socket.socket, Any], None]) -> None:
+    """Hand ``take`` each connection the kernel completed on a stopping listener, then close it.
+
+    Closing a listener resets the connections still in its backlog, whose clients may already
+    have sent a request: from their side an accepted call cut without an answer. Taken here,
+    each is served (and answered) within the stop's grace.
+    """
+    try:
+        sock.setblocking(False)
+        while True:
+            try:
+                conn, peer = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                break
+            take(conn, peer)
+    except OSError:
+        pass                                # the listener is gone: nothing left to take
+    finally:
+        try:
+            sock.close()
+        except OSError:
+            pass
 
 
 _REQUEST_ID_RE = re.compile(r'^[A-Za-z0-9._:/+=-]{1,128}$')

@@ -31,6 +31,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from akidb_ros.doors import drain_backlog
 from akidb_ros.engine.errors import EngineError, ErrorCode
 
 from .identity import Credentials, credentials_from_wsgi
@@ -98,20 +99,7 @@ class TLSFront:
         handshakes are waited for (a bounded while), so that they reach the upstream server
         before it stops in turn."""
         self._stop.set()
-        try:
-            self._sock.settimeout(0)        # the accept loop sees an error and ends
-            while True:
-                try:
-                    conn, addr = self._sock.accept()
-                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                    break
-                self._take(conn, addr)
-        except OSError:
-            pass                            # already closed
-        try:
-            self._sock.close()
-        except OSError:
-            pass
+        drain_backlog(self._sock, self._take)    # the accept loop sees the closed socket and ends
         if self._thread:
             self._thread.join(timeout=2)
         with self._handshakes:

@@ -47,6 +47,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
+from akidb_ros.doors import drain_backlog
 from akidb_ros.engine.errors import ErrorCode
 
 log = logging.getLogger('akidb_ros.rest')
@@ -332,7 +333,7 @@ class ThreadedWSGIServer:
                 self._start_connection(conn, peer)
         finally:
             if self._stopping:
-                self._drain_backlog()
+                drain_backlog(self._sock, self._start_connection)
             sel.close()
             self._close_wake()
             self._listener_closed.set()
@@ -345,32 +346,9 @@ class ThreadedWSGIServer:
         threading.Thread(target=self._serve_connection, args=(conn, peer),
                          name='akidb-http', daemon=True).start()
 
-    def _drain_backlog(self) -> None:
-        """Take the connections the kernel completed before the stop, then close the listener.
-
-        Closing a listener resets the connections still in its backlog, whose clients may
-        already have sent a request: from their side an accepted call cut without an answer.
-        Taken here, each is answered (with ``Connection: close``) within the stop's grace.
-        """
-        try:
-            self._sock.setblocking(False)
-            while True:
-                try:
-                    conn, peer = self._sock.accept()
-                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                    break
-                self._start_connection(conn, peer)
-        except OSError:
-            pass                            # the listener is gone: nothing left to take
-        finally:
-            try:
-                self._sock.close()
-            except OSError:
-                pass
-
     def stop_accepting(self) -> None:
         """Stop accepting: connections already completed by the kernel are still taken (see
-        ``_drain_backlog``), then the listener closes; requests on open connections are still
+        ``drain_backlog``), then the listener closes; requests on open connections are still
         answered."""
         self._stopping = True
         try:
