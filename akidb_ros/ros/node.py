@@ -57,6 +57,7 @@ from rclpy.qos import QoSProfile
 from rclpy.signals import SignalHandlerOptions
 
 from akidb_ros.engine import EmbeddingEngine, load_config
+from akidb_ros.engine.config import ConfigError
 from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.manager import ModelNotLoaded
 from akidb_ros.observability import metrics as M
@@ -815,6 +816,20 @@ def make_executor(node: EmbeddingNode, context=None):
                                  context=context)
 
 
+def checked_node(args, **kwargs) -> EmbeddingNode:
+    """``EmbeddingNode(**kwargs)``, checked against the ``-p`` overrides ROS dropped.
+
+    Raises ``ValueError`` where ROS dropped a ``-p`` of ``args`` for one of the node's
+    parameters (:func:`params.dropped_overrides`).
+    """
+    node = EmbeddingNode(**kwargs)
+    dropped = P.dropped_overrides(args, node._parameter_overrides)    # no public accessor
+    if dropped:
+        node.destroy_node()
+        raise ValueError('; '.join(dropped))
+    return node
+
+
 class InProcessNode:
     """The node hosted on a caller's engine, spinning in a background thread.
 
@@ -825,11 +840,20 @@ class InProcessNode:
         from rclpy.context import Context
         self.context = Context()
         args, python_logs = ros_console_args(args)
-        rclpy.init(args=args, context=self.context,
-                   signal_handler_options=SignalHandlerOptions.NO)
+        # the node's own process answers these with exit 2 (run); here they are the config
+        # errors of the process that hosts it, one line each
+        try:
+            rclpy.init(args=args, context=self.context,
+                       signal_handler_options=SignalHandlerOptions.NO)
+        except Exception as exc:
+            raise ConfigError(f'embedding node: invalid --ros-args: {exc}') from None
         kwargs = {'namespace': namespace} if namespace else {}
-        self.node = EmbeddingNode(engine=engine, context=self.context,
-                                  python_logs=python_logs, **kwargs)
+        try:
+            self.node = checked_node(args, engine=engine, context=self.context,
+                                     python_logs=python_logs, **kwargs)
+        except Exception as exc:
+            rclpy.try_shutdown(context=self.context)
+            raise ConfigError(f'embedding node: invalid parameters: {exc}') from None
         self.executor = make_executor(self.node, self.context)
         self.executor.add_node(self.node)
         if self.node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
@@ -908,7 +932,7 @@ def run(args=None) -> int:
         return 2
     with ros:
         try:
-            node = EmbeddingNode(python_logs=python_logs)
+            node = checked_node(args, python_logs=python_logs)
         except Exception as exc:    # e.g. a parameter override outside its descriptor's range
             print(f'embedding_node: invalid parameters: {exc}', file=sys.stderr, flush=True)
             return 2

@@ -12,7 +12,9 @@ transition (the engine is built there); ``diagnostics_period_s`` applies at once
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
 
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 ParameterType)
@@ -169,6 +171,57 @@ def unknown_overrides(node) -> List[str]:
     given = getattr(node, '_parameter_overrides', {})     # rclpy has no public accessor
     return sorted(n for n in given if not node.has_parameter(n)
                   and n not in _STANDARD_PARAMS and not n.startswith('qos_overrides.'))
+
+
+def dropped_overrides(args: Sequence[str], overrides: Mapping[str, Any]) -> List[str]:
+    """Why each ``-p NAME:=VALUE`` for one of our parameters was dropped by ROS, if any was.
+
+    rcl merges ``--params-file`` and ``-p`` into one table, and a ``-p`` value of another type
+    than the file's value for the same name is dropped without a word: the file's value is
+    used (``-p batching.max_batch_size:=abc`` beside a file that sets it to 0). Without a file
+    the declaration's type check refuses that value; with one it is refused here, the same.
+    ``overrides``: rclpy's resolved table (name -> Parameter).
+    """
+    given: Dict[str, str] = {}
+    in_ros = False
+    tokens = iter(args)
+    for tok in tokens:
+        if tok in ('--ros-args', '--'):
+            in_ros = tok == '--ros-args'
+        elif in_ros and tok in ('-p', '--param'):
+            name, sep, text = next(tokens, '').partition(':=')
+            if sep:
+                given[name] = text          # the last -p of a name wins, as in rcl
+    reasons = []
+    for name, text in given.items():
+        if name not in PARAMS_BY_NAME or name not in overrides:
+            continue
+        value = getattr(overrides[name], 'value', overrides[name])
+        if not _same_value(text, value):
+            reasons.append(f'-p {name}:={text} was dropped by ROS: the params file gives '
+                           f'{name} as {type(value).__name__} {value!r}, and a -p value must '
+                           'be of the same type')
+    return reasons
+
+
+def _same_value(text: str, value: Any) -> bool:
+    """Whether ``value`` is what ``-p NAME:=text`` asked for (rcl reads the text as YAML)."""
+    if isinstance(value, str) and value == text:
+        return True
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError:
+        parsed = text
+    if type(parsed) is type(value) and parsed == value:
+        return True
+    try:    # number spellings PyYAML reads otherwise than rcl (1e3, 0x10)
+        if type(value) is float:
+            return float(text) == value
+        if type(value) is int:
+            return int(text, 0) == value
+    except ValueError:
+        pass
+    return False
 
 
 def validate_value(name: str, value: Any) -> Optional[str]:

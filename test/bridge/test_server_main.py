@@ -311,6 +311,27 @@ def test_a_bad_config_fails_the_start_in_one_clean_line(tmp_path):
         assert 'exc' not in errors[0] and 'Traceback' not in r.stderr
 
 
+def test_bad_node_parameters_fail_an_inprocess_start_in_one_clean_line(tmp_path):
+    """The in-process node's --ros-args are the operator's to fix like a config file: one line
+    and exit 1 (an out-of-range value logged a traceback, as for a bug)."""
+    for args, says in (
+            (('-p', 'batching.max_batch_size:=5000'), 'batching.max_batch_size out of range'),
+            (('--params-file', str(ROOT / 'config' / 'params.yaml'), '-p',
+              'batching.max_batch_size:=abc'), '-p batching.max_batch_size:=abc was dropped'),
+            (('-r', '__ns:=bad'), 'invalid --ros-args')):
+        r = subprocess.run([sys.executable, '-m', 'akidb_ros.server', '--mode', 'inprocess',
+                            '--rest-port', '0', '--grpc-port', '0', '--probe-port', 'off',
+                            '--ros-args', *args], cwd=ROOT,
+                           env=dict(os.environ, AKIDB_LOG_FORMAT='json'),
+                           capture_output=True, text=True, timeout=120)
+        errors = [json.loads(line) for line in r.stderr.splitlines()
+                  if line.startswith('{') and json.loads(line)['level'] == 'error']
+        assert r.returncode == 1, r.stderr[-2000:]
+        assert len(errors) == 1 and errors[0]['msg'].startswith(
+            'startup failed: embedding node: ') and says in errors[0]['msg'], r.stderr[-2000:]
+        assert 'exc' not in errors[0] and 'Traceback' not in r.stderr
+
+
 @pytest.mark.parametrize('door', ['--rest-port', '--grpc-port'])
 def test_a_port_in_use_fails_the_start_in_one_clean_line(tmp_path, door):
     """A second server on a port in use (`make run` twice) is the operator's to fix: one line

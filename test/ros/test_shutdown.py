@@ -337,6 +337,44 @@ def test_out_of_range_parameter_at_start_is_refused():
         node.stop()
 
 
+def test_a_parameter_of_the_wrong_type_beside_a_params_file_is_refused():
+    """rcl drops a -p whose type differs from the params file's value for that name, with no
+    word, and the file's value served: refused as the same -p without a file is."""
+    node = NodeProcess('-p', 'batching.max_batch_size:=abc', namespace='/badtype')
+    try:
+        rc = node.wait_exit(timeout=30)
+        assert rc == 2, node.output
+        assert '-p batching.max_batch_size:=abc was dropped by ROS' in node.output, node.output
+        assert not node.ready.is_set()
+    finally:
+        node.stop()
+
+
+def test_dropped_overrides_reads_the_ros_args_as_rcl_does():
+    from rclpy.parameter import Parameter
+
+    from akidb_ros.ros.params import dropped_overrides
+
+    table = {'batching.max_batch_size': Parameter('b', value=0),
+             'batching.max_wait_ms': Parameter('w', value=1000.0),
+             'device': Parameter('d', value='cpu'), 'autostart': Parameter('a', value=True)}
+
+    def dropped(*ros_args):
+        return dropped_overrides(['node', '--ros-args', *ros_args], table)
+    # what rcl kept: the -p values themselves, in any spelling rcl reads as YAML
+    assert dropped('-p', 'batching.max_batch_size:=0', '--param', 'batching.max_wait_ms:=1e3',
+                   '-p', 'device:=cpu', '-p', "device:='cpu'", '-p', 'autostart:=true') == []
+    assert dropped('-p', 'batching.max_batch_size:=0x0') == []
+    # what it dropped (the file's value served instead), the last -p of a name counting
+    (why,) = dropped('-p', 'batching.max_batch_size:=4', '-p', 'batching.max_batch_size:=abc')
+    assert why.startswith('-p batching.max_batch_size:=abc was dropped') and 'int 0' in why
+    assert len(dropped('-p', 'autostart:=1', '-p', 'device:=5')) == 2
+    # not ours, not an override, or outside --ros-args: not this check's business
+    assert dropped('-p', 'use_sim_time:=abc', '-r', '__ns:=/x', '-p', 'nonsense') == []
+    assert dropped_overrides(['node', '-p', 'device:=5', '--ros-args', '--', '-p',
+                              'device:=5'], table) == []
+
+
 @pytest.mark.parametrize('bad', [('--params-file', '/nonexistent/params.yaml'),
                                  ('-r', '__ns:=bad'), ('-p', 'nonsense')])
 def test_ros_args_rcl_cannot_parse_exit_2_in_one_line(bad):
