@@ -178,6 +178,7 @@ class EmbeddingNode(LifecycleNode):
         self._log = NodeLog(self.get_logger(), python_logs)
         self.engine: Optional[EmbeddingEngine] = None
         self._diag_timer = None
+        self._configure_error = ''      # why the latest configure failed (for /diagnostics)
         # registered first, so values from params files and -p go through the same checks
         self.add_on_set_parameters_callback(self._on_set_parameters)
         P.declare_all(self)
@@ -273,8 +274,10 @@ class EmbeddingNode(LifecycleNode):
                 engine.close(timeout=1.0)
                 raise
         except Exception as exc:
+            self._configure_error = str(exc)
             self._log.error(f'configure failed: {exc}')
             return TransitionCallbackReturn.FAILURE
+        self._configure_error = ''
         self.engine = engine
         health = engine.health()
         loaded = [m.id for m in engine.list_models() if m.status.value == 'loaded']
@@ -635,7 +638,12 @@ class EmbeddingNode(LifecycleNode):
                   'calls_ok': str(self.calls_ok), 'calls_failed': str(self.calls_failed)}
         engine = self.engine
         twins = self._embed_servers() if self._serving else 1
-        if engine is None:
+        if engine is None and self._configure_error and not self._shutting_down:
+            # a lifecycle manager's configure failed: say why where the robot's monitors look
+            st.level = DiagnosticStatus.ERROR
+            st.message = f'configure failed: {self._configure_error}'
+            values['configure_error'] = self._configure_error
+        elif engine is None:
             st.level, st.message = DiagnosticStatus.WARN, (
                 'shutting down' if self._shutting_down else self.lifecycle_state)
         else:

@@ -497,3 +497,57 @@ def test_cli_output_into_a_closed_pipe_exits_0(client):
 def test_cli_no_node_exits_2(client):
     p = _cli('hello', '--namespace', '/nobody_here', '--timeout', '1')
     assert p.returncode == 2 and 'no node offers /nobody_here/embed' in p.stderr
+
+
+def test_a_failed_configure_by_a_lifecycle_manager_is_on_diagnostics_with_its_reason():
+    """autostart:=false leaves configure to a lifecycle manager; when it fails, the node stays
+    unconfigured and /diagnostics says why (ERROR, configure_error) until a configure works
+    (it said only 'unconfigured', WARN: the reason was in the node's log alone)."""
+    from ros_support import NodeProcess
+
+    from akidb_ros.ros.cli import EmbeddingClient
+    ns = '/manual_configure'
+    node = NodeProcess('-p', 'autostart:=false', '-p', 'default_model:=no-such-model',
+                       '-p', 'diagnostics_period_s:=0.2', namespace=ns)
+    try:
+        with EmbeddingClient(ns, node_name='akidb_lifecycle_manager') as c:
+            change = c.node.create_client(ChangeState, f'{ns}/embedding_node/change_state')
+            assert change.wait_for_service(timeout_sec=30), node.output
+
+            def transition(tid):
+                return call(c, ChangeState, f'{ns}/embedding_node/change_state',
+                            ChangeState.Request(transition=Transition(id=tid)), timeout=60)
+
+            def latest_status(want):
+                seen = []
+
+                def on_msg(msg):
+                    seen.extend(st for st in msg.status
+                                if st.name.startswith(f'{ns}/embedding_node'))
+                sub = c.node.create_subscription(DiagnosticArray, '/diagnostics', on_msg, 10)
+                try:
+                    end = time.monotonic() + 15
+                    while not (seen and want(seen[-1])) and time.monotonic() < end:
+                        c.executor.spin_once(timeout_sec=0.1)
+                finally:
+                    c.node.destroy_subscription(sub)
+                assert seen, node.output[-2000:]
+                return seen[-1], {kv.key: kv.value for kv in seen[-1].values}
+
+            st, values = latest_status(lambda s: True)
+            assert (st.level, st.message) == (st.WARN, 'unconfigured')
+            assert not transition(Transition.TRANSITION_CONFIGURE).success
+            st, values = latest_status(lambda s: s.level == s.ERROR)
+            assert st.level == st.ERROR and st.message.startswith('configure failed: ')
+            assert 'no-such-model' in values['configure_error'], values
+            # the manager fixes the parameter and configures again: the error is gone
+            (res,) = call(c, SetParameters, f'{ns}/embedding_node/set_parameters',
+                          SetParameters.Request(parameters=[
+                              Parameter('default_model', value='').to_parameter_msg()])).results
+            assert res.successful, res.reason
+            assert transition(Transition.TRANSITION_CONFIGURE).success
+            st, values = latest_status(lambda s: s.message == 'inactive')
+            assert st.level == st.WARN and 'configure_error' not in values
+            assert values['default_model'] == DEFAULT
+    finally:
+        node.stop()
