@@ -75,7 +75,7 @@ class Job:
 
     def __init__(self, encoded: List[Encoded], model_id: str, dimension: int, normalize: bool,
                  deadline: float, priority: Priority, provider: str,
-                 on_done: Callable[['Job'], None]):
+                 on_done: Callable[['Job'], None], received: Optional[float] = None):
         self.encoded = encoded
         self.model_id = model_id
         self.normalize = normalize
@@ -88,6 +88,7 @@ class Job:
         self.total_tokens = sum(e.length for e in encoded)
         self.truncated = sum(1 for e in encoded if e.truncated)
         self.created = time.monotonic()
+        self.received = self.created if received is None else received    # the budget's start
         self.started: Optional[float] = None
         # The caller's trace context (a door's span), so queue/batch/inference spans nest in it.
         self.trace_ctx = capture_context()
@@ -125,9 +126,13 @@ class Job:
 
     def expire(self, now: float) -> None:
         """Its deadline passed unanswered (called by the deadline watcher)."""
-        self.fail(EngineError(ErrorCode.TIMEOUT,
-                              f'request not answered within its deadline '
-                              f'({now - self.created:.2f} s)', retry_after_s=1.0))
+        n = len(self.encoded)
+        self.fail(EngineError(
+            ErrorCode.TIMEOUT,
+            f'request not answered within its deadline of {self.deadline - self.received:.2f} s '
+            f'({n - self.remaining} of {n} inputs embedded; tokenising took '
+            f'{self.created - self.received:.2f} s): send fewer or shorter inputs per call, or '
+            'give it a longer timeout', retry_after_s=1.0))
 
     def complete(self) -> bool:
         if not self._settle():

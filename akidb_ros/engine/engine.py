@@ -239,7 +239,7 @@ class EmbeddingEngine:
 
             job = Job(encoded, model_cfg.id, model_cfg.dimension, normalize,
                       deadline=deadline, priority=request.priority,
-                      provider=lm.onnx.provider, on_done=on_done)
+                      provider=lm.onnx.provider, on_done=on_done, received=received)
             if inline and lm.batcher.run_inline(job):
                 return job.future      # answered (the run failed: its error is in the future)
             try:

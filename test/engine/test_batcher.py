@@ -1,4 +1,5 @@
 """Batching: order, token budget, padding bound, deadlines, shedding at 95 %, admin lane."""
+import re
 import threading
 import time
 
@@ -60,10 +61,15 @@ def test_deadline_answers_timeout(small_engine):
     gate.close()
     blocker = eng.submit(EmbedRequest(inputs=['hold']))
     assert gate.entered.wait(5)
-    fut = eng.submit(EmbedRequest(inputs=['late'], timeout_s=0.2))
+    fut = eng.submit(EmbedRequest(inputs=['late', 'later'], timeout_s=0.2))
     with pytest.raises(EngineError) as err:
         fut.result(5)
     assert err.value.code is ErrorCode.TIMEOUT
+    # the message names the caller's budget and how far the call got (it named the time since
+    # tokenising ended, which a large call's tokenising had eaten: "(0.89 s)" of a 5 s budget)
+    assert re.fullmatch(r'request not answered within its deadline of 0\.2\d s \(0 of 2 inputs '
+                        r'embedded; tokenising took 0\.\d\d s\): send fewer or shorter inputs '
+                        r'per call, or give it a longer timeout', str(err.value)), str(err.value)
     gate.open.set()
     assert blocker.result(10).embeddings.shape == (1, 384)
     assert eng.admission.pending == 0
