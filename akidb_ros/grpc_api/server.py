@@ -697,7 +697,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             with self._streams_lock:
                 self._streams.discard(pending)
             # requests accepted but never answered (stream cancelled or failed): release their
-            # guard permits once the engine is done with them (not counted as failures)
+            # guard permits once the engine is done with them (not counted as failures), and
+            # say which they were: the client never saw their answers
+            unanswered = []
             while True:
                 try:
                     item = pending.get_nowait()
@@ -705,9 +707,14 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     break
                 if not isinstance(item, tuple):
                     continue
+                unanswered.append(item[1].request_id)
                 item[7].end()
                 if callable(item[5]) and item[4] is not None:
                     item[4].add_done_callback(lambda _f, done=item[5]: done(None))
+            if unanswered:
+                log.info('EmbedStream ended (cancelled by the client or failed) with %d '
+                         'request(s) taken and not answered: %s', len(unanswered),
+                         ', '.join(unanswered), extra={'request_id': call0.request_id})
             _INFLIGHT.dec()
 
     def Health(self, request, context):

@@ -2,6 +2,7 @@
 answer, and health Watch speaks only on a change. Real gRPC on 127.0.0.1, real engine."""
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -392,6 +393,73 @@ def test_graceful_stop_ends_open_streams_after_their_answers(local_backend):
         assert md['akidb-error-code'] == 'UNAVAILABLE' and md['retry-after'] == '1'
         assert md['akidb-stream-index'] == str(got), (name, got, md)   # nothing taken unanswered
     assert outcomes['idle'][0] == 1
+
+
+class _HeldBackend:
+    """The engine's backend, whose embed answers wait until ``release`` is set."""
+
+    def __init__(self, backend):
+        self._backend = backend
+        self.release = threading.Event()
+        self.submitted = 0
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def submit(self, request, caller_waits=False):
+        from concurrent.futures import Future
+        inner = self._backend.submit(request)
+        out = Future()
+        self.submitted += 1
+
+        def hand_over():
+            self.release.wait(30)
+            try:
+                out.set_result(inner.result(30))
+            except Exception as exc:
+                out.set_exception(exc)
+        threading.Thread(target=hand_over, daemon=True).start()
+        return out
+
+
+def test_a_cancelled_stream_logs_the_requests_it_took_and_never_answered(local_backend, caplog):
+    """A client that cancels its EmbedStream never sees the answers to the requests the server
+    had taken: their request ids are logged (they went without a word)."""
+    held = _HeldBackend(local_backend)
+    srv = GrpcServer(held, host='127.0.0.1', port=0).start()
+    ch = grpc.insecure_channel(f'127.0.0.1:{srv.port}')
+    release = threading.Event()
+
+    def three_then_idle():
+        for i in range(3):
+            yield pb.EmbedRequest(inputs=[f'held {i}'])
+        release.wait(20)
+    try:
+        with caplog.at_level('INFO', logger='akidb_ros.grpc'):
+            call = pb_grpc.EmbeddingServiceStub(ch).EmbedStream(
+                three_then_idle(), timeout=30, metadata=[('x-request-id', 'cancelled-stream')])
+            end = time.monotonic() + 10
+            while held.submitted < 3:
+                assert time.monotonic() < end, 'the stream never took its 3 requests'
+                time.sleep(0.02)
+            call.cancel()
+            held.release.set()
+            end = time.monotonic() + 10
+            while 'not answered' not in caplog.text and time.monotonic() < end:
+                time.sleep(0.05)
+    finally:
+        release.set()
+        held.release.set()
+        ch.close()
+        srv.stop(grace_s=0)
+    (line,) = [r for r in caplog.records if 'not answered' in r.getMessage()]
+    count, ids = re.search(r'with (\d+) request\(s\) taken and not answered: (.*)$',
+                           line.getMessage()).groups()
+    ids = ids.split(', ')
+    # the first was (almost always) being answered when the cancel came; the others waited
+    assert ids[-2:] == ['cancelled-stream-1', 'cancelled-stream-2'] and int(count) == len(ids)
+    assert set(ids) <= {f'cancelled-stream-{i}' for i in range(3)}, ids
+    assert line.request_id == 'cancelled-stream'
 
 
 # ------------------------------------------------------------------ requests that cannot decode
