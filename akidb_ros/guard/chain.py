@@ -39,6 +39,10 @@ from .rbac import Permission
 
 log = logging.getLogger('akidb_ros.guard')
 
+# A transport's decision older than this when its request reaches the door (an EmbedStream's
+# first message, sent a while after the stream opened) has its credentials checked again;
+# a unary call's reaches the door within milliseconds and is not checked twice.
+STALE_DECISION_S = 1.0
 _PEER_HOST = re.compile(r'^(?:ipv4:|ipv6:)?\[?([^\]]*?)\]?(?::\d+)?$')
 
 
@@ -70,6 +74,7 @@ class Decision:
     # it served a request already: each further request of the same call (the messages of an
     # EmbedStream) is checked again by ``door_hook`` (credentials, role, a token of its own)
     spent: bool = False
+    at: float = field(default_factory=time.monotonic)     # when it was made
 
     @property
     def priority(self) -> Priority:
@@ -420,9 +425,23 @@ class Guard:
         from .integrations import current_decision
 
         pre = current_decision()
+
+        def creds() -> Credentials:
+            return credentials_from_headers(
+                call.headers or {},
+                peer=call.peer or '',
+                peer_cert=getattr(call, 'peer_cert', None),
+                api_key_header=self.api_key_header,
+            )
         if pre is not None and not pre.spent:
             # the transport layer (install_flask / GuardInterceptor) already authenticated,
             # authorised the route and took a rate-limit token: check the operation only
+            if time.monotonic() - pre.at > STALE_DECISION_S:
+                # an EmbedStream's first message, sent long after the stream opened: its
+                # credentials again (a key revoked meanwhile); its token was taken at the open
+                pre.identity = self.authenticate(
+                    creds(), transport=call.transport, request_id=call.request_id,
+                    action=perm.value)
             self.authorize(
                 pre.identity,
                 perm,
@@ -436,14 +455,8 @@ class Guard:
             # no transport check, or a later request of the same call (the messages of an
             # EmbedStream): the whole chain again, so a key revoked or a token expired while
             # the stream is open stops it at its next message, and each takes its own token
-            creds = credentials_from_headers(
-                call.headers or {},
-                peer=call.peer or '',
-                peer_cert=getattr(call, 'peer_cert', None),
-                api_key_header=self.api_key_header,
-            )
             decision = self.check(
-                perm, creds, transport=call.transport, request_id=call.request_id
+                perm, creds(), transport=call.transport, request_id=call.request_id
             )
         call.principal = decision.identity
         call.response_headers = decision.headers

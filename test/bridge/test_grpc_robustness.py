@@ -280,6 +280,40 @@ def test_a_key_revoked_while_its_stream_is_open_ends_the_stream(local_backend, t
     assert md['akidb-error-code'] == 'UNAUTHENTICATED' and md['akidb-stream-index'] == '2'
 
 
+def test_a_key_revoked_before_a_streams_first_message_ends_the_stream(local_backend, tmp_path,
+                                                                      monkeypatch):
+    """The first message of a stream opened a while before it is checked again (it was served
+    on the decision made when the stream opened, with a key revoked since)."""
+    from akidb_ros.guard import Guard, GuardInterceptor, chain
+    from akidb_ros.guard.apikeys import create_key, revoke_key
+    from akidb_ros.guard.identity import Role
+    monkeypatch.setattr(chain, 'STALE_DECISION_S', 0.2)
+    keys = str(tmp_path / 'keys.yaml')
+    rec, dev = create_key(keys, Role('developer'), 'leaky')
+    guard = Guard({'auth': {'enabled': True, 'api_keys': {'enabled': True, 'file': keys,
+                                                          'reload_interval_s': 0}},
+                   'audit': {'enabled': False}})
+    srv = GrpcServer(local_backend, host='127.0.0.1', port=0, guard=guard.door_hook,
+                     interceptors=[GuardInterceptor(guard)]).start()
+    ch = grpc.insecure_channel(f'127.0.0.1:{srv.port}')
+
+    def late_first():
+        time.sleep(0.5)             # the stream is open (its decision made): revoke, then send
+        revoke_key(keys, rec.id)
+        yield pb.EmbedRequest(inputs=['first, but late'])
+    try:
+        with pytest.raises(grpc.RpcError) as ei:
+            list(pb_grpc.EmbeddingServiceStub(ch).EmbedStream(
+                late_first(), timeout=20, metadata=[('x-api-key', dev)]))
+    finally:
+        ch.close()
+        srv.stop(grace_s=0)
+    assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert ei.value.details() == 'API key revoked'
+    md = dict(ei.value.trailing_metadata())
+    assert md['akidb-error-code'] == 'UNAUTHENTICATED' and md['akidb-stream-index'] == '0'
+
+
 def test_stream_share_is_configurable_and_checked(local_backend):
     with pytest.raises(ValueError):
         GrpcServer(local_backend, host='127.0.0.1', port=0, max_workers=4, max_streams=4)
