@@ -95,8 +95,15 @@ _TRUNCATE_VALUES = {'true': True, 'false': False}
 _INPUT_TYPES = {t.value: t for t in InputType}
 
 
-def _options(md: dict):
-    """``(truncate, input_type)`` from a call's metadata; INVALID_INPUT for a bad value."""
+def _options(md: dict, metadata=()):
+    """``(truncate, input_type)`` from a call's metadata; INVALID_INPUT for a bad value, or for
+    an option sent twice with different values (``md`` keeps one, gRPC keeps both apart)."""
+    for key in (TRUNCATE_MD, INPUT_TYPE_MD):
+        values = {v for k, v in metadata if k.lower() == key}
+        if len(values) > 1:
+            raise EngineError(ErrorCode.INVALID_INPUT,
+                              f'metadata {key} sent with different values '
+                              f'({", ".join(sorted(repr(v[:40]) for v in values))}): send it once')
     truncate, input_type = True, InputType.NONE
     raw = md.get(TRUNCATE_MD)
     if raw is not None:
@@ -480,7 +487,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         # the texts are checked by the engine (the sidecar: before the DDS hop too), count first,
         # so every door answers a request with the same code
         texts = list(request.inputs)
-        truncate, input_type = _options(call.headers)
+        truncate, input_type = _options(call.headers, context.invocation_metadata() or ())
         model = self.labels.resolve(request.model)
         # the breaker is keyed by the model that will really serve the call ('unknown' for a
         # name the backend does not know: bounded, whatever callers send)

@@ -201,6 +201,23 @@ def test_grpc_bad_option_metadata_is_invalid_argument(recorded, key, value, frag
     assert len(backend.requests) == n        # refused before the backend
 
 
+def test_grpc_option_metadata_sent_twice(recorded):
+    """gRPC keeps repeated metadata apart: two different values of an option are refused (one
+    of them was used, silently: the last); the same value twice (a proxy's copy) is taken."""
+    backend, target = recorded
+    n = len(backend.requests)
+    for key, a, b in (('akidb-truncate', 'true', 'false'),
+                      ('akidb-input-type', 'query', 'passage')):
+        status, md, details = _grpc(target, ['x'], metadata=[(key, a), (key, b)])
+        assert status == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert md['akidb-error-code'] == 'INVALID_INPUT'
+        assert f'metadata {key} sent with different values' in details, details
+    assert len(backend.requests) == n        # refused before the backend
+    status, md, _ = _grpc(target, ['x'], metadata=[('akidb-input-type', 'query'),
+                                                   ('akidb-input-type', 'query')])
+    assert status == grpc.StatusCode.OK and backend.requests[-1].input_type is InputType.QUERY
+
+
 def test_grpc_stream_options_and_truncated_total(grpc_target):
     stub = pb_grpc.EmbeddingServiceStub(grpc.insecure_channel(grpc_target))
     reqs = [pb.EmbedRequest(inputs=[LONG, 'a']), pb.EmbedRequest(inputs=['b']),
