@@ -117,3 +117,88 @@ def test_pool_functions_on_known_arrays():
     np.testing.assert_allclose(pool(hidden, mask, 'mean'), [[1, 2], [8, 9]])
     np.testing.assert_allclose(pool(hidden, mask, 'cls'), [[0, 1], [6, 7]])
     np.testing.assert_allclose(pool(hidden, mask, 'last_token'), [[2, 3], [10, 11]])
+
+
+# ------------------------------------------------------------------ head-first tokenising
+_PIECES = (['robot', 'arm', 'Moves', 'the', 'RED', 'box', "don't", 'e-mail', 'naïve', 'café',
+            'Ünïcödé', 'e\u0301', 'a\u0308\u0301', '東京', '机器人', 'ロボット', '한국어', 'αβγ',
+            'x' * 120, '12345', '3.14', '#', '...', '(', ')', '"', '—', '🤖', '👩\u200d🔬',
+            '\u00ad', '\x07', '[SEP]', '[CLS]', '\ufffd'] +
+           [' '] * 30 + ['  ', '\n', '\t', '\u00a0', '\u3000', ' \n '])
+
+
+def _long_text(rng, chars: int) -> str:
+    out, size = [], 0
+    while size < chars:
+        piece = rng.choice(_PIECES)
+        out.append(piece)
+        size += len(piece)
+    return ''.join(out)
+
+
+def _whole(encoder, texts):
+    """What tokenising each text whole gives (the reference the head-first path must match)."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(encoder.cfg.tokenizer))
+    tok.no_padding()
+    tok.enable_truncation(max_length=encoder.cfg.max_tokens)
+    return [(e.ids, e.type_ids, bool(e.overflowing)) for e in tok.encode_batch(texts)]
+
+
+@pytest.fixture()
+def encoders(tmp_path):
+    from akidb_ros.engine import load_config
+    from akidb_ros.engine.text import TextEncoder
+    from engine_support import write_config
+    cfg = load_config(write_config(tmp_path), env={})
+    return [TextEncoder(cfg.model(m)) for m in (MINILM, MPNET)]
+
+
+def test_long_texts_tokenise_from_their_head_as_whole(encoders):
+    """A text far longer than the model reads is tokenised from its head (cut at a space) when
+    the head alone overflows: the same ids, type ids and truncated flag as the whole text, in
+    many scripts, marks and spacings; texts whose head does not overflow (or has no space to
+    cut at) are tokenised whole."""
+    import random
+    from hypothesis import given, settings, strategies as st
+
+    for encoder in encoders:
+        seen = []
+        real = encoder._tok.encode_batch_fast
+
+        def spy(texts, real=real, seen=seen):
+            seen.extend(len(t) for t in texts)
+            return real(texts)
+
+        encoder._tok = _Spy(encoder._tok, spy)
+        limit = encoder._head_chars
+        assert limit == encoder.cfg.max_tokens * 8
+
+        @settings(max_examples=40, deadline=None, database=None)
+        @given(st.integers(0, 2 ** 32 - 1), st.integers(2 * limit + 1, 12 * limit))
+        def check(seed, chars):
+            rng = random.Random(seed)
+            texts = [_long_text(rng, chars), 'short one', _long_text(rng, chars)]
+            ours = [(e.ids, e.type_ids, e.truncated) for e in encoder._encode(texts)]
+            assert ours == _whole(encoder, texts)
+        check()
+        # words and spaces: the heads sufficed, the long texts were never tokenised whole
+        seen.clear()
+        words = ' '.join(['robot arm moves the red box'] * (limit // 5))
+        (e,) = encoder._encode([words])
+        assert e.truncated and max(seen) <= limit
+        # no space to cut at, or a head of few tokens (120-letter words: one [UNK] each): whole
+        for text in ('東京' * limit, ' '.join(['x' * 120] * (limit // 40))):
+            seen.clear()
+            assert [(e.ids, e.type_ids, e.truncated) for e in encoder._encode([text])] == \
+                _whole(encoder, [text])
+            assert max(seen) == len(text)
+
+
+class _Spy:
+    def __init__(self, tok, encode_batch_fast):
+        self._tok = tok
+        self.encode_batch_fast = encode_batch_fast
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
