@@ -239,9 +239,9 @@ def test_each_stream_message_takes_a_rate_limit_token(local_backend, tmp_path):
     assert int(md['retry-after']) >= 1
 
 
-def test_a_key_revoked_while_its_stream_is_open_ends_the_stream(local_backend, tmp_path):
-    """A leaked key cannot outlive its revocation in a stream opened before it: the next
-    message after ``akidb-keys revoke`` ends the stream UNAUTHENTICATED at its index."""
+def _server_with_a_revocable_key(backend, tmp_path):
+    """A gRPC server behind API keys read at every check: (server, channel, a developer's key,
+    a function that revokes that key)."""
     from akidb_ros.guard import Guard, GuardInterceptor
     from akidb_ros.guard.apikeys import create_key, revoke_key
     from akidb_ros.guard.identity import Role
@@ -250,9 +250,16 @@ def test_a_key_revoked_while_its_stream_is_open_ends_the_stream(local_backend, t
     guard = Guard({'auth': {'enabled': True, 'api_keys': {'enabled': True, 'file': keys,
                                                           'reload_interval_s': 0}},
                    'audit': {'enabled': False}})
-    srv = GrpcServer(local_backend, host='127.0.0.1', port=0, guard=guard.door_hook,
+    srv = GrpcServer(backend, host='127.0.0.1', port=0, guard=guard.door_hook,
                      interceptors=[GuardInterceptor(guard)]).start()
-    ch = grpc.insecure_channel(f'127.0.0.1:{srv.port}')
+    return srv, grpc.insecure_channel(f'127.0.0.1:{srv.port}'), dev, \
+        lambda: revoke_key(keys, rec.id)
+
+
+def test_a_key_revoked_while_its_stream_is_open_ends_the_stream(local_backend, tmp_path):
+    """A leaked key cannot outlive its revocation in a stream opened before it: the next
+    message after ``akidb-keys revoke`` ends the stream UNAUTHENTICATED at its index."""
+    srv, ch, dev, revoke = _server_with_a_revocable_key(local_backend, tmp_path)
     answered = threading.Semaphore(0)
 
     def requests():
@@ -260,7 +267,7 @@ def test_a_key_revoked_while_its_stream_is_open_ends_the_stream(local_backend, t
             if i == 2:
                 answered.acquire(timeout=10)
                 answered.acquire(timeout=10)    # both answers are in: revoke the key
-                revoke_key(keys, rec.id)
+                revoke()
             yield pb.EmbedRequest(inputs=[f'text {i}'])
 
     got = []
@@ -284,22 +291,13 @@ def test_a_key_revoked_before_a_streams_first_message_ends_the_stream(local_back
                                                                       monkeypatch):
     """The first message of a stream opened a while before it is checked again (it was served
     on the decision made when the stream opened, with a key revoked since)."""
-    from akidb_ros.guard import Guard, GuardInterceptor, chain
-    from akidb_ros.guard.apikeys import create_key, revoke_key
-    from akidb_ros.guard.identity import Role
+    from akidb_ros.guard import chain
     monkeypatch.setattr(chain, 'STALE_DECISION_S', 0.2)
-    keys = str(tmp_path / 'keys.yaml')
-    rec, dev = create_key(keys, Role('developer'), 'leaky')
-    guard = Guard({'auth': {'enabled': True, 'api_keys': {'enabled': True, 'file': keys,
-                                                          'reload_interval_s': 0}},
-                   'audit': {'enabled': False}})
-    srv = GrpcServer(local_backend, host='127.0.0.1', port=0, guard=guard.door_hook,
-                     interceptors=[GuardInterceptor(guard)]).start()
-    ch = grpc.insecure_channel(f'127.0.0.1:{srv.port}')
+    srv, ch, dev, revoke = _server_with_a_revocable_key(local_backend, tmp_path)
 
     def late_first():
         time.sleep(0.5)             # the stream is open (its decision made): revoke, then send
-        revoke_key(keys, rec.id)
+        revoke()
         yield pb.EmbedRequest(inputs=['first, but late'])
     try:
         with pytest.raises(grpc.RpcError) as ei:
