@@ -69,21 +69,22 @@ class TextEncoder:
                deadline: Optional[float] = None) -> List[Encoded]:
         """Tokenise ``texts``; past ``deadline`` (monotonic) raise TIMEOUT.
 
-        The tokeniser reads a whole text before it truncates, so a request near the byte limit
-        takes seconds to tokenise; it goes in slices of ~``SLICE_CHARS`` characters with the
-        deadline checked between them, so such a request times out within its budget instead
-        of holding a thread (and a graceful stop) for as long as it takes.
+        The tokeniser reads a whole text before it truncates (a long one: its head, see
+        ``_encode``), so a request near the byte limit takes seconds to tokenise; it goes in
+        slices of ~``SLICE_CHARS`` characters read with the deadline checked between them, so
+        such a request times out within its budget instead of holding a thread (and a graceful
+        stop) for as long as it takes.
         """
         prefix = self.prefix(input_type)
         if prefix:
             texts = [prefix + t for t in texts]
         texts = list(texts)
-        if deadline is None or sum(map(len, texts)) <= SLICE_CHARS:
+        if deadline is None or sum(map(self._chars_read, texts)) <= SLICE_CHARS:
             return self._refuse_nothing(self._encode(texts), input_type)
         out: List[Encoded] = []
         start = size = 0
         for i, t in enumerate(texts):
-            size += len(t)
+            size += self._chars_read(t)
             if size >= SLICE_CHARS or i == len(texts) - 1:
                 if time.monotonic() >= deadline:
                     raise EngineError(ErrorCode.TIMEOUT,
@@ -129,6 +130,12 @@ class TextEncoder:
                 encs[i] = e
         return [Encoded(e.ids, e.type_ids, bool(e.overflowing)) for e in encs]
 
+    def _chars_read(self, text: str) -> int:
+        """About how many characters of ``text`` the tokeniser reads: its head's for a text
+        long enough to tokenise from its head (see ``_heads``), else all of them."""
+        limit = self._head_chars
+        return limit if limit and len(text) > 2 * limit else len(text)
+
     def _heads(self, texts: List[str]) -> Dict[int, str]:
         """``{index: head}`` of the texts long enough to tokenise from their head first: cut at
         the last space or newline before ``_head_chars`` (none there: tokenised whole)."""
@@ -136,7 +143,7 @@ class TextEncoder:
         heads = {}
         if limit:
             for i, t in enumerate(texts):
-                if len(t) > 2 * limit:
+                if self._chars_read(t) < len(t):
                     cut = max(t.rfind(' ', limit // 2, limit), t.rfind('\n', limit // 2, limit))
                     if cut > 0:
                         heads[i] = t[:cut]
