@@ -27,14 +27,20 @@ def test_mpnet_matches_sentence_transformers(engine):
     assert np.sum(res.embeddings * ref, axis=1).min() >= MIN_COSINE
 
 
-def test_one_text_encodes_like_the_tokenizer(engine):
-    """The fast batch path (no offsets, GIL released) gives Tokenizer.encode's ids and flags."""
+def _plain_tokenizer(encoder):
+    """The model's tokenizer as the engine sets it up (truncation, no padding), used directly."""
     from tokenizers import Tokenizer
-    sentences, ref = reference('all-MiniLM-L6-v2')
-    encoder = engine.manager.loaded(MINILM).encoder
     tok = Tokenizer.from_file(str(encoder.cfg.tokenizer))
     tok.no_padding()
     tok.enable_truncation(max_length=encoder.cfg.max_tokens)
+    return tok
+
+
+def test_one_text_encodes_like_the_tokenizer(engine):
+    """The fast batch path (no offsets, GIL released) gives Tokenizer.encode's ids and flags."""
+    sentences, ref = reference('all-MiniLM-L6-v2')
+    encoder = engine.manager.loaded(MINILM).encoder
+    tok = _plain_tokenizer(encoder)
     for text in sentences:
         (ours,) = encoder.encode([text])
         theirs = tok.encode(text)
@@ -138,11 +144,8 @@ def _long_text(rng, chars: int) -> str:
 
 def _whole(encoder, texts):
     """What tokenising each text whole gives (the reference the head-first path must match)."""
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(encoder.cfg.tokenizer))
-    tok.no_padding()
-    tok.enable_truncation(max_length=encoder.cfg.max_tokens)
-    return [(e.ids, e.type_ids, bool(e.overflowing)) for e in tok.encode_batch(texts)]
+    return [(e.ids, e.type_ids, bool(e.overflowing))
+            for e in _plain_tokenizer(encoder).encode_batch(texts)]
 
 
 @pytest.fixture()
