@@ -48,6 +48,7 @@ if __name__ == '__main__' or os.path.basename(sys.argv[0]) == 'embedding_node':
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from lifecycle_msgs.msg import Transition
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
@@ -202,6 +203,8 @@ class EmbeddingNode(LifecycleNode):
         self._closers_lock = threading.Lock()
         self.responder = Responder(self._log,
                                    self.get_parameter('resend_window_s').value)
+        self._configuring: Optional[threading.Thread] = None   # a configure off the executor
+        self._defer_configure()
         self._stats_lock = threading.Lock()
         self.calls_ok = 0
         self.calls_failed = 0
@@ -254,6 +257,79 @@ class EmbeddingNode(LifecycleNode):
         return load_config(path, overrides)
 
     # --- lifecycle -------------------------------------------------------------------------
+    def _defer_configure(self) -> None:
+        """Answer ``change_state``'s ``configure`` from a helper thread, not the executor.
+
+        rclpy runs a transition inside the ``change_state`` service callback, and ``configure``
+        loads and warms the models: seconds, minutes for a first TensorRT engine build. On the
+        (single-threaded, default) executor the node then answered nothing meanwhile, not even
+        ``get_state``, and published no ``/diagnostics``. Now ``configure`` runs on its own
+        thread and its reply is sent when it ends (the responder, as for ``embed``); meanwhile
+        the node answers, ``get_state`` says ``configuring``, and another ``change_state`` is
+        refused at once (``success=false``: no transition starts from a transition state). The
+        other transitions take milliseconds and stay on the executor.
+        """
+        service = getattr(self, '_service_change_state', None)
+        if service is None:                     # no lifecycle services on this node
+            return
+        rclpy_callback = service.callback
+        service.__class__ = DeferringService
+        service.responder = self.responder
+
+        def on_change_state(request, response):
+            tid = request.transition.id
+            if request.transition.label:
+                try:
+                    tid = self._state_machine.get_transition_by_label(request.transition.label)
+                except Exception:
+                    return rclpy_callback(request, response)    # rclpy answers it (false)
+            if self.configuring:
+                self._log.warning(f'change_state {request.transition.label or tid} refused: '
+                                  'configure is still running')
+                response.success = False
+                return response
+            if tid != Transition.TRANSITION_CONFIGURE:
+                return rclpy_callback(request, response)
+
+            def build(fut: Future):
+                response.success = (not fut.exception()
+                                    and fut.result() == TransitionCallbackReturn.SUCCESS)
+                return response
+            return Deferred(self.configure_async(), build)
+        service.callback = on_change_state
+
+    @property
+    def configuring(self) -> bool:
+        """A ``configure`` started by :meth:`configure_async` is still running."""
+        thread = self._configuring
+        return thread is not None and thread.is_alive()
+
+    def configure_async(self) -> Future:
+        """Run the ``configure`` transition on a helper thread; a Future of its return code.
+
+        The caller keeps the executor turning meanwhile (the node answers, /diagnostics goes
+        on). One at a time: :attr:`configuring` tells whether one is still running.
+        """
+        fut: Future = Future()
+
+        def configure():
+            try:
+                fut.set_result(self.trigger_configure())
+            except BaseException as exc:    # answered (success=false), never lost
+                self._log.error(f'configure failed: {exc!r}')
+                fut.set_exception(exc)
+        self._configuring = threading.Thread(target=configure, name='akidb-ros-configure',
+                                             daemon=True)
+        self._configuring.start()
+        return fut
+
+    def wait_configured(self, timeout: float) -> bool:
+        """Wait for a running :meth:`configure_async` to end; whether none is running."""
+        thread = self._configuring
+        if thread is not None:
+            thread.join(timeout)
+        return not self.configuring
+
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         t0 = time.monotonic()
         if self._external_engine is not None:
@@ -949,7 +1025,11 @@ def run(args=None) -> int:
         log = node.log
         try:
             if node.get_parameter('autostart').value and not stop.event.is_set():
-                if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                # configured off the executor, which keeps turning: get_state, /diagnostics
+                configured = node.configure_async()
+                _spin_until(executor, configured.done, float('inf'), step=0.1)
+                if configured.exception() or \
+                        configured.result() != TransitionCallbackReturn.SUCCESS:
                     log.fatal('could not configure the embedding engine; exiting')
                     rc = 1
                 elif not stop.event.is_set():
@@ -978,7 +1058,10 @@ def run(args=None) -> int:
             log.warning('interrupted again: exiting without waiting for calls in flight')
         finally:
             # (a node a lifecycle manager already shut down is 'finalized': nothing to do)
-            if not forced and node.lifecycle_state in ('unconfigured', 'inactive', 'active'):
+            if not forced and not node.wait_configured(
+                    node.get_parameter('shutdown_timeout_s').value):
+                log.warning('exiting while a configure is still loading models')
+            elif not forced and node.lifecycle_state in ('unconfigured', 'inactive', 'active'):
                 try:
                     node.trigger_shutdown()
                 except Exception as exc:

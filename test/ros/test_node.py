@@ -551,3 +551,57 @@ def test_a_failed_configure_by_a_lifecycle_manager_is_on_diagnostics_with_its_re
             assert values['default_model'] == DEFAULT
     finally:
         node.stop()
+
+
+def test_a_configure_by_a_lifecycle_manager_does_not_hold_the_node():
+    """configure loads and warms the models (seconds; minutes for a first TensorRT build). It
+    ran inside rclpy's change_state callback on the executor, so until it ended the node
+    answered nothing, not even get_state, and /diagnostics went quiet. Now get_state answers
+    `configuring` meanwhile, another change_state is refused at once, and configure's own
+    reply comes when it ends."""
+    from ros_support import NodeProcess
+
+    from akidb_ros.ros.cli import EmbeddingClient
+    ns = '/slow_configure'
+    node = NodeProcess('-p', 'autostart:=false', '-p', f'preload_models:={MPNET}',
+                       '-p', 'diagnostics_period_s:=0.2', namespace=ns)
+    try:
+        with EmbeddingClient(ns, node_name='akidb_slow_configure_manager') as c:
+            change = c.node.create_client(ChangeState, f'{ns}/embedding_node/change_state')
+            get = c.node.create_client(GetState, f'{ns}/embedding_node/get_state')
+            assert change.wait_for_service(timeout_sec=30), node.output
+            assert get.wait_for_service(timeout_sec=30), node.output
+            diagnostics = []
+            c.node.create_subscription(
+                DiagnosticArray, '/diagnostics',
+                lambda msg: diagnostics.extend(
+                    (time.monotonic(), st.message) for st in msg.status
+                    if st.name.startswith(f'{ns}/embedding_node')), 10)
+
+            def answer(fut, timeout=60.0):
+                end = time.monotonic() + timeout
+                while not fut.done() and time.monotonic() < end:
+                    c.executor.spin_once(timeout_sec=0.02)
+                assert fut.done(), node.output[-2000:]
+                return fut.result()
+
+            def request(tid):
+                return ChangeState.Request(transition=Transition(id=tid))
+            configure = change.call_async(request(Transition.TRANSITION_CONFIGURE))
+            label = 'unconfigured'
+            while label == 'unconfigured':      # until the node has taken the configure
+                label = answer(get.call_async(GetState.Request())).current_state.label
+            during = time.monotonic()
+            assert label == 'configuring' and not configure.done(), label
+            refused = answer(change.call_async(request(Transition.TRANSITION_CLEANUP)))
+            assert not refused.success and not configure.done()
+            assert answer(configure).success, node.output[-2000:]
+            ended = time.monotonic()
+            assert any(during <= t < ended for t, _ in diagnostics), diagnostics[-5:]
+            state = answer(get.call_async(GetState.Request())).current_state
+            assert state.id == State.PRIMARY_STATE_INACTIVE, state.label
+            assert answer(change.call_async(request(Transition.TRANSITION_ACTIVATE))).success
+            with EmbeddingClient(ns) as user:
+                assert user.embed(['hello'], model=MPNET).dimension == 768
+    finally:
+        node.stop()
