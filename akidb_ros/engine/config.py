@@ -118,6 +118,7 @@ CONFIG_SCHEMA = {
                     'properties': {
                         'inference_s': _num(0, 3600, exclusive=True),
                         'model_load_s': _num(0, 3600, exclusive=True),
+                        'tensorrt_build_s': _num(0, 86400, exclusive=True),
                     },
                 },
                 'limits': {
@@ -189,6 +190,9 @@ class QueueConfig:
 class TimeoutConfig:
     inference_s: float = 5.0
     model_load_s: float = 60.0
+    # a load that builds a TensorRT engine (none cached for the model yet: minutes for a large
+    # model on a Jetson) gets this instead of model_load_s
+    tensorrt_build_s: float = 1800.0
 
 
 @dataclass

@@ -151,11 +151,15 @@ class EmbeddingEngine:
         return self.config.default_model
 
     def start(self, preload: Optional[List[str]] = None) -> None:
-        """Load and warm the default model (and any others named) before serving."""
+        """Load and warm the default model (and any others named) before serving.
+
+        A first TensorRT engine build is waited for (``timeouts.tensorrt_build_s``): cut off
+        at the load timeout, it would start again from scratch at every restart.
+        """
         if not self.gpu_sampler.running and not self.gpu_sampler.start():
             log.debug('no GPU metrics: %s', self.gpu_sampler.reason)
         for model in preload if preload is not None else [self.default_model]:
-            self.manager.load(model)
+            self.manager.load(model, wait_build=True)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop taking work, answer everything accepted (finish it, or fail it cleanly)."""

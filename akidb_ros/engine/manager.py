@@ -14,7 +14,7 @@ from ..observability import metrics
 from .batcher import Batcher
 from .config import EngineConfig, ModelConfig
 from .errors import EngineError, ErrorCode
-from .runtime import OnnxModel
+from .runtime import OnnxModel, tensorrt_build_expected
 from .text import TextEncoder
 from .types import ModelInfo, ModelStatus
 
@@ -100,6 +100,8 @@ class ModelManager:
         self._failed: Dict[str, str] = {}
         self._unloads: Dict[str, int] = {}     # explicit unloads per model id, so far
         self._loaders: Set[threading.Thread] = set()
+        # model id -> until when its load in progress may take: it builds a TensorRT engine
+        self._build_until: Dict[str, float] = {}
         # Unloaded/evicted models still draining or still building their overlap session.
         self._retiring: Set[threading.Thread] = set()
         # id and HF name -> config: the request path looks a model up without scanning
@@ -156,7 +158,7 @@ class ModelManager:
             # within one load timeout in all.
             if give_up is None:
                 give_up = time.monotonic() + self.settings.timeouts.model_load_s
-            self._await_load(cfg, fut, give_up - time.monotonic())
+            self._await_load(cfg, fut, give_up)
 
     def release(self, lm: LoadedModel, latency_s: Optional[float] = None) -> None:
         with self._lock:
@@ -172,6 +174,13 @@ class ModelManager:
         if fut is None:
             fut = Future()
             self._loading[cfg.id] = fut
+            if tensorrt_build_expected(cfg, self.settings):
+                # A first TensorRT build takes minutes: cut off at model_load_s, it would start
+                # again from scratch at every restart, for ever. Known before any wait begins.
+                budget = self.settings.timeouts.tensorrt_build_s
+                self._build_until[cfg.id] = time.monotonic() + budget
+                log.info('%s: building its TensorRT engine (none cached yet; minutes for a large '
+                         'model), load timeout %g s', cfg.id, budget)
             self._start_tracked(self._loaders, lambda: self._load_into(cfg, fut),
                                 f'akidb-load-{cfg.id}')
         return fut
@@ -191,16 +200,34 @@ class ModelManager:
             threads.add(thread)
         thread.start()
 
-    def _await_load(self, cfg: ModelConfig, fut: Future, wait_s: float) -> LoadedModel:
+    def _await_load(self, cfg: ModelConfig, fut: Future, give_up: float,
+                    wait_build: bool = False) -> LoadedModel:
+        """Wait for ``fut`` until ``give_up`` (``model_load_s`` after the wait began).
+
+        A load that builds a TensorRT engine (``_build_until``) goes on past that: a start-up
+        (``wait_build``) waits for it, up to ``tensorrt_build_s``; anyone else is answered
+        UNAVAILABLE, retry later, while it builds.
+        """
         timeout = self.settings.timeouts.model_load_s
-        try:
-            return fut.result(timeout=max(0.0, wait_s))
-        except EngineError:
-            raise
-        except TimeoutError:
-            raise EngineError(ErrorCode.MODEL_LOAD_FAILED,
-                              f'model {cfg.id} did not load within {timeout:g} s',
-                              retry_after_s=5.0) from None
+        while True:
+            try:
+                return fut.result(timeout=max(0.0, give_up - time.monotonic()))
+            except EngineError:
+                raise
+            except TimeoutError:
+                with self._lock:
+                    build_until = self._build_until.get(cfg.id)
+                if build_until is None:
+                    raise EngineError(ErrorCode.MODEL_LOAD_FAILED,
+                                      f'model {cfg.id} did not load within {timeout:g} s',
+                                      retry_after_s=5.0) from None
+                if not wait_build or build_until <= give_up:
+                    raise EngineError(
+                        ErrorCode.UNAVAILABLE,
+                        f'model {cfg.id} is still building its TensorRT engine (first use; up '
+                        f'to {self.settings.timeouts.tensorrt_build_s:g} s): retry later',
+                        retry_after_s=30.0) from None
+                give_up = build_until
 
     def _load_into(self, cfg: ModelConfig, fut: Future) -> None:
         t0 = time.perf_counter()
@@ -265,6 +292,7 @@ class ModelManager:
                      exc: Optional[EngineError] = None) -> None:
         with self._lock:
             self._loading.pop(cfg.id, None)
+            self._build_until.pop(cfg.id, None)
             if lm is not None:
                 self._loaded[cfg.id] = lm
                 self._failed.pop(cfg.id, None)
@@ -287,8 +315,11 @@ class ModelManager:
                 log.info('loading %s again (readiness needs it)', cfg.id)
                 self._start_load(cfg)
 
-    def load(self, model: str) -> ModelInfo:
+    def load(self, model: str, wait_build: bool = False) -> ModelInfo:
         """Hot load (idempotent): returns once the model serves.
+
+        ``wait_build``: wait for a TensorRT engine build too (start-up); otherwise a build
+        still running after ``model_load_s`` is answered UNAVAILABLE (it goes on meanwhile).
 
         An unload that lands after this load began wins: the load answers the model's status
         as it then stands instead of loading it again (acquire() would, and the unload, which
@@ -312,7 +343,7 @@ class ModelManager:
                     break
                 fut = self._start_load(cfg)
             # a model evicted between its load and now is loaded again, within one timeout
-            self._await_load(cfg, fut, give_up - time.monotonic())
+            self._await_load(cfg, fut, give_up, wait_build)
         if over_budget:     # loaded, and at once over budget
             cache = self.settings.cache
             raise EngineError(      # not retryable: only a larger budget helps

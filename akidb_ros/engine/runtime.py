@@ -49,6 +49,7 @@ def _preload_cuda_libraries() -> None:
         log.warning('could not preload CUDA libraries: %s', exc)
 
 
+@functools.lru_cache(maxsize=1)
 def _tensorrt_libraries_missing() -> str:
     """Why TensorRT cannot start here, in words an operator can act on ('' when it can try)."""
     import ctypes
@@ -60,6 +61,18 @@ def _tensorrt_libraries_missing() -> str:
             continue
     return (' (TensorRT libraries not found: libnvinfer.so.10; install tensorrt-cu13-libs or '
             'put them on LD_LIBRARY_PATH)')
+
+
+def tensorrt_build_expected(model: ModelConfig, settings: EngineSettings) -> bool:
+    """Whether loading ``model`` will build a TensorRT engine: TensorRT is planned and can
+    start here, and no engine is cached for the model yet (a cached one may still be rebuilt,
+    for a changed graph: that load gets the plain load timeout)."""
+    if settings.device not in ('auto', 'tensorrt') or TRT not in ort.get_available_providers():
+        return False
+    cache = Path(settings.tensorrt_cache) / model.id
+    if cache.is_dir() and any(cache.glob('*.engine')):
+        return False
+    return not _tensorrt_libraries_missing()
 
 
 def _provider_name(provider) -> str:

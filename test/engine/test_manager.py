@@ -274,6 +274,35 @@ def test_load_timeout_is_reported(tmp_path):
         eng.close()
 
 
+def test_a_first_tensorrt_build_outlasts_the_load_timeout_at_start_only(tmp_path, monkeypatch):
+    """A load that builds a TensorRT engine (minutes on a Jetson) was cut off at model_load_s:
+    the start failed, the node exited, and the next start built again from scratch, for ever.
+    Start-up now waits for the build (tensorrt_build_s); an admin load or a request meanwhile
+    is answered UNAVAILABLE, retry later, and the build goes on. Here the build is this host's
+    CPU load (TensorRT planned is what the manager is told), the timeout far below it."""
+    from akidb_ros.engine import manager as manager_module
+    monkeypatch.setattr(manager_module, 'tensorrt_build_expected', lambda cfg, settings: True)
+    eng = make_engine(tmp_path, lambda r: r['engine']['timeouts'].update(
+        model_load_s=0.001, tensorrt_build_s=120), preload=False)
+    try:
+        with pytest.raises(EngineError) as err:
+            eng.load_model(MPNET)               # an admin load: not waited for past 1 ms
+        assert err.value.code is ErrorCode.UNAVAILABLE and err.value.retry_after_s
+        assert 'still building its TensorRT engine' in err.value.message
+        with pytest.raises(EngineError) as err:     # a request for it: the same answer
+            eng.embed(EmbedRequest(inputs=['hello'], model=MPNET))
+        assert err.value.code is ErrorCode.UNAVAILABLE
+        eng.start(preload=[MINILM])             # start-up waits for the build
+        assert status(eng)[MINILM] == 'loaded'
+        deadline = time.monotonic() + 60        # the admin load's build went on meanwhile
+        while status(eng)[MPNET] != 'loaded' and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status(eng)[MPNET] == 'loaded'
+        assert eng.embed(EmbedRequest(inputs=['hello'], model=MPNET)).embeddings.shape == (1, 768)
+    finally:
+        eng.close()
+
+
 def test_max_tokens_beyond_the_models_positions_is_refused_at_load(tmp_path):
     """max_tokens 100000 for MiniLM (512 positions) loaded, then each long input failed
     INTERNAL. The load refuses it, naming the limit; a max_tokens the model takes still loads,
@@ -503,8 +532,8 @@ def test_an_unload_during_a_load_waits_for_it_and_leaves_the_model_unloaded(tmp_
 
     real_await, real_start = mgr._await_load, mgr._start_load
 
-    def await_load(cfg, fut, wait_s):           # the loader, once its load is done
-        out = real_await(cfg, fut, wait_s)
+    def await_load(cfg, fut, *wait):            # the loader, once its load is done
+        out = real_await(cfg, fut, *wait)
         if first == 'unload' and threading.current_thread().name == 'load':
             assert answered['unload'].wait(60)
         return out

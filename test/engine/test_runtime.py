@@ -4,7 +4,8 @@ import pytest
 
 from akidb_ros.engine import load_config
 from akidb_ros.engine import runtime
-from akidb_ros.engine.runtime import CPU, CUDA, TRT, OnnxModel, plan_providers
+from akidb_ros.engine.runtime import (CPU, CUDA, TRT, OnnxModel, plan_providers,
+                                      tensorrt_build_expected)
 from engine_support import MINILM, write_config
 
 
@@ -123,3 +124,27 @@ def test_health_reports_the_cpu_fallback(engine):
     assert h.checks['embedding_provider'] == 'ok' and h.checks['model_cache'] == 'ok'
     assert 'running on CPU' in h.checks['gpu']   # this machine has no GPU provider
     assert h.queue_capacity == 1000 and h.default_model == MINILM
+
+
+def test_a_tensorrt_build_is_expected_only_where_tensorrt_runs_and_nothing_is_cached(
+        tmp_path, monkeypatch):
+    """The manager gives such a load tensorrt_build_s instead of model_load_s."""
+    cfg, model = _cfg(tmp_path)
+    assert not tensorrt_build_expected(model, cfg.engine)       # this host: no TensorRT
+    monkeypatch.setattr(ort, 'get_available_providers', lambda: [TRT, CUDA, CPU])
+    monkeypatch.setattr(runtime, '_tensorrt_libraries_missing', lambda: '')
+    assert tensorrt_build_expected(model, cfg.engine)           # no cache folder yet
+    cache = tmp_path / 'trt' / MINILM
+    cache.mkdir(parents=True)
+    (cache / 'timing.cache').write_bytes(b'x')
+    assert tensorrt_build_expected(model, cfg.engine)           # a timing cache is no engine
+    (cache / 'TensorrtExecutionProvider_TRTKernel_graph_main_0_0_sm90.engine').write_bytes(b'x')
+    assert not tensorrt_build_expected(model, cfg.engine)       # cached: a plain load
+    for device in ('cpu', 'cuda'):
+        (tmp_path / device).mkdir()
+        other, m = _cfg(tmp_path / device, device)
+        assert not tensorrt_build_expected(m, other.engine)
+    monkeypatch.setattr(runtime, '_tensorrt_libraries_missing', lambda: ' (no libnvinfer)')
+    (tmp_path / 'fresh').mkdir()
+    fresh, m = _cfg(tmp_path / 'fresh')
+    assert not tensorrt_build_expected(m, fresh.engine)         # TensorRT cannot start
