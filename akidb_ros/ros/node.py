@@ -1025,10 +1025,14 @@ def run(args=None) -> int:
         log = node.log
         try:
             if node.get_parameter('autostart').value and not stop.event.is_set():
-                # configured off the executor, which keeps turning: get_state, /diagnostics
+                # configured off the executor, which keeps turning: get_state, /diagnostics;
+                # a signal meanwhile stops at once (a first TensorRT build can take minutes)
                 configured = node.configure_async()
-                _spin_until(executor, configured.done, float('inf'), step=0.1)
-                if configured.exception() or \
+                _spin_until(executor, lambda: configured.done() or stop.event.is_set(),
+                            float('inf'), step=0.1)
+                if not configured.done():
+                    pass        # stopped by a signal: the graceful stop below
+                elif configured.exception() or \
                         configured.result() != TransitionCallbackReturn.SUCCESS:
                     log.fatal('could not configure the embedding engine; exiting')
                     rc = 1

@@ -326,6 +326,29 @@ def test_a_signal_during_start_up_exits_0_quietly(sig, how):
             proc.wait()
 
 
+def test_a_signal_during_the_start_up_configure_does_not_wait_for_it():
+    """A SIGTERM while autostart's configure loads models (minutes for a first TensorRT build)
+    waited for the whole load. Now the node stops at once: it waits shutdown_timeout_s for the
+    configure, then exits 0 without it. Here MPNet is still loading when the signal comes."""
+    node = NodeProcess('-p', 'preload_models:=all-mpnet-base-v2', '-p', 'shutdown_timeout_s:=0.2',
+                       namespace='/stop_in_configure')
+    try:
+        deadline = time.monotonic() + 60
+        while 'loaded all-minilm-l6-v2' not in node.output and time.monotonic() < deadline \
+                and node.proc.poll() is None:
+            time.sleep(0.01)
+        assert 'loaded all-mpnet-base-v2' not in node.output, 'MPNet loaded before the signal'
+        t0 = time.monotonic()
+        node.send(signal.SIGTERM)
+        rc = node.wait_exit(30)
+        took = time.monotonic() - t0
+        assert rc == 0, node.output
+        assert 'exiting while a configure is still loading models' in node.output, node.output
+        assert 'loaded all-mpnet-base-v2' not in node.output and took < 1.5, (took, node.output)
+    finally:
+        node.stop()
+
+
 def test_out_of_range_parameter_at_start_is_refused():
     node = NodeProcess('-p', 'batching.max_batch_size:=5000', namespace='/badparam')
     try:
