@@ -17,7 +17,7 @@ from launch_ros.actions import LifecycleNode
 
 
 def generate_launch_description():
-    """Node + its launch arguments: params_file, namespace, log_level, respawn."""
+    """Node + launch arguments: params_file, namespace, log_level, respawn, configure_retry_s."""
     default_params = os.path.join(get_package_share_directory('akidb_ros'), 'config',
                                   'params.yaml')
     return LaunchDescription([
@@ -29,12 +29,17 @@ def generate_launch_description():
                               description='debug | info | warn | error | fatal'),
         DeclareLaunchArgument('respawn', default_value='true',
                               description='Restart the node 1 s after it dies (crash, SIGKILL)'),
+        DeclareLaunchArgument('configure_retry_s', default_value='5.0',
+                              description='A failed configure (a config error): stay up '
+                              'unconfigured and retry after this many s, doubling up to 60 '
+                              '(0 = exit 1, and respawn repeats the error every second)'),
         LifecycleNode(
             package='akidb_ros',
             executable='embedding_node',
             name='embedding_node',
             namespace=LaunchConfiguration('namespace'),
-            parameters=[LaunchConfiguration('params_file')],
+            parameters=[LaunchConfiguration('params_file'),
+                        {'configure_retry_s': LaunchConfiguration('configure_retry_s')}],
             ros_arguments=['--log-level', LaunchConfiguration('log_level')],
             output='screen',
             emulate_tty=True,

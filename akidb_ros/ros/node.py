@@ -68,6 +68,7 @@ from akidb_ros.ros.replies import Deferred, DeferringService, Responder
 from akidb_ros.srv import Embed, ListModels, LoadModel, UnloadModel
 
 NODE_NAME = 'embedding_node'
+CONFIGURE_RETRY_CAP_S = 60.0    # longest wait between autostart's configure retries
 # An Embed call with more characters than this (all inputs together) is submitted from a helper
 # thread: tokenising it would hold the executor (about 1 ms per 5,000 characters on the 2-core
 # development machine; a 256 x 32,000-character call held every service for 1.7 s). Calls of a
@@ -1000,6 +1001,48 @@ def _spin_until(executor, cond: Callable[[], bool], timeout: float, step: float 
     return _wait_until(cond, timeout, lambda s: executor.spin_once(timeout_sec=s), step)
 
 
+def _autostart(node: EmbeddingNode, executor, stop: '_Stop') -> int:
+    """Configure and activate at start; the exit code so far (1: configure failed).
+
+    ``configure`` runs off the executor, which keeps turning (``get_state``, /diagnostics); a
+    signal meanwhile stops at once (a first TensorRT build can take minutes). With
+    ``configure_retry_s`` > 0 a failed configure is tried again, the wait doubling up to
+    ``CONFIGURE_RETRY_CAP_S`` (or ``configure_retry_s`` if larger), while the node stays up
+    unconfigured with the reason on /diagnostics: a restarter (launch's respawn, systemd) would
+    repeat the same error every second instead, and a parameter fixed meanwhile
+    (``set_parameters``) is read at the next try. A lifecycle manager's transition meanwhile
+    ends the retries.
+    """
+    wait = 0.0
+    while not stop.event.is_set():
+        configured = node.configure_async()
+        _spin_until(executor, lambda: configured.done() or stop.event.is_set(),
+                    float('inf'), step=0.1)
+        if not configured.done():
+            return 0            # stopped by a signal: the graceful stop follows
+        if not configured.exception() and \
+                configured.result() == TransitionCallbackReturn.SUCCESS:
+            if not stop.event.is_set():
+                node.trigger_activate()
+                print(f'akidb_ros embedding node ready in {node.ready_s:.2f} s', flush=True)
+            return 0
+        retry = node.get_parameter('configure_retry_s').value
+        if retry <= 0:
+            node.log.fatal('could not configure the embedding engine; exiting')
+            return 1
+        wait = retry if not wait else min(wait * 2, max(CONFIGURE_RETRY_CAP_S, retry))
+        node.log.error('could not configure the embedding engine; staying up unconfigured, '
+                       f'next try in {wait:g} s (configure_retry_s)')
+
+        def moved() -> bool:
+            return node.configuring or node.lifecycle_state != 'unconfigured'
+        _spin_until(executor, lambda: stop.event.is_set() or moved(), wait, step=0.1)
+        if moved():
+            node.log.info('a lifecycle transition came meanwhile: no more configure retries')
+            return 0
+    return 0
+
+
 def run(args=None) -> int:
     """Run the node until SIGINT/SIGTERM; returns the process exit code."""
     stop = _Stop()
@@ -1024,22 +1067,8 @@ def run(args=None) -> int:
         executor.add_node(node)
         log = node.log
         try:
-            if node.get_parameter('autostart').value and not stop.event.is_set():
-                # configured off the executor, which keeps turning: get_state, /diagnostics;
-                # a signal meanwhile stops at once (a first TensorRT build can take minutes)
-                configured = node.configure_async()
-                _spin_until(executor, lambda: configured.done() or stop.event.is_set(),
-                            float('inf'), step=0.1)
-                if not configured.done():
-                    pass        # stopped by a signal: the graceful stop below
-                elif configured.exception() or \
-                        configured.result() != TransitionCallbackReturn.SUCCESS:
-                    log.fatal('could not configure the embedding engine; exiting')
-                    rc = 1
-                elif not stop.event.is_set():
-                    node.trigger_activate()
-                    print(f'akidb_ros embedding node ready in {node.ready_s:.2f} s',
-                          flush=True)
+            if node.get_parameter('autostart').value:
+                rc = _autostart(node, executor, stop)
             while rc == 0 and rclpy.ok() and not stop.event.is_set():
                 executor.spin_once(timeout_sec=0.1)
             # Graceful stop, one budget from the signal: refuse new calls, let the engine finish

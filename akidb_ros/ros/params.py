@@ -122,6 +122,11 @@ PARAMS: List[ParamSpec] = [
     # --- node ---
     ParamSpec('autostart', True, 'Configure and activate at start (False: wait for lifecycle '
               'transitions, e.g. from a lifecycle manager)', read_only=True),
+    ParamSpec('configure_retry_s', 0.0, 'When autostart\'s configure fails: 0 = exit 1; '
+              '> 0 = stay up unconfigured (/diagnostics ERROR with the reason) and configure '
+              'again after this many seconds, the wait doubling up to 60 s (or this value if '
+              'larger); applies at once',
+              range=(0.0, 3600.0)),
     ParamSpec('diagnostics_period_s', 1.0, 'Period of /diagnostics (0 = off, else at least '
               f'{MIN_DIAGNOSTICS_PERIOD_S} s); applies at once',
               range=(0.0, 3600.0),

@@ -20,7 +20,7 @@ from akidb_ros.srv import Embed, ListModels, LoadModel, UnloadModel
 
 ROS_PY = [ROOT / 'akidb_ros' / 'ros', ROOT / 'test' / 'ros', ROOT / 'launch',
           ROOT / 'bench' / 'ros_bench.py']
-LAUNCH_ARGS = {'params_file', 'namespace', 'log_level', 'respawn'}
+LAUNCH_ARGS = {'params_file', 'namespace', 'log_level', 'respawn', 'configure_retry_s'}
 
 
 def test_embed_interface():
@@ -153,6 +153,10 @@ def test_python_launch_file_parses():
     assert ast.literal_eval(kws['executable']) == 'embedding_node'
     assert ast.literal_eval(kws['package']) == 'akidb_ros'
     assert 'respawn' in kws and ast.literal_eval(kws['respawn_delay']) > 0
+    # a config error keeps the node up and retrying, not respawned into the same error
+    keys = [key.value for d in ast.walk(kws['parameters']) if isinstance(d, ast.Dict)
+            for key in d.keys]
+    assert keys == ['configure_retry_s']
     compile(path.read_text(), str(path), 'exec')
 
 
@@ -169,6 +173,8 @@ def test_xml_launch_file_parses():
     assert node.get('namespace') == '$(var namespace)'
     assert '$(var log_level)' in node.get('ros_args')
     assert node.find('param').get('from') == '$(var params_file)'
+    assert {p.get('name'): p.get('value') for p in node.findall('param')
+            if p.get('name')} == {'configure_retry_s': '$(var configure_retry_s)'}
     assert node.get('respawn') == '$(var respawn)' and float(node.get('respawn_delay')) > 0
 
 

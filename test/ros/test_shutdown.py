@@ -477,6 +477,48 @@ def test_default_model_that_cannot_load_fails_configure_and_exits_1():
         node.stop()
 
 
+def test_with_configure_retry_a_config_error_keeps_the_node_up_until_it_is_fixed():
+    """configure_retry_s > 0 (the launch files and the systemd unit set 5): a configure that
+    fails at start no longer exits 1, which a restarter (launch's respawn, systemd) turned into
+    the same error every second; the node stays up unconfigured, says why on /diagnostics,
+    tries again with a doubling wait, and serves once the parameter is fixed."""
+    from rcl_interfaces.srv import SetParameters
+    from rclpy.parameter import Parameter
+    from diagnostic_msgs.msg import DiagnosticArray
+    ns = '/retry_configure'
+    node = NodeProcess('-p', 'default_model:=e5-small-v2', '-p', 'configure_retry_s:=0.3',
+                       '-p', 'diagnostics_period_s:=0.2', namespace=ns)
+    try:
+        with EmbeddingClient(ns, node_name='akidb_retry_watcher') as c:
+            errors = []
+            c.node.create_subscription(
+                DiagnosticArray, '/diagnostics',
+                lambda msg: errors.extend(
+                    st.message for st in msg.status
+                    if st.name.startswith(f'{ns}/embedding_node') and st.level == st.ERROR),
+                10)
+            end = time.monotonic() + 30
+            while output_count(node, 'next try in') < 2 and time.monotonic() < end:
+                c.executor.spin_once(timeout_sec=0.1)
+            assert node.proc.poll() is None, node.output             # still up, not exit 1
+            assert 'next try in 0.3 s' in node.output and 'next try in 0.6 s' in node.output
+            assert any(m.startswith('configure failed: ') and 'e5-small-v2' in m
+                       for m in errors), errors[-3:]
+            (res,) = call(c, SetParameters, f'{ns}/embedding_node/set_parameters',
+                          SetParameters.Request(parameters=[
+                              Parameter('default_model', value='').to_parameter_msg()])).results
+            assert res.successful, res.reason
+            assert node.ready.wait(30), node.output                  # the next try serves
+            assert c.embed(['hello']).success
+    finally:
+        node.stop()
+    assert node.proc.returncode == 0, node.output
+
+
+def output_count(node, text: str) -> int:
+    return sum(text in line for line in list(node.lines))
+
+
 def test_traceparent_is_continued_by_the_node():
     """A request's W3C traceparent becomes the parent of the node's 'ros /embed' span."""
     trace_id, parent = 'ab' * 16, 'cd' * 8
