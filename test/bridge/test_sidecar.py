@@ -381,6 +381,24 @@ def test_calls_in_flight_cost_no_thread_each_and_are_answered_at_close(node):
         backend.close()
 
 
+def _submit_to_frozen(backend, n: int, timeout_s: float) -> list:
+    """Send ``n`` calls to a node just frozen (SIGSTOP); the futures of those it holds.
+
+    The bridge may see the frozen node leave the graph within this loop (its lease ran out on a
+    loaded machine, or Fast DDS gave up on its shared-memory port): a call sent after that is
+    refused at once, UNAVAILABLE "has no server", which is right too; the first one is held.
+    """
+    futures = []
+    for i in range(n):
+        try:
+            futures.append(backend.submit(EmbedRequest(inputs=[f'held {i}'],
+                                                       timeout_s=timeout_s)))
+        except EngineError as err:
+            assert futures and err.code is ErrorCode.UNAVAILABLE, err
+            assert 'has no server' in err.message, err.message
+    return futures
+
+
 def test_calls_in_flight_fail_unavailable_when_the_node_leaves_the_graph(node):
     """A node frozen past its DDS lease leaves the graph: the calls it held are answered
     UNAVAILABLE then (not TIMEOUT at the end of their budget: their requests may never have
@@ -391,16 +409,7 @@ def test_calls_in_flight_fail_unavailable_when_the_node_leaves_the_graph(node):
         assert wait_until(backend.ready, 60, 0.2)
         os.kill(node.proc.pid, signal.SIGSTOP)
         t0 = time.monotonic()
-        futures = []
-        for i in range(8):
-            # on a loaded machine the lease may run out within this loop: a call sent after
-            # it is refused at once, UNAVAILABLE too (the node is gone), never held
-            try:
-                futures.append(backend.submit(
-                    EmbedRequest(inputs=[f'held {i}'], timeout_s=30.0)))
-            except EngineError as err:
-                assert futures and err.code is ErrorCode.UNAVAILABLE, err
-                assert 'has no server' in err.message, err.message
+        futures = _submit_to_frozen(backend, 8, timeout_s=30.0)
         for f in futures:
             with pytest.raises(EngineError) as err:
                 f.result(timeout=15)
@@ -584,8 +593,7 @@ def test_a_node_killed_and_restarted_at_once_fails_its_calls_unavailable(node):
         assert backend.embed(EmbedRequest(inputs=['first contact'])).dimension == 384
         before = backend._instance
         os.kill(node.proc.pid, signal.SIGSTOP)       # it holds the calls, then dies
-        futures = [backend.submit(EmbedRequest(inputs=[f'held {i}'], timeout_s=6.0))
-                   for i in range(8)]
+        futures = _submit_to_frozen(backend, 8, timeout_s=6.0)
         time.sleep(0.3)
         node.stop(signal.SIGKILL)
         node.start()

@@ -497,8 +497,9 @@ def test_with_configure_retry_a_config_error_keeps_the_node_up_until_it_is_fixed
                     st.message for st in msg.status
                     if st.name.startswith(f'{ns}/embedding_node') and st.level == st.ERROR),
                 10)
-            end = time.monotonic() + 30
-            while output_count(node, 'next try in') < 2 and time.monotonic() < end:
+            end = time.monotonic() + 30     # two retries, and /diagnostics heard (discovery)
+            while (output_count(node, 'next try in') < 2 or not errors) \
+                    and time.monotonic() < end:
                 c.executor.spin_once(timeout_sec=0.1)
             assert node.proc.poll() is None, node.output             # still up, not exit 1
             assert 'next try in 0.3 s' in node.output and 'next try in 0.6 s' in node.output
