@@ -579,9 +579,7 @@ def test_a_configure_by_a_lifecycle_manager_does_not_hold_the_node():
                     if st.name.startswith(f'{ns}/embedding_node')), 10)
 
             def answer(fut, timeout=60.0):
-                end = time.monotonic() + timeout
-                while not fut.done() and time.monotonic() < end:
-                    c.executor.spin_once(timeout_sec=0.02)
+                c.executor.spin_until_future_complete(fut, timeout_sec=timeout)
                 assert fut.done(), node.output[-2000:]
                 return fut.result()
 
