@@ -240,6 +240,7 @@ class Bridges:
             from akidb_ros.grpc_api.server import GrpcServer
             self.grpc = GrpcServer(backend, host=host, port=grpc_port, guard=guard,
                                    max_workers=grpc_workers, default_timeout_s=timeout_s,
+                                   max_message_bytes=max_body_bytes,
                                    max_streams=grpc_max_streams,
                                    stream_idle_timeout_s=grpc_stream_idle_s,
                                    interceptors=grpc_interceptors,

@@ -863,6 +863,7 @@ class GrpcServer:
         handler threads while it lasts) served at once, the excess refused ``OVERLOADED``;
         fewer than ``max_workers`` (default: half of them), so unary calls always have threads.
         ``stream_idle_timeout_s``: see :class:`EmbeddingServicer` (None or 0: never).
+        ``max_message_bytes``: the largest request message (replies: that or 16 MiB, the larger).
         """
         if max_streams is None:
             max_streams = max_workers // 2
@@ -874,7 +875,8 @@ class GrpcServer:
         self.backend = backend
         options = [
             ('grpc.max_receive_message_length', max_message_bytes),
-            ('grpc.max_send_message_length', max_message_bytes),
+            # replies are not the caller's to size: a low request limit must not refuse them
+            ('grpc.max_send_message_length', max(max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES)),
             ('grpc.so_reuseport', 0),
             ('grpc.keepalive_permit_without_calls', 1),
             ('grpc.http2.min_ping_interval_without_data_ms', 10_000),

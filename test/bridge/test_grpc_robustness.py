@@ -758,3 +758,23 @@ def test_health_watches_cancelled_while_status_changes_never_hang_the_server():
         stop.set()
         ch.close()
         srv.stop(0)
+
+
+def test_max_body_bytes_is_the_grpc_request_limit_too(local_backend):
+    """``--max-body-bytes`` bounds gRPC requests as it bounds REST bodies (RESOURCE_EXHAUSTED
+    over it); a reply larger than that limit is still sent."""
+    from akidb_ros.server import Bridges
+    bridges = Bridges(local_backend, rest_port=None, grpc_port=0, max_body_bytes=20_000).start()
+    ch = grpc.insecure_channel(f'127.0.0.1:{bridges.grpc_port}')
+    try:
+        stub = pb_grpc.EmbeddingServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Embed(pb.EmbedRequest(inputs=['x' * 25_000]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # 64 short inputs: a ~10 KB request, a ~100 KB reply (64 × 384 floats)
+        reply = stub.Embed(pb.EmbedRequest(inputs=[f'sentence {i}' for i in range(64)]),
+                           timeout=20)
+        assert len(reply.embeddings) == 64
+    finally:
+        ch.close()
+        bridges.stop(grace_s=0)
