@@ -9,6 +9,8 @@
   (``RESOURCE_EXHAUSTED``, ``OVERLOADED``); an EmbedStream that sends nothing for
   ``stream_idle_timeout_s`` ends ``TIMEOUT``; ``grpc.health.v1`` Check runs on threads of its own;
 * bytes that do not decode as the method's message are ``INVALID_INPUT``, not INTERNAL;
+* metadata that is not UTF-8 (HTTP/2 allows it; grpcio reads it as latin-1) is a caller's
+  quirk logged at info, not grpcio's error-level traceback on every such call;
 * ``stop(grace)`` stops accepting and lets in-flight calls finish; an open EmbedStream takes no
   more requests, answers those it took and ends ``UNAVAILABLE`` at once.
 """
@@ -841,6 +843,24 @@ class _HealthServicer(health.HealthServicer):
         if self._gracefully_shutting_down:      # began while this Watch was being set up
             finish()
         return None
+
+
+class _MetadataEncodingNote(logging.Filter):
+    """grpcio logs metadata that is not UTF-8 with ``exception()`` (error level, traceback) on
+    the call's thread, then reads it as latin-1 and serves the call: any caller could fill the
+    log with error lines and fire alerts. Such a record is rewritten to one info line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == 'Invalid encoding on %s':
+            record.levelno, record.levelname = logging.INFO, 'INFO'
+            record.msg = 'a caller sent gRPC metadata that is not UTF-8 (read as latin-1): %s'
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_CYGRPC_LOG = logging.getLogger('grpc._cython.cygrpc')
+if not any(isinstance(f, _MetadataEncodingNote) for f in _CYGRPC_LOG.filters):
+    _CYGRPC_LOG.addFilter(_MetadataEncodingNote())
 
 
 class GrpcServer:

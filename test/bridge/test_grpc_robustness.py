@@ -2,6 +2,7 @@
 answer, and health Watch speaks only on a change. Real gRPC on 127.0.0.1, real engine."""
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -778,3 +779,68 @@ def test_max_body_bytes_is_the_grpc_request_limit_too(local_backend):
     finally:
         ch.close()
         bridges.stop(grace_s=0)
+
+
+def _h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, 'big') + bytes((kind, flags)) + stream.to_bytes(4, 'big') \
+        + payload
+
+
+def _hpack_literal(name: bytes, value: bytes) -> bytes:
+    """A header field as an HPACK literal without indexing, new name, no Huffman (< 127 bytes)."""
+    return b'\x00' + bytes((len(name),)) + name + bytes((len(value),)) + value
+
+
+def _raw_h2_unary(port: int, path: bytes, message: bytes, extra_headers) -> bytes:
+    """One gRPC unary call written by hand over HTTP/2 (grpcio's client refuses metadata that is
+    not ASCII); returns every frame the server sent until the call's END_STREAM."""
+    import socket
+    import struct
+    headers = [(b':method', b'POST'), (b':scheme', b'http'), (b':path', path),
+               (b':authority', b'127.0.0.1'), (b'content-type', b'application/grpc'),
+               (b'te', b'trailers'), *extra_headers]
+    block = b''.join(_hpack_literal(n, v) for n, v in headers)
+    sock = socket.create_connection(('127.0.0.1', port), timeout=10)
+    try:
+        sock.sendall(b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n' + _h2_frame(4, 0, 0, b'')
+                     + _h2_frame(1, 0x4, 1, block)
+                     + _h2_frame(0, 0x1, 1, struct.pack('>BI', 0, len(message)) + message))
+        got = b''
+        while True:
+            chunk = sock.recv(65536)
+            assert chunk, f'the server closed without ending the call: {got!r}'
+            got += chunk
+            at, ended = 0, False
+            while at + 9 <= len(got):
+                size = int.from_bytes(got[at:at + 3], 'big')
+                kind, flags, stream = got[at + 3], got[at + 4], \
+                    int.from_bytes(got[at + 5:at + 9], 'big')
+                if kind == 4 and not flags & 0x1:       # the server's SETTINGS: acknowledge
+                    sock.sendall(_h2_frame(4, 0x1, 0, b''))
+                    got = got[:at + 3] + bytes((kind, 0x1)) + got[at + 5:]
+                ended |= stream == 1 and bool(flags & 0x1)
+                at += 9 + size
+            if ended:
+                return got
+    finally:
+        sock.close()
+
+
+def test_metadata_that_is_not_utf8_is_served_and_logged_at_info(local_backend, caplog):
+    """HTTP/2 lets a metadata value carry any byte; grpcio reads one that is not UTF-8 as
+    latin-1 and serves the call, but logs an error with a traceback each time: a caller could
+    flood the log and fire alerts. The door turns that into one info line."""
+    srv = GrpcServer(local_backend, host='127.0.0.1', port=0).start()
+    try:
+        with caplog.at_level('INFO'):
+            frames = _raw_h2_unary(srv.port, EMBED.encode(),
+                                   pb.EmbedRequest(inputs=['hello']).SerializeToString(),
+                                   [(b'x-note', b'caf\xe9')])
+    finally:
+        srv.stop(grace_s=0)
+    assert len(frames) > 384 * 4, frames        # served: the reply carries 384 floats
+    noted = [r for r in caplog.records if r.name == 'grpc._cython.cygrpc']
+    assert noted, 'grpcio did not log the metadata (its behaviour changed: check the filter)'
+    assert all(r.levelno == logging.INFO and r.exc_info is None for r in noted), \
+        [(r.levelname, r.getMessage()) for r in noted]
+    assert 'not UTF-8' in noted[0].getMessage()
