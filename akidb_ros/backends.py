@@ -13,7 +13,8 @@ import os
 import threading
 import time
 import uuid
-from concurrent.futures import Future, InvalidStateError, TimeoutError as FutureTimeout
+from concurrent.futures import CancelledError as FutureCancelled, Future, InvalidStateError, \
+    TimeoutError as FutureTimeout
 from typing import Dict, List, Optional, Protocol, runtime_checkable
 
 import numpy as np
@@ -56,6 +57,10 @@ class Backend(Protocol):
         may run the job in it (``EmbeddingEngine.submit``); never from an event loop.
         """
 
+    def cancel(self, fut: 'Future[EmbedResult]') -> None:
+        """The caller of ``submit`` gave up on ``fut`` (a cancelled gRPC call): drop its work
+        if this backend can; its waiter then gets ``CANCELLED``. A no-op for a finished one."""
+
     def embed(self, req: EmbedRequest) -> EmbedResult:
         """Embed and wait for the answer (honours ``req.timeout_s``)."""
 
@@ -91,6 +96,8 @@ def wait_result(fut: 'Future[EmbedResult]', timeout_s: Optional[float]) -> Embed
     except FutureTimeout:
         fut.cancel()
         raise EngineError(ErrorCode.TIMEOUT, f'no answer within {limit:.1f} s') from None
+    except FutureCancelled:
+        raise EngineError(ErrorCode.CANCELLED, 'the caller cancelled the call') from None
     except Exception as exc:  # a bug below the seam must still map through the table
         log.exception('backend failed unexpectedly')
         raise EngineError(ErrorCode.INTERNAL, f'internal error: {type(exc).__name__}') from exc
@@ -134,6 +141,9 @@ class LocalBackend:
             raise EngineError(ErrorCode.INTERNAL, f'internal error: {type(exc).__name__}') from exc
         fut.add_done_callback(lambda _f: self._latency.observe(time.perf_counter() - t0))
         return fut
+
+    def cancel(self, fut: Future) -> None:
+        fut.cancel()        # the engine's job is settled: its sentences not yet run are skipped
 
     def embed(self, req: EmbedRequest) -> EmbedResult:
         return wait_result(self.submit(req, caller_waits=True), req.timeout_s)
@@ -516,6 +526,11 @@ class RosBackend:
 
         raw.add_done_callback(convert)
         return out
+
+    def cancel(self, fut: Future) -> None:
+        """Nothing to drop here: a ROS service call cannot be withdrawn, so the node computes
+        it and its answer is dropped when it comes. The call keeps its DDS slot until then, so
+        the node never holds more calls than its request queue carries."""
 
     def embed(self, req: EmbedRequest) -> EmbedResult:
         return wait_result(self.submit(req), req.timeout_s or self.timeout_s)

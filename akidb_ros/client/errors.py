@@ -92,6 +92,8 @@ _BY_CODE: Dict[str, Type[AkidbError]] = {
     'CIRCUIT_OPEN': OverloadedError, 'UNAVAILABLE': ServiceUnavailableError,
     'MODEL_LOAD_FAILED': ServiceUnavailableError, 'TIMEOUT': DeadlineExceededError,
     'INTERNAL': ServerError, 'BAD_RESPONSE': ProtocolError, 'TLS_ERROR': TLSError,
+    # the server's record of a call its caller cancelled; a caller never receives it
+    'CANCELLED': ServiceUnavailableError,
     # the REST door's transport refusals: a client calling a wrong path/method/body type
     'NOT_FOUND': InvalidRequestError, 'METHOD_NOT_ALLOWED': InvalidRequestError,
     'UNSUPPORTED_MEDIA_TYPE': InvalidRequestError,

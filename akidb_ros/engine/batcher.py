@@ -7,7 +7,8 @@ within the size and token budgets, the run holding the oldest sentence - or, unt
 learnt, takes a batch and cuts it by a padding ratio; runs it and scatters vectors back).
 ``deadlines.DeadlineWatcher`` fails a job with TIMEOUT at its deadline (``Job.expire``). A job's
 future is resolved exactly once: whichever of batcher, watcher or shutdown gets there first wins;
-the others are no-ops.
+the others are no-ops. A caller that cancels the future settles the job the same way: its
+sentences not yet run are skipped.
 """
 from __future__ import annotations
 
@@ -95,6 +96,7 @@ class Job:
         self._on_done = on_done
         self._settled = threading.Lock()
         self._is_settled = False
+        self.future.add_done_callback(self._on_cancel)
 
     @property
     def done(self) -> bool:
@@ -113,6 +115,12 @@ class Job:
         # outlives its unload by up to the request budget.
         on_done, self._on_done = self._on_done, None
         on_done(self)
+
+    def _on_cancel(self, future: Future) -> None:
+        # The caller cancelled the future (``Backend.cancel``): the job is settled, so its
+        # sentences not yet run are skipped and its model pin and queue slot are freed now.
+        if future.cancelled() and self._settle():
+            self._done()
 
     def fail(self, error: EngineError) -> bool:
         if not self._settle():

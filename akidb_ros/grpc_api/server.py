@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from concurrent import futures
-from typing import Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -535,6 +535,23 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 done(e)
             raise
 
+    def _cancel_with(self, context,
+                     futures_of: Callable[[], Iterable[futures.Future]]) -> None:
+        """When the call ends, cancel the backend work still in ``futures_of()``: a caller
+        that cancels (or drops its connection) frees the model for the others at once, its
+        wait ends ``CANCELLED`` instead of running to the budget and being counted a TIMEOUT.
+        (gRPC runs the callback at every call's end: for finished work it does nothing.)"""
+        cancel = getattr(self.backend, 'cancel', None)
+        if cancel is None:
+            return
+
+        def on_end() -> None:
+            for fut in futures_of():
+                if fut is not None and not fut.done():
+                    cancel(fut)
+        if not context.add_callback(on_end):
+            on_end()        # the call had already ended
+
     def _span(self, context, method: str, call: DoorCall):
         ctx = extract_from_metadata(context.invocation_metadata())
         return ctx, tracer().start_as_current_span(
@@ -558,6 +575,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     span.set_attribute('akidb.model', req.model or 'default')
                     span.set_attribute('akidb.inputs', len(req.inputs))
                     fut, done = self._submit(call, req, caller_waits=True)   # unary: waits
+                    self._cancel_with(context, lambda: (fut,))
                     err = None
                     try:
                         res = wait_result(fut, req.timeout_s)
@@ -600,13 +618,28 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         last = [time.monotonic()]       # latest request read or answered (idle timeout)
         _INFLIGHT.inc()
 
-        def offer(item) -> None:
+        def offer(item) -> bool:
             while not stop.is_set():    # give up once the consumer is gone
                 try:
                     pending.put(item, timeout=0.1)
-                    return
+                    return True
                 except queue.Full:
                     continue
+            return False
+
+        cancel = getattr(self.backend, 'cancel', None)
+
+        def forsake(item) -> None:
+            """A request taken that will not be answered (the stream ended first): drop its
+            work, end its span, free its guard permit once the backend is done with it (not
+            counted as a failure)."""
+            _, _, _, _, fut, done, _, span = item
+            span.end()
+            if fut is not None:
+                if cancel is not None:
+                    cancel(fut)
+                if callable(done):
+                    fut.add_done_callback(lambda _f: done(None))
 
         def reader():
             token = otel_context.attach(ctx)
@@ -638,7 +671,11 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                                 item = (i, call, label, req, fut, done, None, span)
                             except EngineError as e:
                                 item = (i, call, label, None, None, None, e, span)
-                        offer(item)
+                        if not offer(item):     # the stream ended while it was taken
+                            forsake(item)
+                            log.info('EmbedStream ended as request %s was taken: not answered',
+                                     call.request_id, extra={'request_id': call0.request_id})
+                            break
                     if item[6] is not None:
                         break
             except Exception as exc:  # client cancelled / stream broken
@@ -654,6 +691,13 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         t.start()
         truncated = 0       # the PRD's EmbedResponse has no field for it: the stream's total
         answered = 0        # the index of the next request to answer
+        waiting_on = [None]     # the future of the request being answered
+
+        def in_flight():
+            with pending.mutex:
+                queued = [it[4] for it in pending.queue if isinstance(it, tuple)]
+            return [waiting_on[0], *queued]
+        self._cancel_with(context, in_flight)
         with self._streams_lock:
             self._streams.add(pending)
         try:
@@ -682,6 +726,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     _refuse(context, err, call0.request_id)
                 i, call, label, req, fut, done, err, span = item
                 if err is None:
+                    waiting_on[0] = fut
                     try:
                         res = wait_result(fut, req.timeout_s)
                         label = self.labels.label(res.model)
@@ -705,8 +750,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             stop.set()
             with self._streams_lock:
                 self._streams.discard(pending)
-            # requests accepted but never answered (stream cancelled or failed): release their
-            # guard permits once the engine is done with them (not counted as failures), and
+            # the reader is then done with a request it was taking: queued, or forsaken by it
+            with taking:
+                pass
+            # requests accepted but never answered (stream cancelled or failed): drop them and
             # say which they were: the client never saw their answers
             unanswered = []
             while True:
@@ -717,9 +764,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 if not isinstance(item, tuple):
                     continue
                 unanswered.append(item[1].request_id)
-                item[7].end()
-                if callable(item[5]) and item[4] is not None:
-                    item[4].add_done_callback(lambda _f, done=item[5]: done(None))
+                forsake(item)
             if unanswered:
                 log.info('EmbedStream ended (cancelled by the client or failed) with %d '
                          'request(s) taken and not answered: %s', len(unanswered),

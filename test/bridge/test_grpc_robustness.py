@@ -448,9 +448,11 @@ class _HeldBackend:
         def hand_over():
             self.release.wait(30)
             try:
-                out.set_result(inner.result(30))
+                result = inner.result(30)
             except Exception as exc:
-                out.set_exception(exc)
+                result = exc
+            if out.set_running_or_notify_cancel():      # False: the door cancelled it
+                (out.set_exception if isinstance(result, Exception) else out.set_result)(result)
         threading.Thread(target=hand_over, daemon=True).start()
         return out
 
@@ -844,3 +846,73 @@ def test_metadata_that_is_not_utf8_is_served_and_logged_at_info(local_backend, c
     assert all(r.levelno == logging.INFO and r.exc_info is None for r in noted), \
         [(r.levelname, r.getMessage()) for r in noted]
     assert 'not UTF-8' in noted[0].getMessage()
+
+
+def _await(predicate, timeout_s: float) -> bool:
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_cancelled_embed_drops_its_work_and_is_recorded_cancelled(local_backend, caplog):
+    """A caller that cancels a long Embed frees the engine at once (its sentences not yet run
+    are skipped, its queue slot is released) and the call is logged and counted CANCELLED, not
+    left to run for the whole budget and recorded a TIMEOUT (or a success nobody heard)."""
+    from akidb_ros.observability import metrics as m
+    admission = local_backend.engine.admission
+    srv = GrpcServer(local_backend, host='127.0.0.1', port=0, default_timeout_s=30).start()
+    ch = grpc.insecure_channel(f'127.0.0.1:{srv.port}')
+    long_text = ' '.join(['word'] * 300)        # truncated to the model's 256 tokens
+    cancelled = m.REQUEST_ERRORS.labels('grpc', 'CANCELLED')
+    before = cancelled._value.get()
+    try:
+        assert _await(lambda: admission.pending == 0, 10)
+        with caplog.at_level('INFO', logger='akidb_ros.access'):
+            call = pb_grpc.EmbeddingServiceStub(ch).Embed.future(
+                pb.EmbedRequest(inputs=[f'{i} {long_text}' for i in range(96)]), timeout=30,
+                metadata=[('x-request-id', 'cancelled-unary')])
+            assert _await(lambda: admission.pending == 1, 10), 'the call was never accepted'
+            time.sleep(0.05)
+            call.cancel()
+            # 96 sentences of 256 tokens take seconds here; only a run already started ends
+            assert _await(lambda: admission.pending == 0, 3), 'the cancelled work went on'
+            assert _await(lambda: any(getattr(r, 'request_id', '') == 'cancelled-unary'
+                                      for r in caplog.records), 5)
+        (line,) = [r for r in caplog.records if getattr(r, 'request_id', '') == 'cancelled-unary']
+        assert line.code == 'CANCELLED' and line.levelno == logging.INFO, line.__dict__
+        assert cancelled._value.get() == before + 1
+        # the engine still serves
+        assert len(pb_grpc.EmbeddingServiceStub(ch).Embed(
+            pb.EmbedRequest(inputs=['after the cancel']), timeout=10).embeddings) == 1
+    finally:
+        ch.close()
+        srv.stop(grace_s=0)
+
+
+def test_a_cancelled_stream_drops_the_work_it_took(local_backend):
+    """Cancelling an EmbedStream drops the engine work of every request it took and had not
+    answered: the one being waited on and those queued behind it."""
+    admission = local_backend.engine.admission
+    srv = GrpcServer(local_backend, host='127.0.0.1', port=0, default_timeout_s=30).start()
+    ch = grpc.insecure_channel(f'127.0.0.1:{srv.port}')
+    long_text = ' '.join(['word'] * 300)
+    release = threading.Event()
+
+    def two_then_wait():
+        for k in range(2):
+            yield pb.EmbedRequest(inputs=[f'{k} {i} {long_text}' for i in range(64)])
+        release.wait(20)
+    try:
+        assert _await(lambda: admission.pending == 0, 10)
+        call = pb_grpc.EmbeddingServiceStub(ch).EmbedStream(two_then_wait(), timeout=30)
+        assert _await(lambda: admission.pending == 2, 10), 'the stream never took both'
+        time.sleep(0.05)
+        call.cancel()
+        assert _await(lambda: admission.pending == 0, 3), 'the cancelled work went on'
+    finally:
+        release.set()
+        ch.close()
+        srv.stop(grace_s=0)

@@ -75,6 +75,27 @@ def test_deadline_answers_timeout(small_engine):
     assert eng.admission.pending == 0
 
 
+def test_a_cancelled_future_frees_its_slot_and_its_sentences_are_not_run(small_engine):
+    """A caller that gives up cancels its future (``LocalBackend.cancel``): the job is settled
+    then, its queue slot freed at once, and its sentences still queued never run."""
+    eng = small_engine
+    gate = gate_of(eng)
+    gate.close()
+    blocker = eng.submit(EmbedRequest(inputs=['hold']))
+    assert gate.entered.wait(5)
+    fut = eng.submit(EmbedRequest(inputs=[f'given up {i}' for i in range(8)]))
+    assert eng.admission.pending == 2
+    assert fut.cancel()
+    assert eng.admission.pending == 1           # at once, not when its sentences would run
+    runs_before = len(gate.shapes)
+    gate.open.set()
+    assert blocker.result(10).embeddings.shape == (1, 384)
+    assert eng.embed(EmbedRequest(inputs=['after'])).embeddings.shape == (1, 384)
+    # the blocker's run and 'after': none of the 8 cancelled sentences (two runs of 4) ran
+    assert len(gate.shapes) - runs_before == 2, gate.shapes
+    assert eng.admission.pending == 0
+
+
 def test_tokenising_counts_in_the_budget(small_engine):
     """A request near the byte limit takes seconds to tokenise (~10 ms per 32 k-character
     input here); it times out within its budget plus one slice, not after all of it."""

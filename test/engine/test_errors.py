@@ -132,3 +132,35 @@ def test_nothing_once_tokenised_is_found_after_a_prompt_prefix_too():
     with pytest.raises(EngineError) as err:
         enc.encode(many, InputType.QUERY, deadline=float('inf'))
     assert err.value.message.startswith('inputs[5] is empty once tokenised')
+
+
+def _documented_error_table(path):
+    """The rows of a markdown table of the error table: {code: (http, grpc, retryable)}."""
+    import re
+    rows = {}
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip('|').split('|')]
+        if not line.startswith('| ') or len(cells) != 4:
+            continue
+        plain = [re.sub(r'\([^)]*\)', '', c) for c in cells]
+        names = [w for w in re.findall(r'[A-Z][A-Z_]+[A-Z]', plain[0])
+                 if w in ErrorCode.__members__]
+        if not names:
+            continue
+        https = [int(s) for s in re.findall(r'\b\d{3}\b', plain[1])]
+        grpcs = names if plain[2] == 'same names' else re.findall(r'[A-Z][A-Z_]+', plain[2])
+        retry = cells[3].startswith('yes')
+        for i, name in enumerate(names):
+            assert name not in rows, f'{path.name}: {name} is in the table twice'
+            rows[name] = (https[i if len(https) > 1 else 0], grpcs[i if len(grpcs) > 1 else 0],
+                          retry)
+    return rows
+
+
+@pytest.mark.parametrize('doc', ['README.md', 'docs/api.md'])
+def test_the_documented_error_table_is_the_code_table(doc):
+    """The README's and docs/api.md's tables say what ``ErrorCode`` says, for every code."""
+    from pathlib import Path
+    documented = _documented_error_table(Path(__file__).resolve().parents[2] / doc)
+    actual = {c.name: (c.http_status, c.grpc_status, c.retryable) for c in ErrorCode}
+    assert documented == actual
