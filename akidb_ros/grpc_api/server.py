@@ -164,12 +164,13 @@ def _safe_deserializer(deserialize):
     return decode
 
 
-def _refuse(context, err: EngineError, request_id: Optional[str] = None, extra=()) -> None:
+def _refuse(context, err: EngineError, request_id: Optional[str] = None, extra=(),
+            started: Optional[float] = None) -> None:
     """Abort a call outside the doors' own accounting (refused before its handler ran, or a
     stream ended idle or by a graceful stop), counted like the doors' failed calls, with its
-    access-log line."""
+    access-log line; ``started``: the call's ``perf_counter`` start (default: now)."""
     rid = request_id or request_id_from(_metadata(context).get('x-request-id'))
-    record_refusal(TRANSPORT, rid, err, time.perf_counter())
+    record_refusal(TRANSPORT, rid, err, time.perf_counter() if started is None else started)
     _abort(context, err, (('x-request-id', rid), *extra))
 
 
@@ -430,13 +431,13 @@ def _record_in(span, call: DoorCall, label: str, err: Optional[EngineError], **f
         record(call, label, err, **fields)
 
 
-def _end_stopping(context, request_id: str, index: int, truncated: int) -> None:
+def _end_stopping(context, call: DoorCall, index: int, truncated: int) -> None:
     """End an EmbedStream that a graceful stop drained: ``UNAVAILABLE`` (retryable), with
     ``akidb-stream-index`` = the first request it did not take."""
     _refuse(context, EngineError(
         ErrorCode.UNAVAILABLE, f'the server is stopping: this stream took no request from index '
-        f'{index} on; send them again', retry_after_s=1.0), request_id,
-        (('akidb-stream-index', str(index)), (TRUNCATED_MD, str(truncated))))
+        f'{index} on; send them again', retry_after_s=1.0), call.request_id,
+        (('akidb-stream-index', str(index)), (TRUNCATED_MD, str(truncated))), call.started)
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
@@ -706,13 +707,13 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     with taking:        # nor a request between its arrival and the queue
                         if pending.empty():
                             stop.set()
-                            _end_stopping(context, call0.request_id, answered, truncated)
+                            _end_stopping(context, call0, answered, truncated)
                 item = _take(pending, last, self.stream_idle_timeout_s)
                 if item is _DRAIN:
                     continue        # woken by a graceful stop: look again
                 if isinstance(item, int):     # the reader took no more: the server is stopping
                     stop.set()
-                    _end_stopping(context, call0.request_id, item, truncated)
+                    _end_stopping(context, call0, item, truncated)
                 if item is None:
                     context.set_trailing_metadata((('x-request-id', call0.request_id),
                                                    (TRUNCATED_MD, str(truncated))))
@@ -723,7 +724,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                                       f'{self.stream_idle_timeout_s:g} s')
                     log.info('EmbedStream closed after %g s idle', self.stream_idle_timeout_s,
                              extra={'request_id': call0.request_id})
-                    _refuse(context, err, call0.request_id)
+                    _refuse(context, err, call0.request_id, started=call0.started)
                 i, call, label, req, fut, done, err, span = item
                 if err is None:
                     waiting_on[0] = fut

@@ -333,9 +333,9 @@ def test_stream_share_is_configurable_and_checked(local_backend):
         srv.stop(grace_s=0)
 
 
-def test_idle_stream_times_out(local_backend):
-    """A stream with nothing in flight that sends nothing for the idle limit ends TIMEOUT; one
-    that keeps sending is not cut."""
+def test_idle_stream_times_out(local_backend, caplog):
+    """A stream with nothing in flight that sends nothing for the idle limit ends TIMEOUT (its
+    access-log line says how long it lasted); one that keeps sending is not cut."""
     srv = GrpcServer(local_backend, host='127.0.0.1', port=0,
                      stream_idle_timeout_s=1.0).start()
     ch = grpc.insecure_channel(f'127.0.0.1:{srv.port}')
@@ -354,10 +354,14 @@ def test_idle_stream_times_out(local_backend):
     try:
         t0 = time.monotonic()
         got = []
-        with pytest.raises(grpc.RpcError) as ei:
-            for resp in stub.EmbedStream(first_then_idle(), timeout=10):
+        with caplog.at_level('INFO', logger='akidb_ros.access'), \
+                pytest.raises(grpc.RpcError) as ei:
+            for resp in stub.EmbedStream(first_then_idle(), timeout=10,
+                                         metadata=[('x-request-id', 'idle-stream')]):
                 got.append(resp)
         assert len(got) == 1 and 0.9 < time.monotonic() - t0 < 5
+        (line,) = [r for r in caplog.records if getattr(r, 'request_id', '') == 'idle-stream']
+        assert line.code == 'TIMEOUT' and line.latency_ms >= 900, line.__dict__
         assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert dict(ei.value.trailing_metadata())['akidb-error-code'] == 'TIMEOUT'
         assert len(list(stub.EmbedStream(steady(), timeout=10))) == 6
