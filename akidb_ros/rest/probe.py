@@ -36,6 +36,9 @@ DEFAULT_PROBE_PORT = 8081
 PROBE_ROUTES = ('/health/live', '/health/ready', '/metrics')
 # probes send no body; the server refuses anything bigger than twice this before Flask sees it
 _MAX_BODY_BYTES = 1024
+# a probe's request head comes in one packet: 64 heads trickled in (the connection limit) must
+# not keep kubelet out for long (the REST door's server allows 30 s)
+HEAD_TIMEOUT_S = 10.0
 
 
 def create_probe_app(backend: Backend) -> Flask:
@@ -81,5 +84,5 @@ class ProbeServer(RestServer):
         # HEALTHCHECK and Prometheus from queueing behind one another
         super().__init__(create_probe_app(backend), host=host, port=port, threads=threads,
                          connection_limit=64, max_body_bytes=_MAX_BODY_BYTES,
-                         channel_timeout=15, name='probe port',
+                         channel_timeout=15, name='probe port', head_timeout_s=HEAD_TIMEOUT_S,
                          error_body=plain_error_body)   # no OpenAI surface here: {error, code}

@@ -27,9 +27,11 @@ class RestServer:
     def __init__(self, app, host: str = '127.0.0.1', port: int = 8080, threads: int = 32,
                  connection_limit: int = 512, max_body_bytes: int = 16 * 1024 * 1024,
                  channel_timeout: int = 120, name: str = 'REST bridge',
-                 error_body: Callable[[str, ErrorCode, str], bytes] = error_bytes):
+                 error_body: Callable[[str, ErrorCode, str], bytes] = error_bytes,
+                 head_timeout_s: float = 30.0):
         """``error_body(path, code, message)``: the body of the server's own refusals (the REST
-        door's error shape by route by default; the probe port passes the plain one)."""
+        door's error shape by route by default; the probe port passes the plain one).
+        ``head_timeout_s``: the most a request head may take to arrive, however it trickles."""
         def early_check():
             # registered by akidb_ros.guard.integrations.install_flask, which akidb_ros.server
             # calls after this server is built: looked up once a connection
@@ -45,8 +47,8 @@ class RestServer:
             # the server's own limit sits above Flask's so that Flask answers 413 as JSON (with
             # the route's error shape either way); its 413 names the limit callers are told
             max_body_bytes=max_body_bytes * 2, stated_body_bytes=max_body_bytes,
-            idle_timeout_s=channel_timeout, early_check=early_check, error_body=error_body,
-            on_refusal=on_refusal)
+            idle_timeout_s=channel_timeout, head_timeout_s=head_timeout_s,
+            early_check=early_check, error_body=error_body, on_refusal=on_refusal)
         self.host = host
         self.port = self._server.port
         self.name = name

@@ -13,10 +13,20 @@ What is hand-written, and why it is small: httptools (MagicStack's binding of ll
 of Node.js, used by uvicorn) does the HTTP/1.1 parsing: request line, headers, Content-Length
 and chunked framing, keep-alive rules, malformed input. This module moves bytes between the
 socket and the parser, builds the WSGI environ (PEP 3333), writes the status line and headers,
-and bounds resources: ``connection_limit`` connections (accepting pauses at the limit, as in
-waitress), ``threads`` requests inside the app at once, ``max_header_bytes`` per request head
-(431), ``max_body_bytes`` per body (413, before the body is read when its declared length is
-over), ``idle_timeout_s`` per read, pipelined requests answered in order.
+and bounds resources: ``connection_limit`` connections (at the limit the connection idle
+longest, between requests or silent for FIRST_REQUEST_WAIT_S since its accept, is closed to make
+room, as nginx reuses idle keep-alive ones; with none idle, accepting pauses), ``threads``
+requests inside the app at once, ``max_header_bytes`` per request head and again per trailer
+section (431), ``max_body_bytes`` per body (413, before the body is read when its declared
+length is over), ``head_timeout_s`` for a whole request head (from its first byte, from the
+accept for a connection's first request: a head trickled in a byte at a time is cut),
+``idle_timeout_s`` per read, pipelined requests answered in order (their ``100 Continue`` too,
+never sent to HTTP/1.0). Trailer fields are read and dropped, never merged into the environ
+(RFC 9110 §6.5.1). ``chunked`` is the only transfer coding implemented: any other
+(``gzip, chunked``) is refused with a 400. The accept loop ends only at ``close()``: accept()
+failing for want of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) is logged now and
+then and retried after a pause, and a connection whose thread cannot start is closed. The
+server's own refusals of a HEAD request carry no body.
 
 Early check (``early_check``): when a request's head is complete and a body follows, the hook
 (the REST door wires the guard's authentication and authorisation to it, see
@@ -34,6 +44,7 @@ empty ``Allow``, in JSON, and the connection closes.
 from __future__ import annotations
 
 import collections
+import errno
 import io
 import json
 import logging
@@ -58,6 +69,15 @@ RECV_BYTES = 64 * 1024
 FIRST_REQUEST_WAIT_S = 1.0
 LISTENER_CLOSE_WAIT_S = 2.0
 LINGER_BYTES = 4 * 1024 * 1024      # dropped after a refusal, so the client reads the answer
+# accept() failing for want of descriptors, buffers or memory: the connection stays in the
+# backlog, so the loop pauses (until a connection closes, at most this) and tries again
+ACCEPT_PAUSE_S = 0.1
+WARN_EVERY_S = 5.0                  # at most one warning this often for such failures
+# errors of the connection being accepted that Linux passes on from accept(2): take the next
+_ACCEPT_PASSED_ON = frozenset(getattr(errno, name) for name in (
+    'ECONNABORTED', 'EPROTO', 'ENETDOWN', 'ENOPROTOOPT', 'EHOSTDOWN', 'ENONET', 'EHOSTUNREACH',
+    'EOPNOTSUPP', 'ENETUNREACH', 'EPERM') if hasattr(errno, name))
+_LISTENER_GONE = frozenset((errno.EBADF, errno.EINVAL, errno.ENOTSOCK))
 _HOP_HEADERS = frozenset(('connection', 'transfer-encoding', 'keep-alive'))
 # request headers kept out of the WSGI environ: the framing (in CONTENT_LENGTH and the body
 # itself) and Upgrade, which this server never honours (werkzeug would route a websocket one)
@@ -150,6 +170,11 @@ class _Reader:
         self.current: Optional[_Request] = None
         self.head_bytes = 0          # bytes fed while a request head is incomplete
         self.in_head = True
+        # a chunk-size line was read and none of its data yet: the last chunk's trailer section
+        # (or a chunk whose data comes in the next read); llhttp hands a trailer field over
+        # whole, httptools joining its pieces, so its bytes count against the head limit
+        self.in_trailer = False
+        self.trailer_bytes = 0
         self.reopened: Optional[_Request] = None   # an upgrade request whose body comes next
 
     def feed(self, data: bytes) -> None:
@@ -157,7 +182,11 @@ class _Reader:
             if self.in_head:
                 self.head_bytes += len(data)
                 if self.head_bytes > self.max_header_bytes + RECV_BYTES:
-                    raise self._head_too_large()
+                    raise self._located(self._head_too_large())
+            elif self.in_trailer:
+                self.trailer_bytes += len(data)
+                if self.trailer_bytes > self.max_header_bytes + RECV_BYTES:
+                    raise self._located(self._trailer_too_large())
             try:
                 self.parser.feed_data(data)
                 return
@@ -188,13 +217,21 @@ class _Reader:
         return b'POST / HTTP/1.1\r\n' + b''.join(framing) + b'\r\n'
 
     def _located(self, refusal: _Refusal) -> _Refusal:
-        if self.current is not None and not refusal.url:
-            refusal.url = self.current.url
+        req = self.current
+        if req is not None:
+            refusal.url = refusal.url or req.url
+            refusal.head_only = refusal.head_only or req.method == b'HEAD'
         return refusal
 
     def _head_too_large(self) -> _Refusal:
         return _Refusal(ErrorCode.INVALID_INPUT,
                         f'request head larger than {self.max_header_bytes} bytes', HEAD_TOO_LARGE)
+
+    def _trailer_too_large(self) -> _Refusal:
+        refusal = _Refusal(ErrorCode.INVALID_INPUT, 'request trailer section larger than '
+                           f'{self.max_header_bytes} bytes', HEAD_TOO_LARGE)
+        refusal.request = self.current      # its head is complete: a request to account for
+        return refusal
 
     def _body_too_large(self) -> _Refusal:
         # the stated limit (the REST door's documented one, which its app enforces below
@@ -210,9 +247,14 @@ class _Reader:
         self.in_head = True
 
     def on_url(self, url: bytes) -> None:
-        self.current.url += url
+        req = self.current
+        if not req.url:     # the method is parsed by now: a refusal to HEAD carries no body
+            req.method = self.parser.get_method()
+        req.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:    # a trailer field: not merged into the head (RFC 9110 §6.5.1)
+            return
         req = self.current
         req.headers.append((name, value))
         if len(req.headers) > 200:
@@ -239,6 +281,7 @@ class _Reader:
                            'CONNECT is not supported: this server is not a proxy',
                            headers=(('Allow', ''),))   # no method applies to a tunnel target
         has_body = False
+        codings: List[bytes] = []
         for name, value in req.headers:
             lname = name.lower()
             if lname == b'content-length':
@@ -247,12 +290,28 @@ class _Reader:
                 has_body = has_body or int(value) > 0
             elif lname == b'transfer-encoding':
                 has_body = True
-            elif lname == b'expect' and value.lower() == b'100-continue':
-                req.expect_continue = True
+                codings += (c.strip().lower() for c in value.split(b','))
+            elif lname == b'expect' and value.strip().lower() == b'100-continue':
+                req.expect_continue = req.version != '1.0'  # never to 1.0 (RFC 9110 §10.1.1)
+        if codings and codings != [b'chunked']:
+            # llhttp frames the body by its final chunked and would hand over the gzip (or
+            # other) coded bytes as the body itself; no coding but chunked is implemented
+            refusal = _Refusal(ErrorCode.INVALID_INPUT, 'unsupported Transfer-Encoding '
+                               f'{b", ".join(codings).decode("latin-1")!r}: only chunked is '
+                               'accepted')
+            refusal.request = req
+            raise refusal
         if has_body and self.on_head is not None:
             self.on_head(req)       # before a byte of the body is read (or 100 Continue sent)
 
+    def on_chunk_header(self) -> None:
+        self.in_trailer, self.trailer_bytes = True, 0
+
+    def on_chunk_complete(self) -> None:
+        self.in_trailer = False
+
     def on_body(self, body: bytes) -> None:
+        self.in_trailer = False
         req = self.current
         req.size += len(body)
         if req.size > self.max_body_bytes:       # chunked bodies have no declared length
@@ -265,24 +324,47 @@ class _Reader:
         self.in_head = True
 
 
+class _ConnState:
+    """A connection as the accept loop (making room at the limit) and a stop see it."""
+    __slots__ = ('busy', 'fresh', 'since')
+
+    def __init__(self, accepted: float):
+        self.busy = False       # a request is being read, served or answered
+        self.fresh = True       # not a byte received since the accept
+        self.since = accepted   # monotonic time of the accept, or of its last answer when idle
+
+    def idle_for(self, now: float) -> Optional[float]:
+        """How long it has waited with nothing to do; None while busy, and for a fresh one
+        within FIRST_REQUEST_WAIT_S (its client connected and is sending)."""
+        waited = now - self.since
+        if self.busy or (self.fresh and waited < FIRST_REQUEST_WAIT_S):
+            return None
+        return waited
+
+
 class ThreadedWSGIServer:
     """Serve ``app`` on ``host:port`` (0 = a free port, see ``.port``) until ``close()``."""
 
     def __init__(self, app: Callable, host: str = '127.0.0.1', port: int = 8080,
                  threads: int = 32, connection_limit: int = 512,
                  max_body_bytes: int = 32 * 1024 * 1024, max_header_bytes: int = 64 * 1024,
-                 idle_timeout_s: float = 120.0, ident: str = 'akidb',
+                 idle_timeout_s: float = 120.0, head_timeout_s: float = 30.0,
+                 ident: str = 'akidb',
                  early_check: Optional[Callable[[], Optional[EarlyCheck]]] = None,
                  error_body: Callable[[str, ErrorCode, str], bytes] = plain_error_body,
                  stated_body_bytes: Optional[int] = None,
                  on_refusal: Optional[OnRefusal] = None):
-        """``early_check``: returns the early-check hook (or None), asked once a connection, so
-        a hook registered on the app after the server was built is found. ``error_body(path,
-        code, message)``: the body of the server's own refusals. ``stated_body_bytes``: the
-        body limit its 413 names (default ``max_body_bytes``). ``on_refusal(environ, code,
-        message)``: called for a refusal of a request whose head was read (a body over the
-        limit: 413), which the app never sees, so that it is accounted for (request id, logs,
-        metrics); returns headers to add to the answer."""
+        """``idle_timeout_s``: the most one read may wait (a connection idle between requests
+        is closed after it). ``head_timeout_s``: the most a request head may take to arrive,
+        from its first byte (from the accept for a connection's first request), however it
+        trickles in. ``early_check``: returns the early-check hook (or None), asked once a
+        connection, so a hook registered on the app after the server was built is found.
+        ``error_body(path, code, message)``: the body of the server's own refusals.
+        ``stated_body_bytes``: the body limit its 413 names (default ``max_body_bytes``).
+        ``on_refusal(environ, code, message)``: called for a refusal of a request whose head
+        was read (a body over the limit: 413; a trailer section over the head limit: 431; a
+        transfer coding other than chunked: 400), which the app never sees, so that it is
+        accounted for (request id, logs, metrics); returns headers to add to the answer."""
         self.app = app
         self.on_refusal = on_refusal
         self.early_check = early_check
@@ -291,6 +373,7 @@ class ThreadedWSGIServer:
         self.max_body_bytes = max_body_bytes
         self.max_header_bytes = max_header_bytes
         self.idle_timeout_s = idle_timeout_s
+        self.head_timeout_s = head_timeout_s
         self.connection_limit = connection_limit
         self.ident = ident
         self._app_slots = threading.BoundedSemaphore(threads)
@@ -299,12 +382,12 @@ class ThreadedWSGIServer:
         self.port = self._sock.getsockname()[1]
         self._wake_r, self._wake_w = socket.socketpair()
         self._lock = threading.Condition()
-        # socket -> True while a request is read or served, False between requests, or the
-        # monotonic time it was accepted until its first bytes arrive
-        self._conns: dict = {}
+        self._conns: Dict[socket.socket, _ConnState] = {}
         self._stopping = False
         self._serving = False
         self._listener_closed = threading.Event()
+        self._warned_at = -float('inf')     # of the accept loop's last warning
+        self._warnings_held = 0             # since then, not logged
 
     # -- life cycle -------------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -315,22 +398,38 @@ class ThreadedWSGIServer:
         sel.register(self._wake_r, selectors.EVENT_READ)
         try:
             while not self._stopping:
-                with self._lock:        # at the limit, new connections wait in the backlog
-                    while len(self._conns) >= self.connection_limit and not self._stopping:
-                        self._lock.wait(0.5)
-                if self._stopping:
-                    return
                 if not any(key.fileobj is self._sock for key, _ in sel.select(1.0)):
                     continue
+                with self._lock:
+                    # at the limit the connection idle longest makes room (nginx reuses its
+                    # idle keep-alive connections so); with none idle, new ones wait in the
+                    # backlog until one closes or goes idle
+                    while len(self._conns) >= self.connection_limit and not self._stopping:
+                        if not self._close_longest_idle():
+                            self._lock.wait(0.5)
+                if self._stopping:
+                    return
                 try:
                     conn, peer = self._sock.accept()
-                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                except (BlockingIOError, InterruptedError):
                     continue
-                except OSError:
+                except OSError as exc:
                     if self._stopping:
                         return
-                    raise
-                self._start_connection(conn, peer)
+                    if exc.errno in _LISTENER_GONE:
+                        raise
+                    name = errno.errorcode.get(exc.errno, str(exc.errno))
+                    if exc.errno in _ACCEPT_PASSED_ON:      # that connection's own end
+                        log.debug('accept failed with %s: taking the next', name)
+                    else:
+                        # EMFILE, ENFILE, ENOBUFS, ENOMEM: ending the loop would leave the port
+                        # listening and never answering; the connection waits in the backlog
+                        self._warn_now_and_then('accept failed with %s (%s): pausing and '
+                                                'retrying', name, exc.strerror)
+                        self._pause()
+                    continue
+                if not self._start_connection(conn, peer):
+                    self._pause()
         finally:
             if self._stopping:
                 drain_backlog(self._sock, self._start_connection)
@@ -338,13 +437,62 @@ class ThreadedWSGIServer:
             self._close_wake()
             self._listener_closed.set()
 
-    def _start_connection(self, conn: socket.socket, peer) -> None:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.settimeout(self.idle_timeout_s)
+    def _start_connection(self, conn: socket.socket, peer) -> bool:
+        """Serve ``conn`` on a thread of its own; False if none could start (it is closed)."""
+        accepted = time.monotonic()
         with self._lock:
-            self._conns[conn] = time.monotonic()
-        threading.Thread(target=self._serve_connection, args=(conn, peer),
-                         name='akidb-http', daemon=True).start()
+            self._conns[conn] = _ConnState(accepted)
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._serve_connection, args=(conn, peer, accepted),
+                             name='akidb-http', daemon=True).start()
+            return True
+        except (OSError, RuntimeError) as exc:  # the peer is gone; "can't start new thread"
+            with self._lock:
+                self._conns.pop(conn, None)
+                self._lock.notify_all()
+            conn.close()
+            if isinstance(exc, OSError):
+                return True
+            self._warn_now_and_then('could not start a connection thread (%s): connection '
+                                    'closed', exc)
+            return False
+
+    def _pause(self) -> None:
+        with self._lock:        # a connection closing (a descriptor freed) or a stop ends it
+            self._lock.wait(ACCEPT_PAUSE_S)
+
+    def _warn_now_and_then(self, message: str, *args) -> None:
+        """Log a warning of the accept loop, at most one every WARN_EVERY_S (a loop that fails
+        ten times a second must not flood the log)."""
+        now = time.monotonic()
+        if now - self._warned_at < WARN_EVERY_S:
+            self._warnings_held += 1
+            return
+        if self._warnings_held:
+            message += f' ({self._warnings_held} more since the last warning)'
+        self._warned_at, self._warnings_held = now, 0
+        log.warning(message, *args)
+
+    def _close_longest_idle(self) -> bool:
+        """Close the connection that has waited longest with nothing to do (between requests,
+        or silent since its accept: see ``_ConnState.idle_for``); whether there was one. Its
+        thread sees the end of input and leaves. Called with the lock held."""
+        now, longest, chosen = time.monotonic(), -1.0, None
+        for conn, state in self._conns.items():
+            idle = state.idle_for(now)
+            if idle is not None and idle > longest:
+                longest, chosen = idle, conn
+        if chosen is None:
+            return False
+        del self._conns[chosen]         # a request its thread reads now is not served
+        try:
+            chosen.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        log.debug('connection limit (%d) reached: closed one idle for %.1f s',
+                  self.connection_limit, longest)
+        return True
 
     def stop_accepting(self) -> None:
         """Stop accepting: connections already completed by the kernel are still taken (see
@@ -375,8 +523,8 @@ class ThreadedWSGIServer:
         before the stop and is about to)."""
         now = time.monotonic()
         with self._lock:
-            return any(v is True or (v is not False and now - v < FIRST_REQUEST_WAIT_S)
-                       for v in self._conns.values())
+            return any(state.busy or (state.fresh and now - state.since < FIRST_REQUEST_WAIT_S)
+                       for state in self._conns.values())
 
     def connections(self) -> int:
         with self._lock:
@@ -400,27 +548,61 @@ class ThreadedWSGIServer:
             s.close()
 
     # -- one connection ----------------------------------------------------------------------
-    def _set_busy(self, conn: socket.socket, busy: bool) -> None:
+    def _set_busy(self, conn: socket.socket, busy: bool) -> bool:
+        """Mark a connection busy or idle; False if it was closed to make room meanwhile."""
         with self._lock:
-            if conn in self._conns:
-                self._conns[conn] = busy
+            state = self._conns.get(conn)
+            if state is None:
+                return False
+            state.busy, state.fresh = busy, False
+            if not busy:
+                state.since = time.monotonic()
+                self._lock.notify_all()     # the accept loop may wait for one to go idle
+            return True
 
-    def _serve_connection(self, conn: socket.socket, peer) -> None:
+    def _serve_connection(self, conn: socket.socket, peer, accepted: float) -> None:
         hook = self.early_check() if self.early_check is not None else None
         on_head = (lambda req: self._early(hook, req, peer)) if hook is not None else None
         reader = _Reader(self.max_header_bytes, self.max_body_bytes, self.stated_body_bytes,
                          on_head)
-        first = True        # until the first bytes, the accept time marks the connection
+        fresh = True        # until the first bytes, the accept time marks the connection
+        # When the head being waited for started: the accept for the first request, its first
+        # byte (or the answer before it, for a pipelined one) for a later one; None while idle
+        # between requests, which the idle timeout alone bounds. A head trickled a byte at a
+        # time would otherwise hold its connection (and a place under the limit) for ever.
+        head_since: Optional[float] = accepted
+        timeout: Optional[float] = None
         try:
             while True:
                 while not reader.done:
-                    if reader.current is None and not first:
-                        self._set_busy(conn, False)     # between requests: nothing to answer
-                    data = conn.recv(RECV_BYTES)    # idle timeout: socket.timeout (OSError)
-                    first = False
-                    if not data:
-                        return
-                    self._set_busy(conn, True)
+                    cur = reader.current
+                    if cur is None:
+                        if not fresh:
+                            self._set_busy(conn, False)     # between requests: nothing to answer
+                    elif cur.expect_continue and not reader.in_head and not cur.body:
+                        # every request before it is answered by now (answers go in order)
+                        conn.sendall(b'HTTP/1.1 100 Continue\r\n\r\n')
+                        cur.expect_continue = False
+                    wait = self.idle_timeout_s
+                    if head_since is not None and reader.in_head:
+                        left = head_since + self.head_timeout_s - time.monotonic()
+                        if left <= 0:
+                            log.debug('closing a connection from %s: no complete request head '
+                                      'within %.1f s', peer[0], self.head_timeout_s)
+                            return
+                        wait = min(wait, left)
+                    if wait != timeout:
+                        conn.settimeout(wait)
+                        timeout = wait
+                    try:
+                        data = conn.recv(RECV_BYTES)
+                    except socket.timeout:
+                        if wait < self.idle_timeout_s:
+                            continue        # the head deadline: closed (and logged) above
+                        return              # idle too long
+                    if not data or not self._set_busy(conn, True):
+                        return      # the peer closed, or it was closed to make room
+                    fresh = False
                     try:
                         reader.feed(data)
                     except _Refusal as refusal:
@@ -430,14 +612,12 @@ class ThreadedWSGIServer:
                                 return
                         self._refuse(conn, refusal, peer)
                         return
-                    cur = reader.current
-                    if cur is not None and cur.expect_continue and not reader.in_head \
-                            and not cur.body:
-                        conn.sendall(b'HTTP/1.1 100 Continue\r\n\r\n')
-                        cur.expect_continue = False
+                    if head_since is None and reader.current is not None:
+                        head_since = time.monotonic()
                 req = reader.done.popleft()
                 if not self._serve_or_refuse(conn, peer, req) or self._stopping:
                     return
+                head_since = time.monotonic() if reader.current is not None else None
         except OSError:
             pass                        # peer gone, reset or idle too long: nothing to answer
         finally:
@@ -469,6 +649,7 @@ class ThreadedWSGIServer:
             return self._serve(conn, peer, req)
         except _Refusal as refusal:
             refusal.url = refusal.url or req.url
+            refusal.head_only = req.method == b'HEAD'
             self._refuse(conn, refusal, peer)
             return False
 
@@ -492,7 +673,7 @@ class ThreadedWSGIServer:
             if '\n' in value or '\r' in value or '\n' in name or '\r' in name:
                 log.error('WSGI app sent a header with a line break: %r', name)
                 status, _headers, body = self._internal_error(path)
-                return self._send_error(conn, status, body)
+                return self._send_error(conn, status, body, head_only=is_head)
             head.append(f'{name}: {value}\r\n')
         no_body = is_head or status[:3] in ('204', '304') or status[0] == '1'
         if not no_body:
@@ -577,12 +758,15 @@ class ThreadedWSGIServer:
         body = self.error_body(path, ErrorCode.INTERNAL, 'internal error')
         return '500 Internal Server Error', [('Content-Type', 'application/json')], body
 
-    def _send_error(self, conn, status: str, body: bytes, headers=()) -> bool:
+    def _send_error(self, conn, status: str, body: bytes, headers=(),
+                    head_only: bool = False) -> bool:
+        """Send a refusal of the server's own and close; to HEAD, as an app's answer to it is
+        sent: the head of the answer a GET would get (its Content-Length too), no body."""
         extra = ''.join(f'{name}: {value}\r\n' for name, value in headers)
         head = (f'HTTP/1.1 {status}\r\nContent-Type: application/json\r\n'
                 f'Content-Length: {len(body)}\r\n{extra}Server: {self.ident}\r\n'
                 f'Date: {_http_date()}\r\nConnection: close\r\n\r\n')
-        conn.sendall(head.encode('latin-1') + body)
+        conn.sendall(head.encode('latin-1') + (b'' if head_only else body))
         return False
 
     def _refuse(self, conn, refusal: _Refusal, peer=('', 0)) -> None:
@@ -609,7 +793,7 @@ class ThreadedWSGIServer:
                         log.exception('on_refusal failed')
                 body = self.error_body(_path_of(refusal.url), refusal.code, refusal.message)
                 self._send_error(conn, f'{refusal.status} {_REASONS[refusal.status]}', body,
-                                 headers)
+                                 headers, refusal.head_only)
             conn.shutdown(socket.SHUT_WR)
             conn.settimeout(0.2)
             deadline, dropped = time.monotonic() + 1.0, 0

@@ -1,10 +1,13 @@
 """The REST door's WSGI server (akidb_ros.rest.wsgi_server) over real loopback sockets.
 
 HTTP/1.1 behaviour a client relies on: keep-alive on one connection, pipelining, chunked bodies,
-``Expect: 100-continue``, HEAD, HTTP/1.0; limits answered with the service's ``{error, code}``
-(413 before the body is read, 431, 400 for malformed input); the connection limit; a graceful
-stop that answers the request in flight; an app failure is a JSON 500, never a dropped
-connection; ``Upgrade`` ignored (body read, pipelining intact), ``CONNECT`` a JSON 405.
+``Expect: 100-continue`` (in order when pipelined, never to HTTP/1.0), HEAD, HTTP/1.0; limits
+answered with the service's ``{error, code}`` (413 before the body is read, 431 for a head or a
+trailer section, 400 for malformed input and for transfer codings other than chunked), with no
+body to HEAD; trailer fields kept out of the environ; the connection limit (idle connections
+make room) and the head deadline; an accept loop that outlives EMFILE and a thread that cannot
+start; a graceful stop that answers the request in flight; an app failure is a JSON 500, never a
+dropped connection; ``Upgrade`` ignored (body read, pipelining intact), ``CONNECT`` a JSON 405.
 """
 import http.client
 import json
@@ -188,26 +191,125 @@ def test_app_failure_is_a_json_500_and_header_injection_is_blocked(server):
     assert out.startswith(b'HTTP/1.1 500 ') and b'Injected' not in out
 
 
-def test_connection_limit_pauses_accepting(server):
-    idle = [socket.create_connection(('127.0.0.1', server.port)) for _ in range(4)]
+def _wait_for_connections(srv, n: int) -> None:
+    deadline = time.monotonic() + 5
+    while srv.connections() < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert srv.connections() == n
+
+
+def test_connection_limit_pauses_accepting_while_every_connection_is_busy(server):
+    # a connection with part of a request head in is busy: none can make room
+    busy = [socket.create_connection(('127.0.0.1', server.port)) for _ in range(4)]
     try:
-        deadline = time.monotonic() + 5
-        while server._server.connections() < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert server._server.connections() == 4
+        for s in busy:
+            s.sendall(b'GET /partial HTTP/1.1\r\nHost: x\r\n')
+        _wait_for_connections(server._server, 4)
         extra = http.client.HTTPConnection('127.0.0.1', server.port, timeout=0.5)
         with pytest.raises(socket.timeout):     # waits in the backlog, not refused
             extra.request('GET', '/queued')
             extra.getresponse()
-        idle.pop().close()
+        busy.pop().close()
         extra.close()
         late = http.client.HTTPConnection('127.0.0.1', server.port, timeout=5)
         late.request('GET', '/late')
         assert late.getresponse().status == 200
         late.close()
     finally:
-        for s in idle:
+        for s in busy:
             s.close()
+
+
+def test_at_the_connection_limit_the_longest_idle_keep_alive_connection_makes_room(server):
+    """Keep-alive connections between requests do not lock new clients out until their idle
+    timeout (5 s here): the one idle longest is closed for a new one, as nginx does."""
+    clients = [http.client.HTTPConnection('127.0.0.1', server.port, timeout=5) for _ in range(4)]
+    try:
+        for i, c in enumerate(clients):
+            c.request('GET', f'/k{i}')
+            assert c.getresponse().read()
+            time.sleep(0.05)        # an order of idleness
+        _wait_for_connections(server._server, 4)
+        t0 = time.monotonic()
+        fifth = http.client.HTTPConnection('127.0.0.1', server.port, timeout=2)
+        fifth.request('GET', '/fifth')
+        assert fifth.getresponse().status == 200
+        assert time.monotonic() - t0 < 2
+        fifth.close()
+        clients[0].sock.settimeout(2)
+        assert clients[0].sock.recv(10) == b''          # the longest idle was closed
+        clients[3].request('GET', '/still')             # the others were left alone
+        assert clients[3].getresponse().status == 200
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_at_the_connection_limit_connections_that_never_sent_a_byte_make_room(server):
+    silent = [socket.create_connection(('127.0.0.1', server.port)) for _ in range(4)]
+    try:
+        _wait_for_connections(server._server, 4)
+        late = http.client.HTTPConnection('127.0.0.1', server.port, timeout=3)
+        late.request('GET', '/late')        # after a grace for a request on its way (1 s)
+        assert late.getresponse().status == 200
+        late.close()
+        silent[0].settimeout(2)
+        assert silent[0].recv(10) == b''
+    finally:
+        for s in silent:
+            s.close()
+
+
+def _serve(**kwargs):
+    from akidb_ros.rest.wsgi_server import ThreadedWSGIServer
+    srv = ThreadedWSGIServer(_app, port=0, **kwargs)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_a_request_head_must_be_complete_within_the_head_deadline():
+    """The idle timeout is per read: a head trickled a byte at a time held its connection (and
+    a slot of the limit) forever. The head deadline cuts it; a connection idle between
+    requests has the idle timeout only."""
+    srv = _serve(head_timeout_s=0.5, idle_timeout_s=5)
+    try:
+        with socket.create_connection(('127.0.0.1', srv.port)) as s:
+            s.settimeout(0.05)
+            t0, closed = time.monotonic(), False
+            trickle = b'GET /slow HTTP/1.1\r\nHost: x\r\nX-Slow: ' + b'a' * 200
+            for byte in trickle:
+                try:
+                    s.sendall(bytes([byte]))
+                    closed = s.recv(10) == b''
+                except socket.timeout:
+                    pass
+                except OSError:
+                    closed = True
+                if closed or time.monotonic() - t0 > 3:
+                    break
+            assert closed and 0.4 < time.monotonic() - t0 < 2
+        with socket.create_connection(('127.0.0.1', srv.port), timeout=3) as s:
+            t0 = time.monotonic()
+            assert s.recv(10) == b''            # nothing sent: from the accept
+            assert time.monotonic() - t0 < 2
+        conn = http.client.HTTPConnection('127.0.0.1', srv.port, timeout=5)
+        conn.request('GET', '/one')
+        port = json.loads(conn.getresponse().read())['remote_port']
+        time.sleep(0.7)                             # idle past the head deadline
+        conn.request('GET', '/two')
+        assert json.loads(conn.getresponse().read())['remote_port'] == port
+        conn.close()
+    finally:
+        srv.close()
+
+
+def test_the_probe_port_has_a_short_head_deadline():
+    from akidb_ros.rest.probe import ProbeServer
+    probe = ProbeServer(None, port=0)
+    try:
+        assert probe._server.head_timeout_s == 10
+    finally:
+        probe._server.close()
 
 
 def test_idle_connections_time_out():
@@ -422,5 +524,182 @@ def test_the_early_check_answers_on_the_head_of_a_request_with_a_body():
         assert h3.startswith(b'HTTP/1.1 401 ') and b3 == b'{"code": "NO"}'
         assert b'WWW-Authenticate: ApiKey' in h3 and b'Connection: close' in h3
         assert seen == [('POST', '/b'), ('POST', '/c')]
+    finally:
+        srv.close()
+
+
+# -- trailers, transfer codings, HEAD refusals, 100 Continue -----------------------------------
+def test_a_large_trailer_section_is_refused_without_being_buffered(server):
+    """Trailer fields count against the head limit (64 KiB): 431 as for a head, answered while
+    the client is still sending the field, not once all of it was buffered."""
+    with socket.create_connection(('127.0.0.1', server.port), timeout=3) as s:
+        s.sendall(b'POST /t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n'
+                  b'5\r\nhello\r\n0\r\nX-Big: ')
+
+        def send():     # 2 MiB of one field, never ended
+            try:
+                for _ in range(32):
+                    s.sendall(b'a' * 65536)
+            except OSError:
+                pass
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        out = read_to_close(s)
+        sender.join(5)
+    head, body = out.split(b'\r\n\r\n', 1)
+    assert head.startswith(b'HTTP/1.1 431 ') and b'Connection: close' in head
+    assert json.loads(body)['code'] == 'INVALID_INPUT' and 'trailer' in json.loads(body)['error']
+
+
+def test_trailer_fields_do_not_reach_the_app(server):
+    # RFC 9110 §6.5.1: trailers are not to be merged into the header section
+    out = _raw(server.port, b'POST /t HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+               b'Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n'
+               b'Content-Type: text/plain\r\nX-Request-ID: x\r\n\r\n')
+    got = json.loads(_responses(out)[0][1])
+    assert (got['body'], got['content_type']) == ('hello', 'application/json')
+    assert 'HTTP_X_REQUEST_ID' not in got['headers']
+
+
+@pytest.mark.parametrize('coding', [b'Transfer-Encoding: gzip, chunked\r\n',
+                                    b'Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n',
+                                    b'Transfer-Encoding: x-gzip ,chunked\r\n'],
+                         ids=['gzip-chunked', 'two-fields', 'x-gzip'])
+def test_transfer_codings_other_than_chunked_are_refused(server, coding):
+    out = _raw(server.port, b'POST /te HTTP/1.1\r\nHost: x\r\n' + coding
+               + b'\r\n5\r\nhello\r\n0\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n')
+    (head, body), = _responses(out)
+    assert head.startswith(b'HTTP/1.1 400 ') and b'Connection: close' in head
+    got = json.loads(body)
+    assert got['code'] == 'INVALID_INPUT' and 'gzip' in got['error'], got
+
+
+def test_chunked_is_recognised_in_any_case_and_spacing(server):
+    out = _raw(server.port, b'POST /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:  CHUNKED \r\n'
+               b'Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n')
+    assert json.loads(_responses(out)[0][1])['body'] == 'hello'
+
+
+@pytest.mark.parametrize('raw,status', [
+    (b'HEAD /h HTTP/1.1\r\nHost: x\r\nContent-Length: 999999\r\n\r\n', b'413'),
+    (b'HEAD /h HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n', b'400'),
+    (b'HEAD /h HTTP/1.1\r\nHost: x\r\nX-Big: ' + b'a' * 70000 + b'\r\n\r\n', b'431'),
+    (b'HEAD /h HTTP/1.1\r\nHost: x\r\nX-Big: ' + b'a' * 300000, b'431'),
+    (b'HEAD /h HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n', b'400'),
+], ids=['413', '400-framing', '431', '431-unended', '400-coding'])
+def test_the_servers_refusals_to_head_have_no_body(server, raw, status):
+    # like an app's answer to HEAD: the head of the answer a GET would get, Content-Length too
+    out = _raw(server.port, raw)
+    head, body = out.split(b'\r\n\r\n', 1)
+    assert head.startswith(b'HTTP/1.1 ' + status + b' ') and b'Connection: close' in head
+    assert body == b''
+    assert int(head.split(b'Content-Length: ')[1].split(b'\r\n')[0]) > 0
+
+
+def test_100_continue_of_a_pipelined_request_follows_the_answers_before_it(server):
+    """RFC 9112 §9.3.2: answers in request order, the interim one included."""
+    import re
+    with socket.create_connection(('127.0.0.1', server.port), timeout=5) as s:
+        s.sendall(b'POST /first HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi'
+                  b'POST /second HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n'
+                  b'Expect: 100-continue\r\nConnection: close\r\n\r\n')
+        out = b''
+        while b'100 Continue' not in out:
+            chunk = s.recv(4096)
+            assert chunk, out
+            out += chunk
+        s.sendall(b'abcd')
+        out += read_to_close(s)
+    assert re.findall(rb'HTTP/1\.1 (\d{3}) ', out) == [b'200', b'100', b'200'], out
+    assert json.loads(out.rsplit(b'\r\n\r\n', 1)[1])['body'] == 'abcd'
+
+
+def test_an_http10_request_gets_no_100_continue(server):
+    # RFC 9110 §10.1.1: a server must not send 100 to an HTTP/1.0 client
+    with socket.create_connection(('127.0.0.1', server.port), timeout=5) as s:
+        s.sendall(b'POST /old HTTP/1.0\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n')
+        s.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            s.recv(100)
+        s.settimeout(5)
+        s.sendall(b'abcd')
+        out = read_to_close(s)
+    assert out.startswith(b'HTTP/1.1 200 ') and b'100 Continue' not in out
+    assert json.loads(out.split(b'\r\n\r\n', 1)[1])['body'] == 'abcd'
+
+
+# -- the accept loop outlives what goes wrong around it ----------------------------------------
+_EMFILE_CHILD = """
+import logging, os, resource, sys
+logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
+from akidb_ros.rest.wsgi_server import ThreadedWSGIServer
+
+def app(environ, start_response):
+    start_response('200 OK', [('Content-Length', '2')])
+    return [b'ok']
+
+srv = ThreadedWSGIServer(app, port=0)
+# room for a dozen connections beyond what is open now
+soft = len(os.listdir('/proc/self/fd')) + 12
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+print(srv.port, flush=True)
+srv.serve_forever()
+"""
+
+
+def test_accepting_goes_on_after_running_out_of_file_descriptors(tmp_path):
+    """accept() failing with EMFILE ended the accept loop for good: the port never answered
+    again while the process (and its probes) lived on. It is logged (once in a while), the
+    loop pauses and goes on."""
+    import subprocess
+    import sys
+    from bridge_support import ROOT
+    stderr = tmp_path / 'stderr'
+    with open(stderr, 'wb') as err:
+        child = subprocess.Popen([sys.executable, '-c', _EMFILE_CHILD], cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=err)
+    clients = []
+    try:
+        port = int(child.stdout.readline())
+        clients = [socket.create_connection(('127.0.0.1', port)) for _ in range(30)]
+        deadline = time.monotonic() + 5
+        while b'Errno 24' not in stderr.read_bytes() and b'EMFILE' not in stderr.read_bytes() \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)                     # a few failed accepts: one warning for them all
+        for c in clients:
+            c.close()
+        conn = http.client.HTTPConnection('127.0.0.1', port, timeout=3)
+        conn.request('GET', '/after')
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, b'ok')
+        conn.close()
+        log = stderr.read_bytes().decode()
+        assert log.count('EMFILE') == 1, log
+    finally:
+        for c in clients:
+            c.close()
+        child.kill()
+        child.wait(5)
+        child.stdout.close()
+
+
+def test_a_connection_whose_thread_cannot_start_is_closed_and_accepting_goes_on(monkeypatch):
+    srv = _serve()
+    start, failed = threading.Thread.start, []
+
+    def start_or_fail(thread):
+        if thread.name == 'akidb-http' and not failed:
+            failed.append(thread)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+    monkeypatch.setattr(threading.Thread, 'start', start_or_fail)
+    try:
+        with socket.create_connection(('127.0.0.1', srv.port), timeout=3) as s:
+            assert s.recv(10) == b''            # closed, not left without a thread
+        out = _raw(srv.port, b'GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',
+                   timeout=3)
+        assert out.startswith(b'HTTP/1.1 200 ') and failed
+        assert srv.connections() == 0
     finally:
         srv.close()
