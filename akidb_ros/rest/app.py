@@ -20,7 +20,7 @@ from flask import Flask, Response, g, request
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 
 from akidb_ros.backends import Backend, wait_result
 from akidb_ros.doors import (REQUEST_ID_HEADER, DoorCall, GuardHook, ModelLabels,
@@ -115,10 +115,18 @@ def disable_redirects(app: Flask) -> None:
 
     werkzeug's slash merging and default redirects answer with an HTML 308 that no error
     handler sees (Flask returns routing redirects as they are), so ``/api/v1//embed`` is a JSON
-    404 instead. Call before any route is added: a rule takes the map's settings then.
+    404 instead, and so is ``//api/v1/embed``. Call before any route is added: a rule takes the
+    map's settings then.
     """
     app.url_map.merge_slashes = False
     app.url_map.redirect_defaults = False
+
+    @app.url_value_preprocessor
+    def _exact_leading_slash(endpoint, values) -> None:
+        # werkzeug strips a path's leading slashes before matching (``//models`` is
+        # ``/models``): refused here, after routing and before any before_request hook
+        if request.environ.get('PATH_INFO', '').startswith('//'):
+            raise NotFound()
 
 
 def _schema_error(err: jsonschema.ValidationError) -> str:
@@ -131,6 +139,7 @@ def _schema_error(err: jsonschema.ValidationError) -> str:
 
 
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.lower()
+_MILLISECONDS = re.compile(r'[0-9]+(\.[0-9]+)?')
 
 
 def lower_headers(environ: Dict[str, Any]) -> Dict[str, str]:
@@ -347,6 +356,8 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         if raw is None:
             return default_timeout_s
         try:
+            if not _MILLISECONDS.fullmatch(raw):
+                raise ValueError(raw)     # float() also takes '1_000', 'nan', '1e3', ' 5 '
             ms = float(raw)
         except ValueError:
             raise EngineError(ErrorCode.INVALID_INPUT,

@@ -113,8 +113,15 @@ def test_unknown_route_and_method(rest_url):
 
 
 def test_timeout_header(rest_url):
-    r = post(rest_url, '/api/v1/embed', {'inputs': ['a']}, headers={'X-Request-Timeout-Ms': 'x'})
-    assert r.status_code == 400
+    # a number of milliseconds, written plainly (float() would take the others)
+    for bad in ('x', '1_000', '1e3', 'nan', '-5', '0x10', '٣'):
+        r = post(rest_url, '/api/v1/embed', {'inputs': ['a']},
+                 headers={'X-Request-Timeout-Ms': bad.encode()})
+        assert (r.status_code, r.json()['code']) == (400, 'INVALID_INPUT'), (bad, r.text)
+    for good in ('5000', '2500.5'):
+        r = post(rest_url, '/api/v1/embed', {'inputs': ['a']},
+                 headers={'X-Request-Timeout-Ms': good})
+        assert r.status_code == 200, (good, r.text)
     # 1 ms is too short for 64 long inputs on CPU: the engine answers TIMEOUT -> 504
     r = post(rest_url, '/api/v1/embed', {'inputs': [' '.join(['word'] * 200)] * 64},
              headers={'X-Request-Timeout-Ms': '1'})
@@ -372,9 +379,15 @@ def test_every_refusal_is_json_on_odd_paths_and_methods(with_probe):
                 if resp.getheader('Connection') == 'close':
                     conn.close()
         conn.close()
-    # a doubled slash is not merged (nor redirected to the merged path): a JSON 404
-    r = post(f'http://127.0.0.1:{with_probe.rest_port}', '/api/v1//embed', {'inputs': ['x']})
-    assert (r.status_code, r.json()['code']) == (404, 'NOT_FOUND')
+    # a doubled slash is not merged (nor redirected to the merged path): a JSON 404; nor are
+    # leading slashes (werkzeug strips them before matching)
+    for path in ('/api/v1//embed', '//api/v1/embed', '///v1/embeddings'):
+        r = post(f'http://127.0.0.1:{with_probe.rest_port}', path, {'inputs': ['x']})
+        assert (r.status_code, r.json()['code']) == (404, 'NOT_FOUND'), path
+    for port in (with_probe.rest_port, with_probe.probe_port):
+        for path in ('//health/live', '///metrics', '//models'):
+            r = requests.get(f'http://127.0.0.1:{port}{path}', timeout=10)
+            assert (r.status_code, r.json()['code']) == (404, 'NOT_FOUND'), (port, path)
 
 
 def test_connect_is_a_json_405(with_probe):
