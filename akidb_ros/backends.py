@@ -15,7 +15,7 @@ import time
 import uuid
 from concurrent.futures import CancelledError as FutureCancelled, Future, InvalidStateError, \
     TimeoutError as FutureTimeout
-from typing import Dict, List, Optional, Protocol, runtime_checkable
+from typing import Callable, Dict, List, Optional, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -31,6 +31,7 @@ log = logging.getLogger('akidb_ros.backends')
 # Extra seconds a door waits past the request's own timeout before it gives up on a future
 # (the engine / node answer TIMEOUT themselves; this only guards against a lost answer).
 WAIT_MARGIN_S = 2.0
+GONE_CHECK_S = 0.2      # how often a waiting door looks whether its caller is still there
 DEFAULT_TIMEOUT_S = 5.0
 # A node absent from the DDS graph this long makes the bridge rejoin with a new participant, and
 # again every REJOIN_EVERY_S while it stays absent: a node that froze past the DDS lease (SIGSTOP,
@@ -86,11 +87,32 @@ class Backend(Protocol):
         ...
 
 
-def wait_result(fut: 'Future[EmbedResult]', timeout_s: Optional[float]) -> EmbedResult:
-    """Wait for a backend future, turning a lost answer into TIMEOUT and stray errors INTERNAL."""
+def wait_result(fut: 'Future[EmbedResult]', timeout_s: Optional[float],
+                caller_gone: Optional[Callable[[], bool]] = None,
+                cancel: Optional[Callable[[Future], None]] = None) -> EmbedResult:
+    """Wait for a backend future, turning a lost answer into TIMEOUT and stray errors INTERNAL.
+
+    ``caller_gone``: asked every ``GONE_CHECK_S`` while the answer is awaited (a REST client
+    that closed its connection); once it says so, ``cancel(fut)`` drops the work and the wait
+    ends ``CANCELLED``, so an abandoned call does not hold its thread and the model for its
+    whole budget.
+    """
     limit = (timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S) + WAIT_MARGIN_S
     try:
-        return fut.result(timeout=limit)
+        if caller_gone is None:
+            return fut.result(timeout=limit)
+        end = time.monotonic() + limit
+        while True:
+            try:
+                return fut.result(timeout=max(0.0, min(GONE_CHECK_S, end - time.monotonic())))
+            except FutureTimeout:
+                if time.monotonic() >= end:
+                    raise
+                if caller_gone():
+                    if cancel is not None:
+                        cancel(fut)
+                    raise EngineError(ErrorCode.CANCELLED,
+                                      'the caller closed its connection') from None
     except EngineError:
         raise
     except FutureTimeout:

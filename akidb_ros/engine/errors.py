@@ -48,9 +48,9 @@ class ErrorCode(enum.Enum):
     TIMEOUT = (504, 'DEADLINE_EXCEEDED', True, 'warning')
     UNAVAILABLE = (503, 'UNAVAILABLE', True, 'warning')
     INTERNAL = (500, 'INTERNAL', True, 'error')
-    # The caller gave up on its call (a gRPC cancel): its work is dropped and the outcome is
-    # counted and logged as this, not as a TIMEOUT or failure; no caller hears it (499: nginx's
-    # "client closed request").
+    # The caller gave up on its call (a gRPC cancel, a REST client that closed its connection):
+    # its work is dropped and the outcome is counted and logged as this, not as a TIMEOUT or a
+    # failure; no caller hears it (499: nginx's "client closed request").
     CANCELLED = (499, 'CANCELLED', False, 'info')
     # Transport-level refusals (an HTTP route or method that does not exist, a body that is not
     # JSON); listed here so every code a caller can see comes from this one table.

@@ -32,6 +32,7 @@ from akidb_ros.observability import metrics as m
 from akidb_ros.observability.tracing import extract_from_headers, tracer
 from akidb_ros.rest import schemas
 from akidb_ros.rest.openapi import build_openapi
+from akidb_ros.rest.wsgi_server import CALLER_GONE
 
 log = logging.getLogger('akidb_ros.rest')
 
@@ -377,7 +378,9 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         err: Optional[EngineError] = None
         try:
             fut = backend.submit(req, caller_waits=True)   # we wait
-            return wait_result(fut, req.timeout_s)
+            # a client that closes its connection meanwhile: its work is dropped (CANCELLED)
+            return wait_result(fut, req.timeout_s, request.environ.get(CALLER_GONE),
+                               getattr(backend, 'cancel', None))
         except EngineError as e:
             err = e
             raise

@@ -26,7 +26,9 @@ never sent to HTTP/1.0). Trailer fields are read and dropped, never merged into 
 (``gzip, chunked``) is refused with a 400. The accept loop ends only at ``close()``: accept()
 failing for want of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) is logged now and
 then and retried after a pause, and a connection whose thread cannot start is closed. The
-server's own refusals of a HEAD request carry no body.
+server's own refusals of a HEAD request carry no body. An app can ask ``environ[CALLER_GONE]()``
+whether its client has closed the connection meanwhile (the REST door drops the work of a caller
+that gave up).
 
 Early check (``early_check``): when a request's head is complete and a body follows, the hook
 (the REST door wires the guard's authentication and authorisation to it, see
@@ -45,9 +47,11 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import io
 import json
 import logging
+import select
 import selectors
 import socket
 import sys
@@ -69,6 +73,9 @@ RECV_BYTES = 64 * 1024
 FIRST_REQUEST_WAIT_S = 1.0
 LISTENER_CLOSE_WAIT_S = 2.0
 LINGER_BYTES = 4 * 1024 * 1024      # dropped after a refusal, so the client reads the answer
+# environ key of a callable telling whether the client has gone (closed its connection), so an
+# app waiting on long work can drop it (the REST door does: see ``backends.wait_result``)
+CALLER_GONE = 'akidb.caller_gone'
 # accept() failing for want of descriptors, buffers or memory: the connection stays in the
 # backlog, so the loop pauses (until a connection closes, at most this) and tries again
 ACCEPT_PAUSE_S = 0.1
@@ -91,6 +98,23 @@ Answer = Tuple[str, List[Tuple[str, str]], bytes]       # (status line, headers,
 EarlyCheck = Callable[[Dict[str, Any]], Optional[Answer]]
 # (environ of the request's head, code, message) -> headers to add to the server's refusal
 OnRefusal = Callable[[Dict[str, Any], ErrorCode, str], Tuple[Tuple[str, str], ...]]
+
+
+def _peer_closed(conn: socket.socket) -> bool:
+    """Whether the client has closed (or reset) its connection while its request is served.
+
+    A readable socket with nothing to read is the peer's end; bytes waiting are a pipelined
+    request, not an end. (A client that half-closes after its request counts as gone, as nginx
+    counts it: HTTP/1.1 clients do not.) poll, not select: descriptors may pass 1024.
+    """
+    try:
+        poller = select.poll()
+        poller.register(conn, select.POLLIN)
+        if not poller.poll(0):
+            return False
+        return conn.recv(1, socket.MSG_PEEK) == b''      # readable: returns at once
+    except (OSError, ValueError):
+        return True
 
 
 def plain_error_body(path: str, code: ErrorCode, message: str) -> bytes:
@@ -656,6 +680,7 @@ class ThreadedWSGIServer:
     def _serve(self, conn: socket.socket, peer, req: _Request) -> bool:
         """Run the app for one request and send its answer; returns keep-alive."""
         environ = self._environ(req, peer)
+        environ[CALLER_GONE] = functools.partial(_peer_closed, conn)
         with self._app_slots:
             status, headers, body = self._call_app(environ)
         keep = req.keep_alive and not self._stopping

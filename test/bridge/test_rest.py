@@ -528,3 +528,36 @@ def test_openapi_declares_itself_the_timeout_header_405_and_options(rest_url):
         'application/json']['schema']
     jsonschema.validate(r.json(), {**schema, 'components': doc['components']})
     assert r.json()['error']['type'] == 'invalid_request_error'
+
+
+def test_a_client_that_closes_its_connection_has_its_work_dropped(
+        rest_url, local_backend, caplog):
+    """A REST client that gives up (closes its connection) while its long call is computed:
+    the call's sentences not yet run are skipped and its queue slot freed within a fraction of
+    a second, and the call is logged CANCELLED, instead of running to the end of its budget."""
+    import logging
+    import socket
+    import time
+    admission = local_backend.engine.admission
+    port = int(rest_url.rsplit(':', 1)[1])
+    long_text = ' '.join(['word'] * 300)
+    body = json.dumps({'inputs': [f'{i} {long_text}' for i in range(96)]}).encode()
+
+    def wait_for(predicate, timeout_s):
+        end = time.monotonic() + timeout_s
+        while not predicate() and time.monotonic() < end:
+            time.sleep(0.01)
+        return predicate()
+    assert wait_for(lambda: admission.pending == 0, 10)
+    with caplog.at_level(logging.INFO, logger='akidb_ros.access'):
+        with socket.create_connection(('127.0.0.1', port), timeout=10) as s:
+            s.sendall(b'POST /api/v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json'
+                      b'\r\nX-Request-ID: walked-away\r\nContent-Length: %d\r\n\r\n' % len(body)
+                      + body)
+            assert wait_for(lambda: admission.pending == 1, 10), 'the call was never accepted'
+        # 96 sentences of 256 tokens take seconds here; only a run already started ends
+        assert wait_for(lambda: admission.pending == 0, 3), 'the abandoned work went on'
+        assert wait_for(lambda: any(getattr(r, 'request_id', '') == 'walked-away'
+                                    for r in caplog.records), 5)
+    (line,) = [r for r in caplog.records if getattr(r, 'request_id', '') == 'walked-away']
+    assert line.code == 'CANCELLED', line.__dict__

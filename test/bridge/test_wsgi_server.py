@@ -703,3 +703,38 @@ def test_a_connection_whose_thread_cannot_start_is_closed_and_accepting_goes_on(
         assert srv.connections() == 0
     finally:
         srv.close()
+
+
+def test_the_app_can_tell_a_client_that_closed_from_one_that_pipelines():
+    """``environ['akidb.caller_gone']()``: False while the client is connected, bytes of a
+    pipelined request waiting included; True once it has closed its connection."""
+    from akidb_ros.rest.wsgi_server import CALLER_GONE
+    seen, release = [], threading.Event()
+
+    def app(environ, start_response):
+        gone = environ[CALLER_GONE]
+        if environ['PATH_INFO'] == '/watch':
+            seen.append(gone())                 # connected, a pipelined request waiting
+            release.wait(5)
+            end = time.monotonic() + 5
+            while not gone() and time.monotonic() < end:
+                time.sleep(0.02)
+            seen.append(gone())
+        start_response('200 OK', [('Content-Type', 'text/plain')])
+        return [b'ok']
+    srv = RestServer(app, port=0, threads=2).start()
+    try:
+        with socket.create_connection(('127.0.0.1', srv.port), timeout=5) as s:
+            s.sendall(b'GET /watch HTTP/1.1\r\nHost: x\r\n\r\n'
+                      b'GET /next HTTP/1.1\r\nHost: x\r\n\r\n')
+            end = time.monotonic() + 5
+            while not seen and time.monotonic() < end:
+                time.sleep(0.01)
+        release.set()           # the client has closed by now
+        end = time.monotonic() + 6
+        while len(seen) < 2 and time.monotonic() < end:
+            time.sleep(0.01)
+    finally:
+        release.set()
+        srv.stop(0)
+    assert seen == [False, True]
