@@ -10,8 +10,9 @@ An overall budget on every call (``timeout_s``: connect, wait, read the whole an
 retry), retries (exponential backoff with ±25 % jitter) only on retryable codes, the server's
 Retry-After honoured, TLS options (``ca_file``, ``client_cert``, ``client_key``), typed errors
 (:mod:`akidb_ros.client.errors`) for everything the server or the network does, and
-``TypeError``/``ValueError`` at once for a caller's mistake (bytes for text, ``timeout_s=None``,
-a URL without ``http://``, a closed client).
+``TypeError``/``ValueError`` at once for a caller's mistake (bytes for text, a set or dict of
+inputs, ``model=5``, ``timeout_s=None``, a URL without ``http://`` or with port 99999,
+``retry='x'``, a closed client), naming the argument, the same on both clients.
 """
 from akidb_ros.client.errors import (AkidbError, AuthenticationError, ConflictError,
                                      DeadlineExceededError, InvalidRequestError,

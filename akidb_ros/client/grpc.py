@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import collections.abc
 import uuid
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
@@ -9,8 +10,9 @@ import grpc
 
 from akidb_ros.client.errors import (AkidbError, DeadlineExceededError, ProtocolError,
                                      TLSError, code_from_grpc, make_error)
-from akidb_ros.client.rest import (Embeddings, check_inputs, check_timeout, check_tls_files,
-                                   embedding_rows, parse_retry_after, probe_tls)
+from akidb_ros.client.rest import (Embeddings, check_embed_options, check_inputs, check_retry,
+                                   check_timeout, check_tls_files, embedding_rows,
+                                   parse_retry_after, probe_tls)
 from akidb_ros.client.retry import RetryPolicy, call_with_retry
 from akidb_ros.grpc_api import embedding_pb2 as pb
 from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
@@ -79,12 +81,8 @@ TRUNCATED_MD = 'akidb-truncated-inputs'
 
 
 def _options_metadata(truncate: bool, input_type: Optional[str]) -> List[tuple]:
-    """The metadata asking for ``truncate`` and ``input_type`` (none for the defaults)."""
-    if not isinstance(truncate, bool):
-        raise TypeError(f'truncate must be a bool, got {type(truncate).__name__}')
-    if input_type is not None and not isinstance(input_type, str):
-        raise TypeError(f'input_type must be a str (none, query or passage) or None, got '
-                        f'{type(input_type).__name__}')
+    """The metadata asking for ``truncate`` and ``input_type`` (none for the defaults; their
+    types checked by ``check_embed_options``)."""
     md = [] if truncate else [(TRUNCATE_MD, 'false')]
     if input_type:
         md.append((INPUT_TYPE_MD, input_type))     # the server checks the value
@@ -121,6 +119,20 @@ def _host_port(target: str):
     return host.strip('[]'), int(port)
 
 
+def _check_metadata(metadata) -> List[tuple]:
+    """Metadata to send with every call: str keys to str values (bytes for ``-bin`` keys)."""
+    if metadata is None:
+        return []
+    if not isinstance(metadata, collections.abc.Mapping):
+        raise TypeError(f'metadata must be a dict of str to str, got {type(metadata).__name__}')
+    for k, v in metadata.items():
+        # values unquoted: metadata may hold a key
+        if not isinstance(k, str) or not isinstance(v, bytes if k.endswith('-bin') else str):
+            raise TypeError(f'metadata must be a dict of str to str (bytes for a -bin key), got '
+                            f'{type(k).__name__} {k!r:.40} to a {type(v).__name__}')
+    return list(metadata.items())
+
+
 def _check_batch(batch, index: int) -> List[str]:
     if isinstance(batch, (str, bytes, bytearray)):
         raise TypeError(f'batch {index} is a bare {type(batch).__name__} {batch!r:.60}: '
@@ -152,10 +164,20 @@ class GrpcClient:
                  channel: Optional[grpc.Channel] = None, *, ca_file: Optional[str] = None,
                  client_cert: Optional[str] = None, client_key: Optional[str] = None,
                  tls: bool = False, server_name: Optional[str] = None):
+        if not isinstance(target, str):
+            raise TypeError(f"target must be a str such as '127.0.0.1:9090', got "
+                            f'{type(target).__name__}')
+        if not target.strip():
+            raise ValueError(f"target must name a server, such as '127.0.0.1:9090', got "
+                             f'{target!r}')
+        if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or \
+                max_message_bytes <= 0:
+            raise ValueError(f'max_message_bytes must be a number of bytes > 0, got '
+                             f'{max_message_bytes!r}')
         self.target = target
         self.timeout_s = check_timeout(timeout_s)
-        self.retry = retry or RetryPolicy()
-        self.metadata = list((metadata or {}).items())
+        self.retry = check_retry(retry) or RetryPolicy()
+        self.metadata = _check_metadata(metadata)
         self._closed = False
         self._tls_files = None
         use_tls = bool(tls or ca_file or client_cert or client_key or server_name)
@@ -222,6 +244,7 @@ class GrpcClient:
                request_id: str, extra_metadata: Sequence[tuple] = ()):
         """The answer; ``method`` may be a ``with_call`` (then ``(answer, call)``)."""
         total = self._budget(timeout_s)
+        retry = check_retry(retry)
         md = self.metadata + [('x-request-id', request_id), *extra_metadata]
 
         def attempt(remaining: Optional[float]):
@@ -243,17 +266,19 @@ class GrpcClient:
               timeout_s: Optional[float] = None, request_id: Optional[str] = None,
               retry: Optional[RetryPolicy] = None, *, truncate: bool = True,
               input_type: Optional[str] = None) -> Embeddings:
-        """Embed ``inputs`` (a str, or a sequence of str; bytes are refused with TypeError).
+        """Embed ``inputs`` (a str, or a sequence of str; bytes, sets, dicts and iterators are
+        refused with TypeError).
 
         ``truncate=False``: an input over the model's max length is refused
         (``INPUT_TOO_LONG``) instead of cut; ``input_type`` (``none``, ``query``, ``passage``):
         the model's prompt prefix. Both go as request metadata (the PRD's message has no field
         for them); the answer's ``truncated_inputs`` comes from the trailing metadata.
         """
-        rid = request_id or uuid.uuid4().hex
-        md = _options_metadata(truncate, input_type)
         texts = check_inputs(inputs)
-        req = pb.EmbedRequest(model=model, inputs=texts, normalize=normalize)
+        rid = check_embed_options(model, normalize, truncate, input_type, request_id) or \
+            uuid.uuid4().hex
+        md = _options_metadata(truncate, input_type)
+        req = pb.EmbedRequest(model=model or '', inputs=texts, normalize=normalize)
         resp, call = self._unary(self.stub.Embed.with_call, req, timeout_s, retry, rid, md)
         trailing = {k: v for k, v in (call.trailing_metadata() or ())}
         return _to_embeddings(resp, len(texts), rid,
@@ -275,6 +300,7 @@ class GrpcClient:
         pass ``truncate=False`` to be told of an over-long input.
         """
         total = self._budget(timeout_s)
+        check_embed_options(model, normalize, truncate, input_type)
         md = _options_metadata(truncate, input_type)
         if isinstance(batches, (str, bytes, bytearray)):
             raise TypeError('embed_stream takes an iterable of batches, each a list of str '
@@ -301,7 +327,7 @@ class GrpcClient:
         def messages():
             for b in batches:
                 sizes.append(len(b))
-                yield pb.EmbedRequest(model=model, inputs=b, normalize=normalize)
+                yield pb.EmbedRequest(model=model or '', inputs=b, normalize=normalize)
         reqs = messages()
         try:
             call = self.stub.EmbedStream(

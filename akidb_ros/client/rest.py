@@ -1,9 +1,11 @@
 """REST client for the akidb_ros bridge (``/api/v1/embed``, ``/models``, ``/health`` ...)."""
 from __future__ import annotations
 
+import collections.abc
 import email.utils
 import math
 import os
+import re
 import socket
 import ssl
 import threading
@@ -12,7 +14,7 @@ import uuid
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import numpy as np
 import requests
@@ -91,15 +93,109 @@ def check_inputs(inputs: Any, what: str = 'inputs') -> List[str]:
     if isinstance(inputs, (bytes, bytearray, memoryview)):
         raise TypeError(f'{what} must be a str or a sequence of str, got '
                         f'{type(inputs).__name__}: decode it first (e.g. data.decode("utf-8"))')
-    try:
+    # only a sequence: a set has no order (the vectors would come back in one nobody chose), a
+    # dict would send its keys, and an iterator is used up by this check
+    if isinstance(inputs, np.ndarray) and inputs.ndim == 1:
+        items = inputs.tolist()
+    elif isinstance(inputs, collections.abc.Sequence):
         items = list(inputs)
-    except TypeError:
-        raise TypeError(f'{what} must be a str or a sequence of str, got '
-                        f'{type(inputs).__name__}') from None
+    else:
+        raise TypeError(f'{what} must be a str or a sequence of str (a list or tuple), got '
+                        f'{type(inputs).__name__}: pass a list (list(...) keeps an iterator\'s '
+                        'order; a set has none, and of a dict its keys would be sent)')
     for i, item in enumerate(items):
         if not isinstance(item, str):
             raise TypeError(f'{what}[{i}] must be a str, got {type(item).__name__} {item!r:.60}')
     return items
+
+
+# as the server's doors: another id is replaced there by a fresh one, so it would name nothing
+_REQUEST_ID_RE = re.compile(r'[A-Za-z0-9._:/+=-]{1,128}')
+
+
+def check_request_id(request_id: Any) -> Optional[str]:
+    """``request_id``: None or '' (a fresh one), else 1 to 128 of ``A-Za-z0-9._:/+=-``."""
+    if request_id is None or request_id == '':
+        return None
+    if not isinstance(request_id, str):
+        raise TypeError(f'request_id must be a str or None, got {type(request_id).__name__}')
+    if not _REQUEST_ID_RE.fullmatch(request_id):
+        raise ValueError(f'request_id must be 1 to 128 characters of A-Z a-z 0-9 . _ : / + = -, '
+                         f'got {request_id!r:.80}')
+    return request_id
+
+
+def check_embed_options(model: Any, normalize: Any, truncate: Any, input_type: Any,
+                        request_id: Any = None) -> Optional[str]:
+    """The options of ``embed`` (shared with the gRPC client, so both refuse alike); returns
+    the request id (None: make one)."""
+    if model is not None and not isinstance(model, str):
+        raise TypeError(f'model must be a str (a model id; "" or None: the server\'s default), '
+                        f'got {type(model).__name__} {model!r:.60}')
+    for name, value in (('normalize', normalize), ('truncate', truncate)):
+        if not isinstance(value, bool):
+            raise TypeError(f'{name} must be True or False, got {type(value).__name__} '
+                            f'{value!r:.60}')
+    if input_type is not None and not isinstance(input_type, str):
+        raise TypeError(f'input_type must be a str (none, query or passage) or None, got '
+                        f'{type(input_type).__name__} {input_type!r:.60}')
+    return check_request_id(request_id)
+
+
+def check_retry(retry: Any) -> Optional[RetryPolicy]:
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise TypeError(f'retry must be a RetryPolicy (NO_RETRY: none) or None (the default), '
+                        f'got {type(retry).__name__} {retry!r:.60}')
+    return retry
+
+
+def check_model(model: Any) -> str:
+    if not isinstance(model, str):
+        raise TypeError(f'model must be a str (a model id), got {type(model).__name__} '
+                        f'{model!r:.60}')
+    return model
+
+
+def check_base_url(base_url: Any) -> SplitResult:
+    """The parts of an ``http(s)://host[:port][/path]`` URL, else ``TypeError``/``ValueError``
+    here rather than requests' ``InvalidURL`` at the first call."""
+    if not isinstance(base_url, str):
+        raise TypeError(f'base_url must be a str, got {type(base_url).__name__}')
+    why = ''
+    try:
+        parts = urlsplit(base_url)
+        port = parts.port       # ValueError: not a number, or not 0 to 65535
+    except ValueError as exc:
+        parts, port, why = None, None, f': {exc}'
+    if parts is not None and parts.scheme in ('http', 'https'):
+        if any(c.isspace() or not c.isprintable() for c in base_url):
+            why = ': it holds a space or a control character'
+        elif not parts.hostname:
+            why = ': no host'
+        elif port == 0:
+            why = ': port 0'
+        elif parts.query or parts.fragment:
+            why = ': a query or fragment (the API paths are appended to base_url)'
+        else:
+            return parts
+    raise ValueError(f"base_url must be an http:// or https:// URL with a host and an optional "
+                     f"port 1 to 65535, such as 'http://127.0.0.1:8080', got {base_url!r}{why}")
+
+
+def check_headers(headers: Any) -> Dict[str, str]:
+    """Headers to send with every request: str names and values, each on one line."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, collections.abc.Mapping):
+        raise TypeError(f'headers must be a dict of str to str, got {type(headers).__name__}')
+    for k, v in headers.items():
+        # values unquoted: a header may hold a key
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f'headers must be a dict of str to str, got {type(k).__name__} '
+                            f'{k!r:.40} to a {type(v).__name__}')
+        if any(c in k + v for c in '\r\n\0'):
+            raise ValueError(f'headers: {k!r:.40} or its value holds a line break or NUL')
+    return dict(headers)
 
 
 def check_tls_files(ca_file: Optional[str], client_cert: Optional[str],
@@ -233,17 +329,12 @@ class RestClient:
                  connect_timeout_s: float = 2.0, *, ca_file: Optional[str] = None,
                  verify: bool = True, client_cert: Optional[str] = None,
                  client_key: Optional[str] = None, max_response_bytes: int = MAX_RESPONSE_BYTES):
-        if not isinstance(base_url, str):
-            raise TypeError(f'base_url must be a str, got {type(base_url).__name__}')
-        parts = urlsplit(base_url)
-        if parts.scheme not in ('http', 'https') or not parts.netloc:
-            raise ValueError(f"base_url must be an http:// or https:// URL such as "
-                             f"'http://127.0.0.1:8080', got {base_url!r}")
+        parts = check_base_url(base_url)
         self.base_url = base_url.rstrip('/')
         self.timeout_s = check_timeout(timeout_s)
         self.connect_timeout_s = check_timeout(connect_timeout_s, 'connect_timeout_s')
-        self.retry = retry or RetryPolicy()
-        self.headers = dict(headers or {})
+        self.retry = check_retry(retry) or RetryPolicy()
+        self.headers = check_headers(headers)
         if isinstance(max_response_bytes, bool) or not isinstance(max_response_bytes, int) or \
                 max_response_bytes <= 0:
             raise ValueError(f'max_response_bytes must be a number of bytes > 0, got '
@@ -405,7 +496,7 @@ class RestClient:
     def _json(self, resp: requests.Response) -> Any:
         try:
             return resp.json()
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:   # json recurses: [[[[... past the limit
             raise self._bad_answer(resp, f'not JSON ({exc})') from None
 
     def _bad_answer(self, resp: requests.Response, why: str) -> ProtocolError:
@@ -430,7 +521,7 @@ class RestClient:
                 code = str(body.get('code') or '')
                 err = body.get('error')
                 message = err.get('message', '') if isinstance(err, dict) else str(err or '')
-        except ValueError:
+        except (ValueError, RecursionError):    # typed by its status, as an HTML page is
             message = resp.text[:500]
         code = code or code_from_http(resp.status_code)
         return make_error(message or f'HTTP {resp.status_code}', code, status=resp.status_code,
@@ -444,6 +535,7 @@ class RestClient:
         if self._closed:
             raise ValueError('RestClient is closed: make a new one')
         total = self.timeout_s if timeout_s is None else check_timeout(timeout_s)
+        retry = check_retry(retry)
         rid = request_id or uuid.uuid4().hex
 
         def attempt(remaining: Optional[float]):
@@ -460,8 +552,10 @@ class RestClient:
               truncate: bool = True, input_type: Optional[str] = None,
               timeout_s: Optional[float] = None, request_id: Optional[str] = None,
               retry: Optional[RetryPolicy] = None) -> Embeddings:
-        """Embed ``inputs`` (a str, or a sequence of str; bytes are refused with TypeError)."""
+        """Embed ``inputs`` (a str, or a sequence of str; bytes, sets, dicts and iterators are
+        refused with TypeError)."""
         texts = check_inputs(inputs)
+        request_id = check_embed_options(model, normalize, truncate, input_type, request_id)
         body: Dict[str, Any] = {'inputs': texts, 'normalize': normalize, 'truncate': truncate}
         if model:
             body['model'] = model
@@ -505,7 +599,7 @@ class RestClient:
         data = None
         try:
             data = resp.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
         if isinstance(data, dict) and 'status' in data:
             return data
@@ -522,11 +616,13 @@ class RestClient:
             return False
 
     def load_model(self, model: str, timeout_s: float = 120.0) -> Dict[str, Any]:
-        resp = self._request('POST', '/admin/models/load', {'model': model}, timeout_s)
+        resp = self._request('POST', '/admin/models/load', {'model': check_model(model)},
+                             timeout_s)
         return self._field(resp, 'model', dict)
 
     def unload_model(self, model: str, timeout_s: float = 60.0) -> Dict[str, Any]:
-        resp = self._request('POST', '/admin/models/unload', {'model': model}, timeout_s)
+        resp = self._request('POST', '/admin/models/unload', {'model': check_model(model)},
+                             timeout_s)
         return self._field(resp, 'model', dict)
 
     def metrics(self, timeout_s: Optional[float] = None) -> str:

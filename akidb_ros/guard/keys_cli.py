@@ -15,6 +15,13 @@ an error (exit 1, nothing written): falling back would change keys the server do
 unaudited. Every change is written to the audit log (ids only). Concurrent runs are serialised
 by a lock on ``<key file>.lock``.
 
+An audit log's missing folder is created, as the server creates it: keys are made before a new
+deployment's server first starts. It is said on stderr (``created folder ... for the audit
+log``), so that a typo in ``--audit`` does not hide the audit trail silently.
+
+A key file or config that cannot be read (not UTF-8, not YAML, not a key file) is one line on
+stderr naming the file, and exit 1.
+
 Input is checked before anything is written (exit 2): ``--expires-days`` 0 (never) or 1 to 3650,
 ``--grace-s`` 0 to 2592000 (30 days), ``--client`` and ``--note`` one printable line. Rotating a
 revoked or expired key is refused (exit 1): create a new key instead.
@@ -28,6 +35,8 @@ import json
 import os
 import sys
 from typing import List, Optional
+
+import yaml
 
 from . import apikeys
 from .audit import AuditLog
@@ -114,6 +123,22 @@ def _shown(text: str) -> str:
     return text if text.isprintable() else ascii(text)[1:-1]
 
 
+def _one_line(text: str) -> str:
+    """A message as one safe terminal line (YAML's errors span several)."""
+    return _shown(' '.join(str(text).split()))
+
+
+def _unreadable(path: str, exc: Exception) -> str:
+    """Why ``path`` could not be read: not UTF-8 text, or not YAML."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f'{path}: not UTF-8 text ({exc.reason} at byte {exc.start})'
+    mark, problem = getattr(exc, 'problem_mark', None), getattr(exc, 'problem', None)
+    if mark is not None and problem:
+        where = f'line {mark.line + 1}, column {mark.column + 1}'
+        return f'{path}: not valid YAML: {problem} ({where})'
+    return f'{path}: not valid YAML: {exc}'
+
+
 def _list(path: str, as_json: bool) -> None:
     rows = [
         {
@@ -142,8 +167,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         dfile, daudit = _defaults(args.config)
+    except UnicodeDecodeError as exc:   # config.load reads it as UTF-8 text before YAML
+        where = args.config or os.environ.get('AKIDB_SECURITY_CONFIG') or 'the profile file'
+        print(f'akidb-keys: security config: {_one_line(_unreadable(where, exc))}',
+              file=sys.stderr)
+        return 1
     except SecurityConfigError as exc:
-        print(f'akidb-keys: security config: {exc}', file=sys.stderr)
+        print(f'akidb-keys: security config: {_one_line(exc)}', file=sys.stderr)
         return 1
     path = args.file or dfile
     audit = None
@@ -155,7 +185,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         if args.cmd != 'list' and (args.audit or daudit):
-            audit = AuditLog(args.audit or daudit)  # opened first: no change goes unaudited
+            audit_path = args.audit or daudit
+            folder = os.path.dirname(os.path.abspath(audit_path))
+            fresh = not os.path.exists(folder)
+            audit = AuditLog(audit_path)  # opened first: no change goes unaudited
+            if fresh:   # created, as the server would; said, so a typo cannot hide the log
+                print(f'akidb-keys: created folder {_one_line(folder)} for the audit log',
+                      file=sys.stderr)
         if args.cmd == 'create':
             rec, key = apikeys.create_key(
                 path,
@@ -198,8 +234,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyError as exc:
         print(f'akidb-keys: no key {exc.args[0]!r} in {path}', file=sys.stderr)
         return 2
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:    # the key file is all that is read
+        print(f'akidb-keys: {_one_line(_unreadable(path, exc))}', file=sys.stderr)
+        return 1
     except (apikeys.KeyFileError, OSError, ValueError) as exc:
-        print(f'akidb-keys: {exc}', file=sys.stderr)
+        print(f'akidb-keys: {_one_line(exc)}', file=sys.stderr)
         return 1
     finally:
         if audit:

@@ -1,11 +1,23 @@
 """Constants and helpers shared by the bridge tests (imported by name: several test folders
 have a conftest.py, so ``from conftest import`` would be ambiguous)."""
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / 'models'
 DEFAULT_MODEL = 'all-minilm-l6-v2'
 SECOND_MODEL = 'all-mpnet-base-v2'
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (a call there is refused)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def scrape(text: str):
@@ -35,3 +47,49 @@ def read_to_close(sock) -> bytes:
             out += chunk
     except socket.timeout:
         return out
+
+
+class Scripted:
+    """HTTP/1.1 on 127.0.0.1: each request takes the next (status, headers, body) of a script
+    (the last one repeats; an entry may be a function of the request body that returns one);
+    every request is logged with its headers, and its body kept in ``bodies``."""
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.log = []
+        self.bodies = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = 'HTTP/1.1'
+
+            def log_message(self, *args):
+                pass
+
+            def _do(self):
+                n = int(self.headers.get('Content-Length') or 0)
+                request_body = self.rfile.read(n) if n else b''
+                outer.bodies.append(request_body)
+                outer.log.append((time.monotonic(), self.command, self.path,
+                                  dict(self.headers)))
+                entry = outer.script.pop(0) if len(outer.script) > 1 else outer.script[0]
+                status, headers, body = entry(request_body) if callable(entry) else entry
+                if not isinstance(body, bytes):
+                    body = json.dumps(body).encode()
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _do
+
+        self.srv = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.srv.daemon_threads = True
+        self.url = f'http://127.0.0.1:{self.srv.server_address[1]}'
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.srv.shutdown()
+        self.srv.server_close()

@@ -2,7 +2,6 @@
 Retry-After honoured, deadlines."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -15,13 +14,7 @@ from akidb_ros.client import (DeadlineExceededError, GrpcClient, InvalidRequestE
 from akidb_ros.client.rest import parse_retry_after
 from akidb_ros.client.retry import NO_RETRY, call_with_retry
 
-from bridge_support import scrape, total
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+from bridge_support import free_port, scrape, total
 
 
 def test_backoff_is_the_prds_pattern_and_honours_retry_after():
@@ -40,6 +33,50 @@ def test_backoff_is_the_prds_pattern_and_honours_retry_after():
         RetryPolicy(jitter=2)
     assert p.backoff(1, retry_after_s=2.0, rng=lambda: 0.5) == 2.0
     assert p.backoff(1, retry_after_s=999, rng=lambda: 0.5) == p.max_retry_after_s
+
+
+def test_backoff_is_capped_without_overflow():
+    """multiplier ** (n-1) overflows a float past ~1025 attempts: the cap holds there, and a
+    client with max_attempts=5000 against a down server gets a typed error, not OverflowError."""
+    p = RetryPolicy(max_attempts=5000)
+    for n in (1026, 5000, 10 ** 6):
+        assert p.backoff(n, rng=lambda: 0.5) == p.max_backoff_s
+    assert RetryPolicy(multiplier=2).backoff(5000, rng=lambda: 0.5) == p.max_backoff_s
+    assert RetryPolicy(initial_backoff_s=0).backoff(5000) == 0.0
+    calls, slept = [], []
+
+    def fail(_remaining):
+        calls.append(1)
+        raise ServiceUnavailableError('down', code='UNAVAILABLE', retryable=True)
+    with pytest.raises(ServiceUnavailableError):
+        call_with_retry(fail, p, sleep=slept.append)
+    assert len(calls) == 5000 and max(slept) <= p.max_backoff_s * 1.25
+
+
+@pytest.mark.parametrize('field,bad,exc', [
+    ('max_attempts', 0, ValueError), ('max_attempts', -1, ValueError),
+    ('max_attempts', 2.5, TypeError), ('max_attempts', True, TypeError),
+    ('max_attempts', '3', TypeError), ('initial_backoff_s', -1, ValueError),
+    ('initial_backoff_s', float('nan'), ValueError),
+    ('initial_backoff_s', float('inf'), ValueError),
+    ('initial_backoff_s', '0.1', TypeError), ('max_backoff_s', -0.5, ValueError),
+    ('max_backoff_s', float('inf'), ValueError), ('multiplier', 0.5, ValueError),
+    ('multiplier', 0, ValueError), ('multiplier', float('nan'), ValueError),
+    ('multiplier', float('inf'), ValueError), ('max_backoff_s', 10 ** 400, ValueError),
+    ('max_retry_after_s', -1, ValueError),
+    ('max_retry_after_s', float('nan'), ValueError), ('jitter', float('nan'), ValueError),
+    ('jitter', -0.1, ValueError), ('jitter', None, TypeError),
+])
+def test_retry_policy_refuses_bad_fields_at_construction(field, bad, exc):
+    with pytest.raises(exc, match=field):
+        RetryPolicy(**{field: bad})
+
+
+def test_retry_policy_accepts_its_bounds():
+    p = RetryPolicy(max_attempts=1, initial_backoff_s=0, max_backoff_s=0, multiplier=1,
+                    max_retry_after_s=0, jitter=0)
+    assert p.backoff(3, retry_after_s=5) == 0.0
+    assert RetryPolicy(jitter=1).backoff(1, rng=lambda: 0.0) == 0.0
 
 
 def test_parse_retry_after():
@@ -72,7 +109,7 @@ def test_caller_mistake_is_not_retried(rest_url):
 
 
 def test_unreachable_server_is_retried_then_typed():
-    port = _closed_port()
+    port = free_port()
     c = RestClient(f'http://127.0.0.1:{port}', timeout_s=5,
                    retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.05, jitter=0))
     t0 = time.monotonic()

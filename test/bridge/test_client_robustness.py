@@ -10,14 +10,15 @@ import sys
 import threading
 import time
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import pytest
 
+from bridge_support import Scripted
 from akidb_ros.client import (NO_RETRY, AkidbError, DeadlineExceededError, GrpcClient,
-                              InvalidRequestError, OverloadedError, ProtocolError, RestClient,
-                              RetryPolicy, ServerError, TLSError)
+                              InvalidRequestError, OverloadedError, ProtocolError,
+                              RateLimitedError, RestClient, RetryPolicy, ServerError,
+                              ServiceUnavailableError, TLSError)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'guard'))
@@ -29,50 +30,6 @@ SVC = '/akidb.embedding.v1.EmbeddingService/'
 
 
 # -- small real servers ---------------------------------------------------------------------------
-class Scripted:
-    """HTTP/1.1 on 127.0.0.1: each request takes the next (status, headers, body) of a script
-    (the last one repeats); every request is logged with its headers."""
-
-    def __init__(self, script):
-        self.script = list(script)
-        self.log = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = 'HTTP/1.1'
-
-            def log_message(self, *args):
-                pass
-
-            def _do(self):
-                n = int(self.headers.get('Content-Length') or 0)
-                if n:
-                    self.rfile.read(n)
-                outer.log.append((time.monotonic(), self.command, self.path,
-                                  dict(self.headers)))
-                status, headers, body = (outer.script.pop(0) if len(outer.script) > 1
-                                         else outer.script[0])
-                if not isinstance(body, bytes):
-                    body = json.dumps(body).encode()
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header('Content-Length', str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_GET = do_POST = _do
-
-        self.srv = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-        self.srv.daemon_threads = True
-        self.url = f'http://127.0.0.1:{self.srv.server_address[1]}'
-        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.srv.shutdown()
-        self.srv.server_close()
-
-
 class Listener:
     """A raw TCP listener on 127.0.0.1; ``serve(conn)`` runs per connection (None: read and
     never answer)."""
@@ -587,3 +544,47 @@ def test_grpc_retry_after_is_read_as_rests_header():
         assert ei.value.retryable and ei.value.retry_after_s == 0.0
     finally:
         server.stop(0)
+
+
+# -- 14. answers too deeply nested to parse -------------------------------------------------------
+DEEP = b'[' * 100000 + b']' * 100000      # json's parser recurses: RecursionError, not ValueError
+
+
+def test_rest_answer_too_deep_to_parse_is_a_protocol_error():
+    srv = Scripted([_json(200, DEEP)])
+    try:
+        c = RestClient(srv.url, timeout_s=5, retry=RetryPolicy(initial_backoff_s=0.01))
+        for call in (lambda: c.embed(['x']), c.list_models, c.health,
+                     lambda: c.openai_embeddings(['x'], 'm'), lambda: c.load_model('m')):
+            with pytest.raises(ProtocolError) as ei:
+                call()
+            assert ei.value.code == 'BAD_RESPONSE' and not ei.value.retryable
+            assert 'not JSON' in ei.value.message or 'health' in ei.value.message
+        assert len(srv.log) == 5                          # none retried
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize('status,cls,retried', [
+    (500, ServerError, True), (503, ServiceUnavailableError, True),
+    (400, InvalidRequestError, False), (429, RateLimitedError, True),
+])
+def test_rest_error_too_deep_to_parse_is_typed_by_its_status(status, cls, retried):
+    """An error status whose body cannot be parsed is that status' error, as an HTML page's
+    is (a 5xx retried as the PRD says); its text, cut short, is the message."""
+    srv = Scripted([_json(status, DEEP), _json(200, OK_BODY)])
+    try:
+        c = RestClient(srv.url, timeout_s=5, retry=RetryPolicy(initial_backoff_s=0.01))
+        if retried:
+            assert c.embed(['x']).embeddings.shape == (1, 2) and len(srv.log) == 2
+            srv.script.insert(0, _json(status, DEEP))
+        with pytest.raises(cls) as ei:
+            c.embed(['x'], retry=NO_RETRY)
+        assert ei.value.status == status and ei.value.message.startswith('[[[')
+        assert len(ei.value.message) <= 500
+        if status == 503:   # health() takes a 503 that is no health document as an error
+            srv.script.insert(0, _json(status, DEEP))
+            with pytest.raises(cls):
+                c.health()
+    finally:
+        srv.close()

@@ -22,7 +22,7 @@ from akidb_ros.client.retry import NO_RETRY, RetryPolicy
 from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.types import EmbedRequest
 
-from bridge_support import DEFAULT_MODEL, ROOT, SECOND_MODEL
+from bridge_support import DEFAULT_MODEL, ROOT, SECOND_MODEL, free_port
 
 # ErrorCode.UNAVAILABLE is currently an enum alias of CIRCUIT_OPEN (same ErrorSpec value), so its
 # name on the wire is CIRCUIT_OPEN; test_error_codes.py pins the table bug. Same 503 either way.
@@ -73,13 +73,6 @@ def wait_until(cond, timeout, step=0.1):
             return True
         time.sleep(step)
     return False
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')

@@ -21,7 +21,7 @@ import akidb_ros
 from akidb_ros.grpc_api import embedding_pb2 as pb
 from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
 
-from bridge_support import ROOT
+from bridge_support import ROOT, free_port
 
 
 def _traceparent():
@@ -143,12 +143,6 @@ def test_tracer_is_cached_per_provider():
 
 # --- end to end: OTLP to a real collector ---------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _wait_port(port, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -166,7 +160,7 @@ def _rotel_binary() -> Path:
 
 
 def test_otlp_end_to_end_with_rotel(tmp_path):
-    grpc_port, http_port = _free_port(), _free_port()
+    grpc_port, http_port = free_port(), free_port()
     collector_out = tmp_path / 'collector.out'
     with open(collector_out, 'wb') as out:
         collector = subprocess.Popen(

@@ -109,13 +109,15 @@ def _write_config(path, doc):
 
 
 @pytest.mark.parametrize('how', ['env', 'option'])
-@pytest.mark.parametrize('content', ['typo', 'missing', 'not_yaml'])
+@pytest.mark.parametrize('content', ['typo', 'missing', 'not_yaml', 'not_utf8'])
 def test_broken_named_config_is_an_error(tmp_path, capsys, monkeypatch, how, content):
     cfg = tmp_path / 'security.yaml'
     if content == 'typo':
         _write_config(cfg, {'security': {'auth': {'enabld': True}}})
     elif content == 'not_yaml':
         cfg.write_text('security: [unclosed\n')
+    elif content == 'not_utf8':
+        cfg.write_bytes(b'\xff\xfe security: {}\n')
     repo_keys = os.path.join(ROOT, 'config', 'api_keys.yaml')
     repo_before = os.path.exists(repo_keys) and os.stat(repo_keys).st_mtime_ns
     before = _snapshot(tmp_path)
@@ -127,6 +129,7 @@ def test_broken_named_config_is_an_error(tmp_path, capsys, monkeypatch, how, con
     for cmd in (['create', '--role', 'admin', '--client', 'x'], ['list']):
         rc, out, err = _run(capsys, *opt, *cmd)
         assert rc == 1 and out == '' and 'security config' in err and str(cfg) in err
+        assert len(err.splitlines()) == 1
     assert _snapshot(tmp_path) == before
     assert (os.path.exists(repo_keys) and os.stat(repo_keys).st_mtime_ns) == repo_before
 
@@ -142,6 +145,44 @@ def test_named_config_supplies_key_file_and_audit(tmp_path, capsys, monkeypatch)
     monkeypatch.setenv('AKIDB_SECURITY_CONFIG', cfg)
     rc, out, _ = _run(capsys, 'list', '--json')
     assert rc == 0 and [r['id'] for r in json.loads(out)] == [kid]
+
+
+@pytest.mark.parametrize('content,says', [
+    (b'keys: [unclosed\n', 'not valid YAML'),
+    (b'keys:\n\t- x\n', 'not valid YAML'),
+    (b'!!python/object:os.system {}\n', 'not valid YAML'),
+    (b'keys: *undefined\n', 'not valid YAML'),
+    (b'\xff\xfe keys: []\n', 'not UTF-8'),
+])
+def test_key_file_that_cannot_be_read_is_one_line(tmp_path, capsys, content, says):
+    f = tmp_path / 'keys.yaml'
+    f.write_bytes(content)
+    audit = str(tmp_path / 'audit.jsonl')
+    for cmd in (['list'], ['list', '--json'], ['create', '--role', 'viewer', '--client', 'r'],
+                ['revoke', 'k0123456789ab'], ['rotate', 'k0123456789ab']):
+        rc, out, err = _run(capsys, '--file', str(f), '--audit', audit, *cmd)
+        assert rc == 1 and out == '' and len(err.splitlines()) == 1, (cmd, err)
+        assert err.startswith('akidb-keys: ') and str(f) in err and says in err
+    assert f.read_bytes() == content                        # nothing written ...
+    assert not os.path.exists(audit) or open(audit).read() == ''   # ... nor audited
+
+
+def test_audit_log_folder_is_created_and_said(tmp_path, capsys):
+    """Keys are made before a new deployment's server first creates the audit folder, so a
+    missing one is created — and said on stderr, so a typo in --audit cannot hide the log."""
+    f = str(tmp_path / 'keys.yaml')
+    audit = tmp_path / 'nope' / 'x' / 'audit.jsonl'
+    rc, out, err = _run(capsys, '--file', f, '--audit', str(audit), 'create', '--role',
+                        'viewer', '--client', 'r')
+    kid = apikeys.parse_key(out.strip())
+    assert rc == 0 and f'created folder {audit.parent} for the audit log' in err
+    assert json.loads(audit.read_text())['key_id'] == kid
+    rc, out, err = _run(capsys, '--file', f, '--audit', str(audit), 'revoke', kid)
+    assert rc == 0 and 'created folder' not in err           # said once, when created
+    assert len(audit.read_text().splitlines()) == 2
+    rc, out, err = _run(capsys, '--file', f, '--audit', str(tmp_path / 'other' / 'a.jsonl'),
+                        'list')
+    assert rc == 0 and kid in out and not (tmp_path / 'other').exists()   # list audits none
 
 
 def _cli(*args):
