@@ -186,15 +186,22 @@ class ApiKeyRecord:
             created, expires = _parse_ts(d.get('created')), _parse_ts(d.get('expires'))
         except ValueError as exc:
             raise KeyFileError(f'key {d["id"]!r}: bad timestamp: {exc}') from None
+        try:
+            # a hand-edited file is held to what create_key writes: client and note reach the
+            # audit log, metrics' rate-limit buckets and terminals (a list, a line break: no)
+            client = check_text(d['client'], 'client', MAX_CLIENT_LEN)
+            note = check_text(d.get('note') or '', 'note', MAX_NOTE_LEN, required=False)
+        except ValueError as exc:
+            raise KeyFileError(f'key {d["id"]!r}: {exc}') from None
         return cls(
             id=str(d['id']),
             sha256=digest,
             role=role,
-            client=str(d['client']),
+            client=client,
             created=created,
             expires=expires,
             revoked=bool(d.get('revoked', False)),
-            note=str(d.get('note', '') or ''),
+            note=note,
         )
 
 

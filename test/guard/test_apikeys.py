@@ -92,6 +92,23 @@ def test_a_key_file_that_does_not_decode_keeps_previous_set(key_file, clock, jun
         apikeys.ApiKeyStore(key_file)
 
 
+@pytest.mark.parametrize('field, value', [
+    ('client', [1]), ('client', ''), ('client', 'robot\nlevel=admin'), ('client', 'x' * 129),
+    ('note', {'a': 1}), ('note', 'two\nlines'),
+])
+def test_a_hand_edited_key_entry_is_held_to_what_create_key_writes(key_file, field, value):
+    """client and note reach audit lines, rate-limit buckets and terminals: an entry edited
+    by hand to a list, an empty client or a line break is refused like a corrupt file."""
+    apikeys.create_key(key_file, Role.DEVELOPER, 'robot')
+    with open(key_file) as fh:
+        doc = yaml.safe_load(fh)
+    doc['keys'][0][field] = value
+    with open(key_file, 'w') as fh:
+        yaml.safe_dump(doc, fh)
+    with pytest.raises(apikeys.KeyFileError, match=field):
+        apikeys.ApiKeyStore(key_file)
+
+
 def test_rotation_with_and_without_grace(key_file, clock):
     rec, key = apikeys.create_key(key_file, Role.DEVELOPER, 'robot')
     old, new, new_key = apikeys.rotate_key(key_file, rec.id)
