@@ -33,23 +33,50 @@ from typing import Callable, List, Optional
 
 log = logging.getLogger('akidb_ros.server')
 
+PROG = 'akidb-server'
+# the longest wait an option may ask for, a day: threading's waits overflow past ~9.2e9 s
+MAX_SECONDS = 86400
+MAX_THREADS = 4096      # more is a typo: each may become an OS thread
+# a body limit below a small request refuses every call; gRPC's message limit is a C int
+MIN_BODY_BYTES = 1024
+MAX_BODY_BYTES = 1 << 30
 
-def _env_number(name: str, default, kind=float, what: str = 'a number'):
-    """``kind(os.environ[name])``; unset or empty keeps ``default``; anything else stops the
-    start in one line naming the variable."""
+
+class BadVariable(SystemExit):
+    """A variable an option reads that the server cannot run with; its message names it."""
+
+
+def _in_range(kind, low, high, low_open: bool = False):
+    """An argparse ``type``: ``kind(text)`` from ``low`` (above it with ``low_open``) to
+    ``high``. Its variable is checked with it (``_env_option``): argparse never checks a
+    default."""
+    noun = 'an integer' if kind is int else 'a number'
+    span = f'> {low} and <= {high}' if low_open else f'from {low} to {high}'
+
+    def parse(text: str):
+        said = repr(text if len(text) <= 40 else text[:20] + '...')
+        try:
+            value = kind(text)
+        except ValueError:      # int() also refuses over 4300 digits
+            raise argparse.ArgumentTypeError(f'{said} is not {noun}') from None
+        # written so that NaN (every comparison False: it answered each call 400 and broke
+        # SIGTERM) fails it
+        if not ((low < value) if low_open else (low <= value)) or not value <= high:
+            raise argparse.ArgumentTypeError(f'{said} is not {noun} {span}')
+        return value
+    return parse
+
+
+def _env_option(name: str, default, parse):
+    """``parse(os.environ[name])`` for an option's default; unset, empty or blank keeps
+    ``default``; a value ``parse`` refuses stops the start in one line naming the variable."""
     raw = os.environ.get(name, '')
+    if not raw.strip():
+        return default
     try:
-        return kind(raw) if raw.strip() else default
-    except ValueError:
-        raise SystemExit(f'{name}={raw!r} is not {what}')
-
-
-def _env_int(name: str, default: int) -> int:
-    return _env_number(name, default, int, 'an integer')
-
-
-def _env_float(name: str, default: float) -> float:
-    return _env_number(name, default)
+        return parse(raw)
+    except argparse.ArgumentTypeError as exc:
+        raise BadVariable(f'{name}={exc}') from None
 
 
 def _env_choice(name: str, default: str, choices) -> str:
@@ -59,7 +86,7 @@ def _env_choice(name: str, default: str, choices) -> str:
     if not raw:
         return default
     if raw not in choices:
-        raise SystemExit(f'{name}={raw!r} is not one of {", ".join(choices)}')
+        raise BadVariable(f'{name}={raw!r} is not one of {", ".join(choices)}')
     return raw
 
 
@@ -94,7 +121,20 @@ def _env_probe_port():
     try:
         return _probe_port(raw)
     except argparse.ArgumentTypeError as exc:
-        raise SystemExit(f'AKIDB_PROBE_PORT: {exc}')
+        raise BadVariable(f'AKIDB_PROBE_PORT: {exc}')
+
+
+def _ready_file(path: str) -> str:
+    """``--ready-file``: checked before anything loads, as it is written only once serving (a
+    folder that is not there failed a server that had started)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f'{path!r} is a directory')
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f'{path!r}: no such directory {folder}')
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f'{path!r}: directory {folder} is not writable')
+    return path
 
 
 def probe_port_of(args) -> Optional[int]:
@@ -114,14 +154,18 @@ def probe_port_of(args) -> Optional[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog='akidb-server', description=__doc__.split('\n\n')[0])
+    """The options; each variable an option reads is checked here (``BadVariable``), each flag
+    when parsed (exit 2), against the same range."""
+    port = _in_range(int, 0, 65535)
+    seconds = _in_range(float, 0, MAX_SECONDS)
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0])
     ap.add_argument('--mode', choices=MODES, default=_env_choice('AKIDB_MODE', 'inprocess', MODES))
     ap.add_argument('--host', default=os.environ.get('AKIDB_HOST', '127.0.0.1'),
                     help='bind address (default 127.0.0.1; a non-loopback address needs '
                          'the prod security profile)')
-    ap.add_argument('--rest-port', type=int, default=_env_int('AKIDB_REST_PORT', 8080),
+    ap.add_argument('--rest-port', type=port, default=_env_option('AKIDB_REST_PORT', 8080, port),
                     help='0 = pick a free port')
-    ap.add_argument('--grpc-port', type=int, default=_env_int('AKIDB_GRPC_PORT', 9090),
+    ap.add_argument('--grpc-port', type=port, default=_env_option('AKIDB_GRPC_PORT', 9090, port),
                     help='0 = pick a free port')
     ap.add_argument('--probe-port', type=_probe_port, default=_env_probe_port(),
                     help='plain-HTTP probe listener (GET /health/live, /health/ready, '
@@ -139,36 +183,59 @@ def build_parser() -> argparse.ArgumentParser:
                     default=_env_choice('AKIDB_ROS_EXECUTOR', 'events', ROS_EXECUTORS),
                     help="sidecar: the bridge's rclpy executor: events (rclpy's C++ "
                          'EventsExecutor) or single (SingleThreadedExecutor)')
-    ap.add_argument('--discovery-grace', type=float,
-                    default=_env_float('AKIDB_DISCOVERY_GRACE_S', 5.0),
+    ap.add_argument('--discovery-grace', type=seconds,
+                    default=_env_option('AKIDB_DISCOVERY_GRACE_S', 5.0, seconds),
                     help='sidecar: seconds after start during which a call waits (within its '
                          'budget) for DDS discovery to find the node instead of failing '
                          'UNAVAILABLE; the doors bind at once either way (default 5)')
-    ap.add_argument('--timeout', type=float, default=_env_float('AKIDB_TIMEOUT_S', 5.0),
+    timeout = _in_range(float, 0, MAX_SECONDS, low_open=True)
+    ap.add_argument('--timeout', type=timeout,
+                    default=_env_option('AKIDB_TIMEOUT_S', 5.0, timeout),
                     help='default per-request timeout in seconds (clients may ask for less)')
-    ap.add_argument('--rest-threads', type=int, default=_env_int('AKIDB_REST_THREADS', 32))
-    ap.add_argument('--grpc-workers', type=int, default=_env_int('AKIDB_GRPC_WORKERS', 64))
-    ap.add_argument('--grpc-max-streams', type=int,
-                    default=_env_int('AKIDB_GRPC_MAX_STREAMS', None),
+    threads = _in_range(int, 1, MAX_THREADS)
+    ap.add_argument('--rest-threads', type=threads,
+                    default=_env_option('AKIDB_REST_THREADS', 32, threads))
+    # two at least: streams get one thread at least and fewer than all (--grpc-max-streams)
+    workers = _in_range(int, 2, MAX_THREADS)
+    ap.add_argument('--grpc-workers', type=workers,
+                    default=_env_option('AKIDB_GRPC_WORKERS', 64, workers))
+    streams = _in_range(int, 1, MAX_THREADS - 1)
+    ap.add_argument('--grpc-max-streams', type=streams,
+                    default=_env_option('AKIDB_GRPC_MAX_STREAMS', None, streams),
                     help='long-lived gRPC streams (EmbedStream, reflection) served at once, '
                          'each holding a handler thread; the excess is refused OVERLOADED '
                          '(default: half of --grpc-workers; must be less than it)')
-    ap.add_argument('--grpc-stream-idle', type=float,
-                    default=_env_float('AKIDB_GRPC_STREAM_IDLE_S', 60.0),
+    ap.add_argument('--grpc-stream-idle', type=seconds,
+                    default=_env_option('AKIDB_GRPC_STREAM_IDLE_S', 60.0, seconds),
                     help='seconds an EmbedStream with nothing in flight may send nothing '
                          'before it ends TIMEOUT (default 60; 0 = never)')
-    ap.add_argument('--max-body-bytes', type=int,
-                    default=_env_int('AKIDB_MAX_BODY_BYTES', 16 * 1024 * 1024))
-    ap.add_argument('--grace', type=float, default=None,
+    body_bytes = _in_range(int, MIN_BODY_BYTES, MAX_BODY_BYTES)
+    ap.add_argument('--max-body-bytes', type=body_bytes,
+                    default=_env_option('AKIDB_MAX_BODY_BYTES', 16 * 1024 * 1024, body_bytes))
+    ap.add_argument('--grace', type=seconds, default=None,
                     help='graceful-stop budget, seconds (default: --timeout + 2, so every call '
                          'accepted before the stop is answered, with its result or TIMEOUT)')
     ap.add_argument('--ros-args', nargs=argparse.REMAINDER, default=[],
                     help='inprocess: parameters for the node, e.g. '
                          '--ros-args -p metrics_port:=9100')
-    ap.add_argument('--ready-file', default=None,
+    ap.add_argument('--ready-file', type=_ready_file, default=None,
                     help='write {"rest_port", "grpc_port", "probe_port", "pid", ...} as JSON '
-                         'here once serving')
+                         'here once serving (its folder must exist and be writable)')
     return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, every one checked before anything loads: a value the server cannot run
+    with, flag or variable, is a usage error (exit 2) in one line naming it."""
+    try:
+        parser = build_parser()
+    except BadVariable as exc:
+        argparse.ArgumentParser(prog=PROG).exit(2, f'{PROG}: error: {exc}\n')
+    args = parser.parse_args(argv)
+    if args.grpc_max_streams is not None and not args.grpc_max_streams < args.grpc_workers:
+        parser.error(f'--grpc-max-streams must be at least 1 and less than --grpc-workers '
+                     f'({args.grpc_workers}): unary calls need threads too')
+    return args
 
 
 class Bridges:
@@ -431,24 +498,31 @@ def grace_for(args) -> float:
     return args.grace
 
 
+def expected_start_error(exc: BaseException) -> bool:
+    """Whether a failed start is the operator's to fix, told in one line (no traceback).
+
+    A bad config file or variable, TLS files, an engine error, a port that cannot be bound (in
+    use, not this host's address), and a value no check before the start caught (a library's
+    own range check: ValueError, OverflowError) say all in their message; anything else is a
+    bug.
+    """
+    from akidb_ros.doors import BindError
+    from akidb_ros.engine.config import ConfigError
+    from akidb_ros.guard import mtls
+    return hasattr(exc, 'code') or isinstance(exc, (
+        mtls.TLSFilesError, ConfigError, BindError, ValueError, OverflowError)) \
+        or isinstance(exc, OSError) and exc.errno in BIND_ERRNOS
+
+
 def main(argv=None) -> int:
     # FIRST: close TLS 1.2 in gRPC's TLS stack, before anything imports grpc
     from akidb_ros.guard import mtls
     mtls.prepare_grpc_tls13()
 
-    from akidb_ros.doors import BindError
     from akidb_ros.observability.logs import configure_logging
     from akidb_ros.observability.tracing import setup_tracing, shutdown_tracing
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.grpc_max_streams is not None and not 1 <= args.grpc_max_streams < args.grpc_workers:
-        parser.error(f'--grpc-max-streams must be at least 1 and less than --grpc-workers '
-                     f'({args.grpc_workers}): unary calls need threads too')
-    if min(args.grpc_stream_idle, args.grace or 0, args.discovery_grace) < 0 \
-            or args.timeout <= 0:
-        parser.error('--grpc-stream-idle, --grace and --discovery-grace must be >= 0, '
-                     '--timeout > 0')
+    args = parse_args(argv)
     configure_logging()
     args.grace = grace_for(args)
     security = load_security(args)
@@ -457,13 +531,10 @@ def main(argv=None) -> int:
     try:
         bridges = build(args, security=security)
     except Exception as exc:
-        # a bad config file or variable, TLS files, an engine error or a port that cannot be
-        # bound (in use, not this host's address) say all in their message; anything else is
-        # a bug
-        from akidb_ros.engine.config import ConfigError
-        expected = hasattr(exc, 'code') or isinstance(exc, (mtls.TLSFilesError, ConfigError)) \
-            or isinstance(exc, OSError) and exc.errno in BIND_ERRNOS or isinstance(exc, BindError)
+        expected = expected_start_error(exc)
         log.error('startup failed: %s', exc, exc_info=not expected)
+        if expected:
+            log.debug('startup failure', exc_info=True)     # should it be a bug after all
         return 1
     stop = threading.Event()
 
@@ -486,16 +557,24 @@ def main(argv=None) -> int:
             'mode': args.mode, 'tls': bridges.tls_front is not None,
             'security_profile': security.cfg['profile']}
     log.info('akidb-server serving', extra={**info, 'startup_s': round(time.monotonic() - t0, 3)})
+    rc = 0
     if args.ready_file:
-        tmp = Path(args.ready_file + '.tmp')
-        tmp.write_text(json.dumps(info))
-        tmp.replace(args.ready_file)
+        try:
+            tmp = Path(args.ready_file + '.tmp')
+            tmp.write_text(json.dumps(info))
+            tmp.replace(args.ready_file)
+        except OSError as exc:
+            # its folder was checked when parsed, yet the write failed: whoever waits for the
+            # file would wait for ever, so the start fails
+            log.error('startup failed: cannot write --ready-file %s: %s', args.ready_file, exc)
+            rc = 1
+            stop.set()
     while not stop.wait(0.5):
         pass
     bridges.stop(args.grace)
     shutdown_tracing()
     log.info('akidb-server stopped')
-    return 0
+    return rc
 
 
 if __name__ == '__main__':

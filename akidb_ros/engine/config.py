@@ -305,6 +305,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                         key_node.start_mark)
         return super().construct_mapping(node, deep)
 
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except ValueError as exc:
+            # a scalar Python refuses (an integer over int()'s 4300 digits, a date such as
+            # 2024-13-01): said with its line, like any YAML error, less int()'s advice
+            reason = str(exc).split(';')[0]
+            raise yaml.constructor.ConstructorError(
+                None, None, f'cannot read this value ({reason})', node.start_mark) from exc
+
 
 def _deep_merge(base: dict, overrides: Mapping) -> dict:
     out = copy.deepcopy(base)
@@ -320,6 +330,7 @@ def _slug(name: str) -> str:
     return re.sub(r'[^A-Za-z0-9._-]+', '-', name.split('/')[-1]).strip('-').lower() or 'model'
 
 
+MODEL_ID_PATTERN = MODEL_SCHEMA['properties']['id']['pattern']
 MAX_DIMENSION = MODEL_SCHEMA['properties']['dimension']['maximum']
 MAX_TOKENS = MODEL_SCHEMA['properties']['max_tokens']['maximum']
 # config.json model types whose position ids start after the padding index (RoBERTa's scheme):
@@ -327,21 +338,35 @@ MAX_TOKENS = MODEL_SCHEMA['properties']['max_tokens']['maximum']
 _PADDING_OFFSET_TYPES = ('roberta', 'xlm-roberta', 'camembert', 'mpnet')
 
 
+def _shown(value: str) -> str:
+    """``value`` quoted for an error message, a long one cut (a 5000-digit number)."""
+    return repr(value) if len(value) <= 40 else f"{value[:20] + '...'!r} ({len(value)} characters)"
+
+
+def _env_text(env: Mapping[str, str], name: str) -> Optional[str]:
+    """A variable's value, stripped; None when unset, empty or blank (a template that renders
+    an empty value leaves a variable set), for every AKIDB_* variable alike."""
+    return env.get(name, '').strip() or None
+
+
 def _env_path(env: Mapping[str, str], name: str) -> Optional[str]:
     """A path from the environment, made absolute: ``~`` expanded, a relative one taken from the
     working directory (where whoever set the variable stands; the file's own paths are relative
     to the file)."""
-    value = env.get(name, '').strip()
+    value = _env_text(env, name)
     return os.path.abspath(os.path.expanduser(value)) if value else None
 
 
 def _env_int(env: Mapping[str, str], name: str, maximum: int) -> Optional[int]:
-    text = env.get(name, '').strip()
-    if not text:
+    text = _env_text(env, name)
+    if text is None:
         return None
-    if not re.fullmatch(r'[0-9]+', text) or not 1 <= int(text) <= maximum:
-        raise ConfigError(f'{name} must be an integer from 1 to {maximum} (got {text!r})')
-    return int(text)
+    # compared by length first: int() refuses more than 4300 digits (ValueError)
+    digits = text.lstrip('0')
+    if not re.fullmatch(r'[0-9]+', text) or len(digits) > len(str(maximum)) \
+            or not 1 <= int(digits or '0') <= maximum:
+        raise ConfigError(f'{name} must be an integer from 1 to {maximum} (got {_shown(text)})')
+    return int(digits)
 
 
 def _models_dir(raw: dict, base_dir: Path) -> Path:
@@ -405,7 +430,7 @@ def max_tokens_from_files(model_path: str, tokenizer_path: str) -> Tuple[Optiona
 def _env_model(raw: dict, models: List[dict], env: Mapping[str, str],
                base_dir: Path) -> Optional[dict]:
     """The catalogue entry the model variables add or pick (it becomes the default), or None."""
-    name = env.get('AKIDB_MODEL_NAME', '').strip()
+    name = _env_text(env, 'AKIDB_MODEL_NAME') or ''
     named = next((m for m in models if name in (m.get('id'), m.get('name'))), None) \
         if name else None
     model_path = _env_path(env, 'AKIDB_MODEL_PATH')
@@ -475,6 +500,16 @@ def _env_model(raw: dict, models: List[dict], env: Mapping[str, str],
                         "model's files (sentence_bert_config.json, tokenizer.json truncation, "
                         'config.json) say; set AKIDB_MODEL_MAX_TOKENS', entry['id'], tokens)
         entry['max_tokens'] = tokens
+    if (known is None or entry['id'] != known.get('id')) \
+            and not re.search(MODEL_ID_PATTERN, entry['id']):
+        # an id made from the variables: the error is theirs, not the file's
+        if name:
+            said = f"AKIDB_MODEL_NAME={_shown(name)}: the model id it gives, " \
+                f"{_shown(entry['id'])} (the part after the last '/', lower-cased)"
+        else:
+            said = f"AKIDB_MODEL_PATH={model_path!r}: the model id its path gives, " \
+                f"{_shown(entry['id'])} (set AKIDB_MODEL_NAME)"
+        raise ConfigError(f'{said}, must match {MODEL_ID_PATTERN}')
     for other in models:
         if other is not known and other.get('id') == entry['id']:
             raise ConfigError(
@@ -495,29 +530,39 @@ def apply_env(raw: dict, env: Mapping[str, str], base_dir: Optional[Path] = None
     becomes the default: ``AKIDB_MODEL_PATH`` names its ONNX file (a catalogue entry's file
     keeps that entry's settings), or ``AKIDB_MODEL_NAME`` alone picks a catalogue model (else the
     default model is meant); ``AKIDB_MODEL_DIMENSION`` must match that model and
-    ``AKIDB_MODEL_MAX_TOKENS`` sets its max_tokens. A variable that cannot apply is an error,
-    never ignored.
+    ``AKIDB_MODEL_MAX_TOKENS`` sets its max_tokens.
+
+    Values are stripped, and a variable that is empty or blank counts as unset. A variable that
+    cannot apply is an error naming it (``AKIDB_DEVICE='tpu': engine.device must be one of
+    ...``), never ignored, and never reported as the file's key.
     """
     raw = copy.deepcopy(raw)
     base_dir = Path.cwd() if base_dir is None else base_dir
+    device = _env_text(env, 'AKIDB_DEVICE')
+    if device is not None and device not in DEVICES:
+        raise ConfigError(f'AKIDB_DEVICE={_shown(device)}: engine.device must be one of '
+                          f'{", ".join(DEVICES)}')
     engine = raw.setdefault('engine', {})
     if isinstance(engine, dict):            # else the schema check says what is wrong
-        if env.get('AKIDB_TENSORRT_CACHE'):
+        if _env_text(env, 'AKIDB_TENSORRT_CACHE'):
             engine['tensorrt_cache'] = _env_path(env, 'AKIDB_TENSORRT_CACHE')
-        if env.get('AKIDB_DEVICE'):
-            engine['device'] = env['AKIDB_DEVICE']
-    if env.get('AKIDB_MODELS_DIR'):
+        if device is not None:
+            engine['device'] = device
+    if _env_text(env, 'AKIDB_MODELS_DIR'):
         raw['models_dir'] = _env_path(env, 'AKIDB_MODELS_DIR')
     models = raw.get('models')
     if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
         return raw                          # the schema check reports it
     entry = _env_model(raw, models, env, base_dir)
-    default = env.get('AKIDB_DEFAULT_MODEL', '').strip()
+    default = _env_text(env, 'AKIDB_DEFAULT_MODEL')
     if default and entry is None:
+        ids = sorted(str(m.get('id')) for m in models)
+        if default not in ids:
+            raise ConfigError(f'AKIDB_DEFAULT_MODEL={_shown(default)}: default_model must be one '
+                              f'of the models ({", ".join(ids)})')
         raw['default_model'] = default
     elif default and default not in (entry.get('id'), entry.get('name')):
-        var = 'AKIDB_MODEL_PATH' if env.get('AKIDB_MODEL_PATH', '').strip() \
-            else 'AKIDB_MODEL_NAME'
+        var = 'AKIDB_MODEL_PATH' if _env_text(env, 'AKIDB_MODEL_PATH') else 'AKIDB_MODEL_NAME'
         raise ConfigError(
             f'{var} makes {entry.get("id")} the default model, but AKIDB_DEFAULT_MODEL='
             f'{default!r} picks another: make them agree or unset AKIDB_DEFAULT_MODEL (the Helm '
@@ -586,14 +631,19 @@ def load_config(path: Optional[os.PathLike] = None,
     """Load ``path`` (default ``config/models.yaml`` or ``$AKIDB_CONFIG``), env, then overrides.
 
     ``overrides`` is a nested dict in the file's shape (e.g. from ROS parameters) and wins over
-    both the file and the environment.
+    both the file and the environment. The file is UTF-8; anything it cannot be read as is a
+    ConfigError naming it.
     """
     env = os.environ if env is None else env
-    path = Path(path or env.get('AKIDB_CONFIG') or DEFAULT_CONFIG_PATH)
+    named = '' if path or not _env_text(env, 'AKIDB_CONFIG') else ' (AKIDB_CONFIG)'
+    path = Path(path or _env_text(env, 'AKIDB_CONFIG') or DEFAULT_CONFIG_PATH)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding='utf-8')
     except OSError as exc:
-        raise ConfigError(f'cannot read config {path}: {exc.strerror or exc}') from exc
+        raise ConfigError(f'cannot read config {path}{named}: {exc.strerror or exc}') from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f'cannot read config {path}{named}: not UTF-8 text (byte '
+                          f'0x{exc.object[exc.start]:02x} at offset {exc.start})') from exc
     try:
         loader = _UniqueKeyLoader(text)     # a SafeLoader that refuses duplicate keys
         try:

@@ -44,7 +44,8 @@ NOTES = [
     '',
     'Integers are written as integers (`2`, not `2.0` nor `true`) and numbers are finite (no '
     '`.nan` or `.inf`); a key appears at most once in a mapping. Any of these mistakes, and a '
-    'variable that cannot apply, is a config error that names the key and stops the start.',
+    'variable that cannot apply, is a config error that names the key (or the variable) and '
+    'stops the start. A variable set empty or to blanks counts as unset; values are stripped.',
     '',
     "A model's `max_tokens` may not exceed the positions its graph has (its position-embedding "
     'table): loading it fails `MODEL_LOAD_FAILED`, naming the limit, instead of failing each '

@@ -241,17 +241,18 @@ def test_sidecar_bridge_binds_at_once_and_waits_for_a_node_that_starts_later(tmp
 
 
 def test_bad_arguments_fail_cleanly(tmp_path):
-    r = subprocess.run([sys.executable, '-m', 'akidb_ros.server', '--mode', 'nope'],
-                       cwd=ROOT, capture_output=True, timeout=60)
-    assert r.returncode == 2 and b'invalid choice' in r.stderr
-    for bad, says in ((['--grpc-workers', '8', '--grpc-max-streams', '8'], b'less than'),
-                      (['--grpc-max-streams', '0'], b'at least 1'),
-                      (['--timeout', '0'], b'--timeout > 0'),
-                      (['--grpc-stream-idle', '-1'], b'must be >= 0'),
-                      (['--discovery-grace', '-1'], b'must be >= 0')):
-        r = subprocess.run([sys.executable, '-m', 'akidb_ros.server', *bad],
-                           cwd=ROOT, capture_output=True, timeout=60)
-        assert r.returncode == 2 and says in r.stderr and b'Traceback' not in r.stderr, bad
+    """A usage error, flag or variable, is exit 2 and one line, before anything loads (each
+    option's range: test_server_args.py). ``--timeout nan`` served every call 400 "timeout_s
+    must be positive" and SIGTERM ended in a traceback."""
+    for bad, env, says in (
+            (['--mode', 'nope'], {}, b'invalid choice'),
+            (['--timeout', 'nan'], {}, b"argument --timeout: 'nan' is not a number > 0"),
+            ([], {'AKIDB_TIMEOUT_S': 'nan'}, b"error: AKIDB_TIMEOUT_S='nan' is not a number")):
+        r = subprocess.run([sys.executable, '-m', 'akidb_ros.server', '--no-ros', '--rest-port',
+                            '0', '--grpc-port', '0', '--probe-port', 'off', *bad],
+                           cwd=ROOT, env=dict(os.environ, **env), capture_output=True, timeout=60)
+        assert r.returncode == 2 and says in r.stderr and b'Traceback' not in r.stderr, \
+            (bad, env, r.stderr[-2000:])
 
 
 def test_bad_environment_fails_in_one_line(monkeypatch):
@@ -301,7 +302,7 @@ def test_a_bad_config_fails_the_start_in_one_clean_line(tmp_path):
     bad = tmp_path / 'models.yaml'
     bad.write_text(yaml.safe_dump(raw))
     for env, args, says in (
-            ({'AKIDB_DEVICE': 'gpu'}, (), "engine.device: 'gpu' is not one of"),
+            ({'AKIDB_DEVICE': 'gpu'}, (), "AKIDB_DEVICE='gpu': engine.device must be one of"),
             ({'AKIDB_MODEL_NAME': 'nope'}, (), "AKIDB_MODEL_NAME='nope' names no model"),
             ({}, ('--config', str(bad)), 'engine.batching.runners: 2.0 is not an integer')):
         r, errors = _failed_start(tmp_path, env, *args)
@@ -361,3 +362,17 @@ def test_a_start_whose_load_times_out_exits_1_cleanly(tmp_path):
         assert r.returncode == 1 and 'terminate called' not in r.stderr, r.stderr[-2000:]
         assert [e['msg'] for e in errors] == [
             'startup failed: model all-minilm-l6-v2 did not load within 0.01 s']
+
+
+def test_a_ready_file_that_cannot_be_written_stops_the_start_in_one_clean_line(tmp_path):
+    """Its folder is checked when parsed; should the write still fail once serving (here its
+    temporary file's name is taken by a folder), the server says so in one line, closes its
+    doors and exits 1 (it was a traceback, after serving had begun)."""
+    ready = tmp_path / 'ready.json'
+    (tmp_path / 'ready.json.tmp').mkdir()
+    r, errors = _failed_start(tmp_path, {}, '--ready-file', str(ready))
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert [e['msg'] for e in errors] == [
+        f'startup failed: cannot write --ready-file {ready}: [Errno 21] Is a directory: '
+        f"'{ready}.tmp'"], r.stderr[-2000:]
+    assert 'Traceback' not in r.stderr and '"akidb-server stopped"' in r.stderr

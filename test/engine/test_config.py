@@ -264,3 +264,99 @@ def test_configuration_reference_is_current():
     from akidb_ros.engine.config_doc import render
     doc = (REPO_ROOT / 'docs' / 'configuration.md').read_text()
     assert doc == render(), 'regenerate: python -m akidb_ros.engine.config_doc > docs/...'
+
+
+def test_a_file_python_cannot_read_is_a_config_error(tmp_path):
+    """Bytes that are not UTF-8, an integer over Python's 4300 digits and a date that is none
+    raised UnicodeDecodeError or ValueError (a traceback at start-up): a ConfigError naming the
+    file, and the line of the value."""
+    text = write_config(tmp_path).read_text()
+    path = tmp_path / 'odd.yaml'
+    path.write_bytes(text.encode() + b'# caf\xe9\n')
+    with pytest.raises(ConfigError, match=f'cannot read config {path}: not UTF-8 text '
+                                          r'\(byte 0xe9 at offset \d+\)$'):
+        load_config(path, env={})
+    assert 'runners: 2' in text
+    for value, says in (('9' * 5000, 'Exceeds the limit (4300 digits) for integer string '
+                                     'conversion: value has 5000 digits'),
+                        ('2024-13-01', 'month must be in 1..12')):
+        path.write_text(text.replace('runners: 2', f'runners: {value}'))
+        with pytest.raises(ConfigError) as err:
+            load_config(path, env={})
+        message = str(err.value)
+        assert message.startswith(f'config {path} is not valid YAML: cannot read this value '
+                                  f'({says})') and 'line ' in message, message
+        assert len(message) < 400 and 'set_int_max_str_digits' not in message, message
+
+
+def test_an_integer_variable_with_too_many_digits_is_a_config_error(tmp_path):
+    env = _outside_model(tmp_path / 'custom')
+    for name, maximum in (('AKIDB_MODEL_DIMENSION', 65536), ('AKIDB_MODEL_MAX_TOKENS', 131072)):
+        for extra in ({}, {'AKIDB_MODEL_PATH': ''}):    # a model of its own, or the default
+            with pytest.raises(ConfigError) as err:
+                load_config(write_config(tmp_path), env={**env, name: '9' * 5000, **extra})
+            assert str(err.value) == (f'{name} must be an integer from 1 to {maximum} (got '
+                                      f"'99999999999999999999...' (5000 characters))"), name
+    # leading zeros are still a number in range
+    assert load_config(write_config(tmp_path), env={
+        'AKIDB_MODEL_MAX_TOKENS': '0' * 5000 + '128'}).model(MINILM).max_tokens == 128
+
+
+@pytest.mark.parametrize('env, message', [
+    ({'AKIDB_DEVICE': 'tpu'},
+     "AKIDB_DEVICE='tpu': engine.device must be one of auto, cpu, cuda, tensorrt"),
+    ({'AKIDB_DEFAULT_MODEL': 'garbage'},
+     "AKIDB_DEFAULT_MODEL='garbage': default_model must be one of the models "
+     '(all-minilm-l6-v2, all-mpnet-base-v2, '),
+    ({'AKIDB_MODEL_PATH': str(MODELS / 'all-MiniLM-L6-v2' / 'model.onnx'),
+      'AKIDB_MODEL_NAME': 'org/.hidden'},
+     "AKIDB_MODEL_NAME='org/.hidden': the model id it gives, '.hidden' (the part after the "
+     "last '/', lower-cased), must match "),
+    ({'AKIDB_MODEL_PATH': str(MODELS / 'all-MiniLM-L6-v2' / 'model.onnx'),
+      'AKIDB_MODEL_NAME': 'x' * 200},
+     "AKIDB_MODEL_NAME='xxxxxxxxxxxxxxxxxxxx...' (200 characters): the model id it gives, "
+     "'xxxxxxxxxxxxxxxxxxxx...' (200 characters)"),
+])
+def test_a_variable_that_cannot_apply_is_named_not_the_file(tmp_path, env, message):
+    """An AKIDB_* value the schema refuses was reported as the file's key ("invalid config
+    .../models.yaml: engine.device: 'tpu' is not one of ..."): the operator looked for it in a
+    file that does not have it."""
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(tmp_path), env=env)
+    assert str(err.value).startswith(message) and 'invalid config' not in str(err.value), \
+        str(err.value)
+
+
+def test_a_model_id_made_from_the_file_path_names_the_variable(tmp_path):
+    env = _outside_model(tmp_path / '.hidden')
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(tmp_path), env=env)
+    assert str(err.value).startswith(
+        f"AKIDB_MODEL_PATH='{tmp_path}/.hidden/model.onnx': the model id its path gives, "
+        "'.hidden' (set AKIDB_MODEL_NAME), must match "), str(err.value)
+    cfg = load_config(write_config(tmp_path), env=dict(env, AKIDB_MODEL_NAME='hidden'))
+    assert cfg.default_model == 'hidden'
+
+
+def test_blank_variables_count_as_unset_and_values_are_stripped(tmp_path):
+    """Whitespace-only (as a template may render an empty value) is unset, for every AKIDB_*
+    variable alike: AKIDB_MODELS_DIR and AKIDB_TENSORRT_CACHE set to spaces failed with
+    "models_dir: None is not of type 'string'"; AKIDB_DEVICE=' cpu ' was not stripped."""
+    plain = load_config(write_config(tmp_path), env={})
+    blank = load_config(write_config(tmp_path), env={
+        name: '   ' for name in ('AKIDB_MODELS_DIR', 'AKIDB_TENSORRT_CACHE', 'AKIDB_DEVICE',
+                                 'AKIDB_DEFAULT_MODEL', 'AKIDB_MODEL_NAME', 'AKIDB_MODEL_PATH',
+                                 'AKIDB_TOKENIZER_PATH', 'AKIDB_MODEL_DIMENSION',
+                                 'AKIDB_MODEL_MAX_TOKENS')})
+    assert blank == plain
+    cfg = load_config(write_config(tmp_path), env={
+        'AKIDB_DEVICE': ' cpu ', 'AKIDB_DEFAULT_MODEL': f' {MPNET}\n',
+        'AKIDB_TENSORRT_CACHE': f' {tmp_path / "trt"} '})
+    assert (cfg.engine.device, cfg.default_model, cfg.engine.tensorrt_cache) == (
+        'cpu', MPNET, tmp_path / 'trt')
+
+
+def test_a_config_file_named_by_akidb_config_says_so(tmp_path):
+    with pytest.raises(ConfigError, match=f'cannot read config {tmp_path}/nope.yaml '
+                                          r'\(AKIDB_CONFIG\): No such file'):
+        load_config(env={'AKIDB_CONFIG': str(tmp_path / 'nope.yaml')})
