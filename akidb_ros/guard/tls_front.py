@@ -217,6 +217,10 @@ class TLSFront:
         tls_sock.setblocking(False)
         up.setblocking(False)
         to_up, to_client = bytearray(), bytearray()
+        # poll, not select: a process relaying hundreds of connections holds descriptors
+        # above 1024, which select() cannot watch
+        poller = select.poll()
+        ends = {tls_sock.fileno(): tls_sock, up.fileno(): up}
         while True:
             rlist = []
             if len(to_up) < _MAX_BUFFER:
@@ -227,9 +231,16 @@ class TLSFront:
             if tls_sock in rlist and tls_sock.pending():
                 readable = [tls_sock]  # decrypted bytes already buffered in OpenSSL
             else:
-                readable, writable, _ = select.select(rlist, wlist, [], self.idle_timeout_s)
-                if not readable and not writable:
+                for sock in (tls_sock, up):
+                    poller.register(sock, (select.POLLIN if sock in rlist else 0)
+                                    | (select.POLLOUT if sock in wlist else 0))
+                events = poller.poll(self.idle_timeout_s * 1000)
+                if not events:
                     return  # idle timeout
+                # a hang-up or error reads as readable: its recv says how it ended
+                readable = [ends[fd] for fd, ev in events
+                            if ev & (select.POLLIN | select.POLLHUP | select.POLLERR
+                                     | select.POLLNVAL)]
             if tls_sock in readable:
                 try:
                     data = tls_sock.recv(_CHUNK)

@@ -109,6 +109,28 @@ def test_large_body_relayed_intact(stack, pki):
     conn.close()
 
 
+def test_connections_on_descriptors_above_1024_are_relayed(stack, pki):
+    """select() cannot watch a descriptor of 1024 or more: a busy process (512 connections
+    through the front take three descriptors each) must still relay them."""
+    import os
+    import resource
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1400:
+        pytest.skip(f'open-files limit {soft}: cannot hold 1100 descriptors')
+    front, _ = stack
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert held[-1] >= 1024
+        conn = https(front.port, pki, 'developer')
+        conn.request('POST', '/api/v1/embed', body=b'{}')
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())['len'] == 2
+        conn.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
 def test_tls12_and_certless_clients_refused(stack, pki):
     front, _ = stack
     with pytest.raises(ssl.SSLError):
