@@ -198,3 +198,75 @@ def test_stop_takes_the_connections_waiting_in_the_backlog(stack, pki):
     # only: to it this request bypassed the front (401), which proves it went through the app
     assert result.get('status') == 401, result
     assert result['body'] == {'code': 'UNAUTHENTICATED', 'error': 'TLS required'}
+
+
+class _FailingAccepts:
+    """The front's listening socket, whose accept() fails with EMFILE until ``until``."""
+
+    def __init__(self, sock, until):
+        self._sock, self.until, self.failed = sock, until, 0
+
+    def accept(self):
+        if time.monotonic() < self.until:
+            self.failed += 1
+            raise OSError(24, 'Too many open files')
+        return self._sock.accept()
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def _front(pki, upstream_port):
+    tls = ReloadingTLSContext(
+        TLSSettings(pki['server'][0], pki['server'][1], pki['ca'].path, True, reload_interval_s=0)
+    )
+    return TLSFront(tls, listen=('127.0.0.1', 0), upstream=('127.0.0.1', upstream_port),
+                    handshake_timeout_s=2)
+
+
+def _served(front, pki) -> bool:
+    """A request went through ``front`` to the stack's app (which answers 401: it looks
+    identities up on its own front only)."""
+    conn = https(front.port, pki, 'developer')
+    try:
+        conn.request('POST', '/api/v1/embed', body=b'{}')
+        r = conn.getresponse()
+        return r.status == 401 and json.loads(r.read())['code'] == 'UNAUTHENTICATED'
+    finally:
+        conn.close()
+
+
+def test_accept_failing_for_want_of_descriptors_pauses_then_serves(stack, pki, caplog):
+    """accept() failing with EMFILE (a connection waiting in the backlog) made the loop spin a
+    core until a descriptor came free: it pauses between tries, warns once, then serves."""
+    _, upstream = stack
+    front = _front(pki, upstream)
+    failing = front._sock = _FailingAccepts(front._sock, time.monotonic() + 1.0)
+    front.start()
+    try:
+        with caplog.at_level('WARNING', logger='akidb_ros.guard.tls_front'):
+            assert _served(front, pki)
+        assert 1 <= failing.failed <= 15, failing.failed    # ~0.1 s apart, not thousands
+        assert sum('EMFILE' in r.getMessage() for r in caplog.records) == 1
+    finally:
+        front.stop()
+
+
+def test_a_connection_whose_thread_cannot_start_is_closed_and_accepting_goes_on(
+        stack, pki, monkeypatch):
+    _, upstream = stack
+    front = _front(pki, upstream).start()
+    start, failed = threading.Thread.start, []
+
+    def start_or_fail(thread):
+        if thread.name == 'akidb-tls-conn' and not failed:
+            failed.append(thread)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+    monkeypatch.setattr(threading.Thread, 'start', start_or_fail)
+    try:
+        with socket.create_connection(('127.0.0.1', front.port), timeout=3) as s:
+            assert s.recv(10) == b''            # closed, not left without a thread
+        assert _served(front, pki) and failed
+    finally:
+        front.stop()
