@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import sys
+import uuid
 from typing import List, Optional
 
 import rclpy
@@ -138,13 +139,20 @@ class EmbeddingClient:
             return srv_name
 
     def embed(self, inputs: List[str], model: str = '', normalize: bool = True,
-              truncate: bool = True, timeout_s: float = 10.0, input_type: str = ''):
+              truncate: bool = True, timeout_s: float = 10.0, input_type: str = '',
+              request_id: str = ''):
+        """Call ``embed`` once.
+
+        ``request_id`` (default: a fresh one) is in the node's log line of a failed call, and
+        lets the node run the copies of a re-sent first call once.
+        """
         for i, text in enumerate([model, *inputs]):
             if '\x00' in text:     # rosidl would send the text cut at the NUL, with no error
                 where = 'model' if i == 0 else f'inputs[{i - 1}]'
                 raise ValueError(f'{where} contains U+0000 (NUL): a ROS string ends there')
         req = Embed.Request(model=model, inputs=list(inputs), normalize=normalize,
-                            truncate=truncate, input_type=input_type)
+                            truncate=truncate, input_type=input_type,
+                            request_id=request_id or f'cli-{uuid.uuid4().hex[:16]}')
         return self.call('embed', req, timeout_s)
 
     def close(self) -> None:

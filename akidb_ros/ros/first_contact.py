@@ -13,8 +13,9 @@ matched the client's reader, is the service's to repair (``akidb_ros.ros.replies
 with no answer after ``resend_s`` is sent again (the same request with a new sequence number,
 the gap doubling up to ``MAX_GAP_S``) until an answer arrives or the caller withdraws it; the
 first answer wins and rclpy forgets the other copies. The node's services are safe to call
-twice (an embedding is computed again, a model load is deduplicated by the engine), so a
-first call that was only slow costs at most a repeated computation. After one answer the
+twice: a model load is deduplicated by the engine, and the node joins an ``embed`` copy to
+the identical call still in flight when the call carries a ``request_id`` (without one, each
+copy is computed). After one answer the
 service has matched this client: calls go out once, as plain rclpy calls, with nothing added.
 :meth:`FirstContact.reset` re-arms it where the service may be a new one (it left the graph;
 the sidecar's ``RosBackend`` does so).

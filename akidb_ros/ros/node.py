@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 if __name__ == '__main__' or os.path.basename(sys.argv[0]) == 'embedding_node':
     # Started as the node's executable. The imports below take about half a second; a SIGINT
@@ -200,6 +200,9 @@ class EmbeddingNode(LifecycleNode):
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix='akidb-ros-admin')
         self._prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix='akidb-ros-prep')
         self._large_waiting = 0
+        # embed calls in flight by request id and content: copies join them (_submit_once)
+        self._in_flight: Dict[tuple, Future] = {}
+        self.joined_copies = 0
         self._closers = []              # (engine, thread) closing engines the node let go of
         self._closers_lock = threading.Lock()
         self.responder = Responder(self._log,
@@ -495,6 +498,45 @@ class EmbeddingNode(LifecycleNode):
                                retry_after_s=1.0)
         return None
 
+    def _submit_once(self, engine: EmbeddingEngine, req, request, span=None) -> Future:
+        """Submit ``req``, unless the same call is already in flight: then its future.
+
+        A client re-sends its first calls until the node has answered it once (DDS may lose a
+        request sent before the node's reader matched it: ``first_contact``), so a slow first
+        call arrives several times. Copies carry the caller's ``request_id``: a call with the
+        same non-empty request id and the same content, still in flight, is answered from the
+        one computation (before, a 10 s first call ran 7 times). Calls without a request id
+        are never joined.
+        """
+        if not request.request_id:
+            return self._submit_any(engine, req, span)
+        key = (request.request_id, request.model, tuple(request.inputs), request.normalize,
+               request.truncate, request.input_type, request.timeout_s)
+        with self._stats_lock:
+            shared = self._in_flight.get(key)
+            if shared is not None:
+                self.joined_copies += 1
+                return shared
+            shared = self._in_flight[key] = Future()
+
+        def forget(_f, key=key, shared=shared) -> None:
+            with self._stats_lock:
+                if self._in_flight.get(key) is shared:
+                    del self._in_flight[key]
+        shared.add_done_callback(forget)
+        try:
+            inner = self._submit_any(engine, req, span)
+        except BaseException as exc:    # refused at once: so is every copy waiting on it
+            shared.set_exception(exc)
+            raise
+        inner.add_done_callback(lambda f: _chain(f, shared))
+        return shared
+
+    def _submit_any(self, engine: EmbeddingEngine, req, span=None) -> Future:
+        if sum(map(len, req.inputs)) > LARGE_CALL_CHARS:
+            return self._submit_large(engine, req, span)
+        return self._submit(engine, req, span)
+
     def _submit(self, engine: EmbeddingEngine, req, span=None) -> Future:
         """engine.submit without blocking the executor on a (lazy) model load."""
         try:
@@ -558,10 +600,7 @@ class EmbeddingNode(LifecycleNode):
             if refusal:
                 raise refusal
             req = conv.embed_request_from_msg(request, transport)
-            if sum(map(len, req.inputs)) > LARGE_CALL_CHARS:
-                fut = self._submit_large(engine, req, span)
-            else:
-                fut = self._submit(engine, req, span)
+            fut = self._submit_once(engine, req, request, span)
         except Exception as exc:
             return self._embed_failed(response, exc, t0, span, rid, model, transport)
 

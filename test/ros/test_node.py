@@ -284,6 +284,37 @@ def test_concurrent_clients_match_single_calls_and_batch(client, metrics_port):
     assert ros_ok >= 64
 
 
+def _computed_sentences(metrics_port, run) -> float:
+    """Sentences the node's engine ran (its batch-size sum) while ``run()`` ran."""
+    lbl = f'model="{DEFAULT}"'
+    before = metric_value(scrape(metrics_port), 'akidb_batch_size_sum', lbl)
+    run()
+    time.sleep(0.3)         # a copy that joined nothing may still be running
+    return metric_value(scrape(metrics_port), 'akidb_batch_size_sum', lbl) - before
+
+
+def test_copies_of_a_call_in_flight_run_once(client, metrics_port):
+    """A client re-sends a slow first call (first_contact); copies carry its request id. Four
+    identical calls with one request id, in flight together, are computed once and all answered
+    with the same vectors; without a request id each is computed."""
+    texts = [f'copy {i}: ' + 'the robot crosses the loading dock again ' * 24 for i in range(12)]
+    got = {}
+    with ConcurrentCaller(4, namespace=NS) as lg:
+        assert lg.wait_ready(30)
+        for rid in ('copies-1', ''):
+            def run(rid=rid):
+                got[rid] = lg.run(lambda i, seq: Embed.Request(inputs=texts, request_id=rid),
+                                  calls_per_client=1, timeout_s=60)
+            got[rid + 'computed'] = _computed_sentences(metrics_port, run)
+    for rid in ('copies-1', ''):
+        assert len(got[rid]) == 4 and all(r.response is not None and r.response.success
+                                          for r in got[rid]), [r.response for r in got[rid]]
+    vectors = [embeddings_from_response(r.response) for r in got['copies-1']]
+    assert all(np.array_equal(v, vectors[0]) for v in vectors)
+    assert got['copies-1computed'] == len(texts)
+    assert got['computed'] >= 4 * len(texts)
+
+
 def test_a_reply_the_client_cannot_receive_is_resent_then_reported(client, node, metrics_port):
     """rmw_fastrtps drops a reply whose client reader is not matched: the node re-sends it, then
     logs and counts it; other callers are served meanwhile.
