@@ -151,6 +151,18 @@ class LocalBackend:
         self.engine = engine
         self._own = own_engine
         self._latency = m.BACKEND_LATENCY.labels(self.name)
+        # read at each scrape, so the series exists from the start and follows the engine
+        # (set only by health() before: probes that ask /health/ready never made it appear)
+        m.BACKEND_UP.labels(self.name).set_function(self._up)
+
+    def _up(self) -> float:
+        """1 while the engine serves: not closed, its default model not failed (as health()
+        says: only 'unhealthy' is down); without health()'s side effect of loading it."""
+        eng = self.engine
+        if eng.closed:
+            return 0.0
+        info, _ = eng.manager.describe(eng.config.model(eng.default_model))
+        return 0.0 if info.status is ModelStatus.FAILED else 1.0
 
     def submit(self, req: EmbedRequest, caller_waits: bool = False) -> Future:
         t0 = time.perf_counter()
@@ -182,7 +194,6 @@ class LocalBackend:
     def health(self) -> HealthInfo:
         h = self.engine.health()
         h.checks = normalise_checks(h.checks, h.provider, h.provider_note)
-        m.BACKEND_UP.labels(self.name).set(1 if h.status != 'unhealthy' else 0)
         return h
 
     def default_model(self) -> str:

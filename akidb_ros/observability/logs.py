@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Optional
@@ -40,7 +41,32 @@ class JsonFormatter(logging.Formatter):
                 pass
         if record.exc_info:
             out['exc'] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        # json.dumps escapes controls below U+0020 only: the line breaks other readers split on
+        # (U+0085, U+2028, U+2029) and C1 controls (U+009B starts a terminal escape) in a
+        # caller's text are escaped too, so one record stays one line
+        return _LINE_BREAKERS.sub(_escape, json.dumps(out, default=str, ensure_ascii=False))
+
+
+_LINE_BREAKERS = re.compile('[\x7f-\x9f\u2028\u2029]')
+
+
+def _escape(match: 're.Match') -> str:
+    return f'\\u{ord(match.group()):04x}'
+
+
+class TextFormatter(logging.Formatter):
+    """``AKIDB_LOG_FORMAT=text``: the message, then the record's fields as ``key=value`` (an
+    access line is the message 'request' and its fields)."""
+
+    def __init__(self):
+        super().__init__('%(asctime)s %(levelname)s %(name)s: %(message)s')
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = ' '.join(f'{k}={json.dumps(v, default=str)}' for k, v in vars(record).items()
+                          if k not in _STD_ATTRS and not k.startswith('_'))
+        line = f'{line} {fields}' if fields else line
+        return _LINE_BREAKERS.sub(_escape, line.replace('\r', '\\r').replace('\n', '\\n'))
 
 
 def log_format(fmt: Optional[str] = None) -> str:
@@ -58,8 +84,7 @@ def configure_logging(level: Optional[str] = None, fmt: Optional[str] = None, st
             root.removeHandler(h)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler._akidb = True
-    handler.setFormatter(JsonFormatter() if fmt == 'json' else logging.Formatter(
-        '%(asctime)s %(levelname)s %(name)s: %(message)s'))
+    handler.setFormatter(JsonFormatter() if fmt == 'json' else TextFormatter())
     root.addHandler(handler)
     root.setLevel(level)
 

@@ -7,7 +7,10 @@ a process without an engine (the sidecar bridge) drops the engine's (``ENGINE_FA
 """
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# 0.03 is the PRD's p95 SLO (AkidbLatencyP95High): histogram_quantile interpolates inside a
+# bucket, so without that edge a true p95 of 27 ms read 48.8 ms and one of 45 ms read 29.2 ms
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.025, 0.03, 0.04, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0)
 
 # --- requests (doors) ---
 EMBED_REQUESTS = Counter(

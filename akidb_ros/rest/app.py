@@ -23,12 +23,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 
 from akidb_ros.backends import Backend, wait_result
-from akidb_ros.doors import (REQUEST_ID_HEADER, DoorCall, GuardHook, ModelLabels,
+from akidb_ros.doors import (LOG_LEVELS, REQUEST_ID_HEADER, DoorCall, GuardHook, ModelLabels,
                              caller_deadline, record, record_refusal, request_id_from,
                              run_guard)
 from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.types import EmbedRequest, InputType, ModelInfo, ModelStatus
 from akidb_ros.observability import metrics as m
+from akidb_ros.observability.logs import log_request
 from akidb_ros.observability.tracing import extract_from_headers, tracer
 from akidb_ros.rest import schemas
 from akidb_ros.rest.openapi import build_openapi
@@ -321,6 +322,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
                               'malformed JSON: nested too deeply') from None
         err = _VALIDATORS[kind].first_error(body)
         if err is not None:
+            g.refused_body = body       # its model names the call's metric label still
             raise _invalid(_schema_error(err), _schema_param(err))
         return body
 
@@ -410,6 +412,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
                 input_type = InputType(body.get('input_type', 'none'))
             call.n_bytes = text_bytes(texts)
             call.n_inputs = len(texts)
+            model_label = labels.label(model)   # 'unknown' for a name refused just below
             check_model(model)
             model = labels.resolve(model)
             # the breaker is keyed by the model that will really serve the call
@@ -431,6 +434,9 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         except EngineError as e:
             if openai and body is not None:
                 e = _openai_input_error(e, single=isinstance(body.get('input'), str))
+            named = getattr(g, 'refused_body', None)
+            if isinstance(named, dict) and isinstance(named.get('model'), str) and named['model']:
+                model_label = labels.label(named['model'])  # named, refused: not the default's
             span.set_attribute('akidb.error_code', e.code.name)
             span.set_status(trace.StatusCode.ERROR, e.code.name)
             record(call, model_label, e)
@@ -591,9 +597,12 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         return {'models': [_model_json(mi) for mi in infos], 'default_model': default}
 
     def admin(op: str):
-        # guard BEFORE the body is read: an anonymous caller gets 401, not 400
+        # guard BEFORE the body is read: an anonymous caller gets 401, not 400 (the guard logs
+        # its own refusals)
         call, done = guard_call(op) if guard is not None else (None, None)
+        t0 = time.perf_counter()
         err: Optional[EngineError] = None
+        model = ''
         try:
             body = parse_body('admin')
             check_model(body['model'])
@@ -609,10 +618,13 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         finally:
             if callable(done):
                 done(err)       # audits the admin action with its real outcome
+            # one access line per admin call, a failed one too (the operator's trail)
+            log_request(TRANSPORT, g.request_id, model[:256], (time.perf_counter() - t0) * 1000,
+                        'success' if err is None else 'error', op=op,
+                        code='' if err is None else err.code.name,
+                        level=logging.INFO if err is None else LOG_LEVELS.get(
+                            err.code.log_level, logging.WARNING))
         labels.refresh(force=True)
-        logging.getLogger('akidb_ros.access').info(
-            'admin', extra={'transport': TRANSPORT, 'request_id': g.request_id, 'op': op,
-                            'model': model, 'outcome': 'success'})
         return {'model': _model_json(mi)}
 
     @app.post('/admin/models/load')

@@ -81,11 +81,43 @@ def test_configure_logging_json_and_text():
         assert rec['msg'] == 'hello' and rec['k'] == 1 and rec['logger'] == 'akidb_ros.test'
         out = io.StringIO()
         configure_logging(level='INFO', fmt='text', stream=out)
-        logging.getLogger('akidb_ros.test').info('plain')
-        assert 'plain' in out.getvalue() and not out.getvalue().lstrip().startswith('{')
+        logging.getLogger('akidb_ros.test').info('plain', extra={'request_id': 'rid\n2'})
+        text = out.getvalue()
+        assert 'plain' in text and not text.lstrip().startswith('{')
+        # an access line in text is its fields, one line whatever they hold
+        assert text.rstrip('\n').endswith('plain request_id="rid\\n2"') and \
+            text.count('\n') == 1, text
     finally:
         for h in list(root.handlers):
             if getattr(h, '_akidb', False):
                 root.removeHandler(h)
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def test_a_caller_cannot_split_a_log_record_with_unicode_line_breaks(rest_url):
+    """json.dumps escapes controls below U+0020 only; U+2028, U+2029, U+0085 (line breaks to
+    many readers, Python's splitlines among them) and C1 controls (U+009B starts a terminal
+    escape) in a caller's model name reached the line raw."""
+    name = 'a\u2028b\u2029c\u0085d\u009b31m'
+    with _access_lines() as lines:
+        r = requests.post(rest_url + '/api/v1/embed', json={'inputs': ['x'], 'model': name},
+                          headers={'X-Request-ID': 'log-linesep'}, timeout=10)
+        assert r.status_code == 400
+    (rec,) = [x for x in lines if x.get('request_id') == 'log-linesep']
+    assert name in rec['error']          # decoded back exactly
+    raw = JsonFormatter().format(logging.makeLogRecord({'msg': name}))
+    assert not any(c in raw for c in '\u2028\u2029\u0085\u009b') and len(raw.splitlines()) == 1
+
+
+def test_every_admin_call_gets_its_access_line(rest_url):
+    """A failed load/unload was missing from the access log (only successes had a line, with
+    no latency nor code)."""
+    with _access_lines() as lines:
+        for rid, model in (('adm-ok', 'all-minilm-l6-v2'), ('adm-bad', 'no-such-model')):
+            requests.post(rest_url + '/admin/models/load', json={'model': model},
+                          headers={'X-Request-ID': rid}, timeout=60)
+    got = {x['request_id']: x for x in lines if x.get('request_id', '').startswith('adm-')}
+    assert got['adm-ok']['outcome'] == 'success' and got['adm-ok']['op'] == 'load_model'
+    assert got['adm-bad']['outcome'] == 'error' and got['adm-bad']['code'] == 'MODEL_NOT_FOUND'
+    assert all(x['latency_ms'] >= 0 and x['transport'] == 'rest' for x in got.values())

@@ -134,6 +134,11 @@ def test_failed_calls_are_labelled_with_the_model_that_would_serve_them(rest_url
     r = requests.post(rest_url + '/api/v1/embed', json={'inputs': ['x'], 'model': 'no-such'},
                       timeout=10)
     assert r.json()['code'] == 'MODEL_NOT_FOUND'
+    # a name refused before it is looked up (over 256 characters) is 'unknown' too, not the
+    # default model's error series
+    r = requests.post(rest_url + '/api/v1/embed', json={'inputs': ['x'], 'model': 'm' * 300},
+                      timeout=10)
+    assert r.json()['code'] == 'INVALID_INPUT'
     with grpc.insecure_channel(grpc_target) as ch:
         stub = pb_grpc.EmbeddingServiceStub(ch)
         for req in (pb.EmbedRequest(inputs=['']), pb.EmbedRequest(inputs=['x'], model='nope')):
@@ -148,6 +153,36 @@ def test_failed_calls_are_labelled_with_the_model_that_would_serve_them(rest_url
                      status='error') - total(before, 'akidb_embed_requests_total',
                                              transport=transport, model=model, status='error')
 
-    assert errors('rest', DEFAULT_MODEL) == 2 and errors('rest', 'unknown') == 1
+    assert errors('rest', DEFAULT_MODEL) == 2 and errors('rest', 'unknown') == 2
     assert errors('grpc', DEFAULT_MODEL) == 1 and errors('grpc', 'unknown') == 1
     assert errors('rest', 'default') == errors('grpc', 'default') == 0
+
+
+def test_backend_up_is_exported_from_the_start_and_follows_the_engine(engine, local_backend):
+    """akidb_backend_up (AkidbBackendDown) was set only by a /health call, which no probe makes
+    (they ask /health/ready): the series never existed. It is read at each scrape now."""
+    from prometheus_client import REGISTRY
+    from akidb_ros.backends import LocalBackend
+    from akidb_ros.engine import EmbeddingEngine, load_config
+
+    def up():
+        return REGISTRY.get_sample_value('akidb_backend_up', {'backend': 'inprocess'})
+    closed = EmbeddingEngine(load_config())
+    closed.close()
+    try:
+        LocalBackend(closed)
+        assert up() == 0
+    finally:
+        LocalBackend(engine)            # the session's engine is the one exported again
+    assert up() == 1
+
+
+def test_the_latency_slo_is_a_bucket_edge():
+    """histogram_quantile interpolates inside a bucket: with no edge at the p95 alert's
+    threshold, a true p95 of 27 ms read 48.8 ms and one of 45 ms read 29.2 ms."""
+    import re
+    from bridge_support import ROOT
+    from akidb_ros.observability.metrics import LATENCY_BUCKETS
+    rules = (ROOT / 'deploy' / 'prometheus' / 'akidb-alerts.rules.yml').read_text()
+    (threshold,) = re.findall(r'akidb:latency_seconds:p95_5m > ([0-9.]+)', rules)
+    assert float(threshold) in LATENCY_BUCKETS
