@@ -41,6 +41,8 @@ log = logging.getLogger('akidb_ros.tracing')
 TRACER_NAME = 'akidb_ros'
 _lock = threading.Lock()
 _provider = None  # the SDK TracerProvider this module installed, if any
+# at exit, the most the exporters are waited for (see shutdown_tracing)
+SHUTDOWN_WAIT_S = 3.0
 _exporting = False  # whether that provider has a span processor (an exporter) attached
 _tracer_for: Tuple[Any, Optional[trace.Tracer]] = (None, None)   # (provider, its tracer)
 
@@ -106,7 +108,9 @@ def setup_tracing(service_name: str = 'akidb-ros', exporters: Optional[Iterable[
         if 'service.version' not in env_keys:   # ours would override the environment's
             attributes['service.version'] = __version__
         resource = Resource.create(attributes)
-        provider = TracerProvider(resource=resource)   # sampler from OTEL_TRACES_SAMPLER
+        # sampler from OTEL_TRACES_SAMPLER; shut down by shutdown_tracing, within its bound
+        # (the SDK's own atexit shutdown waited for an unreachable collector's retries)
+        provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         chosen = list(exporters) if exporters is not None else _exporters_from_env()
         _add_exporters(provider, chosen, simple)
         trace.set_tracer_provider(provider)
@@ -124,15 +128,33 @@ def _add_exporters(provider, exporters: Iterable[Any], simple: bool) -> None:
         _exporting = True
 
 
-def shutdown_tracing() -> None:
-    """Flush and stop exporters (call at process exit)."""
+def shutdown_tracing(timeout_s: float = SHUTDOWN_WAIT_S) -> bool:
+    """Flush and stop exporters (call at process exit), waiting at most ``timeout_s``.
+
+    An unreachable collector made the OTLP exporters retry for 8-14 s here, so a stop that
+    answered every call in time could still be SIGKILLed by its supervisor (systemd and
+    compose allow the bridge 20 s, 10 of them for its grace): spans not exported by then are
+    dropped with a warning. Returns whether the exporters finished.
+    """
     with _lock:
-        if _provider is not None:
-            try:
-                _provider.force_flush(5000)
-                _provider.shutdown()
-            except Exception:  # pragma: no cover - best effort at exit
-                log.exception('tracing shutdown failed')
+        provider = _provider
+    if provider is None:
+        return True
+
+    def flush_and_stop() -> None:
+        try:
+            provider.force_flush(int(timeout_s * 1000))
+            provider.shutdown()
+        except Exception:  # pragma: no cover - best effort at exit
+            log.exception('tracing shutdown failed')
+    worker = threading.Thread(target=flush_and_stop, name='akidb-tracing-stop', daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        log.warning('tracing: spans not exported within %.0f s (is the collector reachable?): '
+                    'dropped at exit', timeout_s)
+        return False
+    return True
 
 
 def force_flush(timeout_ms: int = 5000) -> bool:

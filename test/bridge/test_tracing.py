@@ -213,3 +213,35 @@ def test_otlp_end_to_end_with_rotel(tmp_path):
         except subprocess.TimeoutExpired:
             collector.kill()
             collector.wait(5)
+
+
+_UNREACHABLE_COLLECTOR = r'''
+import sys, time
+from akidb_ros.observability.tracing import setup_tracing, shutdown_tracing, tracer
+setup_tracing('akidb-test')
+with tracer().start_as_current_span('never exported'):
+    pass
+t0 = time.monotonic()
+done = shutdown_tracing(timeout_s=1.0)
+print(done, round(time.monotonic() - t0, 2), flush=True)
+sys.stdout.write('exiting\n')
+'''
+
+
+def test_an_unreachable_collector_does_not_hold_the_exit():
+    """The OTLP exporter retries an unreachable collector for seconds, in shutdown_tracing and
+    again in the SDK's own atexit shutdown: a stop that answered every call in time could be
+    SIGKILLed by its supervisor. The wait is bounded, spans dropped with a warning."""
+    env = dict(os.environ, OTEL_TRACES_EXPORTER='otlp',
+               OTEL_EXPORTER_OTLP_ENDPOINT=f'http://127.0.0.1:{free_port()}',
+               OTEL_EXPORTER_OTLP_PROTOCOL='grpc', OTEL_BSP_SCHEDULE_DELAY='100')
+    env.pop('OTEL_SDK_DISABLED', None)
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, '-c', _UNREACHABLE_COLLECTOR], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - t0
+    done, waited = out.stdout.split()[:2]
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert done == 'False' and float(waited) < 1.5, out.stdout
+    assert 'spans not exported within 1 s' in out.stderr
+    assert took < 5.0, f'the process took {took:.1f} s to exit'
