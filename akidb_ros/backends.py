@@ -578,6 +578,7 @@ class RosBackend:
         return [_model_from_msg(mi) for mi in self._list().models]
 
     def _admin(self, service: str, srv: str, model_id: str) -> ModelInfo:
+        check_ros_strings((), model_id)     # a NUL would reach the node as a cut name
         r = self._srv[srv].Request()
         r.model = model_id
         # a cold load can take long: use the engine's model-load budget, not the embed timeout

@@ -81,6 +81,17 @@ def check_ros_strings(inputs, model: str) -> None:
         raise _nul_error('model', model)
 
 
+def check_model_name(model) -> None:
+    """A model id or name as every door takes it (taken as sent: no trimming), or
+    INVALID_INPUT: embed and the admin load/unload alike."""
+    if not isinstance(model, str) or len(model) > MAX_MODEL_NAME_CHARS:
+        raise EngineError(ErrorCode.INVALID_INPUT,
+                          f'model must be a model id or name of at most {MAX_MODEL_NAME_CHARS} '
+                          'characters')
+    if '\x00' in model:
+        raise _nul_error('model', model)
+
+
 def check_limits(request: EmbedRequest, limits: LimitsConfig) -> None:
     """Reject bad input before it costs anything; every rejection names the offending input.
 
@@ -117,12 +128,7 @@ def check_limits(request: EmbedRequest, limits: LimitsConfig) -> None:
         if not has_text(text):
             raise EngineError(ErrorCode.INVALID_INPUT,
                               f'inputs[{i}] is empty (only whitespace or invisible characters)')
-    if not isinstance(request.model, str) or len(request.model) > MAX_MODEL_NAME_CHARS:
-        raise EngineError(ErrorCode.INVALID_INPUT,
-                          f'model must be a model id or name of at most {MAX_MODEL_NAME_CHARS} '
-                          'characters')
-    if '\x00' in request.model:
-        raise _nul_error('model', request.model)
+    check_model_name(request.model)
     if not isinstance(request.input_type, InputType):
         raise EngineError(ErrorCode.INVALID_INPUT, 'input_type must be none, query or passage')
     if request.timeout_s is not None and not request.timeout_s > 0:
@@ -275,11 +281,13 @@ class EmbeddingEngine:
         return self.manager.list()
 
     def load_model(self, model: str) -> ModelInfo:
+        check_model_name(model)
         if self._closed:
             raise EngineError(ErrorCode.UNAVAILABLE, 'engine is shutting down')
         return self.manager.load(model)
 
     def unload_model(self, model: str) -> ModelInfo:
+        check_model_name(model)
         return self.manager.unload(model)
 
     def keep_default_loaded(self) -> bool:

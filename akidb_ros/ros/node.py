@@ -697,13 +697,13 @@ class EmbeddingNode(LifecycleNode):
 
     def _admin(self, op: str, request, response):
         t0 = time.perf_counter()
-        model = request.model.strip()
+        model = request.model      # taken as sent, as embed takes it (' x' is not 'x')
         try:
             engine = self.engine
             refusal = self._refusal(engine)
             if refusal:
                 raise refusal
-            if not model:
+            if not model.strip():
                 raise EngineError(ErrorCode.INVALID_INPUT, 'model must not be empty')
             fn = engine.load_model if op == 'load' else engine.unload_model
             fut = self._pool.submit(fn, model)

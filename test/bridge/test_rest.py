@@ -165,6 +165,9 @@ def test_admin_load_embed_unload(rest_url):
     assert r.status_code == 400 and r.json()['code'] == 'MODEL_NOT_FOUND'
     r = post(rest_url, '/admin/models/load', {'model': 5})
     assert r.status_code == 400
+    # a NUL in the name: INVALID_INPUT, as embed says (it was MODEL_NOT_FOUND)
+    r = post(rest_url, '/admin/models/load', {'model': SECOND_MODEL + '\x00'})
+    assert (r.status_code, r.json()['code']) == (400, 'INVALID_INPUT')
 
 
 # --- OpenAI compatibility -------------------------------------------------------------------

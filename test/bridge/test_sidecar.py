@@ -253,6 +253,14 @@ def test_health_models_and_admin(sidecar, side_rest, side_grpc):
     assert side_rest.load_model(SECOND_MODEL)['status'] == 'loaded'
     assert side_grpc.embed(['hi'], model=SECOND_MODEL).embeddings.shape == (1, 768)
     assert side_rest.unload_model(SECOND_MODEL)['status'] == 'available'
+    # names are taken as sent, as in-process: the node trimmed them, and a NUL cut them
+    for op in ('load', 'unload'):
+        for name, code in ((f' {SECOND_MODEL}', 'MODEL_NOT_FOUND'),
+                           (f'{SECOND_MODEL}\n', 'MODEL_NOT_FOUND'),
+                           (f'{SECOND_MODEL}\x00junk', 'INVALID_INPUT')):
+            r = requests.post(f'{url}/admin/models/{op}', json={'model': name}, timeout=30)
+            assert (r.status_code, r.json()['code']) == (400, code), (op, name, r.text)
+    assert {m['id']: m for m in side_rest.list_models()}[SECOND_MODEL]['status'] == 'available'
 
 
 def test_trace_context_crosses_dds(sidecar, span_exporter):
