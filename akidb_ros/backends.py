@@ -536,7 +536,8 @@ class RosBackend:
                     raise e
                 if not resp.success:
                     raise error_from_code(resp.error_code or 'INTERNAL', resp.message or
-                                          'embedding node reported a failure')
+                                          'embedding node reported a failure',
+                                          getattr(resp, 'retry_after_s', None))
                 dim = int(resp.dimension)
                 vecs = [np.frombuffer(memoryview(e.values).cast('B'), dtype=np.float32)
                         if len(e.values) else np.zeros(0, np.float32) for e in resp.embeddings]
@@ -584,7 +585,8 @@ class RosBackend:
         # a cold load can take long: use the engine's model-load budget, not the embed timeout
         resp = self._call_sync(service, r, timeout_s=max(60.0, self.timeout_s))
         if not resp.success:
-            raise error_from_code(resp.error_code or 'INTERNAL', resp.message)
+            raise error_from_code(resp.error_code or 'INTERNAL', resp.message,
+                                  getattr(resp, 'retry_after_s', None))
         return _model_from_msg(resp.model_info)
 
     def load_model(self, model_id: str) -> ModelInfo:

@@ -92,10 +92,13 @@ class EngineError(Exception):
         return {'error': self.message, 'code': self.code.name}
 
 
-def error_from_code(name: str, message: str) -> EngineError:
-    """Rebuild an EngineError from a code name received over a wire (e.g. the ROS response)."""
+def error_from_code(name: str, message: str,
+                    retry_after_s: Optional[float] = None) -> EngineError:
+    """Rebuild an EngineError from a code name received over a wire (e.g. the ROS response);
+    ``retry_after_s`` ≤ 0 (the wire's "none") is no hint."""
     try:
         code = ErrorCode[name]
     except KeyError:
         code = ErrorCode.INTERNAL
-    return EngineError(code, message)
+    return EngineError(code, message, retry_after_s if retry_after_s and retry_after_s > 0
+                       else None)

@@ -97,6 +97,9 @@ def fill_error(resp, err: EngineError):
     resp.success = False
     resp.error_code = err.code.name
     resp.message = err.message
+    # the engine's hint (1 s for a timeout, 30 s while a TensorRT engine builds ...): a sidecar
+    # bridge passes it on as Retry-After / retry-after, as the in-process doors send it
+    resp.retry_after_s = float(err.retry_after_s or 0.0)
     if hasattr(resp, 'embeddings'):
         resp.embeddings = []
     return resp

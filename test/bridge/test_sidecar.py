@@ -129,6 +129,12 @@ def test_errors_cross_the_dds_hop(sidecar):
     assert r.status_code == 400 and r.json()['code'] == 'MODEL_NOT_FOUND'
     r = requests.post(url + '/api/v1/embed', json={'inputs': ['a'] * 300}, timeout=10)
     assert r.status_code == 413 and r.json()['code'] == 'INPUT_TOO_LARGE'
+    # the node's TIMEOUT carries the engine's retry hint across the hop (Retry-After: 1, as
+    # in-process; it was lost: no Retry-After on the sidecar's 504)
+    r = requests.post(url + '/api/v1/embed', json={'inputs': ['word ' * 200] * 64},
+                      headers={'X-Request-Timeout-Ms': '1'}, timeout=10)
+    assert (r.status_code, r.json()['code']) == (504, 'TIMEOUT'), r.text
+    assert r.headers.get('Retry-After') == '1', dict(r.headers)
 
 
 def _side_codes(sidecar, inputs, model=''):

@@ -166,6 +166,14 @@ def test_bad_input_answered_with_its_code(client, inputs, kw, code):
     assert not resp.success
     assert resp.error_code == code, resp.message
     assert resp.message and len(resp.embeddings) == 0
+    assert resp.retry_after_s == 0.0        # a caller's mistake: no retry hint
+
+
+def test_a_timeout_carries_the_engines_retry_hint(client):
+    """retry_after_s: what the in-process doors send as Retry-After, so a sidecar can too."""
+    resp = client.call('embed', Embed.Request(inputs=['word ' * 200] * 64, timeout_s=0.001,
+                                              normalize=True, truncate=True))
+    assert (resp.success, resp.error_code, resp.retry_after_s) == (False, 'TIMEOUT', 1.0)
 
 
 def test_a_ros_client_cannot_send_a_nul(client):

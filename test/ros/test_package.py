@@ -38,7 +38,8 @@ def test_embed_interface():
     assert resp == {
         'embeddings': 'sequence<akidb_ros/Embedding>', 'model': 'string', 'dimension': 'uint32',
         'total_tokens': 'uint32', 'truncated_inputs': 'uint32', 'duration_ms': 'double',
-        'success': 'boolean', 'error_code': 'string', 'message': 'string'}
+        'success': 'boolean', 'error_code': 'string', 'message': 'string',
+        'retry_after_s': 'double'}
     assert Embedding.get_fields_and_field_types() == {'values': 'sequence<float>'}
 
 
@@ -55,7 +56,7 @@ def test_model_info_and_admin_interfaces():
         assert srv.Request.get_fields_and_field_types() == {'model': 'string'}
         assert srv.Response.get_fields_and_field_types() == {
             'success': 'boolean', 'error_code': 'string', 'message': 'string',
-            'model_info': 'akidb_ros/ModelInfo'}
+            'model_info': 'akidb_ros/ModelInfo', 'retry_after_s': 'double'}
 
 
 def test_generated_and_source_halves_join_from_any_directory(tmp_path):
