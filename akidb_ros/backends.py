@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from concurrent.futures import CancelledError as FutureCancelled, Future, InvalidStateError, \
     TimeoutError as FutureTimeout
 from typing import Callable, Dict, List, Optional, Protocol, runtime_checkable
@@ -142,6 +143,15 @@ def normalise_checks(checks: Dict[str, str], provider: str, note: str = '') -> D
 # In-process
 # ---------------------------------------------------------------------------------------------
 
+# every LocalBackend of this process (one in a server; tests make several): backend_up is 1
+# while one of them serves
+_LOCAL_BACKENDS: 'weakref.WeakSet[LocalBackend]' = weakref.WeakSet()
+
+
+def _any_local_backend_up() -> float:
+    return max((b._up() for b in list(_LOCAL_BACKENDS)), default=0.0)
+
+
 class LocalBackend:
     """The engine in this process (in-process mode). Shared by the node, REST and gRPC."""
 
@@ -153,7 +163,8 @@ class LocalBackend:
         self._latency = m.BACKEND_LATENCY.labels(self.name)
         # read at each scrape, so the series exists from the start and follows the engine
         # (set only by health() before: probes that ask /health/ready never made it appear)
-        m.BACKEND_UP.labels(self.name).set_function(self._up)
+        _LOCAL_BACKENDS.add(self)
+        m.BACKEND_UP.labels(self.name).set_function(_any_local_backend_up)
 
     def _up(self) -> float:
         """1 while the engine serves: not closed, its default model not failed (as health()
