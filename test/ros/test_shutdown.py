@@ -251,20 +251,24 @@ def test_sigterm_under_long_calls_is_bounded_by_shutdown_timeout():
     node.wait_ready()
     text = 'the robot moves along the corridor and reports every door it passes ' * 20
     try:
-        with ConcurrentCaller(16, namespace=ns, node_name='akidb_bounded_load') as lg:
-            assert lg.wait_ready(30)
-            # set-up, not the subject (16 concurrent calls are tested in test_node): one round
-            # again if a warm call failed (seen once in a CI run, without its reason: now shown)
-            for _ in range(2):
-                warm = lg.run(lambda i, seq: Embed.Request(inputs=['warm %d' % i]),
-                              calls_per_client=1, timeout_s=30)
-                if all(r.response is not None and r.response.success for r in warm):
-                    break
-                print('warm-up failed once:', [
-                    r.response and (r.response.error_code, r.response.message) for r in warm])
-            assert all(r.response is not None and r.response.success for r in warm), (
-                [r.response and (r.response.error_code, r.response.message) for r in warm],
-                node.output[-3000:])
+        # set-up, not the subject (16 concurrent calls are tested in test_node): 16 warm calls,
+        # once more with a new participant if one went unanswered. Late in a full run (2 of 5
+        # this stop, never when run alone) every call of one loader's participant went
+        # unanswered for 60 s although it had discovered the node, and the node logged none:
+        # DDS data between those two participants, not the node
+        for attempt in range(2):
+            lg = ConcurrentCaller(16, namespace=ns, node_name=f'akidb_bounded_load{attempt}')
+            warm = lg.run(lambda i, seq: Embed.Request(inputs=['warm %d' % i]),
+                          calls_per_client=1, timeout_s=20) if lg.wait_ready(30) else []
+            if warm and all(r.response is not None and r.response.success for r in warm):
+                break
+            print('warm-up failed:', [
+                r.response and (r.response.error_code, r.response.message) for r in warm])
+            lg.close()
+        assert warm and all(r.response is not None and r.response.success for r in warm), (
+            [r.response and (r.response.error_code, r.response.message) for r in warm],
+            node.output[-3000:])
+        with lg:
             out = []
             # 16 calls x 16 inputs of 256 tokens: many seconds of inference on this CPU
             runner = threading.Thread(target=lambda: out.extend(lg.run(
