@@ -62,6 +62,31 @@ def drain_backlog(sock: socket.socket, take: Callable[[socket.socket, Any], None
             pass
 
 
+# an accept loop's pause after accept() failed for want of descriptors or memory (the
+# connection waits in the backlog; retrying at once would spin a core until one comes free)
+ACCEPT_PAUSE_S = 0.1
+
+
+class NowAndThen:
+    """Warnings of a loop that may fail many times a second (an accept loop out of
+    descriptors): at most one every ``every_s``, the next one saying how many were held."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 5.0):
+        self.logger, self.every_s = logger, every_s
+        self._warned_at = -float('inf')
+        self._held = 0
+
+    def warning(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._warned_at < self.every_s:
+            self._held += 1
+            return
+        if self._held:
+            message += f' ({self._held} more since the last warning)'
+        self._warned_at, self._held = now, 0
+        self.logger.warning(message, *args)
+
+
 _REQUEST_ID_RE = re.compile(r'^[A-Za-z0-9._:/+=-]{1,128}$')
 REQUEST_ID_HEADER = 'X-Request-ID'
 LOG_LEVELS = {'info': logging.INFO, 'warning': logging.WARNING, 'error': logging.ERROR}

@@ -28,19 +28,16 @@ import select
 import socket
 import ssl
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from akidb_ros.doors import drain_backlog
+from akidb_ros.doors import ACCEPT_PAUSE_S, NowAndThen, drain_backlog
 from akidb_ros.engine.errors import EngineError, ErrorCode
 
 from .identity import Credentials, credentials_from_wsgi
 from .mtls import ReloadingTLSContext
 
 log = logging.getLogger('akidb_ros.guard.tls_front')
-ACCEPT_PAUSE_S = 0.1    # after accept() failed for want of descriptors or memory
-WARN_EVERY_S = 5.0      # at most one warning this often for such failures
 
 _CHUNK = 65536
 _MAX_BUFFER = 1 << 20
@@ -83,7 +80,7 @@ class TLSFront:
         self._sock.bind(listen)
         self._sock.listen(backlog)
         self._sock.settimeout(0.5)
-        self._warned_at = -float('inf')
+        self._accept_warnings = NowAndThen(log)
         self.host, self.port = self._sock.getsockname()[:2]
         self._thread: Optional[threading.Thread] = None
         self.stats = {'accepted': 0, 'handshake_failures': 0, 'rejected_busy': 0}
@@ -159,17 +156,11 @@ class TLSFront:
                 # out of descriptors or memory (EMFILE, ENOBUFS ...): accept() fails at once
                 # while the connection waits in the backlog; without a pause this loop spun a
                 # core until a descriptor came free
-                self._warn_now_and_then('accept failed with %s: pausing and retrying',
-                                        errno.errorcode.get(exc.errno, exc))
+                self._accept_warnings.warning('accept failed with %s: pausing and retrying',
+                                              errno.errorcode.get(exc.errno, exc))
                 self._stop.wait(ACCEPT_PAUSE_S)
                 continue
             self._take(conn, addr)
-
-    def _warn_now_and_then(self, message: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._warned_at >= WARN_EVERY_S:
-            self._warned_at = now
-            log.warning(message, *args)
 
     def _take(self, conn: socket.socket, addr) -> None:
         if not self._slots.acquire(blocking=False):
@@ -187,8 +178,8 @@ class TLSFront:
             self._handshake_over()      # the accept loop ended
             self._slots.release()
             conn.close()
-            self._warn_now_and_then('could not start a TLS connection thread (%s): '
-                                    'connection closed', exc)
+            self._accept_warnings.warning(
+                'could not start a TLS connection thread (%s): connection closed', exc)
 
     def _handshake_over(self) -> None:
         with self._handshakes:

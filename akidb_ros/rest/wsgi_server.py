@@ -62,7 +62,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
-from akidb_ros.doors import drain_backlog
+from akidb_ros.doors import ACCEPT_PAUSE_S, NowAndThen, drain_backlog
 from akidb_ros.engine.errors import ErrorCode
 
 log = logging.getLogger('akidb_ros.rest')
@@ -78,8 +78,6 @@ LINGER_BYTES = 4 * 1024 * 1024      # dropped after a refusal, so the client rea
 CALLER_GONE = 'akidb.caller_gone'
 # accept() failing for want of descriptors, buffers or memory: the connection stays in the
 # backlog, so the loop pauses (until a connection closes, at most this) and tries again
-ACCEPT_PAUSE_S = 0.1
-WARN_EVERY_S = 5.0                  # at most one warning this often for such failures
 # errors of the connection being accepted that Linux passes on from accept(2): take the next
 _ACCEPT_PASSED_ON = frozenset(getattr(errno, name) for name in (
     'ECONNABORTED', 'EPROTO', 'ENETDOWN', 'ENOPROTOOPT', 'EHOSTDOWN', 'ENONET', 'EHOSTUNREACH',
@@ -410,8 +408,7 @@ class ThreadedWSGIServer:
         self._stopping = False
         self._serving = False
         self._listener_closed = threading.Event()
-        self._warned_at = -float('inf')     # of the accept loop's last warning
-        self._warnings_held = 0             # since then, not logged
+        self._accept_warnings = NowAndThen(log)
 
     # -- life cycle -------------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -448,8 +445,9 @@ class ThreadedWSGIServer:
                     else:
                         # EMFILE, ENFILE, ENOBUFS, ENOMEM: ending the loop would leave the port
                         # listening and never answering; the connection waits in the backlog
-                        self._warn_now_and_then('accept failed with %s (%s): pausing and '
-                                                'retrying', name, exc.strerror)
+                        self._accept_warnings.warning(
+                            'accept failed with %s (%s): pausing and retrying', name,
+                            exc.strerror)
                         self._pause()
                     continue
                 if not self._start_connection(conn, peer):
@@ -478,25 +476,13 @@ class ThreadedWSGIServer:
             conn.close()
             if isinstance(exc, OSError):
                 return True
-            self._warn_now_and_then('could not start a connection thread (%s): connection '
-                                    'closed', exc)
+            self._accept_warnings.warning(
+                'could not start a connection thread (%s): connection closed', exc)
             return False
 
     def _pause(self) -> None:
         with self._lock:        # a connection closing (a descriptor freed) or a stop ends it
             self._lock.wait(ACCEPT_PAUSE_S)
-
-    def _warn_now_and_then(self, message: str, *args) -> None:
-        """Log a warning of the accept loop, at most one every WARN_EVERY_S (a loop that fails
-        ten times a second must not flood the log)."""
-        now = time.monotonic()
-        if now - self._warned_at < WARN_EVERY_S:
-            self._warnings_held += 1
-            return
-        if self._warnings_held:
-            message += f' ({self._warnings_held} more since the last warning)'
-        self._warned_at, self._warnings_held = now, 0
-        log.warning(message, *args)
 
     def _close_longest_idle(self) -> bool:
         """Close the connection that has waited longest with nothing to do (between requests,
