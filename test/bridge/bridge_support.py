@@ -20,6 +20,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def fail_first_thread_start(monkeypatch, thread_name: str) -> list:
+    """Make the first ``threading.Thread.start`` of a thread named ``thread_name`` raise as a
+    process out of threads does ("can't start new thread"); the list gets that thread."""
+    start, failed = threading.Thread.start, []
+
+    def start_or_fail(thread):
+        if thread.name == thread_name and not failed:
+            failed.append(thread)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+    monkeypatch.setattr(threading.Thread, 'start', start_or_fail)
+    return failed
+
+
 def scrape(text: str):
     """/metrics text → {(sample name, frozenset(labels)): value}."""
     from prometheus_client.parser import text_string_to_metric_families

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from akidb_ros.rest.server import RestServer
-from bridge_support import read_to_close
+from bridge_support import fail_first_thread_start, read_to_close
 
 
 def _app(environ, start_response):
@@ -686,14 +686,7 @@ def test_accepting_goes_on_after_running_out_of_file_descriptors(tmp_path):
 
 def test_a_connection_whose_thread_cannot_start_is_closed_and_accepting_goes_on(monkeypatch):
     srv = _serve()
-    start, failed = threading.Thread.start, []
-
-    def start_or_fail(thread):
-        if thread.name == 'akidb-http' and not failed:
-            failed.append(thread)
-            raise RuntimeError("can't start new thread")
-        start(thread)
-    monkeypatch.setattr(threading.Thread, 'start', start_or_fail)
+    failed = fail_first_thread_start(monkeypatch, 'akidb-http')
     try:
         with socket.create_connection(('127.0.0.1', srv.port), timeout=3) as s:
             assert s.recv(10) == b''            # closed, not left without a thread
