@@ -92,6 +92,12 @@ REQUEST_ID_HEADER = 'X-Request-ID'
 LOG_LEVELS = {'info': logging.INFO, 'warning': logging.WARNING, 'error': logging.ERROR}
 
 
+def log_level_of(error: Optional[EngineError]) -> int:
+    """The access line's level: INFO for a success, else its code's level in the table."""
+    return logging.INFO if error is None else LOG_LEVELS.get(error.code.log_level,
+                                                             logging.WARNING)
+
+
 def request_id_from(value: Optional[str]) -> str:
     """Return the caller's request id when it is sane, else a fresh one (128 random bits from
     the process' PRNG, like OpenTelemetry's trace ids: an id names a request, it guards nothing,
@@ -222,7 +228,7 @@ def record_refusal(transport: str, request_id: str, error: EngineError, started:
     elapsed_ms = (time.perf_counter() - started) * 1000
     m.REQUEST_ERRORS.labels(transport, error.code.name).inc()
     log_request(transport, request_id, '', elapsed_ms, 'error', code=error.code.name,
-                level=LOG_LEVELS.get(error.code.log_level, logging.WARNING),
+                level=log_level_of(error),
                 error=error.message, **log_fields)
 
 
@@ -236,7 +242,7 @@ def record(call: DoorCall, model_label: str, error: Optional[EngineError],
     latency.observe(elapsed)
     if error is not None:
         m.REQUEST_ERRORS.labels(call.transport, error.code.name).inc()
-        level = LOG_LEVELS.get(error.code.log_level, logging.WARNING)
+        level = log_level_of(error)
         log_request(call.transport, call.request_id, model_label, elapsed * 1000, 'error',
                     code=error.code.name, level=level, error=error.message,
                     n_inputs=call.n_inputs, **log_fields)

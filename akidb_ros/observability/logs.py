@@ -19,6 +19,12 @@ _STD_ATTRS = set(vars(logging.LogRecord('', 0, '', 0, '', (), None))) | {'messag
 ACCESS_LOGGER = 'akidb_ros.access'
 
 
+def _fields(record: logging.LogRecord):
+    """The record's own fields: what ``extra=`` added (request id, model, latency ...)."""
+    return ((k, v) for k, v in vars(record).items()
+            if k not in _STD_ATTRS and not k.startswith('_'))
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -28,9 +34,7 @@ class JsonFormatter(logging.Formatter):
             'logger': record.name,
             'msg': record.getMessage(),
         }
-        for key, value in vars(record).items():
-            if key not in _STD_ATTRS and not key.startswith('_'):
-                out[key] = value
+        out.update(_fields(record))
         if 'trace_id' not in out:
             try:
                 from akidb_ros.observability.tracing import current_trace_ids
@@ -63,8 +67,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        fields = ' '.join(f'{k}={json.dumps(v, default=str)}' for k, v in vars(record).items()
-                          if k not in _STD_ATTRS and not k.startswith('_'))
+        fields = ' '.join(f'{k}={json.dumps(v, default=str)}' for k, v in _fields(record))
         line = f'{line} {fields}' if fields else line
         return _LINE_BREAKERS.sub(_escape, line.replace('\r', '\\r').replace('\n', '\\n'))
 

@@ -23,9 +23,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 
 from akidb_ros.backends import Backend, wait_result
-from akidb_ros.doors import (LOG_LEVELS, REQUEST_ID_HEADER, DoorCall, GuardHook, ModelLabels,
-                             caller_deadline, record, record_refusal, request_id_from,
-                             run_guard)
+from akidb_ros.doors import (REQUEST_ID_HEADER, DoorCall, GuardHook, ModelLabels,
+                             caller_deadline, log_level_of, record, record_refusal,
+                             request_id_from, run_guard)
 from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.types import EmbedRequest, InputType, ModelInfo, ModelStatus
 from akidb_ros.observability import metrics as m
@@ -622,8 +622,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
             log_request(TRANSPORT, g.request_id, model[:256], (time.perf_counter() - t0) * 1000,
                         'success' if err is None else 'error', op=op,
                         code='' if err is None else err.code.name,
-                        level=logging.INFO if err is None else LOG_LEVELS.get(
-                            err.code.log_level, logging.WARNING))
+                        level=log_level_of(err))
         labels.refresh(force=True)
         return {'model': _model_json(mi)}
 
