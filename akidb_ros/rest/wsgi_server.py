@@ -533,8 +533,9 @@ class ThreadedWSGIServer:
         before the stop and is about to)."""
         now = time.monotonic()
         with self._lock:
-            return any(state.busy or (state.fresh and now - state.since < FIRST_REQUEST_WAIT_S)
-                       for state in self._conns.values())
+            # not idle (``_ConnState.idle_for``): the same test that keeps it from being closed
+            # to make room
+            return any(state.idle_for(now) is None for state in self._conns.values())
 
     def connections(self) -> int:
         with self._lock:
