@@ -114,16 +114,6 @@ def _probe_port(raw: str):
     return port
 
 
-def _env_probe_port():
-    raw = os.environ.get('AKIDB_PROBE_PORT', '')
-    if not raw.strip():
-        return None       # automatic, see probe_port_of()
-    try:
-        return _probe_port(raw)
-    except argparse.ArgumentTypeError as exc:
-        raise BadVariable(f'AKIDB_PROBE_PORT: {exc}')
-
-
 def _ready_file(path: str) -> str:
     """``--ready-file``: checked before anything loads, as it is written only once serving (a
     folder that is not there failed a server that had started)."""
@@ -167,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help='0 = pick a free port')
     ap.add_argument('--grpc-port', type=port, default=_env_option('AKIDB_GRPC_PORT', 9090, port),
                     help='0 = pick a free port')
-    ap.add_argument('--probe-port', type=_probe_port, default=_env_probe_port(),
+    # unset: None, automatic (see probe_port_of)
+    ap.add_argument('--probe-port', type=_probe_port,
+                    default=_env_option('AKIDB_PROBE_PORT', None, _probe_port),
                     help='plain-HTTP probe listener (GET /health/live, /health/ready, '
                          '/metrics; no authentication) on --host: a port, 0 = pick a free '
                          'port, off = none (default 8081; a free port when --rest-port is 0)')
