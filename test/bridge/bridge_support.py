@@ -34,6 +34,16 @@ def fail_first_thread_start(monkeypatch, thread_name: str) -> list:
     return failed
 
 
+def wait_until(cond, timeout, step=0.1) -> bool:
+    """Whether ``cond()`` came true within ``timeout`` seconds, looked at every ``step``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return False
+
+
 def scrape(text: str):
     """/metrics text → {(sample name, frozenset(labels)): value}."""
     from prometheus_client.parser import text_string_to_metric_families

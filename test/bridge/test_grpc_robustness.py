@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2_grpc
 from akidb_ros.grpc_api import embedding_pb2 as pb
 from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
 from akidb_ros.grpc_api.server import GrpcServer
+from bridge_support import wait_until
 
 EMBED = '/akidb.embedding.v1.EmbeddingService/Embed'
 EMBED_STREAM = '/akidb.embedding.v1.EmbeddingService/EmbedStream'
@@ -852,15 +853,6 @@ def test_metadata_that_is_not_utf8_is_served_and_logged_at_info(local_backend, c
     assert 'not UTF-8' in noted[0].getMessage()
 
 
-def _await(predicate, timeout_s: float) -> bool:
-    end = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_a_cancelled_embed_drops_its_work_and_is_recorded_cancelled(local_backend, caplog):
     """A caller that cancels a long Embed frees the engine at once (its sentences not yet run
     are skipped, its queue slot is released) and the call is logged and counted CANCELLED, not
@@ -873,18 +865,20 @@ def test_a_cancelled_embed_drops_its_work_and_is_recorded_cancelled(local_backen
     cancelled = m.REQUEST_ERRORS.labels('grpc', 'CANCELLED')
     before = cancelled._value.get()
     try:
-        assert _await(lambda: admission.pending == 0, 10)
+        assert wait_until(lambda: admission.pending == 0, 10, 0.01)
         with caplog.at_level('INFO', logger='akidb_ros.access'):
             call = pb_grpc.EmbeddingServiceStub(ch).Embed.future(
                 pb.EmbedRequest(inputs=[f'{i} {long_text}' for i in range(96)]), timeout=30,
                 metadata=[('x-request-id', 'cancelled-unary')])
-            assert _await(lambda: admission.pending == 1, 10), 'the call was never accepted'
+            assert wait_until(lambda: admission.pending == 1, 10, 0.01), \
+                'the call was never accepted'
             time.sleep(0.05)
             call.cancel()
             # 96 sentences of 256 tokens take seconds here; only a run already started ends
-            assert _await(lambda: admission.pending == 0, 3), 'the cancelled work went on'
-            assert _await(lambda: any(getattr(r, 'request_id', '') == 'cancelled-unary'
-                                      for r in caplog.records), 5)
+            assert wait_until(lambda: admission.pending == 0, 3, 0.01), \
+                'the cancelled work went on'
+            assert wait_until(lambda: any(getattr(r, 'request_id', '') == 'cancelled-unary'
+                                          for r in caplog.records), 5, 0.01)
         (line,) = [r for r in caplog.records if getattr(r, 'request_id', '') == 'cancelled-unary']
         assert line.code == 'CANCELLED' and line.levelno == logging.INFO, line.__dict__
         assert cancelled._value.get() == before + 1
@@ -910,12 +904,14 @@ def test_a_cancelled_stream_drops_the_work_it_took(local_backend):
             yield pb.EmbedRequest(inputs=[f'{k} {i} {long_text}' for i in range(64)])
         release.wait(20)
     try:
-        assert _await(lambda: admission.pending == 0, 10)
+        assert wait_until(lambda: admission.pending == 0, 10, 0.01)
         call = pb_grpc.EmbeddingServiceStub(ch).EmbedStream(two_then_wait(), timeout=30)
-        assert _await(lambda: admission.pending == 2, 10), 'the stream never took both'
+        assert wait_until(lambda: admission.pending == 2, 10, 0.01), \
+            'the stream never took both'
         time.sleep(0.05)
         call.cancel()
-        assert _await(lambda: admission.pending == 0, 3), 'the cancelled work went on'
+        assert wait_until(lambda: admission.pending == 0, 3, 0.01), \
+            'the cancelled work went on'
     finally:
         release.set()
         ch.close()

@@ -10,7 +10,7 @@ import requests
 
 from akidb_ros.engine.types import EmbedRequest
 
-from bridge_support import DEFAULT_MODEL, SECOND_MODEL, read_to_close
+from bridge_support import DEFAULT_MODEL, SECOND_MODEL, read_to_close, wait_until
 
 SENTENCES = ['The autonomous vehicle detects pedestrians.', 'Emergency braking system activated.']
 
@@ -540,27 +540,22 @@ def test_a_client_that_closes_its_connection_has_its_work_dropped(
     a second, and the call is logged CANCELLED, instead of running to the end of its budget."""
     import logging
     import socket
-    import time
     admission = local_backend.engine.admission
     port = int(rest_url.rsplit(':', 1)[1])
     long_text = ' '.join(['word'] * 300)
     body = json.dumps({'inputs': [f'{i} {long_text}' for i in range(96)]}).encode()
 
-    def wait_for(predicate, timeout_s):
-        end = time.monotonic() + timeout_s
-        while not predicate() and time.monotonic() < end:
-            time.sleep(0.01)
-        return predicate()
-    assert wait_for(lambda: admission.pending == 0, 10)
+    assert wait_until(lambda: admission.pending == 0, 10, 0.01)
     with caplog.at_level(logging.INFO, logger='akidb_ros.access'):
         with socket.create_connection(('127.0.0.1', port), timeout=10) as s:
             s.sendall(b'POST /api/v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json'
                       b'\r\nX-Request-ID: walked-away\r\nContent-Length: %d\r\n\r\n' % len(body)
                       + body)
-            assert wait_for(lambda: admission.pending == 1, 10), 'the call was never accepted'
+            assert wait_until(lambda: admission.pending == 1, 10, 0.01), \
+                'the call was never accepted'
         # 96 sentences of 256 tokens take seconds here; only a run already started ends
-        assert wait_for(lambda: admission.pending == 0, 3), 'the abandoned work went on'
-        assert wait_for(lambda: any(getattr(r, 'request_id', '') == 'walked-away'
-                                    for r in caplog.records), 5)
+        assert wait_until(lambda: admission.pending == 0, 3, 0.01), 'the abandoned work went on'
+        assert wait_until(lambda: any(getattr(r, 'request_id', '') == 'walked-away'
+                                      for r in caplog.records), 5, 0.01)
     (line,) = [r for r in caplog.records if getattr(r, 'request_id', '') == 'walked-away']
     assert line.code == 'CANCELLED', line.__dict__

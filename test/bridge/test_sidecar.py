@@ -22,7 +22,7 @@ from akidb_ros.client.retry import NO_RETRY, RetryPolicy
 from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.types import EmbedRequest
 
-from bridge_support import DEFAULT_MODEL, ROOT, SECOND_MODEL, free_port
+from bridge_support import DEFAULT_MODEL, ROOT, SECOND_MODEL, free_port, wait_until
 
 # ErrorCode.UNAVAILABLE is currently an enum alias of CIRCUIT_OPEN (same ErrorSpec value), so its
 # name on the wire is CIRCUIT_OPEN; test_error_codes.py pins the table bug. Same 503 either way.
@@ -64,15 +64,6 @@ class NodeProcess:
             self.proc.kill()
             self.proc.wait(5)
         self.log.close()
-
-
-def wait_until(cond, timeout, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step)
-    return False
 
 
 @pytest.fixture(scope='module')
