@@ -693,6 +693,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         truncated = 0       # the PRD's EmbedResponse has no field for it: the stream's total
         answered = 0        # the index of the next request to answer
         waiting_on = [None]     # the future of the request being answered
+        cut_short = []          # its request id, when the stream's end cancelled it
 
         def in_flight():
             with pending.mutex:
@@ -739,6 +740,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 if err is not None:
                     _record_in(span, call, label, err)
                     stop.set()
+                    if err.code is ErrorCode.CANCELLED:     # the stream ended while it waited
+                        cut_short.append(call.request_id)
                     _abort(context, err, (('x-request-id', call0.request_id),
                                           ('akidb-stream-index', str(i)),
                                           (TRUNCATED_MD, str(truncated))))
@@ -756,7 +759,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 pass
             # requests accepted but never answered (stream cancelled or failed): drop them and
             # say which they were: the client never saw their answers
-            unanswered = []
+            unanswered = cut_short
             while True:
                 try:
                     item = pending.get_nowait()
