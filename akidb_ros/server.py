@@ -90,6 +90,16 @@ def _env_choice(name: str, default: str, choices) -> str:
     return raw
 
 
+def _bind_host(text: str) -> str:
+    """An address to bind. A blank one is refused: Python reads ``''`` as every interface,
+    which no operator writes on purpose (an unset variable in a template does)."""
+    host = text.strip()
+    if not host:
+        raise argparse.ArgumentTypeError(
+            f'{text!r} is blank (write 127.0.0.1, or 0.0.0.0 for every interface)')
+    return host
+
+
 PROBE_OFF = 'off'
 # bind failures a start reports in one line: the operator's to fix (another server on the port)
 BIND_ERRNOS = frozenset((errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES))
@@ -150,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     seconds = _in_range(float, 0, MAX_SECONDS)
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0])
     ap.add_argument('--mode', choices=MODES, default=_env_choice('AKIDB_MODE', 'inprocess', MODES))
-    ap.add_argument('--host', default=os.environ.get('AKIDB_HOST', '127.0.0.1'),
+    ap.add_argument('--host', type=_bind_host,
+                    default=_env_option('AKIDB_HOST', '127.0.0.1', _bind_host),
                     help='bind address (default 127.0.0.1; a non-loopback address needs '
                          'the prod security profile)')
     ap.add_argument('--rest-port', type=port, default=_env_option('AKIDB_REST_PORT', 8080, port),

@@ -141,3 +141,18 @@ def test_start_up_errors_of_the_operators_making_are_one_line():
     for exc in (KeyError('k'), RuntimeError('boom'), OSError(errno.EIO, 'I/O error'),
                 TypeError('t')):
         assert not expected_start_error(exc), exc
+
+
+def test_a_blank_host_variable_counts_as_unset_and_a_blank_host_flag_is_refused(
+        monkeypatch, capsys):
+    """``''`` binds every interface in Python: an unset variable in a template (``AKIDB_HOST=``)
+    must not mean that, and nobody writes ``--host ''`` for it."""
+    from akidb_ros.server import parse_args
+    for blank in ('', '  '):
+        monkeypatch.setenv('AKIDB_HOST', blank)
+        assert parse_args([]).host == '127.0.0.1'
+    monkeypatch.setenv('AKIDB_HOST', ' ::1 ')
+    assert parse_args([]).host == '::1'
+    line = _usage_error(capsys, lambda: parse_args(['--host', ' ']))
+    assert line == ("akidb-server: error: argument --host: ' ' is blank "
+                    "(write 127.0.0.1, or 0.0.0.0 for every interface)"), line
