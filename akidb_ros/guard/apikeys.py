@@ -242,7 +242,6 @@ def read_key_file(path: str) -> Dict[str, ApiKeyRecord]:
 def write_key_file(path: str, records: Dict[str, ApiKeyRecord]) -> None:
     """Atomic replace (readers never see a half-written file), mode 0600."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix='.keys.', dir=directory)
     try:
         os.fchmod(fd, 0o600)
@@ -353,8 +352,9 @@ class ApiKeyStore:
 @contextlib.contextmanager
 def locked(path: str):
     """Hold an exclusive lock on ``<path>.lock`` (never deleted: a deleted lock file could be
-    locked by two writers at once). Closing the descriptor releases it, even on a crash."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    locked by two writers at once). Closing the descriptor releases it, even on a crash.
+    Only ``create_key`` makes the file's folder: a revoke or rotate naming a mistyped path must
+    not leave folders behind."""
     fd = os.open(path + '.lock', os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -402,6 +402,7 @@ def create_key(
     client = check_text(client, 'client', MAX_CLIENT_LEN)
     note = check_text(note, 'note', MAX_NOTE_LEN, required=False)
     expires_days = check_expires_days(expires_days)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with locked(path):
         records = read_key_file(path)
         rec, key = _new_record(records, role, client, expires_days, note, now)
@@ -410,6 +411,8 @@ def create_key(
 
 
 def revoke_key(path: str, key_id: str) -> ApiKeyRecord:
+    if not os.path.exists(path):        # no file, no key (and nothing to lock or create)
+        raise KeyError(key_id)
     with locked(path):
         records = read_key_file(path)
         if key_id not in records:
@@ -433,6 +436,8 @@ def rotate_key(
     """
     now = now or utcnow()
     grace_s, expires_days = check_grace_s(grace_s), check_expires_days(expires_days)
+    if not os.path.exists(path):
+        raise KeyError(key_id)
     with locked(path):
         records = read_key_file(path)
         if key_id not in records:

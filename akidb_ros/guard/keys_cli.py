@@ -193,6 +193,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f'akidb-keys: created folder {_one_line(folder)} for the audit log',
                       file=sys.stderr)
         if args.cmd == 'create':
+            folder = os.path.dirname(os.path.abspath(path))
+            fresh = not os.path.exists(folder)
             rec, key = apikeys.create_key(
                 path,
                 Role(args.role),
@@ -201,6 +203,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 note=args.note,
             )
             note('key_created', key_id=rec.id, role=rec.role.value, client=rec.client)
+            if fresh:   # said, like the audit log's folder: a typo in --file cannot hide
+                print(f'akidb-keys: created folder {_one_line(folder)} for the key file',
+                      file=sys.stderr)
             print(key)
             print(
                 f'created {rec.id} role={rec.role.value} client={rec.client} '

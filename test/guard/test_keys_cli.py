@@ -185,6 +185,22 @@ def test_audit_log_folder_is_created_and_said(tmp_path, capsys):
     assert rc == 0 and kid in out and not (tmp_path / 'other').exists()   # list audits none
 
 
+def test_key_file_folder_is_created_by_create_only_and_said(tmp_path, capsys):
+    """``create`` makes a new deployment's key folder and says so; ``revoke``, ``rotate`` and
+    ``list`` on a mistyped path answer "no key" and leave no folder behind."""
+    for cmd in (['revoke', 'k0123456789ab'], ['rotate', 'k0123456789ab'], ['list']):
+        typo = tmp_path / 'typo' / 'keys.yaml'
+        rc, out, err = _run(capsys, '--file', str(typo), *cmd)
+        assert rc == (0 if cmd == ['list'] else 2), (cmd, rc, err)
+        assert not (tmp_path / 'typo').exists(), cmd
+    f = tmp_path / 'new' / 'keys.yaml'
+    rc, out, err = _run(capsys, '--file', str(f), 'create', '--role', 'viewer', '--client', 'r')
+    assert rc == 0 and f'created folder {f.parent} for the key file' in err
+    assert apikeys.parse_key(out.strip()) in apikeys.read_key_file(str(f))
+    rc, out, err = _run(capsys, '--file', str(f), 'create', '--role', 'viewer', '--client', 's')
+    assert rc == 0 and 'created folder' not in err                # said once, when created
+
+
 def _cli(*args):
     return subprocess.Popen(
         [sys.executable, '-m', 'akidb_ros.guard.keys_cli', *args],
