@@ -2,12 +2,15 @@
 
 ``n`` service clients share one node and one executor spinning in a background thread; each
 client keeps exactly one call in flight (closed loop) and issues its next call from the done
-callback of the previous one, so ``n`` calls reach the node together.
+callback of the previous one, so ``n`` calls reach the node together. A call without a
+``request_id`` gets a fresh one, as the CLI's do: the node then runs the copies a first
+contact re-sends once, and its log line of a failed call names it.
 """
 from __future__ import annotations
 
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -82,6 +85,7 @@ class ConcurrentCaller:
         records: List[CallRecord] = []
         all_done = threading.Event()
         active = [len(self.clients)]
+        tag = f'loadgen-{uuid.uuid4().hex[:12]}-'   # unique per run: seq restarts each run
 
         def finish() -> None:
             with self._lock:
@@ -98,6 +102,10 @@ class ConcurrentCaller:
             if req is None:             # the caller's work ran out
                 finish()
                 return
+            if not req.request_id or req.request_id.startswith(tag):
+                # ours is replaced each call (rclpy serialises the request when it sends it),
+                # so a request object the caller hands out twice never carries a stale id
+                req.request_id = f'{tag}{i}-{seq}'
             rec = CallRecord(i, seq, req, time.perf_counter())
             with self._lock:
                 records.append(rec)

@@ -274,6 +274,9 @@ def test_concurrent_clients_match_single_calls_and_batch(client, metrics_port):
                       timeout_s=60)
     after = scrape(metrics_port)
     assert len(recs) == 64
+    # each call got its own request id (the node joins in-flight copies by it)
+    assert len({r.request.request_id for r in recs}) == 64 and all(
+        r.request.request_id.startswith('loadgen-') for r in recs)
     worst = 0.0
     for r in recs:
         assert r.response is not None, 'a call got no answer'
