@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import mmap
 import os
 import threading
@@ -26,11 +27,15 @@ _warned = set()
 
 
 def _warn_once(key: str, message: str) -> None:
+    _say_once(key, logging.WARNING, message)
+
+
+def _say_once(key: str, level: int, message: str) -> None:
     with _warned_lock:
         if key in _warned:
             return
         _warned.add(key)
-    log.warning(message)
+    log.log(level, message)
 
 
 @functools.lru_cache(maxsize=None)   # once per process
@@ -191,11 +196,82 @@ def position_table(path: Path) -> Optional[Tuple[str, int]]:
 PADDING_POSITIONS = 2
 
 
-def _usable_cores() -> int:
+def cgroup_cpu_limit(root: str = '/sys/fs/cgroup',
+                     proc_cgroup: str = '/proc/self/cgroup') -> Optional[float]:
+    """CPUs this process's CFS quota allows (a Kubernetes or Docker CPU limit), None when there
+    is none or it cannot be read. Neither ``os.sched_getaffinity`` nor ONNX Runtime sees a
+    quota, so a 4-CPU pod on a 64-core host would run 64 threads per session and be throttled.
+
+    cgroup v2: ``cpu.max`` ("<quota> <period>" or "max <period>") of this cgroup and each
+    ancestor (the tightest wins); cgroup v1: ``cpu.cfs_quota_us``/``cpu.cfs_period_us`` of the
+    cpu controller's folder. Written by hand: no maintained library reads it (psutil does not).
+    """
+    try:
+        with open(proc_cgroup, encoding='utf-8') as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        hier, _, rest = line.partition(':')
+        controllers, _, path = rest.partition(':')
+        if hier == '0' and controllers == '':                     # v2, unified
+            parts = [p for p in path.split('/') if p]
+            for depth in range(len(parts), -1, -1):
+                quota = _read_words(os.path.join(root, *parts[:depth], 'cpu.max'))
+                if quota and len(quota) == 2 and quota[0] != 'max':
+                    limits.append(_ratio(quota[0], quota[1]))
+        elif 'cpu' in controllers.split(','):                      # v1
+            for base in (os.path.join(root, controllers), os.path.join(root, 'cpu')):
+                # in a container the controller's mount is its own cgroup; on a host, the path
+                for folder in (os.path.join(base, path.lstrip('/')), base):
+                    quota = _read_words(os.path.join(folder, 'cpu.cfs_quota_us'))
+                    period = _read_words(os.path.join(folder, 'cpu.cfs_period_us'))
+                    if quota and period:
+                        limits.append(_ratio(quota[0], period[0]))
+                        break
+                else:
+                    continue
+                break
+    limits = [x for x in limits if x is not None]
+    return min(limits) if limits else None
+
+
+def _read_words(path: str) -> Optional[List[str]]:
+    try:
+        with open(path, encoding='utf-8') as fh:
+            return fh.read().split()
+    except OSError:
+        return None
+
+
+def _ratio(quota: str, period: str) -> Optional[float]:
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:
+        return None
+    return q / p if q > 0 and p > 0 else None     # v1 writes -1 for "no limit"
+
+
+def _affinity_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:   # not Linux
         return os.cpu_count() or 1
+
+
+def quota_cores(**where) -> Optional[int]:
+    """The CPU quota rounded up, when it allows fewer CPUs than the process may run on
+    (``where``: ``cgroup_cpu_limit``'s paths)."""
+    limit = cgroup_cpu_limit(**where)
+    if limit is None:
+        return None
+    cores = max(1, math.ceil(limit - 1e-9))
+    return cores if cores < _affinity_cores() else None
+
+
+def _usable_cores() -> int:
+    return quota_cores() or _affinity_cores()
 
 
 class OnnxModel:
@@ -294,6 +370,14 @@ class OnnxModel:
         settings = self._settings
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not intra_threads:
+            # ONNX Runtime's own default counts the host's cores; under a CPU limit that many
+            # threads are throttled, so take the limit instead (None: keep ORT's choice)
+            intra_threads = quota_cores() or 0
+            if intra_threads:
+                _say_once('quota', logging.INFO,
+                          f'CPU limit (cgroup quota) of {intra_threads} CPUs: ONNX Runtime '
+                          f'sessions use {intra_threads} threads (engine.intra_op_threads 0)')
         if intra_threads:
             opts.intra_op_num_threads = intra_threads
         if settings.inter_op_threads:

@@ -109,6 +109,56 @@ def test_thread_settings_reach_the_session(tmp_path, monkeypatch):
     assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
 
+def _cgroup(tmp_path, proc_lines, files):
+    """A cgroup tree under tmp_path: {relative path: content}; returns cgroup_cpu_limit's
+    arguments."""
+    for rel, text in files.items():
+        f = tmp_path / 'fs' / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    proc = tmp_path / 'cgroup'
+    proc.write_text(''.join(line + '\n' for line in proc_lines))
+    return dict(root=str(tmp_path / 'fs'), proc_cgroup=str(proc))
+
+
+@pytest.mark.parametrize('proc_lines, files, limit', [
+    (['0::/'], {'cpu.max': '150000 100000\n'}, 1.5),                  # v2, in a container
+    (['0::/'], {'cpu.max': 'max 100000\n'}, None),                    # v2, no limit
+    (['0::/kubepods/pod1/c1'], {'cpu.max': 'max 100000',               # v2 on a host: the
+                                'kubepods/pod1/cpu.max': '400000 100000',   # tightest ancestor
+                                'kubepods/pod1/c1/cpu.max': 'max 100000'}, 4.0),
+    (['4:memory:/x', '1:cpu,cpuacct:/'], {'cpu,cpuacct/cpu.cfs_quota_us': '250000',
+                                          'cpu,cpuacct/cpu.cfs_period_us': '100000'}, 2.5),
+    (['1:cpu,cpuacct:/'], {'cpu,cpuacct/cpu.cfs_quota_us': '-1',       # v1, no limit
+                           'cpu,cpuacct/cpu.cfs_period_us': '100000'}, None),
+    (['1:cpu:/docker/abc'], {'cpu/docker/abc/cpu.cfs_quota_us': '50000',
+                             'cpu/docker/abc/cpu.cfs_period_us': '100000'}, 0.5),
+    (['0::/'], {'cpu.max': 'garbage\n'}, None),                       # unreadable: no limit
+    (['0::/'], {}, None),
+])
+def test_the_cpu_quota_is_read_from_cgroup_v1_and_v2(tmp_path, proc_lines, files, limit):
+    assert runtime.cgroup_cpu_limit(**_cgroup(tmp_path, proc_lines, files)) == limit
+
+
+def test_a_cpu_limit_sets_the_threads_the_config_leaves(tmp_path, monkeypatch):
+    """A pod limited to 1.5 CPUs on a 64-core host: 2 ONNX Runtime threads, not ORT's 64;
+    an explicit intra_op_threads still wins, and without a limit ORT keeps its default."""
+    monkeypatch.setattr(runtime, '_affinity_cores', lambda: 64)
+    monkeypatch.setattr(runtime, 'cgroup_cpu_limit', lambda **where: 1.5)
+    threads = {}
+    for intra in (0, 3):
+        cfg = load_config(write_config(tmp_path, lambda r: r['engine'].update(
+            device='cpu', intra_op_threads=intra)), env={})
+        spy = _SessionSpy(monkeypatch, [CPU])
+        OnnxModel(cfg.model(MINILM), cfg.engine)
+        threads[intra] = spy.options[0].intra_op_num_threads
+    monkeypatch.setattr(runtime, 'cgroup_cpu_limit', lambda **where: None)
+    spy = _SessionSpy(monkeypatch, [CPU])
+    OnnxModel(cfg.model(MINILM), load_config(write_config(tmp_path, lambda r: r[
+        'engine'].update(device='cpu', intra_op_threads=0)), env={}).engine)
+    assert threads == {0: 2, 3: 3} and spy.options[0].intra_op_num_threads == 0
+
+
 def test_missing_gpu_degrades_to_cpu_with_a_note(tmp_path):
     cfg, model = _cfg(tmp_path)
     providers, note = plan_providers('tensorrt', [CPU], model, cfg.engine, ['input_ids'])
