@@ -65,7 +65,10 @@ SCHEMA: Dict[str, Any] = {
                     'properties': {
                         'enabled': {'type': 'boolean'},
                         'file': _PATH,
-                        'header': {'type': 'string'},
+                        # a name both HTTP and gRPC metadata carry alike (lower-cased on
+                        # gRPC; no '_': WSGI folds '-' into it), never Authorization
+                        'header': {'type': 'string', 'pattern': r'^[A-Za-z][A-Za-z0-9-]{0,63}$',
+                                   'not': {'pattern': r'^(?i:authorization)$'}},
                         'reload_interval_s': {'type': 'number', 'minimum': 0},
                     },
                 },

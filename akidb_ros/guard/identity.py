@@ -209,8 +209,9 @@ def credentials_from_wsgi(
     )
 
 
-def credentials_from_grpc(context: Any) -> Credentials:
-    """Credentials from a ``grpc.ServicerContext``: metadata + the TLS auth context."""
+def credentials_from_grpc(context: Any, api_key_header: str = 'x-api-key') -> Credentials:
+    """Credentials from a ``grpc.ServicerContext``: metadata + the TLS auth context; the API
+    key from ``api_key_header`` (the config's ``auth.api_keys.header``, as on REST)."""
     metadata = context.invocation_metadata() or ()
     auth = {}
     try:
@@ -227,4 +228,5 @@ def credentials_from_grpc(context: Any) -> Credentials:
         ),
         peer=str(context.peer() or ''),
         peer_cert=cert,
+        api_key_header=api_key_header,
     )

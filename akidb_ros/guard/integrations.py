@@ -78,7 +78,6 @@ def _add_missing(headers: Any, pairs) -> None:
             present.add(k.lower())
 
 
-_WWW_AUTHENTICATE = 'Bearer realm="akidb", ApiKey header="X-API-Key"'
 _NO_BODY_METHODS = frozenset(('GET', 'HEAD', 'OPTIONS'))
 
 
@@ -114,6 +113,8 @@ def install_flask(
 
     if hsts is None:
         hsts = front is not None
+    # names the header this config reads (auth.api_keys.header), not the default one
+    www_authenticate = f'Bearer realm="akidb", ApiKey header="{guard.api_key_header}"'
 
     def credentials(environ):
         if front is not None:
@@ -135,7 +136,7 @@ def install_flask(
             )
             resp.headers.update(error_headers(exc))
         if resp.status_code == 401:
-            resp.headers['WWW-Authenticate'] = _WWW_AUTHENTICATE
+            resp.headers['WWW-Authenticate'] = www_authenticate
         return resp
 
     @app.before_request
@@ -252,7 +253,7 @@ def _make_interceptor_class():
         def admit(self, method: str, context: Any) -> Decision:
             """The guard's decision for a call of ``method``; aborts it when refused."""
             started = time.perf_counter()
-            creds = credentials_from_grpc(context)
+            creds = credentials_from_grpc(context, self.guard.api_key_header)
             sent = None
             for m in context.invocation_metadata() or ():
                 if m.key == 'x-request-id' and isinstance(m.value, str):

@@ -241,3 +241,62 @@ def test_grpc_rate_limit_is_resource_exhausted(creds):
             assert after == before + 1      # refusals before the handler are counted too
     finally:
         server.stop(0)
+
+
+# ------------------------------------------------------------------------------- key header
+def test_the_configured_api_key_header_is_read_by_both_doors(tmp_path):
+    """``auth.api_keys.header: X-Akidb-Key``: REST and gRPC (each EmbedStream message too) take
+    the key from that header only, and a 401 names it. (gRPC read x-api-key whatever the config
+    said: the configured header was refused, and x-api-key passed the door but cut an
+    EmbedStream at its first message.)"""
+    import requests
+
+    from akidb_ros.backends import LocalBackend
+    from akidb_ros.engine import EmbeddingEngine, load_config
+    from akidb_ros.grpc_api import embedding_pb2 as pb
+    from akidb_ros.server import Bridges
+
+    keys_file = str(tmp_path / 'keys.yaml')
+    key = create_key(keys_file, Role('developer'), 'dev-svc')[1]
+    guard = Guard({'auth': {'enabled': True, 'api_keys': {
+        'enabled': True, 'file': keys_file, 'header': 'X-Akidb-Key'}},
+        'rate_limit': {'enabled': False}, 'audit': {'enabled': False}})
+    engine = EmbeddingEngine(load_config())
+    engine.start()
+    bridges = Bridges(LocalBackend(engine), security=guard, timeout_s=20).start()
+    try:
+        url = f'http://127.0.0.1:{bridges.rest_port}/api/v1/embed'
+        ok = requests.post(url, json={'inputs': ['hi']}, headers={'X-Akidb-Key': key}, timeout=20)
+        other = requests.post(url, json={'inputs': ['hi']}, headers={'X-API-Key': key},
+                              timeout=20)
+        assert ok.status_code == 200 and other.status_code == 401, (ok.text, other.text)
+        assert other.headers['WWW-Authenticate'] == \
+            'Bearer realm="akidb", ApiKey header="X-Akidb-Key"'
+        svc = '/akidb.embedding.v1.EmbeddingService/'
+        with grpc.insecure_channel(f'127.0.0.1:{bridges.grpc_port}') as ch:
+            embed = ch.unary_unary(svc + 'Embed', pb.EmbedRequest.SerializeToString,
+                                   pb.EmbedResponse.FromString)
+            stream = ch.stream_stream(svc + 'EmbedStream', pb.EmbedRequest.SerializeToString,
+                                      pb.EmbedResponse.FromString)
+            md = (('x-akidb-key', key),)
+            assert len(embed(pb.EmbedRequest(inputs=['hi']), metadata=md, timeout=20)
+                       .embeddings) == 1
+            answers = list(stream(iter([pb.EmbedRequest(inputs=['a'])] * 3), metadata=md,
+                                  timeout=20))
+            assert len(answers) == 3
+            for call in (lambda m: embed(pb.EmbedRequest(inputs=['hi']), metadata=m, timeout=20),
+                         lambda m: list(stream(iter([pb.EmbedRequest(inputs=['a'])]),
+                                               metadata=m, timeout=20))):
+                with pytest.raises(grpc.RpcError) as e:
+                    call((('x-api-key', key),))
+                assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        bridges.stop(grace_s=1)
+        engine.close()
+
+
+@pytest.mark.parametrize('header', ['', 'X Key', 'x_api_key', 'Authorization', 'k"ey', 'é'])
+def test_an_api_key_header_both_doors_cannot_carry_is_a_config_error(header):
+    from akidb_ros.guard.config import SecurityConfigError, from_dict
+    with pytest.raises(SecurityConfigError, match='header'):
+        from_dict({'auth': {'enabled': True, 'api_keys': {'file': 'k.yaml', 'header': header}}})
