@@ -214,8 +214,9 @@ class JwtVerifier:
             raise TokenError('invalid', 'invalid token') from None
         if s.max_lifetime_s is not None:
             try:
-                lifetime = float(claims['exp']) - float(claims['iat'])
-            except (KeyError, TypeError, ValueError):
+                # exact: pyjwt takes integers of any size, which float() cannot hold
+                lifetime = claims['exp'] - claims['iat']
+            except (KeyError, TypeError):
                 raise TokenError('missing_claim', 'exp and iat required') from None
             if lifetime > s.max_lifetime_s + s.leeway_s:
                 raise TokenError('lifetime_too_long', 'token lifetime exceeds the maximum')

@@ -132,6 +132,8 @@ def test_forged_and_tampered_tokens_rejected(verifier, rsa_keys):
         ({'aud': None}, 'missing_claim'),
         ({'sub': None}, 'missing_claim'),
         ({'exp': int(time.time()) + 7200}, 'lifetime_too_long'),  # > PRD's 1 h
+        ({'exp': 10 ** 400}, 'lifetime_too_long'),     # float() of it raised OverflowError: a 500
+        ({'iat': -10 ** 400}, 'lifetime_too_long'),
     ],
 )
 def test_claim_checks(verifier, rsa_keys, over, reason):
