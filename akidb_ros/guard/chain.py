@@ -409,7 +409,8 @@ class Guard:
         identity = self.authenticate(
             creds, transport=transport, request_id=request_id, action=action
         )
-        self.authorize(identity, perm, transport=transport, request_id=request_id, peer=creds.peer)
+        # the route or method itself, so a 403's audit line names what was tried
+        self.authorize(identity, what, transport=transport, request_id=request_id, peer=creds.peer)
         d = self.rate_limit(identity, transport=transport, request_id=request_id)
         return Decision(identity, perm, d, d.headers())
 

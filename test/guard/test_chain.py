@@ -102,6 +102,20 @@ def test_401_403_codes_audit_and_metrics(setup):
     assert all(k not in text for k in keys.values())
 
 
+def test_a_refused_route_is_audited_by_its_name(setup):
+    """A 403's audit line names the route or RPC tried (as a 401's does), not the permission
+    it lacked: ``POST /admin/models/load``, not ``models:admin``."""
+    guard, keys, _, audit_path, _ = setup
+    creds = Credentials(api_key=keys['viewer'], peer='ipv4:127.0.0.1:5000')
+    for what in ('POST /admin/models/load', '/akidb.embedding.v1.EmbeddingService/Embed'):
+        with pytest.raises(EngineError) as e:
+            guard.check(what, creds, transport='rest', request_id='r-403')
+        assert e.value.code is ErrorCode.PERMISSION_DENIED, what
+    denied = [json.loads(x) for x in open(audit_path) if 'permission_denied' in x]
+    assert [x['action'] for x in denied[-2:]] == [
+        'POST /admin/models/load', '/akidb.embedding.v1.EmbeddingService/Embed']
+
+
 def test_revoked_key_refused_on_next_request_without_restart(setup):
     guard, keys, recs, _, key_file = setup
     guard.door_hook(door_call('health', {'x-api-key': keys['viewer']}))
