@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
 import unicodedata
 from concurrent.futures import Future
+from numbers import Real
 from typing import List, Optional
 
 from .. import __version__
@@ -18,7 +20,8 @@ from .errors import EngineError, ErrorCode
 from .malloc_tuning import tune_malloc
 from .manager import ModelManager
 from .runtime import CPU
-from .types import EmbedRequest, EmbedResult, HealthInfo, InputType, ModelInfo, ModelStatus
+from .types import (EmbedRequest, EmbedResult, HealthInfo, InputType, ModelInfo, ModelStatus,
+                    Priority)
 
 log = logging.getLogger('akidb_ros.engine')
 MAX_MODEL_NAME_CHARS = 256      # a model id or HF name; longer names are refused, never echoed
@@ -131,8 +134,14 @@ def check_limits(request: EmbedRequest, limits: LimitsConfig) -> None:
     check_model_name(request.model)
     if not isinstance(request.input_type, InputType):
         raise EngineError(ErrorCode.INVALID_INPUT, 'input_type must be none, query or passage')
-    if request.timeout_s is not None and not request.timeout_s > 0:
-        raise EngineError(ErrorCode.INVALID_INPUT, 'timeout_s must be positive')
+    timeout = request.timeout_s
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, Real)
+                                or not 0 < timeout < math.inf):
+        raise EngineError(ErrorCode.INVALID_INPUT,
+                          'timeout_s must be a positive, finite number of seconds')
+    if not isinstance(request.priority, Priority):
+        # the admin lane is the guard's to grant (Priority.ADMIN), never a caller's string
+        raise EngineError(ErrorCode.INVALID_INPUT, 'priority must be a Priority')
 
 
 class EmbeddingEngine:
@@ -259,11 +268,14 @@ class EmbeddingEngine:
                 self.manager.release(lm)
                 if attempt:
                     raise
-                # drop the unloaded copy now, not when the retry's load is done
-                lm = job = on_done = None
-                continue
-            self._deadlines.watch(job)
-            return job.future
+            except BaseException:
+                self.manager.release(lm)    # never leave the model pinned (unevictable)
+                raise
+            else:
+                self._deadlines.watch(job)
+                return job.future
+            # the retry (outside the except: the failed job and its model are not kept alive)
+            lm = job = on_done = None
         raise AssertionError('unreachable')
 
     def embed(self, request: EmbedRequest) -> EmbedResult:

@@ -35,6 +35,12 @@ from akidb_ros.engine.errors import error_from_code
     (dict(inputs=['x'], model='no-such-model'), ErrorCode.MODEL_NOT_FOUND, 'no-such-model'),
     (dict(inputs=['x'], model='e5-small-v2'), ErrorCode.MODEL_UNAVAILABLE, 'not installed'),
     (dict(inputs=['x'], timeout_s=-1), ErrorCode.INVALID_INPUT, 'timeout_s'),
+    # a TypeError before; priority='admin' also left the model pinned for good (unevictable)
+    (dict(inputs=['x'], timeout_s='5'), ErrorCode.INVALID_INPUT, 'timeout_s'),
+    (dict(inputs=['x'], timeout_s=float('inf')), ErrorCode.INVALID_INPUT, 'timeout_s'),
+    (dict(inputs=['x'], timeout_s=float('nan')), ErrorCode.INVALID_INPUT, 'timeout_s'),
+    (dict(inputs=['x'], timeout_s=True), ErrorCode.INVALID_INPUT, 'timeout_s'),
+    (dict(inputs=['x'], priority='admin'), ErrorCode.INVALID_INPUT, 'priority'),
 ])
 def test_bad_input_codes(engine, request_kwargs, code, fragment):
     pending = engine.admission.pending
@@ -43,6 +49,7 @@ def test_bad_input_codes(engine, request_kwargs, code, fragment):
     assert err.value.code is code
     assert fragment in err.value.message
     assert engine.admission.pending == pending   # nothing half-accepted
+    assert all(m.in_flight == 0 for m in engine.list_models())      # no model left pinned
 
 
 def test_visible_text_check_matches_unicode_tables():
