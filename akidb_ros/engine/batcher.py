@@ -39,7 +39,8 @@ class Admission:
     def __init__(self, capacity: int, shed_threshold: float):
         self.capacity = capacity
         self.shed_threshold = shed_threshold
-        self.shed_at = int(capacity * shed_threshold)
+        # at least one: a small queue (capacity 1, or 10 at 5 %) shed every normal request
+        self.shed_at = max(1, int(capacity * shed_threshold))
         self._pending = 0
         self._lock = threading.Lock()
         metrics.QUEUE_CAPACITY.set(capacity)

@@ -210,6 +210,16 @@ def test_shed_message_names_the_configured_threshold():
     assert full.value.message == 'engine queue is full (4/4); retry later'
 
 
+@pytest.mark.parametrize('capacity, threshold', [(1, 0.95), (10, 0.05), (1000, 0.0001)])
+def test_a_small_queue_still_takes_one_normal_request(capacity, threshold):
+    """The shed point rounds to at least one request (it rounded to 0: every normal request
+    was refused OVERLOADED with the queue empty)."""
+    from akidb_ros.engine.batcher import Admission
+    adm = Admission(capacity=capacity, shed_threshold=threshold)
+    adm.admit(Priority.NORMAL)
+    assert adm.pending == 1
+
+
 def test_sixteen_concurrent_callers_match_single_calls(engine):
     texts = [f'{t} #{i}' for i, t in enumerate(TEXTS * 3)][:16]
     singles = {t: engine.embed(EmbedRequest(inputs=[t])).embeddings[0] for t in texts}
