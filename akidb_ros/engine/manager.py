@@ -338,8 +338,13 @@ class ModelManager:
                 if lm is not None:
                     self._loaded.move_to_end(cfg.id)
                     lm.last_used = time.monotonic()
-                    self._enforce_limits(keep_newest=False)
-                    over_budget = cfg.id not in self._loaded
+                    if self._fits_beside_default(lm):
+                        # kept: a busy model may hold the cache over budget until its work
+                        # is answered (trimmed on that release), as after any lazy load
+                        self._enforce_limits()
+                    else:
+                        self._enforce_limits(keep_newest=False)
+                        over_budget = cfg.id not in self._loaded
                     break
                 fut = self._start_load(cfg)
             # a model evicted between its load and now is loaded again, within one timeout
@@ -389,6 +394,16 @@ class ModelManager:
             lm.batcher.stop()
             lm.onnx.wait_overlap(LOAD_JOIN_S)
         self._start_tracked(self._retiring, retire, f'akidb-retire-{lm.cfg.id}')
+
+    def _fits_beside_default(self, lm: LoadedModel) -> bool:
+        """Whether ``lm`` fits the cache budget with only the default model beside it (other
+        models are evictable once idle); under ``_lock``."""
+        cache = self.settings.cache
+        default = self._loaded.get(self.config.default_model)
+        if default is None or default is lm:
+            return lm.memory_mb <= cache.max_memory_mb
+        return cache.max_loaded_models >= 2 and \
+            default.memory_mb + lm.memory_mb <= cache.max_memory_mb
 
     def _enforce_limits(self, keep_newest: bool = True) -> None:
         """Evict least-recently-used idle models until count and memory budgets hold.
