@@ -30,6 +30,7 @@ from .types import EmbedResult, Priority
 
 log = logging.getLogger('akidb_ros.engine.batcher')
 RUNNER_THREAD_PREFIX = 'akidb-batcher-'   # runner threads are named PREFIX<model>-<n>
+RUN_JOIN_S = 300.0   # stop(): the longest a run in progress is waited for after the timeout
 INLINE_MIN_BUDGET_S = 1.0   # a caller runs its own job only this far from its deadline or more
 
 
@@ -353,6 +354,16 @@ class Batcher:
         for it in leftovers:
             it.job.fail(EngineError(ErrorCode.UNAVAILABLE,
                                     f'model {self.model_id} stopped before this request ran'))
+        # A run still inside ONNX Runtime must end before we return: the process may exit next,
+        # and a thread inside ORT at exit aborts it (SIGABRT, not exit 0). A run is bounded by
+        # max_batch_tokens; RUN_JOIN_S bounds a device that hangs.
+        alive = [t for t in self._threads if t.is_alive()]
+        if alive:
+            log.warning('%s: waiting for %d run(s) in progress to end before stopping',
+                        self.model_id, len(alive))
+            end = time.monotonic() + RUN_JOIN_S
+            for t in alive:
+                t.join(timeout=max(0.0, end - time.monotonic()))
 
     # --- consumer side -------------------------------------------------------------------
     def _take(self) -> Tuple[List[_Item], bool]:

@@ -100,6 +100,7 @@ class ModelManager:
         self._failed: Dict[str, str] = {}
         self._unloads: Dict[str, int] = {}     # explicit unloads per model id, so far
         self._loaders: Set[threading.Thread] = set()
+        self._closing = False       # close() began: no load starts, none finishing is kept
         # model id -> until when its load in progress may take: it builds a TensorRT engine
         self._build_until: Dict[str, float] = {}
         # Unloaded/evicted models still draining or still building their overlap session.
@@ -172,6 +173,9 @@ class ModelManager:
     def _start_load(self, cfg: ModelConfig) -> Future:
         fut = self._loading.get(cfg.id)
         if fut is None:
+            if self._closing:       # a load started now would outlive close() (its threads too)
+                raise EngineError(ErrorCode.UNAVAILABLE, 'engine is shutting down',
+                                  retry_after_s=1.0)
             fut = Future()
             self._loading[cfg.id] = fut
             if tensorrt_build_expected(cfg, self.settings):
@@ -293,14 +297,22 @@ class ModelManager:
         with self._lock:
             self._loading.pop(cfg.id, None)
             self._build_until.pop(cfg.id, None)
-            if lm is not None:
+            closing = self._closing and lm is not None
+            if closing:
+                exc, lm, done = EngineError(ErrorCode.UNAVAILABLE, 'engine is shutting down',
+                                            retry_after_s=1.0), None, lm
+            elif lm is not None:
                 self._loaded[cfg.id] = lm
                 self._failed.pop(cfg.id, None)
                 self._enforce_limits()
                 metrics.MODEL_CACHE_SIZE.set(len(self._loaded))
             else:
                 self._failed[cfg.id] = exc.message
-        if lm is not None:
+        if closing:                 # close() has taken the models: stop this one here
+            done.batcher.stop()
+            done.onnx.wait_overlap(LOAD_JOIN_S)
+            fut.set_exception(exc)
+        elif lm is not None:
             fut.set_result(lm)
         else:
             log.error('%s', exc.message)
@@ -475,6 +487,7 @@ class ModelManager:
         """Wait for loads and retirements in progress (a thread inside ONNX Runtime must not
         outlive us), then stop every batcher; each drains its queue first."""
         with self._lock:
+            self._closing = True
             loaders = list(self._loaders)
         for thread in loaders:
             thread.join(timeout=max(self.settings.timeouts.model_load_s, LOAD_JOIN_S))

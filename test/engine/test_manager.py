@@ -177,6 +177,40 @@ def test_never_evicts_a_model_with_work_in_flight(tmp_path):
         eng.close()
 
 
+def test_a_stop_returns_only_once_the_run_in_progress_has_ended(tmp_path):
+    """``Batcher.stop`` past its timeout answers what is queued, then waits for the run still
+    inside ONNX Runtime: it returned at once, and a process exiting next aborted (SIGABRT)."""
+    eng = make_engine(tmp_path)
+    try:
+        batcher = eng.manager.loaded(MINILM).batcher
+        gate = Gate(batcher)
+        gate.close()
+        running = eng.submit(EmbedRequest(inputs=['in the run']))
+        assert gate.entered.wait(5)
+        threading.Timer(1.0, gate.open.set).start()     # the run ends a second from now
+        t0 = time.monotonic()
+        batcher.stop(timeout=0.05)
+        assert time.monotonic() - t0 >= 0.9
+        assert not any(t.is_alive() for t in batcher._threads)
+        assert running.result(5).embeddings.shape == (1, 384)
+    finally:
+        gate.open.set()
+        eng.close()
+
+
+def test_nothing_loads_once_close_has_begun(tmp_path):
+    """A load that starts after ``close()`` took its look would outlive it (a model serving,
+    its runner threads left in ONNX Runtime): it is refused ``UNAVAILABLE``."""
+    eng = make_engine(tmp_path)
+    eng.close()
+    for start in (lambda: eng.manager.load(MPNET), lambda: eng.manager.acquire(MPNET)):
+        with pytest.raises(EngineError) as err:
+            start()
+        assert err.value.code is ErrorCode.UNAVAILABLE
+    assert eng.manager.loaded(MPNET) is None
+    assert not [t.name for t in threading.enumerate() if t.name.startswith('akidb-load-')]
+
+
 def test_concurrent_loads_of_one_model_are_deduplicated(tmp_path):
     eng = make_engine(tmp_path)
     try:
