@@ -402,6 +402,25 @@ def test_a_waiting_caller_runs_its_own_job_while_the_model_is_idle(small_engine)
     assert eng.admission.pending == 0
 
 
+def test_before_its_run_cost_is_learnt_only_a_small_job_runs_inline(tmp_path):
+    """An inline run cannot be cut short: until the model's run cost is learnt, a caller runs
+    its own job only up to INLINE_UNLEARNT_TOKENS padded tokens (a 21 x 384-token MPNet job
+    ran 13 s inline, answered long after its 2 s deadline)."""
+    eng = make_engine(tmp_path)
+    try:
+        batcher = eng.manager.loaded(MINILM).batcher
+        assert batcher.cost.params() is None
+        log = _ThreadLog(batcher)
+        me = threading.current_thread().name
+        eng.embed(EmbedRequest(inputs=[TEXTS[1]]))
+        long_texts = ['the robot crosses the loading dock ' * 40] * 3      # 3 x 256 tokens
+        eng.embed(EmbedRequest(inputs=long_texts))
+        assert log.threads[0] == me and log.threads[1].startswith(RUNNER_THREAD_PREFIX), \
+            log.threads
+    finally:
+        eng.close()
+
+
 def test_short_wait_gathers_near_simultaneous_callers(tmp_path):
     """max_wait_ms (one runner): after traffic with several callers, a batch stays open briefly
     so a caller arriving a moment later joins it; a lone caller's batch never waits."""
