@@ -84,7 +84,7 @@ echo "built in ${build_s} s, size $size bytes, user $user"
 # 3. run it: models read-only, root filesystem read-only, only 127.0.0.1 published
 echo "== run"
 t0=$(now)
-rm -rf "$OUT/log" && mkdir -p "$OUT/log" && chown 10001:10001 "$OUT/log"   # the writable log volume
+rm -rf "$OUT/log" && mkdir -p "$OUT/log" && chown 1000:1000 "$OUT/log"   # the writable log volume
 "${PODMAN[@]}" run -d --name "$NAME" --network host --read-only --tmpfs /tmp \
   "${RUN_OPTS[@]}" -v "$ROOT/models:/opt/akidb/models:ro" --tmpfs /var/cache/akidb \
   -v "$OUT/log:/var/log/akidb" \
@@ -123,7 +123,7 @@ json.dump(res, open(out, 'w'), indent=2)
 print(json.dumps(res, indent=2))
 errors = []
 if int(size) >= int(max_b): errors.append(f'image is {size} bytes, over {max_b}')
-if int(uid) == 0: errors.append('container runs as root')
+if int(uid) != 1000: errors.append(f'container runs as uid {uid}, not 1000 (akidb, the PRD user)')
 if ro != 'read-only': errors.append('root filesystem is writable')
 if ros != 'ros-ok': errors.append(f'ROS 2 side does not import: {ros}')
 if h.get('status') != 'healthy': errors.append(f'/health: {h}')

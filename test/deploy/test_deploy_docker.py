@@ -55,7 +55,8 @@ def test_dockerfile_promises(path):
     assert 'g++' not in runtime and 'cmake' not in runtime, 'no compilers in the runtime stage'
     user = re.findall(r'^USER\s+(\S+)', runtime, re.M)
     assert user and user[-1] not in ('root', '0', '0:0'), 'non-root user'
-    assert re.search(r'^ARG AKIDB_UID=(\d+)', runtime, re.M).group(1) != '0'
+    # the PRD's non-root user: akidb, UID 1000 (the chart's securityContext and compose's user)
+    assert re.search(r'^ARG AKIDB_UID=(\d+)', runtime, re.M).group(1) == '1000'
     assert re.search(r'^HEALTHCHECK .*\n?.*CMD', runtime, re.M), 'HEALTHCHECK'
     vols = re.search(r'^VOLUME\s+(\[.*\])', runtime, re.M)
     assert vols and '/opt/akidb/models' in vols.group(1) and '/var/cache/akidb' in vols.group(1)
@@ -158,6 +159,8 @@ def test_compose_stack_shape():
     assert set(s) == {'node', 'bridge', 'prometheus', 'grafana', 'otel-collector'}
     assert s['bridge']['network_mode'] == 'service:node', 'DDS stays on the shared loopback'
     assert s['bridge']['ipc'] == 'service:node'
+    for name in ('node', 'bridge'):
+        assert s[name]['user'] == '1000:1000', name          # akidb, the images' USER
     assert 'sidecar' in s['bridge']['command']
     for name, svc in s.items():
         assert svc.get('read_only') is True, name

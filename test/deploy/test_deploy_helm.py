@@ -145,10 +145,13 @@ def test_node_and_bridge_are_sidecars_with_probes_and_drain(values):
 def test_security_context_and_secret_references(values):
     spec = deployment(values)['spec']['template']['spec']
     assert spec['securityContext']['runAsNonRoot'] is True
+    assert {k: spec['securityContext'][k] for k in ('runAsUser', 'runAsGroup', 'fsGroup')} == {
+        'runAsUser': 1000, 'runAsGroup': 1000, 'fsGroup': 1000}
     assert spec['automountServiceAccountToken'] is False
     for c in spec['containers']:
         sc = c['securityContext']
-        assert sc['runAsNonRoot'] and sc['runAsUser'] >= 10000
+        # the PRD's user: akidb, UID 1000 (what the images create and USER names)
+        assert sc['runAsNonRoot'] and (sc['runAsUser'], sc['runAsGroup']) == (1000, 1000)
         assert sc['readOnlyRootFilesystem'] is True
         assert sc['allowPrivilegeEscalation'] is False
         assert sc['capabilities']['drop'] == ['ALL']
@@ -161,7 +164,7 @@ def test_security_context_and_secret_references(values):
         assert vols['models']['persistentVolumeClaim']['readOnly'] is True
         assert 'persistentVolumeClaim' in vols['trt-cache']
     else:
-        # must already exist on the node (not created root-owned, unwritable for UID 10001)
+        # must already exist on the node (not created root-owned, unwritable for UID 1000)
         assert vols['models']['hostPath'] == {'path': '/opt/akidb/models', 'type': 'Directory'}
         assert vols['trt-cache']['hostPath'] == {'path': '/var/cache/akidb', 'type': 'Directory'}
     # no Secret object is created by the chart: keys and certificates are references only
@@ -304,6 +307,7 @@ def test_rendered_node_parameters_are_valid_node_parameters(values):
     doc = yaml.safe_load(cm['data']['params.yaml'])
     seen = dict(P.flatten(doc['/**']['ros__parameters']))
     assert seen['metrics_port'] == 9100 and seen['metrics_address'] == '0.0.0.0'
+    assert 'intra_op_threads' in seen
     for name, value in seen.items():
         spec = P.PARAMS_BY_NAME.get(name)
         assert spec is not None, f'{name} is not a node parameter'
@@ -558,3 +562,172 @@ def test_values_files_only_use_keys_the_chart_knows():
 
     for values in VALUES:
         walk(yaml.safe_load((CHART / values).read_text()), base, f'{values}: ')
+
+
+# --- node parameters, OTLP egress, PodMonitor, the UID (deployment audit) ---------------------
+def rendered_params(rendered: list) -> dict:
+    cm = next(d for d in rendered if d['kind'] == 'ConfigMap')
+    return yaml.safe_load(cm['data']['params.yaml'])['/**']['ros__parameters']
+
+
+def test_intra_op_threads_is_a_chart_value():
+    """node.params.intra_op_threads (akidb_ros.ros.params: int, -1..256, -1 = the engine YAML's
+    value, 0 = one ONNX Runtime thread per core) is in values.yaml with the node's default, and
+    every values file renders it into params.yaml as an integer."""
+    from akidb_ros.ros import params as P
+    spec = P.PARAMS_BY_NAME['intra_op_threads']
+    base = yaml.safe_load((CHART / 'values.yaml').read_text())
+    assert base['node']['params']['intra_op_threads'] == spec.default == -1
+    schema = json.loads(SCHEMA.read_text())
+    prop = schema['properties']['node']['properties']['params']['properties']['intra_op_threads']
+    assert prop['type'] == 'integer'
+    assert (prop['minimum'], prop['maximum']) == spec.range
+    for values in VALUES:
+        seen = rendered_params(docs(values))
+        assert type(seen['intra_op_threads']) is int, values
+        assert seen['intra_op_threads'] == _merged_values(values)['node']['params'][
+            'intra_op_threads'], values
+
+
+@pytest.mark.parametrize('threads', [0, 4, 256])
+def test_intra_op_threads_renders_what_is_set(threads, tmp_path):
+    cp = render_with(tmp_path, {'node': {'params': {'intra_op_threads': threads}}})
+    seen = rendered_params([d for d in yaml.safe_load_all(cp.stdout) if d])
+    assert seen['intra_op_threads'] == threads and type(seen['intra_op_threads']) is int
+
+
+@pytest.mark.parametrize('setting,error', [
+    ('node.params.intra_op_threads=257', "at '/node/params/intra_op_threads': maximum"),
+    ('node.params.intra_op_threads=-2', "at '/node/params/intra_op_threads': minimum"),
+])
+def test_intra_op_threads_range_is_checked(setting, error):
+    cp = run([str(ROOT / 'scripts/helm'), 'template', 'akidb', str(CHART), '--set', setting],
+             check=False)
+    assert cp.returncode == 1 and error in cp.stdout + cp.stderr, cp.stderr[-800:]
+
+
+def test_float_node_parameters_render_exactly(tmp_path):
+    """Doubles are written as they are set (0.25 was 0.2 with printf %.1f, 12.75 was 12.8),
+    and a whole number keeps its decimal point: the node's parameters are strict doubles."""
+    from akidb_ros.ros import params as P
+    cp = render_with(tmp_path, {'node': {'params': {
+        'shutdown_timeout_s': 12.75, 'resend_window_s': 0.25, 'diagnostics_period_s': 5}}})
+    rendered = [d for d in yaml.safe_load_all(cp.stdout) if d]
+    cm = next(d for d in rendered if d['kind'] == 'ConfigMap')
+    text = cm['data']['params.yaml']
+    assert 'shutdown_timeout_s: 12.75\n' in text and 'resend_window_s: 0.25\n' in text
+    assert 'diagnostics_period_s: 5.0\n' in text
+    seen = rendered_params(rendered)
+    for name, want in (('shutdown_timeout_s', 12.75), ('resend_window_s', 0.25),
+                       ('diagnostics_period_s', 5.0)):
+        assert seen[name] == want and type(seen[name]) is float, (name, seen[name])
+        assert P.validate_value(name, seen[name]) is None
+    cp = render_with(tmp_path, {'node': {'params': {'resend_window_s': 0.0625,
+                                                    'shutdown_timeout_s': 600}}})
+    seen = rendered_params([d for d in yaml.safe_load_all(cp.stdout) if d])
+    assert (seen['resend_window_s'], seen['shutdown_timeout_s']) == (0.0625, 600.0)
+    assert type(seen['shutdown_timeout_s']) is float
+
+
+def network_policy(rendered: list) -> dict:
+    return next(d for d in rendered if d['kind'] == 'NetworkPolicy')['spec']
+
+
+def otlp_rules(np_: dict) -> list:
+    return [r for r in np_['egress'] if all(p['port'] != 53 for p in r['ports'])]
+
+
+@pytest.mark.parametrize('endpoint,port', [
+    ('http://otel-collector.observability:4317', 4317),
+    ('http://otel-collector.observability.svc.cluster.local:4318', 4318),
+    ('http://otel-collector.observability', 4317),     # no port named: otelEgress.port
+], ids=['grpc', 'http-port', 'no-port'])
+def test_otel_endpoint_opens_its_egress(endpoint, port, tmp_path):
+    """Setting otel.endpoint alone opens egress to the collector on the endpoint's port (the
+    NetworkPolicy allowed DNS only, so spans were dropped silently); the result still matches
+    the Kubernetes schemas."""
+    cp = render_with(tmp_path, {'otel': {'endpoint': endpoint}})
+    rendered = [d for d in yaml.safe_load_all(cp.stdout) if d]
+    rules = otlp_rules(network_policy(rendered))
+    assert rules == [{'to': [{'namespaceSelector': {'matchLabels': {
+        'kubernetes.io/metadata.name': 'observability'}}}],
+        'ports': [{'port': port, 'protocol': 'TCP'}]}], rules
+    env = {e['name']: e.get('value') for e in containers_of(rendered)['node']['env']}
+    assert env['OTEL_EXPORTER_OTLP_ENDPOINT'] == endpoint
+    f = tmp_path / 'rendered.yaml'
+    f.write_text(cp.stdout)
+    cp = run([dtool('kubernetes-validate'), '--strict', '-k', '1.31.0', str(f)], check=False)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def test_otel_egress_without_endpoint_stays_closed_unless_enabled(tmp_path):
+    """No endpoint: DNS only; networkPolicy.otelEgress.enabled opens it anyway (an endpoint
+    set through `env`), and otelEgress.to replaces the namespace selector (a pod selector, or
+    an ipBlock for a collector outside the cluster)."""
+    closed = network_policy(docs('values-cpu.yaml'))
+    assert otlp_rules(closed) == []
+    cp = render_with(tmp_path, {'networkPolicy': {'otelEgress': {'enabled': True, 'port': 4318}}})
+    rules = otlp_rules(network_policy([d for d in yaml.safe_load_all(cp.stdout) if d]))
+    assert [r['ports'] for r in rules] == [[{'port': 4318, 'protocol': 'TCP'}]]
+    peers = [{'ipBlock': {'cidr': '10.1.2.0/24'}},
+             {'namespaceSelector': {'matchLabels': {'team': 'obs'}},
+              'podSelector': {'matchLabels': {'app': 'otel-collector'}}}]
+    cp = render_with(tmp_path, {'otel': {'endpoint': 'https://otlp.example.net:4317'},
+                                'networkPolicy': {'otelEgress': {'to': peers}}})
+    rendered = [d for d in yaml.safe_load_all(cp.stdout) if d]
+    assert otlp_rules(network_policy(rendered)) == [
+        {'to': peers, 'ports': [{'port': 4317, 'protocol': 'TCP'}]}]
+    f = tmp_path / 'rendered.yaml'
+    f.write_text(cp.stdout)
+    cp = run([dtool('kubernetes-validate'), '--strict', '-k', '1.31.0', str(f)], check=False)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def containers_of(rendered: list) -> dict:
+    dep = next(d for d in rendered if d['kind'] == 'Deployment')
+    return {c['name']: c for c in dep['spec']['template']['spec']['containers']}
+
+
+def test_pod_monitor_is_off_by_default():
+    for values in VALUES:
+        assert 'PodMonitor' not in by_kind(values) and 'ServiceMonitor' not in by_kind(values)
+        ann = deployment(values)['spec']['template']['metadata']['annotations']
+        assert ann['prometheus.io/scrape'] == 'true'
+
+
+def test_pod_monitor_scrapes_the_node_and_the_bridge_as_the_rules_expect(tmp_path):
+    """monitoring.podMonitor.enabled (Prometheus Operator): one PodMonitor with the node's
+    metrics port and the bridge's probe port, jobs akidb-node and akidb-bridge (the rules'
+    job=~"akidb.*" and the bridge's rest/grpc door metrics the SLO rules count), selecting
+    exactly the release's Pods; the prometheus.io annotations go (no second scrape of the
+    node under another job)."""
+    import re
+    cp = render_with(tmp_path, {'monitoring': {'podMonitor': {
+        'enabled': True, 'labels': {'release': 'kube-prometheus-stack'}, 'interval': '30s'}}})
+    rendered = [d for d in yaml.safe_load_all(cp.stdout) if d]
+    pm = next(d for d in rendered if d['kind'] == 'PodMonitor')
+    assert pm['apiVersion'] == 'monitoring.coreos.com/v1'
+    assert pm['metadata']['namespace'] == 'akidb'
+    assert pm['metadata']['labels']['release'] == 'kube-prometheus-stack'
+    dep = next(d for d in rendered if d['kind'] == 'Deployment')
+    pod_labels = dep['spec']['template']['metadata']['labels']
+    assert pm['spec']['selector']['matchLabels'] == dep['spec']['selector']['matchLabels']
+    assert all(pod_labels[k] == v for k, v in pm['spec']['selector']['matchLabels'].items())
+    assert pm['spec']['namespaceSelector'] == {'matchNames': ['akidb']}
+    ports = {c['name']: {p['name'] for p in c['ports']} for c in containers_of(rendered).values()}
+    jobs = {}
+    for ep in pm['spec']['podMetricsEndpoints']:
+        assert ep['path'] == '/metrics' and ep['scheme'] == 'http' and ep['interval'] == '30s'
+        job = [r['replacement'] for r in ep['relabelings'] if r.get('targetLabel') == 'job']
+        assert len(job) == 1
+        jobs[job[0]] = ep['port']
+    assert jobs == {'akidb-node': 'metrics', 'akidb-bridge': 'probe'}
+    assert 'metrics' in ports['node'] and 'probe' in ports['bridge']
+    matcher = re.compile('akidb.*')
+    assert all(matcher.fullmatch(j) for j in jobs)
+    ann = dep['spec']['template']['metadata']['annotations']
+    assert not any(k.startswith('prometheus.io/') for k in ann), ann
+    # the monitoring namespace may reach both ports through the NetworkPolicy
+    mon = next(r for r in network_policy(rendered)['ingress']
+               if 'namespaceSelector' in r['from'][0])
+    assert {p['port'] for p in mon['ports']} == {'metrics', 'probe'}

@@ -78,6 +78,29 @@ def test_slo_targets_are_encoded():
     assert windows == {'5m', '30m', '1h', '6h', '1d', '3d'}
 
 
+def test_error_rate_alert_follows_the_prd():
+    """AkidbErrorRateHigh is the Week 6 PRD's ErrorRateSLOViolation: > 0.1 %, for 2m,
+    critical; its runbook says why it keeps a traffic guard the PRD's rule does not have."""
+    rule = next(a for a in alerts() if a['alert'] == 'AkidbErrorRateHigh')
+    assert rule['labels']['severity'] == 'critical' and rule['for'] == '2m'
+    assert 'akidb:error_ratio:rate5m > 0.001' in rule['expr']
+    runbook = (RUNBOOKS / 'AkidbErrorRateHigh.md').read_text()
+    assert '**Severity:** critical' in runbook and 'for 2 minutes' in runbook
+    if 'akidb:requests:rate5m' in rule['expr']:
+        assert 'Why the traffic guard' in runbook
+
+
+def test_runbook_index_and_runbooks_carry_the_rules_severity():
+    """The index table and each runbook's **Severity:** line say what the rule's label says."""
+    index = (RUNBOOKS / 'README.md').read_text()
+    for a in alerts():
+        sev = a['labels']['severity']
+        row = re.search(r'^\| \[' + a['alert'] + r'\]\([^)]*\) \| ([a-z]+)', index, re.M)
+        assert row and row.group(1) == sev, (a['alert'], sev, row and row.group(0))
+        head = (RUNBOOKS / f"{a['alert']}.md").read_text()
+        assert re.search(r'\*\*Severity:\*\* ' + sev + r'\b', head), (a['alert'], sev)
+
+
 def test_at_least_ten_alerts_each_with_its_runbook():
     names = [a['alert'] for a in alerts()]
     assert len(names) >= 10 and len(set(names)) == len(names)

@@ -48,6 +48,20 @@ app.kubernetes.io/part-of: akidb-ros
 {{- default (printf "%s-trt-cache" (include "akidb-ros.fullname" .)) .Values.persistence.tensorrtCache.existingClaim -}}
 {{- end -}}
 
+{{/* A number as a YAML double, exactly as set (the node's double parameters refuse an
+integer): 0.25 -> 0.25, 12.75 -> 12.75, 5 -> 5.0, 1e-07 -> 1.0e-07 (shortest form that reads
+back as the same float64; a mantissa without a point gets ".0", which YAML 1.1 needs). */}}
+{{- define "akidb-ros.double" -}}
+{{- $s := toJson (float64 .) -}}
+{{- if contains "e" $s -}}
+{{- regexReplaceAll "^(-?[0-9]+)e" $s "${1}.0e" -}}
+{{- else if contains "." $s -}}
+{{- $s -}}
+{{- else -}}
+{{- printf "%s.0" $s -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Environment shared by the node and the bridge. */}}
 {{- define "akidb-ros.commonEnv" -}}
 - name: AKIDB_DEVICE
@@ -86,8 +100,8 @@ app.kubernetes.io/part-of: akidb-ros
 
 {{- define "akidb-ros.containerSecurityContext" -}}
 runAsNonRoot: true
-runAsUser: 10001
-runAsGroup: 10001
+runAsUser: 1000
+runAsGroup: 1000
 allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
 privileged: false
