@@ -271,13 +271,20 @@ def _error_message(err: jsonschema.ValidationError) -> str:
     return err.message
 
 
-def validate(raw: Any, source: str = '<dict>') -> None:
+def validate(raw: Any, source: str = '<dict>', env_may_add: bool = False) -> None:
     """Raise ConfigError listing every schema violation with its key path.
 
     Integers must be ints (``2``, not ``2.0`` nor ``true``); numbers must be finite.
+    ``env_may_add``: the file before the variables are applied; a top-level key missing from it
+    may still come from one (``AKIDB_DEFAULT_MODEL``), so only that is let pass.
     """
-    errors = sorted(_Validator(CONFIG_SCHEMA).iter_errors(raw),
-                    key=lambda e: list(e.absolute_path))
+    try:
+        errors = sorted((e for e in _Validator(CONFIG_SCHEMA).iter_errors(raw)
+                         if not (env_may_add and e.validator == 'required'
+                                 and not e.absolute_path)),
+                        key=lambda e: list(e.absolute_path))
+    except RecursionError:
+        raise ConfigError(f'invalid config {source}: values nest too deep') from None
     if errors:
         lines = [f'{_error_path(e)}: {_error_message(e)}' for e in errors]
         raise ConfigError(f'invalid config {source}:\n  ' + '\n  '.join(lines))
@@ -652,9 +659,14 @@ def load_config(path: Optional[os.PathLike] = None,
             loader.dispose()
     except yaml.YAMLError as exc:
         raise ConfigError(f'config {path} is not valid YAML: {exc}') from exc
+    except RecursionError:
+        raise ConfigError(f'config {path} is not valid YAML: it nests too deep') from None
     if not isinstance(raw, dict):
         raise ConfigError(f'invalid config {path}: the top level must be a mapping')
     base_dir = path.resolve().parent
+    # the file's own mistakes first, each naming its key: the variables read the entries they
+    # apply to (an entry without an id, a dimension written '384') and would blame themselves
+    validate(raw, str(path), env_may_add=True)
     raw = apply_env(raw, env, base_dir)
     if overrides:
         raw = _deep_merge(raw, overrides)

@@ -327,6 +327,43 @@ def test_a_variable_that_cannot_apply_is_named_not_the_file(tmp_path, env, messa
         str(err.value)
 
 
+MINILM_FILE = str(MODELS / 'all-MiniLM-L6-v2' / 'model.onnx')
+
+
+@pytest.mark.parametrize('mutate, env, message', [
+    (lambda r: r['models'][0].pop('id'), {'AKIDB_MODEL_PATH': MINILM_FILE},
+     "models[0]: 'id' is a required property"),                     # was KeyError('id')
+    (lambda r: r['models'][0].update(dimension='384'), {'AKIDB_MODEL_DIMENSION': '384'},
+     "models[0].dimension: '384' is not of type 'integer'"),      # was "=384, but ... has 384"
+    (lambda r: r['models'][0].update(tokenizer=5), {'AKIDB_MODEL_PATH': MINILM_FILE},
+     "models[0].tokenizer: 5 is not of type 'string'"),
+    (lambda r: r.update(models_dir=5), {'AKIDB_MODEL_PATH': MINILM_FILE},
+     "models_dir: 5 is not of type 'string'"),
+    (lambda r: r['models'][0].update(id=5), {'AKIDB_MODEL_PATH': MINILM_FILE},
+     "models[0].id: 5 is not of type 'string'"),
+])
+def test_the_files_own_mistakes_are_named_before_variables_apply(tmp_path, mutate, env, message):
+    """The variables read the entries they apply to: a broken entry gave a traceback or blamed
+    the variable. The file is checked first, so its key is named."""
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(tmp_path, mutate), env=env)
+    assert str(err.value).startswith('invalid config ') and message in str(err.value), \
+        str(err.value)
+
+
+def test_a_default_model_from_the_variable_may_be_missing_from_the_file(tmp_path):
+    cfg = load_config(write_config(tmp_path, lambda r: r.pop('default_model')),
+                      env={'AKIDB_DEFAULT_MODEL': MPNET})
+    assert cfg.default_model == MPNET
+
+
+def test_a_file_nested_too_deep_is_a_config_error(tmp_path):
+    path = tmp_path / 'deep.yaml'
+    path.write_text('default_model: ' + '[' * 2000 + ']' * 2000 + '\nmodels: []\n')
+    with pytest.raises(ConfigError, match='nests too deep'):
+        load_config(path, env={})
+
+
 def test_a_model_id_made_from_the_file_path_names_the_variable(tmp_path):
     env = _outside_model(tmp_path / '.hidden')
     with pytest.raises(ConfigError) as err:
