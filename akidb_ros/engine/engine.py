@@ -203,7 +203,9 @@ class EmbeddingEngine:
         """Validate, admit and enqueue; the future resolves exactly once (result or EngineError).
 
         Caller mistakes and admission failures raise EngineError right away (nothing was
-        accepted); after acceptance, every outcome arrives through the future. A caller that
+        accepted), and so do failures before the job is queued (its model's load failing, the
+        deadline passing while it is tokenised, INPUT_TOO_LONG), its queue slot given back;
+        once queued, every outcome arrives through the future. A caller that
         will block on the future (``caller_waits``) may get it answered already: its thread
         runs the job when the model is idle (``Batcher.run_inline``). An event loop or ROS
         executor must not set it, and should pass ``load=False``: a model that is not loaded
