@@ -156,6 +156,7 @@ class EmbeddingEngine:
         self._deadlines = DeadlineWatcher()
         self._closed = False
         self._close_lock = threading.Lock()
+        self._close_done = threading.Event()
         self._idle = threading.Condition()
         self.started_at = time.monotonic()
         self.gpu_sampler = GpuSampler(config.engine.gpu_metrics_interval_s)
@@ -177,11 +178,20 @@ class EmbeddingEngine:
             self.manager.load(model, wait_build=True)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop taking work, answer everything accepted (finish it, or fail it cleanly)."""
+        """Stop taking work, answer everything accepted (finish it, or fail it cleanly). A
+        second caller waits for the first one's close to end (up to ``timeout`` more)."""
         with self._close_lock:
-            if self._closed:
-                return
+            first = not self._closed
             self._closed = True
+        if not first:
+            self._close_done.wait(timeout)
+            return
+        try:
+            self._close(timeout)
+        finally:
+            self._close_done.set()
+
+    def _close(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         with self._idle:
             while self.admission.pending > 0:

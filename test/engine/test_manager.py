@@ -198,6 +198,24 @@ def test_a_stop_returns_only_once_the_run_in_progress_has_ended(tmp_path):
         eng.close()
 
 
+def test_a_second_close_waits_for_the_first(tmp_path):
+    """Two closers (a signal handler and a ``with`` block): the second returned at once, while
+    the first was still answering accepted work."""
+    eng = make_engine(tmp_path)
+    gate = Gate(eng.manager.loaded(MINILM).batcher)
+    gate.close()
+    held = eng.submit(EmbedRequest(inputs=['in the run']))
+    assert gate.entered.wait(5)
+    first = threading.Thread(target=eng.close)
+    first.start()
+    time.sleep(0.2)
+    threading.Timer(0.5, gate.open.set).start()
+    eng.close()
+    assert held.done()                  # the first close answered it before the second returned
+    first.join(10)
+    assert held.result(0).embeddings.shape == (1, 384)
+
+
 def test_nothing_loads_once_close_has_begun(tmp_path):
     """A load that starts after ``close()`` took its look would outlive it (a model serving,
     its runner threads left in ONNX Runtime): it is refused ``UNAVAILABLE``."""
