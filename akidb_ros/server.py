@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument('--no-ros', action='store_true',
                     help='inprocess mode without the ROS node (non-ROS hosts)')
     ap.add_argument('--config', default=None, help='engine config (default config/models.yaml)')
-    ap.add_argument('--ros-prefix', default=os.environ.get('AKIDB_ROS_PREFIX', ''),
+    ap.add_argument('--ros-prefix', type=_ros_namespace,
+                    default=_env_option('AKIDB_ROS_PREFIX', '', _ros_namespace),
                     help="sidecar: namespace of the node's services (default '' = /embed)")
     ap.add_argument('--ros-executor', choices=ROS_EXECUTORS,
                     default=_env_choice('AKIDB_ROS_EXECUTOR', 'events', ROS_EXECUTORS),
@@ -230,15 +231,35 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     """The options, every one checked before anything loads: a value the server cannot run
     with, flag or variable, is a usage error (exit 2) in one line naming it."""
+    from akidb_ros.observability.logs import log_settings_error
     try:
         parser = build_parser()
+        bad_logs = log_settings_error()
+        if bad_logs:
+            raise BadVariable(bad_logs)
     except BadVariable as exc:
         argparse.ArgumentParser(prog=PROG).exit(2, f'{PROG}: error: {exc}\n')
     args = parser.parse_args(argv)
     if args.grpc_max_streams is not None and not args.grpc_max_streams < args.grpc_workers:
-        parser.error(f'--grpc-max-streams must be at least 1 and less than --grpc-workers '
+        given = ('--grpc-max-streams' if _flag_given(argv, '--grpc-max-streams')
+                 else 'AKIDB_GRPC_MAX_STREAMS')
+        parser.error(f'{given} must be at least 1 and less than --grpc-workers '
                      f'({args.grpc_workers}): unary calls need threads too')
     return args
+
+
+def _flag_given(argv, flag: str) -> bool:
+    argv = sys.argv[1:] if argv is None else argv
+    return any(a == flag or a.startswith(flag + '=') for a in argv)
+
+
+def _ros_namespace(text: str) -> str:
+    """--ros-prefix: '' or a valid ROS namespace, checked like the CLIs' --namespace (rclpy
+    only imported when one is given)."""
+    if not text.strip('/'):
+        return ''
+    from akidb_ros.ros.cli import _namespace
+    return _namespace(text)
 
 
 class Bridges:

@@ -304,7 +304,7 @@ TLS_ENV = {'AKIDB_TLS_CERT': 'cert_file', 'AKIDB_TLS_KEY': 'key_file', 'AKIDB_TL
 def _tls_overrides(section: Dict[str, Any], env: Dict[str, str],
                    source: str) -> tuple:
     """Apply AKIDB_TLS_* to a ``security:`` mapping; returns (section, source label)."""
-    given = {name: env[name] for name in TLS_ENV if env.get(name)}
+    given = {name: env[name].strip() for name in TLS_ENV if env.get(name, '').strip()}
     if not given:
         return section, source
     if ('AKIDB_TLS_CERT' in given) != ('AKIDB_TLS_KEY' in given):
@@ -325,10 +325,10 @@ def _tls_overrides(section: Dict[str, Any], env: Dict[str, str],
 def load(path: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> SecurityConfig:
     """Load the security config (see module doc for the search order and env overrides)."""
     env = os.environ if env is None else env
+    if path is None:        # a variable set blank counts as unset, as every AKIDB_* one does
+        path = env.get('AKIDB_SECURITY_CONFIG', '').strip() or None
     if path is None:
-        path = env.get('AKIDB_SECURITY_CONFIG')
-    if path is None:
-        profile = env.get('AKIDB_SECURITY_PROFILE', 'dev')
+        profile = env.get('AKIDB_SECURITY_PROFILE', '').strip() or 'dev'
         if not profile.replace('_', '').replace('-', '').isalnum():
             raise SecurityConfigError(f'bad AKIDB_SECURITY_PROFILE {profile!r}')
         path = os.path.join(REPO_ROOT, 'config', f'security.{profile}.yaml')

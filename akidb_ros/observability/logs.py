@@ -72,15 +72,38 @@ class TextFormatter(logging.Formatter):
         return _LINE_BREAKERS.sub(_escape, line.replace('\r', '\\r').replace('\n', '\\n'))
 
 
+LOG_FORMATS = ('json', 'text')
+LOG_LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL')
+
+
 def log_format(fmt: Optional[str] = None) -> str:
     """The log format in effect: ``fmt``, else ``AKIDB_LOG_FORMAT``, else ``json``."""
-    return (fmt or os.environ.get('AKIDB_LOG_FORMAT') or 'json').lower()
+    return (fmt or os.environ.get('AKIDB_LOG_FORMAT', '').strip() or 'json').lower()
+
+
+def log_level(level: Optional[str] = None) -> str:
+    """The log level in effect: ``level``, else ``AKIDB_LOG_LEVEL``, else ``INFO``."""
+    return (level or os.environ.get('AKIDB_LOG_LEVEL', '').strip() or 'INFO').upper()
+
+
+def log_settings_error() -> str:
+    """One line naming the variable when ``AKIDB_LOG_FORMAT`` or ``AKIDB_LOG_LEVEL`` holds a
+    value the logs cannot take ('' when both are usable; blank counts as unset)."""
+    if log_format() not in LOG_FORMATS:
+        return (f"AKIDB_LOG_FORMAT={os.environ['AKIDB_LOG_FORMAT']!r} is not one of "
+                f"{', '.join(LOG_FORMATS)}")
+    if log_level() not in LOG_LEVELS:
+        return (f"AKIDB_LOG_LEVEL={os.environ['AKIDB_LOG_LEVEL']!r} is not one of "
+                f"{', '.join(LOG_LEVELS)}")
+    return ''
 
 
 def configure_logging(level: Optional[str] = None, fmt: Optional[str] = None, stream=None) -> None:
-    """Install the JSON (or text) handler on the root logger; idempotent."""
-    level = (level or os.environ.get('AKIDB_LOG_LEVEL') or 'INFO').upper()
-    fmt = log_format(fmt)
+    """Install the JSON (or text) handler on the root logger; idempotent. A bad level or
+    format is a ValueError naming it (``log_settings_error`` checks the variables first)."""
+    level, fmt = log_level(level), log_format(fmt)
+    if fmt not in LOG_FORMATS or level not in LOG_LEVELS:
+        raise ValueError(log_settings_error() or f'log level {level!r} or format {fmt!r} unknown')
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, '_akidb', False):

@@ -156,3 +156,33 @@ def test_a_blank_host_variable_counts_as_unset_and_a_blank_host_flag_is_refused(
     line = _usage_error(capsys, lambda: parse_args(['--host', ' ']))
     assert line == ("akidb-server: error: argument --host: ' ' is blank "
                     "(write 127.0.0.1, or 0.0.0.0 for every interface)"), line
+
+
+@pytest.mark.parametrize('name, value, line', [
+    ('AKIDB_LOG_LEVEL', 'bogus',
+     "AKIDB_LOG_LEVEL='bogus' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ('AKIDB_LOG_FORMAT', 'xml', "AKIDB_LOG_FORMAT='xml' is not one of json, text"),
+    ('AKIDB_ROS_PREFIX', 'bad ns', "AKIDB_ROS_PREFIX='bad ns' is not a ROS namespace: "),
+    ('AKIDB_GRPC_MAX_STREAMS', '64', 'AKIDB_GRPC_MAX_STREAMS must be at least 1 and less than '
+     '--grpc-workers (64)'),
+])
+def test_every_variable_the_server_reads_is_checked_before_anything_loads(
+        monkeypatch, capsys, name, value, line):
+    """A bad log level ended in a traceback, a bad log format was taken as text, a bad ROS
+    namespace failed later in the sidecar's start, and a variable's value was named as the
+    flag."""
+    from akidb_ros.server import parse_args
+    monkeypatch.setenv(name, value)
+    said = _usage_error(capsys, lambda: parse_args([]))
+    assert said.startswith(f'akidb-server: error: {line}'), said
+
+
+def test_a_ros_prefix_flag_is_checked_and_blank_or_valid_ones_are_taken(monkeypatch, capsys):
+    from akidb_ros.server import parse_args
+    said = _usage_error(capsys, lambda: parse_args(['--ros-prefix', 'a//b']))
+    assert said.startswith("akidb-server: error: argument --ros-prefix: 'a//b' is not a ROS "
+                           'namespace'), said
+    assert parse_args(['--ros-prefix', '/robot1/']).ros_prefix == '/robot1'
+    monkeypatch.setenv('AKIDB_ROS_PREFIX', ' ')
+    monkeypatch.setenv('AKIDB_LOG_LEVEL', ' debug ')
+    assert parse_args([]).ros_prefix == ''

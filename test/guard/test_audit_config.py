@@ -176,3 +176,15 @@ def test_scrub_keeps_ids_and_redacts_secrets():
     assert all(out[k] == REDACTED for k in secrets)
     # an id field holding a key by mistake is still caught by its shape
     assert scrub({'previous_key_id': key})['previous_key_id'] == REDACTED
+
+
+def test_blank_security_variables_count_as_unset():
+    """``AKIDB_SECURITY_CONFIG=`` opened the file '' (exit 1), ``AKIDB_SECURITY_PROFILE=`` was
+    a 'bad profile'; blank means unset, as for every other AKIDB_* variable."""
+    unset = load(env={})
+    for env in ({'AKIDB_SECURITY_CONFIG': ''}, {'AKIDB_SECURITY_PROFILE': '  '},
+                {'AKIDB_SECURITY_CONFIG': ' ', 'AKIDB_SECURITY_PROFILE': '',
+                 'AKIDB_TLS_CERT': ' ', 'AKIDB_TLS_CA': ''}):
+        cfg = load(env=env)
+        assert (cfg['profile'], cfg.auth_enabled, cfg.tls_enabled) == (
+            unset['profile'], unset.auth_enabled, unset.tls_enabled), env
