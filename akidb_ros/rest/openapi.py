@@ -80,6 +80,13 @@ def _responses(ok_ref: str, ok_desc: str, errors=None, error_ref: str = 'Error')
     return out
 
 
+def _guarded(responses: dict) -> dict:
+    """A route the guard checks (every one but liveness): its refusals beside its answers."""
+    for code in ('401', '403', '429'):
+        responses[code] = {'description': _COMMON_ERRORS[code], 'content': _json('Error')}
+    return responses
+
+
 def build_openapi(server_url: str = '') -> dict:
     embed_errors = list(_COMMON_ERRORS)
     admin_errors = list(_COMMON_ERRORS)
@@ -127,10 +134,10 @@ def build_openapi(server_url: str = '') -> dict:
             }},
             '/health': {'get': {
                 'operationId': 'health', 'summary': 'PRD health (503 when unhealthy)',
-                'responses': {
+                'responses': _guarded({
                     '200': {'description': 'healthy or degraded', 'content': _json('Health')},
                     '503': {'description': 'unhealthy', 'content': _json('Health')},
-                },
+                }),
             }},
             '/health/live': {'get': {
                 'operationId': 'live', 'summary': 'Liveness probe',
@@ -138,19 +145,20 @@ def build_openapi(server_url: str = '') -> dict:
             }},
             '/health/ready': {'get': {
                 'operationId': 'ready', 'summary': 'Readiness: the default model is loaded',
-                'responses': {'200': {'description': 'ready', 'content': _json('Probe')},
-                              '503': {'description': 'not ready', 'content': _json('Probe')}},
+                'responses': _guarded({
+                    '200': {'description': 'ready', 'content': _json('Probe')},
+                    '503': {'description': 'not ready', 'content': _json('Probe')}}),
             }},
             '/metrics': {'get': {
                 'operationId': 'metrics', 'summary': 'Prometheus metrics (text format)',
-                'responses': {'200': {'description': 'metrics', 'content': {
-                    'text/plain': {'schema': {'type': 'string'}}}}},
+                'responses': _guarded({'200': {'description': 'metrics', 'content': {
+                    'text/plain': {'schema': {'type': 'string'}}}}}),
             }},
             '/openapi.json': {'get': {
                 'operationId': 'openapi', 'summary': 'This document (OpenAPI 3.1)',
-                'responses': {'200': {'description': 'the OpenAPI document',
-                                      'content': {'application/json': {
-                                          'schema': {'type': 'object'}}}}},
+                'responses': _guarded({'200': {'description': 'the OpenAPI document',
+                                               'content': {'application/json': {
+                                                   'schema': {'type': 'object'}}}}}),
             }},
         },
         'components': {'schemas': {

@@ -110,3 +110,20 @@ def test_every_json_body_operation_declares_and_answers_415(rest_url):
         assert r.status_code == 415, (path, r.status_code, r.text[:200])
         jsonschema.validate(r.json(), schema)
         assert r.json()['code'] == 'UNSUPPORTED_MEDIA_TYPE'
+
+
+def test_every_route_the_guard_checks_declares_its_refusals():
+    """The guard answers 401/403/429 on every route but liveness (the dev profile rate-limits
+    too): /health, /health/ready, /metrics and /openapi.json declared none of them."""
+    from akidb_ros.guard.rbac import PERMISSION_TABLE, Permission
+    from akidb_ros.rest.openapi import build_openapi
+    paths = build_openapi()['paths']
+    for route, perm in PERMISSION_TABLE.items():
+        if route.startswith('/'):               # a gRPC method
+            continue
+        method, path = route.split(' ', 1)
+        declared = set(paths[path][method.lower()]['responses'])
+        if perm is Permission.PUBLIC:
+            assert not declared & {'401', '403', '429'}, route
+        else:
+            assert {'401', '403', '429'} <= declared, (route, sorted(declared))
