@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy_support import CHART, ROOT
+from deploy_support import CHART, ROOT, docs
 
 OPS = ROOT / 'docs' / 'operations'
 RUNBOOKS = OPS / 'runbooks'
@@ -169,23 +169,28 @@ def test_runbook_readiness_command_for_a_pod_works(status):
     assert cp.stdout.startswith(f'{status} ') and '"status"' in cp.stdout, cp.stdout
 
 
-def test_dds_is_never_said_to_use_shared_memory():
-    """config/fastdds_loopback.xml: UDP on 127.0.0.1, built-in transports (shared memory
-    included) off; a comment or page that ties DDS to shared memory says it is not used."""
-    xml = (ROOT / 'config' / 'fastdds_loopback.xml').read_text()
-    assert '<useBuiltinTransports>false</useBuiltinTransports>' in xml
-    assert re.findall(r'<type>(\w+)</type>', xml) == ['UDPv4']
-    files = [*ops_pages(), ROOT / 'docker' / 'docker-compose.yml',
-             *sorted((CHART / 'templates').iterdir()), *sorted(CHART.glob('values*.yaml'))]
-    bad = []
-    for f in files:
-        # sentences, not lines: a claim may wrap
-        for sentence in re.split(r'(?<=[.;:)])\s', ' '.join(f.read_text().split())):
-            if re.search(r'shared[- ]memory|/dev/shm|\bipc\b', sentence, re.I) and \
-                    re.search(r'\bDDS\b', sentence) and \
-                    not re.search(r"\b(not|off|no|does not|doesn't)\b", sentence):
-                bad.append(f'{f.relative_to(ROOT)}: {sentence[:160]}')
-    assert not bad, bad
+def test_dds_uses_shared_memory_so_both_containers_share_dev_shm():
+    """Under scripts/dds_env.sh (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST) rmw_fastrtps adds Fast
+    DDS's shared-memory transport beside the profile's loopback UDP: a real participant maps
+    /dev/shm/fastdds_* segments. So the node and the bridge must see one /dev/shm: the chart
+    mounts its dshm emptyDir in both containers, compose shares the node's IPC namespace."""
+    code = ('import os, time, rclpy\n'
+            'rclpy.init(); n = rclpy.create_node("shm_probe"); time.sleep(1.0)\n'
+            'print(any("/dev/shm/fastdds_" in l for l in open("/proc/self/maps")))\n'
+            'n.destroy_node(); rclpy.shutdown()\n')
+    cp = subprocess.run(['bash', '-c', f'. scripts/dds_env.sh && exec {sys.executable} -c '
+                         f'{shlex.quote(code)}'], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60)
+    assert cp.returncode == 0 and cp.stdout.strip() == 'True', (cp.stdout, cp.stderr[-500:])
+    spec = next(d for d in docs('values.yaml') if d['kind'] == 'Deployment')['spec'][
+        'template']['spec']
+    assert spec['volumes'][[v['name'] for v in spec['volumes']].index('dshm')]['emptyDir'][
+        'medium'] == 'Memory'
+    for c in spec['containers']:
+        assert {'name': 'dshm', 'mountPath': '/dev/shm'}.items() <= next(
+            m for m in c['volumeMounts'] if m['name'] == 'dshm').items(), c['name']
+    compose = yaml.safe_load((ROOT / 'docker' / 'docker-compose.yml').read_text())
+    assert compose['services']['bridge']['ipc'] == 'service:node'
 
 
 def test_latency_runbook_names_the_thread_setting():
