@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import sys
+import time
 import uuid
 from typing import List, Optional
 
@@ -38,6 +39,35 @@ from rclpy.validate_namespace import validate_namespace
 from akidb_ros.ros.conversions import embeddings_from_response
 from akidb_ros.ros.first_contact import FirstContact
 from akidb_ros.srv import Embed, ListModels, LoadModel, UnloadModel
+
+# Services a copy of a call cannot harm, so call_service re-sends a first call to them
+# (FirstContact): the node's own (embed copies are joined by request_id, a load is
+# deduplicated by the engine, an unload of an unloaded model answers its status) and ROS's
+# read-only ones. Any other (lifecycle change_state, set_parameters ...) is called once: a
+# re-sent configure was refused while the first one ran, and that refusal was the answer.
+REPEATABLE_SERVICES = frozenset({
+    'akidb_ros/srv/Embed', 'akidb_ros/srv/ListModels', 'akidb_ros/srv/LoadModel',
+    'akidb_ros/srv/UnloadModel',
+    'lifecycle_msgs/srv/GetState', 'lifecycle_msgs/srv/GetAvailableStates',
+    'lifecycle_msgs/srv/GetAvailableTransitions',
+    'rcl_interfaces/srv/GetParameters', 'rcl_interfaces/srv/GetParameterTypes',
+    'rcl_interfaces/srv/ListParameters', 'rcl_interfaces/srv/DescribeParameters',
+    'type_description_interfaces/srv/GetTypeDescription'})
+
+
+# A client that sends each call once (not repeatable) pauses this long before its first call.
+ONCE_FIRST_CALL_PAUSE_S = 0.25
+
+
+def _type_name(srv_type) -> str:
+    """``pkg/srv/Name`` of a generated service type, e.g. ``lifecycle_msgs/srv/GetState``."""
+    return f'{srv_type.__module__.split(".")[0]}/srv/{srv_type.__name__}'
+
+
+def repeatable(srv_type) -> bool:
+    """Whether a second copy of a call of ``srv_type`` is harmless (``REPEATABLE_SERVICES``)."""
+    return _type_name(srv_type) in REPEATABLE_SERVICES
+
 
 DEFAULT_TIMEOUT_S = 10.0
 # The engine abandons a load after timeouts.model_load_s (60 s by default) and the node then
@@ -83,14 +113,16 @@ class EmbeddingClient:
         self.clients = {name: self._client(srv, name) for name, srv in (
             ('embed', Embed), ('list_models', ListModels), ('load_model', LoadModel),
             ('unload_model', UnloadModel))}
-        self._other_clients = {}   # call_service's, by (type, name)
+        self._other_clients = {}   # call_service's, by (type, name, resend)
 
-    def _client(self, srv_type, name: str) -> FirstContact:
+    def _client(self, srv_type, name: str, resend: bool = True) -> FirstContact:
         # A FirstContact: a request sent before the node has matched this new client would be
-        # lost (akidb_ros.ros.first_contact); it is sent again instead.
+        # lost (akidb_ros.ros.first_contact); it is sent again instead. ``resend=False``: a
+        # plain rclpy client behind the same interface (each call sent once).
         if self._base and not name.startswith('/'):
             name = f'{self._base}/{name}'
-        return FirstContact(self.node.create_client(srv_type, name, qos_profile=self._qos))
+        return FirstContact(self.node.create_client(srv_type, name, qos_profile=self._qos),
+                            **({} if resend else {'resend_s': 0.0}))
 
     def call(self, service: str, request, timeout_s: float = 10.0,
              discovery_s: Optional[float] = None):
@@ -101,15 +133,27 @@ class EmbeddingClient:
         """
         return self._wait(self.clients[service], request, timeout_s, discovery_s)
 
-    def call_service(self, srv_type, name: str, request, timeout_s: float = 10.0):
+    def call_service(self, srv_type, name: str, request, timeout_s: float = 10.0,
+                     resend: Optional[bool] = None):
         """Call any service, e.g. the node's parameter or lifecycle services.
 
         ``name`` is relative to the client's namespace unless it starts with ``/``; its
         client is made on first use and kept.
+
+        ``resend``: whether a first call with no answer after 0.5 s is sent again
+        (:class:`FirstContact`; DDS can lose a new client's first request). ``None`` (the
+        default): only for services a copy cannot harm (:func:`repeatable`: the node's own and
+        ROS's read-only ones). Any other, e.g. ``change_state`` or ``set_parameters``, is sent
+        once: a copy of a ``configure`` arrives while the first one runs and is refused, and
+        that refusal would be the answer to a configure that succeeds. Such a client's first
+        call waits ``ONCE_FIRST_CALL_PAUSE_S`` (0.25 s) after discovery, for the node's side
+        of it; a first request DDS lost all the same is a :class:`NoAnswer` after
+        ``timeout_s``: look (``get_state``, ``get_parameters``) before calling again.
         """
-        key = (srv_type, name)
+        resend = repeatable(srv_type) if resend is None else resend
+        key = (srv_type, name, resend)
         if key not in self._other_clients:
-            self._other_clients[key] = self._client(srv_type, name)
+            self._other_clients[key] = self._client(srv_type, name, resend)
         return self._wait(self._other_clients[key], request, timeout_s)
 
     def _wait(self, client: FirstContact, request, timeout_s: float,
@@ -124,11 +168,19 @@ class EmbeddingClient:
             raise NoAnswer(f'no node offers {name} within {discovery_s:g} s (is it running, '
                            f'same ROS_DOMAIN_ID, loopback DDS env sourced? discovering it can '
                            f'take a new process a second or more)')
+        if client.resend_s <= 0 and not client.answered:
+            # Sent once, with no copy to repair a loss: give the node's side of discovery a
+            # moment to match this new client (wait_for_service saw only ours match), so a
+            # first request is not sent into the gap (akidb_ros.ros.first_contact).
+            end = time.monotonic() + ONCE_FIRST_CALL_PAUSE_S
+            while (left := end - time.monotonic()) > 0:
+                self.executor.spin_once(timeout_sec=left)
         future = client.call_async(request)
         self.executor.spin_until_future_complete(future, timeout_sec=timeout_s)
         if not future.done():
             client.forget(future)
             raise NoAnswer(f'{name} did not answer within {timeout_s:g} s')
+        client.answered = True
         return future.result()
 
     def _resolved(self, srv_name: str) -> str:

@@ -17,6 +17,11 @@ twice: a model load is deduplicated by the engine, and the node joins an ``embed
 the identical call still in flight when the call carries a ``request_id`` (without one, each
 copy is computed). After one answer the
 service has matched this client: calls go out once, as plain rclpy calls, with nothing added.
+Wrap only a client whose calls are safe to repeat: a copy of a lifecycle ``change_state``
+arrives while the first one runs and is refused, and that refusal would win (a successful
+``configure`` answered ``success=false``). ``EmbeddingClient.call_service`` therefore re-sends
+only for the node's own services and ROS's read-only ones (``akidb_ros.ros.cli.repeatable``);
+``resend_s=0`` makes a FirstContact a plain client behind the same interface.
 :meth:`FirstContact.reset` re-arms it where the service may be a new one (it left the graph;
 the sidecar's ``RosBackend`` does so).
 """

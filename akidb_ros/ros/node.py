@@ -3,14 +3,17 @@
 Services (relative names, so namespaces and remaps apply): ``embed``, ``list_models``,
 ``load_model``, ``unload_model``. Diagnostics on ``/diagnostics``.
 
-Lifecycle: ``configure`` builds the :class:`EmbeddingEngine` and loads (and warms) the default
-model; ``activate`` creates the services (the first time) and serves; ``deactivate`` answers new
-calls with ``UNAVAILABLE``; ``cleanup``/``shutdown`` stop serving at once and close the engine on
-a helper thread (``engine.close`` answers every call it accepted). The services, once created,
-stay until the node is destroyed, so no caller hangs and no reply is sent on a destroyed
-service: out of the active state they answer ``UNAVAILABLE`` (``list_models``: the configured
-engine's models, none when unconfigured). Run directly, the node configures and activates
-itself (parameter ``autostart``, default true).
+Lifecycle: once created the services stay until the node is destroyed and answer in every
+state, so no caller hangs and no reply is sent on a destroyed service; they are created with the
+node (``autostart: false``), or when autostart's first configure ends (:meth:`ensure_services`).
+``configure`` builds the :class:`EmbeddingEngine` and loads (and warms) the default model;
+``activate`` serves; ``deactivate`` answers new calls with ``UNAVAILABLE``; ``cleanup``/
+``shutdown`` stop serving at once and close the engine on a helper thread (``engine.close``
+answers every call it accepted). Out of the active state (before a lifecycle manager's first
+``configure`` too, and while ``configure_retry_s`` retries a failed one) ``embed``,
+``load_model`` and ``unload_model`` answer ``UNAVAILABLE`` and ``list_models`` the node's state
+with the configured engine's models (none when unconfigured).
+Run directly, the node configures and activates itself (parameter ``autostart``, default true).
 
 Callbacks never block the executor: an ``Embed`` call is validated and submitted to the engine
 (``engine.submit`` returns a ``concurrent.futures.Future``) and the callback returns at once. The
@@ -181,6 +184,7 @@ class EmbeddingNode(LifecycleNode):
         self.engine: Optional[EmbeddingEngine] = None
         self._diag_timer = None
         self._configure_error = ''      # why the latest configure failed (for /diagnostics)
+        self._declared = False          # built: from then on _check_models checks a set at once
         # registered first, so values from params files and -p go through the same checks
         self.add_on_set_parameters_callback(self._on_set_parameters)
         P.declare_all(self)
@@ -217,14 +221,28 @@ class EmbeddingNode(LifecycleNode):
         self._reset_diagnostics_timer(self.get_parameter('diagnostics_period_s').value)
         self._metrics_server = None
         port = self.get_parameter('metrics_port').value
-        if port:
-            self._start_metrics(port, self.get_parameter('metrics_address').value)
+        if port:    # a port it cannot bind is a start error (ValueError), as a bad range is
+            try:
+                self._start_metrics(port, self.get_parameter('metrics_address').value)
+            except BaseException:
+                self.destroy_node()
+                raise
+        if not self.get_parameter('autostart').value:
+            self.ensure_services()      # a lifecycle manager's node: answer from the start
+        self._declared = True
 
     # --- parameters ------------------------------------------------------------------------
     def _on_set_parameters(self, parameters) -> SetParametersResult:
         # Ranges and read-only flags are enforced by the descriptors before this runs.
         for p in parameters:
             reason = P.validate_value(p.name, p.value)
+            if reason:
+                return SetParametersResult(successful=False, reason=reason)
+        if self._declared and self._external_engine is None:
+            # At start a bad model id is configure's to report (exit 1, or with
+            # configure_retry_s the node stays up saying why); later, a typo is refused here
+            # rather than found by the next configure, which takes the node out of service.
+            reason = self._check_models(parameters)
             if reason:
                 return SetParametersResult(successful=False, reason=reason)
         for p in parameters:
@@ -238,6 +256,42 @@ class EmbeddingNode(LifecycleNode):
                     f'{p.name}={p.value!r} takes effect at the next configure')
         return SetParametersResult(successful=True)
 
+    def _check_models(self, parameters) -> str:
+        """Why ``config_path``/``default_model``/``preload_models`` in ``parameters`` are refused.
+
+        Checked against the catalogue the next configure would read (the config file, then
+        ``AKIDB_*`` and the engine overrides): a ``config_path`` whose file is not a valid
+        config, and a ``default_model`` or ``preload_models`` id the catalogue does not have.
+        A new ``config_path`` is not refused for the models already set (set it first, then
+        them); a catalogue that cannot be read is not this change's fault: not refused either.
+        Costs one read of the config file, only when one of those three is set.
+        """
+        new = {p.name: p.value for p in parameters
+               if p.name in ('config_path', 'default_model', 'preload_models')}
+        if not new:
+            return ''
+
+        def value(name):
+            return new[name] if name in new else self.get_parameter(name).value
+        # the catalogue without default_model: a new file's may rightly lack the old one
+        overrides = P.engine_overrides(value)
+        overrides.pop('default_model', None)
+        try:
+            cfg = load_config(self._config_file(value('config_path')), overrides)
+        except ConfigError as exc:
+            return f'config_path: {exc}' if 'config_path' in new else ''
+        known = {m.id for m in cfg.models} | {m.name for m in cfg.models}
+        ids = ', '.join(m.id for m in cfg.models)
+        default = P.unset_if_null(new.get('default_model', ''))
+        if default and default not in known:
+            return (f'default_model: {default!r} is not in the catalogue of {cfg.source} '
+                    f'(ids: {ids})')
+        unknown = [m for m in P.model_list(new.get('preload_models', '')) if m not in known]
+        if unknown:
+            return (f'preload_models: {", ".join(map(repr, unknown))} not in the catalogue of '
+                    f'{cfg.source} (ids: {ids})')
+        return ''
+
     def _reset_diagnostics_timer(self, period: float) -> None:
         if self._diag_timer is not None:
             self.destroy_timer(self._diag_timer)
@@ -247,16 +301,56 @@ class EmbeddingNode(LifecycleNode):
                                                  callback_group=self._diag_cb)
 
     def _start_metrics(self, port: int, address: str) -> None:
+        """Serve /metrics; ``ValueError`` naming both parameters when it cannot.
+
+        A port in use or an address that is not this host's (``metrics_address:=999.1.1.1``)
+        ends the start (``run``: exit 2, one line), like any other bad start-only parameter:
+        the node used to log an error and serve on without /metrics.
+        """
+        from prometheus_client import start_http_server
         try:
-            from prometheus_client import start_http_server
             self._metrics_server = start_http_server(port, addr=address)
-            self._log.info(f'metrics on http://{address}:{port}/metrics')
-        except Exception as exc:
-            self._log.error(f'metrics server not started on {address}:{port}: {exc}')
+        except Exception as exc:    # OSError (in use, not ours), gaierror (not an address)
+            raise ValueError(f'metrics_port {port} on metrics_address {address!r}: cannot '
+                             f'serve /metrics there: {exc}') from None
+        self._log.info(f'metrics on http://{address}:{port}/metrics')
+
+    def ensure_services(self) -> None:
+        """Create ``embed``, ``list_models``, ``load_model`` and ``unload_model`` (once).
+
+        They then answer in every lifecycle state until the node is destroyed (``_refusal``:
+        ``UNAVAILABLE`` unless active), so a caller gets an answer, never a wait for its
+        timeout. When: at creation with ``autostart: false`` (a lifecycle manager's node);
+        with autostart, when its first configure ends (before activating, or when it failed
+        and ``configure_retry_s`` retries): a caller started with the node waits in discovery
+        while it loads, as before, rather than being answered ``UNAVAILABLE``; and at the
+        latest at ``activate`` (the in-process node).
+        """
+        if self._ak_services:
+            return
+        qos = QoSProfile(depth=self.get_parameter('qos_depth').value)
+        for srv_type, name, cb in ((Embed, 'embed', self._on_embed),
+                                   (ListModels, 'list_models', self._on_list_models),
+                                   (LoadModel, 'load_model', self._on_load_model),
+                                   (UnloadModel, 'unload_model', self._on_unload_model)):
+            srv = self.create_service(srv_type, name, cb, qos_profile=qos,
+                                      callback_group=self._cb)
+            srv.__class__ = DeferringService
+            srv.responder = self.responder
+            self._ak_services.append(srv)
+
+    @staticmethod
+    def _config_file(config_path: str) -> Optional[str]:
+        """Return the file ``config_path`` names; ``None``: the default ($AKIDB_CONFIG ...).
+
+        ``''`` and a YAML null (``config_path: ~`` reaches the node as the text ``~``) both mean
+        the default config.
+        """
+        return P.unset_if_null(config_path) or _installed_config()
 
     def engine_config(self):
         """Engine config: the YAML file, AKIDB_* env, then the node's parameter overrides."""
-        path = self.get_parameter('config_path').value or _installed_config()
+        path = self._config_file(self.get_parameter('config_path').value)
         overrides = P.engine_overrides(lambda n: self.get_parameter(n).value)
         return load_config(path, overrides)
 
@@ -282,16 +376,18 @@ class EmbeddingNode(LifecycleNode):
 
         def on_change_state(request, response):
             tid = request.transition.id
+            if self.configuring:
+                # before the label lookup, which fails in 'configuring' (no transition leaves
+                # it): rcl_lifecycle would log two warnings about the label instead of this line
+                self._log.warning(f'change_state {request.transition.label or tid} refused: '
+                                  'configure is still running')
+                response.success = False
+                return response
             if request.transition.label:
                 try:
                     tid = self._state_machine.get_transition_by_label(request.transition.label)
                 except Exception:
                     return rclpy_callback(request, response)    # rclpy answers it (false)
-            if self.configuring:
-                self._log.warning(f'change_state {request.transition.label or tid} refused: '
-                                  'configure is still running')
-                response.success = False
-                return response
             if tid != Transition.TRANSITION_CONFIGURE:
                 return rclpy_callback(request, response)
 
@@ -345,8 +441,7 @@ class EmbeddingNode(LifecycleNode):
         try:
             cfg = self.engine_config()
             engine = EmbeddingEngine(cfg)
-            extra = [m.strip() for m in self.get_parameter('preload_models').value.split(',')
-                     if m.strip()]
+            extra = P.model_list(self.get_parameter('preload_models').value)
             preload = [cfg.default_model] + [m for m in extra if m != cfg.default_model]
             try:
                 engine.start(preload=preload)
@@ -370,17 +465,7 @@ class EmbeddingNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        if not self._ak_services:
-            qos = QoSProfile(depth=self.get_parameter('qos_depth').value)
-            for srv_type, name, cb in ((Embed, 'embed', self._on_embed),
-                                       (ListModels, 'list_models', self._on_list_models),
-                                       (LoadModel, 'load_model', self._on_load_model),
-                                       (UnloadModel, 'unload_model', self._on_unload_model)):
-                srv = self.create_service(srv_type, name, cb, qos_profile=qos,
-                                          callback_group=self._cb)
-                srv.__class__ = DeferringService
-                srv.responder = self.responder
-                self._ak_services.append(srv)
+        self.ensure_services()
         self._serving = True
         self.ready_s = process_uptime_s()
         self._log.info(
@@ -720,6 +805,14 @@ class EmbeddingNode(LifecycleNode):
                         f'{op}ed: the engine it was {op}ed in is closed; call {op}_model '
                         'again once the node is active'), retry_after_s=1.0)
                 response.model_info = conv.model_info_to_msg(info)
+                status = response.model_info.status
+                if op == 'load' and status != 'loaded':
+                    # the engine's load answers the model's status as it stands when an
+                    # unload_model that came meanwhile won (manager.load): not loaded
+                    raise EngineError(ErrorCode.UNAVAILABLE, (
+                        f'{model} is not loaded (status {status}): it was unloaded by a '
+                        'concurrent unload_model while this load ran; load it again'),
+                        retry_after_s=1.0)
                 response.success = True
                 response.error_code = ''
                 response.message = f'{model} {op}ed'
@@ -1062,7 +1155,7 @@ def _autostart(node: EmbeddingNode, executor, stop: '_Stop') -> int:
         if not configured.exception() and \
                 configured.result() == TransitionCallbackReturn.SUCCESS:
             if not stop.event.is_set():
-                node.trigger_activate()
+                node.trigger_activate()     # creates the services (no spin in between)
                 print(f'akidb_ros embedding node ready in {node.ready_s:.2f} s', flush=True)
             return 0
         retry = node.get_parameter('configure_retry_s').value
@@ -1070,6 +1163,7 @@ def _autostart(node: EmbeddingNode, executor, stop: '_Stop') -> int:
             node.log.fatal('could not configure the embedding engine; exiting')
             return 1
         wait = retry if not wait else min(wait * 2, max(CONFIGURE_RETRY_CAP_S, retry))
+        node.ensure_services()      # meanwhile callers are answered: UNAVAILABLE, node_state
         node.log.error('could not configure the embedding engine; staying up unconfigured, '
                        f'next try in {wait:g} s (configure_retry_s)')
 

@@ -8,6 +8,10 @@ The engine's single source of configuration is ``config/models.yaml`` (see
 sentinel (``''``, ``0`` or ``-1``) meaning "keep the file's value", so the YAML stays the one
 place that documents the defaults. Engine overrides take effect at the next ``configure``
 transition (the engine is built there); ``diagnostics_period_s`` applies at once.
+
+A YAML null for a text parameter whose ``''`` means "the default" (``config_path: ~`` in a
+params file, ``-p config_path:=~``) reaches the node as the text ``~`` (or ``null``): it means
+``''`` too (:func:`unset_if_null`), not a file or model of that name.
 """
 from __future__ import annotations
 
@@ -26,6 +30,10 @@ EXECUTORS = ('multi_threaded', 'events')
 # Shortest /diagnostics period: the timer runs on the node's executor, and a period of
 # microseconds would keep it (and a core) busy publishing.
 MIN_DIAGNOSTICS_PERIOD_S = 0.1
+# How YAML writes null; rcl hands a text parameter set to null over as this text.
+YAML_NULLS = ('~', 'null', 'Null', 'NULL')
+# Text parameters whose '' means "the default": a YAML null means the same.
+NULL_MEANS_UNSET = ('config_path', 'default_model', 'preload_models', 'device')
 
 
 @dataclass(frozen=True)
@@ -86,12 +94,16 @@ class ParamSpec:
 PARAMS: List[ParamSpec] = [
     # --- engine (applied when the node configures) ---
     ParamSpec('config_path', '', 'Engine config file (models catalogue + engine settings)',
-              constraints="'' = $AKIDB_CONFIG or the package's config/models.yaml",
+              constraints="'' (or a YAML null, ~) = $AKIDB_CONFIG or the package's "
+              "config/models.yaml; set at run time: must be a valid config",
               at_configure=True),
     ParamSpec('default_model', '', 'Model used when a request leaves `model` empty',
+              constraints="'' = the config file's; set at run time: refused if the catalogue "
+              "lacks it",
               engine_key='default_model', unset=''),
     ParamSpec('preload_models', '', 'Extra model ids loaded (and warmed) at configure',
-              constraints='comma-separated ids; the default model is always loaded',
+              constraints='comma-separated catalogue ids (set at run time: refused if the '
+              'catalogue lacks one); the default model is always loaded',
               at_configure=True),
     ParamSpec('device', '', 'Execution provider preference',
               constraints="one of '', auto, cpu, cuda, tensorrt (auto: TensorRT > CUDA > CPU)",
@@ -230,11 +242,21 @@ def _same_value(text: str, value: Any) -> bool:
     return False
 
 
+def unset_if_null(value: Any) -> Any:
+    """``''`` for a YAML null (``~``, ``null``: how rcl hands it over), else ``value``."""
+    return '' if isinstance(value, str) and value.strip() in YAML_NULLS else value
+
+
+def model_list(text: str) -> List[str]:
+    """Split ``preload_models`` into model ids (comma-separated; '' or a YAML null: none)."""
+    return [m.strip() for m in unset_if_null(text).split(',') if m.strip()]
+
+
 def validate_value(name: str, value: Any) -> Optional[str]:
     """Check what a descriptor cannot express; return why a value is refused, or None."""
     if name == 'executor' and value not in EXECUTORS:
         return f"executor must be one of {', '.join(EXECUTORS)} (got {value!r})"
-    if name == 'device' and value not in ('',) + DEVICES:
+    if name == 'device' and unset_if_null(value) not in ('',) + DEVICES:
         return f"device must be one of '', {', '.join(DEVICES)} (got {value!r})"
     if name == 'diagnostics_period_s' and isinstance(value, (int, float)) \
             and 0 < value < MIN_DIAGNOSTICS_PERIOD_S:
@@ -273,6 +295,8 @@ def engine_overrides(get: Callable[[str], Any]) -> Dict[str, Any]:
         if not p.engine_key:
             continue
         value = get(p.name)
+        if p.name in NULL_MEANS_UNSET:
+            value = unset_if_null(value)
         if value == p.unset:
             continue
         _set_path(out, p.engine_key, value)

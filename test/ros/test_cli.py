@@ -225,8 +225,9 @@ class _StandInNode:
     makes rclpy warn "failed to send response", which the tests below expect.
     """
 
-    def __init__(self, namespace: str, delay_s: float):
+    def __init__(self, namespace: str, delay_s: float, refusal=None):
         self.delay_s = delay_s
+        self.refusal = refusal      # (error_code, message): load_model answers that instead
         self.stop = threading.Event()
         self.context = Context()
         rclpy.init(context=self.context, args=[])
@@ -243,6 +244,11 @@ class _StandInNode:
 
     def _load(self, request, response):
         self.stop.wait(self.delay_s)
+        if self.refusal is not None:
+            response.error_code, response.message = self.refusal
+            response.retry_after_s = 1.0
+            response.model_info = ModelInfo(id=request.model, dimension=8, status='available')
+            return response
         response.success, response.message = True, f'{request.model} loaded'
         response.model_info = ModelInfo(id=request.model, dimension=8, status='loaded')
         return response
@@ -300,3 +306,25 @@ def test_load_timeout_bounds_the_answer(slow_node):
     assert rc == 2, err
     assert f'{slow_node}/unload_model did not answer within 1 s' in err
     assert took < 20, f'{took:.1f} s'
+
+
+RACED = ('UNAVAILABLE', 'm is not loaded (status available): it was unloaded by a concurrent '
+         'unload_model while this load ran; load it again')
+
+
+def test_a_load_the_node_answers_not_loaded_exits_1():
+    """What the node now answers a load an unload_model overtook (it answered success,
+    'm loaded', status available, and the CLI printed "m loaded", exit 0): the CLI says so,
+    CODE: message on stderr, exit 1 (test_a_load_raced_by_an_unload_is_not_answered_loaded in
+    test_node.py races a real one)."""
+    ns = f'/akidb_cli_stand_in_{os.getpid()}_{next(_STAND_INS)}'
+    node = _StandInNode(ns, delay_s=0.0, refusal=RACED)
+    try:
+        rc, out, err, _ = _run('models', '--namespace', ns, '--load', 'm')
+        assert (rc, out) == (1, ''), (out, err)
+        assert err.strip() == f'{RACED[0]}: {RACED[1]}'
+        rc, out, err, _ = _run('models', '--namespace', ns, '--load', 'm', '--json')
+        assert rc == 1 and json.loads(out) == {'success': False, 'error_code': RACED[0],
+                                               'message': RACED[1]}, (out, err)
+    finally:
+        node.close()
