@@ -1251,7 +1251,8 @@ def usage() -> str:
     for spec in P.PARAMS:
         rng = f' [{spec.range[0]}..{spec.range[1]}]' if spec.range else ''
         ro = ' (read-only)' if spec.read_only else ''
-        lines.append(f'  {spec.name} = {spec.default!r}{rng}{ro}: {spec.description}')
+        said = f' ({spec.constraints})' if spec.constraints else ''
+        lines.append(f'  {spec.name} = {spec.default!r}{rng}{ro}: {spec.description}{said}')
     return '\n'.join(lines)
 
 
@@ -1268,7 +1269,11 @@ def main(args=None) -> int:
         # Print, never start: a node started here would join DDS with whatever env it has.
         print(usage())
         return 0
-    from akidb_ros.observability.logs import configure_logging
+    from akidb_ros.observability.logs import configure_logging, log_settings_error
+    bad_logs = log_settings_error()
+    if bad_logs:            # one line, exit 2, like a bad parameter (was a traceback)
+        print(f'embedding_node: {bad_logs}', file=sys.stderr)
+        return 2
     configure_logging()     # the engine's Python loggers, and the node's lines (NodeLog)
     try:
         rc = run(argv)

@@ -265,3 +265,6 @@ def test_console_scripts_are_installed_and_answer_help():
     out = subprocess.run([str(bindir / 'embedding_node'), '--help'], capture_output=True,
                          text=True, timeout=60, cwd=ROOT)
     assert 'batching.max_wait_ms' in out.stdout and 'ready' not in out.stdout + out.stderr
+    # a parameter with a set of values says them (device, executor said only their default)
+    device = next(line for line in out.stdout.splitlines() if line.startswith('  device = '))
+    assert 'auto, cpu, cuda, tensorrt' in device, device

@@ -1,5 +1,6 @@
 """Start-up and shutdown of the node: cold start, SIGINT/SIGTERM when idle, SIGTERM under load,
 lifecycle transitions under load."""
+import os
 import re
 import signal
 import socket
@@ -415,6 +416,17 @@ def test_ros_args_rcl_cannot_parse_exit_2_in_one_line(bad):
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out
     assert 'embedding_node: invalid --ros-args:' in out.stderr and 'Traceback' not in out.stderr
+
+
+@pytest.mark.parametrize('name, value', [('AKIDB_LOG_LEVEL', 'bogus'),
+                                         ('AKIDB_LOG_FORMAT', 'xml')])
+def test_a_bad_log_variable_exits_2_in_one_line(name, value):
+    """A bad AKIDB_LOG_LEVEL ended in a traceback (exit 1); a bad format was taken as text."""
+    out = subprocess.run([sys.executable, '-m', 'akidb_ros.ros.node', '--ros-args', '-p',
+                          'metrics_port:=0'], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, name: value})
+    assert out.returncode == 2, out
+    assert out.stderr.startswith(f'embedding_node: {name}={value!r} is not one of '), out.stderr
 
 
 def test_in_process_node_serves_a_shared_engine():
