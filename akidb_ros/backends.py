@@ -258,7 +258,9 @@ class RosBackend:
         import rclpy
         from rclpy.context import Context
         from rclpy.qos import QoSProfile
+        from std_msgs.msg import String
         from akidb_ros.ros.cli import client_executor
+        from akidb_ros.ros.conversions import CANCEL_TOPIC
         from akidb_ros.ros.first_contact import FirstContact
         from akidb_ros.srv import Embed, ListModels, LoadModel, UnloadModel
 
@@ -298,7 +300,10 @@ class RosBackend:
             # wait set on every wake-up, about a third of the bridge's GIL time under 16 clients.
             ex = client_executor(executor, ctx)
             ex.add_node(node)
-            return _RosLink(ctx, node, clients, ex)
+            # the node's cancel_embed topic: how a call whose caller gave up is withdrawn
+            cancel_pub = node.create_publisher(String, f'{base}/{CANCEL_TOPIC}',
+                                               QoSProfile(depth=qos_depth))
+            return _RosLink(ctx, node, clients, ex, cancel_pub)
         self._connect = connect
         self._link = connect()
         self._pending: set = set()          # _PendingCall in flight
@@ -517,7 +522,8 @@ class RosBackend:
         if self._has_request_id:
             # marked as forwarded: the node counts it under transport 'sidecar', since this
             # bridge's door counted it already (akidb_ros.ros.conversions.FORWARDED_MARK)
-            r.request_id = mark_forwarded(req.request_id or '')
+            # never empty: calls with one request id are joined, and withdrawn, together
+            r.request_id = mark_forwarded(req.request_id or f'bridge-{uuid.uuid4().hex[:16]}')
         if self._has_timeout:
             r.timeout_s = float(timeout_s)
         if self._has_input_type:
@@ -570,12 +576,23 @@ class RosBackend:
                 span.end()
 
         raw.add_done_callback(convert)
+        out.akidb_node_request_id = r.request_id if self._has_request_id else ''
         return out
 
     def cancel(self, fut: Future) -> None:
-        """Nothing to drop here: a ROS service call cannot be withdrawn, so the node computes
-        it and its answer is dropped when it comes. The call keeps its DDS slot until then, so
-        the node never holds more calls than its request queue carries."""
+        """Withdraw the node's work for ``fut``: a ROS service call cannot be withdrawn, so its
+        request id goes out on the node's ``cancel_embed`` topic; the node drops the engine
+        work and answers the call ``CANCELLED`` (dropped here when it comes). The call keeps
+        its DDS slot until that answer, so the node never holds more calls than its request
+        queue carries. A node without the topic (an older one) computes the call as before."""
+        request_id = getattr(fut, 'akidb_node_request_id', '')
+        if fut.done() or not request_id:
+            return
+        from std_msgs.msg import String
+        try:
+            self._link.cancel_pub.publish(String(data=request_id))
+        except Exception:   # a link being replaced, or closed: the node computes it then
+            log.debug('could not publish the cancel of %s', request_id, exc_info=True)
 
     def embed(self, req: EmbedRequest) -> EmbedResult:
         return wait_result(self.submit(req), req.timeout_s or self.timeout_s)
@@ -681,10 +698,11 @@ class RosBackend:
 class _RosLink:
     """One DDS participant of the bridge: its context, node, service clients and executor."""
 
-    __slots__ = ('ctx', 'node', 'clients', 'executor')
+    __slots__ = ('ctx', 'node', 'clients', 'executor', 'cancel_pub')
 
-    def __init__(self, ctx, node, clients: Dict[str, object], executor):
+    def __init__(self, ctx, node, clients: Dict[str, object], executor, cancel_pub):
         self.ctx, self.node, self.clients, self.executor = ctx, node, clients, executor
+        self.cancel_pub = cancel_pub
 
     def close(self) -> None:
         import rclpy

@@ -26,6 +26,11 @@ _INPUT_TYPES = {'': InputType.NONE, 'none': InputType.NONE, 'query': InputType.Q
 FORWARDED_MARK = ' via=sidecar'
 FORWARDED_TRANSPORT = 'sidecar'
 
+# std_msgs/String: the request id of an embed call its caller withdraws (relative: under the
+# node's namespace, like its services). The sidecar bridge publishes it (RosBackend.cancel),
+# the node cancels the call's engine work and answers it CANCELLED (EmbeddingNode._on_cancel).
+CANCEL_TOPIC = 'cancel_embed'
+
 
 def mark_forwarded(request_id: str) -> str:
     """Mark ``request_id`` as the bridge's, for a call it forwards (see ``FORWARDED_MARK``)."""

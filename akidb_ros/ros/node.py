@@ -37,8 +37,8 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Dict, Optional
+from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
+from typing import Callable, Dict, Optional, Set
 
 if __name__ == '__main__' or os.path.basename(sys.argv[0]) == 'embedding_node':
     # Started as the node's executable. The imports below take about half a second; a SIGINT
@@ -59,6 +59,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from rclpy.logging import LoggingSeverity
 from rclpy.qos import QoSProfile
 from rclpy.signals import SignalHandlerOptions
+from std_msgs.msg import String
 
 from akidb_ros.engine import EmbeddingEngine, load_config
 from akidb_ros.engine.config import ConfigError
@@ -77,6 +78,8 @@ CONFIGURE_RETRY_CAP_S = 60.0    # longest wait between autostart's configure ret
 # development machine; a 256 x 32,000-character call held every service for 1.7 s). Calls of a
 # few sentences stay on the executor's fast path.
 LARGE_CALL_CHARS = 4096
+CANCEL_TOPIC = conv.CANCEL_TOPIC
+CANCEL_QOS_DEPTH = 1000     # withdrawals kept for the subscription, as the services' depth
 # Large calls waiting for a helper thread; one more is refused OVERLOADED (each holds its text).
 MAX_LARGE_WAITING = 16
 _DEBUG = LoggingSeverity.DEBUG
@@ -206,7 +209,10 @@ class EmbeddingNode(LifecycleNode):
         self._large_waiting = 0
         # embed calls in flight by request id and content: copies join them (_submit_once)
         self._in_flight: Dict[tuple, Future] = {}
+        # embed calls in flight by request id alone: what cancel_embed withdraws
+        self._by_request_id: Dict[str, Set[Future]] = {}
         self.joined_copies = 0
+        self.cancelled_calls = 0
         self._closers = []              # (engine, thread) closing engines the node let go of
         self._closers_lock = threading.Lock()
         self.responder = Responder(self._log,
@@ -338,6 +344,11 @@ class EmbeddingNode(LifecycleNode):
             srv.__class__ = DeferringService
             srv.responder = self.responder
             self._ak_services.append(srv)
+        # a caller that gave up (the sidecar bridge, for a client that cancelled or hung up)
+        # withdraws its embed call by request id: a ROS service call itself cannot be withdrawn
+        self._cancel_sub = self.create_subscription(
+            String, CANCEL_TOPIC, self._on_cancel, QoSProfile(depth=CANCEL_QOS_DEPTH),
+            callback_group=self._cb)
 
     @staticmethod
     def _config_file(config_path: str) -> Optional[str]:
@@ -583,6 +594,35 @@ class EmbeddingNode(LifecycleNode):
                                retry_after_s=1.0)
         return None
 
+    def _track(self, request_id: str, fut: Future) -> None:
+        """Keep ``fut`` findable by its call's request id until it is done (``_on_cancel``)."""
+        with self._stats_lock:
+            self._by_request_id.setdefault(request_id, set()).add(fut)
+
+        def forget(f: Future, request_id=request_id) -> None:
+            with self._stats_lock:
+                futs = self._by_request_id.get(request_id)
+                if futs is not None:
+                    futs.discard(f)
+                    if not futs:
+                        del self._by_request_id[request_id]
+        fut.add_done_callback(forget)
+
+    def _on_cancel(self, msg) -> None:
+        """Withdraw the embed calls in flight with the request id ``cancel_embed`` carries.
+
+        Their engine work is dropped (sentences not yet run skipped, queue slot freed) and each
+        is answered ``CANCELLED``; a call already answered, or an unknown id, is left alone.
+        """
+        with self._stats_lock:
+            futs = list(self._by_request_id.get(msg.data, ()))
+        withdrawn = sum(1 for f in futs if f.cancel())
+        if withdrawn:
+            with self._stats_lock:
+                self.cancelled_calls += withdrawn
+            self._log.debug(f'cancel_embed: withdrew {withdrawn} call(s) with request_id='
+                            f'{msg.data[:128]!r}')
+
     def _submit_once(self, engine: EmbeddingEngine, req, request, span=None) -> Future:
         """Submit ``req``, unless the same call is already in flight: then its future.
 
@@ -615,6 +655,7 @@ class EmbeddingNode(LifecycleNode):
             shared.set_exception(exc)
             raise
         inner.add_done_callback(lambda f: _chain(f, shared))
+        _cancel_with(shared, inner)
         return shared
 
     def _submit_any(self, engine: EmbeddingEngine, req, span=None) -> Future:
@@ -657,13 +698,16 @@ class EmbeddingNode(LifecycleNode):
         def submit():
             if started is not None:
                 started()
+            if outer.cancelled():       # withdrawn before it was submitted: nothing to run
+                return
             try:
                 inner = engine.submit(req) if span is None else _in_span(
                     span, engine.submit, req)
             except BaseException as exc:
-                outer.set_exception(exc)
+                _settle(outer, exc=exc)
                 return
             inner.add_done_callback(lambda f: _chain(f, outer))
+            _cancel_with(outer, inner)
         try:
             pool.submit(submit)
         except BaseException:
@@ -688,10 +732,16 @@ class EmbeddingNode(LifecycleNode):
             fut = self._submit_once(engine, req, request, span)
         except Exception as exc:
             return self._embed_failed(response, exc, t0, span, rid, model, transport)
+        if request.request_id:
+            self._track(request.request_id, fut)
 
         def build(f: Future):
             try:
                 conv.fill_embed_response(response, f.result())
+            except CancelledError:
+                return self._embed_failed(response, EngineError(
+                    ErrorCode.CANCELLED, f'withdrawn by its caller ({CANCEL_TOPIC})'),
+                    t0, span, rid, model, transport)
             except Exception as exc:
                 return self._embed_failed(response, exc, t0, span, rid, model, transport)
             response.duration_ms = (time.perf_counter() - t0) * 1000.0
@@ -996,11 +1046,34 @@ def _setup_tracing() -> bool:
 
 
 def _chain(src: Future, dst: Future) -> None:
+    """Give ``dst`` the outcome of ``src`` (a ``dst`` its caller cancelled stays so)."""
+    if src.cancelled():
+        dst.cancel()
+        return
     exc = src.exception()
     if exc is not None:
-        dst.set_exception(exc)
+        _settle(dst, exc=exc)
     else:
-        dst.set_result(src.result())
+        _settle(dst, result=src.result())
+
+
+def _settle(fut: Future, result=None, exc: Optional[BaseException] = None) -> None:
+    """Set ``fut``'s outcome unless it is already settled (cancelled by its caller)."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+def _cancel_with(outer: Future, inner: Future) -> None:
+    """Cancel ``inner`` (the engine's job) with ``outer`` (a withdrawn call).
+
+    The job is then settled at once, its sentences not yet run skipped.
+    """
+    outer.add_done_callback(lambda o: inner.cancel() if o.cancelled() else None)
 
 
 def _internal(node: EmbeddingNode, exc: BaseException) -> EngineError:

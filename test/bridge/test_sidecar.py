@@ -641,3 +641,56 @@ def _ok(client) -> bool:
         return True
     except Exception:
         return False
+
+
+def _node_queue(node) -> float:
+    import urllib.request
+    with urllib.request.urlopen(f'http://127.0.0.1:{node.metrics_port}/metrics', timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(' ', 1)[1]) for line in text.splitlines()
+               if line.startswith('akidb_queue_size'))
+
+
+def test_a_caller_that_gives_up_withdraws_its_work_on_the_node(node):
+    """A gRPC call cancelled, or a REST client that closes its connection, withdraws its work
+    on the node too: the bridge publishes the call's request id on the node's cancel_embed
+    topic, and the node's queue empties within seconds, not when the work would have ended
+    (before, the node computed every abandoned call, and calls queued behind them timed
+    out)."""
+    import socket
+
+    import grpc
+
+    from akidb_ros.backends import RosBackend
+    from akidb_ros.grpc_api import embedding_pb2 as pb, embedding_pb2_grpc as pb_grpc
+    from akidb_ros.server import Bridges
+    backend = RosBackend(prefix=node.namespace, timeout_s=60.0)
+    assert wait_until(backend.ready, 60, 0.2)
+    bridges = Bridges(backend, host='127.0.0.1', rest_port=0, grpc_port=0, timeout_s=60.0,
+                      probe_port=None).start()
+    long_text = ' '.join(['word'] * 300)        # 96 x 256 tokens: seconds of node work here
+    inputs = [f'{i} {long_text}' for i in range(96)]
+    try:
+        assert wait_until(lambda: _node_queue(node) == 0, 30, 0.05)
+        with grpc.insecure_channel(f'127.0.0.1:{bridges.grpc_port}') as ch:
+            call = pb_grpc.EmbeddingServiceStub(ch).Embed.future(
+                pb.EmbedRequest(inputs=inputs), timeout=60)
+            assert wait_until(lambda: _node_queue(node) >= 1, 20, 0.02), 'never accepted'
+            call.cancel()
+            assert wait_until(lambda: _node_queue(node) == 0, 3, 0.02), \
+                'the node went on with the cancelled gRPC call'
+        body = ('{"inputs": [%s]}' % ', '.join(f'"{t}"' for t in inputs)).encode()
+        with socket.create_connection(('127.0.0.1', bridges.rest_port), timeout=10) as sock:
+            sock.sendall(b'POST /api/v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: '
+                         b'application/json\r\nContent-Length: %d\r\n\r\n' % len(body) + body)
+            assert wait_until(lambda: _node_queue(node) >= 1, 20, 0.02), 'never accepted'
+        # the client hung up: the door sees it within 0.2 s, the node's work goes
+        assert wait_until(lambda: _node_queue(node) == 0, 3, 0.02), \
+            'the node went on with the abandoned REST call'
+        with grpc.insecure_channel(f'127.0.0.1:{bridges.grpc_port}') as ch:
+            after = pb_grpc.EmbeddingServiceStub(ch).Embed(pb.EmbedRequest(inputs=['after']),
+                                                           timeout=30)
+        assert len(after.embeddings) == 1
+    finally:
+        bridges.stop(grace_s=1)
+        backend.close()

@@ -223,6 +223,43 @@ def _probe_during_large_call(client, big):
                                f'longest gaps (s, start relative to its answer): {gaps})')
 
 
+def test_a_call_withdrawn_on_cancel_embed_drops_its_work_and_is_answered_cancelled(
+        client, metrics_port):
+    """A caller that gave up publishes its call's request id on ``cancel_embed`` (a ROS
+    service call cannot be withdrawn): the node drops the engine work (the queue empties long
+    before the work would have ended) and answers the call CANCELLED."""
+    from std_msgs.msg import String
+    embed(client, ['warm'])                 # answered once: no first-contact copies
+    pub = client.node.create_publisher(String, f'{NS}/cancel_embed', 10)
+    long_text = ' '.join(['word'] * 300)    # 96 x 256 tokens: seconds of work here
+    queue = lambda: metric_value(scrape(metrics_port), 'akidb_queue_size')   # noqa: E731
+    try:
+        assert _wait(lambda: pub.get_subscription_count() >= 1, 10), 'node not subscribed'
+        fut = client.clients['embed'].call_async(Embed.Request(
+            inputs=[f'{i} {long_text}' for i in range(96)], request_id='withdraw-me',
+            timeout_s=60.0))
+        assert _wait(lambda: queue() >= 1, 10), 'the call was never accepted'
+        t0 = time.monotonic()
+        pub.publish(String(data='someone-else'))      # an unknown id: left alone
+        pub.publish(String(data='withdraw-me'))
+        client.executor.spin_until_future_complete(fut, timeout_sec=30)
+        resp = fut.result()
+        assert (resp.success, resp.error_code) == (False, 'CANCELLED'), resp.message
+        assert time.monotonic() - t0 < 3.0 and _wait(lambda: queue() == 0, 3)
+        assert embed(client, ['after the cancel']).success
+    finally:
+        client.node.destroy_publisher(pub)
+
+
+def _wait(cond, timeout_s: float) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
 def test_a_large_call_does_not_hold_the_node(client):
     """A large call (256 x 8,000 characters) is tokenised off the executor: the node answers
     other calls meanwhile (tokenised on the executor, it held every service: a legal
