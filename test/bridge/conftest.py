@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from akidb_ros.dds_env import apply_loopback_dds
+from akidb_ros.dds_env import apply_loopback_dds, clean_zombie_shm
 from bridge_support import DEFAULT_MODEL, MODELS, ROOT, SECOND_MODEL  # noqa: F401
 
 # Loopback-only DDS before anything imports rclpy (same settings as scripts/dds_env.sh).
@@ -19,6 +19,14 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if 'test/bridge' in str(item.fspath):
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def no_zombie_dds_ports():
+    """Each module starts without shared-memory ports of DDS participants killed before it
+    (test_sidecar SIGKILLs a node): see akidb_ros.dds_env.clean_zombie_shm."""
+    said = clean_zombie_shm()
+    assert 'cleaned' in said or 'in use' in said, said
 
 
 @pytest.fixture(scope='session')

@@ -63,6 +63,9 @@ class NodeProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
+        if sig == signal.SIGKILL or self.proc.returncode == -signal.SIGKILL:
+            from akidb_ros.dds_env import clean_zombie_shm
+            clean_zombie_shm()      # its shared-memory ports would trouble later participants
         self.log.close()
 
 

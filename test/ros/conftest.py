@@ -23,6 +23,15 @@ from akidb_ros.ros.cli import EmbeddingClient  # noqa: E402  (needs the environm
 from ros_support import free_port, NodeProcess, NS  # noqa: E402, I100
 
 
+@pytest.fixture(scope='module', autouse=True)
+def no_zombie_dds_ports():
+    """Each module starts without shared-memory ports of killed participants: a participant
+    that took such a port's number discovered its peers but got no data from them (the
+    bounded-SIGTERM test's loaders, late in full runs, after the sidecar tests' SIGKILLs)."""
+    from ros_support import _clean_shm
+    _clean_shm()
+
+
 @pytest.fixture(scope='session')
 def metrics_port():
     return free_port()

@@ -268,7 +268,8 @@ def test_sigterm_under_long_calls_is_bounded_by_shutdown_timeout():
             if warm and all(r.response is not None and r.response.success for r in warm):
                 break
             print('warm-up failed:', [
-                r.response and (r.response.error_code, r.response.message) for r in warm])
+                r.response and (r.response.error_code, r.response.message) for r in warm],
+                f'({len(lg.node.get_node_names_and_namespaces())} nodes in the DDS graph)')
             lg.close()
         assert warm and all(r.response is not None and r.response.success for r in warm), (
             [r.response and (r.response.error_code, r.response.message) for r in warm],
