@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
-from typing import Callable, Dict, Optional, Set
+from typing import Callable, Dict, Optional
 
 if __name__ == '__main__' or os.path.basename(sys.argv[0]) == 'embedding_node':
     # Started as the node's executable. The imports below take about half a second; a SIGINT
@@ -209,10 +209,7 @@ class EmbeddingNode(LifecycleNode):
         self._large_waiting = 0
         # embed calls in flight by request id and content: copies join them (_submit_once)
         self._in_flight: Dict[tuple, Future] = {}
-        # embed calls in flight by request id alone: what cancel_embed withdraws
-        self._by_request_id: Dict[str, Set[Future]] = {}
         self.joined_copies = 0
-        self.cancelled_calls = 0
         self._closers = []              # (engine, thread) closing engines the node let go of
         self._closers_lock = threading.Lock()
         self.responder = Responder(self._log,
@@ -594,32 +591,18 @@ class EmbeddingNode(LifecycleNode):
                                retry_after_s=1.0)
         return None
 
-    def _track(self, request_id: str, fut: Future) -> None:
-        """Keep ``fut`` findable by its call's request id until it is done (``_on_cancel``)."""
-        with self._stats_lock:
-            self._by_request_id.setdefault(request_id, set()).add(fut)
-
-        def forget(f: Future, request_id=request_id) -> None:
-            with self._stats_lock:
-                futs = self._by_request_id.get(request_id)
-                if futs is not None:
-                    futs.discard(f)
-                    if not futs:
-                        del self._by_request_id[request_id]
-        fut.add_done_callback(forget)
-
     def _on_cancel(self, msg) -> None:
         """Withdraw the embed calls in flight with the request id ``cancel_embed`` carries.
 
         Their engine work is dropped (sentences not yet run skipped, queue slot freed) and each
         is answered ``CANCELLED``; a call already answered, or an unknown id, is left alone.
+        Every call with a request id is in ``_in_flight`` until answered (``_submit_once``):
+        a withdrawal, rare, looks through it rather than each call keeping a second index.
         """
         with self._stats_lock:
-            futs = list(self._by_request_id.get(msg.data, ()))
+            futs = [f for key, f in self._in_flight.items() if key[0] == msg.data]
         withdrawn = sum(1 for f in futs if f.cancel())
         if withdrawn:
-            with self._stats_lock:
-                self.cancelled_calls += withdrawn
             self._log.debug(f'cancel_embed: withdrew {withdrawn} call(s) with request_id='
                             f'{msg.data[:128]!r}')
 
@@ -732,8 +715,6 @@ class EmbeddingNode(LifecycleNode):
             fut = self._submit_once(engine, req, request, span)
         except Exception as exc:
             return self._embed_failed(response, exc, t0, span, rid, model, transport)
-        if request.request_id:
-            self._track(request.request_id, fut)
 
         def build(f: Future):
             try:
