@@ -366,7 +366,13 @@ class DoorInterceptor(WrappingInterceptor):
                                      handler.request_streaming and method not in _SELF_CHECKED)
         elif method == HEALTH_CHECK_METHOD and self.health_pool is not None:
             inner = behavior
-            behavior = with_conventions(lambda *args: inner(*args), inner)
+
+            def check(request, context):      # the caller's request id on it, like every RPC
+                context.set_trailing_metadata((('x-request-id', request_id_from(
+                    _metadata(context).get('x-request-id'))),))
+                return inner(request, context)
+
+            behavior = with_conventions(check, inner)
             behavior.experimental_thread_pool = self.health_pool
         return _METHOD_HANDLERS[kind](
             behavior, request_deserializer=_safe_deserializer(handler.request_deserializer),

@@ -218,6 +218,12 @@ def test_request_id_on_every_rpc(grpc_target):
     _, call = stub.ListModels.with_call(pb.ListModelsRequest(), timeout=10,
                                         metadata=[('x-request-id', 'rid-list')])
     assert dict(call.trailing_metadata())['x-request-id'] == 'rid-list'
+    health_stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(grpc_target))
+    _, call = health_stub.Check.with_call(health_pb2.HealthCheckRequest(), timeout=10,
+                                          metadata=[('x-request-id', 'rid-check')])
+    assert dict(call.trailing_metadata())['x-request-id'] == 'rid-check'
+    _, call = health_stub.Check.with_call(health_pb2.HealthCheckRequest(), timeout=10)
+    assert len(dict(call.trailing_metadata())['x-request-id']) == 32     # one of its own
     stream = stub.EmbedStream(iter([pb.EmbedRequest(inputs=['a']), pb.EmbedRequest(inputs=['b'])]),
                               timeout=10, metadata=[('x-request-id', 'rid-stream')])
     assert len(list(stream)) == 2
