@@ -5,9 +5,13 @@ No rclpy import here: this must run before rclpy is loaded.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import random
-import subprocess
+import re
 import sys
+import time
 from pathlib import Path
 from typing import MutableMapping, Optional
 
@@ -31,23 +35,75 @@ def apply_loopback_dds(env: MutableMapping[str, str], domain_id: Optional[int] =
     return env
 
 
-def clean_zombie_shm(timeout_s: float = 30.0) -> str:
-    """Run ``fastdds shm clean``: remove the shared-memory ports and segments of Fast DDS
-    participants whose process is gone. Returns the tool's summary, or why it could not run.
+# Fast DDS's shared-memory files (its `fastdds shm clean` tool, tools/fastdds/shm/clean.py):
+# a port or segment is alive while its owner holds an flock on the "_el"/"_sl" lock file.
+_SHM_DIR = Path('/dev/shm')
+_SEGMENT_LOCK = re.compile(r'^fastdds_[0-9a-z]{16}(_el|_sl)$')
+_PORT_LOCK = re.compile(r'^fastdds_port\d{1,5}(_el|_sl)$')
+START_MIN_AGE_S = 5.0
+
+
+def clean_zombie_shm(min_age_s: float = 0.0, shm_dir: Path = _SHM_DIR) -> str:
+    """Remove the shared-memory ports and segments of Fast DDS participants whose process is
+    gone; returns a summary (how many cleaned, how many in use).
 
     Under ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` rmw_fastrtps adds Fast DDS's
-    shared-memory transport beside UDP. A participant killed with SIGKILL leaves its port
-    behind, and a later participant of the same domain that takes its number could discover
-    its peers yet get no data from them (the test suite saw it late in full runs). Segments in
-    use are left alone, so this is safe beside running participants. The tool needs psutil.
+    shared-memory transport beside UDP. A participant killed with SIGKILL (an OOM kill, a
+    crash) leaves its port behind, and a later participant of the same domain that takes its
+    number could discover its peers yet get no data from them (the test suite saw it late in
+    full runs). The files of a live participant are locked by it and left alone.
+
+    Fast DDS's ``fastdds shm clean`` does the same, but as a script (a subprocess, psutil) and
+    it would also take files just created whose owner has not locked them yet, so it is not
+    safe while another participant starts. ``min_age_s`` leaves such young files alone: the
+    node and the bridges clean with :data:`START_MIN_AGE_S` at start, beside peers that may be
+    starting too (a pod's containers, a robot's launch); tests, between their processes, with 0.
     """
-    tool = Path(sys.prefix) / 'tools' / 'fastdds' / 'fastdds.py'
-    if not tool.exists():
-        return f'no {tool}'
     try:
-        out = subprocess.run([sys.executable, str(tool), 'shm', 'clean'], capture_output=True,
-                             text=True, timeout=timeout_s)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f'fastdds shm clean: {exc}'
-    text = ' '.join((out.stdout + out.stderr).split())
-    return text if out.returncode == 0 else f'fastdds shm clean failed ({out.returncode}): {text}'
+        names = os.listdir(shm_dir)
+    except OSError as exc:
+        return f'no shared-memory folder: {exc}'
+    now = time.time()
+    cleaned = {'port': 0, 'segment': 0}
+    in_use = {'port': 0, 'segment': 0}
+    for name in names:
+        kind = ('port' if _PORT_LOCK.match(name) else
+                'segment' if _SEGMENT_LOCK.match(name) else None)
+        if kind is None:
+            continue
+        lock = shm_dir / name
+        try:
+            if now - lock.stat().st_mtime < min_age_s or _locked(lock):
+                in_use[kind] += 1
+                continue
+        except OSError:         # gone meanwhile (its owner closed, or another cleaner)
+            continue
+        base = name[:-3]
+        files = [lock, shm_dir / base]
+        if kind == 'port':
+            files.append(shm_dir / f'sem.{base}_mutex')     # the port's POSIX semaphore
+        for path in files:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        cleaned[kind] += 1
+    return (f"{cleaned['port']} zombie ports cleaned, {cleaned['segment']} zombie segments "
+            f"cleaned; {in_use['port']} ports in use, {in_use['segment']} segments in use")
+
+
+def _locked(path: Path) -> bool:
+    """Whether another process holds an flock on ``path`` (as Fast DDS's tool checks)."""
+    try:
+        with open(path, 'ab') as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False            # closing the file dropped the lock just taken
+    except OSError:
+        return True
+
+
+def clean_zombie_shm_at_start(log) -> None:
+    """A process about to join DDS: clean what SIGKILLed participants left (logged when any)."""
+    if not sys.platform.startswith('linux'):
+        return
+    said = clean_zombie_shm(START_MIN_AGE_S)
+    if not said.startswith('0 zombie ports cleaned, 0 zombie segments'):
+        log.info('DDS shared memory: %s', said)

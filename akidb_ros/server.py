@@ -447,6 +447,9 @@ def build(args, security=None) -> Bridges:
 
     ``security``: the ``akidb_ros.guard.Guard`` in front of every door (None: unguarded).
     """
+    if args.mode == 'sidecar' or not args.no_ros:
+        from akidb_ros.dds_env import clean_zombie_shm_at_start
+        clean_zombie_shm_at_start(log)      # before this process joins DDS
     if args.mode == 'inprocess':
         from akidb_ros.backends import LocalBackend
         from akidb_ros.engine import EmbeddingEngine, load_config

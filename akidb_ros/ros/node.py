@@ -61,6 +61,7 @@ from rclpy.qos import QoSProfile
 from rclpy.signals import SignalHandlerOptions
 from std_msgs.msg import String
 
+from akidb_ros.dds_env import clean_zombie_shm_at_start
 from akidb_ros.engine import EmbeddingEngine, load_config
 from akidb_ros.engine.config import ConfigError
 from akidb_ros.engine.errors import EngineError, ErrorCode
@@ -1239,6 +1240,7 @@ def run(args=None) -> int:
     forced = False
     traced = _setup_tracing()
     args, python_logs = ros_console_args(args)
+    clean_zombie_shm_at_start(logging.getLogger('akidb_ros.dds'))     # before joining DDS
     try:
         ros = rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     except Exception as exc:    # RCLError: a params file that does not parse, a bad --ros-args

@@ -376,3 +376,29 @@ def test_a_ready_file_that_cannot_be_written_stops_the_start_in_one_clean_line(t
         f'startup failed: cannot write --ready-file {ready}: [Errno 21] Is a directory: '
         f"'{ready}.tmp'"], r.stderr[-2000:]
     assert 'Traceback' not in r.stderr and '"akidb-server stopped"' in r.stderr
+
+
+def test_a_bridge_cleans_dds_shared_memory_left_by_killed_participants(tmp_path):
+    """Before it joins DDS, the bridge removes the shared-memory port a SIGKILLed participant
+    left (akidb_ros.dds_env.clean_zombie_shm; the node does the same, test/ros/test_dds_shm.py).
+    A number no real port has (ports are UDP port numbers), so no live participant is touched."""
+    shm = '/dev/shm'
+    files = [os.path.join(shm, n) for n in (
+        'fastdds_port99991_el', 'fastdds_port99991', 'sem.fastdds_port99991_mutex')]
+    old = time.time() - 3600
+    for f in files:
+        open(f, 'wb').close()
+        os.utime(f, (old, old))
+    proc = None
+    try:
+        proc, _ = start_server(tmp_path, '--mode', 'sidecar', '--ros-prefix',
+                               '/akidb_nobody_' + uuid.uuid4().hex[:8], '--no-grpc')
+        assert not any(os.path.exists(f) for f in files)
+        log = (tmp_path / 'server.log').read_text()
+        assert 'DDS shared memory: 1 zombie ports cleaned' in log, log[-2000:]
+    finally:
+        for f in files:
+            if os.path.exists(f):
+                os.unlink(f)
+        if proc is not None:
+            assert stop_server(proc) == 0
