@@ -76,6 +76,7 @@ def _md_number(md: dict, key: str, cast):
 # REST's truncate and input_type, which the PRD's EmbedRequest has no field for, travel as
 # request metadata; the server sends the count of truncated inputs as trailing metadata
 TRUNCATE_MD = 'akidb-truncate'
+MAX_RECONNECT_BACKOFF_MS = 1000
 INPUT_TYPE_MD = 'akidb-input-type'
 TRUNCATED_MD = 'akidb-truncated-inputs'
 
@@ -188,6 +189,10 @@ class GrpcClient:
             ('grpc.max_receive_message_length', max_message_bytes),
             ('grpc.max_send_message_length', max_message_bytes),
             ('grpc.enable_retries', 0),   # retries are ours (backoff + jitter + Retry-After)
+            # gRPC's own reconnect backoff grows to 120 s: after an outage of a minute our
+            # retries all fell inside it ("failed to connect") for ~45 s after the server was
+            # back. Reconnect attempts at most MAX_RECONNECT_BACKOFF_MS apart.
+            ('grpc.max_reconnect_backoff_ms', MAX_RECONNECT_BACKOFF_MS),
         ]
         if channel is not None:
             self._channel = channel

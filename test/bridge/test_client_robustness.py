@@ -588,3 +588,37 @@ def test_rest_error_too_deep_to_parse_is_typed_by_its_status(status, cls, retrie
                 c.health()
     finally:
         srv.close()
+
+
+def test_grpc_client_reconnects_at_least_every_second_while_a_server_is_down():
+    """A server that is down (here: a port that accepts and closes at once): the channel's own
+    reconnect backoff grew to 120 s, and after a minute's outage our retries all failed inside
+    it for ~45 s after the server was back (a fresh client worked at once). It now tries at
+    least every MAX_RECONNECT_BACKOFF_MS: 4 connection attempts in 6.5 s before, 6-7 now."""
+    from akidb_ros.client.grpc import MAX_RECONNECT_BACKOFF_MS
+    listener = socket.socket()
+    listener.bind(('127.0.0.1', 0))
+    listener.listen(64)
+    attempts = []
+
+    def refuse():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            attempts.append(time.monotonic())
+            conn.close()
+
+    threading.Thread(target=refuse, daemon=True).start()
+    client = GrpcClient(f'127.0.0.1:{listener.getsockname()[1]}', timeout_s=0.5, retry=NO_RETRY)
+    try:
+        t_end = time.monotonic() + 6.5
+        while time.monotonic() < t_end:
+            with pytest.raises(AkidbError):
+                client.embed(['anyone there?'])
+    finally:
+        client.close()
+        listener.close()
+    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    assert len(attempts) >= 5 and max(gaps) < MAX_RECONNECT_BACKOFF_MS / 1000 * 1.5, gaps
