@@ -689,7 +689,7 @@ def _openai_input_error(err: EngineError, single: bool) -> EngineError:
     if getattr(err, 'param', None) is None:
         if names_input or code is ErrorCode.INPUT_TOO_LONG or err.code is not code:
             err.param = 'input'
-        elif err.code in _MODEL_CODES:
+        elif err.code in _MODEL_CODES or msg.startswith('model '):    # e.g. a NUL in it
             err.param = 'model'
     return err
 

@@ -460,6 +460,9 @@ def test_openai_errors_name_the_input_field_and_param(rest_url):
     err = _openai_error(post(rest_url, '/v1/embeddings', {'input': 'x', 'model': 'nope'}),
                         404, 'MODEL_NOT_FOUND')
     assert err['param'] == 'model'
+    err = _openai_error(post(rest_url, '/v1/embeddings', {'input': 'x', 'model': 'a\x00b'}),
+                        400, 'INVALID_INPUT')      # the engine's refusal names the model
+    assert err['message'].startswith('model contains U+0000') and err['param'] == 'model', err
 
 
 def test_openai_too_many_inputs_is_a_400_and_the_sdk_raises_bad_request(rest_url):
