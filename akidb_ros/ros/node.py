@@ -211,6 +211,9 @@ class EmbeddingNode(LifecycleNode):
         # embed calls in flight by request id and content: copies join them (_submit_once)
         self._in_flight: Dict[tuple, Future] = {}
         self.joined_copies = 0
+        # load_model/unload_model in flight by (op, engine, model): a client's first call is
+        # re-sent until answered, and a load of the same model running already answers alike
+        self._admin_in_flight: Dict[tuple, Future] = {}
         self._closers = []              # (engine, thread) closing engines the node let go of
         self._closers_lock = threading.Lock()
         self.responder = Responder(self._log,
@@ -607,8 +610,10 @@ class EmbeddingNode(LifecycleNode):
             self._log.debug(f'cancel_embed: withdrew {withdrawn} call(s) with request_id='
                             f'{msg.data[:128]!r}')
 
-    def _submit_once(self, engine: EmbeddingEngine, req, request, span=None) -> Future:
+    def _submit_once(self, engine: EmbeddingEngine, req, request, span=None) -> tuple:
         """Submit ``req``, unless the same call is already in flight: then its future.
+        Returns ``(future, copy)``: ``copy`` when it joined a call in flight, which alone is
+        counted and logged (a client's one call, however many times DDS carried it).
 
         A client re-sends its first calls until the node has answered it once (DDS may lose a
         request sent before the node's reader matched it: ``first_contact``), so a slow first
@@ -618,14 +623,14 @@ class EmbeddingNode(LifecycleNode):
         are never joined.
         """
         if not request.request_id:
-            return self._submit_any(engine, req, span)
+            return self._submit_any(engine, req, span), False
         key = (request.request_id, request.model, tuple(request.inputs), request.normalize,
                request.truncate, request.input_type, request.timeout_s)
         with self._stats_lock:
             shared = self._in_flight.get(key)
             if shared is not None:
                 self.joined_copies += 1
-                return shared
+                return shared, True
             shared = self._in_flight[key] = Future()
 
         def forget(_f, key=key, shared=shared) -> None:
@@ -640,7 +645,7 @@ class EmbeddingNode(LifecycleNode):
             raise
         inner.add_done_callback(lambda f: _chain(f, shared))
         _cancel_with(shared, inner)
-        return shared
+        return shared, False
 
     def _submit_any(self, engine: EmbeddingEngine, req, span=None) -> Future:
         if sum(map(len, req.inputs)) > LARGE_CALL_CHARS:
@@ -713,7 +718,7 @@ class EmbeddingNode(LifecycleNode):
             if refusal:
                 raise refusal
             req = conv.embed_request_from_msg(request, transport)
-            fut = self._submit_once(engine, req, request, span)
+            fut, copy = self._submit_once(engine, req, request, span)
         except Exception as exc:
             return self._embed_failed(response, exc, t0, span, rid, model, transport)
 
@@ -723,10 +728,14 @@ class EmbeddingNode(LifecycleNode):
             except CancelledError:
                 return self._embed_failed(response, EngineError(
                     ErrorCode.CANCELLED, f'withdrawn by its caller ({CANCEL_TOPIC})'),
-                    t0, span, rid, model, transport)
+                    t0, span, rid, model, transport, counted=not copy)
             except Exception as exc:
-                return self._embed_failed(response, exc, t0, span, rid, model, transport)
+                return self._embed_failed(response, exc, t0, span, rid, model, transport,
+                                          counted=not copy)
             response.duration_ms = (time.perf_counter() - t0) * 1000.0
+            if copy:        # a re-sent copy of a call in flight: its first arrival counts
+                _end_span(span, None)
+                return response
             self._record(response.model, None, t0, transport)
             if self._log.is_enabled_for(_DEBUG):
                 self._log.debug(
@@ -738,14 +747,18 @@ class EmbeddingNode(LifecycleNode):
         return Deferred(fut, build)
 
     def _embed_failed(self, response, exc: BaseException, t0: float, span=None,
-                      request_id: str = '', model: str = '', transport: str = 'ros'):
+                      request_id: str = '', model: str = '', transport: str = 'ros',
+                      counted: bool = True):
+        """Fill the error answer; ``counted`` False: a re-sent copy (neither counted nor
+        logged: the call it joined is)."""
         err = exc if isinstance(exc, EngineError) else _internal(self, exc)
         conv.fill_error(response, err)
         response.duration_ms = (time.perf_counter() - t0) * 1000.0
-        self._record(self._model_label(model), err, t0, transport)
-        self._log_failure(err, f'embed failed: request_id={request_id[:128]!r} '
-                          f'model={model.strip()[:128] or "(default)"!r}',
-                          response.duration_ms)
+        if counted:
+            self._record(self._model_label(model), err, t0, transport)
+            self._log_failure(err, f'embed failed: request_id={request_id[:128]!r} '
+                              f'model={model.strip()[:128] or "(default)"!r}',
+                              response.duration_ms)
         _end_span(span, err)
         return response
 
@@ -822,8 +835,7 @@ class EmbeddingNode(LifecycleNode):
                 raise refusal
             if not model.strip():
                 raise EngineError(ErrorCode.INVALID_INPUT, 'model must not be empty')
-            fn = engine.load_model if op == 'load' else engine.unload_model
-            fut = self._pool.submit(fn, model)
+            fut, copy = self._admin_once(op, engine, model)
         except Exception as exc:
             return self._admin_failed(op, model, response, exc, t0)
 
@@ -848,17 +860,39 @@ class EmbeddingNode(LifecycleNode):
                 response.success = True
                 response.error_code = ''
                 response.message = f'{model} {op}ed'
-                self._log.info(response.message)
+                if not copy:
+                    self._log.info(response.message)
             except Exception as exc:
-                self._admin_failed(op, model, response, exc, t0)
+                self._admin_failed(op, model, response, exc, t0, logged=not copy)
             return response
         return Deferred(fut, build)
 
-    def _admin_failed(self, op: str, model: str, response, exc: BaseException, t0: float):
+    def _admin_once(self, op: str, engine: EmbeddingEngine, model: str) -> tuple:
+        """Run the load or unload on the pool, unless the same one is in flight: then join it.
+        Returns ``(future, copy)``; a copy is answered alike but not logged again (a new
+        client's first load_model, re-sent until answered, was loaded and logged 4 times)."""
+        key = (op, id(engine), model)
+        with self._stats_lock:
+            shared = self._admin_in_flight.get(key)
+            if shared is not None:
+                return shared, True
+            fn = engine.load_model if op == 'load' else engine.unload_model
+            shared = self._admin_in_flight[key] = self._pool.submit(fn, model)
+
+        def forget(_f) -> None:
+            with self._stats_lock:
+                if self._admin_in_flight.get(key) is shared:
+                    del self._admin_in_flight[key]
+        shared.add_done_callback(forget)
+        return shared, False
+
+    def _admin_failed(self, op: str, model: str, response, exc: BaseException, t0: float,
+                      logged: bool = True):
         err = exc if isinstance(exc, EngineError) else _internal(self, exc)
         conv.fill_error(response, err)
-        self._log_failure(err, f'{op}_model failed: model={model[:128]!r}',
-                          (time.perf_counter() - t0) * 1000.0)
+        if logged:
+            self._log_failure(err, f'{op}_model failed: model={model[:128]!r}',
+                              (time.perf_counter() - t0) * 1000.0)
         return response
 
     def _on_load_model(self, request, response):

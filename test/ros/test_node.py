@@ -343,17 +343,28 @@ def _computed_sentences(metrics_port, run) -> float:
 
 def test_copies_of_a_call_in_flight_run_once(client, metrics_port):
     """A client re-sends a slow first call (first_contact); copies carry its request id. Four
-    identical calls with one request id, in flight together, are computed once and all answered
-    with the same vectors; without a request id each is computed."""
+    identical calls with one request id, in flight together, are computed once, counted once
+    (the copies were each counted in the request and latency metrics: a new client's slow
+    first call was 3 requests) and all answered with the same vectors; without a request id
+    each is computed and counted."""
     texts = [f'copy {i}: ' + 'the robot crosses the loading dock again ' * 24 for i in range(12)]
     got = {}
+    ok, seen = 'status="success",transport="ros"', 'transport="ros"'
+
+    def counted():
+        text = scrape(metrics_port)
+        return (metric_value(text, 'akidb_embed_requests_total', ok),
+                metric_value(text, 'akidb_embed_latency_seconds_count', seen))
     with ConcurrentCaller(4, namespace=NS) as lg:
         assert lg.wait_ready(30)
         for rid in ('copies-1', ''):
             def run(rid=rid):
                 got[rid] = lg.run(lambda i, seq: Embed.Request(inputs=texts, request_id=rid),
                                   calls_per_client=1, timeout_s=60)
+            before = counted()
             got[rid + 'computed'] = _computed_sentences(metrics_port, run)
+            got[rid + 'counted'] = [b - a for a, b in zip(before, counted())]
+    assert got['copies-1counted'] == [1, 1] and got['counted'] == [4, 4], got
     for rid in ('copies-1', ''):
         assert len(got[rid]) == 4 and all(r.response is not None and r.response.success
                                           for r in got[rid]), [r.response for r in got[rid]]
