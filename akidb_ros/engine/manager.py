@@ -141,6 +141,7 @@ class ModelManager:
         """
         cfg = self.resolve(model)
         give_up = None
+        missed = False          # a request is a hit or a miss, once (not a miss, then a hit)
         while True:
             with self._lock:
                 lm = self._loaded.get(cfg.id)
@@ -148,11 +149,14 @@ class ModelManager:
                     self._loaded.move_to_end(cfg.id)
                     lm.in_flight += 1
                     lm.last_used = time.monotonic()
-                    lm.cache_hits.inc()
+                    if not missed:
+                        lm.cache_hits.inc()
                     return lm
                 if not load:
                     raise ModelNotLoaded(cfg.id)
-                metrics.MODEL_CACHE_MISSES.labels(model=cfg.id).inc()
+                if not missed:
+                    metrics.MODEL_CACHE_MISSES.labels(model=cfg.id).inc()
+                    missed = True
                 fut = self._start_load(cfg)
             # Wait with the lock free (everything else needs it: releases, other models'
             # loads, deadlines); a model unloaded between its load and now is loaded again,
