@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -97,29 +98,43 @@ class CircuitBreaker:
         self._probe_successes = 0
         self._pending: list = []  # transitions to publish outside the lock
         self._publish(State.CLOSED, State.CLOSED)
+        if export_metrics:
+            # read at each scrape: OPEN -> HALF_OPEN happens when open_s has passed, and a
+            # model nobody calls any more would otherwise read open (and keep its alert
+            # firing) until its next call
+            ref = weakref.ref(self)
+            from akidb_ros.observability import metrics
+            metrics.CIRCUIT_BREAKER_STATE.labels(model=name).set_function(
+                lambda: int(ref().state) if ref() is not None else int(State.CLOSED))
 
     # ---- state ----
     @property
     def state(self) -> State:
-        with self._lock:
-            self._tick()
-            return self._state
+        try:
+            with self._lock:
+                self._tick()
+                return self._state
+        finally:
+            self._flush()
 
     def snapshot(self) -> Dict[str, Any]:
-        with self._lock:
-            self._tick()
-            fails = sum(self._window)
-            return {
-                'model': self.name,
-                'state': self._state.name.lower(),
-                'window_calls': len(self._window),
-                'window_failures': fails,
-                'open_remaining_s': (
-                    max(0.0, self._opened_at + self.settings.open_s - self._clock())
-                    if self._state is State.OPEN
-                    else 0.0
-                ),
-            }
+        try:
+            with self._lock:
+                self._tick()
+                fails = sum(self._window)
+                return {
+                    'model': self.name,
+                    'state': self._state.name.lower(),
+                    'window_calls': len(self._window),
+                    'window_failures': fails,
+                    'open_remaining_s': (
+                        max(0.0, self._opened_at + self.settings.open_s - self._clock())
+                        if self._state is State.OPEN
+                        else 0.0
+                    ),
+                }
+        finally:
+            self._flush()
 
     def _publish(self, old: State, new: State) -> None:
         if self._export:

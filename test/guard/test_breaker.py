@@ -70,6 +70,18 @@ def test_open_for_thirty_seconds_then_three_probes(clock):
     assert b.snapshot()['window_calls'] == 0
 
 
+def test_the_gauge_reads_half_open_after_open_s_without_calls(clock):
+    """The exported state moved only when something called the breaker: a model nobody
+    called any more read open (2) for good, and AkidbCircuitBreakerOpen never cleared."""
+    moves = []
+    b = CircuitBreaker('m-idle', clock=clock, on_transition=lambda m, old, new: moves.append(new))
+    fail(b, 10)
+    assert gauge('m-idle') == 2
+    clock.advance(30)
+    assert gauge('m-idle') == 1      # the scrape alone, no call
+    assert moves == [State.OPEN, State.HALF_OPEN]       # logged when it happened
+
+
 def test_probe_failure_reopens_for_another_thirty_seconds(clock):
     b = CircuitBreaker('m-reopen', clock=clock)
     fail(b, 10)
