@@ -359,13 +359,15 @@ class ModelManager:
                         # is answered (trimmed on that release), as after any lazy load
                         self._enforce_limits()
                     else:
+                        # the answer does not depend on traffic: busy now, it stays only
+                        # until its work is answered (it was "loaded" then, refused idle)
                         self._enforce_limits(keep_newest=False)
-                        over_budget = cfg.id not in self._loaded
+                        over_budget = True
                     break
                 fut = self._start_load(cfg)
             # a model evicted between its load and now is loaded again, within one timeout
             self._await_load(cfg, fut, give_up, wait_build)
-        if over_budget:     # loaded, and at once over budget
+        if over_budget:     # loaded, and over budget as soon as it is idle
             cache = self.settings.cache
             raise EngineError(      # not retryable: only a larger budget helps
                 ErrorCode.INVALID_INPUT,

@@ -144,6 +144,15 @@ def test_lru_by_memory_budget(tmp_path):
         st = status(eng)
         assert st[MPNET] is ModelStatus.AVAILABLE and st[MINILM] is ModelStatus.LOADED
         assert eng.embed(EmbedRequest(inputs=['x'], model=MPNET)).dimension == 768
+        # the same answer while requests keep it loaded for now (it was "loaded" then)
+        busy = eng.manager.acquire(MPNET)       # loaded on demand, pinned as a request pins it
+        with pytest.raises(EngineError) as err:
+            eng.load_model(MPNET)
+        assert err.value.code is ErrorCode.INVALID_INPUT
+        assert 'cannot stay loaded' in err.value.message
+        assert status(eng)[MPNET] is ModelStatus.LOADED         # serving its work meanwhile
+        eng.manager.release(busy)
+        assert status(eng)[MPNET] is ModelStatus.AVAILABLE      # gone once idle
     finally:
         eng.close()
 
