@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import threading
 import time
@@ -14,6 +15,7 @@ from ..observability import metrics
 from .batcher import Batcher
 from .config import EngineConfig, ModelConfig
 from .errors import EngineError, ErrorCode
+from .malloc_tuning import release_free_memory
 from .runtime import OnnxModel, tensorrt_build_expected
 from .text import TextEncoder
 from .types import ModelInfo, ModelStatus
@@ -405,12 +407,20 @@ class ModelManager:
         # overlap session may still be building, hence a tracked thread.
         # Requests that pinned the model before it left the cache may not have reached its
         # batcher yet: it keeps serving until they have (bounded by their budget).
+        held = [lm]
+
         def retire():
+            model = held.pop()
             give_up = time.monotonic() + self.settings.timeouts.inference_s + LOAD_JOIN_S
-            while lm.in_flight > 0 and time.monotonic() < give_up:
+            while model.in_flight > 0 and time.monotonic() < give_up:
                 time.sleep(0.01)
-            lm.batcher.stop()
-            lm.onnx.wait_overlap(LOAD_JOIN_S)
+            model.batcher.stop()
+            model.onnx.wait_overlap(LOAD_JOIN_S)
+            # let the model go (its sessions are in reference cycles), then give glibc's
+            # free pages back: the thresholds alone left them in its arenas (malloc_tuning)
+            del model
+            gc.collect()
+            release_free_memory()
         self._start_tracked(self._retiring, retire, f'akidb-retire-{lm.cfg.id}')
 
     def _fits_beside_default(self, lm: LoadedModel) -> bool:
