@@ -30,6 +30,7 @@ in flight for up to ``shutdown_timeout_s`` from the signal, answer those still u
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -1370,6 +1371,10 @@ def main(args=None) -> int:
     except KeyboardInterrupt:
         rc = 0
     if args is None or args is sys.argv:
+        # The node, its executor and the ROS context sit in reference cycles: collected, the
+        # context is finalized and Fast DDS deletes its participant. os._exit skips that, and
+        # the participant's shared-memory segment stayed in /dev/shm at every clean exit.
+        gc.collect()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

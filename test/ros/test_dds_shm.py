@@ -108,3 +108,19 @@ def test_node_start_cleans_what_a_killed_participant_left(tmp_path):
         assert all(_locked(p) for p in locks if p.exists()), locks
     finally:
         node.stop()
+
+
+def test_a_clean_exit_leaves_no_shared_memory_behind():
+    """The node ends with os._exit after its clean stop; the context was never finalized, so
+    Fast DDS never deleted its participant: its segment stayed in /dev/shm at every exit."""
+    before = _fastdds_files()
+    node = NodeProcess()
+    try:
+        node.wait_ready()
+        time.sleep(0.5)
+        ours = _fastdds_files() - before
+        assert ours, 'the node made no shared-memory files'
+    finally:
+        node.stop()
+    assert node.proc.returncode == 0, node.output
+    assert not {n for n in ours if (SHM / n).exists()}, ours
