@@ -31,6 +31,15 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
+if __name__ == '__main__' or os.path.basename(sys.argv[0]) == 'akidb-server':
+    # Started as the server's executable: until main() installs its graceful handlers (before
+    # anything is built), a SIGINT or SIGTERM ends the process at once, quietly, with 0
+    # (nothing has started yet), as the node does; it was a KeyboardInterrupt traceback.
+    if threading.current_thread() is threading.main_thread():
+        for _sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(_sig, lambda signum, frame: os._exit(0))
+        del _sig
+
 log = logging.getLogger('akidb_ros.server')
 
 PROG = 'akidb-server'
@@ -554,6 +563,16 @@ def main(argv=None) -> int:
     args.grace = grace_for(args)
     security = load_security(args)
     setup_tracing(os.environ.get('OTEL_SERVICE_NAME') or f'akidb-{args.mode}')
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info('signal %s: stopping gracefully', signal.Signals(signum).name)
+        stop.set()
+
+    # before the build: a signal while the models load was a KeyboardInterrupt traceback
+    # (exit 130) or a bare exit 143; now the start-up ends, nothing is served, exit 0
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     t0 = time.monotonic()
     try:
         bridges = build(args, security=security)
@@ -563,14 +582,11 @@ def main(argv=None) -> int:
         if expected:
             log.debug('startup failure', exc_info=True)     # should it be a bug after all
         return 1
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        log.info('signal %s: stopping gracefully', signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    if stop.is_set():
+        bridges.stop(0)
+        shutdown_tracing()
+        log.info('akidb-server stopped during start-up')
+        return 0
     bridges.start()
     from akidb_ros.guard import startup_banner
     log.warning(startup_banner(security.cfg, args.host,

@@ -402,3 +402,40 @@ def test_a_bridge_cleans_dds_shared_memory_left_by_killed_participants(tmp_path)
                 os.unlink(f)
         if proc is not None:
             assert stop_server(proc) == 0
+
+
+@pytest.mark.parametrize('sig,when', [(signal.SIGINT, 'imports'), (signal.SIGTERM, 'imports'),
+                                      (signal.SIGINT, 'model load'),
+                                      (signal.SIGTERM, 'model load')])
+def test_a_signal_during_start_up_exits_0_quietly(tmp_path, sig, when):
+    """Ctrl-C while the server imported its libraries or loaded its models printed a
+    KeyboardInterrupt traceback and exited 130 (SIGTERM: 143, nothing closed). Now it exits
+    0 with no traceback, and a start-up cut short during the model load serves nothing."""
+    log = tmp_path / 'server.log'
+    ready = tmp_path / 'ready.json'
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'akidb_ros.server', '--mode', 'inprocess', '--no-ros',
+         '--rest-port', '0', '--grpc-port', '0', '--probe-port', 'off',
+         '--ready-file', str(ready)], cwd=ROOT, stdout=open(log, 'wb'),
+        stderr=subprocess.STDOUT, env=dict(os.environ, AKIDB_LOG_LEVEL='INFO'),
+        start_new_session=True)
+    try:
+        marker = 'grpc/_cython' if when == 'imports' else 'onnxruntime_pybind11'
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with open(f'/proc/{proc.pid}/maps') as f:
+                    if marker in f.read():
+                        break
+            except OSError:
+                break
+            time.sleep(0.002)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = log.read_text()
+    assert rc == 0 and 'Traceback' not in out, out[-3000:]
+    assert not ready.exists(), out[-3000:]       # it never served
