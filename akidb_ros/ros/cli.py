@@ -385,6 +385,13 @@ def models_main(argv: Optional[List[str]] = None) -> int:
     except NoAnswer as exc:
         print(f'akidb-models: {exc}', file=sys.stderr)
         return 2
+    # a node that is not active lists nothing (no engine) and serves no embed call: say so,
+    # and exit 1 as akidb-embed does (an empty table with 0 read as "no models, all fine")
+    state = '' if admin else resp.node_state
+    rc = 1 if state and state != 'active' else 0
+    if rc:
+        print(f'akidb-models: the node is {state}: it serves no embed call until it is active',
+              file=sys.stderr)
     fields = ('id', 'name', 'dimension', 'params', 'memory_mb', 'max_tokens',
               'latency_p95_ms', 'throughput_qps', 'status', 'provider', 'pooling',
               'is_default', 'in_flight', 'error')
@@ -392,13 +399,13 @@ def models_main(argv: Optional[List[str]] = None) -> int:
         rows = [{f: getattr(m, f) for f in fields} for m in models]
         # a load/unload answer names no default model: say what happened instead of a false ''
         head = ({'success': True, 'message': resp.message} if default is None
-                else {'default_model': default})
+                else {'default_model': default, 'node_state': state})
         print(json.dumps({**head, 'models': rows}))
-        return 0
+        return rc
     print(f'{"id":<24} {"dim":>5} {"status":<12} {"provider":<26} {"p95 ms":>8} '
           f'{"qps":>8}  default')
     for m in models:
         print(f'{m.id:<24} {m.dimension:>5} {m.status:<12} {m.provider or "-":<26} '
               f'{m.latency_p95_ms:>8.2f} {m.throughput_qps:>8.1f}  '
               f'{"*" if m.is_default else ""}')
-    return 0
+    return rc

@@ -328,3 +328,25 @@ def test_a_load_the_node_answers_not_loaded_exits_1():
                                                'message': RACED[1]}, (out, err)
     finally:
         node.close()
+
+
+def test_models_on_a_node_that_is_not_active_says_so_and_exits_1():
+    """A node started without autostart (a lifecycle manager's to configure) lists nothing:
+    akidb-models printed an empty table and exited 0. Now it names the node's state (stderr,
+    and node_state in --json) and exits 1, as akidb-embed does (UNAVAILABLE)."""
+    from ros_support import NodeProcess
+    ns = f'/akidb_cli_inactive_{os.getpid()}'
+    node = NodeProcess('-p', 'autostart:=false', namespace=ns)
+    try:
+        deadline = time.monotonic() + 60
+        while True:     # no "ready" line without autostart: wait for its services instead
+            rc, out, err, _ = _run('models', '--namespace', ns, '--json', '--timeout', '5')
+            if rc != 2 or time.monotonic() > deadline:
+                break
+        assert rc == 1, (out, err, node.output)
+        assert json.loads(out)['node_state'] == 'unconfigured'
+        assert 'the node is unconfigured' in err
+        rc, out, err, _ = _run('models', '--namespace', ns)
+        assert rc == 1 and 'the node is unconfigured' in err, (out, err)
+    finally:
+        node.stop()
