@@ -37,16 +37,16 @@ def apply_loopback_dds(env: MutableMapping[str, str], domain_id: Optional[int] =
 
 # Fast DDS's shared-memory files (its `fastdds shm clean` tool, tools/fastdds/shm/clean.py):
 # a port or segment is alive while its owner holds an flock on the "_el"/"_sl" lock file.
-_SHM_DIR = Path('/dev/shm')
+_SHM_DIR = Path('/dev/shm')  # nosec B108: Fast DDS's own folder, read as its tool does
 _SEGMENT_LOCK = re.compile(r'^fastdds_[0-9a-z]{16}(_el|_sl)$')
 _PORT_LOCK = re.compile(r'^fastdds_port\d{1,5}(_el|_sl)$')
 START_MIN_AGE_S = 5.0
 
 
 def clean_zombie_shm(min_age_s: float = 0.0, shm_dir: Path = _SHM_DIR) -> str:
-    """Remove the shared-memory ports and segments of Fast DDS participants whose process is
-    gone; returns a summary (how many cleaned, how many in use).
+    """Remove the shared-memory files of Fast DDS participants whose process is gone.
 
+    Returns a summary: how many ports and segments were cleaned, how many are in use.
     Under ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` rmw_fastrtps adds Fast DDS's
     shared-memory transport beside UDP. A participant killed with SIGKILL (an OOM kill, a
     crash) leaves its port behind, and a later participant of the same domain that takes its
@@ -101,7 +101,7 @@ def _locked(path: Path) -> bool:
 
 
 def clean_zombie_shm_at_start(log) -> None:
-    """A process about to join DDS: clean what SIGKILLed participants left (logged when any)."""
+    """Clean what SIGKILLed participants left, before this process joins DDS (logged if any)."""
     if not sys.platform.startswith('linux'):
         return
     said = clean_zombie_shm(START_MIN_AGE_S)

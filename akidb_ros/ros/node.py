@@ -613,6 +613,7 @@ class EmbeddingNode(LifecycleNode):
 
     def _submit_once(self, engine: EmbeddingEngine, req, request, span=None) -> tuple:
         """Submit ``req``, unless the same call is already in flight: then its future.
+
         Returns ``(future, copy)``: ``copy`` when it joined a call in flight, which alone is
         counted and logged (a client's one call, however many times DDS carried it).
 
@@ -750,8 +751,10 @@ class EmbeddingNode(LifecycleNode):
     def _embed_failed(self, response, exc: BaseException, t0: float, span=None,
                       request_id: str = '', model: str = '', transport: str = 'ros',
                       counted: bool = True):
-        """Fill the error answer; ``counted`` False: a re-sent copy (neither counted nor
-        logged: the call it joined is)."""
+        """Fill the error answer.
+
+        ``counted`` False: a re-sent copy (neither counted nor logged: the call it joined is).
+        """
         err = exc if isinstance(exc, EngineError) else _internal(self, exc)
         conv.fill_error(response, err)
         response.duration_ms = (time.perf_counter() - t0) * 1000.0
@@ -870,8 +873,10 @@ class EmbeddingNode(LifecycleNode):
 
     def _admin_once(self, op: str, engine: EmbeddingEngine, model: str) -> tuple:
         """Run the load or unload on the pool, unless the same one is in flight: then join it.
+
         Returns ``(future, copy)``; a copy is answered alike but not logged again (a new
-        client's first load_model, re-sent until answered, was loaded and logged 4 times)."""
+        client's first load_model, re-sent until answered, was loaded and logged 4 times).
+        """
         key = (op, id(engine), model)
         with self._stats_lock:
             shared = self._admin_in_flight.get(key)

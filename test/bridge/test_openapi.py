@@ -37,7 +37,9 @@ def test_api_conforms_to_openapi(rest_url):
                     | op.as_strategy(GenerationMode.NEGATIVE))
 
         @given(case=strategy)
-        @settings(max_examples=40, deadline=None, database=None,
+        # derandomize: the same cases each run (a full run once drew 40 embed cases with no
+        # valid one, failing the 200-and-400 check below by chance)
+        @settings(max_examples=40, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
         def run(case):
             _no_short_budget(case)

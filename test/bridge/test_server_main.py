@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -395,7 +396,9 @@ def test_a_bridge_cleans_dds_shared_memory_left_by_killed_participants(tmp_path)
                                '/akidb_nobody_' + uuid.uuid4().hex[:8], '--no-grpc')
         assert not any(os.path.exists(f) for f in files)
         log = (tmp_path / 'server.log').read_text()
-        assert 'DDS shared memory: 1 zombie ports cleaned' in log, log[-2000:]
+        # at least this one (a full test run leaves others of SIGKILLed nodes too)
+        cleaned = re.search(r'DDS shared memory: (\d+) zombie ports cleaned', log)
+        assert cleaned and int(cleaned.group(1)) >= 1, log[-2000:]
     finally:
         for f in files:
             if os.path.exists(f):

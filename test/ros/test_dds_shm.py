@@ -123,4 +123,8 @@ def test_a_clean_exit_leaves_no_shared_memory_behind():
     finally:
         node.stop()
     assert node.proc.returncode == 0, node.output
-    assert not {n for n in ours if (SHM / n).exists()}, ours
+    # its segment and every lock file go; a port's segment file stays while other
+    # participants of the domain (a full test run's) still have it open
+    left = {n for n in ours if (SHM / n).exists()}
+    assert not {n for n in left if not n.startswith('fastdds_port') or
+                n.endswith(('_el', '_sl'))}, left
