@@ -7,7 +7,8 @@ embeddings, dynamic batch and sequence axes, weights as external data), ``tokeni
 ``reference.npz`` (the fixed sentence set and sentence-transformers' vectors, used by the
 engine's tests) and ``VERIFIED`` once ONNX Runtime with the engine's pooling matches
 sentence-transformers at cosine >= 0.9999 on every sentence, including one longer than the
-model's max length. Idempotent: a verified model is skipped.
+model's max length. ``VERIFIED`` records each file's sha256 and size; a model is skipped only
+while every file is there and matches them (a damaged or missing file is exported again).
 """
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ import numpy as np
 
 MIN_COSINE = 0.9999
 # Bump when the exported files change shape, so `make setup` redoes older exports.
-EXPORT_FORMAT = 3
+# 4: VERIFIED records every file's checksum (format 3 had model.onnx's only).
+EXPORT_FORMAT = 4
+VERIFIED_FILES = ('model.onnx', 'model.onnx.data', 'tokenizer.json', 'reference.npz')
 
 # A fixed sentence set: short, long, punctuation, non-ASCII, and one far over max length.
 SENTENCES = [
@@ -157,14 +160,39 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_records(out: Path) -> dict:
+    return {name: {'sha256': sha256(out / name), 'bytes': (out / name).stat().st_size}
+            for name in VERIFIED_FILES}
+
+
+def damage(out: Path, info: dict) -> list:
+    """What no longer matches a verified export's records (empty: intact)."""
+    found = []
+    for name, want in info.get('files', {}).items():
+        path = out / name
+        if not path.is_file():
+            found.append(f'{name} is missing')
+        elif path.stat().st_size != want['bytes']:
+            found.append(f'{name} has {path.stat().st_size} bytes, not {want["bytes"]}')
+        elif sha256(path) != want['sha256']:
+            found.append(f'{name} does not match its checksum')
+    return found
+
+
 def build_one(folder: str, source_fn, out_root: Path, force: bool) -> dict:
     out = out_root / folder
     marker = out / 'VERIFIED'
     if marker.is_file() and not force:
-        info = json.loads(marker.read_text())
+        try:
+            info = json.loads(marker.read_text())
+        except ValueError:
+            info = {}
         if info.get('format') == EXPORT_FORMAT:
-            print(f'{folder}: already exported and verified ({marker})')
-            return info
+            problems = damage(out, info)
+            if not problems:
+                print(f'{folder}: already exported and verified, checksums match ({marker})')
+                return info
+            print(f'{folder}: {"; ".join(problems)}: exporting it again')
     from sentence_transformers import SentenceTransformer
 
     t0 = time.time()
@@ -205,6 +233,7 @@ def build_one(folder: str, source_fn, out_root: Path, force: bool) -> dict:
         'onnx_bytes': (onnx_path.stat().st_size
                        + onnx_path.with_name('model.onnx.data').stat().st_size),
         'export_seconds': round(time.time() - t0, 1),
+        'files': file_records(out),
     }
     marker.write_text(json.dumps(info, indent=2) + '\n')
     print(f'{folder}: exported + verified, min cosine {worst:.7f} over {len(SENTENCES)} sentences '
@@ -216,7 +245,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument('--out', type=Path, required=True)
     ap.add_argument('--only', choices=sorted(MODELS), action='append')
-    ap.add_argument('--force', action='store_true')
+    ap.add_argument('--force', action='store_true',
+                    help='export again even when the verified files match their checksums')
     args = ap.parse_args()
     for folder, fn in MODELS.items():
         if args.only and folder not in args.only:

