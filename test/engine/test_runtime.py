@@ -198,3 +198,39 @@ def test_a_tensorrt_build_is_expected_only_where_tensorrt_runs_and_nothing_is_ca
     (tmp_path / 'fresh').mkdir()
     fresh, m = _cfg(tmp_path / 'fresh')
     assert not tensorrt_build_expected(m, fresh.engine)         # TensorRT cannot start
+
+
+ARENA_PROBE = '''
+import json, sys
+from akidb_ros.engine import EmbeddingEngine, EmbedRequest, load_config
+
+def rss_mb():
+    with open('/proc/self/status') as f:
+        return next(int(l.split()[1]) // 1024 for l in f if l.startswith('VmRSS'))
+
+engine = EmbeddingEngine(load_config(sys.argv[1], env={}))
+engine.start()
+engine.embed(EmbedRequest(inputs=['a short warm call', 'and another']))
+before = rss_mb()
+long_text = ' '.join(f'word{i}' for i in range(400))        # truncated to 256 tokens
+out = engine.embed(EmbedRequest(inputs=[f'{i} {long_text}' for i in range(32)], timeout_s=120))
+print(json.dumps({'growth_mb': rss_mb() - before, 'truncated': out.truncated_inputs}))
+engine.close()
+'''
+
+
+def test_a_big_run_gives_its_arena_growth_back(tmp_path):
+    """ONNX Runtime's CPU arena kept the peak of the largest run for good: one request of 32
+    texts of 256 tokens left the process ~500 MB larger, for a model the cache budget counts at
+    90 MB. A run of SHRINK_AT_TOKENS padded tokens or more now frees it when it ends."""
+    import json
+    import subprocess
+    import sys
+    from akidb_ros.engine.config import REPO_ROOT
+    cfg = write_config(tmp_path, lambda r: r['engine']['batching'].update(runners=1))
+    out = subprocess.run([sys.executable, '-c', ARENA_PROBE, str(cfg)], capture_output=True,
+                         text=True, timeout=300, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got['truncated'] == 32
+    assert got['growth_mb'] < 150, got
