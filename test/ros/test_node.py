@@ -359,15 +359,18 @@ def test_copies_of_a_call_in_flight_run_once(client, metrics_port):
         assert lg.wait_ready(30)
         for rid in ('copies-1', ''):
             def run(rid=rid):
-                got[rid] = lg.run(lambda i, seq: Embed.Request(inputs=texts, request_id=rid),
-                                  calls_per_client=1, timeout_s=60)
+                # a budget of its own: 4 x 12 long inputs at once outlast the default 5 s on
+                # a busy 2-core machine
+                got[rid] = lg.run(
+                    lambda i, seq: Embed.Request(inputs=texts, request_id=rid, timeout_s=30.0),
+                    calls_per_client=1, timeout_s=60)
             before = counted()
             got[rid + 'computed'] = _computed_sentences(metrics_port, run)
             got[rid + 'counted'] = [b - a for a, b in zip(before, counted())]
-    assert got['copies-1counted'] == [1, 1] and got['counted'] == [4, 4], got
     for rid in ('copies-1', ''):
         assert len(got[rid]) == 4 and all(r.response is not None and r.response.success
                                           for r in got[rid]), [r.response for r in got[rid]]
+    assert got['copies-1counted'] == [1, 1] and got['counted'] == [4, 4], got
     vectors = [embeddings_from_response(r.response) for r in got['copies-1']]
     assert all(np.array_equal(v, vectors[0]) for v in vectors)
     assert got['copies-1computed'] == len(texts)
