@@ -31,14 +31,10 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
-if __name__ == '__main__' or os.path.basename(sys.argv[0]) == 'akidb-server':
-    # Started as the server's executable: until main() installs its graceful handlers (before
-    # anything is built), a SIGINT or SIGTERM ends the process at once, quietly, with 0
-    # (nothing has started yet), as the node does; it was a KeyboardInterrupt traceback.
-    if threading.current_thread() is threading.main_thread():
-        for _sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(_sig, lambda signum, frame: os._exit(0))
-        del _sig
+from akidb_ros.early_signals import exit_quietly_while_starting, started_as
+
+if started_as(__name__, 'akidb-server'):
+    exit_quietly_while_starting()       # until main() installs its graceful handlers
 
 log = logging.getLogger('akidb_ros.server')
 

@@ -41,14 +41,12 @@ import uuid
 from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
 from typing import Callable, Dict, Optional
 
-if __name__ == '__main__' or os.path.basename(sys.argv[0]) == 'embedding_node':
-    # Started as the node's executable. The imports below take about half a second; a SIGINT
-    # or SIGTERM meanwhile ends the process at once, quietly, with 0: nothing has started yet.
-    # run() installs the graceful handlers before it starts anything.
-    if threading.current_thread() is threading.main_thread():
-        for _sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(_sig, lambda signum, frame: os._exit(0))
-        del _sig
+from akidb_ros.early_signals import exit_quietly_while_starting, started_as
+
+if started_as(__name__, 'embedding_node'):
+    # the imports below take about half a second; run() installs the graceful handlers
+    # before it starts anything
+    exit_quietly_while_starting()
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
