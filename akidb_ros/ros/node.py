@@ -632,12 +632,7 @@ class EmbeddingNode(LifecycleNode):
                 self.joined_copies += 1
                 return shared, True
             shared = self._in_flight[key] = Future()
-
-        def forget(_f, key=key, shared=shared) -> None:
-            with self._stats_lock:
-                if self._in_flight.get(key) is shared:
-                    del self._in_flight[key]
-        shared.add_done_callback(forget)
+        self._forget_when_done(self._in_flight, key, shared)
         try:
             inner = self._submit_any(engine, req, span)
         except BaseException as exc:    # refused at once: so is every copy waiting on it
@@ -882,13 +877,16 @@ class EmbeddingNode(LifecycleNode):
                 return shared, True
             fn = engine.load_model if op == 'load' else engine.unload_model
             shared = self._admin_in_flight[key] = self._pool.submit(fn, model)
+        self._forget_when_done(self._admin_in_flight, key, shared)
+        return shared, False
 
+    def _forget_when_done(self, in_flight: dict, key, fut: Future) -> None:
+        """Drop ``in_flight[key]`` once ``fut`` is done (if it still names ``fut``)."""
         def forget(_f) -> None:
             with self._stats_lock:
-                if self._admin_in_flight.get(key) is shared:
-                    del self._admin_in_flight[key]
-        shared.add_done_callback(forget)
-        return shared, False
+                if in_flight.get(key) is fut:
+                    del in_flight[key]
+        fut.add_done_callback(forget)
 
     def _admin_failed(self, op: str, model: str, response, exc: BaseException, t0: float,
                       logged: bool = True):
