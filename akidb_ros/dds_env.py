@@ -60,9 +60,19 @@ def clean_zombie_shm(min_age_s: float = 0.0, shm_dir: Path = _SHM_DIR) -> str:
     starting too (a pod's containers, a robot's launch); tests, between their processes, with 0.
     """
     try:
-        names = os.listdir(shm_dir)
+        return _summary(*_clean(min_age_s, shm_dir))
     except OSError as exc:
         return f'no shared-memory folder: {exc}'
+
+
+def _summary(cleaned: dict, in_use: dict) -> str:
+    return (f"{cleaned['port']} zombie ports cleaned, {cleaned['segment']} zombie segments "
+            f"cleaned; {in_use['port']} ports in use, {in_use['segment']} segments in use")
+
+
+def _clean(min_age_s: float, shm_dir: Path) -> tuple:
+    """Remove the zombie files; return ``(cleaned, in_use)``: counts by kind (OSError: no dir)."""
+    names = os.listdir(shm_dir)
     now = time.time()
     cleaned = {'port': 0, 'segment': 0}
     in_use = {'port': 0, 'segment': 0}
@@ -73,7 +83,7 @@ def clean_zombie_shm(min_age_s: float = 0.0, shm_dir: Path = _SHM_DIR) -> str:
             continue
         lock = shm_dir / name
         try:
-            if now - lock.stat().st_mtime < min_age_s or _locked(lock):
+            if now - lock.stat().st_mtime < min_age_s or is_locked(lock):
                 in_use[kind] += 1
                 continue
         except OSError:         # gone meanwhile (its owner closed, or another cleaner)
@@ -86,11 +96,10 @@ def clean_zombie_shm(min_age_s: float = 0.0, shm_dir: Path = _SHM_DIR) -> str:
             with contextlib.suppress(OSError):
                 path.unlink()
         cleaned[kind] += 1
-    return (f"{cleaned['port']} zombie ports cleaned, {cleaned['segment']} zombie segments "
-            f"cleaned; {in_use['port']} ports in use, {in_use['segment']} segments in use")
+    return cleaned, in_use
 
 
-def _locked(path: Path) -> bool:
+def is_locked(path: Path) -> bool:
     """Whether another process holds an flock on ``path`` (as Fast DDS's tool checks)."""
     try:
         with open(path, 'ab') as f:
@@ -104,6 +113,9 @@ def clean_zombie_shm_at_start(log) -> None:
     """Clean what SIGKILLed participants left, before this process joins DDS (logged if any)."""
     if not sys.platform.startswith('linux'):
         return
-    said = clean_zombie_shm(START_MIN_AGE_S)
-    if not said.startswith('0 zombie ports cleaned, 0 zombie segments'):
-        log.info('DDS shared memory: %s', said)
+    try:
+        cleaned, in_use = _clean(START_MIN_AGE_S, _SHM_DIR)
+    except OSError:         # no /dev/shm: no shared-memory transport to clean
+        return
+    if any(cleaned.values()):
+        log.info('DDS shared memory: %s', _summary(cleaned, in_use))

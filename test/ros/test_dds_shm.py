@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from akidb_ros.dds_env import clean_zombie_shm, START_MIN_AGE_S
+from akidb_ros.dds_env import clean_zombie_shm, is_locked, START_MIN_AGE_S
 from ros_support import NodeProcess
 
 SHM = Path('/dev/shm')
@@ -27,15 +27,6 @@ def _port(folder: Path, number: int, mtime: float = OLD):
         f.write_bytes(b'')
         os.utime(f, (mtime, mtime))
     return files
-
-
-def _locked(path: Path) -> bool:
-    try:
-        with open(path, 'ab') as f:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
 
 
 def test_clean_takes_unlocked_files_and_leaves_locked_and_young_ones(tmp_path):
@@ -105,7 +96,7 @@ def test_node_start_cleans_what_a_killed_participant_left(tmp_path):
         # (participant ids start from the lowest free one): those files are its, locked
         locks = [SHM / n for n in left if n.endswith(('_el', '_sl'))]
         assert not any(p.exists() for p in locks if not p.name.startswith('fastdds_port'))
-        assert all(_locked(p) for p in locks if p.exists()), locks
+        assert all(is_locked(p) for p in locks if p.exists()), locks
     finally:
         node.stop()
 
