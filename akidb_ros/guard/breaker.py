@@ -97,7 +97,6 @@ class CircuitBreaker:
         self._probes_started = 0
         self._probe_successes = 0
         self._pending: list = []  # transitions to publish outside the lock
-        self._publish(State.CLOSED, State.CLOSED)
         if export_metrics:
             # read at each scrape: OPEN -> HALF_OPEN happens when open_s has passed, and a
             # model nobody calls any more would otherwise read open (and keep its alert
@@ -140,7 +139,7 @@ class CircuitBreaker:
         if self._export:
             from akidb_ros.observability import metrics
 
-            metrics.CIRCUIT_BREAKER_STATE.labels(model=self.name).set(int(new))
+            # (the state gauge reads the state itself at each scrape: __init__)
             if old is not new:
                 metrics.CIRCUIT_BREAKER_TRANSITIONS.labels(
                     model=self.name, to=new.name.lower()
