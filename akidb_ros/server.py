@@ -427,14 +427,17 @@ class Bridges:
         self._closers.clear()
 
 
-def start_inprocess_node(engine, node_args: Optional[List[str]] = None
+def start_inprocess_node(engine, node_args: Optional[List[str]] = None, security=None
                          ) -> Optional[Callable[[], None]]:
     """Host the ROS embedding node on the SHARED engine; returns its stopper.
 
     ``akidb_ros.ros.node.start_in_process`` adopts the engine the REST and gRPC doors already
     use, so one process has one engine (one ONNX session per model, one batcher) behind all
     three doors. The node's ``stop()`` answers its calls in flight and leaves the engine open
-    (the engine is closed by its owner, the LocalBackend, afterwards).
+    (the engine is closed by its owner, the LocalBackend, afterwards). ``security`` (the
+    doors' ``Guard``): the node's embed calls go through its circuit breakers, so a model has
+    one breaker whichever door its calls come through (its ``breaker`` section governs; the
+    node's ``breaker.*`` parameters do not apply).
     """
     try:
         from akidb_ros.ros.node import start_in_process
@@ -442,7 +445,10 @@ def start_inprocess_node(engine, node_args: Optional[List[str]] = None
         log.warning('ROS node not available (%s): serving REST/gRPC only', exc)
         return None
     args = ['akidb-server', '--ros-args', *node_args] if node_args else None
-    handle = start_in_process(engine, args=args)
+    kwargs = {}
+    if security is not None:
+        kwargs['breakers'] = security.breakers if security.breakers_enabled else None
+    handle = start_in_process(engine, args=args, **kwargs)
     log.info('ROS embedding node serving (in-process, shared engine)')
     return handle.stop
 
@@ -492,7 +498,7 @@ def build(args, security=None) -> Bridges:
     bridges.on_close(backend.close)
     if engine is not None and not args.no_ros:
         try:
-            stop_node = start_inprocess_node(engine, args.ros_args)
+            stop_node = start_inprocess_node(engine, args.ros_args, security)
         except Exception:
             bridges.stop(0)
             raise

@@ -61,10 +61,12 @@ from rclpy.signals import SignalHandlerOptions
 from std_msgs.msg import String
 
 from akidb_ros.dds_env import clean_zombie_shm_at_start
+from akidb_ros.doors import caller_deadline
 from akidb_ros.engine import EmbeddingEngine, load_config
 from akidb_ros.engine.config import ConfigError
 from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.manager import ModelNotLoaded
+from akidb_ros.guard.breaker import BreakerRegistry, State as BreakerState
 from akidb_ros.observability import metrics as M
 from akidb_ros.ros import conversions as conv
 from akidb_ros.ros import params as P
@@ -72,6 +74,8 @@ from akidb_ros.ros.replies import Deferred, DeferringService, Responder
 from akidb_ros.srv import Embed, ListModels, LoadModel, UnloadModel
 
 NODE_NAME = 'embedding_node'
+# EmbeddingNode(breakers=...) not given: build them from the breaker.* parameters at configure
+BREAKERS_FROM_PARAMS = object()
 CONFIGURE_RETRY_CAP_S = 60.0    # longest wait between autostart's configure retries
 # An Embed call with more characters than this (all inputs together) is submitted from a helper
 # thread: tokenising it would hold the executor (about 1 ms per 5,000 characters on the 2-core
@@ -176,15 +180,21 @@ class EmbeddingNode(LifecycleNode):
     """Managed node exposing the embedding engine over ROS 2 services."""
 
     def __init__(self, node_name: str = NODE_NAME, engine: Optional[EmbeddingEngine] = None,
-                 python_logs: bool = False, **kwargs):
+                 python_logs: bool = False, breakers=BREAKERS_FROM_PARAMS, **kwargs):
         """Create the node; ``engine``: serve a started engine owned by the caller.
 
         ``python_logs``: write the node's log lines to Python logging too (see
         :class:`NodeLog`), where rcl's console output is off (:func:`ros_console_args`).
+        ``breakers``: the circuit breakers of ``embed`` — by default built at configure from
+        the ``breaker.*`` parameters; a :class:`BreakerRegistry` shared with other doors of
+        this process (the in-process server's, so a model has one breaker whichever door its
+        calls come through), or ``None`` for none.
         """
         super().__init__(node_name, **kwargs)
         self._log = NodeLog(self.get_logger(), python_logs)
         self.engine: Optional[EmbeddingEngine] = None
+        self._given_breakers = breakers
+        self.breakers: Optional[BreakerRegistry] = None     # set at configure
         self._diag_timer = None
         self._configure_error = ''      # why the latest configure failed (for /diagnostics)
         self._declared = False          # built: from then on _check_models checks a set at once
@@ -251,6 +261,13 @@ class EmbeddingNode(LifecycleNode):
             reason = self._check_models(parameters)
             if reason:
                 return SetParametersResult(successful=False, reason=reason)
+        if self._declared:
+            # each in range alone; together min_calls may not exceed window
+            new = {p.name: p.value for p in parameters}
+            try:
+                P.breaker_settings(lambda n: new[n] if n in new else self.get_parameter(n).value)
+            except ValueError as exc:
+                return SetParametersResult(successful=False, reason=str(exc))
         for p in parameters:
             if p.name == 'diagnostics_period_s' and hasattr(self, '_diag_pub'):
                 self._reset_diagnostics_timer(p.value)
@@ -443,6 +460,12 @@ class EmbeddingNode(LifecycleNode):
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         t0 = time.monotonic()
+        try:
+            self.breakers = self._make_breakers()
+        except ValueError as exc:
+            self._configure_error = str(exc)
+            self._log.error(f'configure failed: {exc}')
+            return TransitionCallbackReturn.FAILURE
         if self._external_engine is not None:
             self.engine = self._external_engine
             self._log.info(
@@ -474,6 +497,23 @@ class EmbeddingNode(LifecycleNode):
             f', loaded {", ".join(loaded)} in {time.monotonic() - t0:.2f} s'
             f'{"; over the cache budget, not kept: " + ", ".join(evicted) if evicted else ""}')
         return TransitionCallbackReturn.SUCCESS
+
+    def _make_breakers(self) -> Optional[BreakerRegistry]:
+        """Return the embed breakers: the ones given, or new ones from the parameters."""
+        if self._given_breakers is not BREAKERS_FROM_PARAMS:
+            return self._given_breakers
+        settings = P.breaker_settings(lambda name: self.get_parameter(name).value)
+        if settings is None:
+            return None
+        return BreakerRegistry(settings, on_transition=self._breaker_transition)
+
+    def _breaker_transition(self, model: str, old: BreakerState, new: BreakerState) -> None:
+        line = f'circuit breaker {model}: {old.name} -> {new.name}'
+        if new is BreakerState.OPEN:
+            self._log.warning(f'{line}: its embed calls are answered CIRCUIT_OPEN for the '
+                              'next breaker.open_s')
+        else:
+            self._log.info(line)
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.ensure_services()
@@ -623,7 +663,7 @@ class EmbeddingNode(LifecycleNode):
         are never joined.
         """
         if not request.request_id:
-            return self._submit_any(engine, req, span), False
+            return self._submit_guarded(engine, req, span), False
         key = (request.request_id, request.model, tuple(request.inputs), request.normalize,
                request.truncate, request.input_type, request.timeout_s)
         with self._stats_lock:
@@ -634,13 +674,49 @@ class EmbeddingNode(LifecycleNode):
             shared = self._in_flight[key] = Future()
         self._forget_when_done(self._in_flight, key, shared)
         try:
-            inner = self._submit_any(engine, req, span)
+            inner = self._submit_guarded(engine, req, span)
         except BaseException as exc:    # refused at once: so is every copy waiting on it
             shared.set_exception(exc)
             raise
         inner.add_done_callback(lambda f: _chain(f, shared))
         _cancel_with(shared, inner)
         return shared, False
+
+    def _submit_guarded(self, engine: EmbeddingEngine, req, span=None) -> Future:
+        """``_submit_any`` through the model's circuit breaker, when the node has breakers.
+
+        Keyed like the other doors' (``akidb_ros.doors.ModelLabels.breaker_key``): the model
+        that serves the call, the default's id for none, ``unknown`` for a name the catalogue
+        lacks (MODEL_NOT_FOUND, neutral). Raises CIRCUIT_OPEN before any work while the
+        model's breaker is open. The outcome is recorded once per call (a re-sent copy joins
+        the call, not the breaker): MODEL_LOAD_FAILED, TIMEOUT and INTERNAL count against
+        the model; a withdrawn call, a caller's mistake, and a TIMEOUT within a deadline the
+        caller set well below the engine's (``timeout_s``) are neutral, as on REST and gRPC.
+        """
+        breakers = self.breakers
+        if breakers is None:
+            return self._submit_any(engine, req, span)
+        breaker = breakers.get(engine.manager.label(req.model))   # as sent: ' x' is unknown
+        permit = breaker.allow()
+        try:
+            fut = self._submit_any(engine, req, span)
+        except BaseException as exc:
+            breaker.record(permit, exc)
+            raise
+        own_deadline = req.timeout_s is not None and caller_deadline(
+            req.timeout_s, engine.config.engine.timeouts.inference_s)
+
+        def record(f: Future) -> None:
+            if f.cancelled():
+                breaker.record_neutral(permit)
+                return
+            exc = f.exception()
+            if own_deadline and isinstance(exc, EngineError) and exc.code is ErrorCode.TIMEOUT:
+                breaker.record_neutral(permit)
+            else:
+                breaker.record(permit, exc)
+        fut.add_done_callback(record)
+        return fut
 
     def _submit_any(self, engine: EmbeddingEngine, req, span=None) -> Future:
         if sum(map(len, req.inputs)) > LARGE_CALL_CHARS:
@@ -933,6 +1009,8 @@ class EmbeddingNode(LifecycleNode):
                                'queue_capacity': str(h.queue_capacity),
                                'loaded_models': ','.join(loaded), 'version': h.version})
                 values.update({f'check.{k}': v for k, v in h.checks.items()})
+                tripped = self._tripped_breakers()
+                values['circuit_open'] = ','.join(tripped)
                 if self._shutting_down:
                     st.level, st.message = DiagnosticStatus.WARN, 'shutting down'
                 elif not self._serving:
@@ -941,6 +1019,10 @@ class EmbeddingNode(LifecycleNode):
                     st.level, st.message = DiagnosticStatus.WARN, (
                         f'{twins} servers of embed on this ROS domain and namespace: every '
                         'call runs on each of them')
+                elif h.status == 'healthy' and tripped:
+                    st.level, st.message = DiagnosticStatus.WARN, (
+                        f'circuit open for {", ".join(tripped)}: their embed calls are '
+                        'answered CIRCUIT_OPEN')
                 elif h.status == 'healthy':
                     st.level, st.message = DiagnosticStatus.OK, \
                         f'serving {h.default_model} on {h.provider}'
@@ -953,6 +1035,14 @@ class EmbeddingNode(LifecycleNode):
         values['embed_servers'] = str(twins)
         st.values = [KeyValue(key=k, value=v) for k, v in values.items()]
         return st
+
+    def _tripped_breakers(self) -> list:
+        """Models whose breaker is open or half-open (probing), sorted."""
+        breakers = self.breakers
+        if breakers is None:
+            return []
+        return sorted(m for m, snap in breakers.snapshot().items()
+                      if snap['state'] != 'closed')
 
     def _embed_servers(self) -> int:
         """Count the servers of our ``embed`` in the graph (ours included).
@@ -1144,7 +1234,8 @@ class InProcessNode:
     See :func:`start_in_process`. ``stop()`` answers the calls in flight, leaves the engine open.
     """
 
-    def __init__(self, engine: EmbeddingEngine, args=None, namespace: str = ''):
+    def __init__(self, engine: EmbeddingEngine, args=None, namespace: str = '',
+                 breakers=BREAKERS_FROM_PARAMS):
         from rclpy.context import Context
         self.context = Context()
         args, python_logs = ros_console_args(args)
@@ -1158,6 +1249,7 @@ class InProcessNode:
         kwargs = {'namespace': namespace} if namespace else {}
         try:
             self.node = checked_node(args, engine=engine, context=self.context,
+                                     breakers=breakers,
                                      python_logs=python_logs, **kwargs)
         except Exception as exc:
             rclpy.try_shutdown(context=self.context)
@@ -1196,13 +1288,15 @@ class InProcessNode:
         rclpy.try_shutdown(context=self.context)
 
 
-def start_in_process(engine: EmbeddingEngine, args=None, namespace: str = '') -> InProcessNode:
+def start_in_process(engine: EmbeddingEngine, args=None, namespace: str = '',
+                     breakers=BREAKERS_FROM_PARAMS) -> InProcessNode:
     """Serve ``engine`` (already started, owned by the caller) over ROS in this process.
 
-    Used by ``akidb_ros.server --mode inprocess`` so REST, gRPC and ROS share one engine.
+    Used by ``akidb_ros.server --mode inprocess`` so REST, gRPC and ROS share one engine (and,
+    given ``breakers``, one circuit breaker per model: see :class:`EmbeddingNode`).
     Returns a handle whose ``stop()`` stops the node (the engine stays open).
     """
-    return InProcessNode(engine, args=args, namespace=namespace)
+    return InProcessNode(engine, args=args, namespace=namespace, breakers=breakers)
 
 
 def _wait_until(cond: Callable[[], bool], timeout: float, pause: Callable[[float], None],

@@ -24,6 +24,7 @@ from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescr
                                 ParameterType)
 
 from akidb_ros.engine.config import DEVICES   # the engine's list is the one source
+from akidb_ros.guard.breaker import BreakerSettings   # its defaults are the breaker's own
 
 INT_MAX = 2 ** 31 - 1
 EXECUTORS = ('multi_threaded', 'events')
@@ -34,6 +35,9 @@ MIN_DIAGNOSTICS_PERIOD_S = 0.1
 YAML_NULLS = ('~', 'null', 'Null', 'NULL')
 # Text parameters whose '' means "the default": a YAML null means the same.
 NULL_MEANS_UNSET = ('config_path', 'default_model', 'preload_models', 'device')
+_BREAKER = BreakerSettings()
+# numbers a descriptor's closed range cannot keep above 0
+POSITIVE = ('breaker.failure_ratio', 'breaker.open_s')
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,25 @@ PARAMS: List[ParamSpec] = [
               range=(0, INT_MAX), engine_key='engine.limits.max_input_chars', unset=0),
     ParamSpec('timeouts.inference_s', 0.0, 'Default per-call deadline (TIMEOUT after it)',
               range=(0.0, 3600.0), engine_key='engine.timeouts.inference_s', unset=0.0),
+    # --- circuit breaker of embed (read at configure; in-process, the security config's) ---
+    ParamSpec('breaker.enabled', True, 'Circuit breaker per model on embed: once failure_ratio '
+              'of the last `window` calls of a model failed (MODEL_LOAD_FAILED, TIMEOUT, '
+              'INTERNAL), its calls are answered CIRCUIT_OPEN at once for open_s, then '
+              'half_open_probes calls test it', at_configure=True),
+    ParamSpec('breaker.window', _BREAKER.window, 'Breaker: the last calls of a model it judges',
+              range=(1, 10_000), at_configure=True),
+    ParamSpec('breaker.min_calls', _BREAKER.min_calls,
+              'Breaker: calls in the window before it may open', range=(1, 10_000),
+              constraints='at most breaker.window', at_configure=True),
+    ParamSpec('breaker.failure_ratio', _BREAKER.failure_ratio,
+              'Breaker: share of failed calls in the window that opens it', range=(0.0, 1.0),
+              constraints='above 0', at_configure=True),
+    ParamSpec('breaker.open_s', _BREAKER.open_s,
+              'Breaker: seconds it answers CIRCUIT_OPEN before letting probes through',
+              range=(0.0, 86_400.0), constraints='above 0', at_configure=True),
+    ParamSpec('breaker.half_open_probes', _BREAKER.half_open_probes,
+              'Breaker: probe calls that must succeed to close it again', range=(1, 1000),
+              at_configure=True),
     # --- node ---
     ParamSpec('autostart', True, 'Configure and activate at start (False: wait for lifecycle '
               'transitions, e.g. from a lifecycle manager)', read_only=True),
@@ -262,6 +285,8 @@ def validate_value(name: str, value: Any) -> Optional[str]:
             and 0 < value < MIN_DIAGNOSTICS_PERIOD_S:
         return (f'diagnostics_period_s must be 0 (off) or in range '
                 f'{MIN_DIAGNOSTICS_PERIOD_S}..3600 (got {value})')
+    if name in POSITIVE and isinstance(value, (int, float)) and value <= 0:
+        return f'{name} must be above 0 (got {value})'
     spec = PARAMS_BY_NAME.get(name)
     if spec is not None and spec.engine_key and spec.range is not None \
             and isinstance(value, (int, float)) and value != spec.unset and value < 0:
@@ -301,3 +326,21 @@ def engine_overrides(get: Callable[[str], Any]) -> Dict[str, Any]:
             continue
         _set_path(out, p.engine_key, value)
     return out
+
+
+def breaker_settings(get: Callable[[str], Any]) -> Optional[BreakerSettings]:
+    """Return the embed breaker's settings from the set parameters (``None``: breaker off).
+
+    Raises ``ValueError`` naming the parameters when ``breaker.min_calls`` is above
+    ``breaker.window`` (each is in range alone; together they are not).
+    """
+    if not get('breaker.enabled'):
+        return None
+    window, min_calls = get('breaker.window'), get('breaker.min_calls')
+    if min_calls > window:
+        raise ValueError(f'breaker.min_calls ({min_calls}) must be at most breaker.window '
+                         f'({window})')
+    return BreakerSettings(window=window, min_calls=min_calls,
+                           failure_ratio=get('breaker.failure_ratio'),
+                           open_s=get('breaker.open_s'),
+                           half_open_probes=get('breaker.half_open_probes'))

@@ -1,0 +1,182 @@
+"""The embed service's circuit breaker, one per model, over real DDS (``breaker.*`` parameters).
+
+REST and gRPC had a breaker per model; ``/embed`` had none, so a model whose every call failed
+(a corrupt file, a run that always times out) was tried again by each call: a 5 s TIMEOUT
+each, or a load attempt each. The node's catalogue here holds the real MiniLM (the default)
+and ``sick``: MiniLM's tokenizer and weights beside a corrupt graph, so every call for it
+fails ``MODEL_LOAD_FAILED``.
+"""
+import os
+import time
+
+import pytest
+import yaml
+from ros_support import call, metric_value, NodeProcess, ROOT, scrape, free_port
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.srv import SetParameters
+from rclpy.parameter import Parameter
+
+from akidb_ros.guard.breaker import BreakerSettings
+from akidb_ros.ros import params as P
+from akidb_ros.ros.cli import EmbeddingClient
+
+MINILM = ROOT / 'models' / 'all-MiniLM-L6-v2'
+OPEN_S = 1.5
+
+
+@pytest.fixture(scope='module')
+def catalogue(tmp_path_factory):
+    """models.yaml with the default MiniLM and 'sick' (a graph ONNX Runtime cannot read)."""
+    d = tmp_path_factory.mktemp('breaker-models')
+    (d / 'sick').mkdir()
+    (d / 'sick' / 'model.onnx').write_bytes(b'\x08\x07\x12\x04junk' + b'\xff' * 64)
+    os.symlink(MINILM / 'model.onnx.data', d / 'sick' / 'model.onnx.data')
+    os.symlink(MINILM, d / 'minilm')
+    entry = {'dimension': 384, 'max_tokens': 256, 'pooling': 'mean', 'normalize': True}
+    cfg = {'default_model': 'all-minilm-l6-v2', 'models_dir': str(d),
+           'engine': {'device': 'cpu', 'intra_op_threads': 1},
+           'models': [dict(entry, id='all-minilm-l6-v2', name='minilm',
+                           path='minilm/model.onnx', tokenizer='minilm/tokenizer.json'),
+                      dict(entry, id='sick', name='sick', path='sick/model.onnx',
+                           tokenizer=str(MINILM / 'tokenizer.json'))]}
+    path = d / 'models.yaml'
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _node(catalogue, ns, *params):
+    args = ['-p', f'config_path:={catalogue}', '-p', 'diagnostics_period_s:=0.2']
+    for p in params:
+        args += ['-p', p]
+    return NodeProcess(*args, namespace=ns)
+
+
+def _latest_diagnostics(client, ns, want, timeout=10.0):
+    seen = []
+
+    def on_msg(msg):
+        seen.extend(st for st in msg.status if st.name.startswith(f'{ns}/embedding_node'))
+    sub = client.node.create_subscription(DiagnosticArray, '/diagnostics', on_msg, 10)
+    try:
+        end = time.monotonic() + timeout
+        while not (seen and want(seen[-1])) and time.monotonic() < end:
+            client.executor.spin_once(timeout_sec=0.1)
+    finally:
+        client.node.destroy_subscription(sub)
+    assert seen
+    return seen[-1], {kv.key: kv.value for kv in seen[-1].values}
+
+
+def test_a_failing_model_opens_its_breaker_and_is_answered_circuit_open_at_once(catalogue):
+    ns, port = '/breaker_on', free_port()
+    node = _node(catalogue, ns, 'breaker.window:=3', 'breaker.min_calls:=3',
+                 f'breaker.open_s:={OPEN_S}', 'breaker.half_open_probes:=1',
+                 f'metrics_port:={port}')
+    try:
+        node.wait_ready()
+        with EmbeddingClient(ns, node_name='akidb_breaker_client') as c:
+            assert c.clients['embed'].wait_for_service(timeout_sec=30), node.output
+            codes = [c.embed(['hello'], model='sick', timeout_s=30).error_code
+                     for _ in range(3)]
+            assert codes == ['MODEL_LOAD_FAILED'] * 3, node.output[-3000:]
+            t0 = time.monotonic()
+            refused = c.embed(['hello'], model='sick', timeout_s=30)
+            assert (refused.success, refused.error_code) == (False, 'CIRCUIT_OPEN')
+            assert 0 < refused.retry_after_s <= OPEN_S, refused.retry_after_s
+            assert 'circuit open' in refused.message
+            assert time.monotonic() - t0 < 1.0       # no load attempt behind it
+            # one breaker per model: the default still serves
+            ok = c.embed(['the default model is not touched'], timeout_s=30)
+            assert ok.success and ok.dimension == 384
+            text = scrape(port)
+            assert metric_value(text, 'akidb_circuit_breaker_state', 'model="sick"') == 2
+            assert metric_value(text, 'akidb_circuit_breaker_state',
+                                'model="all-minilm-l6-v2"') == 0
+            assert metric_value(text, 'akidb_request_errors_total',
+                                'code="CIRCUIT_OPEN"') == 1
+            st, values = _latest_diagnostics(c, ns, lambda s: s.level == s.WARN)
+            assert values['circuit_open'] == 'sick', values
+            assert st.message.startswith('circuit open for sick'), st.message
+            # after open_s one probe is let through: it fails, and the breaker opens again
+            time.sleep(OPEN_S + 0.2)
+            assert c.embed(['probe'], model='sick', timeout_s=30).error_code == \
+                'MODEL_LOAD_FAILED'
+            assert c.embed(['again'], model='sick', timeout_s=30).error_code == 'CIRCUIT_OPEN'
+            # the pair of limits is checked at run time too (each alone is in range)
+            (res,) = call(c, SetParameters, f'{ns}/embedding_node/set_parameters',
+                          SetParameters.Request(parameters=[
+                              Parameter('breaker.min_calls', value=4).to_parameter_msg()])
+                          ).results
+            assert not res.successful
+            assert res.reason == 'breaker.min_calls (4) must be at most breaker.window (3)'
+        assert 'circuit breaker sick: CLOSED -> OPEN' in node.output
+    finally:
+        node.stop()
+
+
+def test_breaker_enabled_false_tries_every_call(catalogue):
+    node = _node(catalogue, '/breaker_off', 'breaker.enabled:=false', 'breaker.window:=2',
+                 'breaker.min_calls:=2')
+    try:
+        node.wait_ready()
+        with EmbeddingClient('/breaker_off', node_name='akidb_breaker_off_client') as c:
+            assert c.clients['embed'].wait_for_service(timeout_sec=30), node.output
+            codes = {c.embed(['hello'], model='sick', timeout_s=30).error_code
+                     for _ in range(5)}
+            assert codes == {'MODEL_LOAD_FAILED'}
+    finally:
+        node.stop()
+
+
+def test_breaker_limits_that_cannot_hold_together_fail_the_start(catalogue):
+    node = _node(catalogue, '/breaker_bad', 'breaker.min_calls:=20')   # window stays 10
+    try:
+        assert node.wait_exit(timeout=60) == 1, node.output
+        assert 'configure failed: breaker.min_calls (20) must be at most breaker.window ' \
+            '(10)' in node.output
+        assert 'Traceback' not in node.output
+    finally:
+        node.stop()
+
+
+def test_in_process_node_shares_the_doors_breakers():
+    """akidb_ros.server --mode inprocess hands the node its Guard's breakers: a model opened
+    by REST or gRPC calls is open on /embed too (one breaker per model, whatever the door),
+    and the security config's breaker section governs, not the node's parameters."""
+    from akidb_ros.engine import EmbeddingEngine, load_config
+    from akidb_ros.guard import Guard, load_security_config
+    from akidb_ros.server import start_inprocess_node
+
+    guard = Guard(load_security_config())
+    breaker = guard.breaker_for('all-minilm-l6-v2')
+    for _ in range(guard.breakers.settings.window):
+        breaker.record_failure(breaker.allow())      # as the REST door records its failures
+    with EmbeddingEngine(load_config()) as engine:
+        engine.start()
+        stop = start_inprocess_node(engine, ['-r', '__ns:=/inproc_breaker',
+                                             '-p', 'breaker.enabled:=false'], security=guard)
+        try:
+            node = stop.__self__.node
+            assert node.breakers is guard.breakers
+            with EmbeddingClient('/inproc_breaker', node_name='akidb_inproc_breaker') as c:
+                deadline = time.monotonic() + 20
+                while node.count_clients('/inproc_breaker/embed') < 1 and \
+                        time.monotonic() < deadline:
+                    time.sleep(0.05)
+                resp = c.embed(['the default model, open on the other doors'], timeout_s=30)
+            assert resp.error_code == 'CIRCUIT_OPEN', resp.message
+        finally:
+            stop()
+        guard.audit.close()
+
+
+def test_breaker_parameters_map_onto_the_breaker_settings():
+    values = {p.name: p.default for p in P.PARAMS}
+    assert P.breaker_settings(values.get) == BreakerSettings()     # one set of defaults
+    assert P.breaker_settings({**values, 'breaker.enabled': False}.get) is None
+    with pytest.raises(ValueError, match=r'breaker.min_calls \(11\) must be at most'):
+        P.breaker_settings({**values, 'breaker.min_calls': 11}.get)
+    assert P.validate_value('breaker.failure_ratio', 0.0) == \
+        'breaker.failure_ratio must be above 0 (got 0.0)'
+    assert P.validate_value('breaker.open_s', 0.0) is not None
+    assert P.validate_value('breaker.open_s', 0.5) is None
