@@ -541,7 +541,19 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
 
     @app.errorhandler(HTTPException)
     def _http_exc(exc: HTTPException):
-        return http_exception_response(exc, request.path)
+        resp = http_exception_response(exc, request.path)
+        if exc is request.routing_exception or not hasattr(g, 't0'):
+            # a route or method that does not exist (a typo, a scanner; ``//models`` is refused
+            # before the request hooks): no handler ran, so it gets its access-log line and its
+            # count here, as the server's own refusals do
+            if not hasattr(g, 'request_id'):
+                g.request_id = request_id_from(lower_headers(request.environ).get(_REQUEST_ID_KEY))
+            code = _HTTP_CODES.get(exc.code, ErrorCode.NOT_FOUND.name)
+            record_refusal(TRANSPORT, g.request_id,
+                           EngineError(ErrorCode[code], exc.description or exc.name),
+                           getattr(g, 't0', time.perf_counter()),
+                           route=f'{request.method} {request.environ.get("PATH_INFO", "")[:256]}')
+        return resp
 
     @app.errorhandler(EngineError)
     def _engine_exc(exc: EngineError):

@@ -171,3 +171,30 @@ def test_a_body_refused_by_its_declared_length_is_accounted_for(served, access_l
     assert errors('rest', 'INPUT_TOO_LARGE') == before + 1
     line = the_line(access_log(), rid)
     assert (line['code'], line['route']) == ('INPUT_TOO_LARGE', 'POST /admin/models/load')
+
+
+def test_unknown_routes_and_methods_are_logged_and_counted(served, access_log):
+    """A route or method that does not exist (a typo, a scanner) is answered 404/405 by
+    routing, before any handler: it had neither an access-log line nor a count."""
+    bridges, keys = served
+    url = f'http://127.0.0.1:{bridges.rest_port}'
+    before = (errors('rest', 'NOT_FOUND'), errors('rest', 'METHOD_NOT_ALLOWED'))
+    who = {'X-API-Key': keys['developer']}
+    r = requests.get(url + '/nope', headers={**who, 'X-Request-ID': 'rid-404'}, timeout=10)
+    assert (r.status_code, r.json()['code']) == (404, 'NOT_FOUND')
+    r = requests.delete(url + '/api/v1/embed', headers={**who, 'X-Request-ID': 'rid-405'},
+                        timeout=10)
+    assert (r.status_code, r.json()['code']) == (405, 'METHOD_NOT_ALLOWED')
+    # refused before the request hooks (werkzeug would match it as /models)
+    r = requests.get(url + '//models', headers={**who, 'X-Request-ID': 'rid-404-slashes'},
+                     timeout=10)
+    assert (r.status_code, r.headers['X-Request-ID']) == (404, 'rid-404-slashes')
+    lines = access_log()
+    line = the_line(lines, 'rid-404')
+    assert (line['outcome'], line['code'], line['route']) == ('error', 'NOT_FOUND', 'GET /nope')
+    assert line['level'] == 'info' and line['latency_ms'] >= 0
+    line = the_line(lines, 'rid-405')
+    assert (line['code'], line['route']) == ('METHOD_NOT_ALLOWED', 'DELETE /api/v1/embed')
+    assert the_line(lines, 'rid-404-slashes')['route'] == 'GET //models'
+    assert (errors('rest', 'NOT_FOUND'), errors('rest', 'METHOD_NOT_ALLOWED')) == \
+        (before[0] + 2, before[1] + 1)
