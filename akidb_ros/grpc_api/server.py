@@ -427,6 +427,23 @@ def _take(pending: 'queue.Queue', last: list, idle_s: Optional[float]):
                 return _IDLE
 
 
+def _as_heard(context, err: EngineError) -> EngineError:
+    """The error a call is counted and logged by: the one its caller heard.
+
+    A call cut off by its own deadline hears DEADLINE_EXCEEDED from gRPC itself. Its work is
+    withdrawn at that moment (``_cancel_with``), and a backend that answers a withdrawal
+    ``CANCELLED`` (a sidecar's node, over ``cancel_embed``) may do so before its own deadline
+    answers ``TIMEOUT``: such a call is a TIMEOUT, as it is in-process (the SLO rules and the
+    TIMEOUT alert count that code; a call its client cancelled stays CANCELLED).
+    """
+    if err.code is ErrorCode.CANCELLED:
+        left = context.time_remaining()
+        if left is not None and left <= 0:
+            return EngineError(ErrorCode.TIMEOUT, 'the call\'s deadline passed before its answer',
+                               retry_after_s=err.retry_after_s)
+    return err
+
+
 def _record_in(span, call: DoorCall, label: str, err: Optional[EngineError], **fields) -> None:
     """``record`` an EmbedStream request's answer in its span (its trace and span ids on the
     access-log line, as a unary call's), then end the span."""
@@ -587,8 +604,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     try:
                         res = wait_result(fut, req.timeout_s)
                     except EngineError as e:
-                        err = e
-                        raise
+                        err = _as_heard(context, e)
+                        raise err from None
                     finally:
                         if callable(done):
                             done(err)
@@ -733,20 +750,23 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                              extra={'request_id': call0.request_id})
                     _refuse(context, err, call0.request_id, started=call0.started)
                 i, call, label, req, fut, done, err, span = item
+                # the stream's end withdrew it while it waited
+                withdrawn = err is not None and err.code is ErrorCode.CANCELLED
                 if err is None:
                     waiting_on[0] = fut
                     try:
                         res = wait_result(fut, req.timeout_s)
                         label = self.labels.label(res.model)
                     except EngineError as e:
-                        err = e
+                        withdrawn = e.code is ErrorCode.CANCELLED
+                        err = _as_heard(context, e)
                     finally:
                         if callable(done):
                             done(err)
                 if err is not None:
                     _record_in(span, call, label, err)
                     stop.set()
-                    if err.code is ErrorCode.CANCELLED:     # the stream ended while it waited
+                    if withdrawn:
                         cut_short.append(call.request_id)
                     _abort(context, err, (('x-request-id', call0.request_id),
                                           ('akidb-stream-index', str(i)),

@@ -698,3 +698,34 @@ def test_a_caller_that_gives_up_withdraws_its_work_on_the_node(node):
     finally:
         bridges.stop(grace_s=1)
         backend.close()
+
+
+def test_a_grpc_call_cut_off_by_its_deadline_is_counted_timeout(node, sidecar):
+    """A gRPC caller whose deadline passes hears DEADLINE_EXCEEDED. The bridge withdraws the
+    call's work on the node then (cancel_embed), and the node, answering the withdrawal before
+    its own deadline, said CANCELLED: the bridge counted and logged most such calls CANCELLED
+    (2-3 of 3 in the prober's runs), out of reach of the TIMEOUT alert and the SLO rules,
+    where the in-process server counts TIMEOUT."""
+    import grpc
+    from prometheus_client import REGISTRY
+
+    from akidb_ros.grpc_api import embedding_pb2 as pb, embedding_pb2_grpc as pb_grpc
+
+    def errors(code):
+        return REGISTRY.get_sample_value('akidb_request_errors_total',
+                                         {'transport': 'grpc', 'code': code}) or 0.0
+    before = (errors('TIMEOUT'), errors('CANCELLED'))
+    long_text = ' '.join(['word'] * 200)
+    inputs = [f'{i} {long_text}' for i in range(64)]      # seconds of node work here
+    assert wait_until(lambda: _node_queue(node) == 0, 30, 0.05)
+    with grpc.insecure_channel(f'127.0.0.1:{sidecar.grpc_port}') as ch:
+        stub = pb_grpc.EmbeddingServiceStub(ch)
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as ei:
+                stub.Embed(pb.EmbedRequest(inputs=inputs), timeout=0.3)
+            assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until(lambda: errors('TIMEOUT') == before[0] + 3, 10, 0.05), \
+        (errors('TIMEOUT') - before[0], errors('CANCELLED') - before[1])
+    assert errors('CANCELLED') == before[1]
+    # the work was withdrawn on the node all the same
+    assert wait_until(lambda: _node_queue(node) == 0, 10, 0.05)
