@@ -31,12 +31,13 @@ MODEL_EVICTIONS = Counter('akidb_model_evictions_total', 'Models evicted by the 
 
 # --- batching and runtime (engine) ---
 BATCH_SIZE = Histogram(
-    'akidb_batch_size', 'Sentences the batcher gathered from concurrent requests per batch',
-    ['model'], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+    'akidb_batch_size', 'Sentences a batcher runner took from the queue at once: one run planned '
+    'from everything queued once the model\'s run cost is learnt (then equal to '
+    'akidb_inference_batch_size); before that, with split_policy padding, or for admin work, a '
+    'batch it cuts into length-sorted runs', ['model'], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 INFERENCE_BATCH_SIZE = Histogram(
-    'akidb_inference_batch_size',
-    'Sentences per ONNX Runtime run (a gathered batch is length-sorted and split where padding '
-    'would exceed max_padding_ratio)', ['model'], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+    'akidb_inference_batch_size', 'Sentences per ONNX Runtime run', ['model'],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 TOKENS_PROCESSED = Counter('akidb_tokens_processed_total', 'Tokens embedded', ['model'])
 INFERENCE_SECONDS = Histogram(
     'akidb_inference_seconds', 'ONNX Runtime time per batch', ['model'], buckets=LATENCY_BUCKETS)
