@@ -596,7 +596,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 try:
                     req = self._prepare(request, call, context)
                     label = self.labels.label(req.model)
-                    span.set_attribute('akidb.model', req.model or 'default')
+                    # the model that will serve it (bounded, as on the metrics), then the one
+                    # that did
+                    span.set_attribute('akidb.model', label)
                     span.set_attribute('akidb.inputs', len(req.inputs))
                     fut, done = self._submit(call, req, caller_waits=True)   # unary: waits
                     self._cancel_with(context, lambda: (fut,))
@@ -610,6 +612,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                         if callable(done):
                             done(err)
                     label = self.labels.label(res.model)
+                    span.set_attribute('akidb.model', res.model)
                     out = _response(res)
                 except EngineError as e:
                     span.set_attribute('akidb.error_code', e.code.name)
@@ -684,13 +687,17 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                         # the request's span lasts until it is answered (_record_in ends it)
                         with tracer().start_as_current_span(
                                 f'{SERVICE_NAME}/EmbedStream', kind=trace.SpanKind.SERVER,
-                                attributes={'rpc.system': 'grpc', 'rpc.method': 'EmbedStream',
+                                attributes={'rpc.system': 'grpc', 'rpc.service': SERVICE_NAME,
+                                            'rpc.method': 'EmbedStream',
+                                            'akidb.transport': TRANSPORT,
                                             'akidb.stream_index': i,
                                             'akidb.request_id': call.request_id},
                                 end_on_exit=False) as span:
                             try:
                                 req = self._prepare(request, call, context)
                                 label = self.labels.label(req.model)
+                                span.set_attribute('akidb.model', label)
+                                span.set_attribute('akidb.inputs', len(req.inputs))
                                 fut, done = self._submit(call, req)
                                 item = (i, call, label, req, fut, done, None, span)
                             except EngineError as e:
@@ -757,6 +764,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     try:
                         res = wait_result(fut, req.timeout_s)
                         label = self.labels.label(res.model)
+                        span.set_attribute('akidb.model', res.model)
                     except EngineError as e:
                         withdrawn = e.code is ErrorCode.CANCELLED
                         err = _as_heard(context, e)

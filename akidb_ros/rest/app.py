@@ -418,7 +418,8 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
             # the breaker is keyed by the model that will really serve the call
             call.model = labels.breaker_key(model, backend_default_model())
             model_label = labels.label(model)
-            span.set_attribute('akidb.model', model or 'default')
+            # the model that will serve it (bounded, as on the metrics); then the one that did
+            span.set_attribute('akidb.model', labels.label(model))
             span.set_attribute('akidb.inputs', len(texts))
             req = EmbedRequest(inputs=texts, model=model, normalize=normalize, truncate=truncate,
                                input_type=input_type, timeout_s=timeout_from_header(call),
@@ -429,6 +430,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
                 check_dimensions(body['dimensions'], model_id, model_dimension(model_id))
             res = do_embed(call, req)
             model_label = labels.label(res.model)
+            span.set_attribute('akidb.model', res.model)
             if openai:
                 check_dimensions(body.get('dimensions'), res.model, res.dimension)
         except EngineError as e:

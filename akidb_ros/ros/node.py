@@ -805,7 +805,7 @@ class EmbeddingNode(LifecycleNode):
                                           counted=not copy)
             response.duration_ms = (time.perf_counter() - t0) * 1000.0
             if copy:        # a re-sent copy of a call in flight: its first arrival counts
-                _end_span(span, None)
+                _end_span(span, None, response.model)
                 return response
             self._record(response.model, None, t0, transport)
             if self._log.is_enabled_for(_DEBUG):
@@ -813,7 +813,7 @@ class EmbeddingNode(LifecycleNode):
                     f'embed ok: request_id={rid[:128]!r} model={response.model} '
                     f'inputs={len(response.embeddings)} tokens={response.total_tokens} '
                     f'latency_ms={response.duration_ms:.1f}')
-            _end_span(span, None)
+            _end_span(span, None, response.model)
             return response
         return Deferred(fut, build)
 
@@ -832,7 +832,8 @@ class EmbeddingNode(LifecycleNode):
             self._log_failure(err, f'embed failed: request_id={request_id[:128]!r} '
                               f'model={model.strip()[:128] or "(default)"!r}',
                               response.duration_ms)
-        _end_span(span, err)
+        if span is not None:
+            _end_span(span, err, self._model_label(model))
         return response
 
     def _log_failure(self, err: EngineError, what: str, latency_ms: float) -> None:
@@ -1109,12 +1110,13 @@ def _start_span(request):
     try:
         from opentelemetry import trace
         from akidb_ros.observability.tracing import extract_traceparent, tracer
+        rid, forwarded = conv.split_forwarded(request.request_id)
         return tracer().start_span(
             'ros /embed', context=extract_traceparent(request.traceparent),
             kind=trace.SpanKind.SERVER,
             attributes={'rpc.system': 'ros2', 'rpc.service': 'akidb_ros/srv/Embed',
-                        'akidb.model': request.model, 'akidb.inputs': len(request.inputs),
-                        'akidb.request_id': conv.split_forwarded(request.request_id)[0]})
+                        'akidb.transport': conv.FORWARDED_TRANSPORT if forwarded else 'ros',
+                        'akidb.inputs': len(request.inputs), 'akidb.request_id': rid})
     except Exception:
         return None
 
@@ -1126,10 +1128,13 @@ def _in_span(span, fn, *args):
         return fn(*args)
 
 
-def _end_span(span, err: Optional[EngineError]) -> None:
+def _end_span(span, err: Optional[EngineError], model: str) -> None:
+    """End the call's span; ``model``: the model that served it, or the bounded label of the
+    one asked for (as on the metrics, never the caller's text)."""
     if span is None:
         return
     try:
+        span.set_attribute('akidb.model', model)
         if err is not None:
             from opentelemetry import trace
             span.set_attribute('akidb.error_code', err.code.name)

@@ -44,7 +44,8 @@ def test_rest_span_continues_caller_trace(rest_url, span_exporter):
     assert format(server.parent.span_id, '016x') == parent_id
     assert server.kind.name == 'SERVER'
     assert server.attributes['akidb.request_id'] == 'trace-rest-1'
-    assert server.attributes['akidb.model'] == 'default'
+    # the model that served it, as on the metrics (it was what the caller sent: 'default')
+    assert server.attributes['akidb.model'] == r.json()['model'] == 'all-minilm-l6-v2'
     assert server.attributes['http.response.status_code'] == 200
 
 
@@ -55,6 +56,7 @@ def test_rest_error_marks_span(rest_url, span_exporter):
     server = next(s for s in _spans(span_exporter, trace_id) if s.name == 'POST /api/v1/embed')
     assert server.status.status_code.name == 'ERROR'
     assert server.attributes['akidb.error_code'] == 'MODEL_NOT_FOUND'
+    assert server.attributes['akidb.model'] == 'unknown'     # bounded, as the metric label
 
 
 def test_grpc_span_continues_caller_trace(grpc_target, span_exporter):
@@ -66,6 +68,25 @@ def test_grpc_span_continues_caller_trace(grpc_target, span_exporter):
                   if s.name == 'akidb.embedding.v1.EmbeddingService/Embed')
     assert format(server.parent.span_id, '016x') == parent_id
     assert server.attributes['rpc.system'] == 'grpc'
+    assert server.attributes['akidb.model'] == 'all-minilm-l6-v2'
+    assert server.attributes['akidb.transport'] == 'grpc'
+
+
+def test_embed_stream_spans_carry_the_request_attributes(grpc_target, span_exporter):
+    """Each EmbedStream request's span names its transport, model and inputs like a unary
+    call's (it had only the stream index and request id)."""
+    trace_id, _, tp = _traceparent()
+    stub = pb_grpc.EmbeddingServiceStub(grpc.insecure_channel(grpc_target))
+    answers = list(stub.EmbedStream(iter([pb.EmbedRequest(inputs=['one', 'two']),
+                                          pb.EmbedRequest(inputs=['three'])]),
+                                    timeout=10, metadata=[('traceparent', tp)]))
+    assert len(answers) == 2
+    spans = sorted((s for s in _spans(span_exporter, trace_id)
+                    if s.name == 'akidb.embedding.v1.EmbeddingService/EmbedStream'),
+                   key=lambda s: s.attributes['akidb.stream_index'])
+    assert [(s.attributes['akidb.transport'], s.attributes['akidb.model'],
+             s.attributes['akidb.inputs']) for s in spans] == \
+        [('grpc', 'all-minilm-l6-v2', 2), ('grpc', 'all-minilm-l6-v2', 1)]
 
 
 def test_no_caller_context_starts_new_trace(rest_url, span_exporter):

@@ -601,6 +601,8 @@ def test_traceparent_is_continued_by_the_node():
         out = node.output
         assert '"name": "ros /embed"' in out and f'"trace_id": "0x{trace_id}"' in out, out
         assert f'"parent_id": "0x{parent}"' in out and 'req-42' in out
+        # the model that served it (the caller sent none: the span said '')
+        assert '"akidb.model": "all-minilm-l6-v2"' in out and '"akidb.transport": "ros"' in out
         assert re.search(r'"level": "debug", "logger": "akidb_ros.ros.node", '
                          r"\"msg\": \"embed ok: request_id='req-42' model=all-minilm-l6-v2 "
                          r'inputs=1 tokens=\d+ latency_ms=', out), out
