@@ -24,7 +24,7 @@ import numpy as np
 
 from ..observability import metrics
 from ..observability.tracing import capture_context, record_engine_spans
-from .errors import EngineError, ErrorCode
+from .errors import EngineError, ErrorCode, progress_note
 from .text import Encoded, l2_normalize, pad_batch, pool
 from .types import EmbedResult, Priority
 
@@ -141,12 +141,13 @@ class Job:
     def expire(self, now: float) -> None:
         """Its deadline passed unanswered (called by the deadline watcher)."""
         n = len(self.encoded)
+        done = n - self.remaining
         self.fail(EngineError(
             ErrorCode.TIMEOUT,
             f'request not answered within its deadline of {self.deadline - self.received:.2f} s '
-            f'({n - self.remaining} of {n} inputs embedded; tokenising took '
+            f'({progress_note(done, n)}; tokenising took '
             f'{self.created - self.received:.2f} s): send fewer or shorter inputs per call, or '
-            'give it a longer timeout', retry_after_s=1.0))
+            'give it a longer timeout', retry_after_s=1.0, partial=done > 0))
 
     def complete(self) -> bool:
         if not self._settle():

@@ -7,6 +7,7 @@ The ROS ``error_code`` field carries the code's name verbatim.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -76,13 +77,20 @@ class ErrorCode(enum.Enum):
 
 
 class EngineError(Exception):
-    """The one exception type that crosses the engine boundary."""
+    """The one exception type that crosses the engine boundary.
 
-    def __init__(self, code: ErrorCode, message: str, retry_after_s: Optional[float] = None):
+    ``partial``: a TIMEOUT of a call some of whose inputs were embedded when its deadline
+    passed: the model answered, the call was more work than its budget (circuit breakers
+    count it as the caller's choice, not as a sick model).
+    """
+
+    def __init__(self, code: ErrorCode, message: str, retry_after_s: Optional[float] = None,
+                 partial: bool = False):
         super().__init__(message)
         self.code = code
         self.message = message
         self.retry_after_s = retry_after_s
+        self.partial = partial
 
     def __repr__(self) -> str:
         return f'EngineError({self.code.name}, {self.message!r})'
@@ -92,13 +100,24 @@ class EngineError(Exception):
         return {'error': self.message, 'code': self.code.name}
 
 
+def progress_note(done: int, total: int) -> str:
+    """How much of a timed-out call was embedded, as its TIMEOUT message says it."""
+    return f'{done} of {total} inputs embedded'
+
+
+# progress_note inside a TIMEOUT message: the wire (the ROS response) carries code and message
+_PROGRESS = re.compile(r'\b(\d+) of (\d+) inputs embedded\b')
+
+
 def error_from_code(name: str, message: str,
                     retry_after_s: Optional[float] = None) -> EngineError:
     """Rebuild an EngineError from a code name received over a wire (e.g. the ROS response);
-    ``retry_after_s`` ≤ 0 (the wire's "none") is no hint."""
+    ``retry_after_s`` ≤ 0 (the wire's "none") is no hint; a TIMEOUT whose message says some
+    inputs were embedded is ``partial``."""
     try:
         code = ErrorCode[name]
     except KeyError:
         code = ErrorCode.INTERNAL
+    progress = _PROGRESS.search(message) if code is ErrorCode.TIMEOUT else None
     return EngineError(code, message, retry_after_s if retry_after_s and retry_after_s > 0
-                       else None)
+                       else None, partial=bool(progress and int(progress.group(1)) > 0))

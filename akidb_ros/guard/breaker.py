@@ -63,7 +63,10 @@ FAILURE_CODES = frozenset({ErrorCode.MODEL_LOAD_FAILED, ErrorCode.TIMEOUT, Error
 
 def default_is_failure(exc: BaseException) -> bool:
     if isinstance(exc, EngineError):
-        return exc.code in FAILURE_CODES
+        # a TIMEOUT after some of the call's inputs were embedded: the model answers, the call
+        # was more work than its budget (one client's large calls must not open the model's
+        # breaker for everyone)
+        return exc.code in FAILURE_CODES and not (exc.code is ErrorCode.TIMEOUT and exc.partial)
     return isinstance(exc, Exception)
 
 
@@ -146,6 +149,21 @@ class CircuitBreaker:
                 ).inc()
         if old is not new and self._on_transition:
             self._on_transition(self.name, old, new)
+
+    def close(self) -> None:
+        """Retire this breaker: its state series goes from the metrics (it read this object at
+        each scrape, an open state included, for as long as the object lived) and it neither
+        counts nor reports transitions any more. Its owner drops it (a new set of breakers)."""
+        with self._lock:
+            exported, self._export = self._export, False
+            self._on_transition = None
+            self._pending.clear()
+        if exported:
+            from akidb_ros.observability import metrics
+            try:
+                metrics.CIRCUIT_BREAKER_STATE.remove(self.name)
+            except KeyError:
+                pass        # no series left for this model
 
     def _set(self, new: State) -> None:  # lock held
         old, self._state = self._state, new
@@ -302,3 +320,11 @@ class BreakerRegistry:
         with self._lock:
             items = list(self._breakers.items())
         return {k: b.snapshot() for k, b in items}
+
+    def close(self) -> None:
+        """Retire every breaker (:meth:`CircuitBreaker.close`): for an owner that replaces its
+        breakers (the ROS node at each configure) or stops having any."""
+        with self._lock:
+            breakers, self._breakers = list(self._breakers.values()), {}
+        for b in breakers:
+            b.close()

@@ -461,6 +461,7 @@ class EmbeddingNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         t0 = time.monotonic()
         try:
+            self._retire_breakers()
             self.breakers = self._make_breakers()
         except ValueError as exc:
             self._configure_error = str(exc)
@@ -498,6 +499,13 @@ class EmbeddingNode(LifecycleNode):
             f'{"; over the cache budget, not kept: " + ", ".join(evicted) if evicted else ""}')
         return TransitionCallbackReturn.SUCCESS
 
+    def _retire_breakers(self) -> None:
+        """Let the breakers the node built go, their state series with them (a registry shared
+        with other doors stays theirs)."""
+        breakers, self.breakers = self.breakers, None
+        if breakers is not None and breakers is not self._given_breakers:
+            breakers.close()
+
     def _make_breakers(self) -> Optional[BreakerRegistry]:
         """Return the embed breakers: the ones given, or new ones from the parameters."""
         if self._given_breakers is not BREAKERS_FROM_PARAMS:
@@ -531,6 +539,7 @@ class EmbeddingNode(LifecycleNode):
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release_engine('cleanup')
+        self._retire_breakers()
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:

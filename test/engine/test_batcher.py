@@ -70,9 +70,43 @@ def test_deadline_answers_timeout(small_engine):
     assert re.fullmatch(r'request not answered within its deadline of 0\.2\d s \(0 of 2 inputs '
                         r'embedded; tokenising took 0\.\d\d s\): send fewer or shorter inputs '
                         r'per call, or give it a longer timeout', str(err.value)), str(err.value)
+    assert err.value.partial is False           # nothing of it was embedded
     gate.open.set()
     assert blocker.result(10).embeddings.shape == (1, 384)
     assert eng.admission.pending == 0
+
+
+def test_a_timeout_after_some_inputs_were_embedded_is_partial(small_engine):
+    """A call some of whose inputs were embedded when its deadline passed is a *partial*
+    TIMEOUT: the model answered, the call was more work than its budget. Circuit breakers
+    count it as neutral (one client's large calls opened the default model's breaker for
+    every caller); the flag survives the wire, which carries only code and message."""
+    from akidb_ros.engine.errors import error_from_code
+    from akidb_ros.guard.breaker import default_is_failure
+    batcher = small_engine.manager.loaded(MINILM).batcher
+    inner, release, runs = batcher._run, threading.Event(), []
+
+    def second_run_waits(ids, mask, types):
+        runs.append(ids.shape[0])
+        if len(runs) > 1:
+            release.wait(30)
+        return inner(ids, mask, types)
+    batcher._run = second_run_waits
+    try:
+        fut = small_engine.submit(EmbedRequest(inputs=[f'part {i}' for i in range(6)],
+                                               timeout_s=1.0))
+        with pytest.raises(EngineError) as err:
+            fut.result(10)
+    finally:
+        release.set()
+    assert runs[0] == 4                          # max_batch_size: then the held second run
+    assert err.value.code is ErrorCode.TIMEOUT and err.value.partial
+    assert '(4 of 6 inputs embedded;' in err.value.message
+    assert not default_is_failure(err.value)
+    assert error_from_code('TIMEOUT', err.value.message).partial
+    assert not error_from_code('TIMEOUT', err.value.message.replace('(4 of', '(0 of')).partial
+    assert not error_from_code('INTERNAL', err.value.message).partial
+    assert default_is_failure(EngineError(ErrorCode.TIMEOUT, 'nothing embedded'))
 
 
 def test_a_cancelled_future_frees_its_slot_and_its_sentences_are_not_run(small_engine):

@@ -13,6 +13,8 @@ import pytest
 import yaml
 from ros_support import call, metric_value, NodeProcess, ROOT, scrape, free_port
 from diagnostic_msgs.msg import DiagnosticArray
+from lifecycle_msgs.msg import Transition
+from lifecycle_msgs.srv import ChangeState
 from rcl_interfaces.srv import SetParameters
 from rclpy.parameter import Parameter
 
@@ -109,7 +111,46 @@ def test_a_failing_model_opens_its_breaker_and_is_answered_circuit_open_at_once(
                           ).results
             assert not res.successful
             assert res.reason == 'breaker.min_calls (4) must be at most breaker.window (3)'
+            # a new configure builds new breakers; the old ones' series go with them (the
+            # gauge read the retired breaker: open, then half-open for good)
+            for tid in (Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP,
+                        Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+                assert call(c, ChangeState, f'{ns}/embedding_node/change_state',
+                            ChangeState.Request(transition=Transition(id=tid)),
+                            timeout=60).success, tid
+            assert 'model="sick"' not in [ln for ln in scrape(port).splitlines()
+                                          if ln.startswith('akidb_circuit_breaker_state{')]
+            time.sleep(OPEN_S + 0.2)    # the retired breaker would turn half-open meanwhile
+            text = scrape(port)
+            assert metric_value(text, 'akidb_circuit_breaker_state', 'model="sick"') == 0
+            assert c.embed(['fresh'], model='sick', timeout_s=30).error_code == \
+                'MODEL_LOAD_FAILED'
         assert 'circuit breaker sick: CLOSED -> OPEN' in node.output
+        assert 'circuit breaker sick: OPEN -> HALF_OPEN' in node.output     # the probe's
+        assert node.output.count('OPEN -> HALF_OPEN') == 1, node.output[-3000:]
+    finally:
+        node.stop()
+
+
+def test_calls_too_large_for_their_budget_do_not_open_the_breaker(catalogue):
+    """A call whose deadline passes after some of its inputs were embedded is the caller's
+    choice (too much work for the budget), not a sick model: neutral. Five such calls from one
+    client opened the default model's breaker for every caller (the prober's repro: 256 inputs
+    of 1,620 characters each, within every limit, against the 5 s budget)."""
+    node = _node(catalogue, '/breaker_big', 'breaker.window:=2', 'breaker.min_calls:=2',
+                 'timeouts.inference_s:=1.0', 'batching.max_batch_tokens:=1024')
+    big = [f'{i} ' + ' '.join(['word'] * 300) for i in range(200)]    # ~10 s of work here
+    try:
+        node.wait_ready()
+        with EmbeddingClient('/breaker_big', node_name='akidb_breaker_big_client') as c:
+            assert c.clients['embed'].wait_for_service(timeout_sec=30), node.output
+            for _ in range(2):
+                r = c.embed(big, timeout_s=30)
+                assert r.error_code == 'TIMEOUT' and ' of 200 inputs embedded' in r.message
+                assert not r.message.startswith('request not answered within its deadline of '
+                                                '1.00 s (0 of'), r.message
+            ok = c.embed(['a small call from someone else'], timeout_s=30)
+            assert ok.success, (ok.error_code, ok.message)
     finally:
         node.stop()
 
@@ -180,3 +221,40 @@ def test_breaker_parameters_map_onto_the_breaker_settings():
         'breaker.failure_ratio must be above 0 (got 0.0)'
     assert P.validate_value('breaker.open_s', 0.0) is not None
     assert P.validate_value('breaker.open_s', 0.5) is None
+
+
+def test_a_new_configure_retires_the_breakers_the_node_built():
+    """Each configure builds new breakers from the parameters; the old ones' state series went
+    only once nothing referred to them any more. The prober's node kept reading an old open
+    breaker 96 s after a reconfigure (then half-open for good, logging a transition at each
+    scrape): retired breakers now leave the metrics at once, however long they live on."""
+    from prometheus_client import REGISTRY
+
+    from akidb_ros.engine import EmbeddingEngine, load_config
+    from akidb_ros.ros.node import start_in_process
+
+    def state(model):
+        return REGISTRY.get_sample_value('akidb_circuit_breaker_state', {'model': model})
+    with EmbeddingEngine(load_config()) as engine:
+        engine.start()
+        handle = start_in_process(engine, args=['akidb-server', '--ros-args', '-p',
+                                                'breaker.open_s:=0.5'],
+                                  namespace='/retired_breakers')
+        try:
+            old = handle.node.breakers       # held here, as a lingering reference would
+            breaker = old.get('ghost')
+            for _ in range(old.settings.window):
+                breaker.record_failure(breaker.allow())
+            assert state('ghost') == 2
+            with EmbeddingClient('/retired_breakers', node_name='akidb_retire_client') as c:
+                for tid in (Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP,
+                            Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+                    assert call(c, ChangeState, '/retired_breakers/embedding_node/change_state',
+                                ChangeState.Request(transition=Transition(id=tid)),
+                                timeout=60).success, tid
+            assert handle.node.breakers is not old and handle.node.breakers is not None
+            assert state('ghost') is None
+            time.sleep(0.6)                  # past open_s: the old one would read half-open
+            assert breaker.state.name == 'HALF_OPEN' and state('ghost') is None
+        finally:
+            handle.stop()
