@@ -500,8 +500,10 @@ class EmbeddingNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _retire_breakers(self) -> None:
-        """Let the breakers the node built go, their state series with them (a registry shared
-        with other doors stays theirs)."""
+        """Let the breakers the node built go, their state series with them.
+
+        A registry shared with other doors (the in-process server's) stays theirs.
+        """
         breakers, self.breakers = self.breakers, None
         if breakers is not None and breakers is not self._given_breakers:
             breakers.close()
@@ -1138,8 +1140,11 @@ def _in_span(span, fn, *args):
 
 
 def _end_span(span, err: Optional[EngineError], model: str) -> None:
-    """End the call's span; ``model``: the model that served it, or the bounded label of the
-    one asked for (as on the metrics, never the caller's text)."""
+    """End the call's span, naming ``model`` in it.
+
+    ``model``: the model that served the call, or the bounded label of the one asked for (as
+    on the metrics, never the caller's text).
+    """
     if span is None:
         return
     try:
