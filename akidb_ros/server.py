@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument('--grpc-stream-idle', type=seconds,
                     default=_env_option('AKIDB_GRPC_STREAM_IDLE_S', 60.0, seconds),
                     help='seconds an EmbedStream with nothing in flight may send nothing '
-                         'before it ends TIMEOUT (default 60; 0 = never)')
+                         'before it ends TIMEOUT, or read no answer before it is cancelled '
+                         '(default 60; 0 = never)')
     body_bytes = _in_range(int, MIN_BODY_BYTES, MAX_BODY_BYTES)
     ap.add_argument('--max-body-bytes', type=body_bytes,
                     default=_env_option('AKIDB_MAX_BODY_BYTES', 16 * 1024 * 1024, body_bytes))

@@ -136,8 +136,12 @@ def code_from_grpc(status_name: str, details: str = '') -> str:
     """The error-table code of a gRPC status that came without an ``akidb-error-code``.
 
     gRPC's own message-size refusal ("Received/Sent message larger than max", on either side)
-    is RESOURCE_EXHAUSTED too, but resending the same message cannot help: INPUT_TOO_LARGE.
+    is RESOURCE_EXHAUSTED too, but resending the same message cannot help: INPUT_TOO_LARGE;
+    so is its refusal of the call's metadata ("received metadata size exceeds ... limit": the
+    caller's headers, over the server's 64 KiB): INVALID_INPUT.
     """
     if status_name == 'RESOURCE_EXHAUSTED' and 'larger than max' in (details or ''):
         return 'INPUT_TOO_LARGE'
+    if status_name == 'RESOURCE_EXHAUSTED' and 'metadata size exceeds' in (details or ''):
+        return 'INVALID_INPUT'
     return _BY_GRPC.get(status_name, 'INTERNAL')

@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import math
@@ -230,9 +231,16 @@ class StreamSlots:
         return release
 
 
+# The most metadata (headers) a call may carry, as the REST door's head limit
+MAX_METADATA_BYTES = 64 * 1024
+# At a graceful stop: an answer its client has not read for this long is not going to be read
+STUCK_SEND_S = 1.0
+
+
 class IdleReaper:
     """Ends request-streaming calls whose handler has waited for the client's next message
-    longer than ``idle_s`` (EmbedStream aside: it ends itself ``TIMEOUT``).
+    longer than ``idle_s`` (EmbedStream aside: it ends itself ``TIMEOUT``), and EmbedStreams
+    whose client has read no answer for ``idle_s`` (:meth:`sending`).
 
     gRPC's request iterator cannot time out, so one thread looks at the waiting calls a few
     times per ``idle_s`` and cancels those idle too long (the client hears ``CANCELLED``): an
@@ -242,9 +250,35 @@ class IdleReaper:
     def __init__(self, idle_s: Optional[float]):
         self.idle_s = idle_s or None
         self._waiting: dict = {}        # key -> (monotonic time the wait began, context)
+        self._sending: dict = {}        # key -> (monotonic time the answer was handed over, ..)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+
+    def _start(self) -> None:   # lock held
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name='akidb-grpc-idle',
+                                            daemon=True)
+            self._thread.start()
+
+    @contextlib.contextmanager
+    def sending(self, context):
+        """Watch a streamed answer handed to gRPC (a ``yield`` of the handler) until gRPC asks
+        for the next one: a client that reads nothing blocks that send in flow control, and
+        would hold its stream slot and a handler thread for ever. Past ``idle_s`` the call is
+        cancelled (counted ``TIMEOUT``)."""
+        if self.idle_s is None:
+            yield
+            return
+        key = object()
+        with self._lock:
+            self._sending[key] = (time.monotonic(), context)
+            self._start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._sending.pop(key, None)
 
     def watch(self, requests, context):
         """``requests``, with each wait for the next message watched."""
@@ -258,10 +292,7 @@ class IdleReaper:
                 while True:
                     with self._lock:
                         self._waiting[key] = (time.monotonic(), context)
-                        if self._thread is None:
-                            self._thread = threading.Thread(
-                                target=self._run, name='akidb-grpc-idle', daemon=True)
-                            self._thread.start()
+                        self._start()
                     try:
                         item = next(it)
                     except StopIteration:
@@ -276,27 +307,40 @@ class IdleReaper:
 
         return watched()
 
+    @staticmethod
+    def _older(table: dict, age: float, now: float) -> list:   # lock held
+        """Take the contexts of ``table`` older than ``age`` out of it."""
+        old = [(k, ctx) for k, (since, ctx) in table.items() if now - since >= age]
+        for k, _ in old:
+            del table[k]
+        return [ctx for _, ctx in old]
+
     def _run(self) -> None:
         while not self._stop.wait(min(1.0, self.idle_s / 4)):
             now = time.monotonic()
             with self._lock:
-                idle = [(k, ctx) for k, (since, ctx) in self._waiting.items()
-                        if now - since >= self.idle_s]
-                for k, _ in idle:
-                    del self._waiting[k]
-            for _, ctx in idle:
+                idle = self._older(self._waiting, self.idle_s, now)
+                unread = self._older(self._sending, self.idle_s, now)
+            for ctx in idle:
                 log.info('gRPC stream idle for %.0f s: cancelled', self.idle_s)
+                m.REQUEST_ERRORS.labels(TRANSPORT, ErrorCode.TIMEOUT.name).inc()
+                ctx.cancel()
+            for ctx in unread:
+                log.info('EmbedStream: its client read no answer for %.0f s: cancelled',
+                         self.idle_s)
                 m.REQUEST_ERRORS.labels(TRANSPORT, ErrorCode.TIMEOUT.name).inc()
                 ctx.cancel()
 
     def stop(self) -> None:
-        """Stop watching, and cancel the calls waiting for their next message now: they have
-        nothing in flight, and a graceful stop would otherwise wait its whole grace for them."""
+        """Stop watching, and cancel now the calls waiting for their next message (they have
+        nothing in flight, and a graceful stop would otherwise wait its whole grace for them)
+        and the streams whose client has not read an answer for ``STUCK_SEND_S``."""
         self._stop.set()
         with self._lock:
             waiting = [ctx for _, ctx in self._waiting.values()]
             self._waiting.clear()
-        for ctx in waiting:
+            stuck = self._older(self._sending, STUCK_SEND_S, time.monotonic())
+        for ctx in waiting + stuck:
             ctx.cancel()
 
 
@@ -466,16 +510,19 @@ def _end_stopping(context, call: DoorCall, index: int, truncated: int) -> None:
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def __init__(self, backend: Backend, guard: Optional[GuardHook] = None,
                  default_timeout_s: Optional[float] = None,
-                 stream_idle_timeout_s: Optional[float] = DEFAULT_STREAM_IDLE_S):
+                 stream_idle_timeout_s: Optional[float] = DEFAULT_STREAM_IDLE_S,
+                 reaper: Optional[IdleReaper] = None):
         """Serve the EmbeddingService RPCs on ``backend``.
 
         ``stream_idle_timeout_s``: an EmbedStream with nothing in flight that sends nothing
-        for this long ends ``TIMEOUT`` (None or 0: never).
+        for this long ends ``TIMEOUT`` (None or 0: never). ``reaper``: cancels an EmbedStream
+        whose client reads no answer for its ``idle_s`` (:meth:`IdleReaper.sending`).
         """
         self.backend = backend
         self.guard = guard
         self.default_timeout_s = default_timeout_s
         self.stream_idle_timeout_s = stream_idle_timeout_s
+        self._reaper = reaper
         self.labels = ModelLabels(backend)
         self._draining = threading.Event()
         self._streams_lock = threading.Lock()
@@ -783,7 +830,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 truncated += int(res.truncated_inputs)
                 answered = i + 1
                 last[0] = time.monotonic()
-                yield _response(res)
+                with (self._reaper.sending(context) if self._reaper is not None
+                      else contextlib.nullcontext()):
+                    yield _response(res)
         finally:
             stop.set()
             with self._streams_lock:
@@ -980,6 +1029,10 @@ class GrpcServer:
             ('grpc.max_receive_message_length', max_message_bytes),
             # replies are not the caller's to size: a low request limit must not refuse them
             ('grpc.max_send_message_length', max(max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES)),
+            # a call's metadata: one limit, as REST's 64 KiB head (between gRPC's own soft
+            # 8 KiB and hard 16 KiB limits calls were refused at random)
+            ('grpc.max_metadata_size', MAX_METADATA_BYTES),
+            ('grpc.absolute_max_metadata_size', MAX_METADATA_BYTES),
             ('grpc.so_reuseport', 0),
             ('grpc.keepalive_permit_without_calls', 1),
             ('grpc.http2.min_ping_interval_without_data_ms', 10_000),
@@ -998,7 +1051,8 @@ class GrpcServer:
             maximum_concurrent_rpcs=max_workers * 4,
             interceptors=[door, *interceptors, door.inner])
         self.servicer = EmbeddingServicer(backend, guard, default_timeout_s,
-                                          stream_idle_timeout_s=stream_idle_timeout_s)
+                                          stream_idle_timeout_s=stream_idle_timeout_s,
+                                          reaper=self._reaper)
         pb_grpc.add_EmbeddingServiceServicer_to_server(self.servicer, self._server)
         self.health = _HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

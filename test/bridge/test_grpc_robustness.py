@@ -210,6 +210,71 @@ def test_an_idle_reflection_stream_gives_its_slot_back(local_backend):
         srv.stop(grace_s=0)
 
 
+def test_a_stream_whose_client_reads_no_answer_gives_its_slot_back(local_backend):
+    """A client that sends its requests, then neither reads the answers nor sends more, blocks
+    the server's sends in flow control: the stream held its slot and a handler thread for good
+    (every later EmbedStream refused OVERLOADED, 30 s and more in the prober's runs), and a
+    graceful stop waited its whole grace for it. Past the idle limit it is cancelled now."""
+    srv = GrpcServer(local_backend, host='127.0.0.1', port=0, max_workers=4, max_streams=1,
+                     stream_idle_timeout_s=2.0).start()
+    hold = threading.Event()
+
+    def requests():
+        for i in range(20):      # 20 x 200 vectors of 384 floats: past HTTP/2's windows
+            yield pb.EmbedRequest(inputs=[f'a b c {i} {j}' for j in range(200)])
+        hold.wait(60)           # then silent, never half-closed
+    ch = grpc.insecure_channel(f'127.0.0.1:{srv.port}')
+    try:
+        unread = pb_grpc.EmbeddingServiceStub(ch).EmbedStream(requests())   # never read
+        assert wait_until(lambda: srv.stream_slots.active == 1, 10)
+        assert wait_until(lambda: srv.stream_slots.active == 0, 20), \
+            'the slot of a stream nobody reads was never given back'
+        with grpc.insecure_channel(f'127.0.0.1:{srv.port}') as ch2:
+            outs = list(pb_grpc.EmbeddingServiceStub(ch2).EmbedStream(
+                iter([pb.EmbedRequest(inputs=['next'])]), timeout=10))
+        assert len(outs) == 1
+        with pytest.raises(grpc.RpcError) as ei:
+            for _ in unread:
+                pass
+        assert ei.value.code() == grpc.StatusCode.CANCELLED
+    finally:
+        hold.set()
+        ch.close()
+        srv.stop(grace_s=0)
+
+
+def test_metadata_has_one_limit_and_the_client_does_not_retry_it(local_backend):
+    """gRPC's own metadata limits (soft 8 KiB, hard 16 KiB) refused a call whose headers fell
+    between them at random (12 KB: 6 of 20; 15 KB: 19 of 20), and the client read the refusal
+    as OVERLOADED and retried it for 2 s. One limit now, REST's 64 KiB head; over it, every
+    call is refused, and the client raises InvalidRequestError at once."""
+    from akidb_ros.client import GrpcClient, InvalidRequestError
+    srv = GrpcServer(local_backend, host='127.0.0.1', port=0, max_workers=4).start()
+    try:
+        with grpc.insecure_channel(f'127.0.0.1:{srv.port}') as ch:
+            stub = pb_grpc.EmbeddingServiceStub(ch)
+            for _ in range(10):
+                stub.Embed(pb.EmbedRequest(inputs=['a']), timeout=10,
+                           metadata=[('x-note', 'a' * 15000)])
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as ei:
+                    stub.Embed(pb.EmbedRequest(inputs=['a']), timeout=10,
+                               metadata=[('x-note', 'a' * 70000)])
+                assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        client = GrpcClient(f'127.0.0.1:{srv.port}', timeout_s=10,
+                            metadata={'x-note': 'a' * 70000})
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(InvalidRequestError) as err:
+                client.embed(['a'])
+            assert err.value.code == 'INVALID_INPUT' and not err.value.retryable
+            assert time.monotonic() - t0 < 1.0      # not retried
+        finally:
+            client.close()
+    finally:
+        srv.stop(grace_s=0)
+
+
 def test_each_stream_message_takes_a_rate_limit_token(local_backend, tmp_path):
     """An EmbedStream cannot go past the caller's rate limit: each message takes a token and
     the first one over the limit ends the stream RATE_LIMITED at its index."""
