@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import jsonschema
 import yaml
@@ -611,6 +611,21 @@ def build(raw: dict, base_dir: Path, source: str = '<dict>') -> EngineConfig:
         raise ConfigError(
             f'invalid config {source}: default_model: {raw["default_model"]!r} is not one of '
             f'the models ({", ".join(sorted(seen))})')
+    # a request may name a model by its name: each name must pick one model (two alike were
+    # served as different models by different doors), and not another model's id (shadowed)
+    named: Dict[str, str] = {}
+    for i, m in enumerate(models):
+        if m.name in named:
+            raise ConfigError(
+                f'invalid config {source}: models[{i}].name: {m.name!r} is already the name of '
+                f'model {named[m.name]!r} (a request names a model by its id or its name: each '
+                'must pick one model)')
+        if m.name != m.id and m.name in seen:
+            raise ConfigError(
+                f'invalid config {source}: models[{i}].name: {m.name!r} is the id of another '
+                'model (a request names a model by its id or its name: each must pick one '
+                'model)')
+        named[m.name] = m.id
 
     e = raw.get('engine', {})
     settings = EngineSettings(
@@ -670,4 +685,17 @@ def load_config(path: Optional[os.PathLike] = None,
     raw = apply_env(raw, env, base_dir)
     if overrides:
         raw = _deep_merge(raw, overrides)
+        # a mistake in an override (a ROS parameter) is not the file's
+        return build(raw, base_dir, f'{path} as overridden by {", ".join(_dotted(overrides))}')
     return build(raw, base_dir, str(path))
+
+
+def _dotted(tree: Dict[str, Any], prefix: str = '') -> List[str]:
+    """The dotted keys of a nested mapping's leaves (``engine.device``)."""
+    keys: List[str] = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            keys += _dotted(value, f'{prefix}{key}.')
+        else:
+            keys.append(f'{prefix}{key}')
+    return keys

@@ -49,7 +49,14 @@ NOTES = [
     '',
     "A model's `max_tokens` may not exceed the positions its graph has (its position-embedding "
     'table): loading it fails `MODEL_LOAD_FAILED`, naming the limit, instead of failing each '
-    'long input later (models with rotary positions, e.g. Qwen, have no table to check).',
+    'long input later (models with rotary positions, e.g. Qwen, have no table to check). Nor '
+    'may it leave no room for text: it must be above the tokens the tokenizer adds to any text '
+    '(special tokens and the prompt prefix; 2 for MiniLM), else the load fails the same way.',
+    '',
+    'A request names a model by its `id` or its `name`, so each must pick one model: two models '
+    'with the same `name`, or a `name` that is another model\'s `id`, is a config error. A '
+    'mistake in an override (a ROS node parameter) is reported as the file "as overridden by" '
+    'that parameter.',
 ]
 
 

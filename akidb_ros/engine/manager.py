@@ -256,6 +256,8 @@ class ModelManager:
     def _build(self, cfg: ModelConfig, t0: float) -> LoadedModel:
         try:
             encoder = TextEncoder(cfg)
+        except EngineError:
+            raise                       # its own, clear reason (max_tokens leaves no room)
         except Exception as exc:
             log.error('model %s: cannot read tokenizer %s: %s', cfg.id, cfg.tokenizer, exc)
             raise EngineError(ErrorCode.MODEL_LOAD_FAILED,
@@ -371,12 +373,23 @@ class ModelManager:
             self._await_load(cfg, fut, give_up, wait_build)
         if over_budget:     # loaded, and over budget as soon as it is idle
             cache = self.settings.cache
+            size = f'{lm.memory_mb} MB'
+            declared = cfg.memory_estimate_mb()
+            if declared and lm.memory_mb != declared:
+                size += (f': {declared} MB x {lm.memory_mb // declared} sessions, one per '
+                         'overlapping runner')
+            budget = (f'max_loaded_models={cache.max_loaded_models}, max_memory_mb='
+                      f'{cache.max_memory_mb}')
+            if cfg.id == self.config.default_model:
+                raise EngineError(
+                    ErrorCode.INVALID_INPUT,
+                    f'the default model {cfg.id} ({size}) does not fit the cache budget '
+                    f'({budget}): set engine.cache.max_memory_mb to at least {lm.memory_mb}')
             raise EngineError(      # not retryable: only a larger budget helps
                 ErrorCode.INVALID_INPUT,
-                f'model {cfg.id} ({lm.memory_mb} MB) cannot stay loaded within the cache '
-                f'budget (max_loaded_models={cache.max_loaded_models}, max_memory_mb='
-                f'{cache.max_memory_mb}) beside the default model, which is never evicted: '
-                'it is loaded for each request instead')
+                f'model {cfg.id} ({size}) cannot stay loaded within the cache budget '
+                f'({budget}) beside the default model, which is never evicted: it is loaded '
+                'for each request instead')
         return self.info(cfg)
 
     # --- unload / eviction ---------------------------------------------------------------

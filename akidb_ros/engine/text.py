@@ -42,6 +42,17 @@ class TextEncoder:
         self.cfg = cfg
         self._tok = Tokenizer.from_file(str(cfg.tokenizer))
         self._tok.no_padding()   # the batcher pads, after sorting by length
+        # The tokens the tokeniser adds to any text (special tokens, a prompt prefix): a
+        # max_tokens not above them leaves no room for the text. The tokeniser never cuts into
+        # them, so with max_tokens 1 it did not truncate at all (an over-long input failed
+        # INTERNAL), and with 2 every text became [CLS] [SEP] (refused as empty).
+        own = max(len(self._tok.encode(self.prefix(t)).ids) for t in InputType)
+        if cfg.max_tokens <= own:
+            raise EngineError(
+                ErrorCode.MODEL_LOAD_FAILED,
+                f'model {cfg.id}: max_tokens {cfg.max_tokens} leaves no room for text: its '
+                f'tokenizer adds {own} tokens of its own (special tokens and prompt prefix): '
+                f'set max_tokens above {own}')
         self._tok.enable_truncation(max_length=cfg.max_tokens)
         self.pad_id = self._tok.padding['pad_id'] if self._tok.padding else (
             self._tok.token_to_id('<pad>') or self._tok.token_to_id('[PAD]') or 0)

@@ -39,6 +39,13 @@ def test_shipped_config_is_valid():
     (lambda r: r['models'][1].update(pooling='max'), "models[1].pooling: 'max' is not one of"),
     (lambda r: r.update(default_model='ghost'), "default_model: 'ghost' is not one of the models"),
     (lambda r: r['models'].append(dict(r['models'][0])), "duplicate model id 'all-minilm-l6-v2'"),
+    # a request may name a model by its name: two alike were served as different models by the
+    # engine (first) and the REST/gRPC doors (last); another's id was shadowed by it
+    (lambda r: r['models'].append(dict(r['models'][0], id='mini-copy')),
+     ".name: 'sentence-transformers/all-MiniLM-L6-v2' is already the name of model "
+     "'all-minilm-l6-v2'"),
+    (lambda r: r['models'][1].update(name='all-minilm-l6-v2'),
+     "models[1].name: 'all-minilm-l6-v2' is the id of another model"),
     # integers written as floats, and NaN/infinity, passed the schema and then broke the engine
     # (a float runner count killed the process at the load, a float dimension failed every
     # request INTERNAL, a NaN load timeout read "did not load within nan s")
@@ -60,6 +67,16 @@ def test_invalid_config_names_the_key(tmp_path, mutate, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(write_config(tmp_path, mutate), env={})
     assert fragment in str(err.value)
+
+
+def test_a_mistake_in_an_override_names_the_override_not_the_file(tmp_path):
+    """The node's parameters reach the config as overrides: `-p default_model:=nope` was
+    reported as a mistake of the (valid) config file."""
+    path = write_config(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {'default_model': 'nope'}, env={})
+    assert str(err.value).startswith(f'invalid config {path} as overridden by default_model: '
+                                     "default_model: 'nope' is not one of the models"), err.value
 
 
 def test_unreadable_and_malformed_files(tmp_path):
@@ -89,7 +106,7 @@ def test_a_key_given_twice_is_refused(tmp_path):
         load_config(path, env={})
     # a merge key's entries may be overridden by the mapping's own keys: not a duplicate
     path.write_text(text.replace('  - id: all-minilm-l6-v2', '  - &mini\n    id: all-minilm-l6-v2')
-                    + '\n  - <<: *mini\n    id: mini-copy\n')
+                    + '\n  - <<: *mini\n    id: mini-copy\n    name: test/mini-copy\n')
     assert load_config(path, env={}).model('mini-copy').dimension == 384
 
 

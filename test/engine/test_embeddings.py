@@ -89,8 +89,8 @@ def test_prefixes_and_pooling_modes_from_config(tmp_path):
     def mutate(raw):
         m = raw['models'][0]
         m.update(query_prefix='query: ', passage_prefix='passage: ')
-        cls = dict(m, id='minilm-cls', pooling='cls')
-        last = dict(m, id='minilm-last', pooling='last_token')
+        cls = dict(m, id='minilm-cls', name='test/minilm-cls', pooling='cls')
+        last = dict(m, id='minilm-last', name='test/minilm-last', pooling='last_token')
         raw['models'] += [cls, last]
     eng = make_engine(tmp_path, mutate)
     try:

@@ -132,6 +132,50 @@ def test_lru_evicts_the_least_recently_used(tmp_path):
         eng.close()
 
 
+def _minilm(raw):
+    return next(m for m in raw['models'] if m['id'] == MINILM)
+
+
+@pytest.mark.parametrize('max_tokens', [1, 2])
+def test_a_max_tokens_that_leaves_no_room_for_text_fails_the_load(tmp_path, max_tokens):
+    """max_tokens 1 or 2 passed the schema: with 1 the tokeniser, which never cuts into
+    [CLS] [SEP], did not truncate at all (an over-long input failed INTERNAL); with 2 every
+    text became [CLS] [SEP] and every call was refused as empty."""
+    eng = make_engine(tmp_path, lambda r: _minilm(r).update(max_tokens=max_tokens),
+                      preload=False)
+    try:
+        with pytest.raises(EngineError) as err:
+            eng.start()
+        assert err.value.code is ErrorCode.MODEL_LOAD_FAILED
+        assert err.value.message == (
+            f'model {MINILM}: max_tokens {max_tokens} leaves no room for text: its tokenizer '
+            'adds 2 tokens of its own (special tokens and prompt prefix): set max_tokens above 2')
+    finally:
+        eng.close()
+    eng = make_engine(tmp_path, lambda r: _minilm(r).update(max_tokens=3))
+    try:
+        res = eng.embed(EmbedRequest(inputs=['a longer text than one token']))
+        assert res.total_tokens == 3 and res.truncated_inputs == 1
+    finally:
+        eng.close()
+
+
+def test_a_default_model_over_the_cache_budget_says_what_to_set(tmp_path):
+    """It said the default model 'cannot stay loaded beside the default model ... it is loaded
+    for each request instead' (the start fails), with 180 MB for a model of 90."""
+    eng = make_engine(tmp_path, lambda r: r['engine']['cache'].update(max_memory_mb=100),
+                      preload=False)
+    try:
+        with pytest.raises(EngineError) as err:
+            eng.start()
+        assert err.value.message == (
+            f'the default model {MINILM} (180 MB: 90 MB x 2 sessions, one per overlapping '
+            'runner) does not fit the cache budget (max_loaded_models=2, max_memory_mb=100): '
+            'set engine.cache.max_memory_mb to at least 180')
+    finally:
+        eng.close()
+
+
 def test_lru_by_memory_budget(tmp_path):
     eng = make_engine(tmp_path, lambda r: r['engine']['cache'].update(
         max_loaded_models=4, max_memory_mb=500))              # 90 + 440 MB > 500 MB
@@ -371,7 +415,8 @@ def test_max_tokens_beyond_the_models_positions_is_refused_at_load(tmp_path):
     def mutate(raw):
         raw['models'][0]['max_tokens'] = 100000
         raw['models'][1]['max_tokens'] = 514
-        raw['models'].append(dict(raw['models'][0], id='minilm-512', max_tokens=512))
+        raw['models'].append(dict(raw['models'][0], id='minilm-512', name='test/minilm-512',
+                                  max_tokens=512))
     eng = make_engine(tmp_path, mutate, preload=False)
     try:
         with pytest.raises(EngineError) as err:
