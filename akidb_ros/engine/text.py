@@ -42,11 +42,18 @@ class TextEncoder:
         self.cfg = cfg
         self._tok = Tokenizer.from_file(str(cfg.tokenizer))
         self._tok.no_padding()   # the batcher pads, after sorting by length
-        # The tokens the tokeniser adds to any text (special tokens, a prompt prefix): a
-        # max_tokens not above them leaves no room for the text. The tokeniser never cuts into
-        # them, so with max_tokens 1 it did not truncate at all (an over-long input failed
-        # INTERNAL), and with 2 every text became [CLS] [SEP] (refused as empty).
-        own = max(len(self._tok.encode(self.prefix(t)).ids) for t in InputType)
+        # What the tokeniser makes of a text that gives it nothing (its special tokens, e.g.
+        # [CLS] [SEP] or <s> </s>, after the prompt prefix if any), per input type: a text
+        # encoded to exactly this was reduced to nothing (combining marks, a variation
+        # selector, private-use characters, U+FFFD ... that the normaliser drops) and would be
+        # embedded as the empty string. Not "any special id": [UNK] (an emoji, a 200-letter
+        # word) or a literal "[SEP]" in the text are the text's own tokens.
+        self._nothing = {t: self._tok.encode(self.prefix(t)).ids for t in InputType}
+        # Those are the tokens the tokeniser adds to any text: a max_tokens not above them
+        # leaves no room for the text. The tokeniser never cuts into them, so with max_tokens 1
+        # it did not truncate at all (an over-long input failed INTERNAL), and with 2 every
+        # text became [CLS] [SEP] (refused as empty).
+        own = max(map(len, self._nothing.values()))
         if cfg.max_tokens <= own:
             raise EngineError(
                 ErrorCode.MODEL_LOAD_FAILED,
@@ -56,13 +63,6 @@ class TextEncoder:
         self._tok.enable_truncation(max_length=cfg.max_tokens)
         self.pad_id = self._tok.padding['pad_id'] if self._tok.padding else (
             self._tok.token_to_id('<pad>') or self._tok.token_to_id('[PAD]') or 0)
-        # What the tokeniser makes of a text that gives it nothing (its special tokens, e.g.
-        # [CLS] [SEP] or <s> </s>, after the prompt prefix if any), per input type: a text
-        # encoded to exactly this was reduced to nothing (combining marks, a variation
-        # selector, private-use characters, U+FFFD ... that the normaliser drops) and would be
-        # embedded as the empty string. Not "any special id": [UNK] (an emoji, a 200-letter
-        # word) or a literal "[SEP]" in the text are the text's own tokens.
-        self._nothing = {t: self._tok.encode(self.prefix(t)).ids for t in InputType}
         # Head-first tokenising (see _encode) relies on a cut at a space splitting the tokens
         # there; an added token with a space inside could straddle the cut: not for those.
         spaced = any(any(c.isspace() for c in tok.content)

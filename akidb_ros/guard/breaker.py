@@ -254,9 +254,15 @@ class CircuitBreaker:
             ):
                 self._probes_started -= 1
 
-    def record(self, permit: Permit, exc: Optional[BaseException]) -> None:
+    def record(self, permit: Permit, exc: Optional[BaseException],
+               own_deadline: bool = False) -> None:
+        """Record a call's outcome. ``own_deadline``: the caller set a deadline well below the
+        server's budget (``akidb_ros.doors.caller_deadline``): its TIMEOUT is the caller's
+        choice, neutral (one client's 1 ms budget must not open the breaker for everyone)."""
         if exc is None:
             self.record_success(permit)
+        elif own_deadline and isinstance(exc, EngineError) and exc.code is ErrorCode.TIMEOUT:
+            self.record_neutral(permit)
         elif self.is_failure(exc):
             self.record_failure(permit)
         else:
@@ -273,11 +279,13 @@ class CircuitBreaker:
         self.record_success(permit)
         return result
 
-    def track(self, future: Future, permit: Optional[Permit] = None) -> Future:
+    def track(self, future: Future, permit: Optional[Permit] = None,
+              own_deadline: bool = False) -> Future:
         """Record the outcome of an async call (``engine.submit``) when its future completes.
 
         Call :meth:`allow` before submitting and pass its permit (or let track call it, which
-        raises CIRCUIT_OPEN before anything was submitted only if you call it first).
+        raises CIRCUIT_OPEN before anything was submitted only if you call it first). A
+        cancelled future (the caller withdrew) is neutral; ``own_deadline``: see :meth:`record`.
         """
         permit = permit if permit is not None else self.allow()
 
@@ -285,7 +293,7 @@ class CircuitBreaker:
             if f.cancelled():
                 self.record_neutral(permit)
             else:
-                self.record(permit, f.exception())
+                self.record(permit, f.exception(), own_deadline)
 
         future.add_done_callback(done)
         return future

@@ -471,11 +471,7 @@ class Guard:
 
         def done(error: Optional[EngineError]) -> None:
             if breaker is not None:
-                if (error is not None and error.code is ErrorCode.TIMEOUT
-                        and getattr(call, 'caller_deadline', False)):
-                    breaker.record_neutral(permit)   # the caller's own short budget ran out
-                else:
-                    breaker.record(permit, error)
+                breaker.record(permit, error, getattr(call, 'caller_deadline', False))
             if admin_op:
                 self.audit.record(
                     'admin_action',

@@ -419,7 +419,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
             call.model = labels.breaker_key(model, backend_default_model())
             model_label = labels.label(model)
             # the model that will serve it (bounded, as on the metrics); then the one that did
-            span.set_attribute('akidb.model', labels.label(model))
+            span.set_attribute('akidb.model', model_label)
             span.set_attribute('akidb.inputs', len(texts))
             req = EmbedRequest(inputs=texts, model=model, normalize=normalize, truncate=truncate,
                                input_type=input_type, timeout_s=timeout_from_header(call),

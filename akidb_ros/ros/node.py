@@ -261,9 +261,9 @@ class EmbeddingNode(LifecycleNode):
             reason = self._check_models(parameters)
             if reason:
                 return SetParametersResult(successful=False, reason=reason)
-        if self._declared:
+        new = {p.name: p.value for p in parameters}
+        if self._declared and any(n.startswith('breaker.') for n in new):
             # each in range alone; together min_calls may not exceed window
-            new = {p.name: p.value for p in parameters}
             try:
                 P.breaker_settings(lambda n: new[n] if n in new else self.get_parameter(n).value)
             except ValueError as exc:
@@ -714,20 +714,9 @@ class EmbeddingNode(LifecycleNode):
         except BaseException as exc:
             breaker.record(permit, exc)
             raise
-        own_deadline = req.timeout_s is not None and caller_deadline(
-            req.timeout_s, engine.config.engine.timeouts.inference_s)
-
-        def record(f: Future) -> None:
-            if f.cancelled():
-                breaker.record_neutral(permit)
-                return
-            exc = f.exception()
-            if own_deadline and isinstance(exc, EngineError) and exc.code is ErrorCode.TIMEOUT:
-                breaker.record_neutral(permit)
-            else:
-                breaker.record(permit, exc)
-        fut.add_done_callback(record)
-        return fut
+        return breaker.track(fut, permit, own_deadline=req.timeout_s is not None and
+                             caller_deadline(req.timeout_s,
+                                             engine.config.engine.timeouts.inference_s))
 
     def _submit_any(self, engine: EmbeddingEngine, req, span=None) -> Future:
         if sum(map(len, req.inputs)) > LARGE_CALL_CHARS:
