@@ -553,6 +553,7 @@ def apply_env(raw: dict, env: Mapping[str, str], base_dir: Optional[Path] = None
     if isinstance(engine, dict):            # else the schema check says what is wrong
         if _env_text(env, 'AKIDB_TENSORRT_CACHE'):
             engine['tensorrt_cache'] = _env_path(env, 'AKIDB_TENSORRT_CACHE')
+            _check_cache_folder(engine['tensorrt_cache'], 'AKIDB_TENSORRT_CACHE')
         if device is not None:
             engine['device'] = device
     if _env_text(env, 'AKIDB_MODELS_DIR'):
@@ -585,6 +586,15 @@ def apply_env(raw: dict, env: Mapping[str, str], base_dir: Optional[Path] = None
     if entry is not None and max_tokens is not None:
         entry['max_tokens'] = max_tokens
     return raw
+
+
+def _check_cache_folder(path: str, said: str) -> None:
+    # Checked on every host: a CPU host never opens it, but the same config on a GPU robot
+    # would fail every model load there (the engines go in a folder per model under it).
+    full = Path(os.path.expanduser(path))
+    if full.exists() and not full.is_dir():
+        raise ConfigError(f'{said}: {str(full)!r} is a file, not a folder (TensorRT keeps a '
+                          'folder of engine and timing caches per model under it)')
 
 
 def build(raw: dict, base_dir: Path, source: str = '<dict>') -> EngineConfig:
@@ -628,6 +638,8 @@ def build(raw: dict, base_dir: Path, source: str = '<dict>') -> EngineConfig:
         named[m.name] = m.id
 
     e = raw.get('engine', {})
+    if 'tensorrt_cache' in e:
+        _check_cache_folder(e['tensorrt_cache'], f'invalid config {source}: engine.tensorrt_cache')
     settings = EngineSettings(
         device=e.get('device', 'auto'),
         intra_op_threads=e.get('intra_op_threads', 0),

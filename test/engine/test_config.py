@@ -414,3 +414,21 @@ def test_a_config_file_named_by_akidb_config_says_so(tmp_path):
     with pytest.raises(ConfigError, match=f'cannot read config {tmp_path}/nope.yaml '
                                           r'\(AKIDB_CONFIG\): No such file'):
         load_config(env={'AKIDB_CONFIG': str(tmp_path / 'nope.yaml')})
+
+
+def test_a_tensorrt_cache_that_is_a_file_is_refused_on_every_host(tmp_path):
+    """It was accepted here (a CPU host never opens it), and the same config failed every model
+    load on a GPU robot: the engines go in a folder per model under it."""
+    taken = tmp_path / 'trt'
+    taken.write_text('not a folder')
+    with pytest.raises(ConfigError, match=r"AKIDB_TENSORRT_CACHE: '.*trt' is a file, not a "
+                                          'folder'):
+        load_config(write_config(tmp_path), env={'AKIDB_TENSORRT_CACHE': str(taken)})
+
+    def in_file(raw):
+        raw.setdefault('engine', {})['tensorrt_cache'] = str(taken)
+    with pytest.raises(ConfigError, match=r'engine.tensorrt_cache: .* is a file, not a folder'):
+        load_config(write_config(tmp_path, in_file), env={})
+    # a folder, or one not made yet, is fine
+    taken.unlink()
+    assert load_config(write_config(tmp_path, in_file), env={}).engine.tensorrt_cache == taken
