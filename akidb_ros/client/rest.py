@@ -25,8 +25,8 @@ from akidb_ros.client.errors import (AkidbError, DeadlineExceededError, Protocol
                                      code_from_http, make_error)
 from akidb_ros.client.retry import RetryPolicy, call_with_retry
 
-# The server refuses an X-Request-Timeout-Ms above this (its per-request budget is capped by
-# --timeout anyway): a longer client budget still waits as asked, the header says this much.
+# The header says at most this much: earlier servers refused more, and a server caps the
+# header at its own per-request budget (--timeout) anyway. A longer client budget still waits.
 MAX_SERVER_TIMEOUT_MS = 600_000
 # The most a REST answer may hold before the client gives up reading it: the largest answer the
 # server gives (256 inputs x 2560 dims as JSON) is ~15 MB; a proxy or a wrong server streaming

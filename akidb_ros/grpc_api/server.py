@@ -116,7 +116,7 @@ def _options(md: dict, metadata=()):
                               f'metadata {TRUNCATE_MD} must be true or false, not {raw[:40]!r}')
     raw = md.get(INPUT_TYPE_MD)
     if raw is not None:
-        input_type = _INPUT_TYPES.get(raw.strip().lower())
+        input_type = _INPUT_TYPES.get(raw)      # exact, as REST's schema and ROS take it
         if input_type is None:
             raise EngineError(ErrorCode.INVALID_INPUT,
                               f'metadata {INPUT_TYPE_MD} must be none, query or passage, '

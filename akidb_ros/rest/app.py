@@ -142,6 +142,7 @@ def _schema_error(err: jsonschema.ValidationError) -> str:
 
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.lower()
 _MILLISECONDS = re.compile(r'[0-9]+(\.[0-9]+)?')
+MAX_BUDGET_S = 600.0        # a call's budget when the app has no server budget of its own
 
 
 def lower_headers(environ: Dict[str, Any]) -> Dict[str, str]:
@@ -365,12 +366,12 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         except ValueError:
             raise EngineError(ErrorCode.INVALID_INPUT,
                               'X-Request-Timeout-Ms must be a number of milliseconds') from None
-        if not 0 < ms <= 600_000:
-            raise EngineError(ErrorCode.INVALID_INPUT,
-                              'X-Request-Timeout-Ms must be in (0, 600000]')
-        # the caller may ask for less time than the server's per-request budget, never more
+        if not ms > 0:
+            raise EngineError(ErrorCode.INVALID_INPUT, 'X-Request-Timeout-Ms must be above 0')
+        # the caller may ask for less time than the server's per-request budget, never more: a
+        # longer budget is capped to it, as a gRPC deadline is (it was refused here, 400)
         call.caller_deadline = caller_deadline(ms / 1000.0, default_timeout_s)
-        return ms / 1000.0 if default_timeout_s is None else min(ms / 1000.0, default_timeout_s)
+        return min(ms / 1000.0, MAX_BUDGET_S if default_timeout_s is None else default_timeout_s)
 
     def do_embed(call: DoorCall, req: EmbedRequest):
         """Run the guard, then the backend, inside the transport span."""

@@ -36,9 +36,10 @@ _REQUEST_ID = {
 
 _TIMEOUT = {
     'name': 'X-Request-Timeout-Ms', 'in': 'header', 'required': False,
-    'schema': {'type': 'number', 'exclusiveMinimum': 0, 'maximum': 600000},
-    'description': "A budget for this call in milliseconds, in (0, 600000]: never more than "
-                   "the server's own; a budget the call cannot meet is 504 TIMEOUT",
+    'schema': {'type': 'number', 'exclusiveMinimum': 0},
+    'description': "A budget for this call in milliseconds, above 0: never more than the "
+                   "server's own (a longer one is capped to it, as a gRPC deadline is); a "
+                   "budget the call cannot meet is 504 TIMEOUT",
 }
 _ALLOW = {'Allow': {'schema': {'type': 'string'},
                     'description': 'The methods of this path, e.g. "OPTIONS, POST"'}}

@@ -53,7 +53,8 @@ def embed_request_from_msg(msg, transport: str = 'ros') -> EmbedRequest:
     The request id is the caller's (a bridge's forwarding mark taken off).
     """
     try:
-        input_type = _INPUT_TYPES[msg.input_type.strip().lower()]
+        # exact, as REST's schema and gRPC take it ('QUERY' was served here, refused there)
+        input_type = _INPUT_TYPES[msg.input_type]
     except KeyError:
         raise EngineError(ErrorCode.INVALID_INPUT,
                           f"input_type must be '', none, query or passage "

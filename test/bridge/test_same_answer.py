@@ -191,6 +191,9 @@ def test_grpc_truncate_and_input_type_from_metadata(recorded, rest_url):
     ('akidb-truncate', 'no', 'akidb-truncate must be true or false'),
     ('akidb-truncate', '', 'akidb-truncate must be true or false'),
     ('akidb-input-type', 'question', 'akidb-input-type must be none, query or passage'),
+    # exact, as REST's schema and ROS take it (gRPC served 'QUERY' that REST refused)
+    ('akidb-input-type', 'QUERY', 'akidb-input-type must be none, query or passage'),
+    ('akidb-input-type', ' query ', 'akidb-input-type must be none, query or passage'),
 ])
 def test_grpc_bad_option_metadata_is_invalid_argument(recorded, key, value, fragment):
     backend, target = recorded

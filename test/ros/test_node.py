@@ -153,13 +153,17 @@ LONG = ' '.join(['word'] * 600)     # > 256 tokens of all-MiniLM-L6-v2
     (['hi'] * 257, {}, 'INPUT_TOO_LARGE'),
     ([LONG], {'truncate': False}, 'INPUT_TOO_LONG'),
     (['hello'], {'input_type': 'question'}, 'INVALID_INPUT'),
+    # exact, as REST's schema takes it (the node served 'QUERY' that REST refused)
+    (['hello'], {'input_type': 'QUERY'}, 'INVALID_INPUT'),
+    (['hello'], {'input_type': ' query '}, 'INVALID_INPUT'),
     # the same answers as REST, gRPC and the engine: a model name is taken as sent, the count
     # comes first, a text the tokenizer reduces to nothing is refused like a blank one
     (['hello'], {'model': ' ' + DEFAULT}, 'MODEL_NOT_FOUND'),
     (['hi'] * 299 + [''], {}, 'INPUT_TOO_LARGE'),
     (['ok', '\u0301\u0308'], {}, 'INVALID_INPUT'),
 ], ids=['empty-list', 'empty-string', 'blank-string', 'unknown-model', 'oversized-input',
-        'too-many-inputs', 'too-long-no-truncate', 'bad-input-type', 'model-with-a-space',
+        'too-many-inputs', 'too-long-no-truncate', 'bad-input-type', 'input-type-upper-case',
+        'input-type-padded', 'model-with-a-space',
         'count-first', 'tokenises-to-nothing'])
 def test_bad_input_answered_with_its_code(client, inputs, kw, code):
     resp = embed(client, inputs, **kw)
