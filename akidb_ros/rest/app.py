@@ -92,7 +92,7 @@ def json_media_type_error(content_type: str) -> Optional[str]:
 
     JSON is ``application/json`` or a structured ``application/<x>+json`` type (RFC 6839, as
     Flask's ``is_json``), any case, with parameters; a ``charset`` parameter must say UTF-8,
-    the only encoding of JSON (RFC 8259 §8.1). Checked before the body is read: a browser's
+    the only encoding of JSON (RFC 8259 §8.1). Checked before the app reads the body: a browser's
     "simple" cross-origin POST (form or ``text/plain``, sent without a CORS preflight) never
     reaches a handler. A header comparison in the common case, no parser.
     """
@@ -299,6 +299,13 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         media_error = json_media_type_error(request.environ.get('CONTENT_TYPE', ''))
         if media_error is not None:
             raise EngineError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, media_error)
+        coding = request.environ.get('HTTP_CONTENT_ENCODING', '').strip().lower()
+        if coding not in ('', 'identity'):
+            # RFC 9110 §8.4.1: a gzip body read as JSON was a misleading "not UTF-8" 400, and
+            # a coding on a plain body was ignored
+            raise EngineError(ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                              f'Content-Encoding {coding[:40]!r} is not supported: send the '
+                              'JSON body uncoded')
         try:
             raw = request.get_data(cache=False)
         except RequestEntityTooLarge:

@@ -9,26 +9,28 @@ per connection served more sentences/s than waitress (docs/benchmarks.md has the
 thread that reads a request runs the app and writes its answer; a keep-alive client keeps its
 thread. (The Python servers that do serve a connection in one thread are development servers.)
 
-What is hand-written, and why it is small: httptools (MagicStack's binding of llhttp, the parser
-of Node.js, used by uvicorn) does the HTTP/1.1 parsing: request line, headers, Content-Length
-and chunked framing, keep-alive rules, malformed input. This module moves bytes between the
-socket and the parser, builds the WSGI environ (PEP 3333), writes the status line and headers,
-and bounds resources: ``connection_limit`` connections (at the limit the connection idle
-longest, between requests or silent for FIRST_REQUEST_WAIT_S since its accept, is closed to make
-room, as nginx reuses idle keep-alive ones; with none idle, accepting pauses), ``threads``
-requests inside the app at once, ``max_header_bytes`` per request head and again per trailer
-section (431), ``max_body_bytes`` per body (413, before the body is read when its declared
-length is over), ``head_timeout_s`` for a whole request head (from its first byte, from the
-accept for a connection's first request: a head trickled in a byte at a time is cut),
-``idle_timeout_s`` per read, pipelined requests answered in order (their ``100 Continue`` too,
-never sent to HTTP/1.0). Trailer fields are read and dropped, never merged into the environ
-(RFC 9110 §6.5.1). ``chunked`` is the only transfer coding implemented: any other
-(``gzip, chunked``) is refused with a 400. The accept loop ends only at ``close()``: accept()
-failing for want of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) is logged now and
-then and retried after a pause, and a connection whose thread cannot start is closed. The
-server's own refusals of a HEAD request carry no body. An app can ask ``environ[CALLER_GONE]()``
-whether its client has closed the connection meanwhile (the REST door drops the work of a caller
-that gave up).
+What is hand-written, and why it is small: httptools (MagicStack's binding of llhttp, the
+parser of Node.js, used by uvicorn) does the HTTP/1.1 parsing: request line, headers,
+Content-Length and chunked framing, keep-alive rules, malformed input. This module moves bytes
+between the socket and the parser, builds the WSGI environ (PEP 3333), writes the status line
+and headers, and bounds resources: ``connection_limit`` connections (at the limit the
+connection idle longest, between requests or silent for FIRST_REQUEST_WAIT_S since its accept,
+is closed to make room, as nginx reuses idle keep-alive ones; with none idle, accepting
+pauses), ``threads`` requests inside the app at once, ``max_header_bytes`` per request head and
+again per trailer section (431), ``max_body_bytes`` per body (413, before the body is read when
+its declared length is over), ``head_timeout_s`` for a whole request head (from its first byte,
+from the accept for a connection's first request: a head trickled in a byte at a time is cut),
+a body by the same time plus a second per ``MIN_BODY_BYTES_PER_S`` bytes received (from its
+head's end: a body trickled in is cut too), ``idle_timeout_s`` per read, an HTTP/1.1 request
+without exactly one ``Host`` refused with a 400 (RFC 9112 §3.2), pipelined requests answered in
+order (their ``100 Continue`` too, never sent to HTTP/1.0). Trailer fields are read and
+dropped, never merged into the environ (RFC 9110 §6.5.1). ``chunked`` is the only transfer
+coding implemented: any other (``gzip, chunked``) is refused with a 400. The accept loop ends
+only at ``close()``: accept() failing for want of descriptors or memory (EMFILE, ENFILE,
+ENOBUFS, ENOMEM) is logged now and then and retried after a pause, and a connection whose
+thread cannot start is closed. The server's own refusals of a HEAD request carry no body. An
+app can ask ``environ[CALLER_GONE]()`` whether its client has closed the connection meanwhile
+(the REST door drops the work of a caller that gave up).
 
 Early check (``early_check``): when a request's head is complete and a body follows, the hook
 (the REST door wires the guard's authentication and authorisation to it, see
@@ -73,6 +75,10 @@ RECV_BYTES = 64 * 1024
 FIRST_REQUEST_WAIT_S = 1.0
 LISTENER_CLOSE_WAIT_S = 2.0
 LINGER_BYTES = 4 * 1024 * 1024      # dropped after a refusal, so the client reads the answer
+# A request body may take head_timeout_s, plus a second for each this many bytes that came: a
+# client on a slow link is never cut while it sends at least this (a 16 MiB body at 32 KiB/s
+# takes 8.5 min), one trickling its body is cut after head_timeout_s as one trickling its head.
+MIN_BODY_BYTES_PER_S = 32 * 1024
 # environ key of a callable telling whether the client has gone (closed its connection), so an
 # app waiting on long work can drop it (the REST door does: see ``backends.wait_result``)
 CALLER_GONE = 'akidb.caller_gone'
@@ -155,7 +161,7 @@ def _early_answer(answer: Answer) -> _Refusal:
 
 class _Request:
     __slots__ = ('url', 'headers', 'body', 'size', 'method', 'version', 'keep_alive',
-                 'expect_continue')
+                 'expect_continue', 'head_done')
 
     def __init__(self):
         self.url = b''
@@ -166,6 +172,7 @@ class _Request:
         self.version = '1.1'
         self.keep_alive = True
         self.expect_continue = False
+        self.head_done = 0.0        # monotonic time its head was complete (its body follows)
 
 
 class _Reader:
@@ -197,6 +204,7 @@ class _Reader:
         # whole, httptools joining its pieces, so its bytes count against the head limit
         self.in_trailer = False
         self.trailer_bytes = 0
+        self.trailer_fields = 0      # bytes of the current request's trailer fields
         self.reopened: Optional[_Request] = None   # an upgrade request whose body comes next
 
     def feed(self, data: bytes) -> None:
@@ -267,6 +275,7 @@ class _Reader:
     def on_message_begin(self) -> None:
         self.current = _Request()
         self.in_head = True
+        self.trailer_fields = 0
 
     def on_url(self, url: bytes) -> None:
         req = self.current
@@ -276,6 +285,10 @@ class _Reader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.in_head:    # a trailer field: not merged into the head (RFC 9110 §6.5.1)
+            # counted whole (a per-read count let ~200 KB of fields through in small reads)
+            self.trailer_fields += len(name) + len(value) + 4
+            if self.trailer_fields > self.max_header_bytes:
+                raise self._trailer_too_large()
             return
         req = self.current
         req.headers.append((name, value))
@@ -295,9 +308,17 @@ class _Reader:
             raise self._head_too_large()
         self.in_head = False
         self.head_bytes = 0
+        req.head_done = time.monotonic()
         req.method = p.get_method()
         req.version = p.get_http_version()
         req.keep_alive = p.should_keep_alive()
+        hosts = sum(1 for n, _ in req.headers if n.lower() == b'host')
+        if hosts > 1 or (hosts == 0 and req.version == '1.1'):     # RFC 9112 §3.2
+            refusal = _Refusal(ErrorCode.INVALID_INPUT,
+                               'an HTTP/1.1 request needs exactly one Host header field'
+                               if hosts == 0 else 'more than one Host header field')
+            refusal.request = req
+            raise refusal
         if req.method == b'CONNECT':    # llhttp would hand the rest over as a tunnel
             raise _Refusal(ErrorCode.METHOD_NOT_ALLOWED,
                            'CONNECT is not supported: this server is not a proxy',
@@ -600,6 +621,18 @@ class ThreadedWSGIServer:
                         if left <= 0:
                             log.debug('closing a connection from %s: no complete request head '
                                       'within %.1f s', peer[0], self.head_timeout_s)
+                            return
+                        wait = min(wait, left)
+                    elif cur is not None:
+                        # its body: head_timeout_s, and more as the bytes come at the least
+                        # rate; a body trickled in a byte at a time held its connection (a
+                        # place under the limit) for ever, each byte restarting the idle wait
+                        left = (cur.head_done + self.head_timeout_s
+                                + cur.size / MIN_BODY_BYTES_PER_S - time.monotonic())
+                        if left <= 0:
+                            log.debug('closing a connection from %s: request body slower than '
+                                      '%d bytes/s after %.1f s', peer[0],
+                                      MIN_BODY_BYTES_PER_S, self.head_timeout_s)
                             return
                         wait = min(wait, left)
                     if wait != timeout:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 
 import numpy as np
@@ -285,6 +286,24 @@ def test_a_body_that_is_not_json_is_415(rest_url, path, body, ctype):
         assert r.json()['error']['code'] == 'UNSUPPORTED_MEDIA_TYPE'
         assert r.json()['error']['type'] == 'invalid_request_error'
     assert _model_status(rest_url, SECOND_MODEL) == before
+
+
+@pytest.mark.parametrize('coding', ['gzip', 'br', 'deflate, gzip'])
+def test_a_content_coded_body_is_415(rest_url, coding):
+    """RFC 9110 §8.4.1: a gzip body was a misleading 400 "not UTF-8", and a plain body labelled
+    br was served, the header ignored."""
+    raw = json.dumps({'inputs': ['hi']}).encode()
+    body = gzip.compress(raw) if coding == 'gzip' else raw
+    for path in ('/api/v1/embed', '/v1/embeddings'):
+        r = requests.post(rest_url + path, data=body, timeout=30,
+                          headers={'Content-Type': 'application/json',
+                                   'Content-Encoding': coding})
+        assert r.status_code == 415, (path, coding, r.text[:200])
+        assert 'Content-Encoding' in json.dumps(r.json())
+    r = requests.post(rest_url + '/api/v1/embed', data=raw, timeout=30,
+                      headers={'Content-Type': 'application/json',
+                               'Content-Encoding': 'identity'})
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize('ctype', ['application/json', 'application/json; charset=utf-8',

@@ -5,7 +5,8 @@ HTTP/1.1 behaviour a client relies on: keep-alive on one connection, pipelining,
 answered with the service's ``{error, code}`` (413 before the body is read, 431 for a head or a
 trailer section, 400 for malformed input and for transfer codings other than chunked), with no
 body to HEAD; trailer fields kept out of the environ; the connection limit (idle connections
-make room) and the head deadline; an accept loop that outlives EMFILE and a thread that cannot
+make room), the head deadline and the body's (a body trickled in is cut too); exactly one
+``Host`` in an HTTP/1.1 request; an accept loop that outlives EMFILE and a thread that cannot
 start; a graceful stop that answers the request in flight; an app failure is a JSON 500, never a
 dropped connection; ``Upgrade`` ignored (body read, pipelining intact), ``CONNECT`` a JSON 405.
 """
@@ -303,6 +304,52 @@ def test_a_request_head_must_be_complete_within_the_head_deadline():
         srv.close()
 
 
+def test_a_request_body_trickled_in_is_cut_like_a_head():
+    """Once its head was in, a body had only the idle timeout per read: a byte every few seconds
+    held the connection for ever (64 of them kept kubelet off the probe port). It gets the head
+    deadline plus a second per MIN_BODY_BYTES_PER_S that came; a body that pauses and then
+    comes at speed is served."""
+    srv = _serve(head_timeout_s=0.5, idle_timeout_s=5)
+    head = b'POST /body HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n'
+    try:
+        with socket.create_connection(('127.0.0.1', srv.port)) as s:
+            s.sendall(head)
+            s.settimeout(0.1)
+            t0, closed = time.monotonic(), False
+            while not closed and time.monotonic() - t0 < 4:
+                try:
+                    s.sendall(b'x')
+                    closed = s.recv(10) == b''
+                except socket.timeout:
+                    pass
+                except OSError:
+                    closed = True
+            assert closed and 0.4 < time.monotonic() - t0 < 2, time.monotonic() - t0
+        with socket.create_connection(('127.0.0.1', srv.port), timeout=3) as s:
+            s.sendall(head)
+            time.sleep(0.3)
+            s.sendall(b'y' * 100 + b'GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+            (_, first), (_, second) = _responses(read_to_close(s))
+            assert json.loads(first)['len'] == 100 and json.loads(second)['path'] == '/after'
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize('head,status', [
+    (b'GET /h HTTP/1.1\r\n\r\n', 400),
+    (b'GET /h HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n', 400),
+    (b'GET /h HTTP/1.0\r\n\r\n', 200),                 # 1.0 predates Host
+    (b'GET /h HTTP/1.1\r\nHOST: a\r\nConnection: close\r\n\r\n', 200),
+], ids=['none', 'two', 'http-1.0', 'any-case'])
+def test_an_http_1_1_request_has_exactly_one_host(server, head, status):
+    """RFC 9112 §3.2: a server must answer 400 to an HTTP/1.1 request without a Host header
+    field or with more than one (both were served)."""
+    (got, body), = _responses(_raw(server.port, head))
+    assert got.startswith(b'HTTP/1.1 %d ' % status), got
+    if status == 400:
+        assert 'Host' in json.loads(body)['error']
+
+
 def test_the_probe_port_has_a_short_head_deadline():
     from akidb_ros.rest.probe import ProbeServer
     probe = ProbeServer(None, port=0)
@@ -549,6 +596,28 @@ def test_a_large_trailer_section_is_refused_without_being_buffered(server):
     head, body = out.split(b'\r\n\r\n', 1)
     assert head.startswith(b'HTTP/1.1 431 ') and b'Connection: close' in head
     assert json.loads(body)['code'] == 'INVALID_INPUT' and 'trailer' in json.loads(body)['error']
+
+
+def test_trailer_fields_count_whole_against_the_head_limit():
+    """The trailer section was counted per read: many fields, each read on its own, passed
+    ~3x the limit (200 KB through a 64 KiB one). Counted field by field, it is 431."""
+    srv = _serve(max_header_bytes=2048, idle_timeout_s=5)
+    try:
+        with socket.create_connection(('127.0.0.1', srv.port), timeout=3) as s:
+            s.sendall(b'POST /t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n'
+                      b'5\r\nhello\r\n0\r\n')
+            try:
+                for i in range(40):             # 40 fields of 100 bytes, one per read
+                    s.sendall(b'X-T%d: %s\r\n' % (i, b'a' * 100))
+                    time.sleep(0.01)
+                s.sendall(b'\r\n')
+            except OSError:
+                pass
+            head, body = read_to_close(s).split(b'\r\n\r\n', 1)
+        assert head.startswith(b'HTTP/1.1 431 '), head
+        assert 'trailer' in json.loads(body)['error']
+    finally:
+        srv.close()
 
 
 def test_trailer_fields_do_not_reach_the_app(server):
