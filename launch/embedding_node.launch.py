@@ -14,6 +14,7 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
 from launch.substitutions import LaunchConfiguration, PythonExpression
 from launch_ros.actions import LifecycleNode
+from launch_ros.parameter_descriptions import ParameterValue
 
 
 def generate_launch_description():
@@ -39,7 +40,10 @@ def generate_launch_description():
             name='embedding_node',
             namespace=LaunchConfiguration('namespace'),
             parameters=[LaunchConfiguration('params_file'),
-                        {'configure_retry_s': LaunchConfiguration('configure_retry_s')}],
+                        # a float, whatever is typed: launch reads '0' or '5' as an int,
+                        # which the node's double parameter refuses (exit 2, respawn loop)
+                        {'configure_retry_s': ParameterValue(
+                            LaunchConfiguration('configure_retry_s'), value_type=float)}],
             ros_arguments=['--log-level', LaunchConfiguration('log_level')],
             output='screen',
             emulate_tty=True,

@@ -222,6 +222,14 @@ class EmbeddingClient:
 def _split_args(p: argparse.ArgumentParser, argv: Optional[List[str]]):
     """Split ``argv`` into the CLI's own arguments and the ROS ones (for rclpy.init)."""
     argv = list(sys.argv if argv is None else argv)
+    for arg in argv[1:]:
+        try:
+            arg.encode('utf-8')
+        except UnicodeEncodeError:
+            # bytes the locale could not decode (Python kept them as surrogates): rclpy's
+            # refusal read "invalid --ros-args" when none were given
+            shown = arg.encode('utf-8', 'surrogateescape')[:60]
+            p.error(f'argument {shown!r} is not valid UTF-8 (texts and model ids are UTF-8)')
     ros_args = argv[:1] + argv[argv.index('--ros-args'):] if '--ros-args' in argv else argv[:1]
     try:
         return remove_ros_args(argv)[1:], ros_args

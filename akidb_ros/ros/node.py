@@ -233,6 +233,9 @@ class EmbeddingNode(LifecycleNode):
         self.calls_ok = 0
         self.calls_failed = 0
         self.ready_s: Optional[float] = None
+        # the executable's node prints its ready line at its first activation, autostarted or
+        # activated by a lifecycle manager (it printed it only when autostarted)
+        self.announce_ready = False
         self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self._reset_diagnostics_timer(self.get_parameter('diagnostics_period_s').value)
         self._metrics_server = None
@@ -528,10 +531,13 @@ class EmbeddingNode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.ensure_services()
         self._serving = True
+        first = self.ready_s is None
         self.ready_s = process_uptime_s()
         self._log.info(
             f'serving {", ".join(s.srv_name for s in self._ak_services)} '
             f'({self.ready_s:.2f} s after start)')
+        if first and self.announce_ready:
+            print(f'akidb_ros embedding node ready in {self.ready_s:.2f} s', flush=True)
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -1348,8 +1354,7 @@ def _autostart(node: EmbeddingNode, executor, stop: '_Stop') -> int:
         if not configured.exception() and \
                 configured.result() == TransitionCallbackReturn.SUCCESS:
             if not stop.event.is_set():
-                node.trigger_activate()     # creates the services (no spin in between)
-                print(f'akidb_ros embedding node ready in {node.ready_s:.2f} s', flush=True)
+                node.trigger_activate()     # creates the services, prints the ready line
             return 0
         retry = node.get_parameter('configure_retry_s').value
         if retry <= 0:
@@ -1390,6 +1395,7 @@ def run(args=None) -> int:
         except Exception as exc:    # e.g. a parameter override outside its descriptor's range
             print(f'embedding_node: invalid parameters: {exc}', file=sys.stderr, flush=True)
             return 2
+        node.announce_ready = True
         executor = make_executor(node)
         executor.add_node(node)
         log = node.log

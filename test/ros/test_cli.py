@@ -115,6 +115,16 @@ def test_bad_ros_args_are_refused(capsys, monkeypatch, ros_args, message):
     assert message in err
 
 
+@pytest.mark.parametrize('main, argv', [(cli.embed_main, ['caf\udce9']),
+                                        (cli.embed_main, ['x', '--model', 'm\udcff']),
+                                        (cli.models_main, ['--load', 'm\udcff'])])
+def test_an_argument_that_is_not_utf8_is_named(capsys, monkeypatch, main, argv):
+    """Bytes the locale cannot decode (``akidb-embed $'caf\\xe9'``) were refused as "invalid
+    --ros-args" though none were given; the refusal names the argument."""
+    err = _refused(capsys, monkeypatch, main, *argv)
+    assert 'is not valid UTF-8' in err and '--ros-args' not in err, err
+
+
 @pytest.mark.parametrize('main, argv', [(cli.embed_main, ['x']), (cli.models_main, [])])
 def test_ros_args_rclpy_refuses_at_node_creation_are_refused(capsys, main, argv):
     """A ``-p`` of the wrong type passes rcl's parser; rclpy refuses it when the client's node
@@ -339,7 +349,7 @@ def test_models_on_a_node_that_is_not_active_says_so_and_exits_1():
     node = NodeProcess('-p', 'autostart:=false', namespace=ns)
     try:
         deadline = time.monotonic() + 60
-        while True:     # no "ready" line without autostart: wait for its services instead
+        while True:     # no "ready" line before an activation: wait for its services instead
             rc, out, err, _ = _run('models', '--namespace', ns, '--json', '--timeout', '5')
             if rc != 2 or time.monotonic() > deadline:
                 break

@@ -780,7 +780,8 @@ def test_before_its_first_activation_the_node_answers_every_call():
     manager's node), callers of an unconfigured or inactive node got no answer at all and waited
     out their timeout. Now they exist from the start: embed, load_model and unload_model answer
     UNAVAILABLE and list_models the node's state, also after a configure that failed, until the
-    node is active; a signal then stops it as before (exit 0)."""
+    node is active; a signal then stops it as before (exit 0). Its ready line comes at its
+    first activation (it was printed only when autostarted: a supervisor waited for ever)."""
     from ros_support import NodeProcess
 
     from akidb_ros.ros.cli import EmbeddingClient
@@ -815,7 +816,9 @@ def test_before_its_first_activation_the_node_answers_every_call():
             assert res.successful, res.reason
             assert transition(Transition.TRANSITION_CONFIGURE), node.output[-2000:]
             answered('inactive', DEFAULT)
+            assert not node.ready.is_set(), node.output[-2000:]
             assert transition(Transition.TRANSITION_ACTIVATE)
+            assert node.ready.wait(10), node.output[-2000:]
             assert c.embed(['hello']).success
             assert transition(Transition.TRANSITION_DEACTIVATE)
             assert transition(Transition.TRANSITION_CLEANUP)
@@ -823,6 +826,7 @@ def test_before_its_first_activation_the_node_answers_every_call():
     finally:
         node.stop()
     assert node.proc.returncode == 0 and 'Traceback' not in node.output, node.output[-3000:]
+    assert node.output.count('embedding node ready in') == 1
 
 
 def test_call_service_reports_a_slow_configure_as_it_ended():

@@ -155,9 +155,14 @@ def test_python_launch_file_parses():
     assert ast.literal_eval(kws['package']) == 'akidb_ros'
     assert 'respawn' in kws and ast.literal_eval(kws['respawn_delay']) > 0
     # a config error keeps the node up and retrying, not respawned into the same error
-    keys = [key.value for d in ast.walk(kws['parameters']) if isinstance(d, ast.Dict)
-            for key in d.keys]
-    assert keys == ['configure_retry_s']
+    (given,) = [d for d in ast.walk(kws['parameters']) if isinstance(d, ast.Dict)]
+    assert [key.value for key in given.keys] == ['configure_retry_s']
+    # as a float whatever is typed: launch reads `configure_retry_s:=0` as an int, which the
+    # node's double parameter refuses (exit 2, and respawn repeated it every second)
+    (value,) = given.values
+    assert getattr(value.func, 'id', '') == 'ParameterValue'
+    assert {k.arg: getattr(k.value, 'id', None) for k in value.keywords} == {
+        'value_type': 'float'}
     compile(path.read_text(), str(path), 'exec')
 
 
@@ -174,8 +179,9 @@ def test_xml_launch_file_parses():
     assert node.get('namespace') == '$(var namespace)'
     assert '$(var log_level)' in node.get('ros_args')
     assert node.find('param').get('from') == '$(var params_file)'
+    # as a float whatever is typed (launch reads `configure_retry_s:=0` as an int: exit 2)
     assert {p.get('name'): p.get('value') for p in node.findall('param')
-            if p.get('name')} == {'configure_retry_s': '$(var configure_retry_s)'}
+            if p.get('name')} == {'configure_retry_s': "$(eval 'float($(var configure_retry_s))')"}
     assert node.get('respawn') == '$(var respawn)' and float(node.get('respawn_delay')) > 0
 
 
