@@ -84,8 +84,9 @@ class Backend(Protocol):
     def ready(self) -> bool:
         """Tell whether the default model is loaded and requests can be served."""
 
-    def close(self) -> None:
-        ...
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Answer what was accepted and let go; ``timeout``: at most this long (a stop's grace
+        left), else the backend's own bound."""
 
 
 def wait_result(fut: 'Future[EmbedResult]', timeout_s: Optional[float],
@@ -216,9 +217,11 @@ class LocalBackend:
         except Exception:
             return False
 
-    def close(self) -> None:
+    def close(self, timeout: Optional[float] = None) -> None:
         if self._own:
-            self.engine.close()
+            # within the stop's grace: the engine kept computing the calls the doors had cut off
+            # at its end for up to 10 s more (an in-process stop took 5 s with --grace 1)
+            self.engine.close(10.0 if timeout is None else max(0.0, timeout))
 
 
 def _status(mi: ModelInfo) -> str:
@@ -681,7 +684,8 @@ class RosBackend:
             call.settle(EngineError(ErrorCode.UNAVAILABLE, 'bridge shut down before the '
                                     'embedding node answered', retry_after_s=1.0))
 
-    def close(self) -> None:
+    def close(self, timeout: Optional[float] = None) -> None:
+        # its calls waiting on the node were answered at the grace's end (fail_waiting)
         if not self._running:
             return
         self._running = False

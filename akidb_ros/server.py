@@ -299,6 +299,7 @@ class Bridges:
         self.tls_front = None
         self.probe = None
         self._closers: List[Callable[[], None]] = []
+        self._grace_end: Optional[float] = None     # monotonic end of a stop's grace
         tls = None
         grpc_credentials = None
         if security is not None:
@@ -368,6 +369,10 @@ class Bridges:
     def on_close(self, fn: Callable[[], None]) -> None:
         self._closers.append(fn)
 
+    def grace_left(self) -> Optional[float]:
+        """Seconds left of the running stop's grace (None before a stop)."""
+        return None if self._grace_end is None else self._grace_end - time.monotonic()
+
     def start(self) -> 'Bridges':
         if self.grpc:
             self.grpc.start()
@@ -396,7 +401,9 @@ class Bridges:
         (the sidecar's node: ``RosBackend.fail_waiting``) answers those still waiting when
         ``grace_s`` is over, ``UNAVAILABLE``, and the doors get ``ANSWER_S`` more to send the
         answers (they used to close first: a REST caller's connection was reset unanswered).
+        The engine closes within what is left of ``grace_s`` (``grace_left``).
         """
+        self._grace_end = time.monotonic() + grace_s
         stoppers = []
         door_grace = grace_s
         fail_waiting = getattr(self.backend, 'fail_waiting', None)
@@ -454,10 +461,13 @@ def start_inprocess_node(engine, node_args: Optional[List[str]] = None, security
     return handle.stop
 
 
-def build(args, security=None) -> Bridges:
+def build(args, security=None, stop: Optional[threading.Event] = None) -> Bridges:
     """Create backend (+ engine/node for in-process mode) and the doors, not yet started.
 
     ``security``: the ``akidb_ros.guard.Guard`` in front of every door (None: unguarded).
+    ``stop``: set by a signal meanwhile; the in-process node, which serves as soon as it
+    starts, is then not started (it came up serving after a signal during the model loads,
+    and was torn down at once, its callers unanswered).
     """
     if args.mode == 'sidecar' or not args.no_ros:
         from akidb_ros.dds_env import clean_zombie_shm_at_start
@@ -496,8 +506,8 @@ def build(args, security=None) -> Bridges:
     except Exception:
         backend.close()     # LocalBackend(own_engine=True) closes its engine too
         raise
-    bridges.on_close(backend.close)
-    if engine is not None and not args.no_ros:
+    bridges.on_close(lambda: backend.close(timeout=bridges.grace_left()))
+    if engine is not None and not args.no_ros and not (stop is not None and stop.is_set()):
         try:
             stop_node = start_inprocess_node(engine, args.ros_args, security)
         except Exception:
@@ -553,6 +563,15 @@ def expected_start_error(exc: BaseException) -> bool:
         or isinstance(exc, OSError) and exc.errno in BIND_ERRNOS
 
 
+def ignore_signals() -> None:
+    """Once the stop has begun, a further SIGINT/SIGTERM changes nothing: ignore it. Python's
+    own handlers are reset to the default action as the interpreter finalises, and a second
+    signal in those last tenths of a second killed the process (exit 130/143 after a clean
+    stop); an ignored signal stays ignored."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def main(argv=None) -> int:
     # FIRST: close TLS 1.2 in gRPC's TLS stack, before anything imports grpc
     from akidb_ros.guard import mtls
@@ -578,7 +597,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     t0 = time.monotonic()
     try:
-        bridges = build(args, security=security)
+        bridges = build(args, security=security, stop=stop)
     except Exception as exc:
         expected = expected_start_error(exc)
         log.error('startup failed: %s', exc, exc_info=not expected)
@@ -586,6 +605,7 @@ def main(argv=None) -> int:
             log.debug('startup failure', exc_info=True)     # should it be a bug after all
         return 1
     if stop.is_set():
+        ignore_signals()
         bridges.stop(0)
         shutdown_tracing()
         log.info('akidb-server stopped during start-up')
@@ -617,6 +637,7 @@ def main(argv=None) -> int:
             stop.set()
     while not stop.wait(0.5):
         pass
+    ignore_signals()
     bridges.stop(args.grace)
     shutdown_tracing()
     log.info('akidb-server stopped')

@@ -263,9 +263,14 @@ class Batcher:
     def __init__(self, model_id: str, run: Callable, pad_id: int, uses_type_ids: bool,
                  pooling: str, max_batch_size: int, max_batch_tokens: int, max_wait_ms: float,
                  max_padding_ratio: float, on_batch: Optional[Callable[[int, int, float], None]]
-                 = None, split_policy: str = 'cost', runners: int = 1):
+                 = None, split_policy: str = 'cost', runners: int = 1,
+                 terminate: Optional[Callable[[], None]] = None):
+        """``terminate``: cuts ``run``'s runs in progress short (``OnnxModel.terminate_runs``),
+        for a ``stop`` whose timeout has passed."""
         self.model_id = model_id
         self._run = run
+        self._terminate = terminate
+        self._terminated = False
         self._pad_id = pad_id
         self._uses_type_ids = uses_type_ids
         self._pooling = pooling
@@ -348,7 +353,9 @@ class Batcher:
         return sum(len(q) for q in self._lanes.values())
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking work, finish everything queued, then end the thread."""
+        """Stop taking work, run what is queued within ``timeout``, then end the threads: what
+        is still queued is failed UNAVAILABLE, and runs in progress are cut short
+        (``terminate``; without it they are waited for)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -367,9 +374,14 @@ class Batcher:
         # and a thread inside ORT at exit aborts it (SIGABRT, not exit 0). A run is bounded by
         # max_batch_tokens; RUN_JOIN_S bounds a device that hangs.
         alive = [t for t in self._threads if t.is_alive()]
-        if alive:
+        if alive and self._terminate is not None:
+            # out of time: the runs in progress end within a kernel, their callers UNAVAILABLE
+            self._terminated = True
+            self._terminate()
+        elif alive:
             log.warning('%s: waiting for %d run(s) in progress to end before stopping',
                         self.model_id, len(alive))
+        if alive:
             end = time.monotonic() + RUN_JOIN_S
             for t in alive:
                 t.join(timeout=max(0.0, end - time.monotonic()))
@@ -521,6 +533,11 @@ class Batcher:
             self._fail_chunk(chunk, exc)
             return
         except Exception as exc:  # a runtime failure must reach every caller, not kill the thread
+            if self._terminated:      # cut short by stop(): not a failure of the model
+                self._fail_chunk(chunk, EngineError(
+                    ErrorCode.UNAVAILABLE, f'model {self.model_id} stopped before this request '
+                    'was computed'))
+                return
             log.exception('inference failed for model %s', self.model_id)
             self._fail_chunk(chunk, EngineError(ErrorCode.INTERNAL,
                                                 f'inference failed: {type(exc).__name__}'))

@@ -285,7 +285,8 @@ class ModelManager:
             wait_ms = 0.0 if onnx.runs_share_cores else b.max_wait_ms
             batcher = Batcher(cfg.id, onnx.run, encoder.pad_id, onnx.uses_type_ids,
                               cfg.pooling, b.max_batch_size, b.max_batch_tokens, wait_ms,
-                              b.max_padding_ratio, on_batch, b.split_policy, b.runners)
+                              b.max_padding_ratio, on_batch, b.split_policy, b.runners,
+                              terminate=onnx.terminate_runs)
         except BaseException:
             # A failed load leaves nothing running: the overlap session may still be building,
             # and a thread inside ONNX Runtime when the process exits aborts it (exit 134).
@@ -512,9 +513,10 @@ class ModelManager:
     def list(self) -> List[ModelInfo]:
         return [self.info(m) for m in self.config.models]
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
         """Wait for loads and retirements in progress (a thread inside ONNX Runtime must not
-        outlive us), then stop every batcher; each drains its queue first."""
+        outlive us), then stop every batcher; each runs its queue first, all within
+        ``timeout`` (what is left then is failed UNAVAILABLE; a run in progress is waited for)."""
         with self._lock:
             self._closing = True
             loaders = list(self._loaders)
@@ -528,6 +530,7 @@ class ModelManager:
             models = list(self._loaded.values())
             self._loaded.clear()
             metrics.MODEL_CACHE_SIZE.set(0)
+        end = time.monotonic() + timeout
         for lm in models:
-            lm.batcher.stop()
+            lm.batcher.stop(max(0.0, end - time.monotonic()))
             lm.onnx.wait_overlap(LOAD_JOIN_S)

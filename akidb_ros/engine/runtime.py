@@ -373,6 +373,10 @@ class OnnxModel:
         self.memory_factor = 2 if self._overlap_threads else 1
         self._in_flight = 0
         self._flight_lock = threading.Lock()
+        # every run goes with one of these, so that ``terminate_runs`` reaches the runs in
+        # progress (a per-run RunOptions cost as much to make as to pass)
+        self._run_options = ort.RunOptions()
+        self._shrink_options = _shrinking_run()
 
     def _options(self, intra_threads: int) -> ort.SessionOptions:
         settings = self._settings
@@ -475,7 +479,7 @@ class OnnxModel:
     def run(self, ids: np.ndarray, mask: np.ndarray,
             types: Optional[np.ndarray]) -> np.ndarray:
         feeds = self._feeds(ids, mask, types)
-        options = _shrinking_run() if ids.size >= SHRINK_AT_TOKENS else None
+        options = self._shrink_options if ids.size >= SHRINK_AT_TOKENS else self._run_options
         overlap = self.overlap_session
         if overlap is None:
             return self.session.run(None, feeds, options)[0]
@@ -487,6 +491,13 @@ class OnnxModel:
         finally:
             with self._flight_lock:
                 self._in_flight -= 1
+
+    def terminate_runs(self) -> None:
+        """Cut the runs in progress short, and fail every later one: ONNX Runtime checks the
+        flag between kernels, so a run ends within one kernel's time (a stop whose budget is
+        spent otherwise waited seconds for a large batch)."""
+        self._run_options.terminate = True
+        self._shrink_options.terminate = True
 
 
 def _shrinking_run() -> ort.RunOptions:

@@ -34,7 +34,7 @@ from opentelemetry import trace
 
 from akidb_ros.backends import Backend, wait_result
 from akidb_ros.doors import (BindError, DoorCall, GuardHook, ModelLabels, caller_deadline,
-                             record, record_refusal, request_id_from, run_guard)
+                             record, record_refusal, request_id_from, run_guard, server_cut)
 from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.types import EmbedRequest, InputType, ModelStatus
 from akidb_ros.grpc_api import embedding_pb2 as pb
@@ -58,6 +58,9 @@ HEALTH_CHECK_THREADS = 2
 _SELF_CHECKED = frozenset(f'/{SERVICE_NAME}/{m}' for m in ('Embed', 'EmbedStream'))
 _IDLE = object()          # EmbedStream: the stream went idle (see _take)
 _DRAIN = object()         # EmbedStream: the server is stopping (see EmbeddingServicer.drain)
+# a call cancelled this close to the end of a stop's grace is taken as cut off by it (gRPC
+# cancels the calls left at that moment; our clock and its own differ by a little)
+CUT_LEAD_S = 0.05
 
 
 def _metadata(context) -> dict:
@@ -471,15 +474,19 @@ def _take(pending: 'queue.Queue', last: list, idle_s: Optional[float]):
                 return _IDLE
 
 
-def _as_heard(context, err: EngineError) -> EngineError:
+def _as_heard(context, err: EngineError, cut_at: float = math.inf) -> EngineError:
     """The error a call is counted and logged by: the one its caller heard.
 
     A call cut off by its own deadline hears DEADLINE_EXCEEDED from gRPC itself. Its work is
     withdrawn at that moment (``_cancel_with``), and a backend that answers a withdrawal
     ``CANCELLED`` (a sidecar's node, over ``cancel_embed``) may do so before its own deadline
     answers ``TIMEOUT``: such a call is a TIMEOUT, as it is in-process (the SLO rules and the
-    TIMEOUT alert count that code; a call its client cancelled stays CANCELLED).
+    TIMEOUT alert count that code; a call its client cancelled stays CANCELLED). One cancelled
+    once the server's stop has run out of grace (``cut_at``, monotonic; gRPC cancels every call
+    left then) was cut off by the server: ``UNAVAILABLE`` (``doors.server_cut``).
     """
+    if err.code is ErrorCode.CANCELLED and time.monotonic() >= cut_at - CUT_LEAD_S:
+        return server_cut(err)
     if err.code is ErrorCode.CANCELLED:
         left = context.time_remaining()
         if left is not None and left <= 0:
@@ -525,6 +532,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self._reaper = reaper
         self.labels = ModelLabels(backend)
         self._draining = threading.Event()
+        self.cut_at = math.inf      # when a stop's grace runs out (GrpcServer.stop)
         self._streams_lock = threading.Lock()
         self._streams: set = set()      # the request queues of the open EmbedStreams
 
@@ -653,7 +661,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     try:
                         res = wait_result(fut, req.timeout_s)
                     except EngineError as e:
-                        err = _as_heard(context, e)
+                        err = _as_heard(context, e, self.cut_at)
                         raise err from None
                     finally:
                         if callable(done):
@@ -814,7 +822,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                         span.set_attribute('akidb.model', res.model)
                     except EngineError as e:
                         withdrawn = e.code is ErrorCode.CANCELLED
-                        err = _as_heard(context, e)
+                        err = _as_heard(context, e, self.cut_at)
                     finally:
                         if callable(done):
                             done(err)
@@ -1107,6 +1115,7 @@ class GrpcServer:
         self._reaper.stop()
         self.servicer.drain()
         t0 = time.monotonic()
+        self.servicer.cut_at = t0 + grace_s
         self._server.stop(grace_s).wait(grace_s + 1)
         self._health_pool.shutdown(wait=False)
         log.info('gRPC bridge stopped', extra={'seconds': round(time.monotonic() - t0, 3)})

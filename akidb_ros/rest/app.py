@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 from akidb_ros.backends import Backend, wait_result
 from akidb_ros.doors import (REQUEST_ID_HEADER, DoorCall, GuardHook, ModelLabels,
                              caller_deadline, log_level_of, record, record_refusal,
-                             request_id_from, run_guard)
+                             request_id_from, run_guard, server_cut)
 from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.types import EmbedRequest, InputType, ModelInfo, ModelStatus
 from akidb_ros.observability import metrics as m
@@ -33,7 +33,7 @@ from akidb_ros.observability.logs import log_request
 from akidb_ros.observability.tracing import extract_from_headers, tracer
 from akidb_ros.rest import schemas
 from akidb_ros.rest.openapi import build_openapi
-from akidb_ros.rest.wsgi_server import CALLER_GONE
+from akidb_ros.rest.wsgi_server import CALLER_GONE, SERVER_CUT
 
 log = logging.getLogger('akidb_ros.rest')
 
@@ -393,6 +393,10 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
                                getattr(backend, 'cancel', None))
         except EngineError as e:
             err = e
+            cut = request.environ.get(SERVER_CUT)
+            if e.code is ErrorCode.CANCELLED and cut is not None and cut():
+                err = server_cut(e)
+                raise err from None
             raise
         finally:
             if callable(done):

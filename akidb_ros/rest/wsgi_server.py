@@ -82,6 +82,9 @@ MIN_BODY_BYTES_PER_S = 32 * 1024
 # environ key of a callable telling whether the client has gone (closed its connection), so an
 # app waiting on long work can drop it (the REST door does: see ``backends.wait_result``)
 CALLER_GONE = 'akidb.caller_gone'
+# environ key of a callable telling whether this server cut its connections (a stop whose grace
+# ran out): a caller "gone" then did not give up, the server dropped it
+SERVER_CUT = 'akidb.server_cut'
 # accept() failing for want of descriptors, buffers or memory: the connection stays in the
 # backlog, so the loop pauses (until a connection closes, at most this) and tries again
 # errors of the connection being accepted that Linux passes on from accept(2): take the next
@@ -427,6 +430,7 @@ class ThreadedWSGIServer:
         self._lock = threading.Condition()
         self._conns: Dict[socket.socket, _ConnState] = {}
         self._stopping = False
+        self._cut = False           # close() cut the connections (requests in flight included)
         self._serving = False
         self._listener_closed = threading.Event()
         self._accept_warnings = NowAndThen(log)
@@ -567,6 +571,7 @@ class ThreadedWSGIServer:
         self.stop_accepting()
         with self._lock:
             conns = list(self._conns)
+            self._cut = True
         for conn in conns:
             try:
                 conn.shutdown(socket.SHUT_RDWR)     # wakes a thread blocked in recv
@@ -701,6 +706,7 @@ class ThreadedWSGIServer:
         """Run the app for one request and send its answer; returns keep-alive."""
         environ = self._environ(req, peer)
         environ[CALLER_GONE] = functools.partial(_peer_closed, conn)
+        environ[SERVER_CUT] = lambda: self._cut
         with self._app_slots:
             status, headers, body = self._call_app(environ)
         keep = req.keep_alive and not self._stopping

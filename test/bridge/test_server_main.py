@@ -442,3 +442,91 @@ def test_a_signal_during_start_up_exits_0_quietly(tmp_path, sig, when):
     out = log.read_text()
     assert rc == 0 and 'Traceback' not in out, out[-3000:]
     assert not ready.exists(), out[-3000:]       # it never served
+
+
+def test_signals_after_the_stop_began_change_nothing(tmp_path):
+    """A second SIGINT/SIGTERM once the drain was over killed the server as Python finalised
+    (its handlers reset to the default action): exit 130/143 after a clean stop. Signals keep
+    coming here from the first one to the exit; it still exits 0."""
+    proc, _ = start_server(tmp_path, '--mode', 'inprocess', '--no-ros', '--probe-port', 'off')
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            proc.send_signal(signal.SIGINT)
+        except ProcessLookupError:
+            break
+        time.sleep(0.01)
+    assert proc.wait(10) == 0
+
+
+def test_calls_cut_off_at_the_end_of_the_grace_are_unavailable_and_the_stop_keeps_it(tmp_path):
+    """With --grace 1 and heavy calls in flight: the stop took 4-5 s (the engine ran its queue
+    and the runs in progress for up to 10 s more), and the calls the server cut off were
+    logged and counted CANCELLED, as if their callers had given up. Now the engine is cut
+    short within the grace, and they are UNAVAILABLE."""
+    import threading
+
+    import grpc
+
+    from akidb_ros.grpc_api import embedding_pb2 as pb
+    from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
+    proc, info = start_server(tmp_path, '--mode', 'inprocess', '--no-ros', '--grace', '1',
+                              '--timeout', '30')
+    texts = [' '.join(['robots'] * 300)] * 64
+    out = []
+
+    def rest_call():
+        try:
+            requests.post(f'http://127.0.0.1:{info["rest_port"]}/api/v1/embed',
+                          json={'inputs': texts}, timeout=60)
+            out.append('answered')
+        except requests.RequestException:
+            out.append('cut')
+
+    def grpc_call():
+        with grpc.insecure_channel(f'127.0.0.1:{info["grpc_port"]}') as ch:
+            try:
+                pb_grpc.EmbeddingServiceStub(ch).Embed(pb.EmbedRequest(inputs=texts), timeout=60)
+                out.append('answered')
+            except grpc.RpcError as e:
+                out.append(e.code().name)
+
+    threads = [threading.Thread(target=f) for f in (rest_call, rest_call, grpc_call, grpc_call)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    rc = stop_server(proc)
+    took = time.monotonic() - t0
+    for t in threads:
+        t.join(30)
+    assert rc == 0
+    assert 'answered' not in out, out      # 256 sequences of 256 tokens each: seconds of work
+    log = (tmp_path / 'server.log').read_text()
+    codes = re.findall(r'"transport": "(rest|grpc)".*?"code": "([A-Z_]+)"', log)
+    assert codes and {c for _, c in codes} == {'UNAVAILABLE'}, codes
+    assert took < 4.0, took                 # 1 s of grace, the doors' close, one kernel
+
+
+def test_a_signal_during_the_model_loads_starts_no_ros_node(monkeypatch):
+    """The in-process node serves as soon as it starts: started after a signal that came
+    during the model loads, it advertised /embed and was torn down at once, its callers
+    unanswered. The start-up now skips it once the stop event is set."""
+    import threading
+
+    from akidb_ros import server
+    started = []
+    monkeypatch.setattr(server, 'start_inprocess_node',
+                        lambda *a, **k: started.append(a) or (lambda: None))
+    args = server.parse_args(['--mode', 'inprocess', '--rest-port', '0', '--grpc-port', '0',
+                              '--probe-port', 'off'])
+    for stopping, want in ((True, 0), (False, 1)):
+        stop = threading.Event()
+        if stopping:
+            stop.set()
+        bridges = server.build(args, stop=stop)
+        try:
+            assert len(started) == want
+        finally:
+            bridges.stop(0)

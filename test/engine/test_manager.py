@@ -231,8 +231,10 @@ def test_never_evicts_a_model_with_work_in_flight(tmp_path):
 
 
 def test_a_stop_returns_only_once_the_run_in_progress_has_ended(tmp_path):
-    """``Batcher.stop`` past its timeout answers what is queued, then waits for the run still
-    inside ONNX Runtime: it returned at once, and a process exiting next aborted (SIGABRT)."""
+    """``Batcher.stop`` past its timeout answers what is queued, cuts the run in progress short,
+    and returns once its thread has left ONNX Runtime: it returned at once, and a process
+    exiting next aborted (SIGABRT). (The gate holds the run before ONNX Runtime, so the cut
+    takes effect when it enters.)"""
     eng = make_engine(tmp_path)
     try:
         batcher = eng.manager.loaded(MINILM).batcher
@@ -245,10 +247,36 @@ def test_a_stop_returns_only_once_the_run_in_progress_has_ended(tmp_path):
         batcher.stop(timeout=0.05)
         assert time.monotonic() - t0 >= 0.9
         assert not any(t.is_alive() for t in batcher._threads)
-        assert running.result(5).embeddings.shape == (1, 384)
+        with pytest.raises(EngineError) as err:
+            running.result(5)
+        assert err.value.code is ErrorCode.UNAVAILABLE and 'stopped before' in err.value.message
     finally:
         gate.open.set()
         eng.close()
+
+
+def test_a_close_out_of_time_cuts_the_runs_in_progress_short(tmp_path):
+    """``close(timeout)`` bounds the stop: what is queued past it is failed, and the runs in
+    progress are cut short inside ONNX Runtime (``RunOptions.terminate``), their callers
+    UNAVAILABLE. The batchers used to run the whole queue for up to 10 s more, then wait for
+    the runs: a server stopped with --grace 1 took 4-5 s."""
+    eng = make_engine(tmp_path, lambda raw: raw['engine']['batching'].update(runners=1))
+    long_text = ' '.join(['robots'] * 300)          # 256 tokens each, truncated
+    futs = [eng.submit(EmbedRequest(inputs=[long_text] * 64)) for _ in range(4)]
+    batcher = eng.manager.loaded(MINILM).batcher
+    deadline = time.monotonic() + 10
+    while batcher._active == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    t0 = time.monotonic()
+    eng.close(timeout=0.1)
+    took = time.monotonic() - t0
+    codes = set()
+    for f in futs:
+        assert f.done()
+        codes.add(None if f.exception() is None else f.exception().code)
+    assert ErrorCode.UNAVAILABLE in codes and codes <= {None, ErrorCode.UNAVAILABLE}, codes
+    # 32 runs of 8192 tokens queued (~0.4 s each here): cut at 0.1 s plus a kernel or two
+    assert took < 1.0, took
 
 
 def test_a_second_close_waits_for_the_first(tmp_path):
