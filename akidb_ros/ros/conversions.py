@@ -6,6 +6,8 @@ The node is a thin door: it turns an ``Embed`` request into an :class:`EmbedRequ
 from __future__ import annotations
 
 import array
+import re
+import uuid
 from typing import List
 
 import numpy as np
@@ -23,8 +25,13 @@ _INPUT_TYPES = {'': InputType.NONE, 'none': InputType.NONE, 'query': InputType.Q
 # the node counts such a call under transport ``sidecar`` instead of ``ros``: the shipped
 # Prometheus rules count front doors only (rest, grpc, ros), so a request is counted once
 # whether robots call the node, or a bridge in this process or in front of it serves it.
+# The mark carries a token of the forwarded call's own ('#' and 16 hex digits): the node joins
+# copies and withdraws calls (cancel_embed) by request id, and two calls with one caller id (a
+# fan-out, a hedged request sent to two bridges, another tenant's id) were joined or withdrawn
+# together. A mark without the token (an older bridge) is still taken off.
 FORWARDED_MARK = ' via=sidecar'
 FORWARDED_TRANSPORT = 'sidecar'
+_FORWARDED = re.compile(re.escape(FORWARDED_MARK) + r'(?:#[0-9a-f]{1,32})?\Z')
 
 # std_msgs/String: the request id of an embed call its caller withdraws (relative: under the
 # node's namespace, like its services). The sidecar bridge publishes it (RosBackend.cancel),
@@ -33,14 +40,16 @@ CANCEL_TOPIC = 'cancel_embed'
 
 
 def mark_forwarded(request_id: str) -> str:
-    """Mark ``request_id`` as the bridge's, for a call it forwards (see ``FORWARDED_MARK``)."""
-    return request_id + FORWARDED_MARK
+    """Mark ``request_id`` as the bridge's, for one call it forwards: the mark and a token of
+    that call's own (see ``FORWARDED_MARK``); its re-sends carry the same id."""
+    return f'{request_id}{FORWARDED_MARK}#{uuid.uuid4().hex[:16]}'
 
 
 def split_forwarded(request_id: str):
     """``(caller's request id, forwarded by the bridge?)`` of a received ``request_id``."""
-    if request_id.endswith(FORWARDED_MARK):
-        return request_id[:-len(FORWARDED_MARK)], True
+    mark = _FORWARDED.search(request_id)
+    if mark is not None:
+        return request_id[:mark.start()], True
     return request_id, False
 
 

@@ -700,6 +700,48 @@ def test_a_caller_that_gives_up_withdraws_its_work_on_the_node(node):
         backend.close()
 
 
+def test_withdrawing_a_call_leaves_another_call_with_the_same_request_id(node):
+    """The node withdraws (cancel_embed) and joins calls by request id, and the bridge sent the
+    caller's own: a caller that hung up also withdrew every other call in flight with its
+    X-Request-Id (a client's fan-out with one correlation id, a hedged request sent to two
+    bridges, another tenant's id), which got 499 CANCELLED. Each forwarded call now carries a
+    token of its own."""
+    import json
+    import socket
+    import threading
+
+    from akidb_ros.backends import RosBackend
+    from akidb_ros.server import Bridges
+    backend = RosBackend(prefix=node.namespace, timeout_s=60.0)
+    assert wait_until(backend.ready, 60, 0.2)
+    bridges = Bridges(backend, host='127.0.0.1', rest_port=0, grpc_port=0, timeout_s=60.0,
+                      probe_port=None).start()
+    long_text = ' '.join(['word'] * 300)
+    url = f'http://127.0.0.1:{bridges.rest_port}/api/v1/embed'
+    kept = {}
+
+    def keeper():       # stays for its answer
+        r = requests.post(url, json={'inputs': [f'kept {i} {long_text}' for i in range(48)]},
+                          headers={'X-Request-Id': 'order-42'}, timeout=60)
+        kept['answer'] = (r.status_code, r.json().get('code'))
+    try:
+        assert wait_until(lambda: _node_queue(node) == 0, 30, 0.05)
+        thread = threading.Thread(target=keeper)
+        thread.start()
+        assert wait_until(lambda: _node_queue(node) >= 1, 20, 0.02), 'never accepted'
+        body = json.dumps({'inputs': [f'gone {i} {long_text}' for i in range(48)]}).encode()
+        with socket.create_connection(('127.0.0.1', bridges.rest_port), timeout=10) as sock:
+            sock.sendall(b'POST /api/v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: '
+                         b'application/json\r\nX-Request-Id: order-42\r\n'
+                         b'Content-Length: %d\r\n\r\n' % len(body) + body)
+            assert wait_until(lambda: _node_queue(node) >= 2, 20, 0.02), 'never accepted'
+        thread.join(60)
+        assert kept['answer'] == (200, None), kept
+    finally:
+        bridges.stop(grace_s=1)
+        backend.close()
+
+
 def test_a_grpc_call_cut_off_by_its_deadline_is_counted_timeout(node, sidecar):
     """A gRPC caller whose deadline passes hears DEADLINE_EXCEEDED. The bridge withdraws the
     call's work on the node then (cancel_embed), and the node, answering the withdrawal before
