@@ -63,8 +63,10 @@ MODEL_SCHEMA = {
         'normalize': {'type': 'boolean'},
         'query_prefix': {'type': 'string'},
         'passage_prefix': {'type': 'string'},
-        'params': _int(0),
-        'memory_mb': _int(0),
+        # bounded as the doors carry them (gRPC int32 memory_mb, counted once per session:
+        # a larger number broke ListModels with UNKNOWN); far above any real model
+        'params': _int(0, 10 ** 13),
+        'memory_mb': _int(0, 1 << 20),
     },
 }
 

@@ -253,6 +253,22 @@ class ModelManager:
         else:
             self._finish_load(cfg, fut, lm=lm)
 
+    @staticmethod
+    def _check_vocabulary(cfg: ModelConfig, encoder: TextEncoder, onnx: OnnxModel) -> None:
+        """A tokenizer with more tokens than the model has word-embedding rows is another
+        model's: it loaded, then every batch holding one of the extra ids failed INTERNAL (and
+        opened the breaker for every caller). Fewer tokens than rows is common (tables padded
+        to a round size) and cannot be told from a mismatch: not checked."""
+        if onnx.vocab_table is None:
+            return
+        table, rows = onnx.vocab_table
+        if encoder.vocab_size > rows:
+            raise EngineError(
+                ErrorCode.MODEL_LOAD_FAILED,
+                f'model {cfg.id}: its tokenizer {cfg.tokenizer} has {encoder.vocab_size} tokens, '
+                f'more than the {rows} rows of the model\'s word-embedding table {table}: it is '
+                'not this model\'s tokenizer')
+
     def _build(self, cfg: ModelConfig, t0: float) -> LoadedModel:
         try:
             encoder = TextEncoder(cfg)
@@ -275,6 +291,7 @@ class ModelManager:
             run_seconds.observe(seconds)
 
         try:
+            self._check_vocabulary(cfg, encoder, onnx)
             onnx.warm_up(encoder.pad_id)
             onnx.build_overlap(encoder.pad_id)
             # Holding a batch open for more callers pays where one run uses the whole device.

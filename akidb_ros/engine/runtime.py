@@ -167,12 +167,21 @@ def position_table(path: Path) -> Optional[Tuple[str, int]]:
     """(name, rows) of the ONNX graph's learnt position-embedding table, None when it has none.
 
     A model with such a table (BERT, MPNet, RoBERTa, E5, BGE ...) cannot run longer inputs than
-    it has rows, and ONNX Runtime only fails at the first run that long. Read from the file's
-    graph (ModelProto.graph = 7, GraphProto.initializer = 5, TensorProto.dims = 1, name = 8):
-    no ``onnx`` package, and external or embedded weights are skipped. Rotary models (Qwen)
+    it has rows, and ONNX Runtime only fails at the first run that long. Rotary models (Qwen)
     have no table: None.
     """
-    found = []
+    return embedding_tables(path).get('position_embeddings')
+
+
+def embedding_tables(path: Path) -> Dict[str, Tuple[str, int]]:
+    """``{'position_embeddings' | 'word_embeddings': (name, rows)}`` of the ONNX graph's learnt
+    tables (the smallest of each kind), those it has.
+
+    Read from the file's graph (ModelProto.graph = 7, GraphProto.initializer = 5,
+    TensorProto.dims = 1, name = 8): no ``onnx`` package, and external or embedded weights are
+    skipped.
+    """
+    found: Dict[str, List[Tuple[str, int]]] = {}
     try:
         with open(path, 'rb') as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             for number, wire, graph in _fields(buf, 0, len(buf)):
@@ -192,12 +201,13 @@ def position_table(path: Path) -> Optional[Tuple[str, int]]:
                             while j < value[1]:
                                 dim, j = _varint(buf, j)
                                 dims.append(dim)
-                    if 'position_embeddings' in name and len(dims) == 2:
-                        found.append((name, dims[0]))
+                    for kind in ('position_embeddings', 'word_embeddings'):
+                        if kind in name and len(dims) == 2:
+                            found.setdefault(kind, []).append((name, dims[0]))
     except (OSError, ValueError, IndexError) as exc:   # the session reports a bad file
-        log.debug('%s: no position table read (%s)', path, exc)
-        return None
-    return min(found, key=lambda f: f[1]) if found else None
+        log.debug('%s: no embedding table read (%s)', path, exc)
+        return {}
+    return {kind: min(tables, key=lambda f: f[1]) for kind, tables in found.items()}
 
 
 # Positions that RoBERTa-style models (MPNet, XLM-R) keep for padding at the table's start.
@@ -300,7 +310,9 @@ class OnnxModel:
         # max_tokens than the model has positions would fail each long input INTERNAL. Refused,
         # not clamped: max_tokens is what truncation and truncate=false answer by, and what
         # /models reports; the operator fixes the number once, at start.
-        self.position_table = position_table(model.path)
+        tables = embedding_tables(model.path)
+        self.position_table = tables.get('position_embeddings')
+        self.vocab_table = tables.get('word_embeddings')
         if self.position_table and model.max_tokens > self.position_table[1]:
             table, rows = self.position_table
             raise errors.EngineError(

@@ -42,6 +42,7 @@ class TextEncoder:
         self.cfg = cfg
         self._tok = Tokenizer.from_file(str(cfg.tokenizer))
         self._tok.no_padding()   # the batcher pads, after sorting by length
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         # What the tokeniser makes of a text that gives it nothing (its special tokens, e.g.
         # [CLS] [SEP] or <s> </s>, after the prompt prefix if any), per input type: a text
         # encoded to exactly this was reduced to nothing (combining marks, a variation

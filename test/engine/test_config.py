@@ -432,3 +432,14 @@ def test_a_tensorrt_cache_that_is_a_file_is_refused_on_every_host(tmp_path):
     # a folder, or one not made yet, is fine
     taken.unlink()
     assert load_config(write_config(tmp_path, in_file), env={}).engine.tensorrt_cache == taken
+
+
+@pytest.mark.parametrize('key,value', [('memory_mb', 3_000_000_000), ('params', 2 ** 64)])
+def test_model_sizes_are_bounded_as_the_doors_carry_them(tmp_path, key, value):
+    """memory_mb 3e9 (or params 2^64) loaded, and gRPC ListModels failed UNKNOWN ("Value out of
+    range") for every caller: its memory_mb is an int32. Refused, naming the key."""
+    def mutate(raw):
+        raw['models'][1][key] = value
+    with pytest.raises(ConfigError, match=rf'models\[1\]\.{key}: {value} is greater than the '
+                                          'maximum'):
+        load_config(write_config(tmp_path, mutate), env={})

@@ -168,6 +168,7 @@ def test_a_default_model_over_the_cache_budget_says_what_to_set(tmp_path):
     try:
         with pytest.raises(EngineError) as err:
             eng.start()
+        assert err.value.code is ErrorCode.INVALID_INPUT    # as docs/engine-api.md says
         assert err.value.message == (
             f'the default model {MINILM} (180 MB: 90 MB x 2 sessions, one per overlapping '
             'runner) does not fit the cache budget (max_loaded_models=2, max_memory_mb=100): '
@@ -460,6 +461,29 @@ def test_max_tokens_beyond_the_models_positions_is_refused_at_load(tmp_path):
         eng.load_model('minilm-512')
         res = eng.embed(EmbedRequest(inputs=['word ' * 600], model='minilm-512'))
         assert res.embeddings.shape == (1, 384) and res.total_tokens == 512
+    finally:
+        eng.close()
+
+
+def test_a_tokenizer_with_more_tokens_than_the_model_is_refused_at_load(tmp_path):
+    """MPNet's tokenizer (30527 tokens) beside MiniLM's graph (30522 word-embedding rows)
+    loaded; then a text holding <mask> (id 30526) failed its whole batch INTERNAL and opened
+    the breaker for every caller. The load refuses it, naming both sizes; the reverse pairing
+    (fewer tokens than rows, as a table padded to a round size) still loads."""
+    def mutate(raw):
+        mini, mpnet = raw['models'][0], raw['models'][1]
+        raw['models'].append(dict(mini, id='mini-mpnet-tok', name='test/mini-mpnet-tok',
+                                  tokenizer=mpnet['tokenizer']))
+        raw['models'].append(dict(mpnet, id='mpnet-mini-tok', name='test/mpnet-mini-tok',
+                                  tokenizer=mini['tokenizer']))
+    eng = make_engine(tmp_path, mutate)
+    try:
+        with pytest.raises(EngineError) as err:
+            eng.load_model('mini-mpnet-tok')
+        assert err.value.code is ErrorCode.MODEL_LOAD_FAILED
+        assert 'has 30527 tokens, more than the 30522 rows of the model\'s word-embedding ' \
+            'table' in err.value.message, err.value.message
+        eng.load_model('mpnet-mini-tok')
     finally:
         eng.close()
 
