@@ -35,6 +35,23 @@ def apply_loopback_dds(env: MutableMapping[str, str], domain_id: Optional[int] =
     return env
 
 
+# Fast DDS derives its ports from the domain id (7400 + 250 x domain + offsets): above 232 they
+# pass 65535 and every participant fails to start, with only Fast DDS's own log line.
+MAX_DOMAIN_ID = 232
+
+
+def domain_id_error(env: Optional[MutableMapping[str, str]] = None) -> Optional[str]:
+    """Why ``ROS_DOMAIN_ID`` cannot be used (None when unset, blank or fine), checked before
+    rclpy starts: a node, a bridge or the CLI exited 1 with no word of their own."""
+    raw = (os.environ if env is None else env).get('ROS_DOMAIN_ID', '').strip()
+    if not raw:
+        return None             # rcl's default, 0
+    if not raw.isascii() or not raw.isdigit() or int(raw) > MAX_DOMAIN_ID:
+        return (f'ROS_DOMAIN_ID={raw[:20]!r} must be a whole number from 0 to {MAX_DOMAIN_ID} '
+                '(Fast DDS derives its ports from it and runs out above 232)')
+    return None
+
+
 # Fast DDS's shared-memory files (its `fastdds shm clean` tool, tools/fastdds/shm/clean.py):
 # a port or segment is alive while its owner holds an flock on the "_el"/"_sl" lock file.
 _SHM_DIR = Path('/dev/shm')  # nosec B108: Fast DDS's own folder, read as its tool does

@@ -246,6 +246,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     except BadVariable as exc:
         argparse.ArgumentParser(prog=PROG).exit(2, f'{PROG}: error: {exc}\n')
     args = parser.parse_args(argv)
+    if args.mode == 'sidecar' or not args.no_ros:      # this process joins DDS
+        from akidb_ros.dds_env import domain_id_error
+        bad_domain = domain_id_error()
+        if bad_domain:
+            parser.error(bad_domain)
     if args.grpc_max_streams is not None and not args.grpc_max_streams < args.grpc_workers:
         given = ('--grpc-max-streams' if _flag_given(argv, '--grpc-max-streams')
                  else 'AKIDB_GRPC_MAX_STREAMS')

@@ -221,6 +221,10 @@ class EmbeddingClient:
 
 def _split_args(p: argparse.ArgumentParser, argv: Optional[List[str]]):
     """Split ``argv`` into the CLI's own arguments and the ROS ones (for rclpy.init)."""
+    from akidb_ros.dds_env import domain_id_error
+    bad_domain = domain_id_error()
+    if bad_domain:      # before rclpy: Fast DDS alone said it, and the exit was 1 ("an error")
+        p.error(bad_domain)
     argv = list(sys.argv if argv is None else argv)
     for arg in argv[1:]:
         try:

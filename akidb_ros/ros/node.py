@@ -1470,7 +1470,8 @@ def main(args=None) -> int:
         print(usage())
         return 0
     from akidb_ros.observability.logs import configure_logging, log_settings_error
-    bad_logs = log_settings_error()
+    from akidb_ros.dds_env import domain_id_error
+    bad_logs = log_settings_error() or domain_id_error()
     if bad_logs:            # one line, exit 2, like a bad parameter (was a traceback)
         print(f'embedding_node: {bad_logs}', file=sys.stderr)
         return 2

@@ -360,3 +360,31 @@ def test_models_on_a_node_that_is_not_active_says_so_and_exits_1():
         assert rc == 1 and 'the node is unconfigured' in err, (out, err)
     finally:
         node.stop()
+
+
+@pytest.mark.parametrize('value,fine', [('233', False), ('1000', False), ('abc', False),
+                                        ('-1', False), ('٣', False), ('0', True),
+                                        ('232', True), (' 42 ', True), ('', True)])
+def test_domain_id_error(value, fine):
+    from akidb_ros.dds_env import domain_id_error
+    said = domain_id_error({'ROS_DOMAIN_ID': value})
+    assert (said is None) == fine, said
+    if not fine:
+        assert said.startswith('ROS_DOMAIN_ID=') and 'from 0 to 232' in said
+
+
+@pytest.mark.parametrize('entry', [
+    [sys.executable, '-c', 'import sys; from akidb_ros.ros.cli import embed_main; '
+     'sys.exit(embed_main())', 'hello'],
+    [sys.executable, '-m', 'akidb_ros.ros.node'],
+    [sys.executable, '-m', 'akidb_ros.server', '--mode', 'sidecar', '--rest-port', '0',
+     '--grpc-port', '0', '--probe-port', 'off']], ids=['akidb-embed', 'node', 'sidecar'])
+def test_a_domain_id_fast_dds_cannot_use_is_refused_in_one_line(entry):
+    """ROS_DOMAIN_ID=233 (Fast DDS's ports run out above 232): the node, a bridge and the CLI
+    exited 1 with only Fast DDS's own log line (the CLI's 1 reads "the node answered with an
+    error"). Each now says what is wrong and exits 2, before joining DDS."""
+    r = subprocess.run(entry, cwd=ROOT, env=dict(os.environ, ROS_DOMAIN_ID='233'),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "ROS_DOMAIN_ID='233' must be a whole number from 0 to 232" in r.stderr, r.stderr
+    assert 'Traceback' not in r.stderr
