@@ -531,6 +531,13 @@ def load_security(args):
         check_bind(cfg, args.host)            # no authentication => loopback only
     except SecurityConfigError as exc:
         raise SystemExit(f'akidb-server: {exc}')
+    if cfg.tls_enabled:
+        # close TLS 1.2 in gRPC's TLS stack before anything imports grpc (nothing has yet):
+        # process-wide, so only where the doors serve TLS; it also closed TLS 1.2 to the OTLP
+        # exporter's collector on hosts serving none (the credentials refuse to build, should
+        # grpc ever be imported first)
+        from akidb_ros.guard import mtls
+        mtls.prepare_grpc_tls13()
     try:
         return Guard(cfg)
     except (OSError, ValueError, SecurityConfigError) as exc:   # unreadable key/cert files
@@ -578,10 +585,9 @@ def ignore_signals() -> None:
 
 
 def main(argv=None) -> int:
-    # FIRST: close TLS 1.2 in gRPC's TLS stack, before anything imports grpc
-    from akidb_ros.guard import mtls
-    mtls.prepare_grpc_tls13()
-
+    # gRPC's C core logs each failed TLS handshake (a collector on another TLS version, a
+    # client without a certificate) as a plain-text line on stderr, which is JSON lines
+    os.environ.setdefault('GRPC_VERBOSITY', 'ERROR')
     from akidb_ros.observability.logs import configure_logging
     from akidb_ros.observability.tracing import setup_tracing, shutdown_tracing
 
@@ -589,7 +595,11 @@ def main(argv=None) -> int:
     configure_logging()
     args.grace = grace_for(args)
     security = load_security(args)
-    setup_tracing(os.environ.get('OTEL_SERVICE_NAME') or f'akidb-{args.mode}')
+    try:
+        setup_tracing(os.environ.get('OTEL_SERVICE_NAME') or f'akidb-{args.mode}')
+    except ValueError as exc:   # ours, or the SDK's (OTEL_BSP_*, OTEL_EXPORTER_OTLP_TIMEOUT)
+        argparse.ArgumentParser(prog=PROG).exit(
+            2, f'{PROG}: error: tracing (OTEL_* variables): {exc}\n')   # was a traceback
     stop = threading.Event()
 
     def on_signal(signum, _frame):

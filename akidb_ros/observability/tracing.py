@@ -63,10 +63,13 @@ def _exporters_from_env() -> List[Any]:
             continue
         if name == 'console':
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-            exporters.append(ConsoleSpanExporter())
+            # one line per span: its default is indented JSON, 100+ lines per call in a log
+            # that is otherwise one JSON object per line (docker and systemd merge stdout in)
+            exporters.append(ConsoleSpanExporter(
+                formatter=lambda span: span.to_json(indent=None) + os.linesep))
         elif name == 'otlp':
             protocol = (os.environ.get('OTEL_EXPORTER_OTLP_TRACES_PROTOCOL')
-                        or os.environ.get('OTEL_EXPORTER_OTLP_PROTOCOL') or 'grpc').strip()
+                        or os.environ.get('OTEL_EXPORTER_OTLP_PROTOCOL') or 'grpc').strip().lower()
             if protocol == 'grpc':
                 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
             elif protocol in ('http/protobuf', 'http'):

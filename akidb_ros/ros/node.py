@@ -1162,6 +1162,8 @@ def _setup_tracing() -> bool:
     try:
         from akidb_ros.observability.tracing import setup_tracing
         return setup_tracing('akidb-ros-node') is not None
+    except ValueError:
+        raise               # a bad OTEL_* value: the caller refuses it, as the server does
     except Exception as exc:
         print(f'embedding_node: tracing not set up: {exc}', file=sys.stderr)
         return False
@@ -1381,7 +1383,11 @@ def run(args=None) -> int:
     signal.signal(signal.SIGTERM, stop)
     rc = 0
     forced = False
-    traced = _setup_tracing()
+    try:
+        traced = _setup_tracing()
+    except ValueError as exc:
+        print(f'embedding_node: tracing (OTEL_* variables): {exc}', file=sys.stderr, flush=True)
+        return 2
     args, python_logs = ros_console_args(args)
     clean_zombie_shm_at_start(logging.getLogger('akidb_ros.dds'))     # before joining DDS
     try:

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+import pytest
 import requests
 
 import akidb_ros
@@ -266,3 +267,105 @@ def test_an_unreachable_collector_does_not_hold_the_exit():
     assert done == 'False' and float(waited) < 1.5, out.stdout
     assert 'spans not exported within 1 s' in out.stderr
     assert took < 5.0, f'the process took {took:.1f} s to exit'
+
+
+def _server(env_extra, *args):
+    env = dict(os.environ, **env_extra)
+    env.pop('OTEL_SDK_DISABLED', None)
+    return [sys.executable, '-m', 'akidb_ros.server', '--no-ros', '--rest-port', '0',
+            '--grpc-port', '0', '--probe-port', 'off', *args], env
+
+
+def test_a_bad_otel_setting_stops_the_start_in_one_line():
+    """A value the tracing set-up (ours, or the SDK's: OTEL_BSP_*, the exporter's timeout)
+    cannot take ended the server's start in a traceback, exit 1, after the security profile
+    had loaded; the node went on without tracing. Both now refuse it in one line, exit 2, as
+    a bad AKIDB_LOG_* value; the protocol's letter case does not matter."""
+    endpoint = f'http://127.0.0.1:{free_port()}'
+    for extra in ({'OTEL_TRACES_EXPORTER': 'zipkin'}, {'OTEL_BSP_MAX_QUEUE_SIZE': '0'},
+                  {'OTEL_EXPORTER_OTLP_PROTOCOL': 'http/json'}):
+        cmd, env = _server(dict(extra, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint))
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, (extra, r.stderr[-2000:])
+        assert 'akidb-server: error: tracing (OTEL_* variables): ' in r.stderr, r.stderr
+        assert 'Traceback' not in r.stderr
+    r = subprocess.run([sys.executable, '-m', 'akidb_ros.ros.node'], cwd=ROOT, timeout=60,
+                       env=dict(env, OTEL_TRACES_EXPORTER='zipkin'), capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "embedding_node: tracing (OTEL_* variables): " \
+        "OTEL_TRACES_EXPORTER='zipkin'" in r.stderr, r.stderr[-2000:]
+    from akidb_ros.observability import tracing
+    with_case = dict(os.environ, OTEL_EXPORTER_OTLP_PROTOCOL='HTTP/Protobuf')
+    old = os.environ.copy()
+    try:
+        os.environ.update(with_case, OTEL_TRACES_EXPORTER='otlp')
+        (exporter,) = tracing._exporters_from_env()
+        assert 'proto.http' in type(exporter).__module__
+        os.environ['OTEL_TRACES_EXPORTER'] = 'console'
+        (console,) = tracing._exporters_from_env()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    # the console exporter writes one line per span (it wrote indented JSON, 100+ lines a call)
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    console.out = io.StringIO()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(console))
+    with provider.get_tracer('t').start_as_current_span('one'):
+        pass
+    lines = console.out.getvalue().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])['name'] == 'one', lines
+
+
+def test_a_host_without_tls_leaves_grpc_tls_1_2_open_and_logs_only_json(tmp_path):
+    """The server closed TLS 1.2 in gRPC for the whole process on every host (its doors need it
+    closed only where they serve TLS), so the OTLP exporter could not reach a TLS 1.2
+    collector; and gRPC's C core wrote each failed handshake to the collector as a plain-text
+    line on stderr, which is JSON lines. A dev host leaves TLS 1.2 open, and the log stays
+    JSON (GRPC_VERBOSITY=ERROR unless set)."""
+    import threading
+    listener = socket.create_server(('127.0.0.1', 0))      # not TLS: every handshake fails
+    port = listener.getsockname()[1]
+
+    def refuse():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.sendall(b'HTTP/1.1 400 Bad Request\r\n\r\n')
+            conn.close()
+    threading.Thread(target=refuse, daemon=True).start()
+    ready = tmp_path / 'ready.json'
+    cmd, env = _server({'OTEL_EXPORTER_OTLP_ENDPOINT': f'https://127.0.0.1:{port}',
+                        'OTEL_BSP_SCHEDULE_DELAY': '100', 'AKIDB_LOG_FORMAT': 'json'},
+                       '--ready-file', str(ready))
+    env.pop('GRPC_VERBOSITY', None)
+    env.pop('GRPC_SSL_CIPHER_SUITES', None)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        info = json.loads(ready.read_text())
+        for _ in range(5):
+            requests.post(f'http://127.0.0.1:{info["rest_port"]}/api/v1/embed',
+                          json={'inputs': ['hello']}, timeout=30).raise_for_status()
+            time.sleep(0.4)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        listener.close()
+    assert proc.returncode == 0, err[-2000:]
+    plain = [line for line in err.splitlines() if line and not line.startswith('{')]
+    assert not plain, plain[:5]
+    from akidb_ros import server
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv('GRPC_SSL_CIPHER_SUITES', raising=False)
+        mp.setenv('AKIDB_SECURITY_PROFILE', 'dev')
+        mp.setattr('akidb_ros.guard.mtls.prepare_grpc_tls13', lambda: calls.append(1))
+        server.load_security(server.parse_args(['--no-ros']))
+    assert calls == []      # dev: no TLS doors, gRPC's TLS 1.2 left to its other clients
