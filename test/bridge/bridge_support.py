@@ -34,6 +34,26 @@ def fail_first_thread_start(monkeypatch, thread_name: str) -> list:
     return failed
 
 
+def refusing_listener(reply: bytes = b'', accepted: list = None) -> socket.socket:
+    """A listener on 127.0.0.1 that answers each connection with ``reply`` and closes it (the
+    accept times go into ``accepted``); close it to stop."""
+    listener = socket.create_server(('127.0.0.1', 0), backlog=64)
+
+    def refuse():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            if accepted is not None:
+                accepted.append(time.monotonic())
+            if reply:
+                conn.sendall(reply)
+            conn.close()
+    threading.Thread(target=refuse, daemon=True).start()
+    return listener
+
+
 def wait_until(cond, timeout, step=0.1) -> bool:
     """Whether ``cond()`` came true within ``timeout`` seconds, looked at every ``step``."""
     deadline = time.monotonic() + timeout

@@ -14,7 +14,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from bridge_support import Scripted
+from bridge_support import Scripted, refusing_listener
 from akidb_ros.client import (NO_RETRY, AkidbError, DeadlineExceededError, GrpcClient,
                               InvalidRequestError, OverloadedError, ProtocolError,
                               RateLimitedError, RestClient, RetryPolicy, ServerError,
@@ -596,21 +596,8 @@ def test_grpc_client_reconnects_at_least_every_second_while_a_server_is_down():
     it for ~45 s after the server was back (a fresh client worked at once). It now tries at
     least every MAX_RECONNECT_BACKOFF_MS: 4 connection attempts in 6.5 s before, 6-7 now."""
     from akidb_ros.client.grpc import MAX_RECONNECT_BACKOFF_MS
-    listener = socket.socket()
-    listener.bind(('127.0.0.1', 0))
-    listener.listen(64)
     attempts = []
-
-    def refuse():
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            attempts.append(time.monotonic())
-            conn.close()
-
-    threading.Thread(target=refuse, daemon=True).start()
+    listener = refusing_listener(accepted=attempts)
     client = GrpcClient(f'127.0.0.1:{listener.getsockname()[1]}', timeout_s=0.5, retry=NO_RETRY)
     try:
         t_end = time.monotonic() + 6.5

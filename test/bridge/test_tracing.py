@@ -22,7 +22,7 @@ import akidb_ros
 from akidb_ros.grpc_api import embedding_pb2 as pb
 from akidb_ros.grpc_api import embedding_pb2_grpc as pb_grpc
 
-from bridge_support import ROOT, free_port
+from bridge_support import ROOT, free_port, refusing_listener
 
 
 def _traceparent():
@@ -324,19 +324,9 @@ def test_a_host_without_tls_leaves_grpc_tls_1_2_open_and_logs_only_json(tmp_path
     collector; and gRPC's C core wrote each failed handshake to the collector as a plain-text
     line on stderr, which is JSON lines. A dev host leaves TLS 1.2 open, and the log stays
     JSON (GRPC_VERBOSITY=ERROR unless set)."""
-    import threading
-    listener = socket.create_server(('127.0.0.1', 0))      # not TLS: every handshake fails
+    # not TLS: every handshake fails
+    listener = refusing_listener(b'HTTP/1.1 400 Bad Request\r\n\r\n')
     port = listener.getsockname()[1]
-
-    def refuse():
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            conn.sendall(b'HTTP/1.1 400 Bad Request\r\n\r\n')
-            conn.close()
-    threading.Thread(target=refuse, daemon=True).start()
     ready = tmp_path / 'ready.json'
     cmd, env = _server({'OTEL_EXPORTER_OTLP_ENDPOINT': f'https://127.0.0.1:{port}',
                         'OTEL_BSP_SCHEDULE_DELAY': '100', 'AKIDB_LOG_FORMAT': 'json'},
