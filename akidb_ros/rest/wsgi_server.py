@@ -833,9 +833,15 @@ class ThreadedWSGIServer:
                 self._write(conn, refusal.head_only, '1.1', False, status, headers, body)
             else:
                 headers = refusal.headers
-                environ = (self._head_environ(refusal.request, peer)
-                           if refusal.request is not None and self.on_refusal is not None
-                           else None)
+                environ = None
+                if self.on_refusal is not None:
+                    # a request whose head was read, or one that never got that far
+                    # (malformed HTTP, a head over the limit): logged, counted and given a
+                    # request id all the same (the latter were answered and left no trace)
+                    environ = (self._head_environ(refusal.request, peer)
+                               if refusal.request is not None else None) or {
+                        'REQUEST_METHOD': '', 'PATH_INFO': _path_of(refusal.url),
+                        'REMOTE_ADDR': peer[0]}
                 if environ is not None:
                     try:
                         headers = (*headers, *self.on_refusal(environ, refusal.code,

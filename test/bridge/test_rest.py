@@ -455,6 +455,33 @@ def test_server_413_on_the_openai_route_has_its_shape_and_the_documented_limit(r
         assert message == f'request body larger than {16 << 20} bytes', message
 
 
+def test_malformed_http_is_counted_logged_and_given_a_request_id(rest_url, caplog):
+    """Malformed HTTP (an ESC in a header value) and a head over the limit were answered with
+    the JSON 400/431 but left no trace: no access-log line, no count, no X-Request-ID."""
+    import socket
+
+    from prometheus_client import REGISTRY
+    port = int(rest_url.rsplit(':', 1)[1])
+
+    def refused() -> float:
+        return REGISTRY.get_sample_value('akidb_request_errors_total',
+                                         {'transport': 'rest', 'code': 'INVALID_INPUT'}) or 0.0
+    for raw, status in ((b'GET /health HTTP/1.1\r\nHost: x\r\nX-Bad: a\x1bb\r\n\r\n', 400),
+                        (b'GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ' + b'a' * 70000
+                         + b'\r\n\r\n', 431)):
+        before = refused()
+        caplog.clear()
+        with caplog.at_level('INFO', logger='akidb_ros.access'):
+            with socket.create_connection(('127.0.0.1', port), timeout=10) as s:
+                s.sendall(raw)
+                head, body = read_to_close(s).split(b'\r\n\r\n', 1)
+        assert head.startswith(b'HTTP/1.1 %d ' % status), head
+        assert b'X-Request-ID: ' in head and json.loads(body)['code'] == 'INVALID_INPUT'
+        assert refused() == before + 1
+        assert any(getattr(r, 'code', None) == 'INVALID_INPUT' for r in caplog.records), \
+            [r.getMessage() for r in caplog.records]
+
+
 def test_openai_errors_name_the_input_field_and_param(rest_url):
     texts = ['a', 'b', 'c', '\ud800x']
     raw = json.dumps({'input': texts, 'model': DEFAULT_MODEL}).encode()   # a lone surrogate
