@@ -15,8 +15,10 @@ ENV_VARS = [
      'is served with that entry\'s settings (`max_tokens`, `pooling`, prefixes); otherwise it '
      'adds a model'),
     ('AKIDB_TOKENIZER_PATH',
-     "its tokenizer.json (default: the catalogue entry's, else `tokenizer.json` beside the "
-     'ONNX file); only with AKIDB_MODEL_PATH (set alone: a config error)'),
+     "its tokenizer.json (default: the catalogue entry's when AKIDB_MODEL_PATH is that "
+     "entry's own file, else `tokenizer.json` beside the ONNX file: another file named for "
+     "an entry by AKIDB_MODEL_NAME keeps the entry's settings, not its tokenizer); only with "
+     'AKIDB_MODEL_PATH (set alone: a config error)'),
     ('AKIDB_MODEL_NAME',
      'its name: with AKIDB_MODEL_PATH, the name (and id: the part after the last `/`, '
      'lower-cased) it is served under, or a catalogue entry\'s id or name (served under that '

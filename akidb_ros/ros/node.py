@@ -836,7 +836,7 @@ class EmbeddingNode(LifecycleNode):
         if counted:
             self._record(self._model_label(model), err, t0, transport)
             self._log_failure(err, f'embed failed: request_id={request_id[:128]!r} '
-                              f'model={model.strip()[:128] or "(default)"!r}',
+                              f'model={model[:128] or "(default)"!r}',
                               response.duration_ms)
         if span is not None:
             _end_span(span, err, self._model_label(model))
@@ -866,7 +866,7 @@ class EmbeddingNode(LifecycleNode):
         if engine is None:
             return 'unknown'
         try:
-            return engine.manager.label(model.strip())
+            return engine.manager.label(model)     # as sent, as REST labels it
         except Exception:   # metrics must never fail a call
             return 'unknown'
 

@@ -173,6 +173,19 @@ def test_bad_input_answered_with_its_code(client, inputs, kw, code):
     assert resp.retry_after_s == 0.0        # a caller's mistake: no retry hint
 
 
+def test_a_name_the_catalogue_lacks_is_labelled_unknown(client, metrics_port):
+    """The node stripped the name before labelling it: ' all-minilm-l6-v2' (MODEL_NOT_FOUND,
+    the name taken as sent) was counted as an error of the default model, on its error-rate
+    and SLO series; REST and the sidecar label it 'unknown'."""
+    def errors(model):
+        return metric_value(scrape(metrics_port), 'akidb_embed_requests_total',
+                            f'model="{model}",status="error",transport="ros"')
+    before = (errors(DEFAULT), errors('unknown'))
+    resp = embed(client, ['hello'], model=' ' + DEFAULT)
+    assert resp.error_code == 'MODEL_NOT_FOUND'
+    assert (errors(DEFAULT), errors('unknown')) == (before[0], before[1] + 1)
+
+
 def test_a_timeout_carries_the_engines_retry_hint(client):
     """retry_after_s: what the in-process doors send as Retry-After, so a sidecar can too."""
     resp = client.call('embed', Embed.Request(inputs=['word ' * 200] * 64, timeout_s=0.001,
