@@ -24,7 +24,7 @@ from akidb_ros.engine.deadlines import DeadlineWatcher
 from akidb_ros.engine.engine import check_ros_strings
 from akidb_ros.engine.errors import EngineError, ErrorCode, error_from_code
 from akidb_ros.engine.types import (EmbedRequest, EmbedResult, HealthInfo, ModelInfo,
-                                    ModelStatus)
+                                    ModelStatus, Priority)
 from akidb_ros.observability import metrics as m
 
 log = logging.getLogger('akidb_ros.backends')
@@ -324,6 +324,7 @@ class RosBackend:
         self._has_request_id = 'request_id' in fields
         self._has_timeout = 'timeout_s' in fields
         self._has_input_type = 'input_type' in fields
+        self._has_admin_lane = 'admin_lane' in fields
         self._running = True
         self._stopping = False              # fail_waiting: a graceful stop's grace is over
         self._spin_thread = threading.Thread(target=self._spin, name='akidb-ros-bridge',
@@ -425,6 +426,7 @@ class RosBackend:
         if service != 'embed':
             return self._send(service, request, timeout_s)
         if not self._embed_slots.acquire(blocking=False):
+            m.LOAD_SHED.labels(reason='bridge').inc()       # an OVERLOADED like the engine's
             raise EngineError(ErrorCode.OVERLOADED,
                               f'{self._max_embeds} calls already wait on the embedding node, '
                               'the most its DDS service carries without dropping one',
@@ -532,6 +534,8 @@ class RosBackend:
         if self._has_input_type:
             it = req.input_type
             r.input_type = it.value if hasattr(it, 'value') else str(it or '')
+        if self._has_admin_lane:
+            r.admin_lane = req.priority is Priority.ADMIN   # granted by this bridge's guard
         span = tracer().start_span('ros /embed', kind=trace.SpanKind.CLIENT, attributes={
             'rpc.system': 'ros2', 'rpc.service': 'akidb_ros/srv/Embed',
             'akidb.model': req.model or '', 'akidb.inputs': len(req.inputs)})

@@ -96,11 +96,12 @@ AUTH_FAILURES = Counter(
 # sidecar bridge would export the unlabelled ones as zeros next to the node's real values
 # (0 models loaded, a queue of capacity 0, so NaN queue ratios on its dashboards): it drops
 # them all. The guard's (breaker, rate limits, credentials) and the doors' stay: the bridge
-# records those itself.
+# records those itself, and its own sheds (akidb_load_shed_total{reason="bridge"}: calls
+# already waiting on the node at the DDS service's limit).
 ENGINE_FAMILIES = (
     MODEL_CACHE_HITS, MODEL_CACHE_MISSES, MODEL_CACHE_SIZE, MODEL_LOAD_SECONDS, MODEL_EVICTIONS,
     BATCH_SIZE, INFERENCE_BATCH_SIZE, TOKENS_PROCESSED, INFERENCE_SECONDS, QUEUE_WAIT_SECONDS,
-    QUEUE_SIZE, QUEUE_CAPACITY, LOAD_SHED,
+    QUEUE_SIZE, QUEUE_CAPACITY,
     GPU_MEMORY_USED, GPU_UTILIZATION, TENSORRT_ENGINE_BUILDS, TENSORRT_ENGINE_CACHE_HITS,
 )
 

@@ -13,7 +13,8 @@ from typing import List
 import numpy as np
 
 from akidb_ros.engine.errors import EngineError, ErrorCode
-from akidb_ros.engine.types import EmbedRequest, EmbedResult, InputType, ModelInfo, ModelStatus
+from akidb_ros.engine.types import (EmbedRequest, EmbedResult, InputType, ModelInfo, ModelStatus,
+                                    Priority)
 from akidb_ros.msg import Embedding
 from akidb_ros.msg import ModelInfo as ModelInfoMsg
 
@@ -80,6 +81,9 @@ def embed_request_from_msg(msg, transport: str = 'ros') -> EmbedRequest:
         timeout_s=None if timeout == 0.0 else timeout,
         request_id=split_forwarded(msg.request_id)[0],
         transport=transport,
+        # the admin lane a sidecar's guard granted (it stopped at the DDS hop: a bridge's
+        # admin callers were shed at 95 % like everyone else)
+        priority=Priority.ADMIN if getattr(msg, 'admin_lane', False) else Priority.NORMAL,
     )
 
 

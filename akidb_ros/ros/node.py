@@ -746,6 +746,7 @@ class EmbeddingNode(LifecycleNode):
         with self._stats_lock:
             waiting = self._large_waiting
             if waiting >= MAX_LARGE_WAITING:
+                M.LOAD_SHED.labels(reason='tokenise').inc()     # an OVERLOADED like the engine's
                 raise EngineError(ErrorCode.OVERLOADED,
                                   f'{waiting} large calls are already waiting to be tokenised',
                                   retry_after_s=1.0)

@@ -191,9 +191,12 @@ def test_sidecar_mode_process(tmp_path):
                                    timeout=10).text
         node_text = requests.get(f'http://127.0.0.1:{node_port}/metrics', timeout=10).text
         for fam in ('akidb_model_cache_size', 'akidb_queue_capacity', 'akidb_queue_size',
-                    'akidb_batch_size', 'akidb_load_shed_total', 'akidb_gpu_memory_used_bytes'):
+                    'akidb_batch_size', 'akidb_gpu_memory_used_bytes'):
             assert f'# TYPE {fam} ' not in bridge_text, fam
             assert f'# TYPE {fam} ' in node_text, fam
+        # labelled: the bridge exports samples only of its own sheds (reason="bridge")
+        assert '\nakidb_load_shed_total{' not in bridge_text
+        assert '# TYPE akidb_load_shed_total ' in node_text
         assert total(scrape(node_text), 'akidb_model_cache_size') == 1
         bridge = scrape(bridge_text)
         assert total(bridge, 'akidb_embed_requests_total', transport='rest') == 1

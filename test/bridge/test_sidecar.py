@@ -305,7 +305,13 @@ def test_a_burst_through_the_dds_hop_loses_no_call(node):
         assert outcomes.count('OK') == 400, sorted(set(outcomes))
     finally:
         backend.close()
-    # more calls than the bridge's depth: the excess is refused at once, the rest answered
+    # more calls than the bridge's depth: the excess is refused at once, the rest answered;
+    # each refusal is a shed in akidb_load_shed_total{reason="bridge"} (it was not counted)
+    from prometheus_client import REGISTRY
+
+    def bridge_sheds() -> float:
+        return REGISTRY.get_sample_value('akidb_load_shed_total', {'reason': 'bridge'}) or 0.0
+    shed_before = bridge_sheds()
     backend = RosBackend(prefix=node.namespace, timeout_s=10.0, qos_depth=16)
     try:
         assert wait_until(backend.ready, 60, 0.2)
@@ -319,6 +325,7 @@ def test_a_burst_through_the_dds_hop_loses_no_call(node):
                 assert err.code is ErrorCode.OVERLOADED and err.retry_after_s, err
                 refused += 1
         assert refused and len(futures) >= 16
+        assert bridge_sheds() == shed_before + refused
         assert {_outcome(f) for f in futures} == {'OK'}
     finally:
         backend.close()
@@ -698,6 +705,38 @@ def test_a_caller_that_gives_up_withdraws_its_work_on_the_node(node):
     finally:
         bridges.stop(grace_s=1)
         backend.close()
+
+
+def test_the_admin_lane_crosses_the_dds_hop(tmp_path):
+    """The guard grants an admin caller the engine's admin lane (admitted past the 95 % shed
+    point, refused only when the queue is full); the bridge dropped it at the DDS hop, so in
+    sidecar mode (the shipped deployments) admin calls were shed like everyone else's. Node
+    with a queue of 4: 3 queued calls reach the shed point; a normal call is OVERLOADED, an
+    admin one is served."""
+    from akidb_ros.backends import RosBackend
+    from akidb_ros.engine.types import Priority
+    port = free_port()
+    n = NodeProcess('/akidb_lane_' + uuid.uuid4().hex[:8], str(tmp_path), '-p',
+                    f'metrics_port:={port}', '-p', 'queue.capacity:=4')
+    n.metrics_port = port
+    n.start()
+    backend = RosBackend(prefix=n.namespace, timeout_s=120.0)
+    long_text = ' '.join(['word'] * 300)
+    try:
+        assert wait_until(backend.ready, 90, 0.2), 'embedding node did not come up over DDS'
+        held = [backend.submit(EmbedRequest(inputs=[f'{k} {i} {long_text}' for i in range(64)]))
+                for k in range(3)]
+        assert wait_until(lambda: _node_queue(n) >= 3, 30, 0.02), 'the queue never filled'
+        with pytest.raises(EngineError) as err:
+            backend.embed(EmbedRequest(inputs=['normal']))
+        assert err.value.code is ErrorCode.OVERLOADED
+        admin = backend.embed(EmbedRequest(inputs=['admin'], priority=Priority.ADMIN))
+        assert admin.embeddings.shape == (1, 384)
+        for fut in held:
+            fut.result(120)
+    finally:
+        backend.close()
+        n.stop()
 
 
 def test_withdrawing_a_call_leaves_another_call_with_the_same_request_id(node):

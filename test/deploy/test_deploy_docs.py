@@ -70,10 +70,14 @@ def test_one_uid_everywhere():
 
 
 def test_load_shedding_runbook_names_the_batchers_reasons():
-    """akidb_load_shed_total{reason}: the values engine/batcher.py sets, and no other."""
-    src = (ROOT / 'akidb_ros' / 'engine' / 'batcher.py').read_text()
-    reasons = set(re.findall(r"reason = '(\w+)'", src))
-    assert reasons == {'full', 'shed'}, reasons
+    """akidb_load_shed_total{reason}: the values the engine, the node and the bridge set, and
+    no other."""
+    reasons = set()
+    for path in ('engine/batcher.py', 'ros/node.py', 'backends.py'):
+        src = (ROOT / 'akidb_ros' / path).read_text()
+        reasons |= set(re.findall(r"reason = '(\w+)'", src))
+        reasons |= set(re.findall(r"LOAD_SHED\.labels\(reason='(\w+)'\)", src))
+    assert reasons == {'full', 'shed', 'tokenise', 'bridge'}, reasons
     text = (RUNBOOKS / 'AkidbLoadShedding.md').read_text()
     line = next(ln for ln in text.splitlines() if 'sum by (reason)' in ln)
     for r in reasons:

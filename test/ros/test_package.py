@@ -29,9 +29,11 @@ def test_embed_interface():
         'model': 'string', 'inputs': 'sequence<string>', 'normalize': 'boolean',
         'truncate': 'boolean'}
     # optional fields the REST/gRPC sidecar (akidb_ros.backends.RosBackend) fills in
-    assert {k: req[k] for k in ('timeout_s', 'request_id', 'traceparent', 'input_type')} == {
+    assert {k: req[k] for k in ('timeout_s', 'request_id', 'traceparent', 'input_type',
+                                'admin_lane')} == {
         'timeout_s': 'double', 'request_id': 'string', 'traceparent': 'string',
-        'input_type': 'string'}
+        'input_type': 'string', 'admin_lane': 'boolean'}
+    assert Embed.Request().admin_lane is False          # the engine's normal lane
     r = Embed.Request()
     assert (r.normalize, r.truncate) == (True, True)    # ROS has no 'unset': default true
     resp = Embed.Response.get_fields_and_field_types()
