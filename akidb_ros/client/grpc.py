@@ -76,7 +76,11 @@ def _md_number(md: dict, key: str, cast):
 # REST's truncate and input_type, which the PRD's EmbedRequest has no field for, travel as
 # request metadata; the server sends the count of truncated inputs as trailing metadata
 TRUNCATE_MD = 'akidb-truncate'
-MAX_RECONNECT_BACKOFF_MS = 1000
+# A channel reconnects at most this long after the server is back: the default retries span
+# ~0.7 s (0.1 + 0.2 + 0.4 s), and with 1000 ms a call right after a restart could still fail
+# UNAVAILABLE on every attempt (1-4 in 6 in the prober's runs)
+MAX_RECONNECT_BACKOFF_MS = 500
+INITIAL_RECONNECT_BACKOFF_MS = 100
 INPUT_TYPE_MD = 'akidb-input-type'
 TRUNCATED_MD = 'akidb-truncated-inputs'
 
@@ -193,6 +197,9 @@ class GrpcClient:
             # retries all fell inside it ("failed to connect") for ~45 s after the server was
             # back. Reconnect attempts at most MAX_RECONNECT_BACKOFF_MS apart.
             ('grpc.max_reconnect_backoff_ms', MAX_RECONNECT_BACKOFF_MS),
+            # (not min_reconnect_backoff_ms: gRPC also takes it as the least time a connection
+            # attempt gets, and a TLS handshake over a slow link needs more than 100 ms)
+            ('grpc.initial_reconnect_backoff_ms', INITIAL_RECONNECT_BACKOFF_MS),
         ]
         if channel is not None:
             self._channel = channel
@@ -313,15 +320,25 @@ class GrpcClient:
         if isinstance(batches, (list, tuple)):
             checked = [_check_batch(b, i) for i, b in enumerate(batches)]
             return self._stream(iter(checked), model, normalize, total, [], md)
-        refused: List[Exception] = []
+        refused: List[BaseException] = []
 
         def lazy():
-            for i, b in enumerate(batches):
+            it = iter(batches)
+            i = 0
+            while True:
                 try:
-                    yield _check_batch(b, i)
-                except TypeError as exc:
+                    # the caller's own iterator, and the check of what it gives: gRPC's request
+                    # thread swallowed an exception raised here, and the caller got a retryable
+                    # INTERNAL 'Exception iterating requests!' for its own bug
+                    b = next(it)
+                    checked = _check_batch(b, i)
+                except StopIteration:
+                    return
+                except Exception as exc:
                     refused.append(exc)     # end the stream here; raised once it is answered
                     return
+                yield checked
+                i += 1
         return self._stream(lazy(), model, normalize, total, refused, md)
 
     def _stream(self, batches: Iterator[List[str]], model: str, normalize: bool, total: float,
@@ -350,6 +367,8 @@ class GrpcClient:
                     raise
                 yield answer
         except grpc.RpcError as err:
+            if refused:             # the caller's iterator failed: its own exception
+                raise refused[0] from None
             raise self._error(err, rid) from None
         finally:
             call.cancel()       # a caller that stops early ends the stream (no-op when done)

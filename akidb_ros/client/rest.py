@@ -74,8 +74,15 @@ def parse_retry_after(value: Optional[str]) -> Optional[float]:
 
 
 # -- caller mistakes: refused at once (shared with the gRPC client) ---------------------------
+# The longest budget a call may have (~3 years): urllib3's socket timeout overflowed above
+# ~9.2e9 s (a bare OverflowError after the request was sent) and gRPC's deadline above ~7.4e9 s
+# (an instant, retried TIMEOUT).
+MAX_TIMEOUT_S = 1e8
+
+
 def check_timeout(value: Any, name: str = 'timeout_s') -> float:
-    """A budget in seconds: a finite number > 0, else ``TypeError``/``ValueError``."""
+    """A budget in seconds: a finite number > 0 and at most ``MAX_TIMEOUT_S``, else
+    ``TypeError``/``ValueError``."""
     if value is None:
         raise ValueError(f'{name}=None: every call has a budget; give a number of seconds > 0')
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -83,6 +90,8 @@ def check_timeout(value: Any, name: str = 'timeout_s') -> float:
                         f'{value!r}')
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f'{name} must be a finite number of seconds > 0, got {value!r}')
+    if value > MAX_TIMEOUT_S:
+        raise ValueError(f'{name} must be at most {MAX_TIMEOUT_S:g} s, got {value!r}')
     return float(value)
 
 

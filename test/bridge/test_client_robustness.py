@@ -314,10 +314,14 @@ def test_bad_answers_are_typed_protocol_errors(answer):
 
 def test_caller_mistakes_are_refused_at_once(grpc_target, rest_url):
     for cls, where in ((RestClient, rest_url), (GrpcClient, grpc_target)):
-        for bad in (None, 0, -1, float('nan'), float('inf'), '10'):
+        # 1e10 s: urllib3's socket timeout overflowed (a bare OverflowError after the request
+        # was sent), gRPC's deadline too (an instant, retried TIMEOUT)
+        for bad in (None, 0, -1, float('nan'), float('inf'), '10', 1e10):
             with pytest.raises((ValueError, TypeError), match='timeout_s'):
                 cls(where, timeout_s=bad)
         c = cls(where, timeout_s=5)
+        with pytest.raises(ValueError, match='timeout_s must be at most'):
+            c.embed(['x'], timeout_s=1e10)
         for bad in (b'bytes input', [b'x'], ['ok', 3], 42):
             with pytest.raises(TypeError, match='inputs'):
                 c.embed(bad)
@@ -590,12 +594,15 @@ def test_rest_error_too_deep_to_parse_is_typed_by_its_status(status, cls, retrie
         srv.close()
 
 
-def test_grpc_client_reconnects_at_least_every_second_while_a_server_is_down():
+def test_grpc_client_reconnects_at_least_every_half_second_while_a_server_is_down():
     """A server that is down (here: a port that accepts and closes at once): the channel's own
     reconnect backoff grew to 120 s, and after a minute's outage our retries all failed inside
-    it for ~45 s after the server was back (a fresh client worked at once). It now tries at
-    least every MAX_RECONNECT_BACKOFF_MS: 4 connection attempts in 6.5 s before, 6-7 now."""
+    it for ~45 s after the server was back (a fresh client worked at once). It then tried at
+    least every second, which the default retries (~0.7 s in all) could still miss right after
+    a restart; now every MAX_RECONNECT_BACKOFF_MS, 0.5 s: 4 connection attempts in 6.5 s at
+    first, 6-7 with 1 s, more now."""
     from akidb_ros.client.grpc import MAX_RECONNECT_BACKOFF_MS
+    assert MAX_RECONNECT_BACKOFF_MS <= 500      # within the default retries' ~0.7 s
     attempts = []
     listener = refusing_listener(accepted=attempts)
     client = GrpcClient(f'127.0.0.1:{listener.getsockname()[1]}', timeout_s=0.5, retry=NO_RETRY)
@@ -608,4 +615,20 @@ def test_grpc_client_reconnects_at_least_every_second_while_a_server_is_down():
         client.close()
         listener.close()
     gaps = [b - a for a, b in zip(attempts, attempts[1:])]
-    assert len(attempts) >= 5 and max(gaps) < MAX_RECONNECT_BACKOFF_MS / 1000 * 1.5, gaps
+    assert len(attempts) >= 9 and max(gaps) < MAX_RECONNECT_BACKOFF_MS / 1000 * 1.5, gaps
+
+
+def test_an_exception_from_the_callers_batches_reaches_the_caller(grpc_target):
+    """A generator of batches that raises: gRPC's request thread swallowed the exception and the
+    caller got a retryable ServerError INTERNAL ('Exception iterating requests!') for its own
+    bug. It gets its own exception, after the answers to the batches before it."""
+    def batches():
+        yield ['first']
+        raise RuntimeError('caller bug')
+    with GrpcClient(grpc_target, timeout_s=30) as c:
+        got = []
+        with pytest.raises(RuntimeError, match='caller bug'):
+            for answer in c.embed_stream(batches()):
+                got.append(answer.embeddings.shape)
+        assert got == [(1, 384)]
+        assert c.embed(['still fine']).embeddings.shape == (1, 384)
