@@ -41,8 +41,11 @@ CANCEL_TOPIC = 'cancel_embed'
 
 
 def mark_forwarded(request_id: str) -> str:
-    """Mark ``request_id`` as the bridge's, for one call it forwards: the mark and a token of
-    that call's own (see ``FORWARDED_MARK``); its re-sends carry the same id."""
+    """Mark ``request_id`` as the bridge's, for one call it forwards.
+
+    The mark and a token of that call's own (see ``FORWARDED_MARK``); its re-sends carry the
+    same id.
+    """
     return f'{request_id}{FORWARDED_MARK}#{uuid.uuid4().hex[:16]}'
 
 
