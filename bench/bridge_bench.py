@@ -16,6 +16,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -42,7 +43,6 @@ def load_corpus() -> List[str]:
 def loopback_env() -> Dict[str, str]:
     """Loopback-only DDS for the child processes (as scripts/dds_env.sh)."""
     env = apply_loopback_dds(dict(os.environ), domain_id=60 + os.getpid() % 30)
-    env.setdefault('ROS_LOG_DIR', tempfile.mkdtemp(prefix='akidb-bench-ros-'))
     env.setdefault('AKIDB_LOG_LEVEL', 'WARNING')
     # Rate limits off (see the file): a door's throughput, not the per-client policy, is measured.
     env.setdefault('AKIDB_SECURITY_CONFIG', str(Path(__file__).with_name('security.bench.yaml')))
@@ -65,6 +65,8 @@ class Server:
         self.mode = mode
         self.env = loopback_env()
         self.tmp = Path(tempfile.mkdtemp(prefix='akidb-bench-'))
+        self.env.setdefault('ROS_LOG_DIR', str(self.tmp / 'ros_log'))   # removed with it
+        self._failed = False
         self.node = None
         ns = '/akidb_bench_' + uuid.uuid4().hex[:6]
         if mode == 'sidecar':
@@ -85,6 +87,7 @@ class Server:
         deadline = time.monotonic() + 120
         while not ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self._failed = True     # keep its logs
                 self.close()
                 raise RuntimeError('server did not start:\n' +
                                    (self.tmp / 'server.log').read_text()[-3000:])
@@ -106,6 +109,8 @@ class Server:
         raise RuntimeError(f'{self.mode} server never became ready')
 
     def close(self) -> None:
+        """Stop the children; their temp folder goes too unless the start failed (its logs
+        are the error's evidence; it was left in /tmp after every run)."""
         for p in (self.proc, self.node):
             if p is not None and p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -114,6 +119,18 @@ class Server:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait(5)
+        if not self._failed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM/SIGHUP (``timeout``, a CI cancel, systemd) end a runner through ``SystemExit``,
+    so its ``finally`` blocks stop the servers it started (they were left running, re-parented
+    to init, still listening)."""
+    def handler(signum, _frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
 
 
 class RestCaller:

@@ -700,6 +700,15 @@ def main(argv=None) -> int:
     ap.add_argument('--dds-profile', default=DDS_PROFILE[0],
                     help='Fast DDS profile (default config/fastdds_loopback.xml)')
     args = ap.parse_args(argv)
+    if args.only == []:
+        ap.error('--only needs at least one scenario (it ran them all)')
+
+    def stop_on(signum, _frame):
+        # SIGTERM/SIGHUP (timeout, a CI cancel) end the run through SystemExit, so each
+        # scenario's finally stops what it started (its servers were left running, listening)
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop_on)
+    signal.signal(signal.SIGHUP, stop_on)
     DDS_PROFILE[0] = args.dds_profile
     names = args.only or list(SCENARIOS)
     t0 = time.monotonic()

@@ -287,6 +287,34 @@ def test_chaos_accounting():
     assert res['recovery_s'] == pytest.approx(3.8)
 
 
+def test_load_test_verdicts_count_errors_and_the_rate_served(tmp_path):
+    """bench/load/load_test.py reported a run whose every call failed as met (a fast refusal's
+    latency pulled p95 down, errors and the rate served were not part of the verdict) and
+    exited 0 whatever happened. Percentiles are of the calls that succeeded; a scenario is met
+    with no error, its latency target and, open loop, 95 % of the offered rate served; the exit
+    code is 1 when one is not met (here: nothing listens on port 1)."""
+    import signal
+
+    from bench.load.load_test import _summary, main
+    failed = _summary('sustained', [], 20, 2.0, offered=10.0, target_p95_ms=30.0)
+    assert (failed['met'], failed['p95_ms'], failed['requests']) == (False, None, 20)
+    good = _summary('sustained', [10.0] * 20, 0, 2.0, offered=10.0, target_p95_ms=30.0)
+    assert good['met'] and good['qps'] == 10.0
+    behind = _summary('sustained', [10.0] * 12, 0, 2.0, offered=10.0, target_p95_ms=30.0)
+    assert not behind['met']                    # 6 QPS served of 10 offered
+    one_error = _summary('concurrency15', [10.0] * 400, 1, 2.0, target_p95_ms=50.0,
+                         target_qps=150.0)
+    assert not one_error['met'] and one_error['p95_ms'] == 10.0
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        assert main(['--port', '1', '--scenarios', 'sustained', '--qps', '10', '--duration',
+                     '1', '--out', str(tmp_path / 'load')]) == 1
+    finally:
+        for sig, handler in handlers.items():      # main() installs its own
+            signal.signal(sig, handler)
+    assert '| no |' in (tmp_path / 'load.md').read_text()
+
+
 def test_chaos_runner_lists_every_issue_scenario():
     from bench.chaos.run import SCENARIOS
     assert set(SCENARIOS) == {'node_sigkill', 'server_sigterm', 'model_corrupt', 'model_missing',
