@@ -373,18 +373,24 @@ class Batcher:
         # A run still inside ONNX Runtime must end before we return: the process may exit next,
         # and a thread inside ORT at exit aborts it (SIGABRT, not exit 0). A run is bounded by
         # max_batch_tokens; RUN_JOIN_S bounds a device that hangs.
+        # Runs in progress are counted in _active: the runners' and those callers run in their
+        # own threads (run_inline), which no runner thread stands for.
+        with self._cond:
+            running = self._active
         alive = [t for t in self._threads if t.is_alive()]
-        if alive and self._terminate is not None:
+        if running and self._terminate is not None:
             # out of time: the runs in progress end within a kernel, their callers UNAVAILABLE
             self._terminated = True
             self._terminate()
-        elif alive:
+        elif running:
             log.warning('%s: waiting for %d run(s) in progress to end before stopping',
-                        self.model_id, len(alive))
-        if alive:
-            end = time.monotonic() + RUN_JOIN_S
-            for t in alive:
-                t.join(timeout=max(0.0, end - time.monotonic()))
+                        self.model_id, running)
+        end = time.monotonic() + RUN_JOIN_S
+        with self._cond:
+            while self._active and time.monotonic() < end:
+                self._cond.wait(timeout=0.05)
+        for t in alive:
+            t.join(timeout=max(0.0, end - time.monotonic()))
 
     # --- consumer side -------------------------------------------------------------------
     def _take(self) -> Tuple[List[_Item], bool]:

@@ -533,7 +533,9 @@ class ModelManager:
     def close(self, timeout: float = 10.0) -> None:
         """Wait for loads and retirements in progress (a thread inside ONNX Runtime must not
         outlive us), then stop every batcher; each runs its queue first, all within
-        ``timeout`` (what is left then is failed UNAVAILABLE; a run in progress is waited for)."""
+        ``timeout`` (what is left then is failed UNAVAILABLE, and the runs in progress are cut
+        short and waited for). A model being retired (an unload or eviction) is waited for on
+        its own bounds, not ``timeout``."""
         with self._lock:
             self._closing = True
             loaders = list(self._loaders)

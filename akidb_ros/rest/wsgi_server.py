@@ -164,7 +164,7 @@ def _early_answer(answer: Answer) -> _Refusal:
 
 class _Request:
     __slots__ = ('url', 'headers', 'body', 'size', 'method', 'version', 'keep_alive',
-                 'expect_continue', 'head_done')
+                 'expect_continue', 'body_since')
 
     def __init__(self):
         self.url = b''
@@ -175,7 +175,10 @@ class _Request:
         self.version = '1.1'
         self.keep_alive = True
         self.expect_continue = False
-        self.head_done = 0.0        # monotonic time its head was complete (its body follows)
+        # monotonic time the server began reading its body (None: not yet): after the early
+        # check, the answers to the requests pipelined before it and its 100 Continue, none
+        # of which is the client's time
+        self.body_since: Optional[float] = None
 
 
 class _Reader:
@@ -311,7 +314,6 @@ class _Reader:
             raise self._head_too_large()
         self.in_head = False
         self.head_bytes = 0
-        req.head_done = time.monotonic()
         req.method = p.get_method()
         req.version = p.get_http_version()
         req.keep_alive = p.should_keep_alive()
@@ -632,7 +634,9 @@ class ThreadedWSGIServer:
                         # its body: head_timeout_s, and more as the bytes come at the least
                         # rate; a body trickled in a byte at a time held its connection (a
                         # place under the limit) for ever, each byte restarting the idle wait
-                        left = (cur.head_done + self.head_timeout_s
+                        if cur.body_since is None:
+                            cur.body_since = time.monotonic()
+                        left = (cur.body_since + self.head_timeout_s
                                 + cur.size / MIN_BODY_BYTES_PER_S - time.monotonic())
                         if left <= 0:
                             log.debug('closing a connection from %s: request body slower than '

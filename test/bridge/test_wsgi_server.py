@@ -335,6 +335,29 @@ def test_a_request_body_trickled_in_is_cut_like_a_head():
         srv.close()
 
 
+def test_the_body_clock_starts_when_the_server_reads_the_body():
+    """The body's deadline ran from the end of its head, so the server's own waits (the early
+    check queued for an app slot, requests pipelined before it) counted against the client: a
+    body sent at once after a late 100 Continue was cut, the connection closed unanswered."""
+    srv = _serve(threads=1, head_timeout_s=1.0, idle_timeout_s=5,
+                 early_check=lambda: (lambda environ: None))
+    try:
+        busy = threading.Thread(target=_raw, args=(
+            srv.port, b'GET /slow?1.5 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'))
+        busy.start()
+        time.sleep(0.2)                             # it holds the one app slot for 1.5 s
+        with socket.create_connection(('127.0.0.1', srv.port), timeout=5) as s:
+            s.sendall(b'POST /late HTTP/1.1\r\nHost: x\r\nContent-Length: 128\r\n'
+                      b'Expect: 100-continue\r\nConnection: close\r\n\r\n')
+            assert s.recv(64).startswith(b'HTTP/1.1 100 Continue')   # after ~1.3 s
+            s.sendall(b'b' * 128)
+            (head, body), = _responses(read_to_close(s))
+        busy.join(10)
+        assert head.startswith(b'HTTP/1.1 200 ') and json.loads(body)['len'] == 128, head
+    finally:
+        srv.close()
+
+
 @pytest.mark.parametrize('head,status', [
     (b'GET /h HTTP/1.1\r\n\r\n', 400),
     (b'GET /h HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n', 400),

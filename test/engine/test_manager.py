@@ -256,6 +256,40 @@ def test_a_stop_returns_only_once_the_run_in_progress_has_ended(tmp_path):
         eng.close()
 
 
+def test_a_stop_waits_for_and_cuts_a_run_in_a_callers_thread(tmp_path):
+    """A caller that waits runs its job in its own thread when the model is idle (run_inline);
+    no runner thread stands for that run, and Batcher.stop neither cut it short nor waited for
+    it: it returned at once with the run still inside ONNX Runtime (a process exiting next
+    aborts)."""
+    eng = make_engine(tmp_path)
+    try:
+        batcher = eng.manager.loaded(MINILM).batcher
+        gate = Gate(batcher)
+        gate.close()
+        out = {}
+
+        def caller():
+            try:
+                out['result'] = eng.submit(EmbedRequest(inputs=['inline run']),
+                                           caller_waits=True).result(10)
+            except EngineError as exc:
+                out['error'] = exc
+        thread = threading.Thread(target=caller)
+        thread.start()
+        assert gate.entered.wait(5)
+        assert not any(batcher._lanes.values())     # nothing queued: it runs in the caller
+        threading.Timer(0.6, gate.open.set).start()
+        t0 = time.monotonic()
+        batcher.stop(timeout=0.05)
+        took = time.monotonic() - t0
+        thread.join(10)
+        assert took >= 0.5, took                    # it waited for the caller's run
+        assert out['error'].code is ErrorCode.UNAVAILABLE, out   # and cut it short
+    finally:
+        gate.open.set()
+        eng.close()
+
+
 def test_a_close_out_of_time_cuts_the_runs_in_progress_short(tmp_path):
     """``close(timeout)`` bounds the stop: what is queued past it is failed, and the runs in
     progress are cut short inside ONNX Runtime (``RunOptions.terminate``), their callers
