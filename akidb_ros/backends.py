@@ -221,7 +221,10 @@ class LocalBackend:
         if self._own:
             # within the stop's grace: the engine kept computing the calls the doors had cut off
             # at its end for up to 10 s more (an in-process stop took 5 s with --grace 1)
-            self.engine.close(10.0 if timeout is None else max(0.0, timeout))
+            if timeout is None:
+                self.engine.close()
+            else:
+                self.engine.close(max(0.0, timeout))
 
 
 def _status(mi: ModelInfo) -> str:

@@ -130,12 +130,11 @@ class DoorCall:
     started: float = field(default_factory=time.perf_counter)
 
 
-def server_cut(err: EngineError) -> EngineError:
-    """What a call cut off by the server's own stop (its grace ran out: the connection closed,
-    the RPC cancelled) is counted and logged as: ``UNAVAILABLE``, the server's doing, not the
-    ``CANCELLED`` of a caller that gave up (each deploy showed as a burst of callers giving up)."""
-    if err.code is not ErrorCode.CANCELLED:
-        return err
+def server_cut() -> EngineError:
+    """What a ``CANCELLED`` call cut off by the server's own stop (its grace ran out: the
+    connection closed, the RPC cancelled) is counted and logged as: ``UNAVAILABLE``, the
+    server's doing, not a caller that gave up (each deploy showed as a burst of callers giving
+    up)."""
     return EngineError(ErrorCode.UNAVAILABLE, 'the server stopped before the call was answered '
                        '(its graceful-stop budget, --grace, ran out)', retry_after_s=1.0)
 

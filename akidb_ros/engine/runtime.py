@@ -163,19 +163,13 @@ def _fields(buf, i: int, end: int):
         yield number, wire, value
 
 
-def position_table(path: Path) -> Optional[Tuple[str, int]]:
-    """(name, rows) of the ONNX graph's learnt position-embedding table, None when it has none.
-
-    A model with such a table (BERT, MPNet, RoBERTa, E5, BGE ...) cannot run longer inputs than
-    it has rows, and ONNX Runtime only fails at the first run that long. Rotary models (Qwen)
-    have no table: None.
-    """
-    return embedding_tables(path).get('position_embeddings')
-
-
 def embedding_tables(path: Path) -> Dict[str, Tuple[str, int]]:
     """``{'position_embeddings' | 'word_embeddings': (name, rows)}`` of the ONNX graph's learnt
     tables (the smallest of each kind), those it has.
+
+    A model with a position table (BERT, MPNet, RoBERTa, E5, BGE ...) cannot run longer inputs
+    than it has rows, nor token ids past its word table's rows, and ONNX Runtime only fails at
+    the first such run. Rotary models (Qwen) have no position table.
 
     Read from the file's graph (ModelProto.graph = 7, GraphProto.initializer = 5,
     TensorProto.dims = 1, name = 8): no ``onnx`` package, and external or embedded weights are

@@ -485,9 +485,9 @@ def _as_heard(context, err: EngineError, cut_at: float = math.inf) -> EngineErro
     once the server's stop has run out of grace (``cut_at``, monotonic; gRPC cancels every call
     left then) was cut off by the server: ``UNAVAILABLE`` (``doors.server_cut``).
     """
-    if err.code is ErrorCode.CANCELLED and time.monotonic() >= cut_at - CUT_LEAD_S:
-        return server_cut(err)
     if err.code is ErrorCode.CANCELLED:
+        if time.monotonic() >= cut_at - CUT_LEAD_S:
+            return server_cut()
         left = context.time_remaining()
         if left is not None and left <= 0:
             return EngineError(ErrorCode.TIMEOUT, 'the call\'s deadline passed before its answer',

@@ -395,7 +395,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
             err = e
             cut = request.environ.get(SERVER_CUT)
             if e.code is ErrorCode.CANCELLED and cut is not None and cut():
-                err = server_cut(e)
+                err = server_cut()
                 raise err from None
             raise
         finally:

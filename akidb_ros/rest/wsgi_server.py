@@ -20,17 +20,17 @@ pauses), ``threads`` requests inside the app at once, ``max_header_bytes`` per r
 again per trailer section (431), ``max_body_bytes`` per body (413, before the body is read when
 its declared length is over), ``head_timeout_s`` for a whole request head (from its first byte,
 from the accept for a connection's first request: a head trickled in a byte at a time is cut),
-a body by the same time plus a second per ``MIN_BODY_BYTES_PER_S`` bytes received (from its
-head's end: a body trickled in is cut too), ``idle_timeout_s`` per read, an HTTP/1.1 request
-without exactly one ``Host`` refused with a 400 (RFC 9112 §3.2), pipelined requests answered in
-order (their ``100 Continue`` too, never sent to HTTP/1.0). Trailer fields are read and
-dropped, never merged into the environ (RFC 9110 §6.5.1). ``chunked`` is the only transfer
-coding implemented: any other (``gzip, chunked``) is refused with a 400. The accept loop ends
-only at ``close()``: accept() failing for want of descriptors or memory (EMFILE, ENFILE,
-ENOBUFS, ENOMEM) is logged now and then and retried after a pause, and a connection whose
-thread cannot start is closed. The server's own refusals of a HEAD request carry no body. An
-app can ask ``environ[CALLER_GONE]()`` whether its client has closed the connection meanwhile
-(the REST door drops the work of a caller that gave up).
+a body by the same time plus a second per ``MIN_BODY_BYTES_PER_S`` bytes received (from when
+the server starts reading it: a body trickled in is cut too), ``idle_timeout_s`` per read, an
+HTTP/1.1 request without exactly one ``Host`` refused with a 400 (RFC 9112 §3.2), pipelined
+requests answered in order (their ``100 Continue`` too, never sent to HTTP/1.0). Trailer fields
+are read and dropped, never merged into the environ (RFC 9110 §6.5.1). ``chunked`` is the only
+transfer coding implemented: any other (``gzip, chunked``) is refused with a 400. The accept
+loop ends only at ``close()``: accept() failing for want of descriptors or memory (EMFILE,
+ENFILE, ENOBUFS, ENOMEM) is logged now and then and retried after a pause, and a connection
+whose thread cannot start is closed. The server's own refusals of a HEAD request carry no body.
+An app can ask ``environ[CALLER_GONE]()`` whether its client has closed the connection
+meanwhile (the REST door drops the work of a caller that gave up).
 
 Early check (``early_check``): when a request's head is complete and a body follows, the hook
 (the REST door wires the guard's authentication and authorisation to it, see
