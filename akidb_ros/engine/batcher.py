@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
@@ -30,6 +31,7 @@ from .types import EmbedResult, Priority
 
 log = logging.getLogger('akidb_ros.engine.batcher')
 RUNNER_THREAD_PREFIX = 'akidb-batcher-'   # runner threads are named PREFIX<model>-<n>
+STOP_SLICE_S = 0.05   # stop(): how often a wait looks for an earlier deadline
 RUN_JOIN_S = 300.0   # stop(): the longest a run in progress is waited for after the timeout
 INLINE_MIN_BUDGET_S = 1.0   # a caller runs its own job only this far from its deadline or more
 # Before the run cost is learnt (12 runs after a load) a caller runs its own job only up to this
@@ -288,6 +290,7 @@ class Batcher:
         self._lanes = {Priority.ADMIN: collections.deque(), Priority.NORMAL: collections.deque()}
         self._cond = threading.Condition()
         self._stopping = False
+        self._stop_by = math.inf    # stop(): the earliest deadline any caller gave
         self._last_batch_jobs = 1   # how many callers the last batch served: our wait hint
         self._runners = max(1, runners)
         self._active = 0            # runs in flight, the runners' and callers' (run_inline)
@@ -355,13 +358,19 @@ class Batcher:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking work, run what is queued within ``timeout``, then end the threads: what
         is still queued is failed UNAVAILABLE, and runs in progress are cut short
-        (``terminate``; without it they are waited for)."""
+        (``terminate``; without it they are waited for).
+
+        Two stops may overlap (a model retiring when the engine closes): both keep the
+        earlier deadline, so the closer's grace also bounds the retirement's stop.
+        """
         with self._cond:
             self._stopping = True
+            self._stop_by = min(self._stop_by, time.monotonic() + timeout)
             self._cond.notify_all()
-        end = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout=max(0.0, end - time.monotonic()))
+            # in slices: an overlapping stop may bring the deadline forward
+            while t.is_alive() and time.monotonic() < self._stop_by:
+                t.join(timeout=min(STOP_SLICE_S, max(0.0, self._stop_by - time.monotonic())))
         # Anything left (thread stuck past timeout) is answered, never dropped.
         with self._cond:
             leftovers = [it for q in self._lanes.values() for it in q]

@@ -107,6 +107,7 @@ class ModelManager:
         self._build_until: Dict[str, float] = {}
         # Unloaded/evicted models still draining or still building their overlap session.
         self._retiring: Set[threading.Thread] = set()
+        self._draining: Dict[int, LoadedModel] = {}   # id(model) -> a model they retire
         # id and HF name -> config: the request path looks a model up without scanning
         self._by_key: Dict[str, ModelConfig] = {}
         for m in config.models:
@@ -438,15 +439,20 @@ class ModelManager:
         # overlap session may still be building, hence a tracked thread.
         # Requests that pinned the model before it left the cache may not have reached its
         # batcher yet: it keeps serving until they have (bounded by their budget).
+        # close() stops a draining model's batcher within its own grace (_draining).
         held = [lm]
+        with self._lock:
+            self._draining[id(lm)] = lm
 
         def retire():
             model = held.pop()
             give_up = time.monotonic() + self.settings.timeouts.inference_s + LOAD_JOIN_S
-            while model.in_flight > 0 and time.monotonic() < give_up:
+            while model.in_flight > 0 and time.monotonic() < give_up and not self._closing:
                 time.sleep(0.01)
             model.batcher.stop()
             model.onnx.wait_overlap(LOAD_JOIN_S)
+            with self._lock:
+                self._draining.pop(id(model), None)
             # let the model go (its sessions are in reference cycles), then give glibc's
             # free pages back: the thresholds alone left them in its arenas (malloc_tuning)
             del model
@@ -534,22 +540,23 @@ class ModelManager:
         """Wait for loads and retirements in progress (a thread inside ONNX Runtime must not
         outlive us), then stop every batcher; each runs its queue first, all within
         ``timeout`` (what is left then is failed UNAVAILABLE, and the runs in progress are cut
-        short and waited for). A model being retired (an unload or eviction) is waited for on
-        its own bounds, not ``timeout``."""
+        short and waited for). A model being retired (an unload or eviction) is stopped
+        within the same ``timeout``; a load in progress cannot be cut short, and is waited for
+        on its own bounds."""
         with self._lock:
             self._closing = True
             loaders = list(self._loaders)
         for thread in loaders:
             thread.join(timeout=max(self.settings.timeouts.model_load_s, LOAD_JOIN_S))
         with self._lock:
-            retiring = list(self._retiring)
-        for thread in retiring:
-            thread.join(timeout=LOAD_JOIN_S)
-        with self._lock:
             models = list(self._loaded.values())
             self._loaded.clear()
             metrics.MODEL_CACHE_SIZE.set(0)
+            draining = list(self._draining.values())
+            retiring = list(self._retiring)
         end = time.monotonic() + timeout
-        for lm in models:
+        for lm in models + draining:
             lm.batcher.stop(max(0.0, end - time.monotonic()))
             lm.onnx.wait_overlap(LOAD_JOIN_S)
+        for thread in retiring:      # their stops have returned (above): only the cleanup left
+            thread.join(timeout=LOAD_JOIN_S)
