@@ -223,11 +223,22 @@ class VerifyResult:
         return self.record is not None and self.reason == 'ok'
 
 
-def read_key_file(path: str) -> Dict[str, ApiKeyRecord]:
+def read_key_file(path: str, empty_ok: bool = True) -> Dict[str, ApiKeyRecord]:
+    """The file's keys by id; a missing file holds none.
+
+    ``empty_ok=False`` (the server): a file that exists but holds no document (0 bytes,
+    comments only) is corrupt, not an empty set. A file caught truncated in an operator's
+    rewrite would otherwise drop every key at once; no keys at all is written ``keys: []``.
+    """
     if not os.path.exists(path):
         return {}
     with open(path, 'r', encoding='utf-8') as fh:
-        data = yaml.safe_load(fh) or {}
+        data = yaml.safe_load(fh)
+    if data is None:
+        if not empty_ok:
+            raise KeyFileError(f'{path}: the file is empty (no keys at all is written '
+                               '"keys: []")')
+        data = {}
     if not isinstance(data, dict) or not isinstance(data.get('keys', []) or [], list):
         raise KeyFileError(f'{path}: expected a mapping with a "keys" list')
     records: Dict[str, ApiKeyRecord] = {}
@@ -295,7 +306,7 @@ class ApiKeyStore:
             if not force and sig == self._sig:
                 return False
             try:
-                records = read_key_file(self.path)
+                records = read_key_file(self.path, empty_ok=False)
             # ValueError: KeyFileError, bytes that are not UTF-8, a date YAML cannot build
             except (OSError, yaml.YAMLError, ValueError) as exc:
                 if self.last_error != str(exc):

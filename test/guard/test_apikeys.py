@@ -76,6 +76,8 @@ def test_corrupt_key_file_keeps_previous_set(key_file, clock):
 @pytest.mark.parametrize('junk', [
     b'\xff\xfe not UTF-8',
     b'keys:\n  - {id: k0123456789ab, expires: 2026-13-45}\n',     # YAML cannot build the date
+    b'',                                    # caught half-rewritten: it used to drop every key
+    b'# akidb API keys\n',
 ])
 def test_a_key_file_that_does_not_decode_keeps_previous_set(key_file, clock, junk):
     """Corrupt in ways that are not YAML syntax errors: the last good set still serves (before,
@@ -90,6 +92,16 @@ def test_a_key_file_that_does_not_decode_keeps_previous_set(key_file, clock, jun
     assert store.last_error
     with pytest.raises(apikeys.KeyFileError):       # at start: no good set, the error stops it
         apikeys.ApiKeyStore(key_file)
+
+
+def test_no_keys_at_all_is_written_as_an_empty_list(key_file, clock):
+    """``keys: []`` is the empty set the server accepts; the CLI also takes an empty file."""
+    with open(key_file, 'w') as fh:
+        fh.write('keys: []\n')
+    assert len(apikeys.ApiKeyStore(key_file, clock=clock)) == 0
+    open(key_file, 'w').close()
+    rec, key = apikeys.create_key(key_file, Role.VIEWER, 'first')
+    assert apikeys.ApiKeyStore(key_file, clock=clock).verify(key).ok
 
 
 @pytest.mark.parametrize('field, value', [
