@@ -16,7 +16,7 @@ from ..observability.gpu import GpuSampler
 from .batcher import Admission, Job
 from .config import EngineConfig, LimitsConfig
 from .deadlines import DeadlineWatcher
-from .errors import EngineError, ErrorCode
+from .errors import EngineError, ErrorCode, tokenise_timeout
 from .malloc_tuning import tune_malloc
 from .manager import ModelManager
 from .runtime import CPU
@@ -257,9 +257,7 @@ class EmbeddingEngine:
                             f'inputs{over[:8]} exceed the model max length of '
                             f'{model_cfg.max_tokens} tokens (truncate=false)')
                 if time.monotonic() >= deadline:
-                    raise EngineError(ErrorCode.TIMEOUT,
-                                      f'request not tokenised within its deadline '
-                                      f'({timeout:.2f} s)', retry_after_s=1.0)
+                    raise tokenise_timeout(f'{timeout:.2f} s')
             except BaseException:
                 self.manager.release(lm)
                 raise

@@ -79,9 +79,11 @@ class ErrorCode(enum.Enum):
 class EngineError(Exception):
     """The one exception type that crosses the engine boundary.
 
-    ``partial``: a TIMEOUT of a call some of whose inputs were embedded when its deadline
-    passed: the model answered, the call was more work than its budget (circuit breakers
-    count it as the caller's choice, not as a sick model).
+    ``partial``: a TIMEOUT that says nothing of the model's health: some of the call's
+    inputs were embedded when its deadline passed (the model answered), or the call ran out
+    of time while its text was tokenised (``tokenise_timeout``: the caller's own text, before
+    the model). The call was more work than its budget: circuit breakers count it as the
+    caller's choice, not as a sick model.
     """
 
     def __init__(self, code: ErrorCode, message: str, retry_after_s: Optional[float] = None,
@@ -105,6 +107,16 @@ def progress_note(done: int, total: int) -> str:
     return f'{done} of {total} inputs embedded'
 
 
+TOKENISE_TIMEOUT = 'request not tokenised within its deadline'
+
+
+def tokenise_timeout(detail: str) -> EngineError:
+    """TIMEOUT of a call whose text was not tokenised within its budget: ``partial``, since the
+    model never saw it (the wire keeps that in the message, see ``error_from_code``)."""
+    return EngineError(ErrorCode.TIMEOUT, f'{TOKENISE_TIMEOUT} ({detail})', retry_after_s=1.0,
+                       partial=True)
+
+
 # progress_note inside a TIMEOUT message: the wire (the ROS response) carries code and message
 _PROGRESS = re.compile(r'\b(\d+) of (\d+) inputs embedded\b')
 
@@ -113,11 +125,15 @@ def error_from_code(name: str, message: str,
                     retry_after_s: Optional[float] = None) -> EngineError:
     """Rebuild an EngineError from a code name received over a wire (e.g. the ROS response);
     ``retry_after_s`` ≤ 0 (the wire's "none") is no hint; a TIMEOUT whose message says some
-    inputs were embedded is ``partial``."""
+    inputs were embedded, or that its text was not tokenised, is ``partial``."""
     try:
         code = ErrorCode[name]
     except KeyError:
         code = ErrorCode.INTERNAL
-    progress = _PROGRESS.search(message) if code is ErrorCode.TIMEOUT else None
+    partial = False
+    if code is ErrorCode.TIMEOUT:
+        progress = _PROGRESS.search(message)
+        partial = bool(progress and int(progress.group(1)) > 0) or \
+            message.startswith(TOKENISE_TIMEOUT)
     return EngineError(code, message, retry_after_s if retry_after_s and retry_after_s > 0
-                       else None, partial=bool(progress and int(progress.group(1)) > 0))
+                       else None, partial=partial)

@@ -9,7 +9,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .config import ModelConfig
-from .errors import EngineError, ErrorCode
+from .errors import EngineError, ErrorCode, tokenise_timeout
 from .types import InputType
 
 SLICE_CHARS = 64 * 1024   # tokenised between deadline checks (~30-60 ms here)
@@ -20,6 +20,11 @@ HEAD_CHARS_PER_TOKEN = 8
 # A head is taken when it runs this many tokens past what the model reads: its last tokens,
 # at the cut, are then far from the ones kept (a normaliser that strips a text's end)
 HEAD_SPARE_TOKENS = 16
+# A head with no space to cut at (CJK, Thai, runs of punctuation) is cut at the start of a
+# word the tokeniser itself sees in the head's last CUT_WINDOW_CHARS characters, at least
+# CUT_EDGE_CHARS from the window's end (a word cut by the window's end may end elsewhere).
+CUT_WINDOW_CHARS = 64
+CUT_EDGE_CHARS = 8
 
 
 @dataclass
@@ -91,20 +96,21 @@ class TextEncoder:
         if prefix:
             texts = [prefix + t for t in texts]
         texts = list(texts)
-        if deadline is None or sum(map(self._chars_read, texts)) <= SLICE_CHARS:
+        if deadline is None or sum(map(len, texts)) <= SLICE_CHARS:
             return self._refuse_nothing(self._encode(texts), input_type)
         out: List[Encoded] = []
+        cuts: Dict[int, int] = {}
         start = size = 0
         for i, t in enumerate(texts):
-            size += self._chars_read(t)
+            cut = self._cut(t)
+            if cut:
+                cuts[i - start] = cut
+            size += cut or len(t)       # what the tokeniser reads of it
             if size >= SLICE_CHARS or i == len(texts) - 1:
                 if time.monotonic() >= deadline:
-                    raise EngineError(ErrorCode.TIMEOUT,
-                                      f'request not tokenised within its deadline '
-                                      f'({len(out)} of {len(texts)} inputs done)',
-                                      retry_after_s=1.0)
-                out += self._encode(texts[start:i + 1])
-                start, size = i + 1, 0
+                    raise tokenise_timeout(f'{len(out)} of {len(texts)} inputs done')
+                out += self._encode(texts[start:i + 1], cuts)
+                start, size, cuts = i + 1, 0, {}
         return self._refuse_nothing(out, input_type)
 
     def _refuse_nothing(self, out: List[Encoded], input_type: InputType) -> List[Encoded]:
@@ -120,21 +126,25 @@ class TextEncoder:
                                   'selectors, private-use or replacement characters ...)')
         return out
 
-    def _encode(self, texts: List[str]) -> List[Encoded]:
+    def _encode(self, texts: List[str],
+                cuts: Optional[Dict[int, int]] = None) -> List[Encoded]:
+        """``cuts``: ``{index: _cut(text)}`` of the texts with a head (computed when None)."""
         # encode_batch_fast, even for one text: unlike encode() it releases the GIL while it
         # tokenises (callers' threads tokenise in parallel with the doors' Python), and it skips
         # the character offsets nothing here reads (~15 % less CPU).
-        heads = self._heads(texts)
-        if not heads:
+        if cuts is None:
+            cuts = {i: c for i, c in enumerate(map(self._cut, texts)) if c}
+        if not cuts:
             encs = self._tok.encode_batch_fast(texts)
         else:
             # The tokeniser reads a whole text before it truncates (256 inputs of 32 k
-            # characters: 2.1 s here, where their heads take 0.16 s). Cut at a space, a text's
-            # tokens are its head's, then the rest's; a head with more tokens than the model
-            # reads (overflowing, with some to spare) truncates to what the whole text does,
-            # and the others are tokenised whole.
+            # characters: 2.1 s here, where their heads take 0.16 s). Cut at a word's start, a
+            # text's tokens are its head's, then the rest's; a head with more tokens than the
+            # model reads (overflowing, with some to spare) truncates to what the whole text
+            # does, and the others are tokenised whole.
             encs = [None] * len(texts)
-            for i, e in zip(heads, self._tok.encode_batch_fast(list(heads.values()))):
+            heads = [texts[i][:cut] for i, cut in cuts.items()]
+            for i, e in zip(cuts, self._tok.encode_batch_fast(heads)):
                 if sum(len(o.ids) for o in e.overflowing) > HEAD_SPARE_TOKENS:
                     encs[i] = e
             whole = [i for i, e in enumerate(encs) if e is None]
@@ -142,24 +152,26 @@ class TextEncoder:
                 encs[i] = e
         return [Encoded(e.ids, e.type_ids, bool(e.overflowing)) for e in encs]
 
-    def _chars_read(self, text: str) -> int:
-        """About how many characters of ``text`` the tokeniser reads: its head's for a text
-        long enough to tokenise from its head (see ``_heads``), else all of them."""
+    def _cut(self, text: str) -> int:
+        """Where to cut ``text``, long enough to tokenise from its head first (0: whole): at
+        the last space or newline in the head's second half, else at the start of a word the
+        tokeniser sees near the head's end (for BERT's normaliser each CJK character is a word;
+        a text with neither, one long word, is tokenised whole)."""
         limit = self._head_chars
-        return limit if limit and len(text) > 2 * limit else len(text)
-
-    def _heads(self, texts: List[str]) -> Dict[int, str]:
-        """``{index: head}`` of the texts long enough to tokenise from their head first: cut at
-        the last space or newline before ``_head_chars`` (none there: tokenised whole)."""
-        limit = self._head_chars
-        heads = {}
-        if limit:
-            for i, t in enumerate(texts):
-                if self._chars_read(t) < len(t):
-                    cut = max(t.rfind(' ', limit // 2, limit), t.rfind('\n', limit // 2, limit))
-                    if cut > 0:
-                        heads[i] = t[:cut]
-        return heads
+        if not limit or len(text) <= 2 * limit:
+            return 0
+        cut = max(text.rfind(' ', limit // 2, limit), text.rfind('\n', limit // 2, limit))
+        if cut > 0:
+            return cut
+        base = limit - CUT_WINDOW_CHARS
+        enc = self._tok.encode(text[base:limit], add_special_tokens=False)
+        words, offsets = enc.word_ids, enc.offsets
+        for k in range(len(words) - 1, 0, -1):
+            begins = offsets[k][0]
+            if words[k] is not None and words[k] != words[k - 1] and \
+                    0 < begins <= CUT_WINDOW_CHARS - CUT_EDGE_CHARS:
+                return base + begins
+        return 0
 
 
 def pad_batch(items: Sequence[Encoded], pad_id: int, with_type_ids: bool):

@@ -1,4 +1,6 @@
 """Vectors match sentence-transformers; pooling, prefixes, normalisation, truncation."""
+import time
+
 import numpy as np
 import pytest
 
@@ -158,10 +160,11 @@ def encoders(tmp_path):
 
 
 def test_long_texts_tokenise_from_their_head_as_whole(encoders):
-    """A text far longer than the model reads is tokenised from its head (cut at a space) when
-    the head alone overflows: the same ids, type ids and truncated flag as the whole text, in
-    many scripts, marks and spacings; texts whose head does not overflow (or has no space to
-    cut at) are tokenised whole."""
+    """A text far longer than the model reads is tokenised from its head (cut at a space, else
+    at a word's start as the tokeniser sees it: CJK, punctuation) when the head alone
+    overflows: the same ids, type ids and truncated flag as the whole text, in many scripts,
+    marks and spacings, with and without spaces; texts whose head does not overflow (or one
+    long word, with nowhere to cut) are tokenised whole."""
     import random
     from hypothesis import given, settings, strategies as st
 
@@ -181,7 +184,8 @@ def test_long_texts_tokenise_from_their_head_as_whole(encoders):
         @given(st.integers(0, 2 ** 32 - 1), st.integers(2 * limit + 1, 12 * limit))
         def check(seed, chars):
             rng = random.Random(seed)
-            texts = [_long_text(rng, chars), 'short one', _long_text(rng, chars)]
+            texts = [_long_text(rng, chars), 'short one', _long_text(rng, chars),
+                     _long_text(rng, chars).replace(' ', '')]
             ours = [(e.ids, e.type_ids, e.truncated) for e in encoder._encode(texts)]
             assert ours == _whole(encoder, texts)
         check()
@@ -190,12 +194,38 @@ def test_long_texts_tokenise_from_their_head_as_whole(encoders):
         words = ' '.join(['robot arm moves the red box'] * (limit // 5))
         (e,) = encoder._encode([words])
         assert e.truncated and max(seen) <= limit
-        # no space to cut at, or a head of few tokens (120-letter words: one [UNK] each): whole
-        for text in ('東京' * limit, ' '.join(['x' * 120] * (limit // 40))):
+        # no spaces: CJK characters and punctuation are words of their own, the heads sufficed
+        # (CJK text was tokenised whole: 100 inputs of 32 k characters timed out)
+        for text in ('東京' * (2 * limit), '机器人。' * limit, '...!?' * limit):
+            seen.clear()
+            (e,) = encoder._encode([text])
+            assert (e.ids, e.type_ids, e.truncated) == _whole(encoder, [text])[0]
+            assert e.truncated and max(seen) <= limit
+        # one long word, or a head of few tokens (120-letter words: one [UNK] each): whole
+        for text in ('ภาษาไทย' * limit, ' '.join(['x' * 120] * (limit // 40))):
             seen.clear()
             assert [(e.ids, e.type_ids, e.truncated) for e in encoder._encode([text])] == \
                 _whole(encoder, [text])
             assert max(seen) == len(text)
+
+
+def test_tokenising_in_slices_counts_what_is_read_of_texts_with_no_head(encoders):
+    """Between deadline checks the tokeniser reads about SLICE_CHARS characters: a text with
+    nowhere to cut (one long word) counts whole. It counted as its head's length, so a slice
+    read 32 such texts and a call overran its deadline by seconds."""
+    from akidb_ros.engine.text import SLICE_CHARS
+    encoder = encoders[0]
+    slices = []
+    real = encoder._tok.encode_batch_fast
+
+    def spy(texts):
+        slices.append(sum(map(len, texts)))
+        return real(texts)
+    encoder._tok = _Spy(encoder._tok, spy)
+    texts = ['ภาษาไทย' * 4600] * 12                 # 32 200 characters each, one word
+    out = encoder.encode(texts, deadline=time.monotonic() + 60)
+    assert len(out) == 12 and len(slices) > 1
+    assert max(slices) <= SLICE_CHARS + len(texts[0]), slices
 
 
 class _Spy:
