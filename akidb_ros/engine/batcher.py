@@ -25,7 +25,7 @@ import numpy as np
 
 from ..observability import metrics
 from ..observability.tracing import capture_context, record_engine_spans
-from .errors import EngineError, ErrorCode, progress_note
+from .errors import BUSY_NOTE, EngineError, ErrorCode, progress_note
 from .text import Encoded, l2_normalize, pad_batch, pool
 from .types import EmbedResult, Priority
 
@@ -79,6 +79,19 @@ class Admission:
             self._pending -= 1
 
 
+class RunClock:
+    """When a model last finished a run (monotonic). A job that timed out with none of its
+    inputs embedded while the model finished others' runs met a busy model, not a sick one:
+    its TIMEOUT is the load's (``partial``, neutral to circuit breakers). Tiny on purpose: a
+    settled job stays in the deadline watcher's heap until its deadline and must not pin the
+    model."""
+
+    __slots__ = ('last_end',)
+
+    def __init__(self):
+        self.last_end = 0.0
+
+
 class Job:
     """One accepted request: its sentences, its partial results and its one future."""
 
@@ -99,6 +112,7 @@ class Job:
         self.created = time.monotonic()
         self.received = self.created if received is None else received    # the budget's start
         self.started: Optional[float] = None
+        self.run_clock: Optional[RunClock] = None     # its model's (set by Batcher.submit)
         # The caller's trace context (a door's span), so queue/batch/inference spans nest in it.
         self.trace_ctx = capture_context()
         self._on_done = on_done
@@ -144,12 +158,13 @@ class Job:
         """Its deadline passed unanswered (called by the deadline watcher)."""
         n = len(self.encoded)
         done = n - self.remaining
+        busy = done == 0 and self.run_clock is not None and self.run_clock.last_end > self.created
         self.fail(EngineError(
             ErrorCode.TIMEOUT,
             f'request not answered within its deadline of {self.deadline - self.received:.2f} s '
-            f'({progress_note(done, n)}; tokenising took '
+            f'({progress_note(done, n)}{"; " + BUSY_NOTE if busy else ""}; tokenising took '
             f'{self.created - self.received:.2f} s): send fewer or shorter inputs per call, or '
-            'give it a longer timeout', retry_after_s=1.0, partial=done > 0))
+            'give it a longer timeout', retry_after_s=1.0, partial=done > 0 or busy))
 
     def complete(self) -> bool:
         if not self._settle():
@@ -291,6 +306,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._stop_by = math.inf    # stop(): the earliest deadline any caller gave
+        self.run_clock = RunClock()
         self._last_batch_jobs = 1   # how many callers the last batch served: our wait hint
         self._runners = max(1, runners)
         self._active = 0            # runs in flight, the runners' and callers' (run_inline)
@@ -303,6 +319,7 @@ class Batcher:
     # --- producer side -------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         items = [_Item(job, i, e) for i, e in enumerate(job.encoded)]
+        job.run_clock = self.run_clock
         with self._cond:
             if self._stopping:
                 raise EngineError(ErrorCode.UNAVAILABLE,
@@ -558,6 +575,7 @@ class Batcher:
                                                 f'inference failed: {type(exc).__name__}'))
             return
         elapsed = time.perf_counter() - t0
+        self.run_clock.last_end = time.monotonic()
         tokens = int(mask.sum())
         with self._cost_lock:
             self.cost.observe(mask.size, elapsed)

@@ -80,10 +80,10 @@ class EngineError(Exception):
     """The one exception type that crosses the engine boundary.
 
     ``partial``: a TIMEOUT that says nothing of the model's health: some of the call's
-    inputs were embedded when its deadline passed (the model answered), or the call ran out
-    of time while its text was tokenised (``tokenise_timeout``: the caller's own text, before
-    the model). The call was more work than its budget: circuit breakers count it as the
-    caller's choice, not as a sick model.
+    inputs were embedded when its deadline passed (the model answered), the model finished
+    other calls' runs while it waited (``BUSY_NOTE``: the load's, the model is well), or the
+    call ran out of time while its text was tokenised (``tokenise_timeout``: the caller's own
+    text, before the model). Circuit breakers count it as neutral, not as a sick model.
     """
 
     def __init__(self, code: ErrorCode, message: str, retry_after_s: Optional[float] = None,
@@ -108,6 +108,8 @@ def progress_note(done: int, total: int) -> str:
 
 
 TOKENISE_TIMEOUT = 'request not tokenised within its deadline'
+# in a TIMEOUT with nothing embedded, when the model finished other calls' runs while it waited
+BUSY_NOTE = 'the model answered other calls meanwhile'
 
 
 def tokenise_timeout(detail: str) -> EngineError:
@@ -125,7 +127,8 @@ def error_from_code(name: str, message: str,
                     retry_after_s: Optional[float] = None) -> EngineError:
     """Rebuild an EngineError from a code name received over a wire (e.g. the ROS response);
     ``retry_after_s`` ≤ 0 (the wire's "none") is no hint; a TIMEOUT whose message says some
-    inputs were embedded, or that its text was not tokenised, is ``partial``."""
+    inputs were embedded, that the model answered others meanwhile, or that its text was not
+    tokenised, is ``partial``."""
     try:
         code = ErrorCode[name]
     except KeyError:
@@ -134,6 +137,6 @@ def error_from_code(name: str, message: str,
     if code is ErrorCode.TIMEOUT:
         progress = _PROGRESS.search(message)
         partial = bool(progress and int(progress.group(1)) > 0) or \
-            message.startswith(TOKENISE_TIMEOUT)
+            message.startswith(TOKENISE_TIMEOUT) or BUSY_NOTE in message
     return EngineError(code, message, retry_after_s if retry_after_s and retry_after_s > 0
                        else None, partial=partial)

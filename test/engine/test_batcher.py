@@ -109,6 +109,34 @@ def test_a_timeout_after_some_inputs_were_embedded_is_partial(small_engine):
     assert default_is_failure(EngineError(ErrorCode.TIMEOUT, 'nothing embedded'))
 
 
+def test_a_timeout_queued_behind_others_runs_is_the_loads_not_the_models(small_engine):
+    """A call that timed out with nothing embedded while the model finished others' runs met
+    a busy model, not a sick one: neutral to circuit breakers, on the wire too (eight
+    concurrent calls of 256 long inputs opened the default model's breaker for everyone). A
+    model that finished no run meanwhile (hung) still counts."""
+    from akidb_ros.engine.errors import error_from_code
+    from akidb_ros.guard.breaker import default_is_failure
+    batcher = small_engine.manager.loaded(MINILM).batcher
+    inner = batcher._run
+
+    def slow_run(ids, mask, types):
+        time.sleep(0.1)
+        return inner(ids, mask, types)
+    batcher._run = slow_run     # 12 runs of 0.1 s ahead (the queue holds 20 calls here)
+    ahead = [small_engine.submit(EmbedRequest(inputs=[f'ahead {i} {k}' for k in range(4)],
+                                              timeout_s=30)) for i in range(12)]
+    late = small_engine.submit(EmbedRequest(inputs=['late'], timeout_s=0.4))
+    with pytest.raises(EngineError) as err:
+        late.result(10)
+    assert err.value.code is ErrorCode.TIMEOUT, err.value
+    assert '(0 of 1 inputs embedded; the model answered other calls meanwhile;' in \
+        err.value.message, err.value.message
+    assert err.value.partial and not default_is_failure(err.value)
+    assert not default_is_failure(error_from_code('TIMEOUT', err.value.message))
+    for f in ahead:
+        assert f.result(30).embeddings.shape == (4, 384)
+
+
 def test_a_cancelled_future_frees_its_slot_and_its_sentences_are_not_run(small_engine):
     """A caller that gives up cancels its future (``LocalBackend.cancel``): the job is settled
     then, its queue slot freed at once, and its sentences still queued never run."""
