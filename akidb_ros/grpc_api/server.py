@@ -632,11 +632,15 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             on_end()        # the call had already ended
 
     def _span(self, context, method: str, call: DoorCall):
+        # The status is set from the error table; grpc's abort() ends a failed call by raising
+        # a bare Exception inside the span, which by default overwrote it ("Exception: ") and
+        # recorded a traceback quoting the caller's text.
         ctx = extract_from_metadata(context.invocation_metadata())
         return ctx, tracer().start_as_current_span(
             f'{SERVICE_NAME}/{method}', context=ctx, kind=trace.SpanKind.SERVER, attributes={
                 'rpc.system': 'grpc', 'rpc.service': SERVICE_NAME, 'rpc.method': method,
-                'akidb.transport': TRANSPORT, 'akidb.request_id': call.request_id})
+                'akidb.transport': TRANSPORT, 'akidb.request_id': call.request_id},
+            record_exception=False, set_status_on_exception=False)
 
     # -- RPCs ---------------------------------------------------------------------------------
     def Embed(self, request, context):
@@ -674,6 +678,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     span.set_status(trace.StatusCode.ERROR, e.code.name)
                     record(call, label, e)
                     _abort(context, e, (('x-request-id', call.request_id),))
+                except Exception as exc:        # a bug: INTERNAL from the interceptor
+                    span.record_exception(exc)
+                    span.set_status(trace.StatusCode.ERROR, ErrorCode.INTERNAL.name)
+                    raise
                 record(call, label, None, tokens=int(res.total_tokens))
                 context.set_trailing_metadata((('x-request-id', call.request_id),
                                                (TRUNCATED_MD, str(int(res.truncated_inputs)))))

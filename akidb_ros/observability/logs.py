@@ -58,6 +58,17 @@ def _escape(match: 're.Match') -> str:
     return f'\\u{ord(match.group()):04x}'
 
 
+# one_line: C0 controls but tab (ESC starts a terminal escape), DEL and C1, and the line
+# breaks other readers split on
+_CONTROLS = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]')
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks and control characters escaped: a caller's text in a log
+    line can neither start a forged line nor drive the terminal that shows it."""
+    return _CONTROLS.sub(_escape, text.replace('\r', '\\r').replace('\n', '\\n'))
+
+
 class TextFormatter(logging.Formatter):
     """``AKIDB_LOG_FORMAT=text``: the message, then the record's fields as ``key=value`` (an
     access line is the message 'request' and its fields)."""
@@ -68,8 +79,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         fields = ' '.join(f'{k}={json.dumps(v, default=str)}' for k, v in _fields(record))
-        line = f'{line} {fields}' if fields else line
-        return _LINE_BREAKERS.sub(_escape, line.replace('\r', '\\r').replace('\n', '\\n'))
+        return one_line(f'{line} {fields}' if fields else line)
 
 
 LOG_FORMATS = ('json', 'text')

@@ -68,6 +68,7 @@ from akidb_ros.engine.errors import EngineError, ErrorCode
 from akidb_ros.engine.manager import ModelNotLoaded
 from akidb_ros.guard.breaker import BreakerRegistry, State as BreakerState
 from akidb_ros.observability import metrics as M
+from akidb_ros.observability.logs import one_line
 from akidb_ros.ros import conversions as conv
 from akidb_ros.ros import params as P
 from akidb_ros.ros.replies import Deferred, DeferringService, Responder
@@ -116,7 +117,9 @@ class NodeLog:
     node's lines then reach stderr through the Python logger ``akidb_ros.ros.node``, as JSON
     with the rest of the process' lines. A line goes to Python only when rclpy logged it:
     ``--log-level`` keeps deciding which of the node's lines are written. One rclpy call site
-    per severity (rclpy refuses a site that changes severity).
+    per severity (rclpy refuses a site that changes severity). Line breaks and control
+    characters are escaped (``one_line``): a model name or request id in a failed call's line
+    could forge log lines, or drive a terminal.
     """
 
     def __init__(self, ros_logger, to_python: bool = False):
@@ -133,22 +136,27 @@ class NodeLog:
 
     def debug(self, message: str) -> None:
         """Log ``message`` at DEBUG."""
+        message = one_line(message)
         self._forward(self.ros.debug(message), logging.DEBUG, message)
 
     def info(self, message: str) -> None:
         """Log ``message`` at INFO."""
+        message = one_line(message)
         self._forward(self.ros.info(message), logging.INFO, message)
 
     def warning(self, message: str) -> None:
         """Log ``message`` at WARN."""
+        message = one_line(message)
         self._forward(self.ros.warning(message), logging.WARNING, message)
 
     def error(self, message: str) -> None:
         """Log ``message`` at ERROR."""
+        message = one_line(message)
         self._forward(self.ros.error(message), logging.ERROR, message)
 
     def fatal(self, message: str) -> None:
         """Log ``message`` at FATAL (Python's CRITICAL)."""
+        message = one_line(message)
         self._forward(self.ros.fatal(message), logging.CRITICAL, message)
 
     def _forward(self, logged: bool, level: int, message: str) -> None:
@@ -1123,7 +1131,7 @@ def _start_span(request):
             kind=trace.SpanKind.SERVER,
             attributes={'rpc.system': 'ros2', 'rpc.service': 'akidb_ros/srv/Embed',
                         'akidb.transport': conv.FORWARDED_TRANSPORT if forwarded else 'ros',
-                        'akidb.inputs': len(request.inputs), 'akidb.request_id': rid})
+                        'akidb.inputs': len(request.inputs), 'akidb.request_id': rid[:128]})
     except Exception:
         return None
 

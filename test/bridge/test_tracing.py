@@ -60,6 +60,25 @@ def test_rest_error_marks_span(rest_url, span_exporter):
     assert server.attributes['akidb.model'] == 'unknown'     # bounded, as the metric label
 
 
+def test_grpc_error_marks_span_with_its_code_and_no_traceback(grpc_target, span_exporter):
+    """As on REST: the table code as the span's status, and none of the caller's text. grpc's
+    abort() raised a bare Exception inside the span: its status read "Exception: " and an
+    exception event carried a traceback quoting the bad model name."""
+    trace_id, _, tp = _traceparent()
+    stub = pb_grpc.EmbeddingServiceStub(grpc.insecure_channel(grpc_target))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Embed(pb.EmbedRequest(inputs=['x'], model='caller-secret-text'), timeout=10,
+                   metadata=[('traceparent', tp)])
+    assert err.value.code() is grpc.StatusCode.NOT_FOUND
+    server = next(s for s in _spans(span_exporter, trace_id)
+                  if s.name == 'akidb.embedding.v1.EmbeddingService/Embed')
+    assert (server.status.status_code.name, server.status.description) == \
+        ('ERROR', 'MODEL_NOT_FOUND')
+    assert server.attributes['akidb.error_code'] == 'MODEL_NOT_FOUND'
+    assert not server.events
+    assert 'caller-secret-text' not in server.to_json()
+
+
 def test_grpc_span_continues_caller_trace(grpc_target, span_exporter):
     trace_id, parent_id, tp = _traceparent()
     stub = pb_grpc.EmbeddingServiceStub(grpc.insecure_channel(grpc_target))
