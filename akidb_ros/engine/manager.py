@@ -25,6 +25,11 @@ log = logging.getLogger('akidb_ros.engine.manager')
 STATS_WINDOW_S = 60.0
 # A load still running at close is waited for: a thread left inside ONNX Runtime at exit aborts.
 LOAD_JOIN_S = 60.0
+# A readiness look loads a default model whose last load failed again after this long,
+# doubling with each failure in a row up to READY_RETRY_MAX_S: fixed files (or a passing
+# fault) make the pod ready again, with no traffic, which a not-ready pod never gets.
+READY_RETRY_S = 5.0
+READY_RETRY_MAX_S = 60.0
 
 
 class LatencyWindow:
@@ -100,6 +105,8 @@ class ModelManager:
         self._loaded: 'collections.OrderedDict[str, LoadedModel]' = collections.OrderedDict()
         self._loading: Dict[str, Future] = {}
         self._failed: Dict[str, str] = {}
+        # model id -> (failed loads in a row, when a readiness look may load it again)
+        self._retry: Dict[str, Tuple[int, float]] = {}
         self._unloads: Dict[str, int] = {}     # explicit unloads per model id, so far
         self._loaders: Set[threading.Thread] = set()
         self._closing = False       # close() began: no load starts, none finishing is kept
@@ -331,10 +338,14 @@ class ModelManager:
             elif lm is not None:
                 self._loaded[cfg.id] = lm
                 self._failed.pop(cfg.id, None)
+                self._retry.pop(cfg.id, None)
                 self._enforce_limits()
                 metrics.MODEL_CACHE_SIZE.set(len(self._loaded))
             else:
                 self._failed[cfg.id] = exc.message
+                streak = self._retry.get(cfg.id, (0, 0.0))[0] + 1
+                self._retry[cfg.id] = (streak, time.monotonic() + min(
+                    READY_RETRY_MAX_S, READY_RETRY_S * 2 ** (streak - 1)))
         if closing:                 # close() has taken the models: stop this one here
             done.batcher.stop()
             done.onnx.wait_overlap(LOAD_JOIN_S)
@@ -346,13 +357,18 @@ class ModelManager:
             fut.set_exception(exc)
 
     def load_in_background(self, model: str) -> None:
-        """Start loading ``model`` unless it is loaded, loading, or its last load failed."""
+        """Start loading ``model`` unless it is loaded, loading, or its last load failed less
+        than its back-off ago (``READY_RETRY_S``, doubling)."""
         cfg = self.resolve(model)
         with self._lock:
-            if cfg.id not in self._loaded and cfg.id not in self._loading \
-                    and cfg.id not in self._failed:
-                log.info('loading %s again (readiness needs it)', cfg.id)
-                self._start_load(cfg)
+            if cfg.id in self._loaded or cfg.id in self._loading:
+                return
+            failed = self._failed.get(cfg.id)
+            if failed is not None and time.monotonic() < self._retry[cfg.id][1]:
+                return
+            log.info('loading %s again (readiness needs it%s)', cfg.id,
+                     f'; its last load failed: {failed}' if failed else '')
+            self._start_load(cfg)
 
     def load(self, model: str, wait_build: bool = False) -> ModelInfo:
         """Hot load (idempotent): returns once the model serves.

@@ -90,6 +90,42 @@ def test_an_unloaded_default_comes_back_at_the_next_readiness_look(tmp_path):
         eng.close()
 
 
+def test_a_default_whose_load_failed_is_loaded_again_once_its_files_are_mended(
+        tmp_path, monkeypatch):
+    """Readiness looks load a failed default model again after a back-off (doubling): the
+    failed load was never retried, and a not-ready pod, which gets no traffic, stayed not
+    ready after its files were mended."""
+    from akidb_ros.engine import manager as manager_mod
+    monkeypatch.setattr(manager_mod, 'READY_RETRY_S', 0.3)
+    folder = tmp_path / 'minilm'
+    shutil.copytree(MODELS / 'all-MiniLM-L6-v2', folder)
+    good = (folder / 'model.onnx').read_bytes()
+
+    def mutate(raw):
+        mini = next(m for m in raw['models'] if m['id'] == MINILM)
+        mini.update(path=str(folder / 'model.onnx'), tokenizer=str(folder / 'tokenizer.json'))
+    eng = make_engine(tmp_path, mutate)
+    try:
+        eng.unload_model(MINILM)
+        (folder / 'model.onnx').write_bytes(b'\x08\x07not really a protobuf' * 100)
+        assert eng.keep_default_loaded() is False       # its load starts, and fails
+        end = time.monotonic() + 30
+        while status(eng)[MINILM] is not ModelStatus.FAILED:
+            assert time.monotonic() < end
+            time.sleep(0.02)
+        assert eng.health().status == 'unhealthy'
+        assert eng.keep_default_loaded() is False       # within its back-off: not again
+        assert status(eng)[MINILM] is ModelStatus.FAILED
+        (folder / 'model.onnx').write_bytes(good)
+        end = time.monotonic() + 30
+        while not eng.keep_default_loaded():
+            assert time.monotonic() < end, 'the mended default model did not come back'
+            time.sleep(0.05)
+        assert eng.health().status == 'healthy'
+    finally:
+        eng.close()
+
+
 def test_a_load_warms_the_model_before_it_serves(tmp_path, monkeypatch):
     """The first runs pay for allocations: the load makes them, not the first caller."""
     from akidb_ros.engine import runtime
