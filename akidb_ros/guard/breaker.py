@@ -185,6 +185,17 @@ class CircuitBreaker:
         for old, new in pending:
             self._publish(old, new)
 
+    def reprieve(self) -> None:
+        """An operator loaded the model again, and the load succeeded: an open breaker lets its
+        probes through now (half-open) instead of refusing every call for the rest of
+        ``open_s``; the probes' outcome decides, as after the wait."""
+        try:
+            with self._lock:
+                if self._state is State.OPEN:
+                    self._set(State.HALF_OPEN)
+        finally:
+            self._flush()
+
     # ---- protocol ----
     def allow(self) -> Permit:
         """A permit to call the model, or EngineError(CIRCUIT_OPEN, retry_after_s=...)."""
@@ -323,6 +334,13 @@ class BreakerRegistry:
                 )
                 self._breakers[model] = b
             return b
+
+    def reprieve(self, model: str) -> None:
+        """:meth:`CircuitBreaker.reprieve` the model's breaker, if it has one."""
+        with self._lock:
+            b = self._breakers.get(model)
+        if b is not None:
+            b.reprieve()
 
     def snapshot(self) -> Dict[str, Dict[str, Any]]:
         with self._lock:

@@ -472,6 +472,8 @@ class Guard:
         def done(error: Optional[EngineError]) -> None:
             if breaker is not None:
                 breaker.record(permit, error, getattr(call, 'caller_deadline', False))
+            if op == 'load_model' and error is None and self.breakers_enabled:
+                self.breakers.reprieve(getattr(call, 'model', ''))   # mended: probe it now
             if admin_op:
                 self.audit.record(
                     'admin_action',

@@ -949,6 +949,9 @@ class EmbeddingNode(LifecycleNode):
                 response.success = True
                 response.error_code = ''
                 response.message = f'{model} {op}ed'
+                breakers = self.breakers
+                if op == 'load' and breakers is not None:
+                    breakers.reprieve(info.id)      # mended: its probes go through now
                 if not copy:
                     self._log.info(response.message)
             except Exception as exc:

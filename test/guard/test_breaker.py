@@ -147,6 +147,24 @@ def test_call_and_track_future(clock):
     assert b.state is State.OPEN  # 9 failures of 10
 
 
+def test_a_reprieve_lets_the_probes_through_at_once(clock):
+    """An operator loaded the model again (its files mended): its open breaker goes half-open
+    at once instead of refusing every call for the rest of its 30 s; the probes decide."""
+    reg = BreakerRegistry(clock=clock)
+    b = reg.get('m')
+    fail(b, 10)
+    assert b.state is State.OPEN
+    reg.reprieve('m')
+    reg.reprieve('never-called')        # no breaker is made for it
+    assert b.state is State.HALF_OPEN and 'never-called' not in reg.snapshot()
+    ok(b, 3)
+    assert b.state is State.CLOSED
+    fail(b, 10)
+    reg.reprieve('m')
+    fail(b)                             # a probe that fails opens it again
+    assert b.state is State.OPEN
+
+
 def test_registry_one_breaker_per_model(clock):
     reg = BreakerRegistry(clock=clock)
     assert reg.get('a') is reg.get('a') and reg.get('a') is not reg.get('b')

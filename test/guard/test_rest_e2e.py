@@ -2,9 +2,12 @@
 model whose file is really corrupt: 401/403/429 and the breaker opening after the PRD's
 "50 % of the last 10 calls", then failing fast with 503 CIRCUIT_OPEN without touching the model."""
 
+import os
 import time
 
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_engine(tmp_path, queue=None):
@@ -122,6 +125,51 @@ def test_breaker_opens_on_a_really_corrupt_model(rest):
     assert r.headers['Retry-After'] == '30'
     assert guard.breaker_for('sick').snapshot()['state'] == 'open'
     assert fast < 0.5
+
+
+def test_a_model_an_admin_loads_again_once_mended_is_served_at_once(tmp_path, clock):
+    """A successful admin load of a model whose breaker is open lets its probes through at
+    once: the model served again only when the 30 s were over (CIRCUIT_OPEN meanwhile)."""
+    import shutil
+    from akidb_ros.backends import LocalBackend
+    from akidb_ros.engine import EmbeddingEngine
+    from akidb_ros.engine import config as engine_config
+    from akidb_ros.guard import Guard, install_flask
+    from akidb_ros.guard.apikeys import create_key
+    from akidb_ros.guard.identity import Role
+    from akidb_ros.rest.app import create_app
+
+    mdir = tmp_path / 'models' / 'mended'
+    shutil.copytree(os.path.join(ROOT, 'models', 'all-MiniLM-L6-v2'), mdir)
+    good = (mdir / 'model.onnx').read_bytes()
+    (mdir / 'model.onnx').write_bytes(b'\x08\x07\x12\x04junk' + b'\xff' * 64)
+    engine = EmbeddingEngine(engine_config.build({
+        'default_model': 'mended', 'models_dir': str(tmp_path / 'models'),
+        'engine': {'device': 'cpu'},
+        'models': [{'id': 'mended', 'name': 'test/mended', 'path': 'mended/model.onnx',
+                    'tokenizer': 'mended/tokenizer.json', 'dimension': 384,
+                    'max_tokens': 256}]}, tmp_path))
+    keys = str(tmp_path / 'keys.yaml')
+    made = {r: create_key(keys, Role(r), f'{r}-svc')[1] for r in ('developer', 'admin')}
+    guard = Guard({'auth': {'enabled': True, 'api_keys': {'enabled': True, 'file': keys}},
+                   'audit': {'enabled': False}}, clock=clock)
+    app = create_app(LocalBackend(engine), guard=guard.door_hook)
+    install_flask(app, guard)
+    client, dev = app.test_client(), {'X-API-Key': made['developer']}
+    try:
+        for _ in range(10):
+            client.post('/api/v1/embed', json={'inputs': ['hello']}, headers=dev)
+        r = client.post('/api/v1/embed', json={'inputs': ['hello']}, headers=dev)
+        assert r.get_json()['code'] == 'CIRCUIT_OPEN'
+        (mdir / 'model.onnx').write_bytes(good)
+        r = client.post('/admin/models/load', json={'model': 'mended'},
+                        headers={'X-API-Key': made['admin']})
+        assert r.status_code == 200, r.get_json()
+        r = client.post('/api/v1/embed', json={'inputs': ['hello']}, headers=dev)
+        assert r.status_code == 200, r.get_json()
+        assert len(r.get_json()['embeddings'][0]) == 384
+    finally:
+        engine.close()
 
 
 def test_admin_callers_take_the_priority_lane(tmp_path):

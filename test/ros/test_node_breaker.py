@@ -155,6 +155,38 @@ def test_calls_too_large_for_their_budget_do_not_open_the_breaker(catalogue):
         node.stop()
 
 
+def test_a_model_loaded_again_once_mended_is_served_at_once(catalogue, tmp_path):
+    """A successful load_model of a model whose breaker is open lets its probe through at
+    once: it was refused CIRCUIT_OPEN for the rest of open_s (60 s here)."""
+    import shutil
+    from akidb_ros.srv import LoadModel
+    cfg = yaml.safe_load(catalogue.read_text())
+    (tmp_path / 'sick').mkdir()
+    bad = tmp_path / 'sick' / 'model.onnx'
+    bad.write_bytes(b'\x08\x07\x12\x04junk' + b'\xff' * 64)
+    # a copy: ONNX Runtime refuses weights that a link takes outside the model's folder
+    shutil.copy(MINILM / 'model.onnx.data', tmp_path / 'sick' / 'model.onnx.data')
+    cfg['models'][1]['path'] = str(bad)
+    (tmp_path / 'models.yaml').write_text(yaml.safe_dump(cfg))
+    ns = '/breaker_mended'
+    node = _node(tmp_path / 'models.yaml', ns, 'breaker.window:=3', 'breaker.min_calls:=3',
+                 'breaker.open_s:=60.0')
+    try:
+        node.wait_ready()
+        with EmbeddingClient(ns, node_name='akidb_breaker_mended') as c:
+            assert c.clients['embed'].wait_for_service(timeout_sec=30), node.output
+            assert [c.embed(['hello'], model='sick', timeout_s=30).error_code
+                    for _ in range(4)] == ['MODEL_LOAD_FAILED'] * 3 + ['CIRCUIT_OPEN']
+            shutil.copy(MINILM / 'model.onnx', bad)
+            loaded = c.call('load_model', LoadModel.Request(model='sick'), timeout_s=60)
+            assert loaded.success, loaded.message
+            ok = c.embed(['mended'], model='sick', timeout_s=30)
+            assert (ok.success, ok.dimension) == (True, 384), ok.message
+        assert 'circuit breaker sick: OPEN -> HALF_OPEN' in node.output
+    finally:
+        node.stop()
+
+
 def test_breaker_enabled_false_tries_every_call(catalogue):
     node = _node(catalogue, '/breaker_off', 'breaker.enabled:=false', 'breaker.window:=2',
                  'breaker.min_calls:=2')
