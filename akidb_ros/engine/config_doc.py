@@ -53,7 +53,10 @@ NOTES = [
     'table): loading it fails `MODEL_LOAD_FAILED`, naming the limit, instead of failing each '
     'long input later (models with rotary positions, e.g. Qwen, have no table to check). Nor '
     'may it leave no room for text: it must be above the tokens the tokenizer adds to any text '
-    '(special tokens and the prompt prefix; 2 for MiniLM), else the load fails the same way.',
+    '(special tokens and the prompt prefix; 2 for MiniLM), else the load fails the same way. '
+    "A `tokenizer` with more tokens than the graph's word-embedding table has rows is another "
+    "model's: the load fails the same way; one with under half as many loads with a warning "
+    '(its vectors are meaningless if it is not the model\'s own).',
     '',
     'A request names a model by its `id` or its `name`, so each must pick one model: two models '
     'with the same `name`, or a `name` that is another model\'s `id`, is a config error. A '

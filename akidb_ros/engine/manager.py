@@ -265,11 +265,17 @@ class ModelManager:
     def _check_vocabulary(cfg: ModelConfig, encoder: TextEncoder, onnx: OnnxModel) -> None:
         """A tokenizer with more tokens than the model has word-embedding rows is another
         model's: it loaded, then every batch holding one of the extra ids failed INTERNAL (and
-        opened the breaker for every caller). Fewer tokens than rows is common (tables padded
-        to a round size) and cannot be told from a mismatch: not checked."""
+        opened the breaker for every caller). A few tokens fewer than rows is common (tables
+        padded to a round size) and cannot be told from a mismatch; fewer than half the rows is
+        warned about (another model's tokenizer serves vectors, all of them meaningless)."""
         if onnx.vocab_table is None:
             return
         table, rows = onnx.vocab_table
+        if encoder.vocab_size < rows // 2:
+            log.warning('model %s: its tokenizer %s has %d tokens, under half the %d rows of the '
+                        "model's word-embedding table %s: is it this model's tokenizer? Its "
+                        'vectors are meaningless if not', cfg.id, cfg.tokenizer,
+                        encoder.vocab_size, rows, table)
         if encoder.vocab_size > rows:
             raise EngineError(
                 ErrorCode.MODEL_LOAD_FAILED,

@@ -1,4 +1,5 @@
 """Model manager: LRU by count and memory, in-flight pinning, one load per model, hot swaps."""
+import logging
 import os
 import shutil
 import subprocess
@@ -571,6 +572,30 @@ def test_a_tokenizer_with_more_tokens_than_the_model_is_refused_at_load(tmp_path
         assert 'has 30527 tokens, more than the 30522 rows of the model\'s word-embedding ' \
             'table' in err.value.message, err.value.message
         eng.load_model('mpnet-mini-tok')
+    finally:
+        eng.close()
+
+
+def test_a_tokenizer_of_far_fewer_tokens_than_the_model_is_warned_about(tmp_path, caplog):
+    """A tokenizer with under half the model's word-embedding rows (a 5-word one beside
+    MiniLM) loads, and served meaningless vectors without a word: the load warns."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({'[UNK]': 0, '[CLS]': 1, '[SEP]': 2, '[PAD]': 3, 'hi': 4},
+                                     unk_token='[UNK]'))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / 'tiny.json'))
+
+    def mutate(raw):
+        raw['models'].append(dict(raw['models'][0], id='tiny-tok', name='test/tiny-tok',
+                                  tokenizer=str(tmp_path / 'tiny.json')))
+    eng = make_engine(tmp_path, mutate)
+    try:
+        with caplog.at_level(logging.WARNING, logger='akidb_ros.engine.manager'):
+            eng.load_model('tiny-tok')
+            eng.load_model(MPNET)       # its own tokenizer: no warning
+        warned = [r.getMessage() for r in caplog.records if 'under half' in r.getMessage()]
+        assert len(warned) == 1 and 'model tiny-tok: its tokenizer' in warned[0], warned
+        assert 'has 5 tokens, under half the 30522 rows' in warned[0]
     finally:
         eng.close()
 
