@@ -242,11 +242,14 @@ class EmbeddingEngine:
         """Pin the model, tokenise in the caller's thread, hand the job to the batcher (or,
         ``inline`` and the model idle, run it here: ``Batcher.run_inline``)."""
         timeout = request.timeout_s or self.config.engine.timeouts.inference_s
+        own = request.caller_budget and request.timeout_s is not None
         for attempt in range(2):
             t_load = time.monotonic()
-            lm = self.manager.acquire(model_cfg.id, load=load)
-            # A cold load has its own limit (load timeout); the inference budget starts after it.
-            deadline = received + timeout + (time.monotonic() - t_load)
+            lm = self.manager.acquire(model_cfg.id, load=load,
+                                      wait_until=received + timeout if own else None)
+            # A cold load has its own limit (load timeout): a server's budget starts after it,
+            # a caller's counts it (EmbedRequest.caller_budget).
+            deadline = received + timeout + (0.0 if own else time.monotonic() - t_load)
             try:
                 encoded = lm.encoder.encode(request.inputs, request.input_type, deadline)
                 if not request.truncate:

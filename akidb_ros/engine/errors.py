@@ -81,9 +81,10 @@ class EngineError(Exception):
 
     ``partial``: a TIMEOUT that says nothing of the model's health: some of the call's
     inputs were embedded when its deadline passed (the model answered), the model finished
-    other calls' runs while it waited (``BUSY_NOTE``: the load's, the model is well), or the
+    other calls' runs while it waited (``BUSY_NOTE``: the load's, the model is well), the
     call ran out of time while its text was tokenised (``tokenise_timeout``: the caller's own
-    text, before the model). Circuit breakers count it as neutral, not as a sick model.
+    text, before the model), or its own budget ran out while its model loaded
+    (``loading_timeout``). Circuit breakers count it as neutral, not as a sick model.
     """
 
     def __init__(self, code: ErrorCode, message: str, retry_after_s: Optional[float] = None,
@@ -110,6 +111,15 @@ def progress_note(done: int, total: int) -> str:
 TOKENISE_TIMEOUT = 'request not tokenised within its deadline'
 # in a TIMEOUT with nothing embedded, when the model finished other calls' runs while it waited
 BUSY_NOTE = 'the model answered other calls meanwhile'
+LOADING_NOTE = "the call's own budget ran out while its model loaded"
+
+
+def loading_timeout(model_id: str) -> EngineError:
+    """TIMEOUT of a call whose own budget ran out while its model loaded (the load goes on):
+    ``partial``, since a model loading is not a sick one."""
+    return EngineError(ErrorCode.TIMEOUT, f'{LOADING_NOTE} (model {model_id} goes on loading: '
+                       'retry, or give the call a longer budget)', retry_after_s=1.0,
+                       partial=True)
 
 
 def tokenise_timeout(detail: str) -> EngineError:
@@ -137,6 +147,6 @@ def error_from_code(name: str, message: str,
     if code is ErrorCode.TIMEOUT:
         progress = _PROGRESS.search(message)
         partial = bool(progress and int(progress.group(1)) > 0) or \
-            message.startswith(TOKENISE_TIMEOUT) or BUSY_NOTE in message
+            message.startswith((TOKENISE_TIMEOUT, LOADING_NOTE)) or BUSY_NOTE in message
     return EngineError(code, message, retry_after_s if retry_after_s and retry_after_s > 0
                        else None, partial=partial)

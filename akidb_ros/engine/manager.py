@@ -14,7 +14,7 @@ import numpy as np
 from ..observability import metrics
 from .batcher import Batcher
 from .config import EngineConfig, ModelConfig
-from .errors import EngineError, ErrorCode
+from .errors import EngineError, ErrorCode, loading_timeout
 from .malloc_tuning import release_free_memory
 from .runtime import OnnxModel, tensorrt_build_expected
 from .text import TextEncoder
@@ -143,11 +143,14 @@ class ModelManager:
         return m.id if m is not None else 'unknown'
 
     # --- acquire / release (the request path) ---------------------------------------------
-    def acquire(self, model: str, load: bool = True) -> LoadedModel:
+    def acquire(self, model: str, load: bool = True,
+                wait_until: Optional[float] = None) -> LoadedModel:
         """Return the loaded model pinned against eviction; loads it if needed (deduplicated).
 
         With ``load=False`` a model that is not loaded raises :class:`ModelNotLoaded` instead
-        (for threads that must never wait for a load, e.g. a ROS executor).
+        (for threads that must never wait for a load, e.g. a ROS executor). ``wait_until``
+        (monotonic; a caller's own budget): a load not done by then is answered TIMEOUT, and
+        goes on for the next call.
         """
         cfg = self.resolve(model)
         give_up = None
@@ -173,7 +176,13 @@ class ModelManager:
             # within one load timeout in all.
             if give_up is None:
                 give_up = time.monotonic() + self.settings.timeouts.model_load_s
-            self._await_load(cfg, fut, give_up)
+            if wait_until is not None and wait_until < give_up:
+                try:
+                    fut.result(timeout=max(0.0, wait_until - time.monotonic()))
+                except TimeoutError:
+                    raise loading_timeout(cfg.id) from None
+            else:
+                self._await_load(cfg, fut, give_up)
 
     def release(self, lm: LoadedModel, latency_s: Optional[float] = None) -> None:
         with self._lock:

@@ -435,6 +435,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
             span.set_attribute('akidb.inputs', len(texts))
             req = EmbedRequest(inputs=texts, model=model, normalize=normalize, truncate=truncate,
                                input_type=input_type, timeout_s=timeout_from_header(call),
+                               caller_budget='x-request-timeout-ms' in g.headers,
                                request_id=g.request_id, transport=TRANSPORT)
             if openai and body.get('dimensions') is not None:
                 # before the work: the dimension is the catalogue's (the answer's is checked too)

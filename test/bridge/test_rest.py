@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import time
 
 import numpy as np
 import pytest
@@ -128,6 +129,21 @@ def test_timeout_header(rest_url):
     r = post(rest_url, '/api/v1/embed', {'inputs': [' '.join(['word'] * 200)] * 64},
              headers={'X-Request-Timeout-Ms': '1'})
     assert r.status_code == 504 and r.json()['code'] == 'TIMEOUT', r.text
+
+
+def test_a_callers_budget_counts_a_cold_model_load(rest_url):
+    """X-Request-Timeout-Ms counts the load of a model that is not loaded: TIMEOUT when it
+    runs out meanwhile (a 500 ms budget was answered after load + 500 ms, 6 s); the load goes
+    on, and the next call is served."""
+    assert post(rest_url, '/admin/models/unload', {'model': SECOND_MODEL}).status_code == 200
+    t0 = time.monotonic()
+    r = post(rest_url, '/api/v1/embed', {'inputs': ['cold'], 'model': SECOND_MODEL},
+             headers={'X-Request-Timeout-Ms': '150'})
+    took = time.monotonic() - t0
+    assert (r.status_code, r.json()['code']) == (504, 'TIMEOUT') and took < 0.15 + 0.5, took
+    assert "budget ran out while its model loaded" in r.json()['error'], r.text
+    r = post(rest_url, '/api/v1/embed', {'inputs': ['warm'], 'model': SECOND_MODEL})
+    assert r.status_code == 200, r.text
 
 
 def test_health_prd_shape(rest_url):

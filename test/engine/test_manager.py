@@ -127,6 +127,33 @@ def test_a_default_whose_load_failed_is_loaded_again_once_its_files_are_mended(
         eng.close()
 
 
+def test_a_callers_own_budget_counts_a_cold_load_and_the_servers_does_not(tmp_path):
+    """A caller's own budget (a REST header, a gRPC deadline, a ROS timeout_s) counts a cold
+    load: TIMEOUT when it runs out meanwhile (neutral to breakers; the load goes on). The
+    in-process doors added the load to it (a 500 ms budget answered after 6 s), a sidecar did
+    not. The server's own budget still starts after the load."""
+    from akidb_ros.engine.errors import error_from_code
+    from akidb_ros.guard.breaker import default_is_failure
+    eng = make_engine(tmp_path)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(EngineError) as err:
+            eng.submit(EmbedRequest(inputs=['cold'], model=MPNET, timeout_s=0.2,
+                                    caller_budget=True)).result(30)
+        took = time.monotonic() - t0
+        assert err.value.code is ErrorCode.TIMEOUT and took < 0.2 + 0.3, (took, err.value)
+        assert err.value.message.startswith("the call's own budget ran out while its model "
+                                            f'loaded (model {MPNET} goes on loading')
+        assert err.value.partial and not default_is_failure(err.value)
+        assert not default_is_failure(error_from_code('TIMEOUT', err.value.message))
+        eng.unload_model(MPNET)         # waits for the load that went on, then unloads it
+        # the server's budget (caller_budget False): the load has its own limit
+        res = eng.submit(EmbedRequest(inputs=['cold'], model=MPNET, timeout_s=0.2)).result(60)
+        assert res.embeddings.shape == (1, 768)
+    finally:
+        eng.close()
+
+
 def test_a_load_warms_the_model_before_it_serves(tmp_path, monkeypatch):
     """The first runs pay for allocations: the load makes them, not the first caller."""
     from akidb_ros.engine import runtime
