@@ -293,6 +293,16 @@ def _check(d: Dict[str, Any], source: str) -> None:
             raise SecurityConfigError(f'{source}: tls.cert_file and tls.key_file are required')
         if t['require_client_cert'] and not t['ca_file']:
             raise SecurityConfigError(f'{source}: tls.require_client_cert needs tls.ca_file')
+    r = d['rate_limit']
+    g = r['global']
+    for name, bucket in [('per_client', r['per_client'])] + \
+            [(f'roles.{role}', b) for role, b in sorted(r['roles'].items())]:
+        if r['enabled'] and (bucket['rate'] >= g['rate'] or bucket['burst'] >= g['burst']):
+            raise SecurityConfigError(
+                f"{source}: rate_limit.{name} ({bucket['rate']:g}/s, burst {bucket['burst']}) "
+                f"must stay below rate_limit.global ({g['rate']:g}/s, burst {g['burst']}): one "
+                'such client could spend the whole global budget and leave every other client '
+                '429')
     b = d['breaker']
     if b['min_calls'] > b['window']:
         raise SecurityConfigError(f'{source}: breaker.min_calls must be <= breaker.window')

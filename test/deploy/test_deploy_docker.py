@@ -229,5 +229,5 @@ def test_compose_security_profile_starts_the_guard(tmp_path, monkeypatch):
     guard.audit.close()
     assert cfg['rate_limit'] == G.load(str(ROOT / 'config/security.prod.yaml'),
                                        env={})['rate_limit']
-    assert cfg['rate_limit']['roles'] == {'admin': {'rate': 1000, 'burst': 200},
+    assert cfg['rate_limit']['roles'] == {'admin': {'rate': 500, 'burst': 100},
                                           'viewer': {'rate': 10, 'burst': 2}}

@@ -433,7 +433,7 @@ def test_every_security_switch_combination_renders_a_profile_the_server_starts_w
             assert (ctx.context.verify_mode == ssl.CERT_REQUIRED) is client_cert
         assert cfg['rate_limit'] == prod_rate_limit()
         assert {r: (b.rate, b.burst) for r, b in guard.limiter.settings.roles.items()} == {
-            'admin': (1000, 200), 'viewer': (10, 2)}
+            'admin': (500, 100), 'viewer': (10, 2)}
         if keys:
             d = guard.check('POST /api/v1/embed', Credentials(api_key=material.api_key),
                             transport='rest')
@@ -468,7 +468,7 @@ def test_chart_rate_limits_follow_values(tmp_path, monkeypatch, material):
     rendered = [d for d in yaml.safe_load_all(cp.stdout) if d]
     cfg, guard, _ = boot_rendered_profile(rendered, tmp_path, monkeypatch, material)
     guard.audit.close()
-    assert cfg['rate_limit']['roles'] == {'admin': {'rate': 1000, 'burst': 200},
+    assert cfg['rate_limit']['roles'] == {'admin': {'rate': 500, 'burst': 100},
                                           'developer': {'rate': 50, 'burst': 5}}
 
 

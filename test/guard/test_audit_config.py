@@ -75,6 +75,21 @@ def test_profiles_load_and_validate():
     assert load(env={}).source.endswith('security.dev.yaml')
 
 
+@pytest.mark.parametrize('rate_limit, name', [
+    ({'roles': {'admin': {'rate': 1000, 'burst': 200}}}, 'roles.admin'),     # the old default
+    ({'roles': {'developer': {'rate': 10, 'burst': 500}}}, 'roles.developer'),
+    ({'per_client': {'rate': 2000, 'burst': 20}}, 'per_client'),
+])
+def test_a_client_bucket_as_large_as_the_global_one_is_refused(rate_limit, name):
+    """One admin client at its override (1000/200, the global's own) spent the whole global
+    budget: every other client was answered 429."""
+    with pytest.raises(SecurityConfigError, match=f'rate_limit.{name} .* must stay below '
+                                                  r'rate_limit.global \(1000/s, burst 200\)'):
+        from_dict({'rate_limit': rate_limit})
+    from_dict({'rate_limit': dict(rate_limit, enabled=False)})     # no limits: no check
+    from_dict({'rate_limit': {'roles': {'admin': {'rate': 999, 'burst': 199}}}})
+
+
 def test_unknown_keys_and_inconsistent_settings_rejected():
     with pytest.raises(SecurityConfigError, match='rate_limit'):
         from_dict({'rate_limit': {'per_clinet': {'rate': 1, 'burst': 1}}})

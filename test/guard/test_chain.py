@@ -30,7 +30,7 @@ def setup(tmp_path, clock):
             },
             'rate_limit': {
                 'per_client': {'rate': 100, 'burst': 20},
-                'roles': {'admin': {'rate': 1000, 'burst': 200}},
+                'roles': {'admin': {'rate': 500, 'burst': 100}},
             },
             'breaker': {'open_s': 30},
             'audit': {'file': audit_path},
