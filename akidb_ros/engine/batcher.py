@@ -575,7 +575,10 @@ class Batcher:
                                                 f'inference failed: {type(exc).__name__}'))
             return
         elapsed = time.perf_counter() - t0
-        self.run_clock.last_end = time.monotonic()
+        if any(not it.job.done for it in chunk):
+            # it answered someone (a run whose calls had all timed out answered no one: a
+            # model too slow for every budget must still count against its breaker)
+            self.run_clock.last_end = time.monotonic()
         tokens = int(mask.sum())
         with self._cost_lock:
             self.cost.observe(mask.size, elapsed)

@@ -461,8 +461,9 @@ class ModelManager:
             self._unloads[cfg.id] = self._unloads.get(cfg.id, 0) + 1
             lm = self._loaded.pop(cfg.id, None)
             metrics.MODEL_CACHE_SIZE.set(len(self._loaded))
-        if lm is not None:
-            self._retire(lm)
+            if lm is not None:
+                # in the same hold: a close() between the two would see it nowhere
+                self._retire(lm)
         return self.info(cfg)
 
     def _retire(self, lm: LoadedModel) -> None:

@@ -33,7 +33,8 @@ class EmbedRequest:
     priority: Priority = Priority.NORMAL
     timeout_s: Optional[float] = None    # None = engine inference timeout (5 s)
     # timeout_s is the caller's own budget (a REST X-Request-Timeout-Ms, a gRPC deadline, a
-    # ROS timeout_s): it counts a cold model load too, and the call is answered TIMEOUT when
+    # ROS timeout_s; a door sets it only when the caller's ask binds, not when its own shorter
+    # --timeout does): it counts a cold model load too, and the call is answered TIMEOUT when
     # it runs out while the model loads. Otherwise (None, or a door's own --timeout) the load
     # has its own limit (model_load_s) and the budget starts after it.
     caller_budget: bool = False

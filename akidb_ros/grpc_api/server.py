@@ -81,10 +81,12 @@ def _abort(context, err: EngineError, extra=()):
     context.abort(getattr(grpc.StatusCode, err.code.grpc_status), err.message)
 
 
-def _has_deadline(context) -> bool:
-    """Whether the client set a deadline (``_timeout`` reads a far one as none)."""
+def _callers_budget(context, default: Optional[float]) -> bool:
+    """Whether the client's deadline is the budget that binds (``_timeout`` reads a far one
+    as none, and caps a longer one to the server's): EmbedRequest.caller_budget."""
     remaining = context.time_remaining()
-    return remaining is not None and remaining <= 1e6
+    return remaining is not None and remaining <= 1e6 and (default is None or
+                                                           remaining <= default)
 
 
 def _timeout(context, default: Optional[float]) -> Optional[float]:
@@ -586,7 +588,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         # proto3 bool has no "unset": the PRD field is taken literally (false = raw vectors)
         return EmbedRequest(inputs=texts, model=model, normalize=bool(request.normalize),
                             truncate=truncate, input_type=input_type, timeout_s=timeout,
-                            caller_budget=_has_deadline(context),
+                            caller_budget=_callers_budget(context, self.default_timeout_s),
                             request_id=call.request_id, transport=TRANSPORT)
 
     def _default_model(self) -> str:

@@ -122,10 +122,10 @@ def test_a_timeout_queued_behind_others_runs_is_the_loads_not_the_models(small_e
     def slow_run(ids, mask, types):
         time.sleep(0.1)
         return inner(ids, mask, types)
-    batcher._run = slow_run     # 12 runs of 0.1 s ahead (the queue holds 20 calls here)
+    batcher._run = slow_run     # 15 runs of 0.1 s ahead (the queue holds 20 calls here)
     ahead = [small_engine.submit(EmbedRequest(inputs=[f'ahead {i} {k}' for k in range(4)],
-                                              timeout_s=30)) for i in range(12)]
-    late = small_engine.submit(EmbedRequest(inputs=['late'], timeout_s=0.4))
+                                              timeout_s=30)) for i in range(15)]
+    late = small_engine.submit(EmbedRequest(inputs=['late'], timeout_s=0.8))
     with pytest.raises(EngineError) as err:
         late.result(10)
     assert err.value.code is ErrorCode.TIMEOUT, err.value
@@ -135,6 +135,27 @@ def test_a_timeout_queued_behind_others_runs_is_the_loads_not_the_models(small_e
     assert not default_is_failure(error_from_code('TIMEOUT', err.value.message))
     for f in ahead:
         assert f.result(30).embeddings.shape == (4, 384)
+
+
+def test_a_model_too_slow_for_every_budget_still_counts_against_its_breaker(small_engine):
+    """Runs that finish after every call in them timed out answered no one: they do not make
+    the next call's TIMEOUT the load's (they did, and a model whose runs always overran its
+    callers' budgets never opened its breaker)."""
+    from akidb_ros.guard.breaker import default_is_failure
+    batcher = small_engine.manager.loaded(MINILM).batcher
+    inner = batcher._run
+
+    def slower_than_every_budget(ids, mask, types):
+        time.sleep(0.5)
+        return inner(ids, mask, types)
+    batcher._run = slower_than_every_budget
+    errors = []
+    for i in range(4):
+        with pytest.raises(EngineError) as err:
+            small_engine.submit(EmbedRequest(inputs=[f'slow {i}'], timeout_s=0.2)).result(10)
+        errors.append(err.value)
+    assert [e.code for e in errors] == [ErrorCode.TIMEOUT] * 4
+    assert all(default_is_failure(e) for e in errors), [e.message for e in errors]
 
 
 def test_a_cancelled_future_frees_its_slot_and_its_sentences_are_not_run(small_engine):
