@@ -168,6 +168,11 @@ class ModelLabels:
     with ``unknown``; ``default`` only while the backend's model list cannot be read.
     """
 
+    # An empty list (a sidecar's node unconfigured or shutting down) keeps the labels known
+    # and is asked again this soon: cached for the whole refresh_s, it labelled every success
+    # after the node came back 'unknown' (and keyed its breaker so) for up to 30 s.
+    EMPTY_RETRY_S = 1.0
+
     def __init__(self, backend, refresh_s: float = 30.0):
         self._backend = backend
         self._known: Set[str] = set()
@@ -183,6 +188,9 @@ class ModelLabels:
         try:
             models = self._backend.list_models()
         except Exception:
+            return
+        if not models:
+            self._ts += self.EMPTY_RETRY_S - self._refresh_s
             return
         self._known = {mi.id for mi in models}
         self._names = {mi.name: mi.id for mi in models}

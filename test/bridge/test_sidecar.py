@@ -589,6 +589,35 @@ def test_bridge_health_follows_the_nodes_lifecycle_and_default_model(node, sidec
     assert requests.get(url + '/health', timeout=10).json()['status'] == 'healthy'
 
 
+def test_labels_read_while_the_node_is_unconfigured_are_read_again_once_it_is_back(node):
+    """A sidecar's model labels read while its node was unconfigured (an empty model list) were
+    kept for 30 s: every success after the node came back was counted, and its breaker keyed,
+    as model 'unknown'. An empty list keeps the labels known and is asked again after 1 s."""
+    from lifecycle_msgs.msg import Transition
+    from akidb_ros.backends import RosBackend
+    from akidb_ros.doors import ModelLabels
+    backend = RosBackend(prefix=node.namespace, timeout_s=10.0)
+    try:
+        assert wait_until(backend.ready, 60, 0.2)
+        fresh = ModelLabels(backend)
+        assert _change_state(node, Transition.TRANSITION_DEACTIVATE)
+        try:
+            assert _change_state(node, Transition.TRANSITION_CLEANUP)
+            try:
+                assert backend.list_models() == []
+                fresh.refresh(force=True)           # its first look: nothing known yet
+                assert fresh.label(DEFAULT_MODEL) == 'unknown'
+            finally:
+                assert _change_state(node, Transition.TRANSITION_CONFIGURE)
+        finally:
+            assert _change_state(node, Transition.TRANSITION_ACTIVATE)
+        assert wait_until(lambda: fresh.label(DEFAULT_MODEL) == DEFAULT_MODEL, 5), \
+            'labels still read from the unconfigured node'
+        assert fresh.label('') == DEFAULT_MODEL
+    finally:
+        backend.close()
+
+
 def test_a_node_killed_and_restarted_at_once_fails_its_calls_unavailable(node):
     """A supervisor restarts a killed node at once: the new node may be in the graph before the
     old one's lease runs out, so the bridge need not see "no server". The calls the old process
