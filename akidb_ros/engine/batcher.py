@@ -79,6 +79,20 @@ class Admission:
             self._pending -= 1
 
 
+_ENGINE_THREAD = threading.local()
+
+
+def mark_engine_thread() -> None:
+    """Mark the calling thread as one of the engine's own (runners, the deadline watcher):
+    the threads that answer futures, and so run their done-callbacks."""
+    _ENGINE_THREAD.on = True
+
+
+def on_engine_thread() -> bool:
+    """Whether the calling thread is one of the engine's own (``mark_engine_thread``)."""
+    return getattr(_ENGINE_THREAD, 'on', False)
+
+
 class RunClock:
     """When a model last finished a run (monotonic). A job that timed out with none of its
     inputs embedded while the model finished others' runs met a busy model, not a sick one:
@@ -521,6 +535,7 @@ class Batcher:
         return chunks
 
     def _loop(self) -> None:
+        mark_engine_thread()
         while True:
             items, planned = self._take()
             if not items:

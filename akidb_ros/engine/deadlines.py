@@ -87,6 +87,8 @@ class DeadlineWatcher:
                 item.expire(now)
 
     def _loop(self) -> None:
+        from .batcher import mark_engine_thread     # (batcher imports this module)
+        mark_engine_thread()
         while True:
             self.wakeups += 1
             self._sweep()

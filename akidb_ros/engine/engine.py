@@ -9,11 +9,16 @@ import time
 import unicodedata
 from concurrent.futures import Future
 from numbers import Real
+import atexit
+import os
+import weakref
 from typing import List, Optional
+
+import numpy as np
 
 from .. import __version__
 from ..observability.gpu import GpuSampler
-from .batcher import Admission, Job
+from .batcher import Admission, Job, on_engine_thread
 from .config import EngineConfig, LimitsConfig
 from .deadlines import DeadlineWatcher
 from .errors import EngineError, ErrorCode, tokenise_timeout
@@ -142,6 +147,37 @@ def check_limits(request: EmbedRequest, limits: LimitsConfig) -> None:
     if not isinstance(request.priority, Priority):
         # the admin lane is the guard's to grant (Priority.ADMIN), never a caller's string
         raise EngineError(ErrorCode.INVALID_INPUT, 'priority must be a Priority')
+    # yes/no options: 'no' was read as true (normalised)
+    for name, value, none_ok in (('normalize', request.normalize, True),
+                                 ('truncate', request.truncate, False),
+                                 ('caller_budget', request.caller_budget, False)):
+        if not (isinstance(value, (bool, np.bool_)) or (none_ok and value is None)):
+            raise EngineError(ErrorCode.INVALID_INPUT,
+                              f'{name} must be true or false{" or None" if none_ok else ""} '
+                              f'(got {type(value).__name__})')
+
+
+# Engines not closed yet: closed at interpreter exit (their runner threads, daemons inside
+# ONNX Runtime, aborted the process: SIGABRT, exit 134), and unusable in a fork's child.
+_LIVE: 'weakref.WeakSet[EmbeddingEngine]' = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    # atexit runs before daemon threads are stopped: what is queued is failed UNAVAILABLE and
+    # the runs in progress are cut short (nobody waits for them any more)
+    for engine in list(_LIVE):
+        engine.close(timeout=0.0)
+
+
+def _after_fork_in_child() -> None:
+    # the child has none of the engine's threads: a queued job would never be answered
+    for engine in list(_LIVE):
+        engine._forked = True
+
+
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class EmbeddingEngine:
@@ -160,6 +196,8 @@ class EmbeddingEngine:
         self._idle = threading.Condition()
         self.started_at = time.monotonic()
         self.gpu_sampler = GpuSampler(config.engine.gpu_metrics_interval_s)
+        self._forked = False
+        _LIVE.add(self)
 
     # --- lifecycle -----------------------------------------------------------------------
     @property
@@ -189,6 +227,7 @@ class EmbeddingEngine:
         try:
             self._close(timeout)
         finally:
+            _LIVE.discard(self)
             self._close_done.set()
 
     def _close(self, timeout: float) -> None:
@@ -227,6 +266,18 @@ class EmbeddingEngine:
         received = time.monotonic()
         if self._closed:
             raise EngineError(ErrorCode.UNAVAILABLE, 'engine is shutting down', retry_after_s=1.0)
+        if self._forked:
+            raise EngineError(ErrorCode.UNAVAILABLE, 'this engine was created before fork(): '
+                              'its threads are not in this process; create one after the fork')
+        if not isinstance(request, EmbedRequest):
+            raise EngineError(ErrorCode.INVALID_INPUT,
+                              f'expected an EmbedRequest, got {type(request).__name__}')
+        if caller_waits and on_engine_thread():
+            # a future's done-callback runs on the thread that answered it: waiting there
+            # for another answer held the threads that give it (the model hung until close)
+            raise EngineError(ErrorCode.INVALID_INPUT, (
+                'embed() from a done-callback would wait on the engine thread that must answer '
+                'it: call submit() (it does not wait) or hand the work to a thread of your own'))
         limits = self.config.engine.limits
         check_limits(request, limits)
         model_cfg = self.manager.resolve(request.model)   # MODEL_NOT_FOUND before admission
