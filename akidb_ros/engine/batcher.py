@@ -127,6 +127,7 @@ class Job:
         self.received = self.created if received is None else received    # the budget's start
         self.started: Optional[float] = None
         self.run_clock: Optional[RunClock] = None     # its model's (set by Batcher.submit)
+        self.expired = False        # failed TIMEOUT by its deadline (not answered, not cancelled)
         # The caller's trace context (a door's span), so queue/batch/inference spans nest in it.
         self.trace_ctx = capture_context()
         self._on_done = on_done
@@ -170,6 +171,7 @@ class Job:
 
     def expire(self, now: float) -> None:
         """Its deadline passed unanswered (called by the deadline watcher)."""
+        self.expired = True
         n = len(self.encoded)
         done = n - self.remaining
         busy = done == 0 and self.run_clock is not None and self.run_clock.last_end > self.created
@@ -590,9 +592,10 @@ class Batcher:
                                                 f'inference failed: {type(exc).__name__}'))
             return
         elapsed = time.perf_counter() - t0
-        if any(not it.job.done for it in chunk):
-            # it answered someone (a run whose calls had all timed out answered no one: a
-            # model too slow for every budget must still count against its breaker)
+        if not all(it.job.expired for it in chunk):
+            # it answered someone, or would have (a caller that cancelled left a well model);
+            # a run whose calls had all timed out answered no one: a model too slow for every
+            # budget must still count against its breaker
             self.run_clock.last_end = time.monotonic()
         tokens = int(mask.sum())
         with self._cost_lock:

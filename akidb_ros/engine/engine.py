@@ -144,13 +144,17 @@ def check_limits(request: EmbedRequest, limits: LimitsConfig) -> None:
                                 or not 0 < timeout < math.inf):
         raise EngineError(ErrorCode.INVALID_INPUT,
                           'timeout_s must be a positive, finite number of seconds')
+    ask = request.caller_budget_s
+    if ask is not None and (isinstance(ask, bool) or not isinstance(ask, Real)
+                            or not 0 < ask < math.inf):
+        raise EngineError(ErrorCode.INVALID_INPUT,
+                          'caller_budget_s must be a positive, finite number of seconds')
     if not isinstance(request.priority, Priority):
         # the admin lane is the guard's to grant (Priority.ADMIN), never a caller's string
         raise EngineError(ErrorCode.INVALID_INPUT, 'priority must be a Priority')
     # yes/no options: 'no' was read as true (normalised)
     for name, value, none_ok in (('normalize', request.normalize, True),
-                                 ('truncate', request.truncate, False),
-                                 ('caller_budget', request.caller_budget, False)):
+                                 ('truncate', request.truncate, False)):
         if not (isinstance(value, (bool, np.bool_)) or (none_ok and value is None)):
             raise EngineError(ErrorCode.INVALID_INPUT,
                               f'{name} must be true or false{" or None" if none_ok else ""} '
@@ -167,13 +171,18 @@ def _close_at_exit() -> None:
     # atexit runs before daemon threads are stopped: what is queued is failed UNAVAILABLE and
     # the runs in progress are cut short (nobody waits for them any more)
     for engine in list(_LIVE):
-        engine.close(timeout=0.0)
+        try:
+            engine.close(timeout=0.0)
+        except Exception:       # one engine's failure must not leave the others open
+            log.exception('closing an engine at exit failed')
 
 
 def _after_fork_in_child() -> None:
-    # the child has none of the engine's threads: a queued job would never be answered
+    # the child has none of the engine's threads: a queued job would never be answered; nor
+    # is anything of it closed at the child's exit (its copy counts runs of threads it lacks)
     for engine in list(_LIVE):
         engine._forked = True
+    _LIVE.clear()
 
 
 if hasattr(os, 'register_at_fork'):
@@ -221,6 +230,9 @@ class EmbeddingEngine:
         with self._close_lock:
             first = not self._closed
             self._closed = True
+        if self._forked:        # a fork's copy: its threads and runs are the parent's
+            self._close_done.set()
+            return
         if not first:
             self._close_done.wait(timeout)
             return
@@ -293,14 +305,16 @@ class EmbeddingEngine:
         """Pin the model, tokenise in the caller's thread, hand the job to the batcher (or,
         ``inline`` and the model idle, run it here: ``Batcher.run_inline``)."""
         timeout = request.timeout_s or self.config.engine.timeouts.inference_s
-        own = request.caller_budget and request.timeout_s is not None
+        ask = request.caller_budget_s
         for attempt in range(2):
             t_load = time.monotonic()
             lm = self.manager.acquire(model_cfg.id, load=load,
-                                      wait_until=received + timeout if own else None)
-            # A cold load has its own limit (load timeout): a server's budget starts after it,
-            # a caller's counts it (EmbedRequest.caller_budget).
-            deadline = received + timeout + (0.0 if own else time.monotonic() - t_load)
+                                      wait_until=None if ask is None else received + ask)
+            # A cold load has its own limit (load timeout): the server's budget starts after
+            # it, the caller's own ask counts it (EmbedRequest.caller_budget_s).
+            deadline = received + timeout + (time.monotonic() - t_load)
+            if ask is not None:
+                deadline = min(deadline, received + ask)
             try:
                 encoded = lm.encoder.encode(request.inputs, request.input_type, deadline)
                 if not request.truncate:

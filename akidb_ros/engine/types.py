@@ -32,12 +32,12 @@ class EmbedRequest:
     input_type: InputType = InputType.NONE
     priority: Priority = Priority.NORMAL
     timeout_s: Optional[float] = None    # None = engine inference timeout (5 s)
-    # timeout_s is the caller's own budget (a REST X-Request-Timeout-Ms, a gRPC deadline, a
-    # ROS timeout_s; a door sets it only when the caller's ask binds, not when its own shorter
-    # --timeout does): it counts a cold model load too, and the call is answered TIMEOUT when
-    # it runs out while the model loads. Otherwise (None, or a door's own --timeout) the load
-    # has its own limit (model_load_s) and the budget starts after it.
-    caller_budget: bool = False
+    # The caller's own ask in seconds (a REST X-Request-Timeout-Ms, a gRPC deadline, a ROS
+    # timeout_s), before a door caps it to its --timeout (timeout_s): it bounds the call from
+    # its arrival, a cold model load included (TIMEOUT when it runs out while the model loads).
+    # timeout_s, the server's budget, starts after a load, which has its own limit
+    # (model_load_s). None: only timeout_s.
+    caller_budget_s: Optional[float] = None
     request_id: str = ''
     transport: str = 'inproc'            # label for metrics/logs: ros, rest, grpc, inproc
 

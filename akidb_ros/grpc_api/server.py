@@ -81,12 +81,11 @@ def _abort(context, err: EngineError, extra=()):
     context.abort(getattr(grpc.StatusCode, err.code.grpc_status), err.message)
 
 
-def _callers_budget(context, default: Optional[float]) -> bool:
-    """Whether the client's deadline is the budget that binds (``_timeout`` reads a far one
-    as none, and caps a longer one to the server's): EmbedRequest.caller_budget."""
+def _callers_budget(context) -> Optional[float]:
+    """The time the client's deadline leaves, uncapped (``_timeout`` reads a far one as none,
+    and caps a longer one to the server's): EmbedRequest.caller_budget_s."""
     remaining = context.time_remaining()
-    return remaining is not None and remaining <= 1e6 and (default is None or
-                                                           remaining <= default)
+    return remaining if remaining is not None and 0 < remaining <= 1e6 else None
 
 
 def _timeout(context, default: Optional[float]) -> Optional[float]:
@@ -588,7 +587,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         # proto3 bool has no "unset": the PRD field is taken literally (false = raw vectors)
         return EmbedRequest(inputs=texts, model=model, normalize=bool(request.normalize),
                             truncate=truncate, input_type=input_type, timeout_s=timeout,
-                            caller_budget=_callers_budget(context, self.default_timeout_s),
+                            caller_budget_s=_callers_budget(context),
                             request_id=call.request_id, transport=TRANSPORT)
 
     def _default_model(self) -> str:

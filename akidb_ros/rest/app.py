@@ -362,12 +362,12 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
             raise _invalid(f'dimensions={wanted}: model {model_id} has {dimension} '
                            '(reduction is not supported)', 'dimensions')
 
-    def timeout_from_header(call: DoorCall) -> Tuple[Optional[float], bool]:
-        """``(budget, whether it is the caller's own)``: a longer ask is the server's budget
-        (EmbedRequest.caller_budget)."""
+    def timeout_from_header(call: DoorCall) -> Tuple[Optional[float], Optional[float]]:
+        """``(budget, the caller's own ask)``: the ask capped to the server's budget, and as
+        asked (EmbedRequest.caller_budget_s; None without the header)."""
         raw = g.headers.get('x-request-timeout-ms')
         if raw is None:
-            return default_timeout_s, False
+            return default_timeout_s, None
         try:
             if not _MILLISECONDS.fullmatch(raw):
                 raise ValueError(raw)     # float() also takes '1_000', 'nan', '1e3', ' 5 '
@@ -381,7 +381,7 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
         # longer budget is capped to it, as a gRPC deadline is (it was refused here, 400)
         call.caller_deadline = caller_deadline(ms / 1000.0, default_timeout_s)
         cap = MAX_BUDGET_S if default_timeout_s is None else default_timeout_s
-        return min(ms / 1000.0, cap), ms / 1000.0 <= cap
+        return min(ms / 1000.0, cap), min(ms / 1000.0, MAX_BUDGET_S)
 
     def do_embed(call: DoorCall, req: EmbedRequest):
         """Run the guard, then the backend, inside the transport span."""
@@ -436,9 +436,9 @@ def create_app(backend: Backend, guard: Optional[GuardHook] = None,
             # the model that will serve it (bounded, as on the metrics); then the one that did
             span.set_attribute('akidb.model', model_label)
             span.set_attribute('akidb.inputs', len(texts))
-            timeout, own = timeout_from_header(call)
+            timeout, ask = timeout_from_header(call)
             req = EmbedRequest(inputs=texts, model=model, normalize=normalize, truncate=truncate,
-                               input_type=input_type, timeout_s=timeout, caller_budget=own,
+                               input_type=input_type, timeout_s=timeout, caller_budget_s=ask,
                                request_id=g.request_id, transport=TRANSPORT)
             if openai and body.get('dimensions') is not None:
                 # before the work: the dimension is the catalogue's (the answer's is checked too)

@@ -82,7 +82,7 @@ def embed_request_from_msg(msg, transport: str = 'ros') -> EmbedRequest:
         input_type=input_type,
         # 0 = engine default; anything else (negative, NaN) is passed on for the engine to refuse
         timeout_s=None if timeout == 0.0 else timeout,
-        caller_budget=timeout != 0.0,
+        caller_budget_s=None if timeout == 0.0 else timeout,
         request_id=split_forwarded(msg.request_id)[0],
         transport=transport,
         # the admin lane a sidecar's guard granted (it stopped at the DDS hop: a bridge's

@@ -138,8 +138,9 @@ def test_a_callers_own_budget_counts_a_cold_load_and_the_servers_does_not(tmp_pa
     try:
         t0 = time.monotonic()
         with pytest.raises(EngineError) as err:
-            eng.submit(EmbedRequest(inputs=['cold'], model=MPNET, timeout_s=0.2,
-                                    caller_budget=True)).result(30)
+            # an ask longer than the server's budget (timeout_s) still bounds the load
+            eng.submit(EmbedRequest(inputs=['cold'], model=MPNET, timeout_s=0.1,
+                                    caller_budget_s=0.2)).result(30)
         took = time.monotonic() - t0
         assert err.value.code is ErrorCode.TIMEOUT, err.value
         assert status(eng)[MPNET] is ModelStatus.LOADING, took   # answered before the load
@@ -149,7 +150,7 @@ def test_a_callers_own_budget_counts_a_cold_load_and_the_servers_does_not(tmp_pa
         assert err.value.partial and not default_is_failure(err.value)
         assert not default_is_failure(error_from_code('TIMEOUT', err.value.message))
         eng.unload_model(MPNET)         # waits for the load that went on, then unloads it
-        # the server's budget (caller_budget False): the load has its own limit
+        # the server's budget alone (no caller_budget_s): the load has its own limit
         res = eng.submit(EmbedRequest(inputs=['cold'], model=MPNET, timeout_s=0.5)).result(60)
         assert res.embeddings.shape == (1, 768)
     finally:
