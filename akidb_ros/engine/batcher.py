@@ -16,6 +16,7 @@ import collections
 import itertools
 import logging
 import math
+import weakref
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
@@ -40,6 +41,13 @@ INLINE_MIN_BUDGET_S = 1.0   # a caller runs its own job only this far from its d
 INLINE_UNLEARNT_TOKENS = 512
 
 
+# The queues of the process' open engines: the queue gauges add them up at scrape time (they
+# followed the latest engine made, and kept a closed one's)
+_QUEUES: 'weakref.WeakSet[Admission]' = weakref.WeakSet()
+metrics.QUEUE_SIZE.set_function(lambda: metrics.summed(_QUEUES, lambda q: q._pending))
+metrics.QUEUE_CAPACITY.set_function(lambda: metrics.summed(_QUEUES, lambda q: q.capacity))
+
+
 class Admission:
     """Engine-wide bounded queue: counts accepted, unanswered requests."""
 
@@ -50,9 +58,12 @@ class Admission:
         self.shed_at = max(1, int(capacity * shed_threshold))
         self._pending = 0
         self._lock = threading.Lock()
-        metrics.QUEUE_CAPACITY.set(capacity)
-        # Read at scrape time rather than set on every admit/release (the request path).
-        metrics.QUEUE_SIZE.set_function(lambda: self._pending)
+        # read at scrape time rather than set on every admit/release (the request path)
+        _QUEUES.add(self)
+
+    def retire(self) -> None:
+        """Its engine closed: the queue gauges stop counting it."""
+        _QUEUES.discard(self)
 
     @property
     def pending(self) -> int:

@@ -253,6 +253,7 @@ class EmbeddingEngine:
         # the batchers run what is queued within what is left of ``timeout``, then fail the rest
         # UNAVAILABLE (they had 10 s of their own: a stop with --grace 1 took 4-5 s)
         self.manager.close(max(0.0, deadline - time.monotonic()))
+        self.admission.retire()
         self._deadlines.stop()
         self.gpu_sampler.close()
 

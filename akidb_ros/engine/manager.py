@@ -6,6 +6,7 @@ import gc
 import logging
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
@@ -97,11 +98,18 @@ class ModelNotLoaded(Exception):
     """``acquire(..., load=False)`` found the model not loaded (nothing was pinned)."""
 
 
+# The process' managers: the cache gauge adds up their loaded models at scrape time (with two
+# engines in one process it followed whichever changed it last). A closed manager has none.
+_MANAGERS: 'weakref.WeakSet[ModelManager]' = weakref.WeakSet()
+metrics.MODEL_CACHE_SIZE.set_function(lambda: metrics.summed(_MANAGERS, lambda m: len(m._loaded)))
+
+
 class ModelManager:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.settings = config.engine
         self._lock = threading.RLock()
+        _MANAGERS.add(self)
         self._loaded: 'collections.OrderedDict[str, LoadedModel]' = collections.OrderedDict()
         self._loading: Dict[str, Future] = {}
         self._failed: Dict[str, str] = {}
@@ -355,7 +363,6 @@ class ModelManager:
                 self._failed.pop(cfg.id, None)
                 self._retry.pop(cfg.id, None)
                 self._enforce_limits()
-                metrics.MODEL_CACHE_SIZE.set(len(self._loaded))
             else:
                 self._failed[cfg.id] = exc.message
                 streak = self._retry.get(cfg.id, (0, 0.0))[0] + 1
@@ -460,7 +467,6 @@ class ModelManager:
         with self._lock:
             self._unloads[cfg.id] = self._unloads.get(cfg.id, 0) + 1
             lm = self._loaded.pop(cfg.id, None)
-            metrics.MODEL_CACHE_SIZE.set(len(self._loaded))
             if lm is not None:
                 # in the same hold: a close() between the two would see it nowhere
                 self._retire(lm)
@@ -530,7 +536,6 @@ class ModelManager:
             metrics.MODEL_EVICTIONS.labels(model=model_id).inc()
             log.info('evicted %s (LRU)', model_id)
             self._retire(lm)
-        metrics.MODEL_CACHE_SIZE.set(len(self._loaded))
 
     # --- status --------------------------------------------------------------------------
     def loaded(self, model_id: str) -> Optional[LoadedModel]:
@@ -583,7 +588,6 @@ class ModelManager:
         with self._lock:
             models = list(self._loaded.values())
             self._loaded.clear()
-            metrics.MODEL_CACHE_SIZE.set(0)
             draining = list(self._draining.values())
             retiring = list(self._retiring)
         end = time.monotonic() + timeout

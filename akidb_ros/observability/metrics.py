@@ -92,6 +92,20 @@ AUTH_FAILURES = Counter(
     ['method', 'reason', 'transport'])
 
 
+def summed(members, value) -> float:
+    """``value(m)`` added up over a WeakSet's ``members``, for a gauge read at scrape time (a
+    copy first: another thread may add one meanwhile, which a live iteration refuses)."""
+    for _ in range(10):
+        try:
+            live = list(members)
+            break
+        except RuntimeError:    # changed size during the copy: look again
+            continue
+    else:
+        return 0.0
+    return float(sum(value(m) for m in live))
+
+
 # Families only a process with an engine (the node, the in-process server) ever moves. A
 # sidecar bridge would export the unlabelled ones as zeros next to the node's real values
 # (0 models loaded, a queue of capacity 0, so NaN queue ratios on its dashboards): it drops

@@ -71,7 +71,8 @@ def test_model_cache_families_move(small_bridges):
         total(before, 'akidb_model_load_seconds_count')
     assert total(after, 'akidb_model_evictions_total') > \
         total(before, 'akidb_model_evictions_total')
-    assert total(mid, 'akidb_model_cache_size') == 1
+    # the process' engines added up (the session engine's models too): at least this one's
+    assert total(mid, 'akidb_model_cache_size') >= 1
 
 
 def test_queue_and_load_shed_families_move(small_bridges):

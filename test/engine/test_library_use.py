@@ -104,6 +104,29 @@ def test_an_engine_used_in_a_forked_child_says_so(tmp_path):
     assert 'child 0' in cp.stdout and 'parent (1, 384)' in cp.stdout, cp.stdout
 
 
+def test_the_queue_and_cache_gauges_add_up_the_process_engines(tmp_path):
+    """Two engines in one process: the gauges followed the latest made (queue) or the latest
+    to change them (cache), and a closed engine's queue capacity stayed."""
+    from prometheus_client import REGISTRY
+
+    def gauges():
+        return tuple(REGISTRY.get_sample_value(name) for name in (
+            'akidb_model_cache_size', 'akidb_queue_capacity'))
+    cache0, capacity0 = gauges()
+    for d in ('a', 'b'):
+        (tmp_path / d).mkdir()
+    a = make_engine(tmp_path / 'a')
+    b = make_engine(tmp_path / 'b', lambda raw: raw['engine']['queue'].update(capacity=20))
+    try:
+        assert gauges() == (cache0 + 2, capacity0 + 1000 + 20)
+        a.close()
+        assert gauges() == (cache0 + 1, capacity0 + 20)
+    finally:
+        a.close()
+        b.close()
+    assert gauges() == (cache0, capacity0)
+
+
 @pytest.mark.parametrize('request_, says', [
     (['hello'], 'expected an EmbedRequest, got list'),
     (EmbedRequest(inputs=['x'], normalize='no'), 'normalize must be true or false or None'),
