@@ -16,9 +16,9 @@ import collections
 import itertools
 import logging
 import math
-import weakref
 import threading
 import time
+import weakref
 from concurrent.futures import Future, InvalidStateError
 from typing import Callable, List, Optional, Tuple
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from ..observability import metrics
 from ..observability.tracing import capture_context, record_engine_spans
+from .deadlines import mark_engine_thread
 from .errors import BUSY_NOTE, EngineError, ErrorCode, progress_note
 from .text import Encoded, l2_normalize, pad_batch, pool
 from .types import EmbedResult, Priority
@@ -88,20 +89,6 @@ class Admission:
     def release(self) -> None:
         with self._lock:
             self._pending -= 1
-
-
-_ENGINE_THREAD = threading.local()
-
-
-def mark_engine_thread() -> None:
-    """Mark the calling thread as one of the engine's own (runners, the deadline watcher):
-    the threads that answer futures, and so run their done-callbacks."""
-    _ENGINE_THREAD.on = True
-
-
-def on_engine_thread() -> bool:
-    """Whether the calling thread is one of the engine's own (``mark_engine_thread``)."""
-    return getattr(_ENGINE_THREAD, 'on', False)
 
 
 class RunClock:

@@ -38,10 +38,29 @@ class Expirable(Protocol):
         """Answer it with a timeout (a no-op if it was answered meanwhile)."""
 
 
-class DeadlineWatcher:
-    """Calls ``item.expire(now)`` for each watched item still unanswered at its deadline."""
+_ENGINE_THREAD = threading.local()
 
-    def __init__(self, sweep_s: float = 1.0, name: str = 'akidb-deadlines'):
+
+def mark_engine_thread() -> None:
+    """Mark the calling thread as one of the engine's own (its runners, its deadline watcher):
+    the threads that answer its futures, and so run their done-callbacks."""
+    _ENGINE_THREAD.on = True
+
+
+def on_engine_thread() -> bool:
+    """Whether the calling thread is one of the engine's own (``mark_engine_thread``)."""
+    return getattr(_ENGINE_THREAD, 'on', False)
+
+
+class DeadlineWatcher:
+    """Calls ``item.expire(now)`` for each watched item still unanswered at its deadline.
+
+    ``engine_thread``: its thread is one of an engine's own (``mark_engine_thread``); a
+    bridge's or a ROS client's watcher is not.
+    """
+
+    def __init__(self, sweep_s: float = 1.0, name: str = 'akidb-deadlines',
+                 engine_thread: bool = False):
         self.sweep_s = sweep_s            # longest sleep: answered arrivals are let go this often
         self._incoming: collections.deque = collections.deque()
         self._heap: list = []             # (deadline, seq, item); this thread's alone
@@ -50,6 +69,7 @@ class DeadlineWatcher:
         self._wake_at = 0.0               # the sleeping thread's next look (time.monotonic())
         self.wakeups = 0                  # times the thread looked (tests, diagnostics)
         self._stopped = False
+        self._engine_thread = engine_thread
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -87,8 +107,8 @@ class DeadlineWatcher:
                 item.expire(now)
 
     def _loop(self) -> None:
-        from .batcher import mark_engine_thread     # (batcher imports this module)
-        mark_engine_thread()
+        if self._engine_thread:
+            mark_engine_thread()
         while True:
             self.wakeups += 1
             self._sweep()

@@ -18,9 +18,9 @@ import numpy as np
 
 from .. import __version__
 from ..observability.gpu import GpuSampler
-from .batcher import Admission, Job, on_engine_thread
+from .batcher import Admission, Job
 from .config import EngineConfig, LimitsConfig
-from .deadlines import DeadlineWatcher
+from .deadlines import DeadlineWatcher, on_engine_thread
 from .errors import EngineError, ErrorCode, tokenise_timeout
 from .malloc_tuning import tune_malloc
 from .manager import ModelManager
@@ -198,7 +198,7 @@ class EmbeddingEngine:
         self.manager = ModelManager(config)
         queue = config.engine.queue
         self.admission = Admission(queue.capacity, queue.shed_threshold)
-        self._deadlines = DeadlineWatcher()
+        self._deadlines = DeadlineWatcher(engine_thread=True)
         self._closed = False
         self._close_lock = threading.Lock()
         self._close_done = threading.Event()
