@@ -1,17 +1,17 @@
 """EmbeddingEngine: the one core service every door (ROS, REST, gRPC) calls."""
 from __future__ import annotations
 
+import atexit
 import logging
 import math
+import os
 import re
 import threading
 import time
 import unicodedata
+import weakref
 from concurrent.futures import Future
 from numbers import Real
-import atexit
-import os
-import weakref
 from typing import List, Optional
 
 import numpy as np
@@ -139,16 +139,12 @@ def check_limits(request: EmbedRequest, limits: LimitsConfig) -> None:
     check_model_name(request.model)
     if not isinstance(request.input_type, InputType):
         raise EngineError(ErrorCode.INVALID_INPUT, 'input_type must be none, query or passage')
-    timeout = request.timeout_s
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, Real)
-                                or not 0 < timeout < math.inf):
-        raise EngineError(ErrorCode.INVALID_INPUT,
-                          'timeout_s must be a positive, finite number of seconds')
-    ask = request.caller_budget_s
-    if ask is not None and (isinstance(ask, bool) or not isinstance(ask, Real)
-                            or not 0 < ask < math.inf):
-        raise EngineError(ErrorCode.INVALID_INPUT,
-                          'caller_budget_s must be a positive, finite number of seconds')
+    for name, seconds in (('timeout_s', request.timeout_s),
+                          ('caller_budget_s', request.caller_budget_s)):
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, Real)
+                                    or not 0 < seconds < math.inf):
+            raise EngineError(ErrorCode.INVALID_INPUT,
+                              f'{name} must be a positive, finite number of seconds')
     if not isinstance(request.priority, Priority):
         # the admin lane is the guard's to grant (Priority.ADMIN), never a caller's string
         raise EngineError(ErrorCode.INVALID_INPUT, 'priority must be a Priority')

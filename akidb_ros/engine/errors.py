@@ -137,8 +137,8 @@ def error_from_code(name: str, message: str,
                     retry_after_s: Optional[float] = None) -> EngineError:
     """Rebuild an EngineError from a code name received over a wire (e.g. the ROS response);
     ``retry_after_s`` ≤ 0 (the wire's "none") is no hint; a TIMEOUT whose message says some
-    inputs were embedded, that the model answered others meanwhile, or that its text was not
-    tokenised, is ``partial``."""
+    inputs were embedded, that the model answered others meanwhile, that its text was not
+    tokenised, or that its own budget ran out while its model loaded, is ``partial``."""
     try:
         code = ErrorCode[name]
     except KeyError:

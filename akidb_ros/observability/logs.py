@@ -51,16 +51,18 @@ class JsonFormatter(logging.Formatter):
         return _LINE_BREAKERS.sub(_escape, json.dumps(out, default=str, ensure_ascii=False))
 
 
-_LINE_BREAKERS = re.compile('[\x7f-\x9f\u2028\u2029]')
+# DEL, C1 controls (U+009B starts a terminal escape) and the line breaks other readers split on
+_BREAKERS_C1 = '\x7f-\x9f\u2028\u2029'
+_LINE_BREAKERS = re.compile(f'[{_BREAKERS_C1}]')
 
 
 def _escape(match: 're.Match') -> str:
     return f'\\u{ord(match.group()):04x}'
 
 
-# one_line: C0 controls but tab (ESC starts a terminal escape), DEL and C1, and the line
-# breaks other readers split on
-_CONTROLS = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]')
+# one_line: the C0 controls but tab and line feed (written out as \n first; ESC starts a
+# terminal escape), and what _LINE_BREAKERS escapes
+_CONTROLS = re.compile(f'[\x00-\x08\x0b-\x1f{_BREAKERS_C1}]')
 
 
 def one_line(text: str) -> str:
