@@ -75,7 +75,8 @@ def test_an_interpreter_exit_without_close_is_clean(tmp_path):
     assert 'terminate called' not in cp.stderr
 
 
-@pytest.mark.skipif(not hasattr(os, 'fork'), reason='no fork()')
+@pytest.mark.skipif(not hasattr(os, 'fork'),
+                    reason='os.fork() exists on POSIX only (this test forks its process)')
 def test_an_engine_used_in_a_forked_child_says_so(tmp_path):
     """A fork's child has none of the engine's threads: a submit() there was never answered.
     It is refused UNAVAILABLE, saying to create the engine after the fork."""
